@@ -1,0 +1,7 @@
+"""nativevl: the InternVL3 system in plain PyTorch."""
+
+from nativevl.config import ModelConfig, TextConfig, VisionConfig, preset
+from nativevl.model.vlm import VisionLanguageModel, VLMOutput
+
+__all__ = ["ModelConfig", "TextConfig", "VisionConfig", "VisionLanguageModel", "VLMOutput", "preset"]
+__version__ = "0.1.0"

@@ -1,0 +1,557 @@
+"""Checkpoint folders: config.json + safetensors in the `-hf` layout or the original InternVL layout.
+
+Loading validates everything before the model is built: every expected tensor present, nothing
+unexpected, every shape right, every file readable; each error names the file, key and shapes.
+Saving writes into a temporary sibling folder and renames it into place, so an interrupted save
+never leaves a half-written checkpoint where a complete one is expected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nativevl.config import ModelConfig, TextConfig, VisionConfig
+from nativevl.io import keymap
+from nativevl.model.text import RotaryEmbedding
+from nativevl.model.vlm import VisionLanguageModel
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("hf", "internvl")
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+# Files that travel with the weights when a checkpoint is converted or re-saved.
+AUX_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# ---------------------------------------------------------------- config.json <-> ModelConfig
+
+
+def _text_to_dict(t: TextConfig, *, architecture: str | None = None) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "model_type": t.model_type,
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads,
+        "head_dim": t.head_dim,
+        "hidden_act": t.hidden_act,
+        "rms_norm_eps": t.rms_norm_eps,
+        "rope_theta": t.rope_theta,
+        "max_position_embeddings": t.max_position_embeddings,
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": t.eos_token_id,
+        "pad_token_id": t.pad_token_id,
+        "use_cache": True,
+        "attention_dropout": 0.0,
+    }
+    if t.rope_type != "default":
+        d["rope_scaling"] = {"type": t.rope_type, "rope_type": t.rope_type, "factor": t.rope_factor}
+    if t.model_type == "qwen2":
+        if not t.attention_bias:
+            raise ValueError("a qwen2 decoder always has q/k/v biases; use model_type 'llama' for none")
+        d.update(use_sliding_window=False, sliding_window=None, max_window_layers=t.num_hidden_layers)
+    else:
+        d.update(attention_bias=t.attention_bias, mlp_bias=False)
+    if architecture:
+        d["architectures"] = [architecture]
+    return d
+
+
+def _text_from_dict(d: dict[str, Any], *, source: str) -> TextConfig:
+    model_type = d.get("model_type", "qwen2")
+    if model_type in ("internlm3", "llama"):
+        arch, bias = "llama", bool(d.get("attention_bias", d.get("qkv_bias", False)))
+    elif model_type == "qwen2":
+        arch, bias = "qwen2", True
+    else:
+        raise ValueError(f"{source}: unsupported language model type {model_type!r} (qwen2, llama, internlm3)")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "dynamic"):
+        raise ValueError(f"{source}: unsupported rope type {rope_type!r} (default, dynamic)")
+    heads = d["num_attention_heads"]
+    head_dim = d.get("head_dim")
+    eos = d.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    try:
+        return TextConfig(
+            model_type=arch,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            intermediate_size=d["intermediate_size"],
+            head_dim_override=None if head_dim in (None, d["hidden_size"] // heads) else head_dim,
+            attention_bias=bias,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            rope_type=rope_type,
+            rope_factor=float(rope.get("factor", 1.0)),
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            hidden_act=d.get("hidden_act", "silu"),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=eos if eos is not None else 0,
+            pad_token_id=d.get("pad_token_id"),
+        )
+    except KeyError as e:
+        raise ValueError(f"{source}: language model config lacks {e.args[0]!r}") from None
+
+
+def _size(v: Any) -> int:
+    return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    v = cfg.vision
+    vision = {
+        "model_type": "internvl_vision",
+        "hidden_size": v.hidden_size,
+        "num_hidden_layers": v.num_hidden_layers,
+        "num_attention_heads": v.num_attention_heads,
+        "intermediate_size": v.intermediate_size,
+        "image_size": [v.image_size, v.image_size],
+        "patch_size": [v.patch_size, v.patch_size],
+        "num_channels": v.num_channels,
+        "norm_type": v.norm_type,
+        "use_qk_norm": v.use_qk_norm,
+        "attention_bias": v.attention_bias,
+        "layer_norm_eps": v.layer_norm_eps,
+        "layer_scale_init_value": v.layer_scale_init_value,
+        "hidden_act": v.hidden_act,
+        "use_mean_pooling": True,
+        "use_absolute_position_embeddings": True,
+    }
+    text = _text_to_dict(cfg.text)
+    text["tie_word_embeddings"] = cfg.tie_word_embeddings
+    return {
+        "architectures": ["InternVLForConditionalGeneration"],
+        "model_type": "internvl",
+        "downsample_ratio": cfg.downsample_ratio,
+        "image_token_id": cfg.image_token_id,
+        "image_seq_length": cfg.image_seq_length,
+        "projector_hidden_act": cfg.projector_hidden_act,
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default",
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "text_config": text,
+        "vision_config": vision,
+    }
+
+
+def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+    v = d.get("vision_config") or {}
+    if d.get("vision_feature_layer", -1) != -1:
+        raise ValueError(f"{source}: vision_feature_layer {d['vision_feature_layer']} is not supported (only -1)")
+    try:
+        vision = VisionConfig(
+            hidden_size=v.get("hidden_size", 1024),
+            num_hidden_layers=v.get("num_hidden_layers", 24),
+            num_attention_heads=v.get("num_attention_heads", 16),
+            intermediate_size=v.get("intermediate_size", 4096),
+            image_size=_size(v.get("image_size", 448)),
+            patch_size=_size(v.get("patch_size", 14)),
+            num_channels=v.get("num_channels", 3),
+            norm_type=v.get("norm_type", "layer_norm"),
+            use_qk_norm=bool(v.get("use_qk_norm", False)),
+            attention_bias=bool(v.get("attention_bias", False)),
+            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+            layer_scale_init_value=v.get("layer_scale_init_value", 0.1),
+            hidden_act=v.get("hidden_act", "gelu"),
+        )
+        text_d = d.get("text_config") or {}
+        text = _text_from_dict(text_d, source=source)
+        tie = d.get("tie_word_embeddings", text_d.get("tie_word_embeddings", True))
+        return ModelConfig(
+            vision=vision,
+            text=text,
+            downsample_ratio=d.get("downsample_ratio", 0.5),
+            image_token_id=d.get("image_token_id", 151667),
+            projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+            tie_word_embeddings=bool(tie),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def config_to_internvl(cfg: ModelConfig) -> dict[str, Any]:
+    v, t = cfg.vision, cfg.text
+    llm_arch = "Qwen2ForCausalLM" if t.model_type == "qwen2" else "LlamaForCausalLM"
+    llm = _text_to_dict(t, architecture=llm_arch)
+    llm["tie_word_embeddings"] = cfg.tie_word_embeddings
+    return {
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "downsample_ratio": cfg.downsample_ratio,
+        "ps_version": "v2",
+        "select_layer": -1,
+        "template": "internvl2_5",
+        "force_image_size": v.image_size,
+        "dynamic_image_size": True,
+        "use_thumbnail": True,
+        "min_dynamic_patch": 1,
+        "max_dynamic_patch": 12,
+        "use_backbone_lora": 0,
+        "use_llm_lora": 0,
+        "image_token_id": cfg.image_token_id,  # not in the original schema (it reads the tokenizer); kept for us
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "vision_config": {
+            "architectures": ["InternVisionModel"],
+            "model_type": "intern_vit_6b",
+            "hidden_size": v.hidden_size,
+            "num_hidden_layers": v.num_hidden_layers,
+            "num_attention_heads": v.num_attention_heads,
+            "intermediate_size": v.intermediate_size,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "num_channels": v.num_channels,
+            "qkv_bias": v.attention_bias,
+            "qk_normalization": v.use_qk_norm,
+            "norm_type": v.norm_type,
+            "layer_norm_eps": v.layer_norm_eps,
+            "initializer_factor": v.layer_scale_init_value,
+            "drop_path_rate": v.drop_path_rate,
+            "hidden_act": v.hidden_act,
+            "use_flash_attn": False,
+        },
+        "llm_config": llm,
+    }
+
+
+def config_from_internvl(d: dict[str, Any], *, source: str = "config.json", image_token_id: int | None = None) -> ModelConfig:
+    v = d.get("vision_config") or {}
+    if d.get("ps_version", "v2") != "v2":
+        raise ValueError(f"{source}: ps_version {d['ps_version']!r} is not supported (released weights use v2)")
+    if d.get("select_layer", -1) != -1:
+        raise ValueError(f"{source}: select_layer {d['select_layer']} is not supported (only -1)")
+    llm = d.get("llm_config") or {}
+    try:
+        vision = VisionConfig(
+            hidden_size=v.get("hidden_size", 1024),
+            num_hidden_layers=v.get("num_hidden_layers", 24),
+            num_attention_heads=v.get("num_attention_heads", 16),
+            intermediate_size=v.get("intermediate_size", 4096),
+            image_size=_size(d.get("force_image_size") or v.get("image_size", 448)),
+            patch_size=_size(v.get("patch_size", 14)),
+            num_channels=v.get("num_channels", 3),
+            norm_type=v.get("norm_type", "rms_norm"),
+            use_qk_norm=bool(v.get("qk_normalization", False)),
+            attention_bias=bool(v.get("qkv_bias", False)),
+            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+            layer_scale_init_value=v.get("initializer_factor", 0.1),
+            drop_path_rate=v.get("drop_path_rate", 0.0),
+            hidden_act=v.get("hidden_act", "gelu"),
+        )
+        text = _text_from_dict(llm, source=source)
+        if image_token_id is None:
+            image_token_id = d.get("image_token_id", 151667 if text.model_type == "qwen2" else 92546)
+        tie = d.get("tie_word_embeddings", llm.get("tie_word_embeddings", False))
+        return ModelConfig(
+            vision=vision,
+            text=text,
+            downsample_ratio=d.get("downsample_ratio", 0.5),
+            image_token_id=image_token_id,
+            tie_word_embeddings=bool(tie),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def read_config(path: str | Path) -> tuple[ModelConfig, str]:
+    """(config, layout) of a checkpoint folder."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder: {cfg_file} does not exist")
+    try:
+        d = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    model_type = d.get("model_type")
+    if model_type == "internvl":
+        return config_from_hf(d, source=str(cfg_file)), "hf"
+    if model_type == "internvl_chat":
+        token_id = None
+        if "image_token_id" not in d:
+            token_id = _tokenizer_image_token_id(path)
+        return config_from_internvl(d, source=str(cfg_file), image_token_id=token_id), "internvl"
+    raise ValueError(f"{cfg_file}: model_type {model_type!r} is neither 'internvl' (-hf) nor 'internvl_chat' (original)")
+
+
+def _tokenizer_image_token_id(path: Path) -> int | None:
+    """<IMG_CONTEXT>'s id from a folder's tokenizer files, read as JSON (no tokenizer needed)."""
+    for name in ("tokenizer.json", "added_tokens.json", "tokenizer_config.json"):
+        f = path / name
+        if not f.is_file():
+            continue
+        d = json.loads(f.read_text())
+        if name == "tokenizer.json":
+            for tok in d.get("added_tokens", []):
+                if tok.get("content") == "<IMG_CONTEXT>":
+                    return int(tok["id"])
+        elif name == "added_tokens.json" and "<IMG_CONTEXT>" in d:
+            return int(d["<IMG_CONTEXT>"])
+        elif name == "tokenizer_config.json":
+            for tid, tok in (d.get("added_tokens_decoder") or {}).items():
+                if tok.get("content") == "<IMG_CONTEXT>":
+                    return int(tid)
+    return None
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing}")
+        return files
+    single = path / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    if (path / "pytorch_model.bin").is_file() or (path / "pytorch_model.bin.index.json").is_file():
+        raise ValueError(f"{path}: only safetensors checkpoints are read; convert pytorch_model.bin first")
+    raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """All tensors of a checkpoint folder, and the file each came from."""
+    tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key in tensors:
+                        raise ValueError(f"tensor {key!r} appears in both {origin[key]} and {file}")
+                    tensors[key] = f.get_tensor(key)
+                    origin[key] = file
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"{file}: damaged or truncated safetensors file ({type(e).__name__}: {e})") from None
+    return tensors, origin
+
+
+def write_tensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SINGLE_FILE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- load / save a model
+
+
+def _check_and_build(
+    cfg: ModelConfig, sd: dict[str, torch.Tensor], origin: dict[str, Path], path: Path
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    where = lambda key: origin.get(key, path)  # noqa: E731
+    embed_key = "language_model.embed_tokens.weight"
+    if cfg.tie_word_embeddings and "lm_head.weight" in sd and embed_key in sd:
+        if sd["lm_head.weight"].shape != sd[embed_key].shape or not torch.equal(sd["lm_head.weight"], sd[embed_key]):
+            log.warning("%s: config ties lm_head to the embeddings but the checkpoint's lm_head differs; untying", path)
+            cfg = ModelConfig(**{**cfg.__dict__, "tie_word_embeddings": False})
+    with torch.device("meta"):
+        expected = {k: (v.shape, v.dtype) for k, v in VisionLanguageModel(cfg).state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        sd.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing:
+        files = sorted({str(f) for f in origin.values()})
+        raise ValueError(
+            f"{path}: checkpoint is missing {len(missing)} tensor(s), e.g. "
+            + ", ".join(f"{k} {tuple(expected[k][0])}" for k in missing[:5])
+            + f" (read {files})"
+        )
+    if unexpected:
+        raise ValueError(
+            f"{path}: checkpoint has {len(unexpected)} unexpected tensor(s), e.g. "
+            + ", ".join(f"{k} {tuple(sd[k].shape)} in {where(k)}" for k in unexpected[:5])
+        )
+    for key, (shape, _) in expected.items():
+        if tuple(sd[key].shape) != tuple(shape):
+            raise ValueError(
+                f"{where(key)}: tensor {key!r} has shape {tuple(sd[key].shape)}, the config expects {tuple(shape)}"
+            )
+    return cfg, sd
+
+
+def load_model(
+    path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> VisionLanguageModel:
+    path = Path(path)
+    cfg, layout = read_config(path)
+    raw, raw_origin = read_tensors(path)
+    if layout == "hf":
+        sd = keymap.from_hf(raw)
+        origin = {k2: raw_origin[k1] for k1, k2 in zip(raw, sd)}
+    else:
+        sd = keymap.from_internvl(raw)
+        origin = {}
+    cfg, sd = _check_and_build(cfg, sd, origin, path)
+    if dtype is None:
+        dtype = sd["language_model.embed_tokens.weight"].dtype
+    with torch.device("meta"):
+        model = VisionLanguageModel(cfg)
+    sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=not cfg.tie_word_embeddings, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+    # non-persistent buffers are not in the checkpoint: rebuild them on the target device
+    model.language_model.rotary_emb = RotaryEmbedding(cfg.text).to(device)
+    model.source_path = path
+    return model.eval()
+
+
+def _processor_files(cfg: ModelConfig) -> dict[str, dict[str, Any]]:
+    size = {"height": cfg.vision.image_size, "width": cfg.vision.image_size}
+    image = {
+        "image_processor_type": "GotOcr2ImageProcessor",
+        "processor_class": "InternVLProcessor",
+        "size": size,
+        "crop_to_patches": False,  # InternVLProcessor turns it on per call
+        "min_patches": 1,
+        "max_patches": 12,
+        "do_resize": True,
+        "resample": 3,  # bicubic
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+        "do_convert_rgb": True,
+    }
+    video = {
+        "video_processor_type": "InternVLVideoProcessor",
+        "processor_class": "InternVLProcessor",
+        "size": size,
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+        "do_convert_rgb": True,
+        "initial_shift": True,
+        "do_sample_frames": False,
+    }
+    processor = {"image_seq_length": cfg.image_seq_length, "processor_class": "InternVLProcessor"}
+    return {
+        "preprocessor_config.json": image,
+        "video_preprocessor_config.json": video,
+        "processor_config.json": processor,
+    }
+
+
+def save_model(
+    model: VisionLanguageModel,
+    path: str | Path,
+    *,
+    layout: str = "hf",
+    tokenizer=None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write a complete checkpoint folder; replaces `path` atomically if it exists."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    path = Path(path)
+    cfg = model.config
+    sd = {k: v if dtype is None or not v.is_floating_point() else v.to(dtype) for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight")  # shared with the embeddings; transformers re-ties on load
+    tensors = keymap.to_hf(sd) if layout == "hf" else keymap.to_internvl(sd)
+    config = config_to_hf(cfg) if layout == "hf" else config_to_internvl(cfg)
+    config["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write_tensors(tensors, tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        generation = {"eos_token_id": cfg.text.eos_token_id, "pad_token_id": cfg.text.pad_token_id}
+        if cfg.text.bos_token_id is not None:
+            generation["bos_token_id"] = cfg.text.bos_token_id
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        source = getattr(model, "source_path", None)
+        if source is not None and Path(source).resolve() != path.resolve():
+            for name in AUX_FILES:
+                if (Path(source) / name).is_file():
+                    shutil.copy2(Path(source) / name, tmp / name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if layout == "hf":
+            for name, content in _processor_files(cfg).items():
+                if not (tmp / name).exists():
+                    (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place; an old folder at dst is removed only after the move."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

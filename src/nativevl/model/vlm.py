@@ -1,0 +1,188 @@
+"""VisionLanguageModel: InternViT -> pixel shuffle -> mlp1 -> scatter at <IMG_CONTEXT> -> decoder.
+
+The model computes tensors only: hidden states and logits, never a loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nativevl.config import ModelConfig
+from nativevl.model.attention import positions_from_cu_seqlens
+from nativevl.model.projector import Projector, pixel_shuffle
+from nativevl.model.text import KVCache, TextModel
+from nativevl.model.vision import VisionModel
+
+
+@dataclass
+class VLMOutput:
+    logits: torch.Tensor | None  # (B, T, V), (T, V) for a packed 1-D input, or only the kept positions
+    hidden_states: torch.Tensor  # final-norm hidden states, same leading shape as the input ids
+    cache: KVCache | None = None
+
+    @property
+    def past_key_values(self) -> KVCache | None:  # the name transformers users look for
+        return self.cache
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_tower = VisionModel(config.vision)
+        self.multi_modal_projector = Projector(config)
+        self.language_model = TextModel(config.text)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.attn_backend = "sdpa"
+
+    # ------------------------------------------------------------------ construction / io
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+        """Load a local checkpoint in the `-hf` layout or the original InternVLChatModel layout."""
+        from nativevl.io.hf import load_model  # io depends on model, not the other way round
+
+        return load_model(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, *, layout: str = "hf", tokenizer=None, **kwargs) -> None:
+        """Write config.json + safetensors (+ tokenizer / processor files) in layout "hf" or "internvl"."""
+        from nativevl.io.hf import save_model
+
+        save_model(self, path, layout=layout, tokenizer=tokenizer, **kwargs)
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random initialisation: normal(0, std) matrices, zero biases, unit norms, layer scale from config."""
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith(("lambda_1", "lambda_2")):
+                    p.fill_(self.config.vision.layer_scale_init_value)
+                elif "norm" in name.split(".")[-2] and name.endswith("weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias") or "norm" in name.split(".")[-2]:
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std, generator=generator)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    # ------------------------------------------------------------------ forward
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(tiles, 3, H, W) -> (tiles * image_seq_length, C_llm)."""
+        feats = self.vision_tower(pixel_values.to(self.dtype), backend=self.attn_backend)[:, 1:]  # drop CLS
+        n, t, c = feats.shape
+        side = int(round(t**0.5))
+        if side * side != t:
+            raise ValueError(f"tile of {t} patches is not square; tiles must be square images")
+        feats = pixel_shuffle(feats.reshape(n, side, side, c), self.config.downsample_ratio)  # (N, s/2, s/2, 4C)
+        feats = self.multi_modal_projector(feats.reshape(n, -1, feats.shape[-1]))  # (N, s*s/4, C_llm)
+        return feats.reshape(-1, feats.shape[-1])
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with image features scattered, in order, at the <IMG_CONTEXT> slots."""
+        embeds = self.language_model.embed_tokens(input_ids)  # (..., C)
+        slots = input_ids == self.config.image_token_id
+        n_slots = int(slots.sum())
+        if pixel_values is None or pixel_values.numel() == 0:
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} image token(s) but no pixel_values were given")
+            return embeds
+        feats = self.encode_images(pixel_values)
+        if n_slots != feats.shape[0]:
+            raise ValueError(
+                f"input_ids hold {n_slots} image tokens but pixel_values give {feats.shape[0]} image features "
+                f"({pixel_values.shape[0]} tiles x {self.config.image_seq_length})"
+            )
+        return embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int | torch.Tensor | None = None,
+        compute_logits: bool = True,
+    ) -> VLMOutput:
+        """Padded form: input_ids (B, T), optional attention_mask (B, past+T) with 1 = real token.
+        Packed form: input_ids (T,) with cu_seqlens (S+1,); positions restart in every document.
+
+        position_ids (B, T) or (T,) may be float (V2PE). logits_to_keep: an int keeps the last n
+        positions, a 1-D index tensor keeps those positions of the sequence dimension.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values)
+        packed_1d = inputs_embeds.dim() == 2
+        if packed_1d:
+            inputs_embeds = inputs_embeds[None]  # (1, T, C)
+            if position_ids is not None and position_ids.dim() == 1:
+                position_ids = position_ids[None]
+        if cu_seqlens is not None and attention_mask is not None:
+            raise ValueError("a packed batch (cu_seqlens) takes no attention_mask")
+        b, t, _ = inputs_embeds.shape
+        if use_cache and cache is None:
+            cache = KVCache(self.config.text.num_hidden_layers)
+        if position_ids is None:
+            position_ids = self.default_positions(b, t, attention_mask, cu_seqlens, cache, inputs_embeds.device)
+        if position_ids.shape != (b, t):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(b, t)}")
+        hidden = self.language_model(
+            inputs_embeds,
+            position_ids,
+            cu_seqlens=cu_seqlens,
+            key_padding_mask=attention_mask,
+            cache=cache,
+            backend=self.attn_backend,
+        )
+        logits = None
+        if compute_logits:
+            kept = hidden
+            if isinstance(logits_to_keep, int):
+                kept = hidden[:, -logits_to_keep:]
+            elif logits_to_keep is not None:
+                kept = hidden[:, logits_to_keep]
+            logits = self.lm_head(kept)
+            if packed_1d:
+                logits = logits[0]
+        if packed_1d:
+            hidden = hidden[0]
+        return VLMOutput(logits=logits, hidden_states=hidden, cache=cache)
+
+    @staticmethod
+    def default_positions(
+        batch: int,
+        length: int,
+        attention_mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        cache: KVCache | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Integer positions as float32 (B, T): continue a cache, skip left padding, restart per document."""
+        steps = torch.arange(length, device=device, dtype=torch.float32)
+        if cache is not None and cache.next_position is not None:
+            return cache.next_position.to(device)[:, None] + steps[None]
+        if cu_seqlens is not None:
+            return positions_from_cu_seqlens(cu_seqlens.to(device), length)[None]
+        if attention_mask is not None:
+            pos = attention_mask.long().cumsum(-1) - 1  # (B, past+T)
+            return pos.clamp(min=0)[:, -length:].float()
+        return steps[None].expand(batch, length)
