@@ -1,0 +1,5 @@
+import sys
+
+from nativevl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""`nativevl` command line: demo, chat, convert."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '1024' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"cannot read size {text!r} (e.g. 5GB, 500MB, 1048576)")
+    unit = (m.group(2) or "B").upper().replace("I", "")
+    scale = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[text]
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from nativevl.io.hf import load_model, read_config
+
+    _, layout = read_config(args.src)
+    model = load_model(args.src, dtype=args.dtype)
+    model.save_pretrained(args.dst, layout=args.to, max_shard_bytes=args.max_shard_size)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.src} ({layout} layout) -> {args.dst} ({args.to} layout), {n / 1e6:.1f}M parameters")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from nativevl.data.images import image_to_tiles
+    from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, render_chat
+    from nativevl.infer.generate import generate
+    from nativevl.io.hf import load_model
+    from nativevl.io.tokenizer import load_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model = load_model(args.model, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(args.model)
+    cfg = model.config
+    pixel_values, tiles = None, []
+    if args.image:
+        pixel_values = image_to_tiles(args.image, image_size=cfg.vision.image_size, max_num=args.max_num).to(device)
+        tiles = [pixel_values.shape[0]]
+    system = DEFAULT_SYSTEM_MESSAGE if args.system is None else args.system
+    prompt = render_chat(
+        [{"role": "user", "content": args.prompt}],
+        tiles_per_image=tiles,
+        image_seq_length=cfg.image_seq_length,
+        system_message=system,
+    )
+    input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids], device=device)
+    start = time.perf_counter()
+    printed = ""
+    generated: list[int] = []
+
+    def stream(token: torch.Tensor) -> None:
+        nonlocal printed
+        generated.append(int(token[0]))
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        sys.stdout.write(text[len(printed):])
+        sys.stdout.flush()
+        printed = text
+
+    out = generate(
+        model,
+        input_ids,
+        pixel_values,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=max(args.temperature, 1e-6),
+        top_p=args.top_p,
+        streamer=stream,
+    )
+    n_new = out.shape[1] - input_ids.shape[1]
+    elapsed = time.perf_counter() - start
+    print(f"\n[{n_new} tokens in {elapsed:.2f}s, {len(tiles) and tiles[0]} tile(s), prompt {input_ids.shape[1]} tokens]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nativevl.smoke import run_smoke
+
+    report = run_smoke(Path(args.out), seed=args.seed)
+    print(json.dumps(report, indent=2))
+    return 0 if report["ok"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nativevl", description="InternVL3 in plain PyTorch")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="end-to-end smoke run on a tiny random model (no download)")
+    d.add_argument("--out", default="runs/demo", help="output folder (report.json, checkpoints)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("chat", help="answer one prompt about one image")
+    c.add_argument("--model", required=True, help="checkpoint folder (-hf or original layout) with tokenizer files")
+    c.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
+    c.add_argument("--prompt", required=True)
+    c.add_argument("--system", default=None, help="system message (default: InternVL's; '' for none)")
+    c.add_argument("--max_new_tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    c.add_argument("--top_p", type=float, default=1.0)
+    c.add_argument("--max_num", type=int, default=12, help="max tiles per image (dynamic resolution)")
+    c.add_argument("--device", default=None)
+    c.add_argument("--dtype", type=parse_dtype, default=None)
+    c.set_defaults(func=cmd_chat)
+
+    v = sub.add_parser("convert", help="convert a checkpoint between the -hf and original InternVL layouts")
+    v.add_argument("src")
+    v.add_argument("dst")
+    v.add_argument("--to", required=True, choices=["hf", "internvl"])
+    v.add_argument("--dtype", type=parse_dtype, default=None, help="cast floating tensors (default: keep)")
+    v.add_argument("--max_shard_size", type=parse_size, default=parse_size("5GB"))
+    v.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nativevl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

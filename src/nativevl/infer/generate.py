@@ -1,0 +1,101 @@
+"""Plain, correct autoregressive generation with a KV cache (the fast engine is infer/engine.py's job).
+
+Greedy or sampled (temperature, top-k, top-p); prefill once with the images, then one token per
+step; rows that emit an end token are padded from then on and generation stops when all are done.
+Left-padded batches are supported through `attention_mask`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nativevl.model.vlm import VisionLanguageModel
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(
+    model: VisionLanguageModel,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    streamer=None,
+) -> torch.Tensor:
+    """input_ids (B, T) -> (B, T + n) with n <= max_new_tokens new tokens.
+
+    `eos_token_id` defaults to the config's; `streamer(tokens (B,))` is called after every step.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    cfg = model.config.text
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
+    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else int(eos_ids[0]))
+    batch = input_ids.shape[0]
+    out = model(
+        input_ids,
+        pixel_values,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = out.cache
+    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    new_tokens = []
+    logits = out.logits[:, -1]
+    for step in range(max_new_tokens):
+        token = sample_next(
+            logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+        )
+        token = torch.where(done, torch.full_like(token, pad), token)
+        new_tokens.append(token)
+        if streamer is not None:
+            streamer(token)
+        done = done | torch.isin(token, eos_ids)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        out = model(token[:, None], attention_mask=attention_mask, cache=cache, use_cache=True)
+        logits = out.logits[:, -1]
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
