@@ -188,11 +188,13 @@ def tiny() -> ModelConfig:
 
 
 def internvl3_1b() -> ModelConfig:
+    # Untied lm_head, as the hub's InternVL3-1B-hf ships it (1.88 GB in bf16 = 0.94B parameters).
     return ModelConfig(vision=VIT_300M, text=_qwen(896, 24, 14, 2, 4864))
 
 
 def internvl3_2b() -> ModelConfig:
-    return ModelConfig(vision=VIT_300M, text=_qwen(1536, 28, 12, 2, 8960))
+    # Tied like Qwen2.5-1.5B: 1.86B parameters, the paper's 1.9B (untied would be 2.09B).
+    return ModelConfig(vision=VIT_300M, text=_qwen(1536, 28, 12, 2, 8960), tie_word_embeddings=True)
 
 
 def internvl3_8b() -> ModelConfig:
@@ -213,7 +215,6 @@ def internvl3_9b() -> ModelConfig:
         num_attention_heads=32,
         num_key_value_heads=2,
         intermediate_size=10240,
-        head_dim_override=128,
         attention_bias=False,
         rms_norm_eps=1e-5,
         rope_theta=50_000_000.0,

@@ -1,0 +1,61 @@
+"""Shared fixtures: a small tokenizer and tiny random models, built locally (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from nativevl.config import ModelConfig, preset
+from nativevl.io.hf import config_to_hf
+from nativevl.io.tokenizer import train_tokenizer
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a red circle, a blue square and a green triangle",
+    "what is shown in the image? a cat sitting on a mat",
+    "one two three four five six seven eight nine ten",
+] * 5
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer(CORPUS, vocab_size=512)
+
+
+def tiny_config(variant: str = "layer_norm", tied: bool = False) -> ModelConfig:
+    """The tiny preset with the 300M-style ViT ("layer_norm") or the 6B-style one ("rms_norm": QK-norm, no bias)."""
+    cfg = preset("tiny")
+    if variant == "rms_norm":
+        vision = dataclasses.replace(cfg.vision, norm_type="rms_norm", use_qk_norm=True, attention_bias=False)
+        cfg = dataclasses.replace(cfg, vision=vision)
+    return dataclasses.replace(cfg, tie_word_embeddings=tied)
+
+
+def hf_model(cfg: ModelConfig, seed: int = 0):
+    """transformers' InternVLForConditionalGeneration with every parameter random (so no key map hides behind a zero)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(InternVLConfig(**config_to_hf(cfg))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.15)
+    return model
+
+
+def image_batch(cfg: ModelConfig, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of equal length: row 0 has a 1-tile image inside text, row 1 a 3-tile image then text."""
+    g = torch.Generator().manual_seed(seed)
+    n = cfg.image_seq_length
+    tok = lambda k: torch.randint(10, cfg.text.vocab_size, (k,), generator=g)  # noqa: E731
+    img = lambda tiles: torch.full((tiles * n,), cfg.image_token_id)  # noqa: E731
+    row0 = torch.cat([tok(5), img(1), tok(7 + 2 * n)])
+    row1 = torch.cat([tok(2), img(3), tok(10)])
+    assert row0.numel() == row1.numel()
+    pixel_values = torch.randn(4, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    return torch.stack([row0, row1]), pixel_values

@@ -1,0 +1,158 @@
+"""Checkpoint interop: layouts, round trips, transformers loading our output, sharding, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import hf_model, image_batch, tiny_config
+from nativevl import VisionLanguageModel
+from nativevl.cli import main as cli_main
+from nativevl.config import PRESETS, preset
+from nativevl.io import hf as hfio
+from nativevl.io.tokenizer import load_tokenizer
+
+
+def read_all(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in hfio.weight_files(folder):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+@pytest.fixture(scope="module", params=[("layer_norm", False), ("rms_norm", True)], ids=["300m-untied", "6b-tied"])
+def hf_folder(request, tmp_path_factory):
+    cfg = tiny_config(*request.param)
+    folder = tmp_path_factory.mktemp("hf")
+    hf_model(cfg, seed=1).save_pretrained(folder)
+    return folder
+
+
+def test_round_trip_hf_internvl_is_bit_exact(hf_folder, tmp_path, tokenizer):
+    ours = VisionLanguageModel.from_pretrained(hf_folder)
+    ours.save_pretrained(tmp_path / "internvl", layout="internvl", tokenizer=tokenizer)
+    orig_keys = set(load_file(str(tmp_path / "internvl" / "model.safetensors")))
+    assert any(k.endswith("attn.qkv.weight") for k in orig_keys) and "mlp1.0.weight" in orig_keys
+    assert any(k.endswith(".ls1") for k in orig_keys)
+    again = VisionLanguageModel.from_pretrained(tmp_path / "internvl")
+    again.save_pretrained(tmp_path / "hf", layout="hf")
+    before, after = read_all(hf_folder), read_all(tmp_path / "hf")
+    assert set(before) == set(after)
+    for key in before:
+        assert before[key].dtype == after[key].dtype and torch.equal(before[key], after[key]), key
+    # tokenizer and processor files travel through conversion
+    assert load_tokenizer(tmp_path / "hf").convert_tokens_to_ids("<IMG_CONTEXT>") == again.config.image_token_id
+    assert json.loads((tmp_path / "hf" / "processor_config.json").read_text())["image_seq_length"] == 4
+
+
+def test_transformers_loads_our_hf_output(hf_folder, tmp_path):
+    from transformers import InternVLForConditionalGeneration
+
+    ours = VisionLanguageModel.from_pretrained(hf_folder)
+    ours.save_pretrained(tmp_path / "out", layout="hf")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["tie_word_embeddings"] == ours.config.tie_word_embeddings
+    theirs, info = InternVLForConditionalGeneration.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    input_ids, pixel_values = image_batch(ours.config)
+    with torch.no_grad():
+        ref = theirs.eval()(input_ids=input_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(input_ids))
+        got = ours(input_ids=input_ids, pixel_values=pixel_values)
+    assert (ref.logits - got.logits).abs().max().item() < 1e-4
+
+
+def test_sharded_save_and_load(hf_folder, tmp_path):
+    from transformers import InternVLForConditionalGeneration
+
+    ours = VisionLanguageModel.from_pretrained(hf_folder)
+    ours.save_pretrained(tmp_path / "sharded", layout="hf", max_shard_bytes=64 * 1024)
+    index = json.loads((tmp_path / "sharded" / hfio.INDEX_FILE).read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert not (tmp_path / "sharded" / hfio.SINGLE_FILE).exists()
+    again = VisionLanguageModel.from_pretrained(tmp_path / "sharded")
+    for key, value in ours.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    _, info = InternVLForConditionalGeneration.from_pretrained(tmp_path / "sharded", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_convert_command_and_dtype(hf_folder, tmp_path, capsys):
+    assert cli_main(["convert", str(hf_folder), str(tmp_path / "o"), "--to", "internvl", "--dtype", "bf16"]) == 0
+    assert "internvl layout" in capsys.readouterr().out
+    model = VisionLanguageModel.from_pretrained(tmp_path / "o")
+    assert model.dtype == torch.bfloat16
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["architectures"] == ["InternVLChatModel"]
+
+
+def test_truncated_safetensors_names_the_file(hf_folder, tmp_path):
+    ours = VisionLanguageModel.from_pretrained(hf_folder)
+    ours.save_pretrained(tmp_path / "ck")
+    f = tmp_path / "ck" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors.*(damaged|truncated)"):
+        VisionLanguageModel.from_pretrained(tmp_path / "ck")
+    assert cli_main(["convert", str(tmp_path / "ck"), str(tmp_path / "x"), "--to", "hf"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_unexpected_and_misshaped_tensors(hf_folder, tmp_path):
+    ours = VisionLanguageModel.from_pretrained(hf_folder)
+    ours.save_pretrained(tmp_path / "ck")
+    f = tmp_path / "ck" / "model.safetensors"
+    sd = load_file(str(f))
+    key = "multi_modal_projector.linear_1.weight"
+
+    broken = dict(sd)
+    del broken[key]
+    save_file(broken, str(f))
+    with pytest.raises(ValueError, match=rf"missing 1 tensor.*{key} \(64, 128\)"):
+        VisionLanguageModel.from_pretrained(tmp_path / "ck")
+
+    broken = dict(sd, **{key: torch.zeros(64, 127)})
+    save_file(broken, str(f))
+    with pytest.raises(ValueError, match=rf"model\.safetensors: tensor '{key}' has shape \(64, 127\), the config expects \(64, 128\)"):
+        VisionLanguageModel.from_pretrained(tmp_path / "ck")
+
+    broken = dict(sd, **{"vision_tower.extra.weight": torch.zeros(2)})
+    save_file(broken, str(f))
+    with pytest.raises(ValueError, match=r"1 unexpected tensor.*vision_tower\.extra\.weight \(2,\)"):
+        VisionLanguageModel.from_pretrained(tmp_path / "ck")
+
+
+def test_interrupted_save_leaves_the_old_checkpoint(hf_folder, tmp_path, monkeypatch):
+    ours = VisionLanguageModel.from_pretrained(hf_folder)
+    target = tmp_path / "ck"
+    ours.save_pretrained(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def crash(tensors, folder, max_shard_bytes):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hfio, "write_tensors", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ours.save_pretrained(target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary folder left behind
+
+
+def test_not_a_checkpoint_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        VisionLanguageModel.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llava"}')
+    with pytest.raises(ValueError, match="neither 'internvl'"):
+        VisionLanguageModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_config_json_round_trip(name):
+    cfg = preset(name)
+    assert hfio.config_from_hf(hfio.config_to_hf(cfg)) == cfg
+    back = hfio.config_from_internvl(hfio.config_to_internvl(cfg))
+    assert back == cfg
