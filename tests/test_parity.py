@@ -104,3 +104,41 @@ def test_param_names_and_count_match_transformers(pair):
     n_hf = sum(p.numel() for p in hf.parameters())
     assert n_ours == n_hf
     assert config_to_hf(cfg)["tie_word_embeddings"] == cfg.tie_word_embeddings
+
+
+def test_llama_style_decoder_matches_transformers(tmp_path):
+    """The InternLM3 (InternVL3-9B) variant: llama-style decoder without q/k/v bias."""
+    import dataclasses
+
+    cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, model_type="llama", attention_bias=False))
+    hf = hf_model(cfg, seed=5)
+    assert type(hf.model.language_model).__name__ == "LlamaModel"
+    hf.save_pretrained(tmp_path)
+    ours = VisionLanguageModel.from_pretrained(tmp_path)
+    assert ours.config == cfg
+    input_ids, pixel_values = image_batch(cfg)
+    with torch.no_grad():
+        ref = hf(input_ids=input_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(input_ids)).logits
+        got = ours(input_ids=input_ids, pixel_values=pixel_values).logits
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_dynamic_rope_beyond_trained_length_matches_transformers(tmp_path):
+    import dataclasses
+
+    cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, max_position_embeddings=16))
+    hf = hf_model(cfg, seed=6)
+    hf.save_pretrained(tmp_path)
+    ours = VisionLanguageModel.from_pretrained(tmp_path)
+    input_ids, pixel_values = image_batch(cfg)  # 24 tokens > 16
+    with torch.no_grad():
+        ref = hf(input_ids=input_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(input_ids)).logits
+        got = ours(input_ids=input_ids, pixel_values=pixel_values).logits
+        plain = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, rope_type="default"))
+        unscaled = VisionLanguageModel(plain)
+        unscaled.load_state_dict(ours.state_dict())
+        other = unscaled.eval()(input_ids=input_ids, pixel_values=pixel_values).logits
+    assert (got - ref).abs().max().item() < 1e-4
+    assert (other - ref).abs().max().item() > 1e-3  # the scaling is really exercised

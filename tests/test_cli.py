@@ -1,0 +1,54 @@
+"""The command line a user runs: chat on a saved checkpoint, and the demo's smoke run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nativevl import VisionLanguageModel
+from nativevl.cli import main
+from nativevl.data.images import choose_grid, image_to_tiles
+from nativevl.data.template import render_chat
+from test_model import make_model
+
+
+def test_chat_answers_about_an_image(tmp_path, tokenizer, capsys):
+    model = make_model()
+    model.save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 150, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    code = main(["chat", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "x.png"),
+                 "--prompt", "what is shown?", "--max_new_tokens", "5", "--max_num", "4"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "tokens in" in err and "3 tile(s)" in err  # 150x80 -> 2x1 grid + thumbnail
+
+
+def test_chat_reports_a_missing_image(tmp_path, tokenizer, capsys):
+    make_model().save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    code = main(["chat", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "nope.png"), "--prompt", "hi"])
+    assert code == 2 and "nope.png does not exist" in capsys.readouterr().err
+
+
+def test_demo_smoke_run_via_python_m(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nativevl", "demo", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] and report["cached_equals_uncached_greedy"]
+    assert VisionLanguageModel.from_pretrained(tmp_path / "model-internvl").config.image_seq_length == 4
+
+
+def test_tiling_grid_and_prompt():
+    assert choose_grid(800, 600) == (4, 3)
+    assert choose_grid(1920, 1080) == (4, 2)
+    assert choose_grid(448, 448) == (1, 1)
+    tiles = image_to_tiles(Image.new("RGB", (800, 600), (255, 0, 0)), image_size=56)
+    assert tiles.shape == (13, 3, 56, 56)
+    assert torch.allclose(tiles[0, 0], torch.full((56, 56), (1 - 0.485) / 0.229), atol=1e-5)
+    text = render_chat([{"role": "user", "content": "hi"}], tiles_per_image=[2], image_seq_length=3, system_message="")
+    assert text == "<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 6 + "</img>\nhi<|im_end|>\n<|im_start|>assistant\n"
