@@ -90,6 +90,10 @@ class TextConfig:
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name} {value} is outside vocab_size {self.vocab_size}")
         if self.head_dim_override is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"text hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
