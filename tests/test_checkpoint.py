@@ -39,7 +39,15 @@ def test_round_trip_hf_internvl_is_bit_exact(hf_folder, tmp_path, tokenizer):
     ours.save_pretrained(tmp_path / "internvl", layout="internvl", tokenizer=tokenizer)
     orig_keys = set(load_file(str(tmp_path / "internvl" / "model.safetensors")))
     assert any(k.endswith("attn.qkv.weight") for k in orig_keys) and "mlp1.0.weight" in orig_keys
-    assert any(k.endswith(".ls1") for k in orig_keys)
+    # names of InternVLChatModel's state dict (modeling_intern_vit.py / modeling_internvl_chat.py)
+    for name in ("vision_model.embeddings.class_embedding", "vision_model.embeddings.position_embedding",
+                 "vision_model.embeddings.patch_embedding.weight", "vision_model.encoder.layers.1.attn.proj.bias",
+                 "vision_model.encoder.layers.0.norm1.weight", "vision_model.encoder.layers.0.norm2.weight",
+                 "vision_model.encoder.layers.1.ls1", "vision_model.encoder.layers.1.ls2",
+                 "vision_model.encoder.layers.0.mlp.fc2.weight", "mlp1.1.weight", "mlp1.3.bias",
+                 "language_model.model.embed_tokens.weight", "language_model.model.norm.weight"):
+        assert name in orig_keys, name
+    assert ("language_model.lm_head.weight" in orig_keys) != ours.config.tie_word_embeddings
     again = VisionLanguageModel.from_pretrained(tmp_path / "internvl")
     again.save_pretrained(tmp_path / "hf", layout="hf")
     before, after = read_all(hf_folder), read_all(tmp_path / "hf")

@@ -52,3 +52,22 @@ def test_tiling_grid_and_prompt():
     assert torch.allclose(tiles[0, 0], torch.full((56, 56), (1 - 0.485) / 0.229), atol=1e-5)
     text = render_chat([{"role": "user", "content": "hi"}], tiles_per_image=[2], image_seq_length=3, system_message="")
     assert text == "<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 6 + "</img>\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_tokenizer_folder_must_have_internvl_tokens(tmp_path, tokenizer):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from nativevl.io.tokenizer import load_tokenizer
+
+    tokenizer.save_pretrained(tmp_path / "good")
+    loaded = load_tokenizer(tmp_path / "good")
+    assert loaded.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"]) == [3, 4, 5]
+    assert loaded.eos_token == "<|im_end|>" and loaded.context_image_token == "<IMG_CONTEXT>"
+    plain = Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    plain.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=plain).save_pretrained(tmp_path / "bad")
+    import pytest
+
+    with pytest.raises(ValueError, match=r"lacks InternVL special token\(s\) \['<img>'"):
+        load_tokenizer(tmp_path / "bad")

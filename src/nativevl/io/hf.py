@@ -8,6 +8,7 @@ never leaves a half-written checkpoint where a complete one is expected.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -405,7 +406,7 @@ def _check_and_build(
     if cfg.tie_word_embeddings and "lm_head.weight" in sd and embed_key in sd:
         if sd["lm_head.weight"].shape != sd[embed_key].shape or not torch.equal(sd["lm_head.weight"], sd[embed_key]):
             log.warning("%s: config ties lm_head to the embeddings but the checkpoint's lm_head differs; untying", path)
-            cfg = ModelConfig(**{**cfg.__dict__, "tie_word_embeddings": False})
+            cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     with torch.device("meta"):
         expected = {k: (v.shape, v.dtype) for k, v in VisionLanguageModel(cfg).state_dict().items()}
     if cfg.tie_word_embeddings:

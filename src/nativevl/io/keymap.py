@@ -18,47 +18,41 @@ import torch
 
 StateDict = dict[str, torch.Tensor]
 
-# (ours, original) regex pairs for the vision tower and projector; applied in order.
-_VISION_TABLE: list[tuple[str, str]] = [
-    (r"^vision_tower\.embeddings\.cls_token$", "vision_model.embeddings.class_embedding"),
-    (r"^vision_tower\.embeddings\.position_embeddings$", "vision_model.embeddings.position_embedding"),
-    (r"^vision_tower\.embeddings\.patch_embeddings\.projection\.", "vision_model.embeddings.patch_embedding."),
-    (r"^vision_tower\.encoder\.layer\.(\d+)\.attention\.projection_layer\.", r"vision_model.encoder.layers.\1.attn.proj."),
-    (r"^vision_tower\.encoder\.layer\.(\d+)\.attention\.(q_norm|k_norm)\.", r"vision_model.encoder.layers.\1.attn.\2."),
-    (r"^vision_tower\.encoder\.layer\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
-    (r"^vision_tower\.encoder\.layer\.(\d+)\.layernorm_before\.", r"vision_model.encoder.layers.\1.norm1."),
-    (r"^vision_tower\.encoder\.layer\.(\d+)\.layernorm_after\.", r"vision_model.encoder.layers.\1.norm2."),
-    (r"^vision_tower\.encoder\.layer\.(\d+)\.lambda_1$", r"vision_model.encoder.layers.\1.ls1"),
-    (r"^vision_tower\.encoder\.layer\.(\d+)\.lambda_2$", r"vision_model.encoder.layers.\1.ls2"),
-    (r"^multi_modal_projector\.layer_norm\.", "mlp1.0."),
-    (r"^multi_modal_projector\.linear_1\.", "mlp1.1."),
-    (r"^multi_modal_projector\.linear_2\.", "mlp1.3."),
-    (r"^language_model\.", "language_model.model."),
-    (r"^lm_head\.weight$", "language_model.lm_head.weight"),
+# (ours, original) name pairs for everything but the fused ViT qkv; `{n}` is a layer index. A pair
+# ending in "." maps a prefix, any other maps a whole name.
+_NAME_PAIRS: list[tuple[str, str]] = [
+    ("vision_tower.embeddings.cls_token", "vision_model.embeddings.class_embedding"),
+    ("vision_tower.embeddings.position_embeddings", "vision_model.embeddings.position_embedding"),
+    ("vision_tower.embeddings.patch_embeddings.projection.", "vision_model.embeddings.patch_embedding."),
+    ("vision_tower.encoder.layer.{n}.attention.projection_layer.", "vision_model.encoder.layers.{n}.attn.proj."),
+    ("vision_tower.encoder.layer.{n}.attention.q_norm.", "vision_model.encoder.layers.{n}.attn.q_norm."),
+    ("vision_tower.encoder.layer.{n}.attention.k_norm.", "vision_model.encoder.layers.{n}.attn.k_norm."),
+    ("vision_tower.encoder.layer.{n}.mlp.", "vision_model.encoder.layers.{n}.mlp."),
+    ("vision_tower.encoder.layer.{n}.layernorm_before.", "vision_model.encoder.layers.{n}.norm1."),
+    ("vision_tower.encoder.layer.{n}.layernorm_after.", "vision_model.encoder.layers.{n}.norm2."),
+    ("vision_tower.encoder.layer.{n}.lambda_1", "vision_model.encoder.layers.{n}.ls1"),
+    ("vision_tower.encoder.layer.{n}.lambda_2", "vision_model.encoder.layers.{n}.ls2"),
+    ("multi_modal_projector.layer_norm.", "mlp1.0."),
+    ("multi_modal_projector.linear_1.", "mlp1.1."),
+    ("multi_modal_projector.linear_2.", "mlp1.3."),
+    ("language_model.", "language_model.model."),
+    ("lm_head.weight", "language_model.lm_head.weight"),
 ]
+
+
+def _rule(source: str, target: str) -> tuple[str, str]:
+    """A name pair as (regex over source names, replacement template)."""
+    pattern = "^" + re.escape(source).replace(re.escape("{n}"), r"(\d+)")
+    if not source.endswith("."):
+        pattern += "$"
+    return pattern, target.replace("{n}", r"\1")
+
+
+_TO_INTERNVL = [_rule(ours, theirs) for ours, theirs in _NAME_PAIRS]
+_FROM_INTERNVL = [_rule(theirs, ours) for ours, theirs in _NAME_PAIRS]
 
 _QKV = re.compile(r"^vision_tower\.encoder\.layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$")
 _FUSED_QKV = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
-
-
-# The same pairs read the other way (original regex, ours template).
-_VISION_TABLE_INV: list[tuple[str, str]] = [
-    (r"^vision_model\.embeddings\.class_embedding$", "vision_tower.embeddings.cls_token"),
-    (r"^vision_model\.embeddings\.position_embedding$", "vision_tower.embeddings.position_embeddings"),
-    (r"^vision_model\.embeddings\.patch_embedding\.", "vision_tower.embeddings.patch_embeddings.projection."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.attn\.proj\.", r"vision_tower.encoder.layer.\1.attention.projection_layer."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.attn\.(q_norm|k_norm)\.", r"vision_tower.encoder.layer.\1.attention.\2."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"vision_tower.encoder.layer.\1.mlp."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.norm1\.", r"vision_tower.encoder.layer.\1.layernorm_before."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.norm2\.", r"vision_tower.encoder.layer.\1.layernorm_after."),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.ls1$", r"vision_tower.encoder.layer.\1.lambda_1"),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.ls2$", r"vision_tower.encoder.layer.\1.lambda_2"),
-    (r"^mlp1\.0\.", "multi_modal_projector.layer_norm."),
-    (r"^mlp1\.1\.", "multi_modal_projector.linear_1."),
-    (r"^mlp1\.3\.", "multi_modal_projector.linear_2."),
-    (r"^language_model\.model\.", "language_model."),
-    (r"^language_model\.lm_head\.weight$", "lm_head.weight"),
-]
 
 
 def _rename(key: str, table: list[tuple[str, str]]) -> str | None:
@@ -111,7 +105,7 @@ def from_internvl(sd: StateDict) -> StateDict:
             for name, part in zip("qkv", (q, k, v)):
                 out[f"vision_tower.encoder.layer.{layer}.attention.{name}_proj.{kind}"] = part.clone()
             continue
-        new = _rename(key, _VISION_TABLE_INV)
+        new = _rename(key, _FROM_INTERNVL)
         out[new if new is not None else key] = value
     return out
 
@@ -126,7 +120,7 @@ def to_internvl(sd: StateDict) -> StateDict:
             layer, which, kind = m.groups()
             parts.setdefault((layer, kind), {})[which] = value
             continue
-        new = _rename(key, _VISION_TABLE)
+        new = _rename(key, _TO_INTERNVL)
         if new is None:
             raise ValueError(f"no original-layout name for tensor {key!r}")
         out[new] = value

@@ -13,6 +13,7 @@ from torch import nn
 
 from nativevl.config import ModelConfig
 from nativevl.model.attention import positions_from_cu_seqlens
+from nativevl.model.layers import RMSNorm
 from nativevl.model.projector import Projector, pixel_shuffle
 from nativevl.model.text import KVCache, TextModel
 from nativevl.model.vision import VisionModel
@@ -57,17 +58,24 @@ class VisionLanguageModel(nn.Module):
         save_model(self, path, layout=layout, tokenizer=tokenizer, **kwargs)
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        """Random initialisation: normal(0, std) matrices, zero biases, unit norms, layer scale from config."""
-        for name, p in self.named_parameters():
-            with torch.no_grad():
-                if name.endswith(("lambda_1", "lambda_2")):
-                    p.fill_(self.config.vision.layer_scale_init_value)
-                elif "norm" in name.split(".")[-2] and name.endswith("weight"):
-                    p.fill_(1.0)
-                elif name.endswith("bias") or "norm" in name.split(".")[-2]:
-                    p.zero_()
-                else:
-                    p.normal_(0.0, std, generator=generator)
+        """Random initialisation: normal(0, std) weights and embeddings, zero biases, unit norms,
+        layer scale from the config."""
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.LayerNorm, RMSNorm)):
+                    module.weight.fill_(1.0)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+                elif isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                    module.weight.normal_(0.0, std, generator=generator)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+            for layer in self.vision_tower.encoder.layer:
+                layer.lambda_1.fill_(self.config.vision.layer_scale_init_value)
+                layer.lambda_2.fill_(self.config.vision.layer_scale_init_value)
+            emb = self.vision_tower.embeddings
+            emb.cls_token.normal_(0.0, std, generator=generator)
+            emb.position_embeddings.normal_(0.0, std, generator=generator)
 
     @property
     def dtype(self) -> torch.dtype:
