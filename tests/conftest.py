@@ -52,8 +52,8 @@ def image_batch(cfg: ModelConfig, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     """Two rows of equal length: row 0 has a 1-tile image inside text, row 1 a 3-tile image then text."""
     g = torch.Generator().manual_seed(seed)
     n = cfg.image_seq_length
-    tok = lambda k: torch.randint(10, cfg.text.vocab_size, (k,), generator=g)  # noqa: E731
-    img = lambda tiles: torch.full((tiles * n,), cfg.image_token_id)  # noqa: E731
+    tok = lambda k: torch.randint(10, cfg.text.vocab_size, (k,), generator=g)
+    img = lambda tiles: torch.full((tiles * n,), cfg.image_token_id)
     row0 = torch.cat([tok(5), img(1), tok(7 + 2 * n)])
     row1 = torch.cat([tok(2), img(3), tok(10)])
     assert row0.numel() == row1.numel()

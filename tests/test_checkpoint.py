@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import hf_model, image_batch, tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import hf_model, image_batch, tiny_config
 from nativevl import VisionLanguageModel
 from nativevl.cli import main as cli_main
 from nativevl.config import PRESETS, preset

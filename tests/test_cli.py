@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
+from test_model import make_model
 
 from nativevl import VisionLanguageModel
 from nativevl.cli import main
 from nativevl.data.images import choose_grid, image_to_tiles
 from nativevl.data.template import render_chat
-from test_model import make_model
 
 
 def test_chat_answers_about_an_image(tmp_path, tokenizer, capsys):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import image_batch
-from nativevl.infer.generate import generate, sample_next
 from test_model import make_model
+
+from nativevl.infer.generate import generate, sample_next
 
 
 @torch.no_grad()

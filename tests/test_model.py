@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import image_batch, tiny_config
+
 from nativevl import VisionLanguageModel
 from nativevl.model.attention import attention
 from nativevl.model.projector import pixel_shuffle

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import hf_model, image_batch, tiny_config
 from safetensors.torch import save_file
 
-from conftest import hf_model, image_batch, tiny_config
 from nativevl import VisionLanguageModel
 from nativevl.infer.generate import generate
 from nativevl.io.hf import config_to_hf

@@ -3,5 +3,5 @@
 from nativevl.config import ModelConfig, TextConfig, VisionConfig, preset
 from nativevl.model.vlm import VisionLanguageModel, VLMOutput
 
-__all__ = ["ModelConfig", "TextConfig", "VisionConfig", "VisionLanguageModel", "VLMOutput", "preset"]
+__all__ = ["ModelConfig", "TextConfig", "VLMOutput", "VisionConfig", "VisionLanguageModel", "preset"]
 __version__ = "0.1.0"

@@ -7,8 +7,9 @@ keeps one name from the CLI flag to the checkpoint key (`downsample_ratio`, `ima
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 NORM_TYPES = ("layer_norm", "rms_norm")
 TEXT_ARCHS = ("qwen2", "llama")  # llama: InternLM3 (InternVL3-9B's LLM), no q/k/v bias

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nativevl.config import ModelConfig, TextConfig, VisionConfig
@@ -357,14 +357,12 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
     for file in weight_files(path):
         try:
             with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     if key in tensors:
                         raise ValueError(f"tensor {key!r} appears in both {origin[key]} and {file}")
                     tensors[key] = f.get_tensor(key)
                     origin[key] = file
-        except ValueError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for damaged files
+        except (SafetensorError, OSError) as e:
             raise ValueError(f"{file}: damaged or truncated safetensors file ({type(e).__name__}: {e})") from None
     return tensors, origin
 
@@ -401,7 +399,7 @@ def write_tensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_byte
 def _check_and_build(
     cfg: ModelConfig, sd: dict[str, torch.Tensor], origin: dict[str, Path], path: Path
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    where = lambda key: origin.get(key, path)  # noqa: E731
+    where = lambda key: origin.get(key, path)
     embed_key = "language_model.embed_tokens.weight"
     if cfg.tie_word_embeddings and "lm_head.weight" in sd and embed_key in sd:
         if sd["lm_head.weight"].shape != sd[embed_key].shape or not torch.equal(sd["lm_head.weight"], sd[embed_key]):

@@ -6,8 +6,8 @@ template as InternVL3; tests and CPU runs use it because nothing is downloaded a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 IMG_START = "<img>"
 IMG_END = "</img>"

@@ -25,7 +25,7 @@ class PatchEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         x = self.projection(pixel_values)  # (N, D, h, w)
-        n, d, h, w = x.shape
+        h, w = x.shape[-2:]
         return x.flatten(2).transpose(1, 2), h, w  # (N, h*w, D)
 
 
