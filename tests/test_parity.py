@@ -142,3 +142,27 @@ def test_dynamic_rope_beyond_trained_length_matches_transformers(tmp_path):
         other = unscaled.eval()(input_ids=input_ids, pixel_values=pixel_values).logits
     assert (got - ref).abs().max().item() < 1e-4
     assert (other - ref).abs().max().item() > 1e-3  # the scaling is really exercised
+
+
+@pytest.mark.parametrize("size", [(800, 600), (1920, 1080), (100, 100), (300, 1000)])
+def test_tiles_match_transformers_pil_image_processor(size):
+    """Dynamic tiling + thumbnail + normalisation equal GotOcr2ImageProcessorPil (the -hf checkpoints' processor)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import GotOcr2ImageProcessorPil
+
+    from nativevl.data.images import IMAGENET_MEAN, IMAGENET_STD, image_to_tiles
+
+    w, h = size
+    image = Image.fromarray(np.random.default_rng(w).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    processor = GotOcr2ImageProcessorPil(
+        size={"height": 448, "width": 448},
+        image_mean=IMAGENET_MEAN.tolist(),
+        image_std=IMAGENET_STD.tolist(),
+        crop_to_patches=True,
+        max_patches=12,
+    )
+    ref = processor(images=image, return_tensors="pt")["pixel_values"]
+    got = image_to_tiles(image)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() < 1e-6

@@ -131,23 +131,45 @@ def _size(v: Any) -> int:
     return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
 
 
+# VisionConfig field -> config.json key where a layout names it differently, and the layout's
+# defaults for keys a file may omit (transformers' InternVLVisionConfig / InternVisionConfig).
+_VISION_RENAMES = {
+    "hf": {},
+    "internvl": {"use_qk_norm": "qk_normalization", "attention_bias": "qkv_bias", "layer_scale_init_value": "initializer_factor"},
+}
+_VISION_DEFAULTS = {"hf": {"attention_bias": False}, "internvl": {"attention_bias": False, "norm_type": "rms_norm"}}
+_VISION_HF_ONLY_OURS = ("drop_path_rate",)  # transformers' vision config has no such field
+
+
+def _vision_to_dict(v: VisionConfig, layout: str) -> dict[str, Any]:
+    renames = _VISION_RENAMES[layout]
+    d = {
+        renames.get(f.name, f.name): getattr(v, f.name)
+        for f in dataclasses.fields(v)
+        if not (layout == "hf" and f.name in _VISION_HF_ONLY_OURS)
+    }
+    if layout == "hf":
+        d.update(image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2)
+    return d
+
+
+def _vision_from_dict(d: dict[str, Any], layout: str) -> VisionConfig:
+    renames = _VISION_RENAMES[layout]
+    kwargs = dict(_VISION_DEFAULTS[layout])
+    for f in dataclasses.fields(VisionConfig):
+        key = renames.get(f.name, f.name)
+        if key in d:
+            kwargs[f.name] = d[key]
+    for name in ("image_size", "patch_size"):
+        if name in kwargs:
+            kwargs[name] = _size(kwargs[name])
+    return VisionConfig(**kwargs)
+
+
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    v = cfg.vision
     vision = {
         "model_type": "internvl_vision",
-        "hidden_size": v.hidden_size,
-        "num_hidden_layers": v.num_hidden_layers,
-        "num_attention_heads": v.num_attention_heads,
-        "intermediate_size": v.intermediate_size,
-        "image_size": [v.image_size, v.image_size],
-        "patch_size": [v.patch_size, v.patch_size],
-        "num_channels": v.num_channels,
-        "norm_type": v.norm_type,
-        "use_qk_norm": v.use_qk_norm,
-        "attention_bias": v.attention_bias,
-        "layer_norm_eps": v.layer_norm_eps,
-        "layer_scale_init_value": v.layer_scale_init_value,
-        "hidden_act": v.hidden_act,
+        **_vision_to_dict(cfg.vision, "hf"),
         "use_mean_pooling": True,
         "use_absolute_position_embeddings": True,
     }
@@ -173,21 +195,7 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelCo
     if d.get("vision_feature_layer", -1) != -1:
         raise ValueError(f"{source}: vision_feature_layer {d['vision_feature_layer']} is not supported (only -1)")
     try:
-        vision = VisionConfig(
-            hidden_size=v.get("hidden_size", 1024),
-            num_hidden_layers=v.get("num_hidden_layers", 24),
-            num_attention_heads=v.get("num_attention_heads", 16),
-            intermediate_size=v.get("intermediate_size", 4096),
-            image_size=_size(v.get("image_size", 448)),
-            patch_size=_size(v.get("patch_size", 14)),
-            num_channels=v.get("num_channels", 3),
-            norm_type=v.get("norm_type", "layer_norm"),
-            use_qk_norm=bool(v.get("use_qk_norm", False)),
-            attention_bias=bool(v.get("attention_bias", False)),
-            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
-            layer_scale_init_value=v.get("layer_scale_init_value", 0.1),
-            hidden_act=v.get("hidden_act", "gelu"),
-        )
+        vision = _vision_from_dict(v, "hf")
         text_d = d.get("text_config") or {}
         text = _text_from_dict(text_d, source=source)
         tie = d.get("tie_word_embeddings", text_d.get("tie_word_embeddings", True))
@@ -227,20 +235,7 @@ def config_to_internvl(cfg: ModelConfig) -> dict[str, Any]:
         "vision_config": {
             "architectures": ["InternVisionModel"],
             "model_type": "intern_vit_6b",
-            "hidden_size": v.hidden_size,
-            "num_hidden_layers": v.num_hidden_layers,
-            "num_attention_heads": v.num_attention_heads,
-            "intermediate_size": v.intermediate_size,
-            "image_size": v.image_size,
-            "patch_size": v.patch_size,
-            "num_channels": v.num_channels,
-            "qkv_bias": v.attention_bias,
-            "qk_normalization": v.use_qk_norm,
-            "norm_type": v.norm_type,
-            "layer_norm_eps": v.layer_norm_eps,
-            "initializer_factor": v.layer_scale_init_value,
-            "drop_path_rate": v.drop_path_rate,
-            "hidden_act": v.hidden_act,
+            **_vision_to_dict(v, "internvl"),
             "use_flash_attn": False,
         },
         "llm_config": llm,
@@ -255,22 +250,9 @@ def config_from_internvl(d: dict[str, Any], *, source: str = "config.json", imag
         raise ValueError(f"{source}: select_layer {d['select_layer']} is not supported (only -1)")
     llm = d.get("llm_config") or {}
     try:
-        vision = VisionConfig(
-            hidden_size=v.get("hidden_size", 1024),
-            num_hidden_layers=v.get("num_hidden_layers", 24),
-            num_attention_heads=v.get("num_attention_heads", 16),
-            intermediate_size=v.get("intermediate_size", 4096),
-            image_size=_size(d.get("force_image_size") or v.get("image_size", 448)),
-            patch_size=_size(v.get("patch_size", 14)),
-            num_channels=v.get("num_channels", 3),
-            norm_type=v.get("norm_type", "rms_norm"),
-            use_qk_norm=bool(v.get("qk_normalization", False)),
-            attention_bias=bool(v.get("qkv_bias", False)),
-            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
-            layer_scale_init_value=v.get("initializer_factor", 0.1),
-            drop_path_rate=v.get("drop_path_rate", 0.0),
-            hidden_act=v.get("hidden_act", "gelu"),
-        )
+        if d.get("force_image_size"):
+            v = {**v, "image_size": d["force_image_size"]}
+        vision = _vision_from_dict(v, "internvl")
         text = _text_from_dict(llm, source=source)
         if image_token_id is None:
             image_token_id = d.get("image_token_id", 151667 if text.model_type == "qwen2" else 92546)
@@ -460,27 +442,10 @@ def load_model(
 
 
 def _processor_files(cfg: ModelConfig) -> dict[str, dict[str, Any]]:
-    size = {"height": cfg.vision.image_size, "width": cfg.vision.image_size}
-    image = {
-        "image_processor_type": "GotOcr2ImageProcessor",
+    pixels = {  # 448 px, bicubic, ImageNet statistics: what InternVL was trained with
         "processor_class": "InternVLProcessor",
-        "size": size,
-        "crop_to_patches": False,  # InternVLProcessor turns it on per call
-        "min_patches": 1,
-        "max_patches": 12,
+        "size": {"height": cfg.vision.image_size, "width": cfg.vision.image_size},
         "do_resize": True,
-        "resample": 3,  # bicubic
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(IMAGENET_MEAN),
-        "image_std": list(IMAGENET_STD),
-        "do_convert_rgb": True,
-    }
-    video = {
-        "video_processor_type": "InternVLVideoProcessor",
-        "processor_class": "InternVLProcessor",
-        "size": size,
         "resample": 3,
         "do_rescale": True,
         "rescale_factor": 1 / 255,
@@ -488,9 +453,15 @@ def _processor_files(cfg: ModelConfig) -> dict[str, dict[str, Any]]:
         "image_mean": list(IMAGENET_MEAN),
         "image_std": list(IMAGENET_STD),
         "do_convert_rgb": True,
-        "initial_shift": True,
-        "do_sample_frames": False,
     }
+    image = {
+        "image_processor_type": "GotOcr2ImageProcessor",
+        **pixels,
+        "crop_to_patches": False,  # InternVLProcessor turns it on per call
+        "min_patches": 1,
+        "max_patches": 12,
+    }
+    video = {"video_processor_type": "InternVLVideoProcessor", **pixels, "initial_shift": True, "do_sample_frames": False}
     processor = {"image_seq_length": cfg.image_seq_length, "processor_class": "InternVLProcessor"}
     return {
         "preprocessor_config.json": image,
