@@ -38,13 +38,6 @@ class KVCache:
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep / repeat rows (for beam-like cloning): index (B',) into the batch dimension."""
-        self.keys = [None if k is None else k.index_select(0, index) for k in self.keys]
-        self.values = [None if v is None else v.index_select(0, index) for v in self.values]
-        if self.next_position is not None:
-            self.next_position = self.next_position.index_select(0, index)
-
 
 class RotaryEmbedding(nn.Module):
     """cos/sin (B, T, head_dim) from float positions (B, T); dynamic NTK scaling past the trained length."""
