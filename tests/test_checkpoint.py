@@ -164,3 +164,48 @@ def test_config_json_round_trip(name):
     assert hfio.config_from_hf(hfio.config_to_hf(cfg)) == cfg
     back = hfio.config_from_internvl(hfio.config_to_internvl(cfg))
     assert back == cfg
+
+
+def test_original_layout_reads_like_internvl(tmp_path):
+    """Hub InternVL3 original configs say eos <|endoftext|> in llm_config, but chat() stops at <|im_end|>."""
+    d = hfio.config_to_internvl(preset("internvl3_1b"))
+    d["llm_config"]["eos_token_id"] = 151643
+    d["llm_config"]["tie_word_embeddings"] = True
+    d["tie_word_embeddings"] = False  # the LLM is built from llm_config: that value decides
+    del d["image_token_id"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    cfg, layout = hfio.read_config(tmp_path)
+    assert layout == "internvl" and cfg.text.eos_token_id == 151645 and cfg.tie_word_embeddings
+    assert cfg.image_token_id == 151667
+
+
+def test_unsupported_feature_strategy_is_an_error():
+    d = hfio.config_to_hf(preset("tiny"))
+    d["vision_feature_select_strategy"] = "full"
+    with pytest.raises(ValueError, match="vision_feature_select_strategy 'full'"):
+        hfio.config_from_hf(d)
+
+
+def test_resave_in_place_keeps_tokenizer_and_permissions(hf_folder, tmp_path, tokenizer):
+    import os
+    import stat
+
+    VisionLanguageModel.from_pretrained(hf_folder).save_pretrained(tmp_path / "ck", tokenizer=tokenizer)
+    VisionLanguageModel.from_pretrained(tmp_path / "ck").save_pretrained(tmp_path / "ck")
+    assert (tmp_path / "ck" / "tokenizer.json").is_file()
+    load_tokenizer(tmp_path / "ck")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "ck").stat().st_mode) == 0o777 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_original_tokenizer_gains_internvl_fields_when_converted_to_hf(hf_folder, tmp_path, tokenizer):
+    VisionLanguageModel.from_pretrained(hf_folder).save_pretrained(tmp_path / "orig", layout="internvl", tokenizer=tokenizer)
+    tc = tmp_path / "orig" / "tokenizer_config.json"
+    d = json.loads(tc.read_text())
+    d.pop("extra_special_tokens", None)
+    tc.write_text(json.dumps(d))
+    assert cli_main(["convert", str(tmp_path / "orig"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    converted = load_tokenizer(tmp_path / "hf")
+    assert converted.context_image_token == "<IMG_CONTEXT>" and converted.start_image_token == "<img>"

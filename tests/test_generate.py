@@ -60,3 +60,12 @@ def test_sampling_is_seeded_and_filters():
     nucleus = sample_next(logits, do_sample=True, top_p=0.6, generator=torch.Generator().manual_seed(1))
     assert set(nucleus.tolist()) <= {1, 2}
     assert (sample_next(logits, do_sample=False) == 1).all()
+
+
+def test_right_padding_is_refused():
+    import pytest
+
+    model = make_model()
+    ids = torch.tensor([[7, 8, 9], [7, 8, 0]])
+    with pytest.raises(ValueError, match="left padding"):
+        generate(model, ids, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]), max_new_tokens=2)

@@ -122,3 +122,10 @@ def test_image_token_mismatch_names_both_counts():
 def test_tied_head_shares_the_embedding():
     model = make_model(tied=True)
     assert model.lm_head.weight.data_ptr() == model.language_model.embed_tokens.weight.data_ptr()
+
+
+def test_packed_batches_refuse_a_cache():
+    model = make_model()
+    ids = torch.tensor([7, 8, 9, 10])
+    with pytest.raises(ValueError, match="cannot use a KV cache"):
+        model(input_ids=ids, cu_seqlens=torch.tensor([0, 2, 4]), use_cache=True)

@@ -103,6 +103,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    from nativevl.data.pipeline import DataConfig
+    from nativevl.data.records import load_meta
+    from nativevl.data.validate import validate
+    from nativevl.io.tokenizer import load_tokenizer
+
+    specs = load_meta(args.meta)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    cfg = DataConfig(
+        max_tokens=args.max_tokens,
+        max_tiles=args.max_tiles,
+        image_seq_length=args.image_seq_length,
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>") if tokenizer else 151667,
+        training=False,
+    )
+    report = validate(specs, tokenizer, cfg, examples=args.examples)
+    print(report.format())
+    if tokenizer is None:
+        print("(no --tokenizer: token lengths and image-token counts were not checked)")
+    return 1 if report.bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nativevl", description="InternVL3 in plain PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
@@ -132,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", type=parse_dtype, default=None, help="cast floating tensors (default: keep)")
     v.add_argument("--max_shard_size", type=parse_size, default=parse_size("5GB"))
     v.set_defaults(func=cmd_convert)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    dv = data.add_parser("validate", help="read a whole dataset; report bad records by kind; exit 1 if any")
+    dv.add_argument("meta", help="InternVL meta json")
+    dv.add_argument("--tokenizer", default=None, help="tokenizer folder (a checkpoint) to check lengths")
+    dv.add_argument("--max_tokens", type=int, default=16384)
+    dv.add_argument("--max_tiles", type=int, default=48)
+    dv.add_argument("--image_seq_length", type=int, default=256)
+    dv.add_argument("--examples", type=int, default=3, help="examples shown per problem kind")
+    dv.set_defaults(func=cmd_data_validate)
     return p
 
 

@@ -115,6 +115,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
+        if not 0 < self.downsample_ratio <= 1:
+            raise ValueError(f"downsample_ratio must be in (0, 1], got {self.downsample_ratio}")
         inv = 1 / self.downsample_ratio
         if abs(inv - round(inv)) > 1e-9 or self.vision.grid_size % round(inv):
             raise ValueError(

@@ -1,8 +1,10 @@
-"""Image loading and InternVL's dynamic high-resolution tiling.
+"""Image and video loading and InternVL's dynamic high-resolution tiling.
 
 An image becomes 1..max_num tiles of image_size^2 on the grid whose aspect ratio is closest to the
 image's (ties go to the larger grid when the image has enough pixels), plus a thumbnail of the
 whole image last when there is more than one tile; bicubic resizing, ImageNet normalisation.
+Training data marked for augmentation re-encodes every tile as JPEG at a random quality 75-100.
+A video becomes 8..32 frames, one per equal segment, each a single tile.
 """
 
 from __future__ import annotations
@@ -80,11 +82,34 @@ def tile_image(
     return tiles
 
 
+# uint8 value -> normalised float32, per channel: one table lookup instead of per-pixel arithmetic.
+# Same float32 operations as (x / 255 - mean) / std, so the values are bit-identical.
+_NORM_LUT = ((np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0) - IMAGENET_MEAN) / IMAGENET_STD).T.copy()
+
+
 def normalize(tiles: list[Image.Image]) -> torch.Tensor:
     """RGB tiles -> (N, 3, S, S) float32, ImageNet-normalised."""
-    arr = np.stack([np.asarray(t, dtype=np.float32) for t in tiles]) / 255.0  # (N, S, S, 3)
-    arr = (arr - IMAGENET_MEAN) / IMAGENET_STD
-    return torch.from_numpy(arr.transpose(0, 3, 1, 2).copy())
+    arr = np.stack([np.asarray(t, dtype=np.uint8) for t in tiles]).transpose(0, 3, 1, 2)  # (N, 3, S, S) uint8
+    out = np.empty(arr.shape, dtype=np.float32)
+    for c in range(3):
+        np.take(_NORM_LUT[c], arr[:, c], out=out[:, c])
+    return torch.from_numpy(out)
+
+
+def jpeg_reencode(tiles: list[Image.Image], rng: np.random.Generator, qualities: tuple[int, int] = (75, 100)) -> list[Image.Image]:
+    """InternVL's training augmentation: each tile re-encoded as JPEG at a random quality in [75, 100]."""
+    out = []
+    for tile in tiles:
+        buf = io.BytesIO()
+        tile.save(buf, format="JPEG", quality=int(rng.integers(qualities[0], qualities[1] + 1)))
+        buf.seek(0)
+        out.append(Image.open(buf).convert("RGB"))
+    return out
+
+
+def tiles_per_image(max_dynamic_patch: int, n_images: int) -> int:
+    """Tile cap for each image of a multi-image sample: max(1, max_dynamic_patch // n_images)."""
+    return max(1, max_dynamic_patch // max(1, n_images))
 
 
 def image_to_tiles(
@@ -92,3 +117,60 @@ def image_to_tiles(
 ) -> torch.Tensor:
     """Load, tile and normalise one image: (tiles, 3, image_size, image_size)."""
     return normalize(tile_image(load_image(source), image_size=image_size, max_num=max_num, use_thumbnail=use_thumbnail))
+
+
+# ---------------------------------------------------------------- video
+
+
+def frame_indices(n_total: int, n_frames: int, *, rng: np.random.Generator | None) -> list[int]:
+    """One frame per equal segment: a random one in training (rng given), the segment's middle otherwise."""
+    n_frames = max(1, min(n_frames, n_total))
+    edges = np.linspace(0, n_total, n_frames + 1).astype(int)
+    if rng is None:
+        return [int((a + b) // 2) for a, b in zip(edges[:-1], edges[1:])]
+    return [int(rng.integers(a, max(a + 1, b))) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def load_video_frames(
+    path: str | Path,
+    *,
+    rng: np.random.Generator | None = None,
+    min_frames: int = 8,
+    max_frames: int = 32,
+    num_frames: int | None = None,
+) -> list[Image.Image]:
+    """Decode a video with PyAV and pick frames by segment.
+
+    Training (rng given): the frame count is uniform in [min_frames, max_frames] and each segment
+    contributes a random frame. Inference: `num_frames` (default max_frames) segment centres.
+    """
+    try:
+        import av
+    except ImportError as e:  # pragma: no cover - av is a declared dependency
+        raise ImportError("video records need PyAV: pip install av") from e
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"video file {path} does not exist")
+    if rng is not None:
+        count = int(rng.integers(min_frames, max_frames + 1))
+    else:
+        count = num_frames or max_frames
+    try:
+        with av.open(str(path)) as container:
+            n_total = container.streams.video[0].frames  # 0 when the container does not say
+            if n_total > 0:  # keep only the chosen frames: long videos never sit in memory
+                wanted = frame_indices(n_total, count, rng=rng)
+                keep = {}
+                for i, frame in enumerate(container.decode(video=0)):
+                    if i in wanted:
+                        keep[i] = frame.to_image()
+                    if i >= wanted[-1]:
+                        break
+                frames = [keep[i] for i in wanted if i in keep]
+            else:
+                every = [f.to_image() for f in container.decode(video=0)]
+                frames = [every[i] for i in frame_indices(len(every), count, rng=rng)] if every else []
+    except (av.error.FFmpegError, ValueError, IndexError) as e:
+        raise ValueError(f"cannot decode video {path}: {e}") from None
+    if not frames:
+        raise ValueError(f"video {path} has no decodable frames")
+    return [f.convert("RGB") for f in frames]

@@ -65,3 +65,82 @@ def render_chat(
     if add_generation_prompt:
         text += "<|im_start|>assistant\n"
     return expand_images(text, tiles_per_image, image_seq_length)
+
+
+IGNORE_INDEX = -100
+
+
+def normalize_turns(conversations: list[dict[str, str]]) -> tuple[str | None, list[tuple[str, str]]]:
+    """InternVL / OpenAI style turns -> (system message or None, [(role, text)]) with roles user/assistant."""
+    turns = []
+    for i, m in enumerate(conversations):
+        if not isinstance(m, dict):
+            raise ValueError(f"turn {i} must be an object with 'from'/'value' or 'role'/'content', got {type(m).__name__}")
+        raw_role = m.get("from", m.get("role"))
+        role = ROLES.get(raw_role)
+        if role is None:
+            raise ValueError(f"turn {i} has unknown role {raw_role!r}; known: {sorted(ROLES)}")
+        content = m.get("value", m.get("content"))
+        if not isinstance(content, str):
+            raise ValueError(f"turn {i} text must be a string, got {type(content).__name__}")
+        turns.append((role, content))
+    system = None
+    if turns and turns[0][0] == "system":
+        system = turns.pop(0)[1]
+    if any(role == "system" for role, _ in turns):
+        raise ValueError("a system turn is only allowed first")
+    return system, turns
+
+
+def encode_conversation(
+    tokenizer,
+    conversations: list[dict[str, str]],
+    *,
+    tiles_per_image: list[int] | None = None,
+    image_seq_length: int = 256,
+    system_message: str | None = DEFAULT_SYSTEM_MESSAGE,
+    image_prefix: str | None = None,
+) -> tuple[list[int], list[int]]:
+    """internvl2_5 ChatML -> (input_ids, labels); labels are IGNORE_INDEX except assistant content + <|im_end|>.
+
+    Each turn is tokenised on its own, as InternVL's preprocess does, and the assistant header
+    `<|im_start|>assistant\\n` and the trailing newline are tokenised apart so that the label span is
+    exact. A leading system turn overrides `system_message`; images with no `<image>` placeholder get
+    `image_prefix` (default one `<image>\\n` per image) before the first user turn.
+    """
+    tiles_per_image = tiles_per_image or []
+    record_system, turns = normalize_turns(conversations)
+    if record_system is not None:
+        system_message = record_system
+    if tiles_per_image and not any(IMAGE_PLACEHOLDER in text for _, text in turns):
+        first_user = next((i for i, (r, _) in enumerate(turns) if r == "user"), None)
+        if first_user is None:
+            raise ValueError("images were given but there is no user turn to attach them to")
+        prefix = image_prefix if image_prefix is not None else (IMAGE_PLACEHOLDER + "\n") * len(tiles_per_image)
+        turns[first_user] = ("user", prefix + turns[first_user][1])
+    n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+    if n_placeholders != len(tiles_per_image):
+        raise ValueError(f"conversation has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(tiles_per_image)} image(s)")
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    input_ids: list[int] = []
+    labels: list[int] = []
+    if system_message:
+        piece = ids(f"<|im_start|>system\n{system_message}<|im_end|>\n")
+        input_ids += piece
+        labels += [IGNORE_INDEX] * len(piece)
+    images = iter(tiles_per_image)
+    for role, text in turns:
+        n = text.count(IMAGE_PLACEHOLDER)
+        text = expand_images(text, [next(images) for _ in range(n)], image_seq_length)
+        if role == "user":
+            piece = ids(f"<|im_start|>user\n{text}<|im_end|>\n")
+            input_ids += piece
+            labels += [IGNORE_INDEX] * len(piece)
+        else:
+            head, body, tail = ids("<|im_start|>assistant\n"), ids(f"{text}<|im_end|>"), ids("\n")
+            input_ids += head + body + tail
+            labels += [IGNORE_INDEX] * len(head) + body + [IGNORE_INDEX] * len(tail)
+    return input_ids, labels

@@ -71,6 +71,8 @@ def generate(
     eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else int(eos_ids[0]))
     batch = input_ids.shape[0]
+    if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+        raise ValueError("generate needs left padding: attention_mask has a 0 in its last column (right-padded row)")
     out = model(
         input_ids,
         pixel_values,

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,6 @@ from safetensors.torch import save_file
 
 from nativevl.config import ModelConfig, TextConfig, VisionConfig
 from nativevl.io import keymap
-from nativevl.model.text import RotaryEmbedding
 from nativevl.model.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ AUX_FILES = (
     "processor_config.json",
     "video_preprocessor_config.json",
 )
+QWEN_IM_END_ID = 151645
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -98,6 +99,8 @@ def _text_from_dict(d: dict[str, Any], *, source: str) -> TextConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "dynamic"):
         raise ValueError(f"{source}: unsupported rope type {rope_type!r} (default, dynamic)")
+    if "num_attention_heads" not in d or "hidden_size" not in d:
+        raise ValueError(f"{source}: language model config lacks num_attention_heads / hidden_size")
     heads = d["num_attention_heads"]
     head_dim = d.get("head_dim")
     eos = d.get("eos_token_id")
@@ -192,6 +195,11 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
     v = d.get("vision_config") or {}
+    if d.get("vision_feature_select_strategy", "default") != "default":
+        raise ValueError(
+            f"{source}: vision_feature_select_strategy {d['vision_feature_select_strategy']!r} is not supported "
+            "(only 'default', which drops the CLS token)"
+        )
     if d.get("vision_feature_layer", -1) != -1:
         raise ValueError(f"{source}: vision_feature_layer {d['vision_feature_layer']} is not supported (only -1)")
     try:
@@ -242,7 +250,9 @@ def config_to_internvl(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def config_from_internvl(d: dict[str, Any], *, source: str = "config.json", image_token_id: int | None = None) -> ModelConfig:
+def config_from_internvl(
+    d: dict[str, Any], *, source: str = "config.json", image_token_id: int | None = None, im_end_id: int | None = None
+) -> ModelConfig:
     v = d.get("vision_config") or {}
     if d.get("ps_version", "v2") != "v2":
         raise ValueError(f"{source}: ps_version {d['ps_version']!r} is not supported (released weights use v2)")
@@ -254,9 +264,14 @@ def config_from_internvl(d: dict[str, Any], *, source: str = "config.json", imag
             v = {**v, "image_size": d["force_image_size"]}
         vision = _vision_from_dict(v, "internvl")
         text = _text_from_dict(llm, source=source)
+        if d.get("template", "internvl2_5") == "internvl2_5" and im_end_id is not None:
+            # InternVL's chat() stops at the template's separator <|im_end|>, not at llm_config's
+            # eos (<|endoftext|> in the hub's InternVL3-1B); transformers' converter does the same.
+            text = dataclasses.replace(text, eos_token_id=im_end_id)
         if image_token_id is None:
             image_token_id = d.get("image_token_id", 151667 if text.model_type == "qwen2" else 92546)
-        tie = d.get("tie_word_embeddings", llm.get("tie_word_embeddings", False))
+        # the original model builds its LLM from llm_config, so that value decides
+        tie = llm.get("tie_word_embeddings", d.get("tie_word_embeddings", False))
         return ModelConfig(
             vision=vision,
             text=text,
@@ -282,29 +297,34 @@ def read_config(path: str | Path) -> tuple[ModelConfig, str]:
     if model_type == "internvl":
         return config_from_hf(d, source=str(cfg_file)), "hf"
     if model_type == "internvl_chat":
-        token_id = None
-        if "image_token_id" not in d:
-            token_id = _tokenizer_image_token_id(path)
-        return config_from_internvl(d, source=str(cfg_file), image_token_id=token_id), "internvl"
+        token_id = None if "image_token_id" in d else _tokenizer_token_id(path, "<IMG_CONTEXT>")
+        im_end = _tokenizer_token_id(path, "<|im_end|>")
+        llm = d.get("llm_config") or {}
+        if im_end is None and llm.get("model_type", "qwen2") == "qwen2" and llm.get("vocab_size", 0) > QWEN_IM_END_ID:
+            im_end = QWEN_IM_END_ID  # a Qwen vocabulary without tokenizer files next to it
+        return config_from_internvl(d, source=str(cfg_file), image_token_id=token_id, im_end_id=im_end), "internvl"
     raise ValueError(f"{cfg_file}: model_type {model_type!r} is neither 'internvl' (-hf) nor 'internvl_chat' (original)")
 
 
-def _tokenizer_image_token_id(path: Path) -> int | None:
-    """<IMG_CONTEXT>'s id from a folder's tokenizer files, read as JSON (no tokenizer needed)."""
+def _tokenizer_token_id(path: Path, token: str) -> int | None:
+    """A special token's id from a folder's tokenizer files, read as JSON (no tokenizer needed)."""
     for name in ("tokenizer.json", "added_tokens.json", "tokenizer_config.json"):
         f = path / name
         if not f.is_file():
             continue
-        d = json.loads(f.read_text())
+        try:
+            d = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}: not valid JSON ({e})") from None
         if name == "tokenizer.json":
             for tok in d.get("added_tokens", []):
-                if tok.get("content") == "<IMG_CONTEXT>":
+                if tok.get("content") == token:
                     return int(tok["id"])
-        elif name == "added_tokens.json" and "<IMG_CONTEXT>" in d:
-            return int(d["<IMG_CONTEXT>"])
+        elif name == "added_tokens.json" and token in d:
+            return int(d[token])
         elif name == "tokenizer_config.json":
             for tid, tok in (d.get("added_tokens_decoder") or {}).items():
-                if tok.get("content") == "<IMG_CONTEXT>":
+                if tok.get("content") == token:
                     return int(tid)
     return None
 
@@ -435,8 +455,6 @@ def load_model(
     model.load_state_dict(sd, strict=not cfg.tie_word_embeddings, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight
-    # non-persistent buffers are not in the checkpoint: rebuild them on the target device
-    model.language_model.rotary_emb = RotaryEmbedding(cfg.text).to(device)
     model.source_path = path
     return model.eval()
 
@@ -493,6 +511,9 @@ def save_model(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes a private folder; a checkpoint is for everyone
         write_tensors(tensors, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {"eos_token_id": cfg.text.eos_token_id, "pad_token_id": cfg.text.pad_token_id}
@@ -500,27 +521,60 @@ def save_model(
             generation["bos_token_id"] = cfg.text.bos_token_id
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         source = getattr(model, "source_path", None)
-        if source is not None and Path(source).resolve() != path.resolve():
-            for name in AUX_FILES:
-                if (Path(source) / name).is_file():
-                    shutil.copy2(Path(source) / name, tmp / name)
+        if source is not None:  # also when re-saving in place: the old folder is still there
+            for f in Path(source).iterdir():
+                if f.is_file() and (f.name in AUX_FILES or (layout == "internvl" and f.suffix == ".py")):
+                    shutil.copy2(f, tmp / f.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if layout == "hf":
+            _add_internvl_tokenizer_fields(tmp)
             for name, content in _processor_files(cfg).items():
                 if not (tmp / name).exists():
                     (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        _fsync_tree(tmp)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def _add_internvl_tokenizer_fields(folder: Path) -> None:
+    """What transformers' InternVLProcessor reads from the tokenizer: the named image tokens and the
+    ChatML template. Original-layout tokenizers lack them; added when converting to the -hf layout."""
+    from nativevl.io.tokenizer import CHAT_TEMPLATE, IMG_CONTEXT, IMG_END, IMG_START, VIDEO
+
+    config_file = folder / "tokenizer_config.json"
+    if not config_file.is_file():
+        return
+    d = json.loads(config_file.read_text())
+    extra = d.get("extra_special_tokens")
+    if not isinstance(extra, dict) or "context_image_token" not in extra:
+        extra = dict(extra) if isinstance(extra, dict) else {}
+        extra.update(start_image_token=IMG_START, end_image_token=IMG_END, context_image_token=IMG_CONTEXT)
+        extra.setdefault("video_token", VIDEO)
+        d["extra_special_tokens"] = extra
+        config_file.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
+    if "chat_template" not in d and not (folder / "chat_template.jinja").exists():
+        (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        with open(f, "rb") as h:
+            os.fsync(h.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     """Move a finished folder into place; an old folder at dst is removed only after the move."""
     old = None
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex}")
         os.replace(dst, old)
     os.replace(src, dst)
     if old is not None:

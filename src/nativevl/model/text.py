@@ -45,15 +45,16 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", self._inv_freq(config.rope_theta), persistent=False)
 
-    def _inv_freq(self, base: float) -> torch.Tensor:
+    def _inv_freq(self, base: float, device: torch.device) -> torch.Tensor:
+        # Recomputed every call (head_dim/2 values) rather than kept as a buffer, so that a
+        # model.to(bfloat16) never rounds the frequencies.
         dim = self.config.head_dim
-        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
-        inv_freq = self.inv_freq
+        base = cfg.rope_theta
         if cfg.rope_type == "dynamic":
             seq_len = float(position_ids.max()) + 1
             if seq_len > cfg.max_position_embeddings:
@@ -62,7 +63,7 @@ class RotaryEmbedding(nn.Module):
                 base = cfg.rope_theta * (
                     (factor * seq_len / cfg.max_position_embeddings) - (factor - 1)
                 ) ** (dim / (dim - 2))
-                inv_freq = self._inv_freq(base).to(self.inv_freq.device)
+        inv_freq = self._inv_freq(base, position_ids.device)
         with torch.autocast(device_type=position_ids.device.type, enabled=False):
             freqs = position_ids.float()[..., None] * inv_freq.float()  # (B, T, hd/2)
             emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)

@@ -146,6 +146,8 @@ class VisionLanguageModel(nn.Module):
                 position_ids = position_ids[None]
         if cu_seqlens is not None and attention_mask is not None:
             raise ValueError("a packed batch (cu_seqlens) takes no attention_mask")
+        if cu_seqlens is not None and (use_cache or cache is not None):
+            raise ValueError("a packed batch (cu_seqlens) cannot use a KV cache: later steps would see every document")
         b, t, _ = inputs_embeds.shape
         if use_cache and cache is None:
             cache = KVCache(self.config.text.num_hidden_layers)

@@ -1,0 +1,323 @@
+"""From dataset records to packed batches: the data side of every training stage.
+
+records (meta json) -> Mixture (seeded, weighted) -> Sample (tiles, chat template, positions)
+-> Packer (token + tile budget) -> Batch, in DataLoader worker processes.
+
+Every record's randomness (JPEG quality, V2PE strides, video frames) comes from rng(seed, index),
+so a record is processed the same way wherever and whenever it is processed; that and the
+random-access mixture make the stream resumable from a small state. Bad records are skipped,
+counted by kind and written to a rejects file; `RejectTracker` stops the run past a limit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from nativevl.data import images as img
+from nativevl.data.mixture import Mixture, mixture_weights
+from nativevl.data.packing import LOSS_REDUCTIONS, Batch, Packer, Sample, collate
+from nativevl.data.positions import document_positions
+from nativevl.data.records import PROBLEMS, Annotation, DatasetSpec, PreferenceRecord, Record, RecordError, parse_record
+from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IMAGE_PLACEHOLDER, encode_conversation
+
+log = logging.getLogger(__name__)
+_SAMPLE_SALT = 7_919
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    max_tokens: int = 16384  # token budget of one pack
+    max_tiles: int = 48  # tile budget of one pack
+    max_buffers: int = 8
+    image_size: int = 448
+    image_seq_length: int = 256
+    image_token_id: int = 151667
+    v2pe: str = "off"  # off | random (training) | fixed (v2pe_delta)
+    v2pe_delta: float = 1.0
+    loss_reduction: str = "square"
+    text_ratio: float | None = None  # share of text-only samples, 0.25 = text:multimodal 1:3
+    max_reject_fraction: float = 0.05
+    min_records_before_abort: int = 200
+    system_message: str | None = DEFAULT_SYSTEM_MESSAGE
+    min_frames: int = 8
+    max_frames: int = 32
+    training: bool = True  # random augmentation / V2PE strides / frame choice
+    seed: int = 0
+    max_records: int | None = None  # stop the stream after this many records (None: endless)
+
+    def __post_init__(self) -> None:
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
+        if self.v2pe not in ("off", "random", "fixed"):
+            raise ValueError(f"v2pe must be off, random or fixed, got {self.v2pe!r}")
+        if not 0 <= self.max_reject_fraction <= 1:
+            raise ValueError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
+
+
+def record_rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _SAMPLE_SALT, index])
+
+
+def load_visuals(record: Record, cfg: DataConfig, rng: np.random.Generator) -> tuple[torch.Tensor | None, list[int], str | None]:
+    """(pixel_values, tiles per image, prefix replacing <video>) of a record; RecordError for bad files."""
+    if record.video is not None:
+        try:
+            frames = img.load_video_frames(
+                record.video, rng=rng if cfg.training else None, min_frames=cfg.min_frames, max_frames=cfg.max_frames
+            )
+        except FileNotFoundError as e:
+            raise RecordError("missing_file", f"{record.source}: {e}") from None
+        except ValueError as e:
+            raise RecordError("unreadable_image", f"{record.source}: {e}") from None
+        tiles = [f.resize((cfg.image_size, cfg.image_size), img.Image.BICUBIC) for f in frames]
+        prefix = "\n".join(f"Frame-{i + 1}: {IMAGE_PLACEHOLDER}" for i in range(len(tiles))) + "\n"
+        return img.normalize(tiles), [1] * len(tiles), prefix  # no JPEG augmentation for video
+    if not record.images:
+        return None, [], None
+    cap = img.tiles_per_image(record.max_dynamic_patch, len(record.images))
+    all_tiles, counts = [], []
+    for path in record.images:
+        try:
+            image = img.load_image(path)
+        except FileNotFoundError as e:
+            raise RecordError("missing_file", f"{record.source}: {e}") from None
+        except ValueError as e:
+            raise RecordError("unreadable_image", f"{record.source}: {e}") from None
+        tiles = img.tile_image(image, image_size=cfg.image_size, max_num=cap)
+        if record.data_augment and cfg.training:
+            tiles = img.jpeg_reencode(tiles, rng)
+        all_tiles += tiles
+        counts.append(len(tiles))
+    return img.normalize(all_tiles), counts, None
+
+
+def build_sample(record: Record, tokenizer, cfg: DataConfig, index: int = -1) -> Sample:
+    """One record -> one Sample (document), or RecordError."""
+    if isinstance(record, PreferenceRecord):
+        raise RecordError("malformed", f"{record.source}: preference records feed MPO, not this pipeline")
+    rng = record_rng(cfg.seed, index)
+    if record.text is not None:
+        ids = tokenizer(record.text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        input_ids, labels, pixel_values = ids, list(ids), None
+    else:
+        pixel_values, counts, prefix = load_visuals(record, cfg, rng)
+        conversations = record.conversations
+        if prefix is not None:  # video: the frames replace <video> (or lead the first user turn)
+            conversations = [dict(t) for t in conversations]
+            for turn in conversations:
+                key = "value" if "value" in turn else "content"
+                if "<video>" in turn[key]:
+                    turn[key] = turn[key].replace("<video>\n", prefix).replace("<video>", prefix)
+                    prefix = None
+                    break
+        try:
+            input_ids, labels = encode_conversation(
+                tokenizer,
+                conversations,
+                tiles_per_image=counts,
+                image_seq_length=cfg.image_seq_length,
+                system_message=cfg.system_message,
+                image_prefix=prefix,
+            )
+        except ValueError as e:
+            kind = "placeholder_mismatch" if "placeholder" in str(e) else "malformed"
+            raise RecordError(kind, f"{record.source}: {e}") from None
+    input_ids = np.asarray(input_ids, dtype=np.int64)
+    n_slots = int((input_ids == cfg.image_token_id).sum())
+    n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
+    if n_slots != n_tiles * cfg.image_seq_length:
+        raise RecordError(
+            "placeholder_mismatch",
+            f"{record.source}: {n_slots} image tokens for {n_tiles} tiles x {cfg.image_seq_length} (text holds <IMG_CONTEXT>?)",
+        )
+    positions = document_positions(
+        input_ids,
+        cfg.image_token_id,
+        v2pe=cfg.v2pe if cfg.training or cfg.v2pe != "random" else "fixed",
+        rng=rng,
+        delta=cfg.v2pe_delta,
+        image_seq_length=cfg.image_seq_length,
+    )
+    sample = Sample(input_ids, np.asarray(labels, dtype=np.int64), positions, pixel_values, record.source, index)
+    if sample.num_tokens > cfg.max_tokens or sample.num_tiles > cfg.max_tiles:
+        raise RecordError(
+            "over_length",
+            f"{record.source}: {sample.num_tokens} tokens / {sample.num_tiles} tiles exceed the pack budget "
+            f"({cfg.max_tokens} tokens, {cfg.max_tiles} tiles)",
+        )
+    if sample.num_targets == 0:
+        raise RecordError("no_assistant_turn", f"{record.source}: no token to learn")
+    return sample
+
+
+class PackedDataset(IterableDataset):
+    """Endless (or `max_records`-long) stream of packed Batches for one data-parallel rank.
+
+    Stream item i goes to shard i % (world_size * workers); each shard packs its own records.
+    `state_dict()` / `load_state_dict()` hold, per shard, the next stream index and the indices of
+    the records waiting in open buffers; every Batch carries its shard's state after it was made.
+    """
+
+    def __init__(
+        self,
+        specs: list[DatasetSpec],
+        tokenizer,
+        cfg: DataConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        rejects_dir: str | Path | None = None,
+        weights: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if not specs:
+            raise ValueError("no datasets given")
+        self.specs, self.tokenizer, self.cfg = specs, tokenizer, cfg
+        self.rank, self.world_size = rank, world_size
+        self.rejects_dir = Path(rejects_dir) if rejects_dir is not None else None
+        self.annotations = [Annotation(s) for s in specs]
+        sizes = [len(a) for a in self.annotations]
+        empty = [s.name for s, n in zip(specs, sizes) if n == 0]
+        if empty:
+            raise ValueError(f"dataset(s) {empty} hold no records")
+        if weights is None:
+            is_text = [a.is_text_only() for a in self.annotations] if cfg.text_ratio is not None else None
+            weights = mixture_weights(sizes, [s.repeat_time for s in specs], is_text, cfg.text_ratio)
+        self.mixture = Mixture(sizes, weights, seed=cfg.seed)
+        self.resume_states: dict[int, dict] = {}
+
+    def load_state_dict(self, states: dict[int, dict]) -> None:
+        """Per-shard states, as found in `batch.stats['state']` of the last consumed batches."""
+        self.resume_states = {int(k): v for k, v in states.items()}
+
+    def record(self, i: int) -> tuple[Record | PreferenceRecord, int, int]:
+        d, r = self.mixture.locate(i)
+        spec = self.specs[d]
+        lineno, raw = self.annotations[d][r]
+        return parse_record(raw, spec, f"{spec.name}:{spec.annotation.name}:{lineno}"), d, r
+
+    def sample(self, i: int) -> Sample:
+        rec, _, _ = self.record(i)
+        return build_sample(rec, self.tokenizer, self.cfg, index=i)
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        n_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        shard, n_shards = self.rank * n_workers + worker, self.world_size * n_workers
+        state = self.resume_states.get(shard, {"next": shard, "buffers": [], "seen": 0, "rejected": {}})
+        packer = Packer(self.cfg.max_tokens, self.cfg.max_tiles, self.cfg.max_buffers)
+        packer.buffers = [[self.sample(i) for i in buf] for buf in state["buffers"]]
+        seen, rejected = state["seen"], dict(state["rejected"])
+        rejects = None
+        if self.rejects_dir is not None:
+            self.rejects_dir.mkdir(parents=True, exist_ok=True)
+            rejects = open(self.rejects_dir / f"rejects-rank{self.rank}-worker{worker}.jsonl", "a", encoding="utf-8")
+        stop = self.cfg.max_records
+        try:
+            i = state["next"]
+            while stop is None or i < stop:
+                seen += 1
+                try:
+                    done = packer.add(self.sample(i))
+                except RecordError as e:
+                    rejected[e.kind] = rejected.get(e.kind, 0) + 1
+                    log.debug("skipped record %d (%s): %s", i, e.kind, e)
+                    if rejects is not None:
+                        rejects.write(json.dumps({"index": i, "kind": e.kind, "message": str(e)}) + "\n")
+                        rejects.flush()
+                    done = []
+                i += n_shards
+                for j, pack in enumerate(done):
+                    yield self._batch(pack, shard, i, packer.buffers + done[j + 1 :], seen, rejected)
+            rest = packer.flush()
+            for j, pack in enumerate(rest):
+                yield self._batch(pack, shard, i, rest[j + 1 :], seen, rejected)
+        finally:
+            if rejects is not None:
+                rejects.close()
+
+    def _batch(self, pack: list[Sample], shard: int, nxt: int, pending: list[list[Sample]], seen: int, rejected: dict) -> Batch:
+        """A Batch carrying its shard's state as it is once this batch has been consumed."""
+        batch = collate(pack, self.cfg.loss_reduction)
+        batch.stats = {
+            "shard": shard,
+            "seen": seen,
+            "rejected": dict(rejected),
+            "state": {
+                "next": nxt,
+                "buffers": [[s.index for s in buf] for buf in pending],
+                "seen": seen,
+                "rejected": dict(rejected),
+            },
+        }
+        return batch
+
+
+class RejectTracker:
+    """Sums the per-shard counts that batches carry; aborts once the rejected fraction passes the limit."""
+
+    def __init__(self, max_fraction: float, min_records: int = 200) -> None:
+        self.max_fraction, self.min_records = max_fraction, min_records
+        self.shards: dict[int, dict] = {}
+        self.states: dict[int, dict] = {}
+
+    def update(self, batch: Batch) -> None:
+        stats = batch.stats
+        self.shards[stats["shard"]] = {"seen": stats["seen"], "rejected": stats["rejected"]}
+        self.states[stats["shard"]] = stats["state"]
+        if self.seen >= self.min_records and self.fraction > self.max_fraction:
+            raise RuntimeError(
+                f"data: {self.total_rejected} of {self.seen} records rejected ({self.fraction:.1%}), over the limit "
+                f"of {self.max_fraction:.1%}; by kind: {self.by_kind}. See the rejects files for each record."
+            )
+
+    @property
+    def seen(self) -> int:
+        return sum(s["seen"] for s in self.shards.values())
+
+    @property
+    def by_kind(self) -> dict[str, int]:
+        out = {k: 0 for k in PROBLEMS}
+        for s in self.shards.values():
+            for k, n in s["rejected"].items():
+                out[k] += n
+        return {k: n for k, n in out.items() if n}
+
+    @property
+    def total_rejected(self) -> int:
+        return sum(self.by_kind.values())
+
+    @property
+    def fraction(self) -> float:
+        return self.total_rejected / max(1, self.seen)
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
+def make_loader(dataset: PackedDataset, num_workers: int = 0) -> DataLoader:
+    """A DataLoader over packed batches (each item is already a Batch)."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_identity,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers else None,
+    )
+
+
+def iterate_batches(loader: DataLoader, tracker: RejectTracker) -> Iterator[Batch]:
+    """Batches from a loader, with the reject limit enforced and counts kept in `tracker`."""
+    for batch in loader:
+        tracker.update(batch)
+        yield batch

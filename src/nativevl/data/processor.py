@@ -1,0 +1,104 @@
+"""`Processor`: a drop-in for transformers' InternVLProcessor, built from what a `-hf` checkpoint ships.
+
+`processor(text=..., images=...)` expands one `<IMG_CONTEXT>` (or InternVL's `<image>`) placeholder
+per image into `<img>` + `<IMG_CONTEXT>` x (image_seq_length x tiles) + `</img>`, tiles the images as
+InternVL does, and returns `input_ids`, `attention_mask` (left padding) and `pixel_values`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from nativevl.data import images as img
+from nativevl.data.template import image_span
+from nativevl.io.tokenizer import IMG_CONTEXT, load_tokenizer
+
+_PLACEHOLDER = re.compile(re.escape(IMG_CONTEXT) + "|<image>")
+
+
+class Processor:
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        image_size: int = 448,
+        image_seq_length: int = 256,
+        min_patches: int = 1,
+        max_patches: int = 12,
+        use_thumbnail: bool = True,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_size, self.image_seq_length = image_size, image_seq_length
+        self.min_patches, self.max_patches, self.use_thumbnail = min_patches, max_patches, use_thumbnail
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Processor:
+        path = Path(path)
+        tokenizer = load_tokenizer(path)
+        kwargs = {}
+        pre = path / "preprocessor_config.json"
+        if pre.is_file():
+            d = json.loads(pre.read_text())
+            size = d.get("size", {})
+            kwargs["image_size"] = int(size.get("height", size.get("shortest_edge", 448))) if isinstance(size, dict) else int(size)
+            kwargs["min_patches"] = int(d.get("min_patches", 1))
+            kwargs["max_patches"] = int(d.get("max_patches", 12))
+            mean, std = d.get("image_mean"), d.get("image_std")
+            if mean is not None and [round(x, 3) for x in mean] != [0.485, 0.456, 0.406]:
+                raise ValueError(f"{pre}: image_mean {mean} is not ImageNet's; InternVL checkpoints use ImageNet statistics")
+            if std is not None and [round(x, 3) for x in std] != [0.229, 0.224, 0.225]:
+                raise ValueError(f"{pre}: image_std {std} is not ImageNet's; InternVL checkpoints use ImageNet statistics")
+        proc = path / "processor_config.json"
+        if proc.is_file():
+            kwargs["image_seq_length"] = int(json.loads(proc.read_text()).get("image_seq_length", 256))
+        return cls(tokenizer, **kwargs)
+
+    def tile(self, image) -> torch.Tensor:
+        tiles = img.tile_image(
+            img.load_image(image),
+            image_size=self.image_size,
+            min_num=self.min_patches,
+            max_num=self.max_patches,
+            use_thumbnail=self.use_thumbnail,
+        )
+        return img.normalize(tiles)
+
+    def __call__(self, text=None, images=None, *, padding: bool = True, padding_side: str = "left", return_tensors: str = "pt"):
+        if text is None:
+            raise ValueError("text is required (one <IMG_CONTEXT> or <image> placeholder per image)")
+        if return_tensors != "pt":
+            raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
+        texts = [text] if isinstance(text, str) else list(text)
+        flat = []
+        if images is not None:
+            for item in images if isinstance(images, (list, tuple)) else [images]:
+                flat.extend(item if isinstance(item, (list, tuple)) else [item])
+        n_placeholders = sum(len(_PLACEHOLDER.findall(t)) for t in texts)
+        if n_placeholders != len(flat):
+            raise ValueError(f"text holds {n_placeholders} image placeholder(s) but {len(flat)} image(s) were given")
+        pixel_values = [self.tile(im) for im in flat]
+        counts = iter([p.shape[0] for p in pixel_values])
+        expanded = [_PLACEHOLDER.sub(lambda m: image_span(next(counts), self.image_seq_length), t) for t in texts]
+        ids = [self.tokenizer(t, add_special_tokens=False).input_ids for t in expanded]
+        width = max(len(x) for x in ids)
+        if not padding and len({len(x) for x in ids}) > 1:
+            raise ValueError("texts have different lengths; pass padding=True")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):
+            sl = slice(width - len(x), width) if padding_side == "left" else slice(0, len(x))
+            input_ids[row, sl] = torch.tensor(x, dtype=torch.long)
+            mask[row, sl] = 1
+        out = {"input_ids": input_ids, "attention_mask": mask}
+        if pixel_values:
+            out["pixel_values"] = torch.cat(pixel_values)
+            out["num_patches"] = torch.tensor([p.shape[0] for p in pixel_values])
+        return out
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.tokenizer.save_pretrained(str(path))

@@ -1,0 +1,251 @@
+"""Dataset formats: InternVL's meta json + jsonl, LLaVA json, text-only and preference records.
+
+A meta json maps dataset names to {root, annotation, repeat_time, max_dynamic_patch, data_augment,
+length}; `annotation` is a jsonl file (one record a line) or a json file holding a list (LLaVA).
+Records are parsed into `Record` (conversation) or `PreferenceRecord`; anything malformed raises
+`RecordError` with a problem kind, which the loader counts and `nativevl data validate` reports.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nativevl.data.template import IMAGE_PLACEHOLDER, normalize_turns
+
+PROBLEMS = (
+    "malformed",  # not JSON, wrong types, unknown roles
+    "missing_file",  # an image or video path that does not exist
+    "unreadable_image",  # a file that does not decode (or is a decompression bomb)
+    "placeholder_mismatch",  # number of <image> placeholders != number of images
+    "no_assistant_turn",  # nothing to learn from
+    "over_length",  # more tokens or tiles than the budget
+)
+
+
+class RecordError(ValueError):
+    def __init__(self, kind: str, message: str) -> None:
+        assert kind in PROBLEMS, kind
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    annotation: Path
+    root: Path
+    repeat_time: float = 1.0
+    max_dynamic_patch: int = 12
+    data_augment: bool = False
+    length: int | None = None
+
+
+@dataclass
+class Record:
+    """One conversation. `images` are resolved paths; `video` likewise; `source` says where it came from."""
+
+    conversations: list[dict[str, str]]
+    images: list[Path] = field(default_factory=list)
+    video: Path | None = None
+    source: str = ""
+    max_dynamic_patch: int = 12
+    data_augment: bool = False
+    image_sizes: list[tuple[int, int]] | None = None  # (width, height) when the record gives them
+    text: str | None = None  # a plain document: every token is learnt, no chat template
+
+    @property
+    def is_multimodal(self) -> bool:
+        return bool(self.images) or self.video is not None
+
+
+@dataclass
+class PreferenceRecord:
+    question: str
+    chosen: str
+    rejected: str
+    images: list[Path] = field(default_factory=list)
+    source: str = ""
+    max_dynamic_patch: int = 12
+
+
+def _bool(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{what} must be a boolean, got {value!r}")
+
+
+def load_meta(path: str | Path) -> list[DatasetSpec]:
+    """Read an InternVL meta json; relative paths are taken from the meta file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"meta file {path} does not exist")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not meta:
+        raise ValueError(f"{path}: a meta file maps dataset names to settings, got {type(meta).__name__}")
+    specs = []
+    for name, d in meta.items():
+        if not isinstance(d, dict) or "annotation" not in d:
+            raise ValueError(f"{path}: dataset {name!r} needs at least an 'annotation' path")
+        unknown = set(d) - {"root", "annotation", "repeat_time", "max_dynamic_patch", "data_augment", "length"}
+        if unknown:
+            raise ValueError(f"{path}: dataset {name!r} has unknown key(s) {sorted(unknown)}")
+        base = path.parent
+        annotation = base / d["annotation"]
+        if not annotation.is_file():
+            raise FileNotFoundError(f"{path}: dataset {name!r} annotation {annotation} does not exist")
+        repeat = float(d.get("repeat_time", 1.0))
+        if repeat <= 0:
+            raise ValueError(f"{path}: dataset {name!r} repeat_time must be > 0, got {repeat}")
+        specs.append(
+            DatasetSpec(
+                name=name,
+                annotation=annotation,
+                root=base / d.get("root", ""),
+                repeat_time=repeat,
+                max_dynamic_patch=int(d.get("max_dynamic_patch", 12)),
+                data_augment=_bool(d.get("data_augment", False), f"{path}: {name}.data_augment"),
+                length=d.get("length"),
+            )
+        )
+    return specs
+
+
+class Annotation:
+    """Random access to a dataset's records: byte offsets of jsonl lines (the file is not held in
+    memory), or the parsed list of a LLaVA-style .json file. Item i -> (line number, JSON or RecordError)."""
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        self.spec = spec
+        self.path = spec.annotation
+        self._items: list | None = None
+        self._offsets: np.ndarray | None = None
+        self._linenos: np.ndarray | None = None
+        if self.path.suffix == ".json":
+            try:
+                data = json.loads(self.path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{self.path}: not valid JSON ({e})") from None
+            if not isinstance(data, list):
+                raise ValueError(f"{self.path}: a .json annotation must hold a list of records")
+            self._items = data
+        else:
+            offsets, linenos, pos = [], [], 0
+            with open(self.path, "rb") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        offsets.append(pos)
+                        linenos.append(lineno)
+                    pos += len(line)
+            self._offsets = np.asarray(offsets, dtype=np.int64)
+            self._linenos = np.asarray(linenos, dtype=np.int64)
+        self._fh = None
+
+    def __len__(self) -> int:
+        return len(self._items) if self._items is not None else len(self._offsets)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        if self._items is not None:
+            return i + 1, self._items[i]
+        if self._fh is None:
+            self._fh = open(self.path, "rb")  # opened lazily, so each worker process gets its own handle
+        self._fh.seek(int(self._offsets[i]))
+        line = self._fh.readline()
+        lineno = int(self._linenos[i])
+        try:
+            return lineno, json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return lineno, RecordError("malformed", f"{self.path}:{lineno}: not valid JSON ({e})")
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_fh"] = None  # file handles do not cross process boundaries
+        return state
+
+    def is_text_only(self, probe: int = 64) -> bool:
+        """Whether the first records carry no image or video (decides the text:multimodal group)."""
+        for i in range(min(probe, len(self))):
+            raw = self[i][1]
+            if isinstance(raw, dict) and any(raw.get(k) for k in ("image", "images", "video")):
+                return False
+        return True
+
+
+def _paths(value: Any, root: Path, where: str, key: str) -> list[Path]:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) and v for v in items):
+        raise RecordError("malformed", f"{where}: '{key}' must be a path or a list of paths")
+    paths = [root / v for v in items]
+    for p in paths:
+        if not p.is_file():
+            raise RecordError("missing_file", f"{where}: {key} file {p} does not exist")
+    return paths
+
+
+def parse_record(raw: Any, spec: DatasetSpec, where: str) -> Record | PreferenceRecord:
+    """A raw JSON record -> Record / PreferenceRecord, or RecordError naming the problem."""
+    if isinstance(raw, RecordError):
+        raise raw
+    if not isinstance(raw, dict):
+        raise RecordError("malformed", f"{where}: a record must be a JSON object, got {type(raw).__name__}")
+    images = _paths(raw.get("image", raw.get("images")), spec.root, where, "image")
+    if "chosen" in raw or "rejected" in raw:
+        for key in ("question", "chosen", "rejected"):
+            if not isinstance(raw.get(key), str) or not raw[key].strip():
+                raise RecordError("malformed", f"{where}: preference record needs a non-empty string '{key}'")
+        n = raw["question"].count(IMAGE_PLACEHOLDER)
+        if n and n != len(images):
+            raise RecordError("placeholder_mismatch", f"{where}: {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
+        return PreferenceRecord(raw["question"], raw["chosen"], raw["rejected"], images, where, spec.max_dynamic_patch)
+    if "text" in raw and "conversations" not in raw:  # a plain document (text corpus for pre-training)
+        if not isinstance(raw["text"], str) or not raw["text"].strip():
+            raise RecordError("malformed", f"{where}: 'text' must be a non-empty string")
+        if images or raw.get("video"):
+            raise RecordError("malformed", f"{where}: a plain 'text' record cannot hold images; use 'conversations'")
+        return Record(conversations=[], text=raw["text"], source=where)
+    conversations = raw.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise RecordError("malformed", f"{where}: 'conversations' must be a non-empty list")
+    try:
+        _, turns = normalize_turns(conversations)
+    except ValueError as e:
+        raise RecordError("malformed", f"{where}: {e}") from None
+    if not any(role == "assistant" and text.strip() for role, text in turns):
+        raise RecordError("no_assistant_turn", f"{where}: no non-empty assistant ('gpt') turn")
+    video = _paths(raw.get("video"), spec.root, where, "video")
+    if video and images:
+        raise RecordError("malformed", f"{where}: a record holds images or a video, not both")
+    n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+    if images and n_placeholders not in (0, len(images)):
+        raise RecordError(
+            "placeholder_mismatch", f"{where}: {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)"
+        )
+    if not images and not video and n_placeholders:
+        raise RecordError("placeholder_mismatch", f"{where}: {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but no image")
+    sizes = None
+    if isinstance(raw.get("width"), int) and isinstance(raw.get("height"), int) and len(images) == 1:
+        sizes = [(raw["width"], raw["height"])]
+    elif isinstance(raw.get("width_list"), list) and isinstance(raw.get("height_list"), list):
+        sizes = list(zip(raw["width_list"], raw["height_list"]))
+    return Record(
+        conversations=conversations,
+        images=images,
+        video=video[0] if video else None,
+        source=where,
+        max_dynamic_patch=spec.max_dynamic_patch,
+        data_augment=spec.data_augment,
+        image_sizes=sizes,
+    )

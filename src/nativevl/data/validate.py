@@ -1,0 +1,60 @@
+"""`nativevl data validate META`: read a whole dataset and report every bad record by kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from nativevl.data import images as img
+from nativevl.data.pipeline import DataConfig, build_sample
+from nativevl.data.records import PROBLEMS, Annotation, DatasetSpec, PreferenceRecord, RecordError, parse_record
+
+
+@dataclass
+class ValidationReport:
+    records: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def bad(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, error: RecordError, keep: int) -> None:
+        self.counts[error.kind] = self.counts.get(error.kind, 0) + 1
+        shown = self.examples.setdefault(error.kind, [])
+        if len(shown) < keep:
+            shown.append(str(error))
+
+    def format(self) -> str:
+        lines = [f"{self.records} records, {self.bad} bad ({self.bad / max(1, self.records):.1%})"]
+        for kind in PROBLEMS:
+            if kind in self.counts:
+                lines.append(f"  {kind}: {self.counts[kind]}")
+                lines += [f"    e.g. {example}" for example in self.examples[kind]]
+        return "\n".join(lines)
+
+
+def validate(specs: list[DatasetSpec], tokenizer=None, cfg: DataConfig | None = None, examples: int = 3) -> ValidationReport:
+    """Check every record of every dataset. Without a tokenizer, token lengths are not checked."""
+    cfg = cfg or DataConfig(training=False)
+    report = ValidationReport()
+    for spec in specs:
+        annotation = Annotation(spec)
+        for i in tqdm(range(len(annotation)), desc=spec.name, unit="rec", leave=False):
+            report.records += 1
+            lineno, raw = annotation[i]
+            try:
+                record = parse_record(raw, spec, f"{spec.name}:{spec.annotation.name}:{lineno}")
+                if tokenizer is not None and not isinstance(record, PreferenceRecord):
+                    build_sample(record, tokenizer, cfg, index=i)
+                else:
+                    for path in record.images:
+                        try:
+                            img.load_image(path)
+                        except ValueError as e:
+                            raise RecordError("unreadable_image", f"{record.source}: {e}") from None
+            except RecordError as e:
+                report.add(e, examples)
+    return report
