@@ -106,6 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_data_validate(args: argparse.Namespace) -> int:
     from nativevl.data.pipeline import DataConfig
     from nativevl.data.records import load_meta
+    from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE
     from nativevl.data.validate import validate
     from nativevl.io.tokenizer import load_tokenizer
 
@@ -116,6 +117,7 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
         max_tiles=args.max_tiles,
         image_seq_length=args.image_seq_length,
         image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>") if tokenizer else 151667,
+        system_message=DEFAULT_SYSTEM_MESSAGE if args.system is None else (args.system or None),
         training=False,
     )
     report = validate(specs, tokenizer, cfg, examples=args.examples)
@@ -163,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--max_tiles", type=int, default=48)
     dv.add_argument("--image_seq_length", type=int, default=256)
     dv.add_argument("--examples", type=int, default=3, help="examples shown per problem kind")
+    dv.add_argument("--system", default=None, help="system message the lengths count (default: InternVL's; '' for none)")
     dv.set_defaults(func=cmd_data_validate)
     return p
 

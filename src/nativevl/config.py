@@ -34,6 +34,9 @@ class VisionConfig:
     layer_scale_init_value: float = 0.1
     drop_path_rate: float = 0.0
     hidden_act: str = "gelu"
+    # pixel statistics for raw uint8 tiles (ImageNet's, as every InternVL checkpoint uses)
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
     def __post_init__(self) -> None:
         if self.norm_type not in NORM_TYPES:

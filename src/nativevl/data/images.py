@@ -73,13 +73,22 @@ def choose_grid(width: int, height: int, *, min_num: int = 1, max_num: int = 12,
 def tile_image(
     image: Image.Image, *, image_size: int = 448, min_num: int = 1, max_num: int = 12, use_thumbnail: bool = True
 ) -> list[Image.Image]:
-    cols, rows = choose_grid(image.width, image.height, min_num=min_num, max_num=max_num, image_size=image_size)
-    resized = np.asarray(image.resize((cols * image_size, rows * image_size), Image.BICUBIC))  # (rows*S, cols*S, 3)
-    grid = resized.reshape(rows, image_size, cols, image_size, 3).transpose(0, 2, 1, 3, 4)  # (rows, cols, S, S, 3)
-    tiles = [Image.fromarray(np.ascontiguousarray(t)) for t in grid.reshape(-1, image_size, image_size, 3)]
-    if use_thumbnail and len(tiles) > 1:
-        tiles.append(image.resize((image_size, image_size), Image.BICUBIC))
-    return tiles
+    """The tiles as PIL images (the JPEG augmentation works on these)."""
+    return [Image.fromarray(t.transpose(1, 2, 0)) for t in tile_array(image, image_size=image_size, min_num=min_num,
+                                                                       max_num=max_num, use_thumbnail=use_thumbnail)]
+
+
+def tile_array(
+    image: Image.Image, *, image_size: int = 448, min_num: int = 1, max_num: int = 12, use_thumbnail: bool = True
+) -> np.ndarray:
+    """Tiles (+ thumbnail) as one uint8 array (N, 3, S, S): one resize, crops as a reshape, no per-tile objects."""
+    s = image_size
+    cols, rows = choose_grid(image.width, image.height, min_num=min_num, max_num=max_num, image_size=s)
+    big = np.asarray(image.resize((cols * s, rows * s), Image.BICUBIC))  # (rows*S, cols*S, 3)
+    parts = [big.reshape(rows, s, cols, s, 3).transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, s, s)]  # row-major
+    if use_thumbnail and rows * cols > 1:
+        parts.append(np.asarray(image.resize((s, s), Image.BICUBIC)).transpose(2, 0, 1)[None])
+    return np.concatenate(parts)
 
 
 # uint8 value -> normalised float32, per channel: one table lookup instead of per-pixel arithmetic.
@@ -87,12 +96,15 @@ def tile_image(
 _NORM_LUT = ((np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0) - IMAGENET_MEAN) / IMAGENET_STD).T.copy()
 
 
-def normalize(tiles: list[Image.Image]) -> torch.Tensor:
-    """RGB tiles -> (N, 3, S, S) float32, ImageNet-normalised."""
-    arr = np.stack([np.asarray(t, dtype=np.uint8) for t in tiles]).transpose(0, 3, 1, 2)  # (N, 3, S, S) uint8
-    out = np.empty(arr.shape, dtype=np.float32)
+def normalize(tiles: list[Image.Image] | np.ndarray) -> torch.Tensor:
+    """RGB tiles (PIL list, or uint8 (N, 3, S, S)) -> (N, 3, S, S) float32, ImageNet-normalised."""
+    if isinstance(tiles, np.ndarray):
+        chw = np.ascontiguousarray(tiles)
+    else:
+        chw = np.stack([np.asarray(t, dtype=np.uint8) for t in tiles]).transpose(0, 3, 1, 2).copy()  # (N, 3, S, S)
+    out = np.empty(chw.shape, dtype=np.float32)
     for c in range(3):
-        np.take(_NORM_LUT[c], arr[:, c], out=out[:, c])
+        np.take(_NORM_LUT[c], chw[:, c], out=out[:, c])
     return torch.from_numpy(out)
 
 
@@ -113,10 +125,18 @@ def tiles_per_image(max_dynamic_patch: int, n_images: int) -> int:
 
 
 def image_to_tiles(
-    source: str | Path | bytes | Image.Image, *, image_size: int = 448, max_num: int = 12, use_thumbnail: bool = True
+    source: str | Path | bytes | Image.Image,
+    *,
+    image_size: int = 448,
+    max_num: int = 12,
+    use_thumbnail: bool = True,
+    normalized: bool = True,
 ) -> torch.Tensor:
-    """Load, tile and normalise one image: (tiles, 3, image_size, image_size)."""
-    return normalize(tile_image(load_image(source), image_size=image_size, max_num=max_num, use_thumbnail=use_thumbnail))
+    """Load and tile one image: (tiles, 3, S, S), ImageNet-normalised float32, or uint8 with
+    normalized=False (4x less to move between processes and to the GPU; the model normalises uint8
+    input itself)."""
+    tiles = tile_array(load_image(source), image_size=image_size, max_num=max_num, use_thumbnail=use_thumbnail)
+    return normalize(tiles) if normalized else torch.from_numpy(tiles)
 
 
 # ---------------------------------------------------------------- video

@@ -84,9 +84,9 @@ class Batch:
         }
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
         pixels = move(self.pixel_values)
-        if pixels is not None and dtype is not None:
+        if pixels is not None and dtype is not None and pixels.is_floating_point():  # uint8 tiles stay raw
             pixels = pixels.to(dtype)
         return Batch(
             move(self.input_ids), move(self.cu_seqlens), move(self.position_ids), move(self.labels),

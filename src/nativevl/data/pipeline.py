@@ -6,16 +6,16 @@ records (meta json) -> Mixture (seeded, weighted) -> Sample (tiles, chat templat
 Every record's randomness (JPEG quality, V2PE strides, video frames) comes from rng(seed, index),
 so a record is processed the same way wherever and whenever it is processed; that and the
 random-access mixture make the stream resumable from a small state. Bad records are skipped,
-counted by kind and written to a rejects file; `RejectTracker` stops the run past a limit.
+counted by kind and written to a rejects file; `StreamTracker` stops the run past a limit.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from nativevl.data.mixture import Mixture, mixture_weights
 from nativevl.data.packing import LOSS_REDUCTIONS, Batch, Packer, Sample, collate
 from nativevl.data.positions import document_positions
 from nativevl.data.records import PROBLEMS, Annotation, DatasetSpec, PreferenceRecord, Record, RecordError, parse_record
-from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IMAGE_PLACEHOLDER, encode_conversation
+from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, IMAGE_PLACEHOLDER, encode_conversation
 
 log = logging.getLogger(__name__)
 _SAMPLE_SALT = 7_919
@@ -50,6 +50,7 @@ class DataConfig:
     min_frames: int = 8
     max_frames: int = 32
     training: bool = True  # random augmentation / V2PE strides / frame choice
+    uint8_pixels: bool = False  # raw tiles; the model normalises them on its device (4x less to move)
     seed: int = 0
     max_records: int | None = None  # stop the stream after this many records (None: endless)
 
@@ -77,9 +78,9 @@ def load_visuals(record: Record, cfg: DataConfig, rng: np.random.Generator) -> t
             raise RecordError("missing_file", f"{record.source}: {e}") from None
         except ValueError as e:
             raise RecordError("unreadable_image", f"{record.source}: {e}") from None
-        tiles = [f.resize((cfg.image_size, cfg.image_size), img.Image.BICUBIC) for f in frames]
+        tiles = np.stack([np.asarray(f.resize((cfg.image_size, cfg.image_size), img.Image.BICUBIC)) for f in frames])
         prefix = "\n".join(f"Frame-{i + 1}: {IMAGE_PLACEHOLDER}" for i in range(len(tiles))) + "\n"
-        return img.normalize(tiles), [1] * len(tiles), prefix  # no JPEG augmentation for video
+        return _pixels(tiles.transpose(0, 3, 1, 2), cfg), [1] * len(tiles), prefix  # no JPEG augmentation for video
     if not record.images:
         return None, [], None
     cap = img.tiles_per_image(record.max_dynamic_patch, len(record.images))
@@ -91,12 +92,18 @@ def load_visuals(record: Record, cfg: DataConfig, rng: np.random.Generator) -> t
             raise RecordError("missing_file", f"{record.source}: {e}") from None
         except ValueError as e:
             raise RecordError("unreadable_image", f"{record.source}: {e}") from None
-        tiles = img.tile_image(image, image_size=cfg.image_size, max_num=cap)
+        tiles = img.tile_array(image, image_size=cfg.image_size, max_num=cap)  # (n, 3, S, S) uint8
         if record.data_augment and cfg.training:
-            tiles = img.jpeg_reencode(tiles, rng)
-        all_tiles += tiles
+            pil = [img.Image.fromarray(t.transpose(1, 2, 0)) for t in tiles]
+            tiles = np.stack([np.asarray(t) for t in img.jpeg_reencode(pil, rng)]).transpose(0, 3, 1, 2)
+        all_tiles.append(tiles)
         counts.append(len(tiles))
-    return img.normalize(all_tiles), counts, None
+    return _pixels(np.concatenate(all_tiles), cfg), counts, None
+
+
+def _pixels(tiles: np.ndarray, cfg: DataConfig) -> torch.Tensor:
+    """uint8 (N, 3, S, S) -> what the batch carries: normalised float32, or uint8 as is."""
+    return torch.from_numpy(np.ascontiguousarray(tiles)) if cfg.uint8_pixels else img.normalize(tiles)
 
 
 def build_sample(record: Record, tokenizer, cfg: DataConfig, index: int = -1) -> Sample:
@@ -144,7 +151,6 @@ def build_sample(record: Record, tokenizer, cfg: DataConfig, index: int = -1) ->
         v2pe=cfg.v2pe if cfg.training or cfg.v2pe != "random" else "fixed",
         rng=rng,
         delta=cfg.v2pe_delta,
-        image_seq_length=cfg.image_seq_length,
     )
     sample = Sample(input_ids, np.asarray(labels, dtype=np.int64), positions, pixel_values, record.source, index)
     if sample.num_tokens > cfg.max_tokens or sample.num_tiles > cfg.max_tiles:
@@ -193,10 +199,12 @@ class PackedDataset(IterableDataset):
             weights = mixture_weights(sizes, [s.repeat_time for s in specs], is_text, cfg.text_ratio)
         self.mixture = Mixture(sizes, weights, seed=cfg.seed)
         self.resume_states: dict[int, dict] = {}
+        self.rotation = 0
 
-    def load_state_dict(self, states: dict[int, dict]) -> None:
-        """Per-shard states, as found in `batch.stats['state']` of the last consumed batches."""
-        self.resume_states = {int(k): v for k, v in states.items()}
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `StreamTracker.state_dict()`: per-shard states and which shard comes next."""
+        self.resume_states = {int(k): v for k, v in state["shards"].items()}
+        self.rotation = int(state["rotation"])
 
     def record(self, i: int) -> tuple[Record | PreferenceRecord, int, int]:
         d, r = self.mixture.locate(i)
@@ -211,7 +219,10 @@ class PackedDataset(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         n_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        shard, n_shards = self.rank * n_workers + worker, self.world_size * n_workers
+        # The DataLoader polls its workers round-robin from worker 0; after a resume, worker 0 takes the
+        # shard whose batch was due next, so the batch order continues exactly.
+        local = (worker + self.rotation) % n_workers
+        shard, n_shards = self.rank * n_workers + local, self.world_size * n_workers
         state = self.resume_states.get(shard, {"next": shard, "buffers": [], "seen": 0, "rejected": {}})
         packer = Packer(self.cfg.max_tokens, self.cfg.max_tiles, self.cfg.max_buffers)
         packer.buffers = [[self.sample(i) for i in buf] for buf in state["buffers"]]
@@ -236,19 +247,24 @@ class PackedDataset(IterableDataset):
                     done = []
                 i += n_shards
                 for j, pack in enumerate(done):
-                    yield self._batch(pack, shard, i, packer.buffers + done[j + 1 :], seen, rejected)
+                    yield self._batch(pack, shard, (local, n_workers), i, packer.buffers + done[j + 1 :], seen, rejected)
             rest = packer.flush()
             for j, pack in enumerate(rest):
-                yield self._batch(pack, shard, i, rest[j + 1 :], seen, rejected)
+                yield self._batch(pack, shard, (local, n_workers), i, rest[j + 1 :], seen, rejected)
         finally:
             if rejects is not None:
                 rejects.close()
 
-    def _batch(self, pack: list[Sample], shard: int, nxt: int, pending: list[list[Sample]], seen: int, rejected: dict) -> Batch:
+    def _batch(
+        self, pack: list[Sample], shard: int, slot: tuple[int, int], nxt: int, pending: list[list[Sample]], seen: int,
+        rejected: dict,
+    ) -> Batch:
         """A Batch carrying its shard's state as it is once this batch has been consumed."""
         batch = collate(pack, self.cfg.loss_reduction)
         batch.stats = {
             "shard": shard,
+            "local_shard": slot[0],
+            "workers": slot[1],
             "seen": seen,
             "rejected": dict(rejected),
             "state": {
@@ -261,18 +277,25 @@ class PackedDataset(IterableDataset):
         return batch
 
 
-class RejectTracker:
-    """Sums the per-shard counts that batches carry; aborts once the rejected fraction passes the limit."""
+class StreamTracker:
+    """Follows the consumed batches of one rank: sums the per-shard record counts, aborts once the
+    rejected fraction passes the limit, and keeps the state a checkpoint needs to resume exactly."""
 
     def __init__(self, max_fraction: float, min_records: int = 200) -> None:
         self.max_fraction, self.min_records = max_fraction, min_records
         self.shards: dict[int, dict] = {}
         self.states: dict[int, dict] = {}
+        self.rotation = 0
+
+    def state_dict(self) -> dict:
+        """JSON-able; give it to PackedDataset.load_state_dict to continue after the last consumed batch."""
+        return {"shards": dict(self.states), "rotation": self.rotation}
 
     def update(self, batch: Batch) -> None:
         stats = batch.stats
         self.shards[stats["shard"]] = {"seen": stats["seen"], "rejected": stats["rejected"]}
         self.states[stats["shard"]] = stats["state"]
+        self.rotation = (stats["local_shard"] + 1) % stats["workers"]
         if self.seen >= self.min_records and self.fraction > self.max_fraction:
             raise RuntimeError(
                 f"data: {self.total_rejected} of {self.seen} records rejected ({self.fraction:.1%}), over the limit "
@@ -316,7 +339,7 @@ def make_loader(dataset: PackedDataset, num_workers: int = 0) -> DataLoader:
     )
 
 
-def iterate_batches(loader: DataLoader, tracker: RejectTracker) -> Iterator[Batch]:
+def iterate_batches(loader: DataLoader, tracker: StreamTracker) -> Iterator[Batch]:
     """Batches from a loader, with the reject limit enforced and counts kept in `tracker`."""
     for batch in loader:
         tracker.update(batch)

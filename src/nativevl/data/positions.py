@@ -53,9 +53,10 @@ def v2pe_positions(
     return pos.astype(np.float32)
 
 
-def sample_v2pe_deltas(n_images: int, rng: np.random.Generator, image_seq_length: int = 256) -> list[float]:
-    """Training: one stride per image from {1, ..., 256}, delta = stride / image_seq_length."""
-    return [float(s) / image_seq_length for s in rng.choice(V2PE_STRIDES, size=n_images)]
+def sample_v2pe_deltas(n_images: int, rng: np.random.Generator) -> list[float]:
+    """Training: one stride S per image from {1, 2, ..., 256}, delta = S / 256 (the reference's
+    S / num_image_token for 256-token tiles; kept at /256 for models with other tile sizes)."""
+    return [float(s) / 256 for s in rng.choice(V2PE_STRIDES, size=n_images)]
 
 
 def document_positions(
@@ -65,7 +66,6 @@ def document_positions(
     v2pe: str = "off",
     rng: np.random.Generator | None = None,
     delta: float = 1.0,
-    image_seq_length: int = 256,
 ) -> np.ndarray:
     """Positions of one document. v2pe: "off" (integers), "random" (training), "fixed" (`delta`)."""
     if v2pe == "off":
@@ -74,7 +74,7 @@ def document_positions(
     if v2pe == "random":
         if rng is None:
             raise ValueError("v2pe='random' needs an rng")
-        deltas = sample_v2pe_deltas(n_images, rng, image_seq_length)
+        deltas = sample_v2pe_deltas(n_images, rng)
     elif v2pe == "fixed":
         deltas = [delta] * n_images
     else:

@@ -48,8 +48,6 @@ AUX_FILES = (
     "video_preprocessor_config.json",
 )
 QWEN_IM_END_ID = 151645
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # ---------------------------------------------------------------- config.json <-> ModelConfig
 
@@ -141,7 +139,8 @@ _VISION_RENAMES = {
     "internvl": {"use_qk_norm": "qk_normalization", "attention_bias": "qkv_bias", "layer_scale_init_value": "initializer_factor"},
 }
 _VISION_DEFAULTS = {"hf": {"attention_bias": False}, "internvl": {"attention_bias": False, "norm_type": "rms_norm"}}
-_VISION_HF_ONLY_OURS = ("drop_path_rate",)  # transformers' vision config has no such field
+# ours only: transformers' vision config has no such fields (the statistics live in the processor files)
+_VISION_OURS_ONLY = ("drop_path_rate", "image_mean", "image_std")
 
 
 def _vision_to_dict(v: VisionConfig, layout: str) -> dict[str, Any]:
@@ -149,7 +148,7 @@ def _vision_to_dict(v: VisionConfig, layout: str) -> dict[str, Any]:
     d = {
         renames.get(f.name, f.name): getattr(v, f.name)
         for f in dataclasses.fields(v)
-        if not (layout == "hf" and f.name in _VISION_HF_ONLY_OURS)
+        if not (f.name in _VISION_OURS_ONLY and (layout == "hf" or f.name != "drop_path_rate"))
     }
     if layout == "hf":
         d.update(image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2)
@@ -468,8 +467,8 @@ def _processor_files(cfg: ModelConfig) -> dict[str, dict[str, Any]]:
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": list(IMAGENET_MEAN),
-        "image_std": list(IMAGENET_STD),
+        "image_mean": list(cfg.vision.image_mean),
+        "image_std": list(cfg.vision.image_std),
         "do_convert_rgb": True,
     }
     image = {

@@ -88,7 +88,15 @@ class VisionLanguageModel(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(tiles, 3, H, W) -> (tiles * image_seq_length, C_llm)."""
+        """(tiles, 3, H, W) -> (tiles * image_seq_length, C_llm).
+
+        Float input is taken as normalised; uint8 input (raw tiles) is normalised here, on the
+        model's device, with the vision config's mean and std.
+        """
+        if pixel_values.dtype == torch.uint8:
+            mean = torch.tensor(self.config.vision.image_mean, device=pixel_values.device).view(1, 3, 1, 1)
+            std = torch.tensor(self.config.vision.image_std, device=pixel_values.device).view(1, 3, 1, 1)
+            pixel_values = (pixel_values.float() / 255.0 - mean) / std
         feats = self.vision_tower(pixel_values.to(self.dtype), backend=self.attn_backend)[:, 1:]  # drop CLS
         n, t, c = feats.shape
         side = int(round(t**0.5))

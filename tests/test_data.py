@@ -1,0 +1,178 @@
+"""Images, processor, chat template and positions against transformers and the reference formulas."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from oracle import internvl_image_processor, internvl_processor
+from PIL import Image
+
+from nativevl.data import images as img
+from nativevl.data.positions import document_positions, v2pe_positions
+from nativevl.data.processor import Processor
+from nativevl.data.template import IGNORE_INDEX, encode_conversation, render_chat
+
+
+def random_sizes(n: int, seed: int = 0) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    sizes = [(int(w), int(h)) for w, h in rng.integers(16, 1400, size=(n - 8, 2))]
+    # extreme aspect ratios, exact ties, tiny and exact-tile images
+    return sizes + [(2000, 40), (40, 2000), (1300, 20), (448, 448), (896, 448), (10, 10), (1344, 448), (600, 1800)]
+
+
+def test_tiles_match_transformers_on_200_sizes():
+    processor = internvl_image_processor()
+    for w, h in random_sizes(200):
+        image = Image.fromarray(np.random.default_rng(w * h).integers(0, 255, (h, w, 3), dtype=np.uint8))
+        ref = processor(images=image, return_tensors="pt")
+        got = img.image_to_tiles(image)
+        assert got.shape == ref["pixel_values"].shape, (w, h)
+        assert got.shape[0] == int(ref["num_patches"][0])
+        assert (got - ref["pixel_values"]).abs().max().item() < 1e-4, (w, h)
+
+
+@pytest.mark.parametrize("case", ["single", "multi", "text"])
+def test_processor_matches_transformers_internvl_processor(case, tokenizer):
+    rng = np.random.default_rng(1)
+    pics = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in [(800, 600), (120, 300), (60, 60)]]
+    if case == "single":
+        text, images = ["<IMG_CONTEXT>\nwhat is this?"], [[pics[0]]]
+    elif case == "multi":
+        text = ["one <IMG_CONTEXT> two <IMG_CONTEXT>", "<IMG_CONTEXT> and the cat"]
+        images = [[pics[1], pics[2]], [pics[0]]]
+    else:
+        text, images = ["the quick brown fox", "one two"], None
+    oracle = internvl_processor(tokenizer, image_seq_length=4)
+    ref = oracle(text=text, images=images, return_tensors="pt", padding=True)
+    ours = Processor(tokenizer, image_seq_length=4)
+    got = ours(text=text, images=images)
+    assert torch.equal(got["input_ids"], ref["input_ids"])
+    assert torch.equal(got["attention_mask"], ref["attention_mask"])
+    if images is None:
+        assert "pixel_values" not in got
+    else:
+        assert (got["pixel_values"] - ref["pixel_values"]).abs().max().item() < 1e-4
+    # InternVL's own <image> placeholder works the same way
+    alt = ours(text=[t.replace("<IMG_CONTEXT>", "<image>") for t in text], images=images)
+    assert torch.equal(alt["input_ids"], got["input_ids"])
+
+
+def test_processor_from_pretrained_reads_checkpoint_files(tmp_path, tokenizer):
+    from test_model import make_model
+
+    make_model().save_pretrained(tmp_path, tokenizer=tokenizer)
+    proc = Processor.from_pretrained(tmp_path)
+    assert proc.image_size == 56 and proc.image_seq_length == 4 and proc.max_patches == 12
+    out = proc(text="<image>\nhi", images=Image.new("RGB", (100, 50)))
+    assert out["pixel_values"].shape == (3, 3, 56, 56)
+    with pytest.raises(ValueError, match="1 image placeholder.*0 image"):
+        proc(text="<image>\nhi")
+
+
+def test_template_equals_the_tokenizer_chat_template(tokenizer):
+    conversation = [
+        {"from": "system", "value": "be brief"},
+        {"from": "human", "value": "what is one two?"},
+        {"from": "gpt", "value": "three four"},
+        {"from": "human", "value": "and the fox?"},
+        {"from": "gpt", "value": "quick brown"},
+    ]
+    messages = [{"role": {"system": "system", "human": "user", "gpt": "assistant"}[t["from"]], "content": t["value"]}
+                for t in conversation]
+    ref_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids, labels = encode_conversation(tokenizer, conversation, system_message="ignored: the record's system wins")
+    assert tokenizer.decode(ids) == ref_text
+    assert ids == tokenizer(ref_text, add_special_tokens=False).input_ids
+    assert render_chat(messages[:2], system_message=None) == tokenizer.apply_chat_template(
+        messages[:2], tokenize=False, add_generation_prompt=True
+    )
+    # labels: exactly the assistant contents and their <|im_end|>
+    spans, current = [], []
+    for token, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(tokenizer.decode(current))
+            current = []
+    assert spans == ["three four<|im_end|>", "quick brown<|im_end|>"]
+
+
+def test_template_images_and_default_placeholder(tokenizer):
+    ids, labels = encode_conversation(
+        tokenizer, [{"from": "human", "value": "describe"}, {"from": "gpt", "value": "a fox"}],
+        tiles_per_image=[2], image_seq_length=3, system_message=None,
+    )
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 6 + "</img>\ndescribe<|im_end|>")
+    with pytest.raises(ValueError, match="2 <image> placeholder"):
+        encode_conversation(tokenizer, [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}],
+                            tiles_per_image=[1], image_seq_length=3)
+
+
+def test_v2pe_positions_follow_the_reference():
+    image = 9
+    ids = np.array([1, 2, 8] + [image] * 8 + [3, 4, 8] + [image] * 4 + [3, 5])
+    # delta = 1 is exactly the integer encoding
+    assert np.array_equal(v2pe_positions(ids, image, [1.0, 1.0]), np.arange(len(ids), dtype=np.float32))
+    got = v2pe_positions(ids, image, [1 / 4, 1 / 256])
+    expect = [0, 1, 2]  # text, then <img> at 2
+    expect += [2 + k / 4 for k in range(1, 9)]  # 8 visual tokens: 2.25 ... 4.0
+    last = np.ceil(expect[-1])  # 4
+    expect += [last + 1, last + 2, last + 3]  # </img>, text, <img>: 5, 6, 7
+    expect += [7 + k / 256 for k in range(1, 5)]  # 7.0039 ... 7.0156
+    last = np.ceil(expect[-1])  # 8
+    expect += [last + 1, last + 2]
+    assert np.array_equal(got, np.asarray(expect, dtype=np.float32))
+    assert got.dtype == np.float32
+    rnd = document_positions(ids, image, v2pe="random", rng=np.random.default_rng(0))
+    steps = np.diff(rnd[3:11])
+    assert np.allclose(steps, steps[0]) and steps[0] * 256 in (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def test_image_loading_errors_and_exif(tmp_path):
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif)
+    assert img.load_image(buf.getvalue()).size == (20, 40)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="cannot read image .*bad.jpg"):
+        img.load_image(tmp_path / "bad.jpg")
+    with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
+        img.load_image(tmp_path / "missing.png")
+    Image.new("L", (300, 300)).save(tmp_path / "big.png")
+    with pytest.raises(ValueError, match="decompression bomb"):
+        img.load_image(tmp_path / "big.png", max_pixels=10_000)
+    assert img.load_image(Image.new("L", (5, 5))).mode == "RGB"
+
+
+def test_multi_image_cap_and_jpeg_augmentation():
+    assert img.tiles_per_image(12, 5) == 2 and img.tiles_per_image(6, 10) == 1
+    tiles = img.tile_image(Image.new("RGB", (900, 300), (10, 200, 30)), image_size=56, max_num=2)
+    assert len(tiles) == 3  # 2x1 grid + thumbnail
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 56, 3), dtype=np.uint8))
+    a = img.jpeg_reencode([noisy], np.random.default_rng(5))[0]
+    b = img.jpeg_reencode([noisy], np.random.default_rng(5))[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))  # seeded
+    assert not np.array_equal(np.asarray(a), np.asarray(noisy))  # really re-encoded
+
+
+@torch.no_grad()
+def test_raw_uint8_tiles_give_the_same_logits():
+    from conftest import image_batch
+    from test_model import make_model
+
+    model = make_model()
+    input_ids, _ = image_batch(model.config)
+    pic = Image.fromarray(np.random.default_rng(2).integers(0, 255, (70, 150, 3), dtype=np.uint8))
+    raw = img.image_to_tiles(pic, image_size=56, max_num=3, normalized=False)
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 3, 56, 56)  # 2x1 grid + thumbnail
+    ids = input_ids[1:]  # the row with 3 tiles' worth of image tokens
+    a = model(input_ids=ids, pixel_values=raw).logits
+    b = model(input_ids=ids, pixel_values=img.normalize(raw.numpy())).logits
+    assert (a - b).abs().max().item() < 1e-5

@@ -1,0 +1,236 @@
+"""Records -> samples -> packed batches: losses, bad records, workers, exact resume, mixing, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_model import make_model
+
+from nativevl.cli import main as cli_main
+from nativevl.data.mixture import Mixture, mixture_weights
+from nativevl.data.packing import collate, document_weight
+from nativevl.data.pipeline import DataConfig, PackedDataset, StreamTracker, build_sample, iterate_batches, make_loader
+from nativevl.data.records import PreferenceRecord, RecordError, load_meta, parse_record
+from nativevl.train.losses import weighted_cross_entropy
+
+N_RECORDS = 40
+
+
+def make_dataset(root, n_bad: int = 4, n: int = N_RECORDS) -> object:
+    """n records (text-only, one image, two images) of which the first n_bad are broken in four ways."""
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    for k in range(6):
+        w, h = [(120, 60), (60, 60), (40, 130), (200, 50), (56, 56), (90, 70)][k]
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "img" / f"{k}.png")
+    (root / "img" / "corrupt.png").write_bytes(b"\x89PNG broken")
+    words = ["the quick brown fox", "one two three", "a red circle", "what is shown", "nine ten"]
+    lines = []
+    for i in range(n):
+        q, a = words[i % 5], words[(i + 2) % 5]
+        if i % 3 == 0:
+            rec = {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+        elif i % 3 == 1:
+            rec = {"image": f"img/{i % 6}.png", "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]}
+        else:
+            rec = {"image": [f"img/{i % 6}.png", f"img/{(i + 1) % 6}.png"],
+                   "conversations": [{"from": "human", "value": f"<image> and <image> {q}"}, {"from": "gpt", "value": a}]}
+        lines.append(rec)
+    bad = [
+        {"image": "img/nope.png", "conversations": [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}]},
+        {"image": "img/corrupt.png", "conversations": [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}]},
+        {"image": "img/1.png", "conversations": [{"from": "human", "value": "<image> <image> x"}, {"from": "gpt", "value": "y"}]},
+        {"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": ""}]},
+    ]
+    lines[:n_bad] = bad[:n_bad]
+    (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    (root / "meta.json").write_text(json.dumps({"toy": {"root": "", "annotation": "train.jsonl", "data_augment": True,
+                                                         "max_dynamic_patch": 4, "repeat_time": 1}}))
+    return root / "meta.json"
+
+
+def data_config(**kw) -> DataConfig:
+    base = dict(max_tokens=160, max_tiles=12, image_size=56, image_seq_length=4, image_token_id=5,
+                system_message=None, min_records_before_abort=10, max_reject_fraction=0.2, max_records=N_RECORDS)
+    return DataConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def meta(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("ds"))
+
+
+@pytest.mark.parametrize("reduction", ["token", "sample", "square"])
+def test_packed_loss_equals_weighted_per_document_losses(meta, tokenizer, reduction):
+    torch.manual_seed(0)
+    model = make_model("rms_norm").train()
+    ds = PackedDataset(load_meta(meta), tokenizer, data_config(v2pe="random", loss_reduction=reduction))
+    samples = []
+    for i in range(N_RECORDS):
+        try:
+            samples.append(ds.sample(i))
+        except RecordError:
+            continue
+        if len(samples) == 8:
+            break
+    batch = collate(samples, reduction)
+    assert batch.num_documents == 8 and batch.num_tiles == sum(s.num_tiles for s in samples)
+
+    model.zero_grad()
+    packed = weighted_cross_entropy(model(**batch.model_inputs()).logits, batch.labels, batch.loss_weights)
+    packed.backward()
+    g_packed = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    model.zero_grad()
+    total, norm = 0.0, 0.0
+    for s in samples:
+        logits = model(input_ids=torch.from_numpy(s.input_ids)[None], pixel_values=s.pixel_values,
+                       position_ids=torch.from_numpy(s.position_ids)[None]).logits[0]
+        targets = torch.from_numpy(s.labels[1:])
+        mean_ce = torch.nn.functional.cross_entropy(logits[:-1], targets, ignore_index=-100)
+        w = document_weight(s.num_targets, reduction) * s.num_targets
+        total, norm = total + w * mean_ce, norm + w
+    separate = total / norm
+    separate.backward()
+    g_separate = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert abs(packed.item() - separate.item()) / separate.item() < 1e-5
+    assert torch.nn.functional.cosine_similarity(g_packed, g_separate, dim=0).item() > 0.9999
+
+
+def test_bad_records_are_skipped_counted_and_training_finishes(meta, tokenizer, tmp_path):
+    model = make_model().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = data_config()
+    ds = PackedDataset(load_meta(meta), tokenizer, cfg, rejects_dir=tmp_path)
+    tracker = StreamTracker(cfg.max_reject_fraction, cfg.min_records_before_abort)
+    documents = 0
+    for batch in iterate_batches(make_loader(ds, num_workers=0), tracker):
+        assert batch.num_tokens <= cfg.max_tokens and batch.num_tiles <= cfg.max_tiles
+        loss = weighted_cross_entropy(model(**batch.model_inputs()).logits, batch.labels, batch.loss_weights)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        documents += batch.num_documents
+    assert tracker.seen == N_RECORDS and documents == N_RECORDS - 4
+    assert tracker.by_kind == {"missing_file": 1, "unreadable_image": 1, "placeholder_mismatch": 1, "no_assistant_turn": 1}
+    rejects = [json.loads(line) for line in (tmp_path / "rejects-rank0-worker0.jsonl").read_text().splitlines()]
+    assert sorted(r["kind"] for r in rejects) == sorted(tracker.by_kind)
+
+
+def test_too_many_bad_records_stop_the_run(meta, tokenizer):
+    cfg = data_config(max_reject_fraction=0.05)
+    ds = PackedDataset(load_meta(meta), tokenizer, cfg)
+    tracker = StreamTracker(cfg.max_reject_fraction, cfg.min_records_before_abort)
+    with pytest.raises(RuntimeError, match=r"\d+ of \d+ records rejected \(\d+\.\d%\), over the limit of 5.0%; by kind"):
+        for _ in iterate_batches(make_loader(ds), tracker):
+            pass
+
+
+def batch_indices(loader) -> list[list[int]]:
+    return [b.indices for b in loader]
+
+
+def test_workers_split_the_stream_and_resume_is_exact(meta, tokenizer):
+    specs = load_meta(meta)
+    cfg = data_config(max_records=120)  # three passes over the data
+    single = batch_indices(make_loader(PackedDataset(specs, tokenizer, cfg)))
+    seen = sorted(i for b in single for i in b)
+    assert len(seen) == len(set(seen)) == 120 - 12  # every good record once, bad ones never
+
+    two = batch_indices(make_loader(PackedDataset(specs, tokenizer, cfg), num_workers=2))
+    assert sorted(i for b in two for i in b) == seen
+
+    for workers, stop in [(0, 3), (2, 5)]:
+        full = PackedDataset(specs, tokenizer, cfg)
+        uninterrupted = batch_indices(make_loader(full, num_workers=workers))
+        tracker = StreamTracker(1.0)
+        first = []
+        for k, batch in enumerate(iterate_batches(make_loader(PackedDataset(specs, tokenizer, cfg), workers), tracker)):
+            first.append(batch.indices)
+            if k + 1 == stop:
+                break
+        resumed = PackedDataset(specs, tokenizer, cfg)
+        resumed.load_state_dict(json.loads(json.dumps(tracker.state_dict())))  # states survive a JSON checkpoint
+        rest = batch_indices(make_loader(resumed, num_workers=workers))
+        assert first + rest == uninterrupted
+
+
+def test_mixture_is_deterministic_weighted_and_random_access():
+    m = Mixture([50, 200, 10], [0.5, 0.3, 0.2], seed=3, block=64)
+    items = [m.locate(i) for i in range(3000)]
+    again = Mixture([50, 200, 10], [0.5, 0.3, 0.2], seed=3, block=64)
+    assert [again.locate(i) for i in range(2500, 3000)] == items[2500:]
+    share = np.bincount([d for d, _ in items], minlength=3) / 3000
+    assert np.allclose(share, [0.5, 0.3, 0.2], atol=0.03)
+    first_epoch = [r for d, r in items if d == 2][:10]
+    assert sorted(first_epoch) == list(range(10))  # each record once per epoch
+    w = mixture_weights([100, 300, 600], [1, 1, 1], is_text=[True, False, False], text_ratio=0.25)
+    assert np.isclose(w[0], 0.25) and np.isclose(w[1] + w[2], 0.75) and np.isclose(w[2] / w[1], 2)
+    with pytest.raises(ValueError, match="every dataset is multimodal"):
+        mixture_weights([1, 2], [1, 1], is_text=[False, False], text_ratio=0.25)
+
+
+def test_video_record_becomes_frames(tmp_path, tokenizer):
+    import av
+
+    container = av.open(str(tmp_path / "clip.mp4"), "w")
+    stream = container.add_stream("mpeg4", rate=10)
+    stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+    for k in range(40):
+        frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), k * 6, np.uint8), format="rgb24")
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    (tmp_path / "v.jsonl").write_text(json.dumps({"video": "clip.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nwhat happens?"}, {"from": "gpt", "value": "it gets brighter"}]}) + "\n")
+    (tmp_path / "meta.json").write_text(json.dumps({"v": {"annotation": "v.jsonl"}}))
+    spec = load_meta(tmp_path / "meta.json")[0]
+    rec = parse_record(json.loads((tmp_path / "v.jsonl").read_text()), spec, "v:1")
+    train = build_sample(rec, tokenizer, data_config(max_tokens=2000, max_tiles=64), index=0)
+    assert 8 <= train.num_tiles <= 32
+    text = tokenizer.decode(train.input_ids)
+    assert "Frame-1: <img>" in text and f"Frame-{train.num_tiles}: <img>" in text and "<video>" not in text
+    infer = build_sample(rec, tokenizer, data_config(max_tokens=2000, max_tiles=64, training=False), index=0)
+    assert infer.num_tiles == 32
+
+
+def test_formats_llava_preference_and_meta_errors(tmp_path):
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    (tmp_path / "llava.json").write_text(json.dumps([
+        {"id": "1", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "yo"}]},
+        {"image": "a.png", "question": "<image>\nwhich?", "chosen": "left", "rejected": "right"},
+    ]))
+    (tmp_path / "meta.json").write_text(json.dumps({"l": {"annotation": "llava.json"}}))
+    from nativevl.data.records import Annotation
+
+    spec = load_meta(tmp_path / "meta.json")[0]
+    ann = Annotation(spec)
+    assert len(ann) == 2 and not ann.is_text_only()
+    rec = parse_record(ann[0][1], spec, "l:1")
+    assert rec.images == [tmp_path / "a.png"] and rec.is_multimodal
+    pref = parse_record(ann[1][1], spec, "l:2")
+    assert isinstance(pref, PreferenceRecord) and pref.chosen == "left"
+    (tmp_path / "bad.json").write_text(json.dumps({"l": {"annotation": "llava.json", "repeat": 2}}))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['repeat'\]"):
+        load_meta(tmp_path / "bad.json")
+
+
+def test_data_validate_command(meta, tokenizer, tmp_path, capsys):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    code = cli_main(["data", "validate", str(meta), "--tokenizer", str(tmp_path / "tok"), "--max_tokens", "160",
+                     "--max_tiles", "12", "--image_seq_length", "4", "--system", ""])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"{N_RECORDS} records, 4 bad" in out
+    for kind in ("missing_file: 1", "unreadable_image: 1", "placeholder_mismatch: 1", "no_assistant_turn: 1"):
+        assert kind in out
+    assert "e.g. toy:train.jsonl:1:" in out
+    clean = make_dataset(tmp_path / "clean", n_bad=0)
+    assert cli_main(["data", "validate", str(clean)]) == 0
