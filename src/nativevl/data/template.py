@@ -42,23 +42,10 @@ def render_chat(
     with no `<image>` placeholder in the text get `<image>\\n` before the first user turn.
     """
     tiles_per_image = tiles_per_image or []
-    turns = []
-    for i, m in enumerate(messages):
-        role = ROLES.get(m.get("role", m.get("from", "")))
-        if role is None:
-            raise ValueError(f"message {i} has unknown role {m.get('role', m.get('from'))!r}; known: {sorted(ROLES)}")
-        content = m.get("content", m.get("value"))
-        if not isinstance(content, str):
-            raise ValueError(f"message {i} content must be a string, got {type(content).__name__}")
-        turns.append((role, content))
-    if turns and turns[0][0] == "system":
-        system_message = turns.pop(0)[1]
-    n_placeholders = sum(c.count(IMAGE_PLACEHOLDER) for _, c in turns)
-    if tiles_per_image and n_placeholders == 0:
-        first_user = next((i for i, (r, _) in enumerate(turns) if r == "user"), None)
-        if first_user is None:
-            raise ValueError("images were given but there is no user turn to attach them to")
-        turns[first_user] = ("user", IMAGE_PLACEHOLDER * len(tiles_per_image) + "\n" + turns[first_user][1])
+    record_system, turns = normalize_turns(messages)
+    if record_system is not None:
+        system_message = record_system
+    turns = attach_images(turns, len(tiles_per_image))
     text = f"<|im_start|>system\n{system_message}<|im_end|>\n" if system_message else ""
     for role, content in turns:
         text += f"<|im_start|>{role}\n{content}<|im_end|>\n"
@@ -92,6 +79,22 @@ def normalize_turns(conversations: list[dict[str, str]]) -> tuple[str | None, li
     return system, turns
 
 
+def attach_images(turns: list[tuple[str, str]], n_images: int, prefix: str | None = None) -> list[tuple[str, str]]:
+    """Images with no `<image>` in any turn go before the first user turn (`<image>\n` each by default);
+    the placeholder count must then equal the image count."""
+    turns = list(turns)
+    if n_images and not any(IMAGE_PLACEHOLDER in text for _, text in turns):
+        first_user = next((i for i, (r, _) in enumerate(turns) if r == "user"), None)
+        if first_user is None:
+            raise ValueError("images were given but there is no user turn to attach them to")
+        prefix = prefix if prefix is not None else (IMAGE_PLACEHOLDER + "\n") * n_images
+        turns[first_user] = ("user", prefix + turns[first_user][1])
+    n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+    if n_placeholders != n_images:
+        raise ValueError(f"conversation has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s)")
+    return turns
+
+
 def encode_conversation(
     tokenizer,
     conversations: list[dict[str, str]],
@@ -112,15 +115,7 @@ def encode_conversation(
     record_system, turns = normalize_turns(conversations)
     if record_system is not None:
         system_message = record_system
-    if tiles_per_image and not any(IMAGE_PLACEHOLDER in text for _, text in turns):
-        first_user = next((i for i, (r, _) in enumerate(turns) if r == "user"), None)
-        if first_user is None:
-            raise ValueError("images were given but there is no user turn to attach them to")
-        prefix = image_prefix if image_prefix is not None else (IMAGE_PLACEHOLDER + "\n") * len(tiles_per_image)
-        turns[first_user] = ("user", prefix + turns[first_user][1])
-    n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
-    if n_placeholders != len(tiles_per_image):
-        raise ValueError(f"conversation has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(tiles_per_image)} image(s)")
+    turns = attach_images(turns, len(tiles_per_image), image_prefix)
 
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
