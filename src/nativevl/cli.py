@@ -127,6 +127,18 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     return 1 if report.bad else 0
 
 
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    import logging
+
+    from nativevl.recipes import apply_overrides, launch, recipe
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run = apply_overrides(recipe(args.recipe), extra)
+    summary = launch(run, args.out)
+    print(json.dumps(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nativevl", description="InternVL3 in plain PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
@@ -157,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max_shard_size", type=parse_size, default=parse_size("5GB"))
     v.set_defaults(func=cmd_convert)
 
+    t = sub.add_parser("train", help="train a recipe; run the same command again to resume",
+                       epilog="any field of the recipe can be overridden: --max_steps=100 --stage.vit.mode=frozen --meta=data/meta.json")
+    t.add_argument("recipe", help="debug_tiny, pretrain, sft, sft_lora, internvl3_1b_sft")
+    t.add_argument("--out", required=True, help="run folder (checkpoints, metrics, final export)")
+    t.set_defaults(func=cmd_train, takes_extra=True)
+
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     dv = data.add_parser("validate", help="read a whole dataset; report bad records by kind; exit 1 if any")
     dv.add_argument("meta", help="InternVL meta json")
@@ -171,9 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        return args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"nativevl {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 IGNORE_INDEX = -100
 
@@ -26,3 +27,35 @@ def weighted_cross_entropy(
     if normalizer is None:
         normalizer = w.sum()
     return (ce * w).sum() / normalizer
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    logits = (hidden @ weight.t()).float()  # (chunk, V)
+    return (F.cross_entropy(logits, labels, reduction="none") * weights).sum()
+
+
+def labelled_lm_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    normalizer: torch.Tensor | float | None = None,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """The weighted cross-entropy of `weighted_cross_entropy`, with logits computed only at labelled
+    positions, `chunk_size` rows at a time and recomputed in backward, so the (tokens x vocab) matrix
+    never exists. hidden (..., C), labels / weights (...)."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    w = weights.reshape(-1).float()
+    keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
+    h, y, w = h.index_select(0, keep), y.index_select(0, keep), w.index_select(0, keep)
+    if normalizer is None:
+        normalizer = w.sum()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, y.numel(), chunk_size):
+        sl = slice(start, start + chunk_size)
+        total = total + torch.utils.checkpoint.checkpoint(
+            _chunk_loss, h[sl], lm_head_weight, y[sl], w[sl], use_reentrant=False
+        )
+    return total / normalizer

@@ -1,0 +1,106 @@
+"""Native pre-training starts from parts, as InternVL3 does: a ViT from one checkpoint, an LLM from
+a Qwen2 / llama-style HF folder, a new random MLP, and the new special-token rows initialised to
+the mean embedding."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from nativevl.config import ModelConfig, TextConfig, VisionConfig
+from nativevl.io import hf as hfio
+from nativevl.io import keymap
+from nativevl.model.vlm import VisionLanguageModel
+
+
+def _config(path: Path) -> dict:
+    f = path / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder: {f} does not exist")
+    return json.loads(f.read_text())
+
+
+def load_vit(path: str | Path) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
+    """A ViT from an InternVL checkpoint (either layout), a standalone InternViT folder (original
+    InternVisionModel names) or transformers' InternVLVisionModel folder; keys come back as ours."""
+    path = Path(path)
+    d = _config(path)
+    raw, _ = hfio.read_tensors(path)
+    model_type = d.get("model_type")
+    if model_type in ("internvl", "internvl_chat"):
+        cfg, layout = hfio.read_config(path)
+        sd = keymap.from_hf(raw) if layout == "hf" else keymap.from_internvl(raw)
+        vision = cfg.vision
+    elif model_type == "intern_vit_6b":
+        sd = keymap.from_internvl({f"vision_model.{k}": v for k, v in raw.items()})
+        vision = hfio._vision_from_dict(d, "internvl")
+    elif model_type == "internvl_vision":
+        sd = {f"vision_tower.{k.removeprefix('model.')}": v for k, v in raw.items()}
+        vision = hfio._vision_from_dict(d, "hf")
+    else:
+        raise ValueError(f"{path}: model_type {model_type!r} is not an InternViT or InternVL checkpoint")
+    sd = {k: v for k, v in sd.items() if k.startswith("vision_tower.")}
+    if not sd:
+        raise ValueError(f"{path}: no vision tower weights found")
+    return vision, sd
+
+
+def load_llm(path: str | Path) -> tuple[TextConfig, bool, dict[str, torch.Tensor]]:
+    """(config, tied, weights as ours) from a Qwen2ForCausalLM / LlamaForCausalLM folder."""
+    path = Path(path)
+    d = _config(path)
+    text = hfio._text_from_dict(d, source=str(path / "config.json"))
+    raw, _ = hfio.read_tensors(path)
+    sd = {}
+    for k, v in raw.items():
+        if k.startswith("model."):
+            sd["language_model." + k[len("model."):]] = v
+        elif k == "lm_head.weight":
+            sd[k] = v
+        else:
+            raise ValueError(f"{path}: unexpected tensor {k!r} for a causal LM folder")
+    return text, bool(d.get("tie_word_embeddings", False)), sd
+
+
+def _grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """Append rows equal to the mean of the existing ones (InternVL's init for new special tokens)."""
+    if rows <= weight.shape[0]:
+        return weight
+    extra = weight.float().mean(0, keepdim=True).to(weight.dtype).expand(rows - weight.shape[0], -1)
+    return torch.cat([weight, extra], dim=0)
+
+
+def init_from_parts(
+    vit_path: str | Path, llm_path: str | Path, tokenizer, *, downsample_ratio: float = 0.5, seed: int = 0
+) -> VisionLanguageModel:
+    vision, vit_sd = load_vit(vit_path)
+    text, tied, llm_sd = load_llm(llm_path)
+    vocab = max(len(tokenizer), text.vocab_size)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    text = dataclasses.replace(text, vocab_size=vocab, eos_token_id=im_end)
+    cfg = ModelConfig(vision=vision, text=text, downsample_ratio=downsample_ratio,
+                      image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    model = VisionLanguageModel(cfg)
+    model.init_weights()  # the projector keeps this random init; the rest is overwritten below
+    embed = "language_model.embed_tokens.weight"
+    llm_sd[embed] = _grow_rows(llm_sd[embed], vocab)
+    if not tied:
+        llm_sd["lm_head.weight"] = _grow_rows(llm_sd["lm_head.weight"], vocab)
+    else:
+        llm_sd.pop("lm_head.weight", None)
+    expected = model.state_dict()
+    for key, value in {**vit_sd, **llm_sd}.items():
+        if key not in expected:
+            raise ValueError(f"unexpected tensor {key!r} from the ViT / LLM parts")
+        if expected[key].shape != value.shape:
+            raise ValueError(f"tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}")
+    missing = [k for k in expected if not k.startswith("multi_modal_projector.") and k not in vit_sd and k not in llm_sd
+               and not (tied and k == "lm_head.weight")]
+    if missing:
+        raise ValueError(f"the ViT / LLM parts lack {len(missing)} tensor(s), e.g. {missing[:5]}")
+    model.load_state_dict({**vit_sd, **llm_sd}, strict=False)
+    return model

@@ -1,0 +1,232 @@
+"""Run configurations as functions. `nativevl train RECIPE --out DIR --key=value ...` picks one,
+applies overrides (a field name unique across the run's dataclasses, or a dotted path such as
+`stage.vit.mode`), builds model, tokenizer and data, and runs the one loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from nativevl.data.pipeline import DataConfig
+from nativevl.train.loop import TrainConfig
+from nativevl.train.stages import ModulePolicy, StagePolicy
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    preset: str = "tiny"  # built from scratch when nothing below is given
+    init_from: str | None = None  # a checkpoint folder (either layout) to continue from
+    vit_from: str | None = None  # native pre-training: the ViT of this checkpoint ...
+    llm_from: str | None = None  # ... and the LLM of this Qwen2 / llama-style folder
+    tokenizer: str | None = None  # tokenizer folder (default: init_from, then llm_from)
+
+
+@dataclass(frozen=True)
+class Run:
+    model: ModelSource = field(default_factory=ModelSource)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage: StagePolicy = field(default_factory=StagePolicy)
+    meta: str | None = None  # dataset meta json; None: the recipe generates its data
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def debug_tiny() -> Run:
+    """A tiny model on generated data: under a minute on a laptop CPU."""
+    return Run(
+        model=ModelSource(preset="tiny"),
+        data=DataConfig(max_tokens=384, max_tiles=8, image_size=56, image_seq_length=4, system_message=None,
+                        loss_reduction="square", min_records_before_abort=50),
+        train=TrainConfig(max_steps=60, lr=3e-3, warmup_steps=5, global_batch=2, weight_decay=0.0, tensorboard=True),
+    )
+
+
+def pretrain() -> Run:
+    """Native multimodal pre-training: every module trains from step 0 on text + multimodal data,
+    square averaging, text : multimodal 1 : 3 (by samples). Needs --meta and --vit_from/--llm_from
+    (or --init_from). V2PE with --v2pe=random."""
+    return Run(
+        data=DataConfig(loss_reduction="square", text_ratio=0.25, v2pe="off", max_tokens=16384, max_tiles=48),
+        train=TrainConfig(lr=1e-4, warmup_steps=200, max_steps=10000, global_batch=8, weight_decay=0.05),
+        stage=StagePolicy(vit=ModulePolicy("full", lr=1e-5), mlp=ModulePolicy("full", lr=2e-4), llm=ModulePolicy("full")),
+    )
+
+
+def sft() -> Run:
+    """InternVL3's second-stage fine-tuning: packing, square averaging, JPEG augmentation where the
+    meta file asks for it, ViT frozen by default (--stage.vit.mode=full to train it). Needs --meta and --init_from."""
+    return Run(
+        data=DataConfig(loss_reduction="square", max_tokens=16384, max_tiles=48),
+        train=TrainConfig(lr=2e-5, warmup_steps=30, max_steps=1000, global_batch=8, weight_decay=0.05),
+        stage=StagePolicy(vit=ModulePolicy("frozen")),
+    )
+
+
+def internvl3_1b_sft() -> Run:
+    """sft() with the released 1B script's learning rate (1e-5)."""
+    run = sft()
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, lr=1e-5))
+
+
+def sft_lora() -> Run:
+    """sft() with LoRA (rank 16, alpha 32, dropout 0.05) on the LLM; ViT frozen, MLP full."""
+    run = sft()
+    return dataclasses.replace(run, stage=dataclasses.replace(run.stage, llm=ModulePolicy("lora")),
+                               train=dataclasses.replace(run.train, lr=1e-4))
+
+
+RECIPES: dict[str, Callable[[], Run]] = {
+    "debug_tiny": debug_tiny,
+    "pretrain": pretrain,
+    "sft": sft,
+    "sft_lora": sft_lora,
+    "internvl3_1b_sft": internvl3_1b_sft,
+}
+
+
+def recipe(name: str) -> Run:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
+    return RECIPES[name]()
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def _leaf_paths(obj: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], dataclasses.Field]:
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_leaf_paths(value, prefix + (f.name,)))
+        else:
+            out[prefix + (f.name,)] = f
+    return out
+
+
+def _parse(text: str, annotation: Any, key: str) -> Any:
+    """A command-line string as the field's type; booleans and None are spelled out."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"Path": Path, "typing": typing})  # from __future__ annotations
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else (annotation,)
+    if type(None) in options and text.lower() in ("none", "null"):
+        return None
+    for kind in options:
+        if kind is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(f"--{key} takes true or false, got {text!r}")
+        if kind in (int, float, str):
+            try:
+                return kind(text)
+            except ValueError:
+                continue
+    raise ValueError(f"--{key}: cannot read {text!r} as {annotation}")
+
+
+def _set(obj: Any, path: tuple[str, ...], value: Any) -> Any:
+    if len(path) == 1:
+        return dataclasses.replace(obj, **{path[0]: value})
+    return dataclasses.replace(obj, **{path[0]: _set(getattr(obj, path[0]), path[1:], value)})
+
+
+def apply_overrides(run: Run, overrides: list[str]) -> Run:
+    """`--key=value` or `--key value` strings; an unknown or ambiguous key is an error."""
+    leaves = _leaf_paths(run)
+    items, pending = [], list(overrides)
+    while pending:
+        arg = pending.pop(0)
+        if not arg.startswith("--"):
+            raise ValueError(f"overrides look like --key=value, got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif pending:
+            key, value = arg[2:], pending.pop(0)
+        else:
+            raise ValueError(f"{arg} needs a value")
+        items.append((key, value))
+    for key, value in items:
+        path = tuple(key.split("."))
+        matches = [p for p in leaves if p == path] or [p for p in leaves if p[-len(path):] == path]
+        if not matches:
+            raise ValueError(f"unknown key {key!r}; known: {sorted('.'.join(p) for p in leaves)}")
+        if len(matches) > 1:  # e.g. --lr: the run's (train.lr) rather than a module's (stage.vit.lr)
+            shallowest = min(len(p) for p in matches)
+            if sum(len(p) == shallowest for p in matches) == 1:
+                matches = [p for p in matches if len(p) == shallowest]
+        if len(matches) > 1:
+            raise ValueError(f"key {key!r} is ambiguous: {sorted('.'.join(p) for p in matches)}; use the dotted path")
+        run = _set(run, matches[0], _parse(value, leaves[matches[0]].type, key))
+    return run
+
+
+# ---------------------------------------------------------------- build and launch
+
+
+def build(run: Run, out_dir: str | Path):
+    """(model, tokenizer, dataset, run) for a run; the data config is aligned with the model's shapes."""
+    import torch
+
+    from nativevl.config import preset
+    from nativevl.data import synthetic
+    from nativevl.data.pipeline import PackedDataset
+    from nativevl.data.records import load_meta
+    from nativevl.io.hf import load_model
+    from nativevl.io.parts import init_from_parts
+    from nativevl.io.tokenizer import load_tokenizer, train_tokenizer
+    from nativevl.model.vlm import VisionLanguageModel
+    from nativevl.train.parallel import init_distributed
+
+    out_dir = Path(out_dir)
+    rank, world, _ = init_distributed()
+    src = run.model
+    meta = run.meta
+    if meta is None:  # generated data (debug runs), written once by rank 0
+        meta = str(out_dir / "data" / "meta.json")
+        if rank == 0 and not Path(meta).is_file():
+            synthetic.write_dataset(out_dir / "data", seed=run.data.seed, size=run.data.image_size)
+        if world > 1:
+            torch.distributed.barrier()
+    tok_path = src.tokenizer or src.init_from or src.llm_from
+    if tok_path is not None:
+        tokenizer = load_tokenizer(tok_path)
+    else:
+        tokenizer = train_tokenizer(synthetic.corpus(), vocab_size=preset(src.preset).text.vocab_size)
+    if src.init_from:
+        model = load_model(src.init_from, dtype=torch.float32)
+    elif src.vit_from or src.llm_from:
+        if not (src.vit_from and src.llm_from):
+            raise ValueError("native pre-training from parts needs both --vit_from and --llm_from")
+        model = init_from_parts(src.vit_from, src.llm_from, tokenizer, seed=run.train.seed)
+    else:
+        cfg = preset(src.preset)
+        cfg = dataclasses.replace(
+            cfg,
+            text=dataclasses.replace(cfg.text, vocab_size=len(tokenizer), eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                                     pad_token_id=tokenizer.pad_token_id, bos_token_id=None),
+            image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        )
+        torch.manual_seed(run.train.seed)
+        model = VisionLanguageModel(cfg)
+        model.init_weights()
+    mcfg = model.config
+    data = dataclasses.replace(run.data, image_size=mcfg.vision.image_size, image_seq_length=mcfg.image_seq_length,
+                               image_token_id=mcfg.image_token_id)
+    run = dataclasses.replace(run, data=data, meta=meta)
+    dataset = PackedDataset(load_meta(meta), tokenizer, data, rank=rank, world_size=world, rejects_dir=out_dir / "rejects")
+    return model, tokenizer, dataset, run
+
+
+def launch(run: Run, out_dir: str | Path) -> dict:
+    from nativevl.train.loop import train
+
+    model, tokenizer, dataset, run = build(run, out_dir)
+    return train(model, tokenizer, dataset, run.stage, run.train, out_dir, run_config=dataclasses.asdict(run))

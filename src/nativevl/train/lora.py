@@ -1,0 +1,64 @@
+"""LoRA adapters for nn.Linear layers, and merging them back into plain weights for export."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + dropout(x) A^T B^T * (alpha / rank). The base weight is frozen; B starts at 0."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        if self.base.bias is not None:
+            self.base.bias.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device, dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear holding W + scale * B A."""
+        with torch.no_grad():
+            self.base.weight += (self.lora_B @ self.lora_A) * self.scale
+        return self.base
+
+
+LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VIT_TARGETS = ("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")
+MLP_TARGETS = ("linear_1", "linear_2")
+
+
+def add_lora(module: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, dropout: float) -> int:
+    """Wrap every nn.Linear child named in `targets` (recursively); returns how many were wrapped."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear) and name in targets:
+            setattr(module, name, LoRALinear(child, rank, alpha, dropout))
+            count += 1
+        else:
+            count += add_lora(child, targets, rank, alpha, dropout)
+    return count
+
+
+def merge_lora(module: nn.Module) -> int:
+    """Replace every LoRALinear by its merged nn.Linear, in place; returns how many were merged."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, LoRALinear):
+            setattr(module, name, child.merged())
+            count += 1
+        else:
+            count += merge_lora(child)
+    return count

@@ -1,0 +1,108 @@
+"""Training metrics: FLOPs (ViT + MLP + LLM) and MFU, a progress bar with ETA, metrics.jsonl and
+tensorboard events."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nativevl.config import ModelConfig
+
+# dense bf16 peak FLOP/s by device name (users_and_performance.md B1)
+PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def module_sizes(model: torch.nn.Module) -> dict[str, int]:
+    """Matmul parameters per module: ViT (all), MLP, LLM (layers + lm_head; input embeddings excluded)."""
+    llm = sum(p.numel() for p in model.language_model.layers.parameters()) + model.lm_head.weight.numel()
+    return {
+        "vit": sum(p.numel() for p in model.vision_tower.parameters()),
+        "mlp": sum(p.numel() for p in model.multi_modal_projector.parameters()),
+        "llm": llm,
+    }
+
+
+def pass_factors(modes: dict[str, str]) -> dict[str, int]:
+    """FLOPs per parameter per token: 6 trained (fwd 2 + bwd 4), 4 when only backpropagated through
+    (frozen or LoRA with something trainable upstream), 2 forward only."""
+    trains = {k: modes[k] != "frozen" for k in ("vit", "mlp", "llm")}
+    need_input_grad = {"vit": False, "mlp": trains["vit"], "llm": trains["vit"] or trains["mlp"]}
+    out = {}
+    for k in ("vit", "mlp", "llm"):
+        if modes[k] == "full":
+            out[k] = 6
+        elif modes[k] == "lora" or need_input_grad[k]:
+            out[k] = 4
+        else:
+            out[k] = 2
+    return out
+
+
+def batch_flops(cfg: ModelConfig, sizes: dict[str, int], factors: dict[str, int], doc_lengths: list[int], tiles: int) -> float:
+    """PaLM-style FLOPs of one packed batch: dense + per-document attention for the LLM, per tile for the ViT."""
+    t, v = cfg.text, cfg.vision
+    tokens = sum(doc_lengths)
+    llm = factors["llm"] * sizes["llm"] * tokens
+    llm += 2 * factors["llm"] * t.num_hidden_layers * t.num_attention_heads * t.head_dim * sum(n * n for n in doc_lengths)
+    seq = v.num_positions
+    vit = tiles * (factors["vit"] * sizes["vit"] * seq + 2 * factors["vit"] * v.num_hidden_layers * v.hidden_size * seq * seq)
+    mlp = factors["mlp"] * sizes["mlp"] * cfg.image_seq_length * tiles
+    return float(llm + vit + mlp)
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: Path, max_steps: int, start_step: int, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.max_steps = max_steps
+        self.file = None
+        self.writer = None
+        self.bar = None
+        self.tokens_per_step: list[float] = []
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+        self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.started = time.perf_counter()
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+        self.tokens_per_step.append(record["tokens"])
+        recent = self.tokens_per_step[-20:]
+        remaining_tokens = (self.max_steps - record["step"]) * sum(recent) / len(recent)
+        eta = remaining_tokens / record["tokens_per_s"] if record["tokens_per_s"] > 0 else float("inf")
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                             eta=time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
