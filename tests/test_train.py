@@ -1,0 +1,232 @@
+"""The training loop: exact resume (also after SIGKILL mid-save), module policies, LoRA, non-finite
+losses, the chunked loss, export, learning, initialisation from parts, overrides, FLOPs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nativevl import VisionLanguageModel
+from nativevl.config import preset
+from nativevl.recipes import apply_overrides, build, launch, recipe
+from nativevl.train import loop
+from nativevl.train.losses import labelled_lm_loss, weighted_cross_entropy
+from nativevl.train.metrics import batch_flops, module_sizes, pass_factors
+
+SMALL = ["--max_steps=6", "--save_every=1", "--global_batch=2", "--tensorboard=false", "--max_tokens=256"]
+
+
+def losses(out) -> dict[int, float]:
+    by_step = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        by_step[rec["step"]] = rec["loss"]
+    return by_step
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    launch(apply_overrides(recipe("debug_tiny"), SMALL + ["--export=false"]), out)
+    return out, losses(out)
+
+
+def test_resume_after_a_stop_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
+    _, ref = uninterrupted
+    original = loop.save_train_state
+
+    def stop_after_three(out_dir, model, optimizer, step, *args):
+        original(out_dir, model, optimizer, step, *args)
+        if step == 3:
+            raise KeyboardInterrupt("stopped")
+
+    monkeypatch.setattr(loop, "save_train_state", stop_after_three)
+    run = apply_overrides(recipe("debug_tiny"), SMALL + ["--export=false"])
+    with pytest.raises(KeyboardInterrupt):
+        launch(run, tmp_path)
+    monkeypatch.setattr(loop, "save_train_state", original)
+    launch(run, tmp_path)  # the same command again: resumes at step 3
+    got = losses(tmp_path)
+    assert sorted(got) == list(range(1, 7))
+    assert all(got[s] == ref[s] for s in range(1, 7)), (got, ref)
+
+
+def test_resume_after_sigkill_during_a_save(uninterrupted, tmp_path):
+    _, ref = uninterrupted
+    killer = f"""
+import os, signal
+from pathlib import Path
+import torch
+from nativevl.train import checkpoint
+from nativevl.recipes import apply_overrides, launch, recipe
+original = checkpoint.save_checkpoint
+def save(folder, step, state, keep=2):
+    if step == 4:  # half-written temporary folder, then the process dies
+        tmp = Path(folder) / ".step-00000004.tmp-x"
+        tmp.mkdir(parents=True)
+        (tmp / "state.pt").write_bytes(b"partial")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(folder, step, state, keep)
+checkpoint.save_checkpoint = save
+launch(apply_overrides(recipe("debug_tiny"), {SMALL + ["--export=false"]!r}), {str(tmp_path)!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (tmp_path / "checkpoints" / "step-00000003").is_dir()
+    assert not (tmp_path / "checkpoints" / "step-00000004").exists()
+    launch(apply_overrides(recipe("debug_tiny"), SMALL + ["--export=false"]), tmp_path)
+    got = losses(tmp_path)
+    assert all(got[s] == ref[s] for s in range(1, 7)), (got, ref)
+    assert not list((tmp_path / "checkpoints").glob(".step-*"))  # the stale temporary folder is cleaned up
+
+
+def test_frozen_module_and_per_module_learning_rates(tmp_path):
+    run = apply_overrides(recipe("debug_tiny"), ["--max_steps=3", "--global_batch=2", "--tensorboard=false",
+                                                 "--stage.vit.mode=frozen", "--stage.mlp.lr=0", "--export=false"])
+    model, tokenizer, dataset, run = build(run, tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loop.train(model, tokenizer, dataset, run.stage, run.train, tmp_path)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("vision_tower."))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("multi_modal_projector."))  # lr 0
+    assert not torch.equal(before["language_model.layers.0.mlp.up_proj.weight"], after["language_model.layers.0.mlp.up_proj.weight"])
+
+
+def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
+    run = apply_overrides(recipe("debug_tiny"), ["--max_steps=3", "--global_batch=2", "--tensorboard=false",
+                                                 "--stage.llm.mode=lora", "--stage.llm.lora_rank=4", "--stage.llm.lora_dropout=0",
+                                                 "--export=false"])
+    model, tokenizer, dataset, run = build(run, tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loop.train(model, tokenizer, dataset, run.stage, run.train, tmp_path)
+    after = model.state_dict()
+    lora = [k for k in after if "lora_" in k]
+    assert lora and all(k.replace(".base", "") in before for k in after if ".base." in k)
+    for k, v in after.items():
+        if "lora_A" in k or "lora_B" in k:
+            continue
+        original = k.replace(".base.", ".")
+        if original.startswith(("language_model.", "lm_head")):
+            assert torch.equal(v, before[original]), k  # LLM base weights untouched
+    assert any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in lora if "lora_B" in k)
+    model.eval()
+    batch = next(iter(dataset))
+    with torch.no_grad():
+        adapted = model(**batch.model_inputs()).logits
+        loop.export_final(model, tokenizer, tmp_path / "final", True)
+        merged = VisionLanguageModel.from_pretrained(tmp_path / "final")(**batch.model_inputs()).logits
+    assert (adapted - merged).abs().max().item() < 1e-5
+
+
+def test_non_finite_loss_names_the_step_and_dumps_the_batch(tmp_path):
+    run = apply_overrides(recipe("debug_tiny"), ["--max_steps=3", "--global_batch=2", "--tensorboard=false"])
+    model, tokenizer, dataset, run = build(run, tmp_path)
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    with pytest.raises(loop.NonFiniteLoss, match=r"non-finite loss nan at step 1 .*batch dumped to .*nonfinite-step1-rank0\.pt"):
+        loop.train(model, tokenizer, dataset, run.stage, run.train, tmp_path)
+    dumped = torch.load(tmp_path / "nonfinite-step1-rank0.pt", weights_only=False)
+    assert dumped.num_tokens > 0 and dumped.sources
+
+
+def test_chunked_labelled_loss_equals_full_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 32, generator=g, requires_grad=True)
+    head = torch.randn(1000, 32, generator=g, requires_grad=True)
+    labels = torch.randint(0, 1000, (300,), generator=g)
+    labels[::3] = -100
+    weights = torch.rand(300, generator=g) * (labels != -100)
+    full = weighted_cross_entropy(hidden @ head.t(), labels, weights)
+    chunked = labelled_lm_loss(hidden, head, labels, weights, chunk_size=37)
+    assert abs(chunked.item() - full.item()) / full.item() < 1e-6
+    g_full = torch.autograd.grad(full, [hidden, head])
+    g_chunk = torch.autograd.grad(chunked, [hidden, head])
+    for a, b in zip(g_full, g_chunk):
+        assert (a - b).abs().max().item() < 1e-6
+
+
+def test_training_learns_and_the_export_loads_in_transformers(tmp_path):
+    from transformers import InternVLForConditionalGeneration
+
+    run = apply_overrides(recipe("debug_tiny"), ["--max_steps=40", "--tensorboard=true"])
+    summary = launch(run, tmp_path)
+    curve = [losses(tmp_path)[s] for s in range(1, 41)]
+    windows = [sum(curve[i : i + 8]) / 8 for i in range(0, 40, 8)]
+    assert all(b < a for a, b in zip(windows, windows[1:])), windows  # steadily lower
+    assert windows[-1] < 0.3 * windows[0], windows
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"step", "loss", "lr", "tokens", "tokens_per_s", "mfu"} <= set(record) and record["tokens_per_s"] > 0
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert summary["step"] == 40
+
+    ours = VisionLanguageModel.from_pretrained(tmp_path / "final")
+    theirs, info = InternVLForConditionalGeneration.from_pretrained(tmp_path / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.tensor([[3] + [ours.config.image_token_id] * 4 + [4, 20, 30, 40]])
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        a = ours(input_ids=ids, pixel_values=pixels).logits
+        b = theirs.eval()(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).logits
+    assert (a - b).abs().max().item() < 1e-4
+
+
+def test_init_from_parts(tmp_path, tokenizer):
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from nativevl.io import keymap
+    from nativevl.io.hf import config_to_internvl
+    from nativevl.io.parts import init_from_parts
+
+    # an LLM folder as transformers writes it, with a vocabulary that lacks InternVL's tokens
+    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    llm.save_pretrained(tmp_path / "llm")
+    # a standalone InternViT folder (InternVisionModel names, no prefix)
+    vit_model = VisionLanguageModel(preset("tiny"))
+    vit_sd = {k.removeprefix("vision_model."): v.contiguous() for k, v in keymap.to_internvl(vit_model.state_dict()).items()
+              if k.startswith("vision_model.")}
+    (tmp_path / "vit").mkdir()
+    save_file(vit_sd, str(tmp_path / "vit" / "model.safetensors"))
+    (tmp_path / "vit" / "config.json").write_text(json.dumps(config_to_internvl(preset("tiny"))["vision_config"]))
+
+    model = init_from_parts(tmp_path / "vit", tmp_path / "llm", tokenizer)
+    assert model.config.text.vocab_size == max(len(tokenizer), 300)
+    sd = model.state_dict()
+    for k, v in vit_model.state_dict().items():
+        if k.startswith("vision_tower."):
+            assert torch.equal(sd[k], v), k
+    emb = llm.model.embed_tokens.weight.detach()
+    assert torch.equal(sd["language_model.embed_tokens.weight"][:300], emb)
+    assert torch.allclose(sd["language_model.embed_tokens.weight"][300:], emb.mean(0).expand(len(tokenizer) - 300, -1))
+    assert torch.allclose(sd["lm_head.weight"][300:], llm.lm_head.weight.detach().mean(0).expand(len(tokenizer) - 300, -1))
+    assert model.config.text.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_overrides_are_checked():
+    run = apply_overrides(recipe("debug_tiny"), ["--lr=0.5", "--stage.vit.mode", "frozen", "--tensorboard=false", "--v2pe=random"])
+    assert run.train.lr == 0.5 and run.stage.vit.mode == "frozen" and run.train.tensorboard is False
+    assert run.data.v2pe == "random"
+    with pytest.raises(ValueError, match="unknown key 'max_stepz'"):
+        apply_overrides(run, ["--max_stepz=3"])
+    with pytest.raises(ValueError, match="ambiguous"):
+        apply_overrides(run, ["--mode=full"])
+    with pytest.raises(ValueError, match="takes true or false"):
+        apply_overrides(run, ["--tensorboard=maybe"])
+    with pytest.raises(ValueError, match="unknown recipe"):
+        recipe("nope")
+
+
+def test_flops_match_the_reference_worked_example():
+    """users_and_performance.md B3: InternVL3-8B full SFT, 16,384-token pack of 8 documents, 32 tiles: about 8.05e14."""
+    cfg = preset("internvl3_8b")
+    with torch.device("meta"):
+        sizes = module_sizes(VisionLanguageModel(cfg))
+    flops = batch_flops(cfg, sizes, pass_factors({"vit": "full", "mlp": "full", "llm": "full"}), [2048] * 8, 32)
+    assert abs(flops - 8.05e14) / 8.05e14 < 0.01
+    frozen_vit = pass_factors({"vit": "frozen", "mlp": "full", "llm": "full"})
+    assert frozen_vit == {"vit": 2, "mlp": 6, "llm": 6}
