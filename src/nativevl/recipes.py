@@ -7,9 +7,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from nativevl.data.pipeline import DataConfig
 from nativevl.train.loop import TrainConfig

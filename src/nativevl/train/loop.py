@@ -20,8 +20,8 @@ import torch
 from nativevl.data.pipeline import PackedDataset, StreamTracker, iterate_batches, make_loader
 from nativevl.model.vlm import VisionLanguageModel
 from nativevl.train import checkpoint as ckpt
-from nativevl.train.losses import labelled_lm_loss
 from nativevl.train.lora import merge_lora
+from nativevl.train.losses import labelled_lm_loss
 from nativevl.train.metrics import MetricsLogger, batch_flops, module_sizes, pass_factors, peak_flops
 from nativevl.train.optim import build_optimizer, lr_factor, set_lr
 from nativevl.train.parallel import all_reduce_grads, all_reduce_sum, barrier, init_distributed
