@@ -199,8 +199,12 @@ def build(run: Run, out_dir: str | Path):
     tok_path = src.tokenizer or src.init_from or src.llm_from
     if tok_path is not None:
         tokenizer = load_tokenizer(tok_path)
+    elif (out_dir / "data" / "tokenizer").is_dir():  # a resumed debug run: the same tokenizer as before
+        tokenizer = load_tokenizer(out_dir / "data" / "tokenizer")
     else:
         tokenizer = train_tokenizer(synthetic.corpus(), vocab_size=preset(src.preset).text.vocab_size)
+        if rank == 0:
+            tokenizer.save_pretrained(str(out_dir / "data" / "tokenizer"))
     if src.init_from:
         model = load_model(src.init_from, dtype=torch.float32)
     elif src.vit_from or src.llm_from:
