@@ -176,3 +176,19 @@ def test_raw_uint8_tiles_give_the_same_logits():
     a = model(input_ids=ids, pixel_values=raw).logits
     b = model(input_ids=ids, pixel_values=img.normalize(raw.numpy())).logits
     assert (a - b).abs().max().item() < 1e-5
+
+
+def test_processor_treats_alpha_and_exif_like_transformers(tokenizer):
+    rgba = np.random.default_rng(3).integers(0, 255, (90, 160, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(np.arange(160) < 80, 0, 255)[None, :]  # left half transparent
+    buf = io.BytesIO()
+    rotated = Image.fromarray(np.random.default_rng(4).integers(0, 255, (40, 70, 3), dtype=np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(buf, format="JPEG", exif=exif)
+    pics = [Image.fromarray(rgba, "RGBA"), Image.open(io.BytesIO(buf.getvalue()))]
+    text = ["<IMG_CONTEXT> and <IMG_CONTEXT>"]
+    ref = internvl_processor(tokenizer, image_seq_length=4)(text=text, images=[pics], return_tensors="pt")
+    got = Processor(tokenizer, image_seq_length=4)(text=text, images=[pics])
+    assert torch.equal(got["input_ids"], ref["input_ids"])
+    assert (got["pixel_values"] - ref["pixel_values"]).abs().max().item() < 1e-4

@@ -234,3 +234,43 @@ def test_data_validate_command(meta, tokenizer, tmp_path, capsys):
     assert "e.g. toy:train.jsonl:1:" in out
     clean = make_dataset(tmp_path / "clean", n_bad=0)
     assert cli_main(["data", "validate", str(clean)]) == 0
+
+
+def test_second_resume_and_forked_readers(meta, tokenizer):
+    """A resumed run's tracker carries every shard forward (a second resume stays exact), and forked
+    workers each read with their own file handle."""
+    specs = load_meta(meta)
+    cfg = data_config(max_records=120)
+    full = batch_indices(make_loader(PackedDataset(specs, tokenizer, cfg), num_workers=2))
+    got, state = [], None
+    for stop in (3, 2):
+        ds = PackedDataset(specs, tokenizer, cfg)
+        ds.annotations[0][0]  # the parent opens the file before the workers fork
+        tracker = StreamTracker(1.0)
+        if state is not None:
+            ds.load_state_dict(state)
+            tracker.load_state_dict(state)
+        for k, batch in enumerate(iterate_batches(make_loader(ds, 2), tracker)):
+            got.append(batch.indices)
+            if k + 1 == stop:
+                break
+        state = json.loads(json.dumps(tracker.state_dict()))
+    ds = PackedDataset(specs, tokenizer, cfg)
+    ds.load_state_dict(state)
+    got += batch_indices(make_loader(ds, 2))
+    assert got == full
+
+
+def test_unforeseen_record_shapes_are_counted_not_fatal(tmp_path, tokenizer):
+    lines = [
+        {"conversations": [{"from": ["human"], "value": "x"}, {"from": "gpt", "value": "y"}]},
+        {"image": "a" * 300 + ".png", "conversations": [{"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "y"}]},
+        {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "<image> is text in an answer"}]},
+    ]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n" + "[" * 5000 + "\n")
+    (tmp_path / "meta.json").write_text(json.dumps({"a": {"annotation": "a.jsonl"}}))
+    cfg = data_config(max_records=4, min_records_before_abort=1000)
+    tracker = StreamTracker(1.0)
+    batches = list(iterate_batches(make_loader(PackedDataset(load_meta(tmp_path / "meta.json"), tokenizer, cfg)), tracker))
+    assert tracker.seen == 4 and tracker.by_kind == {"malformed": 2, "missing_file": 1}
+    assert sum(b.num_documents for b in batches) == 1  # the answer's "<image>" stays text

@@ -21,8 +21,22 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # larger images are rejected as likely decompression bombs
 
 
-def load_image(source: str | Path | bytes | Image.Image, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """An RGB PIL image from a path, raw bytes or a PIL image; EXIF orientation applied."""
+def load_image(
+    source: str | Path | bytes | Image.Image | np.ndarray,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    exif: bool = True,
+    alpha_background: tuple[int, int, int] | None = None,
+) -> Image.Image:
+    """An RGB PIL image from a path, raw bytes, a PIL image or an (H, W, 3) uint8 array.
+
+    `exif` applies the EXIF orientation; `alpha_background` composites transparent images onto that
+    colour (transformers' processors use white) instead of dropping the alpha channel (InternVL).
+    """
+    if isinstance(source, np.ndarray):
+        if source.ndim != 3 or source.shape[2] not in (3, 4) or source.dtype != np.uint8:
+            raise ValueError(f"an image array must be (H, W, 3|4) uint8, got {source.shape} {source.dtype}")
+        source = Image.fromarray(source)
     if isinstance(source, Image.Image):
         image = source
         name = "PIL image"
@@ -41,7 +55,13 @@ def load_image(source: str | Path | bytes | Image.Image, *, max_pixels: int = MA
             image.load()
         except (OSError, Image.DecompressionBombError, SyntaxError) as e:
             raise ValueError(f"cannot read image {name}: {e}") from None
-    image = ImageOps.exif_transpose(image)
+    if exif:
+        image = ImageOps.exif_transpose(image)
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    if alpha_background is not None and has_alpha:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*alpha_background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
     return image.convert("RGB")
 
 
@@ -176,8 +196,14 @@ def load_video_frames(
         count = num_frames or max_frames
     try:
         with av.open(str(path)) as container:
-            n_total = container.streams.video[0].frames  # 0 when the container does not say
-            if n_total > 0:  # keep only the chosen frames: long videos never sit in memory
+            stream = container.streams.video[0]
+            n_total = stream.frames  # 0 when the container does not say (MKV, WebM)
+            if n_total <= 0 and stream.duration and stream.average_rate:
+                n_total = int(float(stream.duration * stream.time_base) * float(stream.average_rate))
+            if n_total <= 0:  # count packets without decoding them
+                n_total = sum(1 for packet in container.demux(stream) if packet.size)
+                container.seek(0)
+            if n_total > 0:  # decode in order, keep only the chosen frames: long videos never sit in memory
                 wanted = frame_indices(n_total, count, rng=rng)
                 keep = {}
                 for i, frame in enumerate(container.decode(video=0)):
@@ -186,6 +212,8 @@ def load_video_frames(
                     if i >= wanted[-1]:
                         break
                 frames = [keep[i] for i in wanted if i in keep]
+                if len(frames) < len(wanted) and keep:  # the estimate ran past the end: reuse the last frames
+                    frames += [keep[max(keep)]] * (len(wanted) - len(frames))
             else:
                 every = [f.to_image() for f in container.decode(video=0)]
                 frames = [every[i] for i in frame_indices(len(every), count, rng=rng)] if every else []

@@ -64,7 +64,8 @@ class DataConfig:
 
 
 def record_rng(seed: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, _SAMPLE_SALT, index])
+    """The randomness of stream item `index` (any int; -1 for a record outside a stream)."""
+    return np.random.default_rng([seed, _SAMPLE_SALT, index % (1 << 63)])
 
 
 def load_visuals(record: Record, cfg: DataConfig, rng: np.random.Generator) -> tuple[torch.Tensor | None, list[int], str | None]:
@@ -112,7 +113,8 @@ def build_sample(record: Record, tokenizer, cfg: DataConfig, index: int = -1) ->
         raise RecordError("malformed", f"{record.source}: preference records feed MPO, not this pipeline")
     rng = record_rng(cfg.seed, index)
     if record.text is not None:
-        ids = tokenizer(record.text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        # a plain document longer than a pack keeps its first max_tokens tokens (text only: no image is cut)
+        ids = (tokenizer(record.text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])[: cfg.max_tokens]
         input_ids, labels, pixel_values = ids, list(ids), None
     else:
         pixel_values, counts, prefix = load_visuals(record, cfg, rng)
@@ -213,8 +215,15 @@ class PackedDataset(IterableDataset):
         return parse_record(raw, spec, f"{spec.name}:{spec.annotation.name}:{lineno}"), d, r
 
     def sample(self, i: int) -> Sample:
-        rec, _, _ = self.record(i)
-        return build_sample(rec, self.tokenizer, self.cfg, index=i)
+        """Stream item i as a Sample; anything wrong with the record becomes a RecordError."""
+        try:
+            rec, _, _ = self.record(i)
+            return build_sample(rec, self.tokenizer, self.cfg, index=i)
+        except RecordError:
+            raise
+        except (OSError, RecursionError, TypeError, KeyError, AttributeError) as e:
+            # a record the format checks did not foresee: counted and skipped like any bad record
+            raise RecordError("malformed", f"stream item {i}: {type(e).__name__}: {e}") from None
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -225,8 +234,17 @@ class PackedDataset(IterableDataset):
         shard, n_shards = self.rank * n_workers + local, self.world_size * n_workers
         state = self.resume_states.get(shard, {"next": shard, "buffers": [], "seen": 0, "rejected": {}})
         packer = Packer(self.cfg.max_tokens, self.cfg.max_tiles, self.cfg.max_buffers)
-        packer.buffers = [[self.sample(i) for i in buf] for buf in state["buffers"]]
         seen, rejected = state["seen"], dict(state["rejected"])
+        for buf in state["buffers"]:  # records waiting at the checkpoint; one that went bad since is counted
+            rebuilt = []
+            for i in buf:
+                try:
+                    rebuilt.append(self.sample(i))
+                except RecordError as e:
+                    rejected[e.kind] = rejected.get(e.kind, 0) + 1
+                    log.warning("record %d waiting in a pack at the checkpoint is now bad (%s): %s", i, e.kind, e)
+            if rebuilt:
+                packer.buffers.append(rebuilt)
         rejects = None
         if self.rejects_dir is not None:
             self.rejects_dir.mkdir(parents=True, exist_ok=True)
@@ -288,8 +306,16 @@ class StreamTracker:
         self.rotation = 0
 
     def state_dict(self) -> dict:
-        """JSON-able; give it to PackedDataset.load_state_dict to continue after the last consumed batch."""
+        """JSON-able; give it to PackedDataset.load_state_dict (and this tracker's load_state_dict) to
+        continue after the last consumed batch."""
         return {"shards": dict(self.states), "rotation": self.rotation}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Carry a resumed run's shard states and counts forward, so that a shard that makes no batch
+        after the resume (e.g. one that has run out) is still in the next checkpoint."""
+        self.states = {int(k): v for k, v in state["shards"].items()}
+        self.shards = {k: {"seen": v["seen"], "rejected": dict(v["rejected"])} for k, v in self.states.items()}
+        self.rotation = int(state["rotation"])
 
     def update(self, batch: Batch) -> None:
         stats = batch.stats

@@ -58,14 +58,15 @@ class Processor:
         return cls(tokenizer, **kwargs)
 
     def tile(self, image) -> torch.Tensor:
-        tiles = img.tile_image(
-            img.load_image(image),
+        # as transformers' processor: no EXIF rotation, transparency composited onto white
+        tiles = img.tile_array(
+            img.load_image(image, exif=False, alpha_background=(255, 255, 255)),
             image_size=self.image_size,
             min_num=self.min_patches,
             max_num=self.max_patches,
             use_thumbnail=self.use_thumbnail,
         )
-        return img.normalize(tiles)
+        return img.normalize(tiles)  # (tiles, 3, S, S)
 
     def __call__(self, text=None, images=None, *, padding: bool = True, padding_side: str = "left", return_tensors: str = "pt"):
         if text is None:

@@ -9,6 +9,7 @@ Records are parsed into `Record` (conversation) or `PreferenceRecord`; anything 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,36 @@ def load_meta(path: str | Path) -> list[DatasetSpec]:
     return specs
 
 
+def _line_index(path: Path, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offsets and 1-based line numbers of the non-blank lines of a file, found with numpy
+    (a few bytes per line, not a Python object per line)."""
+    starts, ends, base = [np.zeros(1, dtype=np.int64)], [], 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            nl = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10).astype(np.int64) + base
+            ends.append(nl)
+            starts.append(nl + 1)
+            base += len(block)
+    start = np.concatenate(starts)
+    end = np.concatenate([*ends, np.array([base], dtype=np.int64)])
+    keep = end - start > 0
+    lineno = np.arange(1, len(start) + 1, dtype=np.int64)
+    start, end, lineno = start[keep], end[keep], lineno[keep]
+    if len(start):  # drop whitespace-only lines (rare: checked one by one)
+        with open(path, "rb") as f:
+            short = np.flatnonzero(end - start <= 8)
+            blank = []
+            for i in short:
+                f.seek(int(start[i]))
+                if not f.read(int(end[i] - start[i])).strip():
+                    blank.append(i)
+            if blank:
+                mask = np.ones(len(start), dtype=bool)
+                mask[blank] = False
+                start, lineno = start[mask], lineno[mask]
+    return start, lineno
+
+
 class Annotation:
     """Random access to a dataset's records: byte offsets of jsonl lines (the file is not held in
     memory), or the parsed list of a LLaVA-style .json file. Item i -> (line number, JSON or RecordError)."""
@@ -141,16 +172,9 @@ class Annotation:
                 raise ValueError(f"{self.path}: a .json annotation must hold a list of records")
             self._items = data
         else:
-            offsets, linenos, pos = [], [], 0
-            with open(self.path, "rb") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        offsets.append(pos)
-                        linenos.append(lineno)
-                    pos += len(line)
-            self._offsets = np.asarray(offsets, dtype=np.int64)
-            self._linenos = np.asarray(linenos, dtype=np.int64)
+            self._offsets, self._linenos = _line_index(self.path)
         self._fh = None
+        self._pid = None
 
     def __len__(self) -> int:
         return len(self._items) if self._items is not None else len(self._offsets)
@@ -158,19 +182,22 @@ class Annotation:
     def __getitem__(self, i: int) -> tuple[int, Any]:
         if self._items is not None:
             return i + 1, self._items[i]
-        if self._fh is None:
-            self._fh = open(self.path, "rb")  # opened lazily, so each worker process gets its own handle
+        if self._fh is None or self._pid != os.getpid():
+            # one handle per process: a forked DataLoader worker must not share the parent's file offset
+            self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open for random access
+            self._pid = os.getpid()
         self._fh.seek(int(self._offsets[i]))
         line = self._fh.readline()
         lineno = int(self._linenos[i])
         try:
             return lineno, json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             return lineno, RecordError("malformed", f"{self.path}:{lineno}: not valid JSON ({e})")
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_fh"] = None  # file handles do not cross process boundaries
+        state["_pid"] = None
         return state
 
     def is_text_only(self, probe: int = 64) -> bool:
@@ -190,7 +217,11 @@ def _paths(value: Any, root: Path, where: str, key: str) -> list[Path]:
         raise RecordError("malformed", f"{where}: '{key}' must be a path or a list of paths")
     paths = [root / v for v in items]
     for p in paths:
-        if not p.is_file():
+        try:
+            exists = p.is_file()
+        except OSError as e:  # e.g. a name too long for the file system
+            raise RecordError("missing_file", f"{where}: {key} path {str(p)[:200]!r} is not usable ({e.strerror})") from None
+        if not exists:
             raise RecordError("missing_file", f"{where}: {key} file {p} does not exist")
     return paths
 
@@ -228,7 +259,7 @@ def parse_record(raw: Any, spec: DatasetSpec, where: str) -> Record | Preference
     video = _paths(raw.get("video"), spec.root, where, "video")
     if video and images:
         raise RecordError("malformed", f"{where}: a record holds images or a video, not both")
-    n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+    n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for role, text in turns if role == "user")
     if images and n_placeholders not in (0, len(images)):
         raise RecordError(
             "placeholder_mismatch", f"{where}: {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)"

@@ -47,11 +47,15 @@ def render_chat(
         system_message = record_system
     turns = attach_images(turns, len(tiles_per_image))
     text = f"<|im_start|>system\n{system_message}<|im_end|>\n" if system_message else ""
+    images = iter(tiles_per_image)
     for role, content in turns:
+        if role == "user":
+            n = content.count(IMAGE_PLACEHOLDER)
+            content = expand_images(content, [next(images) for _ in range(n)], image_seq_length)
         text += f"<|im_start|>{role}\n{content}<|im_end|>\n"
     if add_generation_prompt:
         text += "<|im_start|>assistant\n"
-    return expand_images(text, tiles_per_image, image_seq_length)
+    return text
 
 
 IGNORE_INDEX = -100
@@ -64,7 +68,7 @@ def normalize_turns(conversations: list[dict[str, str]]) -> tuple[str | None, li
         if not isinstance(m, dict):
             raise ValueError(f"turn {i} must be an object with 'from'/'value' or 'role'/'content', got {type(m).__name__}")
         raw_role = m.get("from", m.get("role"))
-        role = ROLES.get(raw_role)
+        role = ROLES.get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
             raise ValueError(f"turn {i} has unknown role {raw_role!r}; known: {sorted(ROLES)}")
         content = m.get("value", m.get("content"))
@@ -83,13 +87,14 @@ def attach_images(turns: list[tuple[str, str]], n_images: int, prefix: str | Non
     """Images with no `<image>` in any turn go before the first user turn (`<image>\n` each by default);
     the placeholder count must then equal the image count."""
     turns = list(turns)
-    if n_images and not any(IMAGE_PLACEHOLDER in text for _, text in turns):
+    # as InternVL: only user turns carry images; "<image>" in an answer stays text
+    if n_images and not any(IMAGE_PLACEHOLDER in text for role, text in turns if role == "user"):
         first_user = next((i for i, (r, _) in enumerate(turns) if r == "user"), None)
         if first_user is None:
             raise ValueError("images were given but there is no user turn to attach them to")
         prefix = prefix if prefix is not None else (IMAGE_PLACEHOLDER + "\n") * n_images
         turns[first_user] = ("user", prefix + turns[first_user][1])
-    n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+    n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for role, text in turns if role == "user")
     if n_placeholders != n_images:
         raise ValueError(f"conversation has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s)")
     return turns
@@ -127,15 +132,21 @@ def encode_conversation(
         input_ids += piece
         labels += [IGNORE_INDEX] * len(piece)
     images = iter(tiles_per_image)
+    header = "<|im_start|>assistant\n"
     for role, text in turns:
-        n = text.count(IMAGE_PLACEHOLDER)
-        text = expand_images(text, [next(images) for _ in range(n)], image_seq_length)
         if role == "user":
+            n = text.count(IMAGE_PLACEHOLDER)
+            text = expand_images(text, [next(images) for _ in range(n)], image_seq_length)
             piece = ids(f"<|im_start|>user\n{text}<|im_end|>\n")
             input_ids += piece
             labels += [IGNORE_INDEX] * len(piece)
         else:
-            head, body, tail = ids("<|im_start|>assistant\n"), ids(f"{text}<|im_end|>"), ids("\n")
-            input_ids += head + body + tail
-            labels += [IGNORE_INDEX] * len(head) + body + [IGNORE_INDEX] * len(tail)
+            # the turn is tokenised whole, as InternVL and the chat template do (an answer starting
+            # with whitespace may merge with the header's newline); labels start at the answer's
+            # first character, found through the offsets
+            enc = tokenizer(f"{header}{text}<|im_end|>", add_special_tokens=False, return_offsets_mapping=True)
+            body = [tid if end > len(header) else IGNORE_INDEX for tid, (_, end) in zip(enc.input_ids, enc.offset_mapping)]
+            tail = ids("\n")
+            input_ids += enc.input_ids + tail
+            labels += body + [IGNORE_INDEX] * len(tail)
     return input_ids, labels

@@ -42,6 +42,8 @@ def validate(specs: list[DatasetSpec], tokenizer=None, cfg: DataConfig | None = 
     report = ValidationReport()
     for spec in specs:
         annotation = Annotation(spec)
+        if len(annotation) == 0:
+            report.add(RecordError("malformed", f"{spec.name}: {spec.annotation} holds no records"), examples)
         for i in tqdm(range(len(annotation)), desc=spec.name, unit="rec", leave=False):
             report.records += 1
             lineno, raw = annotation[i]

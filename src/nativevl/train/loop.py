@@ -109,6 +109,8 @@ def train(
         (out_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
 
     tracker = StreamTracker(dataset.cfg.max_reject_fraction, dataset.cfg.min_records_before_abort)
+    if state is not None:
+        tracker.load_state_dict(state["data"][str(rank)])
     batches = iterate_batches(make_loader(dataset, cfg.num_workers), tracker)
     sizes = module_sizes(model)
     factors = pass_factors({m: policy.get(m).mode for m in MODULES})
