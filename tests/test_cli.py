@@ -34,13 +34,20 @@ def test_chat_reports_a_missing_image(tmp_path, tokenizer, capsys):
     assert code == 2 and "nope.png does not exist" in capsys.readouterr().err
 
 
-def test_demo_smoke_run_via_python_m(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "nativevl", "demo", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+def test_quick_demo_runs_end_to_end_via_python_m(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nativevl", "demo", "--out", str(tmp_path), "--quick"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["ok"] and report["cached_equals_uncached_greedy"]
-    assert VisionLanguageModel.from_pretrained(tmp_path / "model-internvl").config.image_seq_length == 4
+    assert set(report["stages"]) == {"pretrain", "sft"}
+    for stage in report["stages"].values():
+        for task in ("shapes", "reading", "charts", "arithmetic", "multi_image", "text"):
+            r = stage[task]
+            assert r["n"] == 6 and 0 <= r["accuracy"] <= 1 and 0 < r["chance"] <= 0.2 and len(r["ci95"]) == 2
+    assert (tmp_path / "loss.png").stat().st_size > 1000 and "| shapes |" in (tmp_path / "report.md").read_text()
+    assert VisionLanguageModel.from_pretrained(tmp_path / "sft" / "final").config.image_seq_length == 9
+    assert (tmp_path / "data" / "meta.json").is_file()
+    assert "nativevl chat --model" in proc.stdout
 
 
 def test_tiling_grid_and_prompt():

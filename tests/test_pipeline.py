@@ -245,7 +245,7 @@ def test_second_resume_and_forked_readers(meta, tokenizer):
     got, state = [], None
     for stop in (3, 2):
         ds = PackedDataset(specs, tokenizer, cfg)
-        ds.annotations[0][0]  # the parent opens the file before the workers fork
+        ds.sources[0].annotation[0]  # the parent opens the file before the workers fork
         tracker = StreamTracker(1.0)
         if state is not None:
             ds.load_state_dict(state)

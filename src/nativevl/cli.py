@@ -96,11 +96,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from nativevl.smoke import run_smoke
+    from nativevl.demo import DemoConfig, run_demo
 
-    report = run_smoke(Path(args.out), seed=args.seed)
-    print(json.dumps(report, indent=2))
-    return 0 if report["ok"] else 1
+    run_demo(Path(args.out), DemoConfig.quick() if args.quick else DemoConfig())
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from nativevl.eval.runner import evaluate, markdown_table, write_report
+    from nativevl.io.hf import load_model
+    from nativevl.io.tokenizer import load_tokenizer
+    from nativevl.train.parallel import init_distributed
+
+    rank, world, device = init_distributed()
+    model = load_model(args.model, dtype=torch.float32, device=device)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tasks = [t for t in args.tasks.split(",") if t]
+    report = evaluate(model, tokenizer, tasks, n=args.n, seed=args.seed, batch_size=args.batch_size,
+                      system_message=args.system or None, rank=rank, world_size=world)
+    if rank == 0:
+        write_report(report, args.out)
+        print(markdown_table(report, f"{args.model}, seed {args.seed}"))
+        print(f"written: {args.out} and {Path(args.out).with_suffix('.md')}")
+    return 0
 
 
 def cmd_data_validate(args: argparse.Namespace) -> int:
@@ -143,10 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nativevl", description="InternVL3 in plain PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="end-to-end smoke run on a tiny random model (no download)")
-    d.add_argument("--out", default="runs/demo", help="output folder (report.json, checkpoints)")
-    d.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("demo", help="the whole recipe on the toy world: pre-training, SFT, evaluation (CPU, no download)")
+    d.add_argument("--out", default="runs/demo", help="output folder (report.json, report.md, loss.png, model)")
+    d.add_argument("--quick", action="store_true", help="a few steps per stage (checks the pipeline, learns nothing)")
     d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on toy-world tasks (accuracy, chance, 95% interval)")
+    e.add_argument("--model", required=True)
+    e.add_argument("--tokenizer", default=None, help="default: the model folder")
+    e.add_argument("--tasks", default="shapes,reading,charts,arithmetic,multi_image,text")
+    e.add_argument("--n", type=int, default=200, help="questions per task")
+    e.add_argument("--seed", type=int, default=10_000, help="held-out generator seed")
+    e.add_argument("--batch_size", type=int, default=32)
+    e.add_argument("--system", default="", help="system message ('' for none, as the demo trains)")
+    e.add_argument("--out", default="eval.json")
+    e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("chat", help="answer one prompt about one image")
     c.add_argument("--model", required=True, help="checkpoint folder (-hf or original layout) with tokenizer files")

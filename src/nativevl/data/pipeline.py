@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -166,6 +167,38 @@ def build_sample(record: Record, tokenizer, cfg: DataConfig, index: int = -1) ->
     return sample
 
 
+class Source(Protocol):
+    """Where records come from: a dataset file, or a generator such as the toy world."""
+
+    name: str
+    repeat_time: float
+
+    def __len__(self) -> int: ...
+
+    def get(self, i: int) -> Record | PreferenceRecord:
+        """Record i, or RecordError."""
+
+    def is_text_only(self) -> bool: ...
+
+
+class FileSource:
+    """A dataset of the meta json: its annotation file, parsed record by record."""
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        self.spec, self.name, self.repeat_time = spec, spec.name, spec.repeat_time
+        self.annotation = Annotation(spec)
+
+    def __len__(self) -> int:
+        return len(self.annotation)
+
+    def get(self, i: int) -> Record | PreferenceRecord:
+        lineno, raw = self.annotation[i]
+        return parse_record(raw, self.spec, f"{self.name}:{self.spec.annotation.name}:{lineno}")
+
+    def is_text_only(self) -> bool:
+        return self.annotation.is_text_only()
+
+
 class PackedDataset(IterableDataset):
     """Endless (or `max_records`-long) stream of packed Batches for one data-parallel rank.
 
@@ -176,7 +209,7 @@ class PackedDataset(IterableDataset):
 
     def __init__(
         self,
-        specs: list[DatasetSpec],
+        sources: list[DatasetSpec | Source],
         tokenizer,
         cfg: DataConfig,
         *,
@@ -186,19 +219,19 @@ class PackedDataset(IterableDataset):
         weights: list[float] | None = None,
     ) -> None:
         super().__init__()
-        if not specs:
+        if not sources:
             raise ValueError("no datasets given")
-        self.specs, self.tokenizer, self.cfg = specs, tokenizer, cfg
+        self.sources = [FileSource(s) if isinstance(s, DatasetSpec) else s for s in sources]
+        self.tokenizer, self.cfg = tokenizer, cfg
         self.rank, self.world_size = rank, world_size
         self.rejects_dir = Path(rejects_dir) if rejects_dir is not None else None
-        self.annotations = [Annotation(s) for s in specs]
-        sizes = [len(a) for a in self.annotations]
-        empty = [s.name for s, n in zip(specs, sizes) if n == 0]
+        sizes = [len(src) for src in self.sources]
+        empty = [src.name for src, n in zip(self.sources, sizes) if n == 0]
         if empty:
             raise ValueError(f"dataset(s) {empty} hold no records")
         if weights is None:
-            is_text = [a.is_text_only() for a in self.annotations] if cfg.text_ratio is not None else None
-            weights = mixture_weights(sizes, [s.repeat_time for s in specs], is_text, cfg.text_ratio)
+            is_text = [src.is_text_only() for src in self.sources] if cfg.text_ratio is not None else None
+            weights = mixture_weights(sizes, [src.repeat_time for src in self.sources], is_text, cfg.text_ratio)
         self.mixture = Mixture(sizes, weights, seed=cfg.seed)
         self.resume_states: dict[int, dict] = {}
         self.rotation = 0
@@ -208,17 +241,14 @@ class PackedDataset(IterableDataset):
         self.resume_states = {int(k): v for k, v in state["shards"].items()}
         self.rotation = int(state["rotation"])
 
-    def record(self, i: int) -> tuple[Record | PreferenceRecord, int, int]:
+    def record(self, i: int) -> Record | PreferenceRecord:
         d, r = self.mixture.locate(i)
-        spec = self.specs[d]
-        lineno, raw = self.annotations[d][r]
-        return parse_record(raw, spec, f"{spec.name}:{spec.annotation.name}:{lineno}"), d, r
+        return self.sources[d].get(r)
 
     def sample(self, i: int) -> Sample:
         """Stream item i as a Sample; anything wrong with the record becomes a RecordError."""
         try:
-            rec, _, _ = self.record(i)
-            return build_sample(rec, self.tokenizer, self.cfg, index=i)
+            return build_sample(self.record(i), self.tokenizer, self.cfg, index=i)
         except RecordError:
             raise
         except (OSError, RecursionError, TypeError, KeyError, AttributeError) as e:

@@ -1,0 +1,30 @@
+"""Toy-world task families as evaluation tasks (held-out seeds, verified answers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nativevl.data.toyworld.tasks import Example, example, final_answer, normalize, verify
+
+
+@dataclass(frozen=True)
+class ToyWorldTask:
+    name: str
+    size: int = 96
+
+    @property
+    def max_new_tokens(self) -> int:
+        return 64 if self.name == "arithmetic" else 12
+
+    def load(self, n: int, seed: int) -> list[Example]:
+        return [example(self.name, seed, i, self.size) for i in range(n)]
+
+    def prompt(self, item: Example) -> tuple[list[dict[str, str]], list]:
+        return [{"role": "user", "content": item.question}], item.images
+
+    def score(self, prediction: str, item: Example) -> bool:
+        return verify(self.name, prediction, item.answer)
+
+    def answer_key(self, item: Example) -> str:
+        """What chance is measured on: the answer a constant guesser would have to hit."""
+        return (final_answer(item.answer) if self.name == "arithmetic" else normalize(item.answer)) or ""

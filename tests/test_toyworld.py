@@ -1,0 +1,81 @@
+"""The toy world: determinism, verifiers, chance levels, the evaluation runner's scoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nativevl.data.toyworld import FAMILIES, ToyWorldSource, example, final_answer, verify, write_dataset
+from nativevl.eval.runner import chance_level, evaluate, wilson
+from nativevl.eval.tasks import get_task
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_generator_is_deterministic_by_seed(family):
+    a, b, other = example(family, 3, 7), example(family, 3, 7), [example(family, 4, i) for i in range(5)]
+    assert (a.question, a.answer, a.caption, a.more) == (b.question, b.answer, b.caption, b.more)
+    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images))
+    assert any((o.question, o.answer) != (a.question, a.answer) for o in other)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_verifiers_accept_the_reference_and_reject_perturbations(family):
+    for i in range(20):
+        ex = example(family, 0, i)
+        assert verify(family, ex.answer, ex.answer)
+        assert verify(family, "  " + ex.answer.upper() + ". ", ex.answer)  # normalisation
+        assert not verify(family, ex.answer + " x", ex.answer)
+        assert not verify(family, "", ex.answer)
+        if family == "arithmetic":
+            value = int(final_answer(ex.answer))
+            wrong = ex.answer.replace(f"Final answer: {value}", f"Final answer: {value + 1}")
+            assert not verify(family, wrong, ex.answer)
+            assert not verify(family, ex.answer.rsplit("\n\n", 1)[0], ex.answer)  # no final line
+            assert verify(family, f"some other steps\n\nFinal answer: {value}", ex.answer)  # the final answer decides
+
+
+def test_arithmetic_steps_are_separated_by_blank_lines():
+    ex = example("arithmetic", 0, 1)
+    steps = ex.answer.split("\n\n")
+    assert len(steps) >= 3 and steps[-1].startswith("Final answer: ")
+    digits = [int(d) for d in steps[0].removeprefix("the numbers are ").rstrip(".").replace(" and ", ", ").split(", ")]
+    assert int(final_answer(ex.answer)) == sum(digits)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_chance_is_at_most_20_percent(family):
+    assert chance_level(get_task(family), seed=5, n=1000) <= 0.2
+
+
+def test_multi_image_counts_and_prompt():
+    for i in range(10):
+        ex = example("multi_image", 0, i)
+        assert 5 <= len(ex.images) <= 8 and ex.question.count("<image>") == len(ex.images)
+        assert ex.answer.startswith("image ") and 1 <= int(ex.answer.split()[1]) <= len(ex.images)
+
+
+def test_runner_scores_oracle_and_wrong_answers():
+    tasks = sorted(FAMILIES)
+    right = evaluate(None, None, tasks, n=12, seed=1, predictor=lambda task, items: [it.answer for it in items])
+    wrong = evaluate(None, None, tasks, n=12, seed=1, predictor=lambda task, items: ["zzz" for _ in items])
+    for t in tasks:
+        assert right[t]["accuracy"] == 1.0 and right[t]["n"] == 12 and right[t]["ci95"][1] == 1.0
+        assert wrong[t]["accuracy"] == 0.0 and wrong[t]["ci95"][0] == 0.0
+    low, high = wilson(50, 100)
+    assert abs(low - 0.404) < 0.01 and abs(high - 0.596) < 0.01
+
+
+def test_sources_and_files(tmp_path, tokenizer):
+    from nativevl.data.pipeline import FileSource
+    from nativevl.data.records import load_meta
+
+    src = ToyWorldSource("shapes", "sft", seed=2, turns=3)
+    rec = src.get(0)
+    assert len(rec.images) == 1 and len(rec.conversations) == 6
+    assert ToyWorldSource("text", "pretrain", seed=2).get(0).text
+    meta = write_dataset(tmp_path, ["shapes", "text", "multi_image"], "pretrain", seed=2, n_per_family=3)
+    specs = load_meta(meta)
+    assert [s.name for s in specs] == ["shapes", "text", "multi_image"]
+    files = [FileSource(s) for s in specs]
+    assert files[1].is_text_only() and not files[0].is_text_only()
+    assert files[2].get(0).images and files[0].get(0).conversations[0]["value"] == "<image>\ndescribe the image."
