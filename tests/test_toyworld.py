@@ -44,7 +44,8 @@ def test_arithmetic_steps_are_separated_by_blank_lines():
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_chance_is_at_most_20_percent(family):
-    assert chance_level(get_task(family), seed=5, n=1000) <= 0.2
+    """As the demo's report measures it (held-out seed, 2,000 questions)."""
+    assert chance_level(get_task(family), seed=10_000, n=2000) <= 0.2
 
 
 def test_multi_image_counts_and_prompt():

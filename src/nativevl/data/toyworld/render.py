@@ -1,8 +1,9 @@
 """Drawing for the toy world: shapes, a 5x7 bitmap font and bar charts, on numpy canvases.
 
 Scenes sit on a 3x3 grid of cells so that each cell maps onto one visual token of the tiny demo
-model (96 px tiles, patch 16, pixel shuffle 0.5 -> 3x3 tokens): binding a word to an object is
-then a matter of attending to the right token, which a small model learns on a CPU in minutes.
+model (96 px tiles, patch 16, pixel shuffle 0.5 -> 3x3 tokens), and objects sit near their cell's
+centre (a couple of pixels of jitter): binding a word to an object is then a matter of attending to
+the right token, which a small model learns on a CPU in minutes.
 """
 
 from __future__ import annotations
@@ -69,21 +70,26 @@ def cell_box(cell: int, size: int) -> tuple[int, int, int]:
     return (cell // 3) * side, (cell % 3) * side, side
 
 
-def draw_shape(img: np.ndarray, cell: int, shape: str, colour: str, rng: np.random.Generator) -> None:
+def _place(side: int, extent: int, jitter: int, rng: np.random.Generator) -> int:
+    """Offset of an object in its cell: centred, moved by up to `jitter` pixels."""
+    centre = (side - extent) // 2
+    low, high = max(0, centre - jitter), min(side - extent, centre + jitter)
+    return int(rng.integers(low, high + 1))
+
+
+def draw_shape(img: np.ndarray, cell: int, shape: str, colour: str, rng: np.random.Generator, jitter: int = 2) -> None:
     top, left, side = cell_box(cell, img.shape[0])
-    s = int(side * rng.uniform(0.6, 0.85))
-    y = top + int(rng.integers(0, side - s + 1))
-    x = left + int(rng.integers(0, side - s + 1))
+    s = int(side * 0.75)
+    y, x = top + _place(side, s, jitter, rng), left + _place(side, s, jitter, rng)
     img[y : y + s, x : x + s][shape_mask(shape, s)] = COLOURS[colour]
 
 
-def draw_glyph(img: np.ndarray, cell: int, ch: str, rng: np.random.Generator, colour=(20, 20, 20)) -> None:
+def draw_glyph(img: np.ndarray, cell: int, ch: str, rng: np.random.Generator, colour=(20, 20, 20), jitter: int = 2) -> None:
     top, left, side = cell_box(cell, img.shape[0])
-    scale = max(1, side // 8)
+    scale = max(1, side // 9)
     glyph = np.kron(FONT[ch], np.ones((scale, scale), dtype=bool))  # (7s, 5s)
     gh, gw = glyph.shape
-    y = top + int(rng.integers(0, side - gh + 1))
-    x = left + int(rng.integers(0, side - gw + 1))
+    y, x = top + _place(side, gh, jitter, rng), left + _place(side, gw, jitter, rng)
     img[y : y + gh, x : x + gw][glyph] = colour
 
 

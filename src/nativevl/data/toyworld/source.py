@@ -63,14 +63,21 @@ class ToyWorldSource:
 
 
 def corpus() -> list[str]:
-    """Text covering every word the toy world uses, for the tokenizer."""
+    """Text covering every word the toy world uses, for the tokenizer. Words also appear at the
+    start of a line, as answers do, so that an answer and the same word inside a sentence are both
+    single tokens; glyphs only appear alone, so that what is written is read one character a token."""
     words = list(COLOURS) + list(SHAPES) + list(CELL_NAMES) + list(ANIMALS) + list(NUMBER_WORDS)
-    words += [s for pair in ANIMALS.values() for s in pair] + list(GLYPHS)
-    texts = [" ".join(words)]
+    words += [s for pair in ANIMALS.values() for s in pair]
+    texts = [" ".join(words), *words, *words, " ".join(GLYPHS), *GLYPHS]
     for family in FAMILIES:
+        if family == "reading":
+            continue
         for i in range(200):
             ex = example(family, 12345, i)
-            texts.append(f"{ex.question} {ex.answer} {ex.caption or ''}")
+            texts += [ex.question, ex.answer, ex.caption or ""]
+            texts += [q for q, _ in ex.more] + [a for _, a in ex.more]
+    texts += ["what is written?", "describe the image.", "the text reads"]
+    texts += [f"what is the {k} character?" for k in ("first", "second", "third")]
     rng = np.random.default_rng(0)
     texts += [text_document(rng) for _ in range(200)]
     texts += [f"{a} + {b} = {a + b}" for a in range(30) for b in range(10)]

@@ -132,18 +132,20 @@ def arithmetic(rng: np.random.Generator, size: int = 96) -> Example:
 
 def multi_image(rng: np.random.Generator, size: int = 96, min_images: int = 5, max_images: int = 8) -> Example:
     """4-16 images of one object each: which image shows X? (at least 5 keeps chance at or under 20%)"""
+    if not 4 <= min_images <= max_images <= 16:
+        raise ValueError(f"multi-image questions use 4 to 16 images, got {min_images}..{max_images}")
     n = int(rng.integers(min_images, max_images + 1))
     combos = rng.choice(len(COLOUR_NAMES) * len(SHAPES), size=n, replace=False)
+    names = [f"{COLOUR_NAMES[k // len(SHAPES)]} {SHAPES[k % len(SHAPES)]}" for k in combos]
     images = []
     for k in combos:
         img = canvas(size)
         draw_shape(img, int(rng.integers(0, 9)), SHAPES[k % len(SHAPES)], COLOUR_NAMES[k // len(SHAPES)], rng)
         images.append(img)
     target = int(rng.integers(0, n))
-    k = combos[target]
     prefix = "".join(f"Image-{i + 1}: <image>\n" for i in range(n))
-    question = f"{prefix}which image shows the {COLOUR_NAMES[k // len(SHAPES)]} {SHAPES[k % len(SHAPES)]}?"
-    return Example("multi_image", f"which{n}", question, f"image {target + 1}", images)
+    return Example("multi_image", f"which{n}", f"{prefix}which image shows the {names[target]}?", f"image {target + 1}",
+                   images)
 
 
 def text_facts(rng: np.random.Generator, size: int = 96) -> Example:
