@@ -169,8 +169,9 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(report))
     print(f"[demo] report: {out / 'report.md'} ({report['wall_time_s']} s)")
+    question = ToyWorldSource("shapes", "sft", cfg.train_seed).get(0).conversations[0]["value"].split("\n", 1)[1]
     print(f"[demo] chat with the model:  nativevl chat --model {out / 'sft' / 'final'} --image "
-          f"{out / 'data' / 'shapes' / '0-0.png'} --prompt 'what colour is the circle?' --system ''")
+          f"{out / 'data' / 'shapes' / '0-0.png'} --prompt '{question}' --system ''")
     return report
 
 
