@@ -94,10 +94,11 @@ def load_visuals(record: Record, cfg: DataConfig, rng: np.random.Generator) -> t
             raise RecordError("missing_file", f"{record.source}: {e}") from None
         except ValueError as e:
             raise RecordError("unreadable_image", f"{record.source}: {e}") from None
-        tiles = img.tile_array(image, image_size=cfg.image_size, max_num=cap)  # (n, 3, S, S) uint8
-        if record.data_augment and cfg.training:
-            pil = [img.Image.fromarray(t.transpose(1, 2, 0)) for t in tiles]
-            tiles = np.stack([np.asarray(t) for t in img.jpeg_reencode(pil, rng)]).transpose(0, 3, 1, 2)
+        if record.data_augment and cfg.training:  # JPEG re-encoding works on PIL tiles
+            pil = img.jpeg_reencode(img.tile_image(image, image_size=cfg.image_size, max_num=cap), rng)
+            tiles = np.stack([np.asarray(t) for t in pil]).transpose(0, 3, 1, 2)  # (n, 3, S, S) uint8
+        else:
+            tiles = img.tile_array(image, image_size=cfg.image_size, max_num=cap)  # (n, 3, S, S) uint8
         all_tiles.append(tiles)
         counts.append(len(tiles))
     return _pixels(np.concatenate(all_tiles), cfg), counts, None

@@ -20,6 +20,20 @@ from nativevl.io.tokenizer import IMG_CONTEXT, load_tokenizer
 _PLACEHOLDER = re.compile(re.escape(IMG_CONTEXT) + "|<image>")
 
 
+def pad_batch(ids: list[list[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (input_ids, attention_mask), both (B, longest), padded on `side` (left for generation)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be left or right, got {side!r}")
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        sl = slice(width - len(x), width) if side == "left" else slice(0, len(x))
+        input_ids[row, sl] = torch.tensor(x, dtype=torch.long)
+        mask[row, sl] = 1
+    return input_ids, mask
+
+
 class Processor:
     def __init__(
         self,
@@ -85,16 +99,10 @@ class Processor:
         counts = iter([p.shape[0] for p in pixel_values])
         expanded = [_PLACEHOLDER.sub(lambda m: image_span(next(counts), self.image_seq_length), t) for t in texts]
         ids = [self.tokenizer(t, add_special_tokens=False).input_ids for t in expanded]
-        width = max(len(x) for x in ids)
         if not padding and len({len(x) for x in ids}) > 1:
             raise ValueError("texts have different lengths; pass padding=True")
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, x in enumerate(ids):
-            sl = slice(width - len(x), width) if padding_side == "left" else slice(0, len(x))
-            input_ids[row, sl] = torch.tensor(x, dtype=torch.long)
-            mask[row, sl] = 1
+        input_ids, mask = pad_batch(ids, pad, side=padding_side)
         out = {"input_ids": input_ids, "attention_mask": mask}
         if pixel_values:
             out["pixel_values"] = torch.cat(pixel_values)

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from nativevl.data.images import image_to_tiles
+from nativevl.data.processor import pad_batch
 from nativevl.data.template import render_chat
 from nativevl.eval.tasks import get_task
 from nativevl.infer.generate import generate
@@ -52,13 +53,8 @@ def predict(model, tokenizer, prompts: list[tuple[list[dict], list]], *, max_new
                                image_seq_length=cfg.image_seq_length, system_message=system_message)
             ids.append(tokenizer(text, add_special_tokens=False).input_ids)
             pixels += tiles
-        width = max(len(x) for x in ids)
-        pad = tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for row, x in enumerate(ids):
-            input_ids[row, width - len(x):] = torch.tensor(x)
-            mask[row, width - len(x):] = 1
+        input_ids, mask = pad_batch(ids, tokenizer.pad_token_id or 0, side="left")
+        width = input_ids.shape[1]
         out = generate(model, input_ids.to(device), torch.cat(pixels).to(device) if pixels else None,
                        attention_mask=mask.to(device), max_new_tokens=max_new_tokens)
         for row in out[:, width:]:

@@ -85,7 +85,7 @@ def _text_to_dict(t: TextConfig, *, architecture: str | None = None) -> dict[str
     return d
 
 
-def _text_from_dict(d: dict[str, Any], *, source: str) -> TextConfig:
+def text_from_dict(d: dict[str, Any], *, source: str) -> TextConfig:
     model_type = d.get("model_type", "qwen2")
     if model_type in ("internlm3", "llama"):
         arch, bias = "llama", bool(d.get("attention_bias", d.get("qkv_bias", False)))
@@ -155,7 +155,7 @@ def _vision_to_dict(v: VisionConfig, layout: str) -> dict[str, Any]:
     return d
 
 
-def _vision_from_dict(d: dict[str, Any], layout: str) -> VisionConfig:
+def vision_from_dict(d: dict[str, Any], layout: str) -> VisionConfig:
     renames = _VISION_RENAMES[layout]
     kwargs = dict(_VISION_DEFAULTS[layout])
     for f in dataclasses.fields(VisionConfig):
@@ -202,9 +202,9 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelCo
     if d.get("vision_feature_layer", -1) != -1:
         raise ValueError(f"{source}: vision_feature_layer {d['vision_feature_layer']} is not supported (only -1)")
     try:
-        vision = _vision_from_dict(v, "hf")
+        vision = vision_from_dict(v, "hf")
         text_d = d.get("text_config") or {}
-        text = _text_from_dict(text_d, source=source)
+        text = text_from_dict(text_d, source=source)
         tie = d.get("tie_word_embeddings", text_d.get("tie_word_embeddings", True))
         return ModelConfig(
             vision=vision,
@@ -261,8 +261,8 @@ def config_from_internvl(
     try:
         if d.get("force_image_size"):
             v = {**v, "image_size": d["force_image_size"]}
-        vision = _vision_from_dict(v, "internvl")
-        text = _text_from_dict(llm, source=source)
+        vision = vision_from_dict(v, "internvl")
+        text = text_from_dict(llm, source=source)
         if d.get("template", "internvl2_5") == "internvl2_5" and im_end_id is not None:
             # InternVL's chat() stops at the template's separator <|im_end|>, not at llm_config's
             # eos (<|endoftext|> in the hub's InternVL3-1B); transformers' converter does the same.

@@ -36,10 +36,10 @@ def load_vit(path: str | Path) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
         vision = cfg.vision
     elif model_type == "intern_vit_6b":
         sd = keymap.from_internvl({f"vision_model.{k}": v for k, v in raw.items()})
-        vision = hfio._vision_from_dict(d, "internvl")
+        vision = hfio.vision_from_dict(d, "internvl")
     elif model_type == "internvl_vision":
         sd = {f"vision_tower.{k.removeprefix('model.')}": v for k, v in raw.items()}
-        vision = hfio._vision_from_dict(d, "hf")
+        vision = hfio.vision_from_dict(d, "hf")
     else:
         raise ValueError(f"{path}: model_type {model_type!r} is not an InternViT or InternVL checkpoint")
     sd = {k: v for k, v in sd.items() if k.startswith("vision_tower.")}
@@ -52,7 +52,7 @@ def load_llm(path: str | Path) -> tuple[TextConfig, bool, dict[str, torch.Tensor
     """(config, tied, weights as ours) from a Qwen2ForCausalLM / LlamaForCausalLM folder."""
     path = Path(path)
     d = _config(path)
-    text = hfio._text_from_dict(d, source=str(path / "config.json"))
+    text = hfio.text_from_dict(d, source=str(path / "config.json"))
     raw, _ = hfio.read_tensors(path)
     sd = {}
     for k, v in raw.items():

@@ -19,7 +19,9 @@ CHATML_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 REQUIRED_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT, "<|im_start|>", "<|im_end|>")
 
 # ChatML as InternVL3's -hf checkpoints ship it: no default system prompt, an image part becomes
-# <IMG_CONTEXT> on its own line (the processor expands it), a video part <video>.
+# <IMG_CONTEXT> on its own line (the processor expands it), a video part <video>. This is the jinja
+# copy that tokenizer files carry for transformers; data/template.py is the definition, and
+# tests/test_data.py pins the two to the same text.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
