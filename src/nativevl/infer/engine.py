@@ -1,0 +1,609 @@
+"""The inference engine: a preallocated KV cache in slots, batched prefill, continuous batching.
+
+Each running sequence owns one slot of a static cache (slots, kv_heads, max_seq_len, head_dim) per
+layer. A `step()` admits waiting requests (one left-padded prefill for all of them; a request for n
+samples is prefilled once and its cache rows copied into n slots), then runs one decode step over
+slots [0, B) with B a power of two, attending to a key window [0, L) with L rounded up: the step's
+shapes depend on (B, L) only, so on CUDA it is captured once per bucket as a CUDA graph (after
+torch.compile when available) and replayed. Free slots inside the bucket compute garbage that no one
+reads. The CPU runs the same static-shape step eagerly.
+
+Threads: `submit()` may be called from any thread; `step()` from one thread only (the caller's, in
+`generate()`, or the background loop started by `start()`, which the server uses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from nativevl.data.processor import pad_batch
+from nativevl.model.text import KVCache, RotaryEmbedding
+from nativevl.model.vlm import VisionLanguageModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # sample j of a request draws from its own generator seeded (seed, j)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    n: int = 1
+    ignore_eos: bool = False  # benchmarks: do not stop at <|im_end|> / eos (explicit stop_token_ids still stop)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # generated tokens; a stop token is not included, the tokens of a stop string are
+    text: str  # decoded without special tokens, cut before a stop string
+    finish_reason: str  # "stop" | "length"
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the engine's max_queue allows (the server answers 429)."""
+
+
+class Request:
+    """One submitted prompt: its n completions, events for streaming, and timings (seconds)."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt: list[int], params: SamplingParams, pixel_values, on_event) -> None:
+        self.id = next(Request._ids)
+        self.prompt, self.params, self.pixel_values, self.on_event = prompt, params, pixel_values, on_event
+        self.completions: list[Completion | None] = [None] * params.n
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.timings = {"submitted": time.perf_counter()}
+        self._done = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> list[Completion]:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return list(self.completions)
+
+    def _emit(self, kind: str, index: int, payload) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, index, payload)
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.timings["finished"] = time.perf_counter()
+        self._done.set()
+        self._emit("error" if error is not None else "done", -1, error if error is not None else list(self.completions))
+
+
+class _Seq:
+    """One sample being generated in one slot."""
+
+    def __init__(self, req: Request, index: int, slot: int, stop_ids: frozenset[int]) -> None:
+        p = req.params
+        self.req, self.index, self.slot, self.stop_ids = req, index, slot, stop_ids
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of text already streamed
+        self.generator = None
+        if p.temperature > 0:
+            seed = int(torch.randint(0, 2**62, (1,)).item()) if p.seed is None else p.seed
+            self.generator = torch.Generator().manual_seed((seed * 1_000_003 + index) % 2**63)
+        self.seen = set(req.prompt) if p.repetition_penalty != 1.0 else None
+
+
+def _bucket_batch(n: int, cap: int) -> int:
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, cap)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: VisionLanguageModel,
+        tokenizer,
+        *,
+        max_batch_size: int = 32,
+        max_seq_len: int = 4096,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        cuda_graphs: bool = True,
+        compile: bool | None = None,
+        max_queue: int = 256,
+        prefill_tokens: int = 16384,
+        length_quantum: int | None = None,
+    ) -> None:
+        """`dtype`/`device` move the model (in place) when given. `compile` (default: with CUDA graphs
+        on CUDA) compiles the decode step before capture. `length_quantum`: the key window grows in
+        steps of this many positions (each step a new graph); `prefill_tokens` bounds one prefill's
+        padded tokens."""
+        if max_batch_size < 1 or max_seq_len < 2:
+            raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.device, self.dtype = model.device, model.dtype
+        cfg = model.config.text
+        self.max_batch_size, self.max_seq_len, self.max_queue = max_batch_size, max_seq_len, max_queue
+        self.prefill_tokens = prefill_tokens
+        if cfg.rope_type == "dynamic" and max_seq_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_seq_len {max_seq_len} is past max_position_embeddings {cfg.max_position_embeddings}: dynamic "
+                "RoPE would rescale, which the static decode step does not do"
+            )
+        # below max_position_embeddings dynamic RoPE equals the default one, minus its host sync
+        self.rope = RotaryEmbedding(dataclasses.replace(cfg, rope_type="default"))
+        on_cuda = self.device.type == "cuda"
+        self.use_graphs = bool(cuda_graphs and on_cuda)
+        self.use_compile = self.use_graphs if compile is None else bool(compile and on_cuda)
+        self.length_quantum = length_quantum or (256 if on_cuda else 16)
+        eos = {cfg.eos_token_id}
+        for tok in ("<|im_end|>",):
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None):
+                eos.add(tid)
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_ids = frozenset(eos)
+        shape = (max_batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
+        # static inputs of the decode step (a CUDA graph reads them in place)
+        self._tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        self._positions = torch.zeros(max_batch_size, dtype=torch.float32, device=self.device)
+        self._lengths = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        self._rows = torch.arange(max_batch_size, device=self.device)
+        self._key_index = torch.arange(max_seq_len, device=self.device)
+        self.slots: list[_Seq | None] = [None] * max_batch_size
+        self.lengths = [0] * max_batch_size  # host copies: cached entries per slot
+        self.positions = [0.0] * max_batch_size
+        self.next_tokens = [0] * max_batch_size
+        self._waiting: deque[Request] = deque()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_pool = None
+        self._step_fn = self._decode_logits
+        if self.use_compile:
+            self._step_fn = torch.compile(self._decode_logits, dynamic=False)
+        self.stats = {"prefills": 0, "prefill_batches": 0, "decode_steps": 0, "decode_tokens": 0,
+                      "graph_captures": 0, "decode_mode": self.decode_mode}
+
+    @property
+    def decode_mode(self) -> str:
+        return ("compile+" if self.use_compile else "") + ("cuda_graph" if self.use_graphs else "eager")
+
+    # ------------------------------------------------------------------ public API
+
+    def submit(
+        self,
+        input_ids: list[int],
+        params: SamplingParams = SamplingParams(),
+        pixel_values: torch.Tensor | None = None,
+        *,
+        on_event: Callable[[str, int, object], None] | None = None,
+    ) -> Request:
+        """Queue one tokenised prompt. on_event(kind, index, payload) is called from the engine's
+        thread: ("delta", i, text), ("finish", i, Completion), then ("done", -1, completions) or
+        ("error", -1, exception)."""
+        prompt = [int(t) for t in input_ids]
+        vocab = self.model.config.text.vocab_size
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; this engine holds at most {self.max_seq_len - 1}")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {min(prompt)}..{max(prompt)}")
+        if params.n > self.max_batch_size:
+            raise ValueError(f"n = {params.n} samples exceed max_batch_size {self.max_batch_size}")
+        req = Request(prompt, params, pixel_values, on_event)
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue {self.max_queue})")
+            self._waiting.append(req)
+            self._lock.notify_all()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop generating for `req` at the next step (a client went away)."""
+        req.cancelled = True
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def generate(
+        self,
+        input_ids: list[list[int]],
+        params: SamplingParams | list[SamplingParams] = SamplingParams(),
+        pixel_values: list[torch.Tensor | None] | None = None,
+    ) -> list[list[Completion]]:
+        """One list of n completions per prompt; runs the steps itself unless `start()` was called."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(input_ids)
+        pvs = list(pixel_values) if pixel_values is not None else [None] * len(input_ids)
+        if len(plist) != len(input_ids) or len(pvs) != len(input_ids):
+            raise ValueError(f"{len(input_ids)} prompts but {len(plist)} params and {len(pvs)} pixel_values")
+        reqs = [self.submit(ids, p, pv) for ids, p, pv in zip(input_ids, plist, pvs)]
+        if self._thread is None:
+            while not all(r.done for r in reqs):
+                self.step()
+        return [r.result() for r in reqs]
+
+    def stream(self, input_ids: list[int], params: SamplingParams = SamplingParams(),
+               pixel_values: torch.Tensor | None = None) -> Iterator[str]:
+        """Text deltas of sample 0 as they are generated (n must be 1)."""
+        if params.n != 1:
+            raise ValueError(f"stream() yields one sample; got n = {params.n}")
+        events: queue.Queue = queue.Queue()
+        self.submit(input_ids, params, pixel_values, on_event=lambda k, i, p: events.put((k, p)))
+        while True:
+            if self._thread is None:
+                while events.empty():
+                    self.step()
+            kind, payload = events.get()
+            if kind == "delta":
+                yield payload
+            elif kind == "error":
+                raise payload
+            elif kind == "done":
+                return
+
+    def start(self) -> None:
+        """Run steps in a background thread (for servers); generate() then only submits and waits."""
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="nativevl-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        if self._thread is None:
+            return
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        self._thread.join()
+        self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self._waiting and self.num_running == 0:
+                    self._lock.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a failed step fails its requests; the engine keeps serving
+                log.exception("engine step failed")
+                self._fail_running(e)
+
+    def _fail_running(self, error: BaseException) -> None:
+        for seq in self.slots:
+            if seq is not None and not seq.req.done:
+                seq.req._finish(error)
+        self.slots = [None] * self.max_batch_size
+
+    # ------------------------------------------------------------------ scheduling
+
+    def step(self) -> bool:
+        """Admit and prefill waiting requests, then one decode step. True while work remains."""
+        for seq in self.slots:
+            if seq is not None and seq.req.cancelled:
+                self._release(seq)
+                if not seq.req.done:
+                    seq.req._finish(RuntimeError(f"request {seq.req.id} was cancelled"))
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        active = [s for s in self.slots if s is not None]
+        if active:
+            self._decode(active)
+        return bool(self._waiting) or self.num_running > 0
+
+    def _admit(self) -> list[Request]:
+        free = sum(s is None for s in self.slots)
+        admitted: list[Request] = []
+        longest = 0
+        with self._lock:
+            while self._waiting:
+                req = self._waiting[0]
+                if req.cancelled:
+                    self._waiting.popleft()
+                    req._finish(RuntimeError(f"request {req.id} was cancelled"))
+                    continue
+                width = max(longest, len(req.prompt))
+                if req.params.n > free or (admitted and width * (len(admitted) + 1) > self.prefill_tokens):
+                    break
+                self._waiting.popleft()
+                admitted.append(req)
+                free -= req.params.n
+                longest = width
+        return admitted
+
+    def _release(self, seq: _Seq) -> None:
+        self.slots[seq.slot] = None
+        self.lengths[seq.slot] = 0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def _prefill(self, reqs: list[Request]) -> None:
+        model = self.model
+        t0 = time.perf_counter()
+        embeds, ok = [], []
+        for req in reqs:
+            req.timings["admitted"] = t0
+            try:
+                ids = torch.tensor(req.prompt, device=self.device)
+                pv = req.pixel_values.to(self.device) if req.pixel_values is not None else None
+                tv = time.perf_counter()
+                embeds.append(model.embed(ids, pv))  # (T, C); the ViT runs here
+                self._sync()
+                req.timings["vision_s"] = time.perf_counter() - tv if pv is not None else 0.0
+                ok.append(req)
+            except ValueError as e:  # e.g. image tokens that do not match the tiles: this request only
+                req._finish(e)
+        if not ok:
+            return
+        lengths = [len(r.prompt) for r in ok]
+        width = max(lengths)
+        _, mask = pad_batch([r.prompt for r in ok], 0)
+        batch = torch.zeros(len(ok), width, embeds[0].shape[-1], device=self.device, dtype=embeds[0].dtype)
+        for row, e in enumerate(embeds):
+            batch[row, width - e.shape[0]:] = e  # left padding
+        out = model(inputs_embeds=batch, attention_mask=mask.to(self.device), use_cache=True, logits_to_keep=1)
+        cache: KVCache = out.cache
+        next_pos = cache.next_position.tolist()
+        logits = out.logits[:, -1].float()  # (R, V)
+        seqs, rows = [], []
+        free = iter([i for i, s in enumerate(self.slots) if s is None])
+        for row, req in enumerate(ok):
+            n = lengths[row]
+            for j in range(req.params.n):
+                slot = next(free)
+                for layer in range(len(self.k)):  # one prefill, copied into every sample's slot
+                    self.k[layer][slot, :, :n] = cache.keys[layer][row, :, width - n:]
+                    self.v[layer][slot, :, :n] = cache.values[layer][row, :, width - n:]
+                stop_ids = frozenset(req.params.stop_token_ids) | (frozenset() if req.params.ignore_eos else self.eos_ids)
+                seq = _Seq(req, j, slot, stop_ids)
+                self.slots[slot], self.lengths[slot], self.positions[slot] = seq, n, next_pos[row]
+                seqs.append(seq)
+                rows.append(row)
+        self.stats["prefills"] += len(ok)
+        self.stats["prefill_batches"] += 1
+        tokens = self._sample(logits[rows], seqs)
+        now = time.perf_counter()
+        for req in ok:
+            req.timings["first_token"] = now
+        for seq, tok in zip(seqs, tokens):
+            self._append(seq, tok)
+
+    # ------------------------------------------------------------------ the decode step
+
+    def _decode_logits(self, batch: int, window: int) -> torch.Tensor:
+        """The static-shape step over slots [0, batch) and keys [0, window): logits (batch, V)."""
+        lm = self.model.language_model
+        tokens, lengths = self._tokens[:batch], self._lengths[:batch]
+        positions = self._positions[:batch, None]  # (B, 1)
+        valid = self._key_index[:window][None] < lengths[:, None]  # (B, L) cached keys of each slot
+        mask = torch.cat([valid, valid.new_ones(batch, 1)], dim=1)  # (B, L+1): the new key comes last
+        cache = _SlotView(self.k, self.v, self._rows[:batch], lengths, window)
+        cos, sin = self.rope(positions, self.dtype)
+        x = lm.embed_tokens(tokens[:, None])  # (B, 1, C)
+        for layer in lm.layers:
+            x = layer(x, cos, sin, cu_seqlens=None, key_padding_mask=mask, cache=cache, backend=self.model.attn_backend)
+        return self.model.lm_head(lm.norm(x)[:, 0])  # (B, V)
+
+    def _run_step(self, batch: int, window: int) -> torch.Tensor:
+        if not self.use_graphs:
+            return self._step_fn(batch, window)
+        key = (batch, window)
+        if key not in self._graphs:
+            try:
+                self._capture(key)
+            except Exception:
+                if not self.use_compile:
+                    raise
+                # compile failed or cannot be captured: keep CUDA graphs of the eager step
+                log.exception("compiled decode step failed; falling back to the eager step in CUDA graphs")
+                self.use_compile, self._step_fn = False, self._decode_logits
+                self._graphs.clear()
+                self.stats["decode_mode"] = self.decode_mode
+                self._capture(key)
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out
+
+    def _capture(self, key: tuple[int, int]) -> None:
+        # warm-up on a side stream (compiles, initialises cuBLAS workspaces); writes are idempotent:
+        # each run stores the same current token's keys at the same index
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step_fn(*key)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            out = self._step_fn(*key)
+        self._graphs[key] = (graph, out)
+        self.stats["graph_captures"] += 1
+
+    @torch.no_grad()
+    def _decode(self, active: list[_Seq]) -> None:
+        batch = _bucket_batch(max(s.slot for s in active) + 1, self.max_batch_size)
+        longest = max(self.lengths[s.slot] for s in active)
+        q = self.length_quantum
+        window = min(-(-(longest + 1) // q) * q, self.max_seq_len)
+        self._tokens[:batch].copy_(torch.tensor(self.next_tokens[:batch]), non_blocking=False)
+        self._positions[:batch].copy_(torch.tensor(self.positions[:batch], dtype=torch.float32))
+        self._lengths[:batch].copy_(torch.tensor(self.lengths[:batch]))
+        logits = self._run_step(batch, window)
+        rows = [s.slot for s in active]
+        tokens = self._sample(logits[rows].float(), active)
+        self.stats["decode_steps"] += 1
+        self.stats["decode_tokens"] += len(active)
+        for seq, tok in zip(active, tokens):
+            self.lengths[seq.slot] += 1
+            self.positions[seq.slot] += 1.0
+            self._append(seq, tok)
+
+    # ------------------------------------------------------------------ sampling and stopping
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
+        """logits (R, V) float, one row per seq -> next token ids."""
+        penalised = [i for i, s in enumerate(seqs) if s.seen is not None]
+        if penalised:
+            logits = logits.clone()
+            for i in penalised:
+                p = seqs[i].req.params.repetition_penalty
+                ids = torch.tensor(sorted(seqs[i].seen), device=logits.device)
+                score = logits[i, ids]
+                logits[i, ids] = torch.where(score < 0, score * p, score / p)  # as transformers
+        tokens = logits.argmax(-1)
+        sampled = [i for i, s in enumerate(seqs) if s.generator is not None]
+        if sampled:
+            params = [seqs[i].req.params for i in sampled]
+            sub = logits[sampled]
+            temp = torch.tensor([p.temperature for p in params], device=sub.device)[:, None]
+            probs, order = (sub / temp).softmax(-1).sort(dim=-1, descending=True)  # (S, V)
+            rank = torch.arange(sub.shape[-1], device=sub.device)[None]
+            top_k = torch.tensor([p.top_k or sub.shape[-1] for p in params], device=sub.device)[:, None]
+            top_p = torch.tensor([p.top_p for p in params], device=sub.device)[:, None]
+            keep = (rank < top_k) & (probs.cumsum(-1) - probs < top_p)  # smallest set reaching top_p
+            cdf = (probs * keep).cumsum(-1)
+            # one uniform per row from that row's own CPU generator: reproducible whatever the batch
+            u = torch.cat([torch.rand(1, generator=seqs[i].generator, dtype=torch.float64) for i in sampled])
+            target = (u.to(cdf.device, torch.float32) * cdf[:, -1])[:, None]
+            pick = torch.searchsorted(cdf, target).clamp(max=sub.shape[-1] - 1)
+            tokens[sampled] = order.gather(-1, pick)[:, 0]
+        return tokens.tolist()
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _append(self, seq: _Seq, token: int) -> None:
+        p = seq.req.params
+        if token in seq.stop_ids:
+            return self._finish(seq, "stop")
+        seq.tokens.append(token)
+        if seq.seen is not None:
+            seq.seen.add(token)
+        self.next_tokens[seq.slot] = token
+        text = None
+        if p.stop:
+            text = self._text(seq.tokens)
+            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                return self._finish(seq, "stop", text[:cut])
+        if len(seq.tokens) >= p.max_tokens or len(seq.req.prompt) + len(seq.tokens) > self.max_seq_len:
+            return self._finish(seq, "length", text)
+        if seq.req.on_event is not None:
+            text = self._text(seq.tokens) if text is None else text
+            end = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 character waits for its next byte
+            for s in p.stop:  # hold back text that may be the start of a stop string
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if text[:end].endswith(s[:k]):
+                        end -= k
+                        break
+            if end > seq.sent:
+                seq.req._emit("delta", seq.index, text[seq.sent:end])
+                seq.sent = end
+
+    def _finish(self, seq: _Seq, reason: str, text: str | None = None) -> None:
+        req = seq.req
+        text = self._text(seq.tokens) if text is None else text
+        if len(text) > seq.sent:
+            req._emit("delta", seq.index, text[seq.sent:])
+        done = Completion(token_ids=list(seq.tokens), text=text, finish_reason=reason)
+        req.completions[seq.index] = done
+        req._emit("finish", seq.index, done)
+        self._release(seq)
+        if all(c is not None for c in req.completions):
+            self._log_timings(req)
+            req._finish()
+
+    def _log_timings(self, req: Request) -> None:
+        t = req.timings
+        now = time.perf_counter()
+        n_out = sum(len(c.token_ids) for c in req.completions)
+        steps = max(max(len(c.token_ids) for c in req.completions) - 1, 1)
+        t.update(queue_s=t["admitted"] - t["submitted"], prefill_s=t["first_token"] - t["admitted"],
+                 ttft_s=t["first_token"] - t["submitted"], decode_s=now - t["first_token"], output_tokens=n_out)
+        t["tpot_s"] = t["decode_s"] / steps
+        log.info(
+            "request %d: preprocess %.1f ms, queue %.1f ms, vision %.1f ms, prefill %.1f ms (ttft %.1f ms), "
+            "decode %.2f ms/token, %d prompt + %d output tokens",
+            req.id, 1e3 * t.get("preprocess_s", 0.0), 1e3 * t["queue_s"], 1e3 * t.get("vision_s", 0.0),
+            1e3 * t["prefill_s"], 1e3 * t["ttft_s"], 1e3 * t["tpot_s"], len(req.prompt), n_out,
+        )
+
+
+class _SlotView:
+    """The KVCache interface over slots [0, B) of the static cache, for one decode step.
+
+    update() writes the new key/value at each slot's length and returns the window [0, L) followed by
+    the new key: the attention mask hides the window's unused entries, and a query always sees the
+    last key (itself).
+    """
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], rows: torch.Tensor, lengths: torch.Tensor,
+                 window: int) -> None:
+        self.k, self.v, self.rows, self.lengths, self.window = k, v, rows, lengths, window
+        self.next_position = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k/v (B, Hkv, 1, hd) -> (B, Hkv, L+1, hd)."""
+        batch = k.shape[0]
+        self.k[layer][self.rows, :, self.lengths] = k[:, :, 0]
+        self.v[layer][self.rows, :, self.lengths] = v[:, :, 0]
+        keys = torch.cat([self.k[layer][:batch, :, : self.window], k], dim=2)
+        values = torch.cat([self.v[layer][:batch, :, : self.window], v], dim=2)
+        return keys, values
