@@ -1,0 +1,202 @@
+"""The inference engine: equal to plain generate, batching-invariant, one prefill for n samples, stops, seeds."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import image_batch
+from test_model import make_model
+
+from nativevl.infer.engine import Engine, QueueFull, SamplingParams
+from nativevl.infer.generate import generate
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+def prompts(tokenizer) -> list[list[int]]:
+    texts = ["the quick brown fox", "one two three four five six seven", "a red circle", "what is shown"]
+    return [tokenizer(t).input_ids for t in texts]
+
+
+def reference(model, engine: Engine, ids: list[int], n: int, pixel_values=None) -> list[int]:
+    out = generate(model, torch.tensor([ids]), pixel_values, max_new_tokens=n, eos_token_id=sorted(engine.eos_ids))
+    new = out[0, len(ids):].tolist()
+    return new[: next((i for i, t in enumerate(new) if t in engine.eos_ids), len(new))]
+
+
+def test_greedy_equals_plain_generate_text_and_images(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=512)
+    ids, pixel_values = image_batch(model.config)
+    row0 = ids[0].tolist()  # a 1-tile image inside text
+    got = engine.generate([row0], SamplingParams(max_tokens=12), [pixel_values[:1]])[0][0]
+    assert got.token_ids == reference(model, engine, row0, 12, pixel_values[:1])
+    for p in prompts(tokenizer):
+        got = engine.generate([p], SamplingParams(max_tokens=16))[0][0]
+        assert got.token_ids == reference(model, engine, p, 16)
+        assert got.text == tokenizer.decode(got.token_ids, skip_special_tokens=True)
+        assert got.finish_reason == ("length" if len(got.token_ids) == 16 else "stop")
+
+
+def test_batched_equals_one_by_one_and_buckets_do_not_matter(model, tokenizer):
+    ps = prompts(tokenizer)
+    ids, pixel_values = image_batch(model.config)
+    ps.append(ids[1].tolist())  # a 3-tile image
+    pvs = [None] * 4 + [pixel_values[1:]]
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    alone = [Engine(model, tokenizer, max_batch_size=8, max_seq_len=512, length_quantum=1).generate([p], params, [pv])
+             [0][0].token_ids for p, pv in zip(ps, pvs)]
+    # a wide key window and a batch padded with free slots: the static shapes a CUDA graph replays
+    engine = Engine(model, tokenizer, max_batch_size=8, max_seq_len=512, length_quantum=128)
+    together = engine.generate(ps, params, pvs)
+    assert [c[0].token_ids for c in together] == alone
+    assert engine.stats["prefill_batches"] == 1 and engine.stats["decode_steps"] == 9
+
+
+def test_n_samples_come_from_one_prefill(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=8, max_seq_len=256)
+    p = prompts(tokenizer)[0]
+    greedy = engine.generate([p], SamplingParams(max_tokens=8, n=3, ignore_eos=True))[0]
+    assert engine.stats["prefills"] == 1 and len(greedy) == 3
+    assert greedy[0].token_ids == greedy[1].token_ids == greedy[2].token_ids
+    sampled = engine.generate([p], SamplingParams(max_tokens=8, n=4, temperature=1.5, seed=1, ignore_eos=True))[0]
+    assert engine.stats["prefills"] == 2
+    assert len({tuple(c.token_ids) for c in sampled}) == 4
+    with pytest.raises(ValueError, match="n = 9 samples exceed max_batch_size 8"):
+        engine.generate([p], SamplingParams(n=9))
+
+
+def test_seeds_reproduce_whatever_the_batch(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=8, max_seq_len=256)
+    ps = prompts(tokenizer)
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
+    alone = engine.generate([ps[0]], params)[0][0].token_ids
+    crowd = engine.generate(ps, [params] + [SamplingParams(max_tokens=5, temperature=1.0)] * 3)[0][0].token_ids
+    assert alone == crowd
+    other = engine.generate([ps[0]], SamplingParams(max_tokens=12, temperature=1.0, seed=8, ignore_eos=True))
+    assert other[0][0].token_ids != alone
+    # top_k = 1 is greedy whatever the temperature
+    top1 = engine.generate([ps[0]], SamplingParams(max_tokens=12, temperature=2.0, top_k=1, seed=3, ignore_eos=True))
+    assert top1[0][0].token_ids == engine.generate([ps[0]], SamplingParams(max_tokens=12, ignore_eos=True))[0][0].token_ids
+
+
+def test_stop_tokens_stop_strings_and_max_tokens(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=256)
+    p = prompts(tokenizer)[1]
+    full = engine.generate([p], SamplingParams(max_tokens=20, ignore_eos=True))[0][0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 20
+    stop_at = full.token_ids[5]
+    first = full.token_ids.index(stop_at)
+    by_token = engine.generate([p], SamplingParams(max_tokens=20, stop_token_ids=(stop_at,), ignore_eos=True))[0][0]
+    assert by_token.token_ids == full.token_ids[:first] and by_token.finish_reason == "stop"
+    text = full.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip("\ufffd")
+    by_string = engine.generate([p], SamplingParams(max_tokens=20, stop=(stop,), ignore_eos=True))[0][0]
+    assert by_string.finish_reason == "stop" and by_string.text == text[: text.find(stop)]
+    deltas = []
+    engine.submit(p, SamplingParams(max_tokens=20, stop=(stop,), ignore_eos=True),
+                  on_event=lambda kind, i, x: deltas.append(x) if kind == "delta" else None)
+    while engine.step():
+        pass
+    assert "".join(deltas) == by_string.text  # the stop string is never streamed
+    # a full cache ends the sequence with "length"
+    small = Engine(model, tokenizer, max_batch_size=2, max_seq_len=len(p) + 4)
+    out = small.generate([p], SamplingParams(max_tokens=50, ignore_eos=True))[0][0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 5  # the last token needs no cache entry
+    with pytest.raises(ValueError, match="the prompt has"):
+        small.generate([p * 2], SamplingParams())
+
+
+def test_repetition_penalty_changes_the_output(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=256)
+    p = prompts(tokenizer)[2]
+    plain = engine.generate([p], SamplingParams(max_tokens=30, ignore_eos=True))[0][0].token_ids
+    penalised = engine.generate([p], SamplingParams(max_tokens=30, repetition_penalty=5.0, ignore_eos=True))[0][0]
+    assert penalised.token_ids != plain
+    assert len(set(penalised.token_ids)) >= len(set(plain))
+
+
+def test_continuous_batching_joins_and_leaves(model, tokenizer):
+    ps = prompts(tokenizer)
+    engine = Engine(model, tokenizer, max_batch_size=3, max_seq_len=256)
+    lengths = [14, 4, 9, 11]
+    alone = [engine.generate([p], SamplingParams(max_tokens=k, ignore_eos=True))[0][0].token_ids
+             for p, k in zip(ps, lengths)]
+    reqs = [engine.submit(ps[0], SamplingParams(max_tokens=14, ignore_eos=True))]
+    for _ in range(3):
+        engine.step()
+    reqs += [engine.submit(p, SamplingParams(max_tokens=k, ignore_eos=True)) for p, k in zip(ps[1:], lengths[1:])]
+    while engine.step():
+        pass
+    assert [r.result()[0].token_ids for r in reqs] == alone
+    # 3 slots: the fourth request waited for a free one
+    assert reqs[3].timings["admitted"] > reqs[1].timings["admitted"]
+
+
+def test_background_thread_serves_many_threads_and_bounds_its_queue(model, tokenizer):
+    ps = prompts(tokenizer)
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=256, max_queue=3)
+    expected = [engine.generate([p], SamplingParams(max_tokens=6))[0][0].token_ids for p in ps]
+    for p in ps[:3]:
+        engine.submit(p, SamplingParams(max_tokens=6))
+    with pytest.raises(QueueFull):
+        engine.submit(ps[3], SamplingParams(max_tokens=6))
+    engine.start()
+    engine.max_queue = 64
+    try:
+        results: dict[int, list[int]] = {}
+
+        def worker(i: int) -> None:
+            results[i] = engine.generate([ps[i % 4]], SamplingParams(max_tokens=6))[0][0].token_ids
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert all(results[i] == expected[i % 4] for i in range(12))
+        assert "".join(engine.stream(ps[0], SamplingParams(max_tokens=6))) == tokenizer.decode(
+            expected[0], skip_special_tokens=True)
+    finally:
+        engine.shutdown()
+
+
+def test_a_bad_request_fails_alone(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=256)
+    ids, _ = image_batch(model.config)
+    good = engine.submit(prompts(tokenizer)[0], SamplingParams(max_tokens=4))
+    bad = engine.submit(ids[0].tolist(), SamplingParams(max_tokens=4))  # image tokens, no pixels
+    while engine.step():
+        pass
+    assert len(good.result()[0].token_ids) <= 4
+    with pytest.raises(ValueError, match="no pixel_values"):
+        bad.result()
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\)"):
+        engine.submit([1, 600], SamplingParams())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_decode_equals_eager(tokenizer, compile):
+    ps = prompts(tokenizer)
+    ids, pixel_values = image_batch(make_model().config)
+    ps.append(ids[0].tolist())
+    pvs = [None] * 4 + [pixel_values[:1]]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    eager = Engine(make_model(), tokenizer, max_batch_size=8, max_seq_len=512, device="cuda", cuda_graphs=False)
+    graphs = Engine(make_model(), tokenizer, max_batch_size=8, max_seq_len=512, device="cuda", compile=compile)
+    want = [c[0].token_ids for c in eager.generate(ps, params, pvs)]
+    assert [c[0].token_ids for c in graphs.generate(ps, params, pvs)] == want
+    assert graphs.stats["graph_captures"] >= 1 and graphs.stats["decode_mode"].endswith("cuda_graph")
+    # continuous batching across buckets replays the right graphs
+    alone = [graphs.generate([p], params, [pv])[0][0].token_ids for p, pv in zip(ps, pvs)]
+    assert alone == want
+    bf16 = Engine(make_model(), tokenizer, max_batch_size=8, max_seq_len=512, device="cuda", dtype=torch.bfloat16)
+    out = bf16.generate(ps, params, pvs)
+    assert all(len(c[0].token_ids) == 24 for c in out)
