@@ -220,10 +220,11 @@ class Engine:
         pixel_values: torch.Tensor | None = None,
         *,
         on_event: Callable[[str, int, object], None] | None = None,
+        preprocess_s: float = 0.0,
     ) -> Request:
         """Queue one tokenised prompt. on_event(kind, index, payload) is called from the engine's
         thread: ("delta", i, text), ("finish", i, Completion), then ("done", -1, completions) or
-        ("error", -1, exception)."""
+        ("error", -1, exception). preprocess_s (image decoding, tokenising) goes into the timing log."""
         prompt = [int(t) for t in input_ids]
         vocab = self.model.config.text.vocab_size
         if not prompt:
@@ -235,6 +236,7 @@ class Engine:
         if params.n > self.max_batch_size:
             raise ValueError(f"n = {params.n} samples exceed max_batch_size {self.max_batch_size}")
         req = Request(prompt, params, pixel_values, on_event)
+        req.timings["preprocess_s"] = preprocess_s
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue {self.max_queue})")

@@ -1,0 +1,343 @@
+"""An OpenAI-compatible HTTP API over the engine: /v1/chat/completions, /v1/models, /health.
+
+Images come as base64 data URLs, or as local files (file:// or a path) under the one folder the
+operator allows; the server never fetches a URL. Every limit (body bytes, images, pixels, prompt
+tokens, samples, waiting requests) answers with an OpenAI-style JSON error and the server goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nativevl.data import images as img
+from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, render_chat
+from nativevl.infer.engine import Completion, Engine, QueueFull, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_name: str = "nativevl"
+    max_body_bytes: int = 32 * 2**20
+    max_images: int = 8
+    max_image_pixels: int = 4096 * 4096
+    max_tiles: int = 12  # per request, shared between its images as InternVL does
+    max_prompt_tokens: int = 8192
+    max_n: int = 16
+    default_max_tokens: int = 512
+    allowed_local_media: str | None = None  # folder whose files requests may name; None: no local files
+    system_message: str | None = DEFAULT_SYSTEM_MESSAGE
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, code: str, type: str = "invalid_request_error", param=None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.type, self.param = status, message, code, type, param
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def _bad(message: str, code: str = "invalid_value", param: str | None = None) -> APIError:
+    return APIError(400, message, code, param=param)
+
+
+# ---------------------------------------------------------------------- request -> prompt
+
+
+def image_source(url: str, cfg: ServerConfig) -> bytes | str:
+    """An image_url's url -> raw bytes (data URL) or a checked local path."""
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        if not header.endswith(";base64"):
+            raise _bad("image data URLs must be base64 (data:image/...;base64,...)", "invalid_image_url")
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad("the image data URL is not valid base64", "invalid_image_url") from None
+    if url.split(":", 1)[0].lower() in ("http", "https", "ftp"):
+        raise _bad("this server does not fetch URLs; send the image as a base64 data URL", "invalid_image_url")
+    if cfg.allowed_local_media is None:
+        raise _bad("local image files are disabled (start the server with --allowed-local-media DIR)",
+                   "invalid_image_url")
+    path = Path(url.removeprefix("file://")).resolve()
+    root = Path(cfg.allowed_local_media).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise _bad(f"image file {url!r} is not a file under the allowed folder", "invalid_image_url")
+    return str(path)
+
+
+def parse_messages(messages, cfg: ServerConfig) -> tuple[list[dict], list[bytes | str]]:
+    """OpenAI messages -> ([{"role", "content": str with <image> placeholders}], image sources)."""
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list", param="messages")
+    turns, sources = [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}] must be an object", param="messages")
+        role = {"developer": "system"}.get(m.get("role"), m.get("role"))
+        if role not in ("system", "user", "assistant"):
+            raise _bad(f"messages[{i}].role {m.get('role')!r} is not system, user or assistant", param="messages")
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, list):
+            text = ""
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    text += part["text"]
+                elif kind == "image_url":
+                    if role != "user":
+                        raise _bad(f"messages[{i}]: images are only allowed in user messages", param="messages")
+                    ref = part.get("image_url")
+                    url = ref.get("url") if isinstance(ref, dict) else ref
+                    if not isinstance(url, str):
+                        raise _bad(f"messages[{i}].content[{j}].image_url needs a url string", param="messages")
+                    sources.append(image_source(url, cfg))
+                    text += "<image>\n"
+                else:
+                    raise _bad(f"messages[{i}].content[{j}] must be a text or image_url part", param="messages")
+            content = text
+        if not isinstance(content, str):
+            raise _bad(f"messages[{i}].content must be a string or a list of parts", param="messages")
+        if len(sources) > cfg.max_images:
+            raise _bad(f"a request may hold at most {cfg.max_images} images", "too_many_images", "messages")
+        turns.append({"role": role, "content": content})
+    return turns, sources
+
+
+def _value(body: dict, names: tuple[str, ...], default, kind, lo=None, hi=None):
+    name = next((n for n in names if body.get(n) is not None), names[0])
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise _bad(f"'{name}' must be a {kind.__name__}, got {value!r}", param=name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise _bad(f"'{name}' must be in [{lo}, {hi}], got {value}", param=name)
+    return value
+
+
+def sampling_params(body: dict, cfg: ServerConfig) -> SamplingParams:
+    stop = body.get("stop") or ()
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise _bad("'stop' must be a non-empty string or a list of at most 4 of them", param="stop")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if _value(body, (name,), 0.0, float) != 0:
+            raise _bad(f"'{name}' is not supported (use repetition_penalty)", "unsupported_parameter", name)
+    if body.get("logprobs"):
+        raise _bad("'logprobs' is not supported", "unsupported_parameter", "logprobs")
+    return SamplingParams(
+        max_tokens=_value(body, ("max_completion_tokens", "max_tokens"), cfg.default_max_tokens, int, 1),
+        temperature=_value(body, ("temperature",), 1.0, float, 0.0, 2.0),
+        top_p=_value(body, ("top_p",), 1.0, float, 1e-6, 1.0),
+        top_k=_value(body, ("top_k",), 0, int, 0),
+        repetition_penalty=_value(body, ("repetition_penalty",), 1.0, float, 1e-3),
+        seed=_value(body, ("seed",), None, int),
+        stop=tuple(stop),
+        n=_value(body, ("n",), 1, int, 1, cfg.max_n),
+    )
+
+
+def prepare(body: dict, engine: Engine, cfg: ServerConfig) -> tuple[list[int], object, SamplingParams]:
+    """A parsed request body -> (prompt ids, pixel values or None, sampling params); runs in a worker thread."""
+    turns, sources = parse_messages(body.get("messages"), cfg)
+    params = sampling_params(body, cfg)
+    vision = engine.model.config.vision
+    max_num = img.tiles_per_image(cfg.max_tiles, len(sources))
+    tiles = []
+    for source in sources:
+        try:
+            image = img.load_image(source, max_pixels=cfg.max_image_pixels)
+        except ValueError as e:
+            code = "image_too_large" if "over the limit" in str(e) else "invalid_image"
+            raise _bad(str(e), code, "messages") from None
+        tiles.append(img.normalize(img.tile_array(image, image_size=vision.image_size, max_num=max_num)))
+    try:
+        text = render_chat(turns, tiles_per_image=[t.shape[0] for t in tiles],
+                           image_seq_length=engine.model.config.image_seq_length, system_message=cfg.system_message)
+    except ValueError as e:
+        raise _bad(str(e), param="messages") from None
+    ids = engine.tokenizer(text, add_special_tokens=False).input_ids
+    limit = min(cfg.max_prompt_tokens, engine.max_seq_len - 1)
+    if len(ids) > limit:
+        raise _bad(f"the prompt has {len(ids)} tokens, over the limit of {limit}", "context_length_exceeded", "messages")
+    return ids, (torch.cat(tiles) if tiles else None), params
+
+
+# ---------------------------------------------------------------------- the app
+
+
+def create_app(engine: Engine, cfg: ServerConfig = ServerConfig()) -> FastAPI:
+    app = FastAPI(title="nativevl", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, e: StarletteHTTPException):
+        return APIError(e.status_code, str(e.detail), "http_error").response()
+
+    @app.exception_handler(Exception)
+    async def _internal(_, e: Exception):
+        log.exception("unhandled error")
+        return APIError(500, f"internal error: {type(e).__name__}", "internal_error", "server_error").response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting}
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "nativevl"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        t0 = time.perf_counter()
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > cfg.max_body_bytes:
+            raise APIError(413, f"request body of {declared} bytes is over the limit of {cfg.max_body_bytes}",
+                           "request_too_large")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > cfg.max_body_bytes:
+                raise APIError(413, f"request body is over the limit of {cfg.max_body_bytes} bytes", "request_too_large")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _bad(f"the body is not valid JSON: {e}", "invalid_json") from None
+        if not isinstance(body, dict):
+            raise _bad("the body must be a JSON object", "invalid_json")
+        stream = bool(body.get("stream", False))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
+        ids, pixel_values, params = await run_in_threadpool(prepare, body, engine, cfg)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_event(kind, index, payload):  # engine thread -> event loop
+            loop.call_soon_threadsafe(events.put_nowait, (kind, index, payload))
+
+        try:
+            req = engine.submit(ids, params, pixel_values, on_event=on_event, preprocess_s=time.perf_counter() - t0)
+        except QueueFull as e:
+            raise APIError(429, f"server busy: {e}", "queue_full", "rate_limit_exceeded") from None
+        except ValueError as e:
+            raise _bad(str(e)) from None
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if stream:
+            return StreamingResponse(_sse(engine, req, events, rid, created, cfg.model_name, len(ids), include_usage),
+                                     media_type="text/event-stream")
+        try:
+            while True:
+                kind, _, payload = await events.get()
+                if kind == "error":
+                    if isinstance(payload, ValueError):
+                        raise _bad(str(payload))
+                    raise payload
+                if kind == "done":
+                    break
+        finally:
+            if not req.done:
+                engine.cancel(req)
+        completions: list[Completion] = payload
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                    "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
+                "choices": choices, "usage": _usage(len(ids), completions)}
+
+    return app
+
+
+def _usage(prompt_tokens: int, completions: list[Completion]) -> dict:
+    out = sum(len(c.token_ids) for c in completions)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": out, "total_tokens": prompt_tokens + out}
+
+
+async def _sse(engine, req, events, rid, created, model, prompt_tokens, include_usage):
+    def chunk(choices, usage=None) -> str:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        for i in range(req.params.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        while True:
+            kind, index, payload = await events.get()
+            if kind == "delta":
+                yield chunk([{"index": index, "delta": {"content": payload}, "finish_reason": None}])
+            elif kind == "finish":
+                yield chunk([{"index": index, "delta": {}, "finish_reason": payload.finish_reason}])
+            elif kind == "error":
+                err = {"message": str(payload), "type": "server_error", "code": "generation_failed"}
+                yield f"data: {json.dumps({'error': err})}\n\n"
+                break
+            elif kind == "done":
+                if include_usage:
+                    yield chunk([], _usage(prompt_tokens, payload))
+                break
+        yield "data: [DONE]\n\n"
+    finally:  # the client went away, or we are done
+        if not req.done:
+            engine.cancel(req)
+
+
+# ---------------------------------------------------------------------- running it
+
+
+def run(engine: Engine, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve until interrupted (the engine steps in its own thread)."""
+    import uvicorn
+
+    engine.start()
+    try:
+        uvicorn.run(create_app(engine, cfg), host=host, port=port, log_level="info")
+    finally:
+        engine.shutdown()
+
+
+def start_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
+    """Start uvicorn in a daemon thread (tests, notebooks); returns (server, base_url). Stop with
+    server.should_exit = True."""
+    import socket
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="nativevl-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server did not start on {host}:{port} within {timeout} s")
+        time.sleep(0.02)
+    return server, f"http://{host}:{port}"

@@ -1,0 +1,181 @@
+"""The OpenAI-compatible server, through the official `openai` client against a real uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_model import make_model
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from nativevl.infer.engine import Engine
+from nativevl.infer.generate import generate
+from nativevl.infer.server import ServerConfig, create_app, prepare, start_in_thread
+
+LIMITS = {"model_name": "tiny", "max_body_bytes": 300_000, "max_images": 2, "max_image_pixels": 400 * 400,
+          "max_prompt_tokens": 400, "system_message": ""}
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer, tmp_path_factory):
+    media = tmp_path_factory.mktemp("media")
+    model = make_model()
+    engine = Engine(model, tokenizer, max_batch_size=16, max_seq_len=512, max_queue=100)
+    cfg = ServerConfig(allowed_local_media=str(media), **LIMITS)
+    engine.start()
+    server, url = start_in_thread(create_app(engine, cfg))
+    yield engine, cfg, url, media
+    server.should_exit = True
+    engine.shutdown()
+
+
+def client(url: str):
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+
+def png_bytes(w: int, h: int, seed: int = 0, solid: bool = False) -> bytes:
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(pixels * 0 + 128 if solid else pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def expected(engine: Engine, cfg: ServerConfig, body: dict) -> str:
+    """Greedy answer of the plain generate loop for the prompt the server builds."""
+    ids, pixel_values, params = prepare(body, engine, cfg)
+    out = generate(engine.model, torch.tensor([ids]), pixel_values, max_new_tokens=params.max_tokens,
+                   eos_token_id=sorted(engine.eos_ids))
+    new = out[0, len(ids):].tolist()
+    new = new[: next((i for i, t in enumerate(new) if t in engine.eos_ids), len(new))]
+    return engine.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_models_health_and_chat(served):
+    engine, cfg, url, _ = served
+    c = client(url)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    r = c.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    want = expected(engine, cfg, {"messages": messages, "max_tokens": 12})
+    assert r.choices[0].message.content == want and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens == len(prepare({"messages": messages}, engine, cfg)[0])
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens > r.usage.prompt_tokens
+    chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == want
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # n samples share one prefill; a seed makes them reproducible
+    before = engine.stats["prefills"]
+    kw = {"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 1.0, "n": 3, "seed": 5}
+    a, b = c.chat.completions.create(**kw), c.chat.completions.create(**kw)
+    assert engine.stats["prefills"] == before + 2 and len(a.choices) == 3
+    assert [x.message.content for x in a.choices] == [x.message.content for x in b.choices]
+
+
+def test_images_by_data_url_and_allowed_folder(served):
+    engine, cfg, url, media = served
+    png = png_bytes(120, 60)
+    parts = [{"type": "image_url", "image_url": {"url": data_url(png)}}, {"type": "text", "text": "what is shown"}]
+    messages = [{"role": "user", "content": parts}]
+    r = client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == expected(engine, cfg, {"messages": messages, "max_tokens": 10})
+    assert r.usage.prompt_tokens > 3 * engine.model.config.image_seq_length  # 2x1 tiles + thumbnail
+    (media / "x.png").write_bytes(png)
+    local = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"file://{media / 'x.png'}"}},
+                                          {"type": "text", "text": "what is shown"}]}]
+    r2 = client(url).chat.completions.create(model="tiny", messages=local, max_tokens=10, temperature=0)
+    assert r2.choices[0].message.content == r.choices[0].message.content
+
+
+def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(served, tmp_path):
+    url = served[2]
+    post = lambda body, **kw: httpx.post(url + "/v1/chat/completions", timeout=30, **({"json": body} | kw))
+    img = lambda u: {"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}}]}
+    (tmp_path / "outside.png").write_bytes(png_bytes(10, 10))
+    cases = [
+        ({"content": b"{not json"}, 400, "invalid_json"),
+        ({"content": b"[1, 2]"}, 400, "invalid_json"),
+        ({"messages": []}, 400, "invalid_value"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_value"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "invalid_value"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "invalid_value"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 1000}, 400, "invalid_value"),
+        ({"messages": [img("https://example.com/cat.png")]}, 400, "invalid_image_url"),
+        ({"messages": [img(f"file://{tmp_path / 'outside.png'}")]}, 400, "invalid_image_url"),
+        ({"messages": [img("data:image/png;base64,@@@")]}, 400, "invalid_image_url"),
+        ({"messages": [img(data_url(b"not an image"))]}, 400, "invalid_image"),
+        ({"messages": [img(data_url(png_bytes(500, 400, solid=True)))]}, 400, "image_too_large"),
+        ({"messages": [img(data_url(png_bytes(8, 8)))] * 3}, 400, "too_many_images"),
+        ({"messages": [{"role": "user", "content": "one two three " * 200}]}, 400, "context_length_exceeded"),
+        ({"messages": [{"role": "user", "content": "x" * 400_000}]}, 413, "request_too_large"),
+    ]
+    for kwargs, status, code in cases:
+        r = post(kwargs.pop("json", None), **kwargs) if "content" in kwargs else post(kwargs)
+        assert r.status_code == status, (code, r.text)
+        err = r.json()["error"]
+        assert err["code"] == code and err["message"] and err["type"]
+    assert httpx.get(url + "/nope").json()["error"]["code"] == "http_error"
+    with pytest.raises(openai.BadRequestError):
+        client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], top_p=7)
+    r = client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a red circle"}],
+                                            max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_fifty_concurrent_requests(served):
+    engine, cfg, url, _ = served
+    questions = [f"{a} {b}" for a in ("one", "two", "three", "four", "five") for b in ("red", "blue")]
+    bodies = [{"messages": [{"role": "user", "content": questions[i % 10]}], "max_tokens": 6 + i % 5}
+              for i in range(50)]
+    wants = [expected(engine, cfg, b) for b in bodies]
+
+    async def run_all():
+        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        rs = await asyncio.gather(*[c.chat.completions.create(model="tiny", temperature=0, **b) for b in bodies])
+        await c.close()
+        return [r.choices[0].message.content for r in rs]
+
+    steps = engine.stats["decode_steps"]
+    assert asyncio.run(run_all()) == wants
+    assert engine.stats["decode_steps"] - steps < sum(b["max_tokens"] for b in bodies)  # they were batched
+
+
+def test_429_beyond_the_queue_limit(tokenizer):
+    engine = Engine(make_model(), tokenizer, max_batch_size=4, max_seq_len=256, max_queue=2)  # not started yet
+    server, url = start_in_thread(create_app(engine, ServerConfig(**LIMITS)))
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(httpx.post(url + "/v1/chat/completions", json=body,
+                                                                             timeout=60))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while engine.num_waiting < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        engine.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert [x.status_code for x in results] == [200, 200]
+    finally:
+        server.should_exit = True
+        engine.shutdown()
