@@ -145,6 +145,57 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     return 1 if report.bad else 0
 
 
+def _questions(args: argparse.Namespace):
+    from nativevl.pipelines.questions import jsonl_questions, toyworld_questions
+
+    if bool(args.toyworld) == bool(args.input):
+        raise ValueError("give exactly one of --toyworld FAMILY and --input FILE.jsonl")
+    if args.toyworld:
+        return toyworld_questions(args.toyworld, args.seed, args.n)
+    return jsonl_questions(args.input, args.root)[: args.n]
+
+
+def _policy(args: argparse.Namespace):
+    from nativevl.io.hf import load_model
+    from nativevl.io.tokenizer import load_tokenizer
+    from nativevl.train.parallel import init_distributed
+
+    _, _, device = init_distributed()
+    torch.manual_seed(args.seed)
+    return load_model(args.model, dtype=torch.float32, device=device).eval(), load_tokenizer(args.model)
+
+
+def cmd_data_preference(args: argparse.Namespace) -> int:
+    from nativevl.pipelines.preference import PreferenceConfig, build_preference_data
+
+    cfg = PreferenceConfig(n=args.samples, temperature=args.temperature, top_k=args.top_k, max_pairs=args.max_pairs,
+                           max_new_tokens=args.max_new_tokens, dropout_ratio=args.dropout_ratio, seed=args.seed)
+    model, tokenizer = _policy(args)
+    stats = build_preference_data(model, tokenizer, _questions(args), cfg, args.out, system_message=args.system or None)
+    _write_meta(Path(args.out))
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_data_prm(args: argparse.Namespace) -> int:
+    from nativevl.pipelines.prm_labels import PRMDataConfig, build_prm_data
+
+    cfg = PRMDataConfig(solutions=args.solutions, rollouts=args.rollouts, temperature=args.temperature,
+                        top_k=args.top_k, max_steps=args.max_steps, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    model, tokenizer = _policy(args)
+    stats = build_prm_data(model, tokenizer, _questions(args), cfg, args.out, system_message=args.system or None)
+    _write_meta(Path(args.out))
+    print(json.dumps(stats))
+    return 0
+
+
+def _write_meta(jsonl: Path) -> None:
+    """A meta json beside the generated jsonl, so `nativevl train ... --meta` can read it."""
+    meta = {jsonl.stem: {"root": "", "annotation": jsonl.name, "max_dynamic_patch": 1, "data_augment": False}}
+    (jsonl.parent / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"written: {jsonl} and {jsonl.parent / 'meta.json'}")
+
+
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     import logging
 
@@ -200,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a recipe; run the same command again to resume",
                        epilog="any field of the recipe can be overridden: --max_steps=100 --stage.vit.mode=frozen --meta=data/meta.json")
-    t.add_argument("recipe", help="debug_tiny, pretrain, sft, sft_lora, internvl3_1b_sft")
+    t.add_argument("recipe", help="debug_tiny, pretrain, sft, sft_lora, internvl3_1b_sft, mpo, prm")
     t.add_argument("--out", required=True, help="run folder (checkpoints, metrics, final export)")
     t.set_defaults(func=cmd_train, takes_extra=True)
 
@@ -214,6 +265,31 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--examples", type=int, default=3, help="examples shown per problem kind")
     dv.add_argument("--system", default=None, help="system message the lengths count (default: InternVL's; '' for none)")
     dv.set_defaults(func=cmd_data_validate)
+    for name, helptext in (("preference", "sample N responses per question, verify them, write MPO preference pairs"),
+                           ("prm", "label solution steps by Monte Carlo rollouts: PRM training conversations")):
+        dp = data.add_parser(name, help=helptext)
+        dp.add_argument("--model", required=True, help="the policy (checkpoint folder with tokenizer files)")
+        dp.add_argument("--toyworld", default=None, help="questions from a toy-world family (e.g. arithmetic)")
+        dp.add_argument("--input", default=None, help="or InternVL conversation jsonl (last gpt turn = ground truth)")
+        dp.add_argument("--root", default=None, help="image folder of --input (default: its folder)")
+        dp.add_argument("--n", type=int, default=1000, help="questions")
+        dp.add_argument("--seed", type=int, default=0, help="question and sampling seed (keep apart from eval seeds)")
+        dp.add_argument("--top_k", type=int, default=50)
+        dp.add_argument("--max_new_tokens", type=int, default=256)
+        dp.add_argument("--system", default="", help="system message ('' for none, as the toy world trains)")
+        dp.add_argument("--out", required=True, help="output .jsonl (images and meta.json go beside it)")
+    dpp = data.choices["preference"]
+    dpp.add_argument("--samples", type=int, default=32, help="responses per question")
+    dpp.add_argument("--temperature", type=float, default=0.7)
+    dpp.add_argument("--max_pairs", type=int, default=15, help="pairs per question")
+    dpp.add_argument("--dropout_ratio", type=float, default=0.5, help="DropoutNTP cut for questions without ground truth")
+    dpp.set_defaults(func=cmd_data_preference)
+    dpr = data.choices["prm"]
+    dpr.add_argument("--solutions", type=int, default=4, help="sampled solutions per question")
+    dpr.add_argument("--rollouts", type=int, default=16, help="continuations per step prefix")
+    dpr.add_argument("--temperature", type=float, default=1.0, help="rollout temperature")
+    dpr.add_argument("--max_steps", type=int, default=12)
+    dpr.set_defaults(func=cmd_data_prm)
     return p
 
 

@@ -82,7 +82,31 @@ def sft_lora() -> Run:
                                train=dataclasses.replace(run.train, lr=1e-4))
 
 
+def mpo() -> Run:
+    """Mixed Preference Optimization on preference records ({image, question, chosen, rejected}):
+    0.8 DPO + 0.2 BCO (reward shift) + 1.0 NLL of the chosen response, beta 0.1, against the frozen
+    initial model; every module trains, token-mean NLL. InternVL3's scripts use lr 2e-7 for 1B-78B at
+    batch 256 for one epoch. Needs --meta and --init_from (the SFT model)."""
+    return Run(
+        data=DataConfig(loss_reduction="token", max_tokens=12288, max_tiles=48),
+        train=TrainConfig(lr=2e-7, warmup_steps=10, max_steps=1000, global_batch=8, weight_decay=0.05, objective="mpo"),
+        stage=StagePolicy(),
+    )
+
+
+def prm() -> Run:
+    """The process reward model: SFT on VisualPRM's multi-turn '+'/'-' conversations (nativevl data prm),
+    VisualPRM's lr 1e-5, token averaging, every module trains. Needs --meta and --init_from."""
+    return Run(
+        data=DataConfig(loss_reduction="token", max_tokens=16384, max_tiles=48, system_message=None),
+        train=TrainConfig(lr=1e-5, warmup_steps=30, max_steps=1000, global_batch=8, weight_decay=0.05),
+        stage=StagePolicy(),
+    )
+
+
 RECIPES: dict[str, Callable[[], Run]] = {
+    "mpo": mpo,
+    "prm": prm,
     "debug_tiny": debug_tiny,
     "pretrain": pretrain,
     "sft": sft,

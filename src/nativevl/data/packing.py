@@ -27,18 +27,22 @@ class Sample:
     pixel_values: torch.Tensor | None = None  # (tiles, 3, H, W)
     source: str = ""
     index: int = -1  # position in the global record stream
+    # a preference pair: this document is the chosen response and `rejected` (input_ids, labels,
+    # position_ids) the rejected one; both use this sample's tiles, which the batch holds once
+    rejected: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
-        n = len(self.input_ids)
-        if len(self.labels) != n or len(self.position_ids) != n:
-            raise ValueError(
-                f"{self.source}: input_ids, labels and position_ids lengths differ "
-                f"({n}, {len(self.labels)}, {len(self.position_ids)})"
-            )
+        docs = [(self.input_ids, self.labels, self.position_ids)] + ([self.rejected] if self.rejected else [])
+        for ids, labels, positions in docs:
+            if len(labels) != len(ids) or len(positions) != len(ids):
+                raise ValueError(
+                    f"{self.source}: input_ids, labels and position_ids lengths differ "
+                    f"({len(ids)}, {len(labels)}, {len(positions)})"
+                )
 
     @property
     def num_tokens(self) -> int:
-        return len(self.input_ids)
+        return len(self.input_ids) + (len(self.rejected[0]) if self.rejected else 0)
 
     @property
     def num_tiles(self) -> int:
@@ -57,10 +61,14 @@ class Batch:
     position_ids: torch.Tensor  # (T,) float32
     labels: torch.Tensor  # (T,) int64: the token to predict at each position, IGNORE_INDEX at document ends
     loss_weights: torch.Tensor  # (T,) float32, 0 where labels == IGNORE_INDEX
-    pixel_values: torch.Tensor | None  # (N, 3, H, W) in slot order
+    pixel_values: torch.Tensor | None  # (N, 3, H, W) in slot order (each pair's tiles once)
     sources: list[str] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
     stats: dict = field(default_factory=dict)  # filled by the loader: worker id, records seen / rejected, state
+    # preference batches: (P, 2) document indices (chosen, rejected) per pair, and for every tile slot
+    # in the text, which tile of pixel_values fills it (a pair's two documents share its tiles)
+    pairs: torch.Tensor | None = None
+    tile_index: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -76,12 +84,15 @@ class Batch:
 
     def model_inputs(self) -> dict[str, torch.Tensor | None]:
         """Keyword arguments for VisionLanguageModel.forward (packed form)."""
-        return {
+        inputs = {
             "input_ids": self.input_ids,
             "pixel_values": self.pixel_values,
             "position_ids": self.position_ids,
             "cu_seqlens": self.cu_seqlens,
         }
+        if self.tile_index is not None:
+            inputs["tile_index"] = self.tile_index
+        return inputs
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
@@ -90,7 +101,7 @@ class Batch:
             pixels = pixels.to(dtype)
         return Batch(
             move(self.input_ids), move(self.cu_seqlens), move(self.position_ids), move(self.labels),
-            move(self.loss_weights), pixels, self.sources, self.indices, self.stats,
+            move(self.loss_weights), pixels, self.sources, self.indices, self.stats, move(self.pairs), move(self.tile_index),
         )
 
 
@@ -104,27 +115,44 @@ def document_weight(num_targets: int, reduction: str) -> float:
 
 
 def collate(samples: list[Sample], loss_reduction: str = "square") -> Batch:
-    """Concatenate whole documents into one packed Batch."""
+    """Concatenate whole documents into one packed Batch.
+
+    A preference sample becomes two documents, chosen then rejected; the loss weights (the SFT term
+    of MPO) cover only the chosen one, while both keep their labels for the sequence log-probs.
+    """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
-    lengths = [s.num_tokens for s in samples]
-    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    targets, weights = [], []
+    ids, positions, targets, weights, lengths = [], [], [], [], []
+    pairs, tile_index, tiles, n_tiles = [], [], [], 0
     for s in samples:
-        shifted = np.concatenate([s.labels[1:], [IGNORE_INDEX]])  # predict token t+1 at position t
-        targets.append(shifted)
-        w = document_weight(s.num_targets, loss_reduction)
-        weights.append(np.where(shifted != IGNORE_INDEX, w, 0.0).astype(np.float32))
-    tiles = [s.pixel_values for s in samples if s.pixel_values is not None and s.pixel_values.shape[0]]
+        docs = [(s.input_ids, s.labels, s.position_ids, document_weight(s.num_targets, loss_reduction))]
+        if s.rejected is not None:
+            pairs.append((len(lengths), len(lengths) + 1))
+            docs.append((*s.rejected, 0.0))
+        own = np.arange(n_tiles, n_tiles + s.num_tiles)
+        for doc_ids, labels, pos, w in docs:
+            shifted = np.concatenate([labels[1:], [IGNORE_INDEX]])  # predict token t+1 at position t
+            ids.append(doc_ids)
+            positions.append(pos)
+            targets.append(shifted)
+            weights.append(np.where(shifted != IGNORE_INDEX, w, 0.0).astype(np.float32))
+            lengths.append(len(doc_ids))
+            tile_index.append(own)
+        if s.num_tiles:
+            tiles.append(s.pixel_values)
+            n_tiles += s.num_tiles
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     return Batch(
-        input_ids=torch.from_numpy(np.concatenate([s.input_ids for s in samples]).astype(np.int64)),
+        input_ids=torch.from_numpy(np.concatenate(ids).astype(np.int64)),
         cu_seqlens=torch.from_numpy(cu),
-        position_ids=torch.from_numpy(np.concatenate([s.position_ids for s in samples]).astype(np.float32)),
+        position_ids=torch.from_numpy(np.concatenate(positions).astype(np.float32)),
         labels=torch.from_numpy(np.concatenate(targets).astype(np.int64)),
         loss_weights=torch.from_numpy(np.concatenate(weights)),
         pixel_values=torch.cat(tiles) if tiles else None,
         sources=[s.source for s in samples],
         indices=[s.index for s in samples],
+        pairs=torch.tensor(pairs, dtype=torch.long).reshape(-1, 2) if pairs else None,
+        tile_index=torch.from_numpy(np.concatenate(tile_index).astype(np.int64)) if pairs and n_tiles else None,
     )
 
 

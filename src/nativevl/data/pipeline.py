@@ -109,10 +109,10 @@ def _pixels(tiles: np.ndarray, cfg: DataConfig) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(tiles)) if cfg.uint8_pixels else img.normalize(tiles)
 
 
-def build_sample(record: Record, tokenizer, cfg: DataConfig, index: int = -1) -> Sample:
-    """One record -> one Sample (document), or RecordError."""
+def build_sample(record: Record | PreferenceRecord, tokenizer, cfg: DataConfig, index: int = -1) -> Sample:
+    """One record -> one Sample (document; a preference record gives a chosen/rejected pair), or RecordError."""
     if isinstance(record, PreferenceRecord):
-        raise RecordError("malformed", f"{record.source}: preference records feed MPO, not this pipeline")
+        return _preference_sample(record, tokenizer, cfg, index)
     rng = record_rng(cfg.seed, index)
     if record.text is not None:
         # a plain document longer than a pack keeps its first max_tokens tokens (text only: no image is cut)
@@ -157,15 +157,35 @@ def build_sample(record: Record, tokenizer, cfg: DataConfig, index: int = -1) ->
         delta=cfg.v2pe_delta,
     )
     sample = Sample(input_ids, np.asarray(labels, dtype=np.int64), positions, pixel_values, record.source, index)
+    return _checked(sample, cfg)
+
+
+def _checked(sample: Sample, cfg: DataConfig) -> Sample:
     if sample.num_tokens > cfg.max_tokens or sample.num_tiles > cfg.max_tiles:
         raise RecordError(
             "over_length",
-            f"{record.source}: {sample.num_tokens} tokens / {sample.num_tiles} tiles exceed the pack budget "
+            f"{sample.source}: {sample.num_tokens} tokens / {sample.num_tiles} tiles exceed the pack budget "
             f"({cfg.max_tokens} tokens, {cfg.max_tiles} tiles)",
         )
     if sample.num_targets == 0:
-        raise RecordError("no_assistant_turn", f"{record.source}: no token to learn")
+        raise RecordError("no_assistant_turn", f"{sample.source}: no token to learn")
     return sample
+
+
+def _preference_sample(record: PreferenceRecord, tokenizer, cfg: DataConfig, index: int) -> Sample:
+    """question + chosen and question + rejected as one pair sample sharing the image tiles."""
+    question = record.question
+    if record.images and IMAGE_PLACEHOLDER not in question:
+        question = "\n".join([IMAGE_PLACEHOLDER] * len(record.images)) + "\n" + question
+    docs = []
+    for response in (record.chosen, record.rejected):
+        conv = Record([{"from": "human", "value": question}, {"from": "gpt", "value": response}], record.images,
+                      source=record.source, max_dynamic_patch=record.max_dynamic_patch)
+        docs.append(build_sample(conv, tokenizer, cfg, index))  # same index: same tiles, same V2PE strides
+    chosen, rejected = docs
+    pair = Sample(chosen.input_ids, chosen.labels, chosen.position_ids, chosen.pixel_values, record.source, index,
+                  rejected=(rejected.input_ids, rejected.labels, rejected.position_ids))
+    return _checked(pair, cfg)
 
 
 class Source(Protocol):

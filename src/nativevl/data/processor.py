@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from nativevl.data import images as img
-from nativevl.data.template import image_span
+from nativevl.data.template import image_span, render_chat
 from nativevl.io.tokenizer import IMG_CONTEXT, load_tokenizer
 
 _PLACEHOLDER = re.compile(re.escape(IMG_CONTEXT) + "|<image>")
@@ -32,6 +32,24 @@ def pad_batch(ids: list[list[int]], pad_id: int, side: str = "left") -> tuple[to
         input_ids[row, sl] = torch.tensor(x, dtype=torch.long)
         mask[row, sl] = 1
     return input_ids, mask
+
+
+def chat_inputs(
+    tokenizer,
+    messages: list[dict[str, str]],
+    images: list,
+    *,
+    image_size: int,
+    image_seq_length: int,
+    max_num: int = 1,
+    system_message: str | None = None,
+    add_generation_prompt: bool = True,
+) -> tuple[list[int], torch.Tensor | None]:
+    """Chat messages + images -> (token ids, tiles (N, 3, S, S) normalised, or None): one prompt."""
+    tiles = [img.image_to_tiles(im, image_size=image_size, max_num=max_num) for im in images]
+    text = render_chat(messages, tiles_per_image=[t.shape[0] for t in tiles], image_seq_length=image_seq_length,
+                       system_message=system_message, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False).input_ids, (torch.cat(tiles) if tiles else None)
 
 
 class Processor:

@@ -11,9 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nativevl.data.images import image_to_tiles
-from nativevl.data.processor import pad_batch
-from nativevl.data.template import render_chat
+from nativevl.data.processor import chat_inputs, pad_batch
 from nativevl.eval.tasks import get_task
 from nativevl.infer.generate import generate
 
@@ -48,11 +46,10 @@ def predict(model, tokenizer, prompts: list[tuple[list[dict], list]], *, max_new
         chunk = prompts[start : start + batch_size]
         ids, pixels = [], []
         for messages, images in chunk:
-            tiles = [image_to_tiles(im, image_size=cfg.vision.image_size, max_num=1) for im in images]
-            text = render_chat(messages, tiles_per_image=[t.shape[0] for t in tiles],
-                               image_seq_length=cfg.image_seq_length, system_message=system_message)
-            ids.append(tokenizer(text, add_special_tokens=False).input_ids)
-            pixels += tiles
+            prompt_ids, tiles = chat_inputs(tokenizer, messages, images, image_size=cfg.vision.image_size,
+                                            image_seq_length=cfg.image_seq_length, system_message=system_message)
+            ids.append(prompt_ids)
+            pixels += [] if tiles is None else [tiles]
         input_ids, mask = pad_batch(ids, tokenizer.pad_token_id or 0, side="left")
         width = input_ids.shape[1]
         out = generate(model, input_ids.to(device), torch.cat(pixels).to(device) if pixels else None,

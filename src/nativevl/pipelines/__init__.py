@@ -1,0 +1,1 @@
+"""Model-in-the-loop data generation: preference pairs (correctness, DropoutNTP) and PRM step labels."""

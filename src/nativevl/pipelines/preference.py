@@ -1,0 +1,102 @@
+"""Preference pairs for MPO (MMPR's two pipelines).
+
+Correctness: sample N responses per question, verify each; correct ones are chosen, wrong or
+unparseable ones rejected; at most K pairs per question. DropoutNTP (no ground truth): a sampled
+response is chosen; its first half, continued by the same model *without the image*, is rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nativevl.data.template import IMAGE_PLACEHOLDER
+from nativevl.pipelines.questions import Question, sample_responses, save_images
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    n: int = 32  # responses per question
+    temperature: float = 0.7
+    top_k: int = 50
+    max_pairs: int = 15  # per question
+    max_new_tokens: int = 256
+    dropout_ratio: float = 0.5  # DropoutNTP: where the chosen response is cut
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 2 or self.max_pairs < 1:
+            raise ValueError(f"need n >= 2 responses and max_pairs >= 1, got n={self.n}, max_pairs={self.max_pairs}")
+        if not 0 < self.dropout_ratio < 1:
+            raise ValueError(f"dropout_ratio must be in (0, 1), got {self.dropout_ratio}")
+
+
+def correctness_pairs(responses: list[str], correct: list[bool], max_pairs: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Up to max_pairs (chosen, rejected), distinct pairs drawn evenly over correct x wrong responses."""
+    good = list(dict.fromkeys(r for r, ok in zip(responses, correct, strict=True) if ok))
+    bad = list(dict.fromkeys(r for r, ok in zip(responses, correct, strict=True) if not ok))
+    if not good or not bad:
+        return []
+    combos = [(g, b) for g in good for b in bad]
+    pick = rng.permutation(len(combos))[:max_pairs]
+    return [combos[i] for i in sorted(pick)]
+
+
+def _without_images(question: str) -> str:
+    return question.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+def build_preference_data(model, tokenizer, questions: list[Question], cfg: PreferenceConfig, out: str | Path,
+                          system_message: str | None = None) -> dict:
+    """Write preference jsonl (+ images) to `out` (a .jsonl path); returns counts."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+    samples = sample_responses(model, tokenizer, [(q.question, q.images, "") for q in questions], cfg.n,
+                               temperature=cfg.temperature, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
+                               seed=cfg.seed, system_message=system_message, desc="responses")
+    lines, stats = [], {"questions": len(questions), "pairs": 0, "correctness_pairs": 0, "dropout_ntp_pairs": 0,
+                        "all_correct": 0, "all_wrong": 0, "sampled_accuracy": 0.0}
+    ntp_prompts, ntp_owner = [], []
+    n_correct = 0
+    for qi, (q, responses) in enumerate(zip(questions, samples, strict=True)):
+        if q.answer is None:  # DropoutNTP: cut a response at the ratio, let the model go on without the image
+            chosen = responses[int(rng.integers(len(responses)))]
+            cut = chosen[: max(1, int(len(chosen) * cfg.dropout_ratio))]
+            ntp_prompts.append((_without_images(q.question), [], cut))
+            ntp_owner.append((qi, chosen, cut))
+            continue
+        correct = [q.is_correct(r) for r in responses]
+        n_correct += sum(correct)
+        stats["all_correct"] += all(correct)
+        stats["all_wrong"] += not any(correct)
+        for chosen, rejected in correctness_pairs(responses, correct, cfg.max_pairs, rng):
+            lines.append((qi, chosen, rejected))
+            stats["correctness_pairs"] += 1
+    if ntp_prompts:
+        continuations = sample_responses(model, tokenizer, ntp_prompts, 1, temperature=cfg.temperature, top_k=cfg.top_k,
+                                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1,
+                                         system_message=system_message, desc="dropout-ntp")
+        for (qi, chosen, cut), (cont,) in zip(ntp_owner, continuations, strict=True):
+            if (cut + cont).strip() != chosen.strip():
+                lines.append((qi, chosen, cut + cont))
+                stats["dropout_ntp_pairs"] += 1
+    with open(out, "w", encoding="utf-8") as f:
+        for qi, chosen, rejected in lines:
+            q = questions[qi]
+            rec = {"question": q.question, "chosen": chosen, "rejected": rejected}
+            names = save_images(q, out.parent, f"q{qi}")
+            if names:
+                rec["image"] = names if len(names) > 1 else names[0]
+            f.write(json.dumps(rec) + "\n")
+    stats["pairs"] = len(lines)
+    verified = [q for q in questions if q.answer is not None]
+    stats["sampled_accuracy"] = n_correct / max(1, len(verified) * cfg.n)
+    log.info("preference data: %s -> %s", stats, out)
+    return stats

@@ -1,0 +1,80 @@
+"""PRM training data by Monte Carlo rollouts (VisualPRM400K's recipe).
+
+For each question, sample a few solutions; for each step prefix of a solution, sample continuations
+and score mc = #correct / #sampled; the step is '+' iff mc > 0 (the last step: iff the solution
+itself is right). Every step is supervised, not only those before the first error. The output is
+InternVL conversation jsonl in the multi-turn PRM format of infer/prm.py, so the PRM trains as an
+ordinary SFT stage of the one loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from nativevl.infer.prm import BAD, GOOD, prm_conversation, split_steps
+from nativevl.pipelines.questions import Question, sample_responses, save_images
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PRMDataConfig:
+    solutions: int = 4  # sampled solutions per question
+    rollouts: int = 16  # continuations per step prefix
+    temperature: float = 1.0
+    solution_temperature: float = 0.7
+    top_k: int = 50
+    max_steps: int = 12
+    max_new_tokens: int = 256
+    mc_threshold: float = 0.0  # '+' iff mc > threshold
+    seed: int = 0
+
+
+def build_prm_data(model, tokenizer, questions: list[Question], cfg: PRMDataConfig, out: str | Path,
+                   system_message: str | None = None) -> dict:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if any(q.answer is None for q in questions):
+        raise ValueError("PRM labels need a ground truth for every question")
+    solutions = sample_responses(model, tokenizer, [(q.question, q.images, "") for q in questions], cfg.solutions,
+                                 temperature=cfg.solution_temperature, top_k=cfg.top_k,
+                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, system_message=system_message,
+                                 desc="solutions")
+    items, prompts = [], []  # items: (question index, steps); prompts: one per non-final step prefix
+    for qi, (q, sols) in enumerate(zip(questions, solutions, strict=True)):
+        for sol in sols:
+            steps = split_steps(sol, cfg.max_steps)
+            if not steps:
+                continue
+            items.append((qi, steps, q.is_correct(sol)))
+            for i in range(len(steps) - 1):
+                prompts.append((q.question, q.images, "\n\n".join(steps[: i + 1]) + "\n\n"))
+    rollouts = sample_responses(model, tokenizer, prompts, cfg.rollouts, temperature=cfg.temperature, top_k=cfg.top_k,
+                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1, system_message=system_message,
+                                desc="rollouts")
+    it = iter(zip(prompts, rollouts, strict=True))
+    stats = {"questions": len(questions), "solutions": len(items), "steps": 0, "negative_steps": 0,
+             "correct_solutions": 0}
+    with open(out, "w", encoding="utf-8") as f:
+        for qi, steps, solved in items:
+            q = questions[qi]
+            labels = []
+            for _ in range(len(steps) - 1):
+                (_, _, prefix), conts = next(it)
+                mc = sum(q.is_correct(prefix + c) for c in conts) / len(conts)
+                labels.append(GOOD if mc > cfg.mc_threshold else BAD)
+            labels.append(GOOD if solved else BAD)
+            stats["steps"] += len(labels)
+            stats["negative_steps"] += labels.count(BAD)
+            stats["correct_solutions"] += solved
+            conv = prm_conversation(q.question, steps, labels)
+            rec = {"conversations": conv}
+            names = save_images(q, out.parent, f"q{qi}")
+            if names:
+                rec["image"] = names if len(names) > 1 else names[0]
+            f.write(json.dumps(rec) + "\n")
+    log.info("PRM data: %s -> %s", stats, out)
+    return stats

@@ -1,0 +1,127 @@
+"""Questions with (optional) ground truth for the pipelines, and sampling many responses to them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from nativevl.data.images import load_image
+from nativevl.data.processor import chat_inputs, pad_batch
+from nativevl.data.toyworld.tasks import example, final_answer, normalize, verify
+from nativevl.infer.generate import generate
+
+
+@dataclass
+class Question:
+    question: str  # user text, with <image> placeholders where the images go
+    images: list  # PIL images or arrays
+    answer: str | None = None  # ground truth (a reference response or just the answer)
+    family: str = ""  # a toy-world family: its verifier; "" = answer matching
+    image_paths: list[str] = field(default_factory=list)  # where the images already live, if on disk
+
+    def is_correct(self, response: str) -> bool:
+        """Toy verifier, else the final answer (or the whole text) after normalisation."""
+        if self.answer is None:
+            raise ValueError("this question has no ground truth to verify against")
+        if self.family:
+            return verify(self.family, response, self.answer)
+        want = final_answer(self.answer) or normalize(self.answer)
+        got = final_answer(response) if final_answer(self.answer) is not None else normalize(response)
+        return got is not None and got == want
+
+
+def toyworld_questions(family: str, seed: int, n: int, size: int = 96) -> list[Question]:
+    out = []
+    for i in range(n):
+        ex = example(family, seed, i, size)
+        out.append(Question(ex.question, [Image.fromarray(im) for im in ex.images], ex.answer, family))
+    return out
+
+
+def jsonl_questions(path: str | Path, root: str | Path | None = None) -> list[Question]:
+    """InternVL conversation records: the first human turn is the question, the last gpt turn (if any)
+    the ground truth; image paths are relative to `root` (default: the file's folder)."""
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        turns = rec.get("conversations") or []
+        human = [t["value"] for t in turns if t.get("from") == "human"]
+        gpt = [t["value"] for t in turns if t.get("from") == "gpt"]
+        if not human:
+            raise ValueError(f"{path}:{lineno}: no human turn to ask")
+        names = rec.get("image") or []
+        names = [names] if isinstance(names, str) else names
+        paths = [str(root / n) for n in names]
+        out.append(Question(human[0], [load_image(p) for p in paths], gpt[-1] if gpt else None, "", paths))
+    return out
+
+
+def messages(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
+@torch.no_grad()
+def sample_responses(
+    model,
+    tokenizer,
+    prompts: list[tuple[str, list, str]],
+    n: int,
+    *,
+    temperature: float = 0.7,
+    top_k: int = 50,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    batch_rows: int = 64,
+    system_message: str | None = None,
+    desc: str = "sampling",
+) -> list[list[str]]:
+    """n sampled continuations of each (question, images, assistant prefix) prompt.
+
+    The assistant prefix (a partial response) is appended after the generation prompt; the returned
+    texts are the continuations only. Rows of all prompts are batched together, `batch_rows` at a time.
+    """
+    cfg = model.config
+    device = model.device
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rows = []
+    for question, images, prefix in prompts:
+        ids, tiles = chat_inputs(tokenizer, messages(question), images, image_size=cfg.vision.image_size,
+                                 image_seq_length=cfg.image_seq_length, system_message=system_message)
+        if prefix:
+            ids = ids + tokenizer(prefix, add_special_tokens=False).input_ids
+        rows += [(ids, tiles)] * n
+    gen = torch.Generator(device=device).manual_seed(seed)
+    texts: list[str] = []
+    for start in tqdm(range(0, len(rows), batch_rows), desc=desc, unit="batch", leave=False):
+        chunk = rows[start : start + batch_rows]
+        input_ids, mask = pad_batch([ids for ids, _ in chunk], tokenizer.pad_token_id or 0, side="left")
+        tiles = [t for _, t in chunk if t is not None]
+        out = generate(model, input_ids.to(device), torch.cat(tiles).to(device) if tiles else None,
+                       attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                       temperature=max(temperature, 1e-5), top_k=top_k, eos_token_id=end, generator=gen)
+        width = input_ids.shape[1]
+        texts += [tokenizer.decode(r[width:].tolist(), skip_special_tokens=True) for r in out]
+    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def save_images(q: Question, folder: Path, name: str) -> list[str]:
+    """The question's images as PNG files under folder (paths relative to it); existing paths are kept."""
+    if q.image_paths:
+        return q.image_paths
+    names = []
+    for k, im in enumerate(q.images):
+        rel = f"images/{name}-{k}.png"
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im))).save(folder / rel)
+        names.append(rel)
+    return names

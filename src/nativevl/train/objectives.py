@@ -1,0 +1,99 @@
+"""What the one loop minimises, per stage: the language-model loss (pre-training, SFT, PRM) or MPO.
+
+An objective turns one packed micro-batch into a loss already divided by the global normalisers
+(summed over micro-batches and ranks by the loop before the first forward), plus scalars to log.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from nativevl.data.packing import Batch
+from nativevl.model.vlm import VisionLanguageModel
+from nativevl.train.losses import MPOWeights, RewardShift, labelled_lm_loss, mpo_loss, sequence_logps
+from nativevl.train.parallel import all_reduce_sum, is_distributed
+
+OBJECTIVES = ("lm", "mpo")
+
+
+class LMObjective:
+    """Weighted next-token cross-entropy on the labelled positions (token / sample / square averaging)."""
+
+    def __init__(self, loss_chunk: int) -> None:
+        self.loss_chunk = loss_chunk
+
+    def local_normalizers(self, micro: list[Batch]) -> torch.Tensor:
+        return torch.stack([b.loss_weights.sum() for b in micro]).sum()[None]  # (1,)
+
+    def __call__(self, model: VisionLanguageModel, batch: Batch, norms: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        hidden = model(**batch.model_inputs(), compute_logits=False).hidden_states
+        loss = labelled_lm_loss(hidden, model.lm_head.weight, batch.labels, batch.loss_weights, norms[0], self.loss_chunk)
+        return loss, {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class MPOObjective:
+    """Mixed Preference Optimization: w_p * DPO + w_q * BCO + w_g * NLL(chosen) against a frozen copy
+    of the initial model (pi_0). Chosen and rejected are two documents of one packed forward that
+    share the image tiles; BCO's reward shift is a running mean over all ranks, kept in checkpoints."""
+
+    def __init__(self, model: VisionLanguageModel, weights: MPOWeights, loss_chunk: int) -> None:
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.weights, self.loss_chunk = weights, loss_chunk
+        self.shift = RewardShift()
+
+    def local_normalizers(self, micro: list[Batch]) -> torch.Tensor:
+        for b in micro:
+            if b.pairs is None:
+                raise ValueError(f"the mpo objective needs preference records; a batch of {b.sources[:3]} has no pairs")
+        weights = torch.stack([b.loss_weights.sum() for b in micro]).sum()
+        pairs = torch.tensor(float(sum(b.pairs.shape[0] for b in micro)))
+        return torch.stack([weights, pairs.to(weights.device)])  # (2,): chosen-token weight sum, pairs
+
+    def __call__(self, model: VisionLanguageModel, batch: Batch, norms: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        inputs = batch.model_inputs()
+        hidden = model(**inputs, compute_logits=False).hidden_states
+        logps = sequence_logps(hidden, model.lm_head.weight, batch.labels, batch.cu_seqlens, self.loss_chunk)
+        with torch.no_grad():
+            ref_hidden = self.reference(**inputs, compute_logits=False).hidden_states
+            ref_logps = sequence_logps(ref_hidden, self.reference.lm_head.weight, batch.labels, batch.cu_seqlens,
+                                       self.loss_chunk)
+        ratios = logps - ref_logps  # (S,)
+        chosen, rejected = ratios[batch.pairs[:, 0]], ratios[batch.pairs[:, 1]]  # (P,)
+        nll = labelled_lm_loss(hidden, model.lm_head.weight, batch.labels, batch.loss_weights, norms[0], self.loss_chunk)
+        # one observation per rank and micro-batch: the mean reward over this batch's 2P responses
+        world = torch.distributed.get_world_size() if is_distributed() else 1
+        batch_mean = all_reduce_sum(self.weights.beta * torch.cat([chosen, rejected]).detach().mean()) / world
+        delta = self.shift.update(float(batch_mean), observations=world)
+        # per-micro-batch share of the global pair mean: sum over this batch's pairs / global pairs
+        loss, parts = mpo_loss(chosen, rejected, nll, delta, self.weights, pair_normalizer=norms[1])
+        # every logged value is this micro-batch's share, so the loop's sum over micro-batches and ranks
+        # is the global mean
+        margin = (self.weights.beta * (chosen - rejected)).detach()
+        logs = {k: v.detach() for k, v in parts.items()}
+        logs["reward_margin"] = margin.sum() / norms[1]
+        logs["reward_accuracy"] = (margin > 0).float().sum() / norms[1]
+        logs["reward_shift"] = delta * batch.pairs.shape[0] / norms[1]
+        return loss, logs
+
+    def state_dict(self) -> dict:
+        return {"reward_shift": self.shift.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shift.load_state_dict(state["reward_shift"])
+
+
+def make_objective(name: str, model: VisionLanguageModel, loss_chunk: int, mpo: MPOWeights | None = None):
+    """Build before any LoRA adapter or optimiser exists: the MPO reference is a copy of the model as given."""
+    if name == "lm":
+        return LMObjective(loss_chunk)
+    if name == "mpo":
+        return MPOObjective(model, mpo or MPOWeights(), loss_chunk)
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")

@@ -1,0 +1,233 @@
+"""MPO losses against TRL's DPOTrainer formulas, preference packing that shares image tiles, the MPO
+stage of the loop (exact resume with the reward shift), PRM scoring in one forward, preference pairs."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+from importlib.util import find_spec
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from nativevl import VisionLanguageModel
+from nativevl.data.packing import Sample, collate
+from nativevl.data.template import IGNORE_INDEX
+from nativevl.infer.prm import GOOD, encode_for_scoring, label_token_ids, prm_conversation, split_steps, step_scores
+from nativevl.pipelines.preference import correctness_pairs
+from nativevl.recipes import apply_overrides, launch, recipe
+from nativevl.train.losses import MPOWeights, RewardShift, bco_pair, dpo_sigmoid, mpo_loss, sequence_logps
+from tests.conftest import tiny_config
+
+
+def trl_dpo_loss():
+    """TRL 0.28's DPOTrainer.dpo_loss, the last release whose bco_pair keeps InternVL's reward shift.
+
+    Its module cannot be imported next to transformers 5.x (trl.trainer.callbacks reads a version
+    tuple as a bool and imports the absent `weave`), so the method's own source is taken from the
+    installed file and run against TRL's own helpers.
+    """
+    from trl.trainer.dpo_config import FDivergenceConstants, FDivergenceType
+    from trl.trainer.utils import cap_exp
+
+    path = Path(find_spec("trl").origin).parent / "trainer" / "dpo_trainer.py"
+    tree = ast.parse(path.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DPOTrainer")
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "dpo_loss")
+    fn.decorator_list = []
+    namespace = {"torch": torch, "F": F, "FDivergenceType": FDivergenceType, "cap_exp": cap_exp,
+                 "FDivergenceConstants": FDivergenceConstants, "Optional": None, "Union": None}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace["dpo_loss"]
+
+
+@pytest.fixture(scope="module")
+def trl():
+    pytest.importorskip("trl")
+    from trl.trainer.utils import RunningMoments
+
+    accelerator = SimpleNamespace(device=torch.device("cpu"), use_distributed=False)
+    trainer = SimpleNamespace(accelerator=accelerator, beta=0.1, label_smoothing=0.0, reference_free=False,
+                              f_divergence_type="reverse_kl", f_divergence_params={}, loss_type=["sigmoid"],
+                              running=RunningMoments(accelerator), use_weighting=False)
+    from trl.trainer.dpo_config import FDivergenceType
+
+    trainer.f_divergence_type = FDivergenceType.REVERSE_KL
+    return trainer, trl_dpo_loss()
+
+
+def random_logps(g, n=16):
+    return [-(torch.rand(n, generator=g, dtype=torch.float64) * 40 + 1) for _ in range(4)]
+
+
+def test_dpo_and_bco_equal_trl_formulas(trl):
+    trainer, dpo_loss = trl
+    g = torch.Generator().manual_seed(0)
+    shift = RewardShift()
+    for _ in range(5):  # several batches: the reward shift is a running mean over them
+        pc, pr, rc, rr = random_logps(g)
+        want, _, _ = dpo_loss(trainer, pc, pr, rc, rr, loss_type="sigmoid")
+        torch.testing.assert_close(dpo_sigmoid(pc - rc, pr - rr, 0.1), want, rtol=1e-12, atol=1e-12)
+        want_bco, _, _ = dpo_loss(trainer, pc, pr, rc, rr, loss_type="bco_pair")
+        delta = shift.update(float(0.1 * torch.cat([pc - rc, pr - rr]).mean()))
+        assert delta == pytest.approx(trainer.running.mean, rel=1e-6)  # TRL keeps float32 moments
+        torch.testing.assert_close(bco_pair(pc - rc, pr - rr, 0.1, delta), want_bco, rtol=1e-6, atol=1e-7)
+
+
+def test_sft_term_and_mpo_total(trl):
+    trainer, dpo_loss = trl
+    g = torch.Generator().manual_seed(1)
+    # TRL's sft term is its model output's nll_loss: the token-mean cross-entropy over chosen responses
+    hidden, weight = torch.randn(2, 9, 8, generator=g), torch.randn(20, 8, generator=g)
+    labels = torch.randint(0, 20, (2, 9), generator=g)
+    labels[0, :3] = labels[1, :5] = IGNORE_INDEX
+    nll = F.cross_entropy((hidden @ weight.t()).reshape(-1, 20), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    pc, pr, rc, rr = random_logps(g, 2)
+    want_sft, _, _ = dpo_loss(trainer, pc, pr, rc, rr, loss_type="sft", model_output={"nll_loss": nll})
+    cu = torch.tensor([0, 9, 18])
+    per_doc = sequence_logps(hidden.reshape(18, 8), weight, labels.reshape(-1), cu)
+    assert float(-per_doc.sum() / (labels != IGNORE_INDEX).sum()) == pytest.approx(float(want_sft.mean()), rel=1e-5)
+    # MPO = 0.8 sigmoid + 0.2 bco_pair + 1.0 sft, each averaged over the batch (InternVL's trainer)
+    weights = MPOWeights()
+    total, parts = mpo_loss(pc - rc, pr - rr, nll, delta=0.3, weights=weights)
+    trainer.running.mean = 0.3
+    sig = dpo_loss(trainer, pc, pr, rc, rr, loss_type="sigmoid")[0].mean()
+    bco = -F.logsigmoid(0.1 * (pc - rc) - 0.3) - F.logsigmoid(-(0.1 * (pr - rr) - 0.3))
+    assert float(total) == pytest.approx(float(0.8 * sig + 0.2 * bco.mean() + 1.0 * nll), rel=1e-9)
+    assert float(parts["dpo"]) == pytest.approx(float(sig), rel=1e-9)
+
+
+def test_sequence_logps_sums_each_documents_labelled_tokens():
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(12, 6, generator=g), torch.randn(30, 6, generator=g)
+    labels = torch.randint(0, 30, (12,), generator=g)
+    labels[[0, 1, 5, 6, 11]] = IGNORE_INDEX
+    cu = torch.tensor([0, 5, 9, 12])
+    logp = torch.log_softmax(hidden @ weight.t(), -1)
+    want = [sum(float(logp[t, labels[t]]) for t in range(a, b) if labels[t] != IGNORE_INDEX)
+            for a, b in zip(cu[:-1], cu[1:], strict=True)]
+    got = sequence_logps(hidden, weight, labels, cu, chunk_size=3)
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-5, atol=1e-5)
+
+
+def pair_sample(cfg, g, n_tiles=1):
+    n = cfg.image_seq_length
+    doc = lambda k: np.concatenate([[7], np.full(n * n_tiles, cfg.image_token_id), np.random.default_rng(k).integers(10, 200, 6)])
+    chosen, rejected = doc(1), doc(2)[:-2]
+    lab = lambda ids: np.where(np.arange(len(ids)) >= len(ids) - 4, ids, IGNORE_INDEX)
+    pos = lambda ids: np.arange(len(ids), dtype=np.float32)
+    pixels = torch.randn(n_tiles, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    return Sample(chosen, lab(chosen), pos(chosen), pixels, "pair", 0, rejected=(rejected, lab(rejected), pos(rejected)))
+
+
+def test_pair_shares_tiles_and_equals_separate_documents():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = VisionLanguageModel(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    plain = Sample(np.array([7, 8, 9, 10]), np.array([IGNORE_INDEX, 8, 9, 10]), np.arange(4, dtype=np.float32))
+    batch = collate([pair_sample(cfg, g, 2), plain, pair_sample(cfg, g, 1)], "token")
+    assert batch.num_documents == 5 and batch.pairs.tolist() == [[0, 1], [3, 4]]
+    assert batch.pixel_values.shape[0] == 3  # each pair's tiles once
+    assert batch.tile_index.tolist() == [0, 1, 0, 1, 2, 2]
+    # only the chosen documents carry loss weight (MPO's NLL); both keep labels for the log-probs
+    docs = [slice(a, b) for a, b in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(), strict=True)]
+    assert batch.loss_weights[docs[1]].sum() == 0 and batch.loss_weights[docs[0]].sum() > 0
+    assert (batch.labels[docs[1]] != IGNORE_INDEX).sum() > 0
+    with torch.no_grad():
+        shared = model(**batch.model_inputs()).logits
+        repeated = model(batch.input_ids, batch.pixel_values[batch.tile_index], cu_seqlens=batch.cu_seqlens,
+                         position_ids=batch.position_ids).logits
+    torch.testing.assert_close(shared, repeated)
+
+
+def preference_meta(folder: Path, n: int = 12) -> Path:
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        lines.append({"image": f"{i}.png", "question": "<image>\nwhat is shown in the image?",
+                      "chosen": "a red circle", "rejected": "a blue square and a green triangle"})
+    (folder / "pref.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    meta = {"pref": {"root": str(folder), "annotation": "pref.jsonl", "max_dynamic_patch": 1}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder / "meta.json"
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+MPO_ARGS = ["--objective=mpo", "--loss_reduction=token", "--global_batch=2", "--tensorboard=false", "--max_tokens=256",
+            "--lr=3e-3", "--save_every=1", "--export=false"]
+
+
+def test_mpo_stage_trains_and_resumes_exactly(tmp_path):
+    meta = preference_meta(tmp_path)
+    args = [*MPO_ARGS, f"--meta={meta}"]
+    full = tmp_path / "full"
+    launch(apply_overrides(recipe("debug_tiny"), [*args, "--max_steps=4"]), full)
+    steps = metrics(full)
+    # step 1: the policy is the reference, so every log-ratio is 0: DPO = log 2, BCO = 2 log 2 (shift 0)
+    assert steps[0]["dpo"] == pytest.approx(math.log(2), abs=1e-5)
+    assert steps[0]["bco"] == pytest.approx(2 * math.log(2), abs=1e-5)
+    assert steps[0]["loss"] == pytest.approx(0.8 * math.log(2) + 0.2 * 2 * math.log(2) + steps[0]["nll"], rel=1e-5)
+    assert steps[-1]["reward_margin"] > 0 and steps[-1]["dpo"] < math.log(2)  # it learns to prefer the chosen
+    assert steps[-1]["reward_shift"] != 0
+    part = tmp_path / "part"
+    launch(apply_overrides(recipe("debug_tiny"), [*args, "--max_steps=2"]), part)
+    launch(apply_overrides(recipe("debug_tiny"), [*args, "--max_steps=4"]), part)
+    resumed = {m["step"]: m for m in metrics(part)}
+    for m in steps:
+        assert resumed[m["step"]]["loss"] == m["loss"]
+        assert resumed[m["step"]]["reward_shift"] == m["reward_shift"]
+
+
+def test_mpo_refuses_conversation_data(tmp_path):
+    run = apply_overrides(recipe("debug_tiny"), ["--objective=mpo", "--max_steps=1", "--tensorboard=false", "--export=false"])
+    with pytest.raises(ValueError, match="preference records"):
+        launch(run, tmp_path)
+
+
+def test_correctness_pairs_are_distinct_and_bounded():
+    rng = np.random.default_rng(0)
+    responses = ["a", "b", "a", "c", "d", "e"]
+    correct = [True, False, True, True, False, False]
+    pairs = correctness_pairs(responses, correct, max_pairs=4, rng=rng)
+    assert len(pairs) == 4 and len(set(pairs)) == 4
+    assert all(c in ("a", "c") and r in ("b", "d", "e") for c, r in pairs)
+    assert correctness_pairs(["a", "b"], [True, True], 15, rng) == []
+
+
+def test_split_steps_merges_evenly():
+    assert split_steps("a\n\nb\n\n\n\nc") == ["a", "b", "c"]
+    merged = split_steps("\n\n".join(str(i) for i in range(10)), max_steps=4)
+    assert len(merged) == 4 and "\n\n".join(merged) == "\n\n".join(str(i) for i in range(10))
+
+
+def test_prm_scores_in_one_forward_equal_step_by_step(tokenizer):
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = VisionLanguageModel(cfg).eval()
+    tokenizer.add_tokens(["+", "-"])  # the conftest tokenizer's corpus has neither
+    question = "<image>\nwhat is shown?"
+    responses = ["a red circle\n\ntwo three\n\nthe cat", "one\n\nfive six seven eight nine ten"]
+    pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size)
+    batched = step_scores(model, tokenizer, question, responses, pixels, batch_size=2)
+    good, bad = label_token_ids(tokenizer)
+    for response, scores in zip(responses, batched, strict=True):
+        steps = split_steps(response)
+        assert len(scores) == len(steps)
+        for k in range(len(steps)):
+            ids, slots = encode_for_scoring(tokenizer, question, steps[: k + 1], [1], cfg.image_seq_length)
+            logits = model(torch.tensor([ids]), pixels).logits[0, slots[-1]]
+            want = logits[[good, bad]].softmax(-1)[0]
+            assert scores[k] == pytest.approx(float(want), abs=1e-5)
+    conv = prm_conversation(question, ["x", "y"], ["+", "-"])
+    assert [t["value"] for t in conv if t["from"] == "gpt"] == [GOOD, "-"]
