@@ -200,3 +200,22 @@ def test_cuda_graph_decode_equals_eager(tokenizer, compile):
     bf16 = Engine(make_model(), tokenizer, max_batch_size=8, max_seq_len=512, device="cuda", dtype=torch.bfloat16)
     out = bf16.generate(ps, params, pvs)
     assert all(len(c[0].token_ids) == 24 for c in out)
+
+
+def test_chat_repl_multi_turn_with_images(tmp_path, tokenizer, monkeypatch, capsys):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from nativevl.cli import main
+
+    make_model().save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 60, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    script = f"/image {tmp_path / 'x.png'}\nwhat is shown\n/image {tmp_path / 'nope.png'}\nand now\n/reset\nhi\n/quit\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    assert main(["chat", "--model", str(tmp_path / "m"), "--max_new_tokens", "4", "--system", ""]) == 0
+    err = capsys.readouterr().err
+    assert err.count("tokens in") == 3 and "1 tile(s)" in err and "no such image file" in err
+    prompts = [int(x) for x in __import__("re").findall(r"prompt (\d+) tokens", err)]
+    assert prompts[1] > prompts[0] > prompts[2]  # the second turn carries the first; /reset forgets it

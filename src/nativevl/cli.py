@@ -1,4 +1,4 @@
-"""`nativevl` command line: demo, chat, convert."""
+"""`nativevl` command line: demo, chat, serve, convert, eval, train, data."""
 
 from __future__ import annotations
 
@@ -43,9 +43,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from nativevl.data.images import image_to_tiles
+    """Single-shot with --prompt, else a multi-turn REPL (/image PATH, /reset, /quit); answers stream."""
+    from nativevl.data.images import image_to_tiles, tiles_per_image
     from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, render_chat
-    from nativevl.infer.generate import generate
+    from nativevl.infer.engine import Engine, SamplingParams
     from nativevl.io.hf import load_model
     from nativevl.io.tokenizer import load_tokenizer
 
@@ -54,44 +55,103 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=dtype, device=device)
     tokenizer = load_tokenizer(args.model)
     cfg = model.config
-    pixel_values, tiles = None, []
-    if args.image:
-        pixel_values = image_to_tiles(args.image, image_size=cfg.vision.image_size, max_num=args.max_num).to(device)
-        tiles = [pixel_values.shape[0]]
+    engine = Engine(model, tokenizer, max_batch_size=1,
+                    max_seq_len=min(args.max_seq_len, cfg.text.max_position_embeddings))
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
     system = DEFAULT_SYSTEM_MESSAGE if args.system is None else args.system
-    prompt = render_chat(
-        [{"role": "user", "content": args.prompt}],
-        tiles_per_image=tiles,
-        image_seq_length=cfg.image_seq_length,
-        system_message=system,
-    )
-    input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids], device=device)
-    start = time.perf_counter()
-    printed = ""
-    generated: list[int] = []
+    history: list[dict[str, str]] = []
+    tiles: list[torch.Tensor] = []  # every image of the conversation, in order
 
-    def stream(token: torch.Tensor) -> None:
-        nonlocal printed
-        generated.append(int(token[0]))
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        sys.stdout.write(text[len(printed):])
-        sys.stdout.flush()
-        printed = text
+    def answer(text: str, images: list[str]) -> None:
+        max_num = tiles_per_image(args.max_num, len(images)) if len(images) > 1 else args.max_num
+        new = [image_to_tiles(path, image_size=cfg.vision.image_size, max_num=max_num) for path in images]
+        history.append({"role": "user", "content": "<image>\n" * len(new) + text})
+        tiles.extend(new)
+        prompt = render_chat(history, tiles_per_image=[t.shape[0] for t in tiles],
+                             image_seq_length=cfg.image_seq_length, system_message=system)
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        start = time.perf_counter()
 
-    out = generate(
-        model,
-        input_ids,
-        pixel_values,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=max(args.temperature, 1e-6),
-        top_p=args.top_p,
-        streamer=stream,
+        def show(kind: str, index: int, payload) -> None:
+            if kind == "delta":
+                sys.stdout.write(payload)
+                sys.stdout.flush()
+
+        req = engine.submit(ids, params, torch.cat(tiles) if tiles else None, on_event=show)
+        while not req.done:
+            engine.step()
+        done = req.result()[0]
+        history.append({"role": "assistant", "content": done.text})
+        n_tiles = sum(t.shape[0] for t in new)
+        print(f"\n[{len(done.token_ids)} tokens in {time.perf_counter() - start:.2f}s, {n_tiles} tile(s), "
+              f"prompt {len(ids)} tokens]", file=sys.stderr)
+
+    if args.prompt is not None:
+        answer(args.prompt, args.image or [])
+        return 0
+    pending = list(args.image or [])
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("multi-turn chat: /image PATH attaches an image to your next message, /reset, /quit", file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        line = line.strip()
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            history.clear()
+            tiles.clear()
+            pending.clear()
+        elif line.startswith("/image "):
+            path = line[len("/image "):].strip()
+            if not Path(path).is_file():
+                print(f"no such image file: {path}", file=sys.stderr)
+            else:
+                pending.append(path)
+        elif line:
+            try:
+                answer(line, pending)
+            except ValueError as e:  # a bad image or an over-long conversation: say so, keep chatting
+                print(f"error: {e}", file=sys.stderr)
+                history.pop()
+            pending = []
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE
+    from nativevl.infer.engine import Engine
+    from nativevl.infer.server import ServerConfig, run
+    from nativevl.io.hf import load_model
+    from nativevl.io.tokenizer import load_tokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model = load_model(args.model, dtype=dtype, device=device)
+    engine = Engine(model, load_tokenizer(args.model), max_batch_size=args.max_batch_size,
+                    max_seq_len=min(args.max_seq_len, model.config.text.max_position_embeddings),
+                    max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs)
+    if args.allowed_local_media is not None and not Path(args.allowed_local_media).is_dir():
+        raise ValueError(f"--allowed-local-media {args.allowed_local_media} is not a folder")
+    cfg = ServerConfig(
+        model_name=args.name or Path(args.model).resolve().name,
+        max_body_bytes=args.max_body_bytes,
+        max_images=args.max_images,
+        max_image_pixels=args.max_image_pixels,
+        max_tiles=args.max_num,
+        max_prompt_tokens=args.max_prompt_tokens,
+        allowed_local_media=args.allowed_local_media,
+        system_message=DEFAULT_SYSTEM_MESSAGE if args.system is None else (args.system or None),
     )
-    n_new = out.shape[1] - input_ids.shape[1]
-    elapsed = time.perf_counter() - start
-    print(f"\n[{n_new} tokens in {elapsed:.2f}s, {len(tiles) and tiles[0]} tile(s), prompt {input_ids.shape[1]} tokens]",
-          file=sys.stderr)
+    run(engine, cfg, host=args.host, port=args.port)
     return 0
 
 
@@ -112,6 +172,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=torch.float32, device=device)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     tasks = [t for t in args.tasks.split(",") if t]
+    if args.best_of_n:
+        from nativevl.eval.runner import best_of_n_table, evaluate_best_of_n
+
+        if world > 1:
+            raise ValueError("--best-of-n runs in one process")
+        prm = load_model(args.prm, dtype=torch.float32, device=device).eval() if args.prm else None
+        report = evaluate_best_of_n(model, tokenizer, tasks, n=args.n, seed=args.seed, samples=args.best_of_n, prm=prm,
+                                    temperature=args.temperature, top_k=args.top_k, system_message=args.system or None)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        table = best_of_n_table(report, f"{args.model}, best of {args.best_of_n}, PRM {args.prm}, seed {args.seed}")
+        Path(args.out).with_suffix(".md").write_text(table)
+        print(table)
+        return 0
     report = evaluate(model, tokenizer, tasks, n=args.n, seed=args.seed, batch_size=args.batch_size,
                       system_message=args.system or None, rank=rank, world_size=world)
     if rank == 0:
@@ -226,20 +300,50 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch_size", type=int, default=32)
     e.add_argument("--system", default="", help="system message ('' for none, as the demo trains)")
     e.add_argument("--out", default="eval.json")
+    e.add_argument("--best-of-n", "--best_of_n", dest="best_of_n", type=int, default=0,
+                   help="test-time scaling: N samples per question (one prefill), majority vote and, with --prm, PRM pick")
+    e.add_argument("--prm", default=None, help="process reward model folder (nativevl train prm)")
+    e.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for --best-of-n")
+    e.add_argument("--top_k", type=int, default=0, help="top-k for --best-of-n (0: none)")
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("chat", help="answer one prompt about one image")
+    c = sub.add_parser("chat", help="chat about images: one --prompt, or a multi-turn session (/image PATH, /reset)")
     c.add_argument("--model", required=True, help="checkpoint folder (-hf or original layout) with tokenizer files")
-    c.add_argument("--image", default=None, help="image file (omit for a text-only prompt)")
-    c.add_argument("--prompt", required=True)
+    c.add_argument("--image", action="append", default=None, help="image file, repeatable (omit for text only)")
+    c.add_argument("--prompt", default=None, help="answer this and exit (default: interactive, reads stdin)")
     c.add_argument("--system", default=None, help="system message (default: InternVL's; '' for none)")
     c.add_argument("--max_new_tokens", type=int, default=256)
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     c.add_argument("--top_p", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=None)
     c.add_argument("--max_num", type=int, default=12, help="max tiles per image (dynamic resolution)")
+    c.add_argument("--max_seq_len", type=int, default=8192, help="conversation length the KV cache holds")
     c.add_argument("--device", default=None)
     c.add_argument("--dtype", type=parse_dtype, default=None)
     c.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
+    s.add_argument("--model", required=True, help="checkpoint folder with tokenizer files")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--name", default=None, help="model id clients send (default: the folder name)")
+    s.add_argument("--allowed-local-media", "--allowed_local_media", dest="allowed_local_media", default=None,
+                   help="folder whose image files requests may name (default: only base64 data URLs)")
+    s.add_argument("--max-queue", "--max_queue", dest="max_queue", type=int, default=256,
+                   help="waiting requests beyond this get 429")
+    s.add_argument("--max-batch-size", "--max_batch_size", dest="max_batch_size", type=int, default=32,
+                   help="sequences decoded together (KV cache slots)")
+    s.add_argument("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=int, default=8192)
+    s.add_argument("--max-prompt-tokens", "--max_prompt_tokens", dest="max_prompt_tokens", type=int, default=8000)
+    s.add_argument("--max-images", "--max_images", dest="max_images", type=int, default=8)
+    s.add_argument("--max-image-pixels", "--max_image_pixels", dest="max_image_pixels", type=int, default=4096 * 4096)
+    s.add_argument("--max-body-bytes", "--max_body_bytes", dest="max_body_bytes", type=parse_size, default="32MB")
+    s.add_argument("--max_num", type=int, default=12, help="max tiles per request, shared by its images")
+    s.add_argument("--system", default=None, help="system message when a request has none (default: InternVL's)")
+    s.add_argument("--no-cuda-graphs", dest="no_cuda_graphs", action="store_true")
+    s.add_argument("--device", default=None)
+    s.add_argument("--dtype", type=parse_dtype, default=None)
+    s.set_defaults(func=cmd_serve)
 
     v = sub.add_parser("convert", help="convert a checkpoint between the -hf and original InternVL layouts")
     v.add_argument("src")
