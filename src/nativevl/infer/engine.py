@@ -175,12 +175,12 @@ class Engine:
         self.use_compile = self.use_graphs if compile is None else bool(compile and on_cuda)
         self.length_quantum = length_quantum or (256 if on_cuda else 16)
         eos = {cfg.eos_token_id}
-        for tok in ("<|im_end|>",):
-            tid = tokenizer.convert_tokens_to_ids(tok)
+        if tokenizer is not None:  # None (benchmarks): token ids only, completions have empty text
+            tid = tokenizer.convert_tokens_to_ids("<|im_end|>")
             if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None):
                 eos.add(tid)
-        if tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
+            if tokenizer.eos_token_id is not None:
+                eos.add(tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
         shape = (max_batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
@@ -529,7 +529,7 @@ class Engine:
         return tokens.tolist()
 
     def _text(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return "" if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _append(self, seq: _Seq, token: int) -> None:
         p = seq.req.params

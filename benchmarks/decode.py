@@ -1,0 +1,148 @@
+"""Decoding throughput: nativevl's Engine vs transformers' generate, same random weights, same prompts, one run.
+
+Greedy, text prompts of --prompt-len random tokens, exactly --new-tokens generated per sequence (no
+early stop); tokens/s = batch x new tokens / wall time of the whole call (prefill included), for each
+batch size, and the ratio. The engine's decode-only rate (first token to last) is printed beside.
+    PYTHONPATH=src python3 benchmarks/decode.py [--shape tiny|internvl3_1b] [--device cpu|cuda]
+        [--dtype float32|bfloat16] [--prompt-len 512] [--new-tokens N] [--batch-sizes 1,32] [--json OUT]
+One side failing (an exception) is reported and does not lose the other side's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import tempfile
+import time
+import traceback
+
+import torch
+
+from nativevl import VisionLanguageModel
+from nativevl.config import preset
+from nativevl.infer.engine import Engine, SamplingParams
+from nativevl.io.hf import config_to_hf
+
+
+def tiny_shape():
+    """InternVL3-1B's structure at CPU size: 4 LLM layers of width 256 (GQA 4:1), 16k vocabulary, a 2-layer ViT."""
+    cfg = preset("internvl3_1b")
+    vision = dataclasses.replace(cfg.vision, num_hidden_layers=2, hidden_size=128, intermediate_size=512,
+                                 num_attention_heads=2)
+    text = dataclasses.replace(cfg.text, num_hidden_layers=4, hidden_size=256, intermediate_size=1024,
+                               num_attention_heads=8, num_key_value_heads=2, vocab_size=16000, bos_token_id=1,
+                               eos_token_id=2, pad_token_id=0)
+    return dataclasses.replace(cfg, vision=vision, text=text, image_token_id=15999)
+
+
+def build(shape: str, device: str, dtype: torch.dtype):
+    """transformers' model with random weights, and ours loaded from its saved copy."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    cfg = tiny_shape() if shape == "tiny" else preset(shape)
+    torch.manual_seed(0)
+    theirs = InternVLForConditionalGeneration(InternVLConfig(**config_to_hf(cfg))).eval().to(dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs.save_pretrained(tmp)
+        ours = VisionLanguageModel.from_pretrained(tmp, dtype=dtype, device=device)
+    return cfg, theirs.to(device), ours
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tiny", help="tiny (CPU) or a preset name, e.g. internvl3_1b")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=None, help="default: 128 on cuda, 32 on cpu")
+    ap.add_argument("--batch-sizes", default="1,32")
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    new = args.new_tokens or (128 if cuda else 32)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    import transformers
+
+    t0 = time.perf_counter()
+    cfg, theirs, ours = build(args.shape, args.device, dtype)
+    print(f"built {args.shape} in {time.perf_counter() - t0:.1f}s: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M "
+          f"parameters, {args.device} {dtype}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{platform.processor() or platform.machine()}")
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(10, cfg.image_token_id - 10, (max(batches), args.prompt_len), generator=g)
+    never = cfg.text.vocab_size + 1  # an eos id no token can equal: every row generates `new` tokens
+    params = SamplingParams(max_tokens=new, ignore_eos=True)
+    engine = None
+    results: dict = {"shape": args.shape, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
+                     "torch": torch.__version__, "transformers": transformers.__version__,
+                     "gpu": torch.cuda.get_device_name() if cuda else None, "prompt_len": args.prompt_len,
+                     "new_tokens": new, "batches": {}}
+    for b in batches:
+        row: dict = {}
+        ids = prompts[:b].to(args.device)
+        try:  # ours
+            if engine is None:
+                engine = Engine(ours, None, max_batch_size=max(batches), max_seq_len=args.prompt_len + new + 8,
+                                cuda_graphs=not args.no_cuda_graphs, compile=False if args.no_compile else None)
+            lists = ids.tolist()
+            t0 = time.perf_counter()
+            engine.generate(lists, params)  # warm-up: compiles and captures this batch's graphs
+            row["ours_warmup_s"] = time.perf_counter() - t0
+            reqs = [engine.submit(x, params) for x in lists]
+            sync()
+            t0 = time.perf_counter()
+            while not all(r.done for r in reqs):
+                engine.step()
+            sync()
+            wall = time.perf_counter() - t0
+            first = max(r.timings["first_token"] for r in reqs)
+            last = max(r.timings["finished"] for r in reqs)
+            row["ours_tok_s"] = b * new / wall
+            row["ours_decode_tok_s"] = b * (new - 1) / (last - first)
+            row["ours_tokens"] = reqs[0].result()[0].token_ids
+            row["decode_mode"] = engine.stats["decode_mode"]
+        except Exception as e:  # noqa: BLE001 - one side failing must not lose the other's figures
+            traceback.print_exc()
+            row["ours_error"] = f"{type(e).__name__}: {e}"
+        try:  # transformers
+            mask = torch.ones_like(ids)
+            kw = {"input_ids": ids, "attention_mask": mask, "do_sample": False, "eos_token_id": never, "pad_token_id": 0}
+            with torch.no_grad():
+                theirs.generate(max_new_tokens=2, **kw)  # warm-up
+                sync()
+                t0 = time.perf_counter()
+                out = theirs.generate(max_new_tokens=new, min_new_tokens=new, **kw)
+                sync()
+            row["theirs_tok_s"] = b * new / (time.perf_counter() - t0)
+            row["theirs_tokens"] = out[0, args.prompt_len:].tolist()
+        except Exception as e:  # noqa: BLE001 - as above
+            traceback.print_exc()
+            row["theirs_error"] = f"{type(e).__name__}: {e}"
+        if "ours_tok_s" in row and "theirs_tok_s" in row:
+            row["ratio"] = row["ours_tok_s"] / row["theirs_tok_s"]
+            a, t = row["ours_tokens"], row["theirs_tokens"]
+            row["same_greedy_prefix"] = next((i for i, (x, y) in enumerate(zip(a, t)) if x != y), min(len(a), len(t)))
+        for key in ("ours_tokens", "theirs_tokens"):
+            row.pop(key, None)
+        results["batches"][str(b)] = row
+        fmt = lambda k, row=row: f"{row[k]:10.1f}" if k in row else f"{'failed':>10s}"
+        ratio = f"{row['ratio']:6.2f}x" if "ratio" in row else "     -"
+        print(f"batch {b:3d}: nativevl {fmt('ours_tok_s')} tok/s (decode only {fmt('ours_decode_tok_s')}), "
+              f"transformers {fmt('theirs_tok_s')} tok/s, ratio {ratio}, "
+              f"greedy tokens agree for {row.get('same_greedy_prefix', '-')} of {new}, mode {row.get('decode_mode')}")
+    if engine is not None:
+        results["engine_stats"] = dict(engine.stats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"written {args.json}")
+
+
+if __name__ == "__main__":
+    main()
