@@ -282,6 +282,42 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
+    from nativevl.config import preset
+    from nativevl.model.vlm import VisionLanguageModel
+    from nativevl.recipes import apply_overrides, recipe
+    from nativevl.train.parallel import trainable_by_module
+    from nativevl.train.plan import GiB, advice, format_plan, param_counts, plan
+    from nativevl.train.stages import apply_policy
+
+    run = apply_overrides(recipe(args.recipe), extra)
+    if run.model.init_from:
+        from nativevl.io.hf import read_config
+
+        cfg = read_config(run.model.init_from)[0]
+    else:
+        cfg = preset(args.preset or run.model.preset)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = VisionLanguageModel(cfg)
+        apply_policy(model, run.stage)
+        trainable = {m: sum(p.numel() for p in ps) for m, ps in trainable_by_module(model).items()}
+    kw = {"tokens": run.data.max_tokens, "tiles": run.data.max_tiles, "loss_chunk": run.train.loss_chunk,
+          "gpu_bytes": int(args.gpu_memory * GiB)}
+    counts = param_counts(cfg)
+    print(f"{args.recipe}: {sum(counts.values()) / 1e9:.2f}B parameters (ViT {counts['vit'] / 1e6:.0f}M, "
+          f"MLP {counts['mlp'] / 1e6:.0f}M, LLM {counts['llm'] / 1e6:.0f}M), {sum(trainable.values()) / 1e9:.2f}B trainable; "
+          f"packs of {run.data.max_tokens} tokens and {run.data.max_tiles} tiles, {args.gpus} GPU(s)")
+    ac = run.train.activation_checkpointing
+    for checkpointing in (ac, not ac):
+        p = plan(cfg, trainable, gpus=args.gpus, activation_checkpointing=checkpointing, **kw)
+        print(format_plan(p, f"activation checkpointing {'on' if checkpointing else 'off'}"
+                             f"{' (the recipe)' if checkpointing == ac else ''}:"))
+    hints = advice(cfg, trainable, gpus=args.gpus, activation_checkpointing=ac, **kw)
+    for hint in hints:
+        print(f"to fit: {hint}")
+    return 0 if not hints else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nativevl", description="InternVL3 in plain PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
@@ -358,6 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="debug_tiny, pretrain, sft, sft_lora, internvl3_1b_sft, mpo, prm")
     t.add_argument("--out", required=True, help="run folder (checkpoints, metrics, final export)")
     t.set_defaults(func=cmd_train, takes_extra=True)
+
+    pl = sub.add_parser("plan", help="memory per GPU for a recipe (parameters, gradients, optimizer, activations)",
+                        epilog="recipe overrides as for train: --max_tokens=8192 --activation_checkpointing=true")
+    pl.add_argument("recipe")
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs sharing the model (FSDP2)")
+    pl.add_argument("--gpu_memory", type=float, default=80.0, help="GiB per GPU")
+    pl.add_argument("--preset", default=None, help="model preset (default: the recipe's)")
+    pl.set_defaults(func=cmd_plan, takes_extra=True)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     dv = data.add_parser("validate", help="read a whole dataset; report bad records by kind; exit 1 if any")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nativevl.config import TextConfig
-from nativevl.model.attention import attention
+from nativevl.model.attention import attention, documents
 from nativevl.model.layers import RMSNorm, activation
 
 
@@ -166,6 +166,8 @@ class TextModel(nn.Module):
         backend: str = "sdpa",
     ) -> torch.Tensor:
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        if cu_seqlens is not None:  # once per forward: longest document, flex BlockMask
+            cu_seqlens = documents(cu_seqlens, inputs_embeds.shape[1], backend)
         x = inputs_embeds
         for layer in self.layers:
             x = layer(

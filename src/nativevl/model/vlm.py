@@ -41,6 +41,9 @@ class VisionLanguageModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.attn_backend = "sdpa"
+        # Sharded training sets this: a rank whose pack has no tile still runs the ViT (on a blank
+        # tile, times zero) so that every rank takes part in every FSDP unit's collectives.
+        self.vision_every_forward = False
 
     # ------------------------------------------------------------------ construction / io
 
@@ -106,16 +109,29 @@ class VisionLanguageModel(nn.Module):
         feats = self.multi_modal_projector(feats.reshape(n, -1, feats.shape[-1]))  # (N, s*s/4, C_llm)
         return feats.reshape(-1, feats.shape[-1])
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with image features scattered, in order, at the <IMG_CONTEXT> slots."""
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, tile_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings with image features scattered, in order, at the <IMG_CONTEXT> slots.
+
+        tile_index (K,): the tile filling each of the text's K tile slots, so that documents sharing
+        an image (a preference pair) run the ViT on it once; None means tile k fills slot k.
+        """
         embeds = self.language_model.embed_tokens(input_ids)  # (..., C)
         slots = input_ids == self.config.image_token_id
         n_slots = int(slots.sum())
         if pixel_values is None or pixel_values.numel() == 0:
             if n_slots:
                 raise ValueError(f"input_ids hold {n_slots} image token(s) but no pixel_values were given")
+            if self.vision_every_forward:
+                size = self.config.vision.image_size
+                blank = embeds.new_zeros(1, self.config.vision.num_channels, size, size)
+                embeds = embeds + 0.0 * self.encode_images(blank).sum().to(embeds.dtype)
             return embeds
         feats = self.encode_images(pixel_values)
+        if tile_index is not None:
+            per_tile = feats.reshape(pixel_values.shape[0], -1, feats.shape[-1])  # (N, L, C)
+            feats = per_tile[tile_index].reshape(-1, feats.shape[-1])  # (K * L, C)
         if n_slots != feats.shape[0]:
             raise ValueError(
                 f"input_ids hold {n_slots} image tokens but pixel_values give {feats.shape[0]} image features "
@@ -128,6 +144,7 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         *,
+        tile_index: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
@@ -146,7 +163,7 @@ class VisionLanguageModel(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values)
+            inputs_embeds = self.embed(input_ids, pixel_values, tile_index)
         packed_1d = inputs_embeds.dim() == 2
         if packed_1d:
             inputs_embeds = inputs_embeds[None]  # (1, T, C)

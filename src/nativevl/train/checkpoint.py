@@ -1,6 +1,22 @@
-"""Train-state checkpoints: DIR/checkpoints/step-00000042/ holding state.pt (model, optimiser, step,
-data position, RNG). Written to a temporary folder and renamed, so a crash (even SIGKILL) mid-save
-never leaves a checkpoint that looks complete; only the last `keep` are kept."""
+"""Train-state checkpoints: DIR/checkpoints/step-00000042/ holding
+
+- the model and optimiser through torch.distributed.checkpoint (DCP: every rank writes its shards,
+  `.metadata` says where each piece of every tensor lies), so a run resumes at another world size;
+- meta.pt (rank 0): step, tokens, world size, train config, objective state; written last, it marks
+  the checkpoint complete;
+- rank-00003.pt: rank 3's data position and RNG states.
+
+Everything is written to a temporary folder and renamed, so a crash (even SIGKILL) mid-save never
+leaves a checkpoint that looks complete; only the last `keep` are kept. Across nodes, DIR must be on
+a file system every node sees.
+
+Resuming at another world size: model and optimiser are resharded by DCP. Rank r takes old rank r's
+RNG state when there was one (else its seed). The data stream cannot keep its per-shard positions
+(stream item i belongs to shard i % shards, and the shard count changed), so every new shard starts
+after the furthest position any old shard had reached: no record is seen twice, and the records that
+waited in open pack buffers or lay between the old shards' positions (fewer than a few packs' worth)
+are skipped.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nativevl.train.parallel import barrier, broadcast_object, is_distributed
+
 _NAME = re.compile(r"^step-(\d{8})$")
+META = "meta.pt"
 
 
 def rng_state() -> dict:
@@ -32,25 +51,45 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _save_file(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 2) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    """Collective. state: {"app": {"model": sd, "optimizer": sd} (DCP), "meta": {...} (rank 0's),
+    "rank_state": {...} (this rank's), "rank": int}."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(folder)
+    rank = state["rank"]
     final = folder / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.tmp-", dir=folder))
+    tmp = None
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".step-{step:08d}.tmp-", dir=folder)
+    tmp = Path(broadcast_object(tmp))
     try:
-        with open(tmp / "state.pt", "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        dcp.save(state["app"], checkpoint_id=str(tmp), no_dist=not is_distributed())
+        _save_file(state["rank_state"], tmp / f"rank-{rank:05d}.pt")
+        barrier()  # every rank's files are on disk before rank 0 marks the checkpoint complete
+        if rank == 0:
+            _save_file(state["meta"], tmp / META)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in checkpoints(folder)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in folder.glob(".step-*.tmp-*"):  # left by a killed save
-        shutil.rmtree(stale, ignore_errors=True)
+    if rank == 0:
+        for old in checkpoints(folder)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in folder.glob(".step-*.tmp-*"):  # left by a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier()
     return final
 
 
@@ -58,15 +97,61 @@ def checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if _NAME.match(p.name) and (p / "state.pt").is_file()]
+    found = []
+    for p in folder.iterdir():
+        if _NAME.match(p.name) and (p / META).is_file():
+            found.append(p)
+        elif _NAME.match(p.name) and (p / "state.pt").is_file():
+            raise ValueError(f"{p} holds an older single-file checkpoint (state.pt); this version resumes only DCP ones")
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def load_latest(folder: Path) -> dict | None:
-    found = checkpoints(folder)
-    if not found:
-        return None
+def latest(folder: Path) -> Path | None:
+    found = checkpoints(Path(folder))
+    return found[-1] if found else None
+
+
+def _load(path: Path):
     try:
-        return torch.load(found[-1] / "state.pt", map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged pickle
-        raise ValueError(f"{found[-1] / 'state.pt'}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+
+
+def load_checkpoint(path: Path, app: dict, rank: int, world: int, workers: int) -> tuple[dict, dict]:
+    """Fill `app` ({"model": sd, "optimizer": sd} of this rank, as get_state_dict gives them) in place
+    from `path`; returns (meta, this rank's {"data", "rng"}) with the data state resharded when the
+    world size changed (module docstring). `workers`: data-loader shards per rank (>= 1)."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = _load(path / META)
+    try:
+        dcp.load(app, checkpoint_id=str(path), no_dist=not is_distributed())
+    except Exception as e:  # noqa: BLE001 - DCP wraps reader errors in several types
+        raise ValueError(f"{path}: cannot load the model / optimiser shards ({type(e).__name__}: {e})") from None
+    old_world = int(meta["world"])
+    if old_world == world:
+        return meta, _load(path / f"rank-{rank:05d}.pt")
+    old = [_load(path / f"rank-{r:05d}.pt") for r in range(old_world)]
+    rng = old[rank]["rng"] if rank < old_world else None
+    return meta, {"data": reshard_data_state([s["data"] for s in old], rank, world, workers), "rng": rng}
+
+
+def reshard_data_state(old: list[dict], rank: int, world: int, workers: int) -> dict:
+    """StreamTracker states of the old ranks -> rank's state for `world` ranks of `workers` shards.
+
+    Each shard state (data/pipeline.py) holds the next stream index `next`, the records waiting in
+    open buffers, and counts. New shard s starts at base + s, base being the furthest `next`."""
+    shards = [s for state in old for s in state["shards"].values()]
+    base = max((int(s["next"]) for s in shards), default=0)
+    new = {}
+    for shard in range(rank * workers, (rank + 1) * workers):
+        new[shard] = {"next": base + shard, "buffers": [], "seen": 0, "rejected": {}}
+    if rank == 0:  # the counts that the reject limit needs, carried once
+        rejected: dict[str, int] = {}
+        for s in shards:
+            for kind, n in s["rejected"].items():
+                rejected[kind] = rejected.get(kind, 0) + n
+        new[0]["seen"], new[0]["rejected"] = sum(int(s["seen"]) for s in shards), rejected
+    return {"shards": new, "rotation": 0}
+

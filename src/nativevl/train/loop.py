@@ -18,13 +18,16 @@ from pathlib import Path
 import torch
 
 from nativevl.data.pipeline import PackedDataset, StreamTracker, iterate_batches, make_loader
+from nativevl.model.attention import resolve_backend
 from nativevl.model.vlm import VisionLanguageModel
 from nativevl.train import checkpoint as ckpt
-from nativevl.train.lora import merge_lora
-from nativevl.train.losses import labelled_lm_loss
+from nativevl.train import parallel
+from nativevl.train.lora import LoRALinear, merge_lora
+from nativevl.train.losses import MPOWeights
 from nativevl.train.metrics import MetricsLogger, batch_flops, module_sizes, pass_factors, peak_flops
+from nativevl.train.objectives import OBJECTIVES, make_objective
 from nativevl.train.optim import build_optimizer, lr_factor, set_lr
-from nativevl.train.parallel import all_reduce_grads, all_reduce_sum, barrier, init_distributed
+from nativevl.train.parallel import all_reduce_sum, barrier, init_distributed
 from nativevl.train.stages import MODULES, StagePolicy, apply_policy
 
 log = logging.getLogger(__name__)
@@ -51,10 +54,20 @@ class TrainConfig:
     peak_tflops: float | None = None  # for MFU where the device is not known
     tensorboard: bool = True
     export: bool = True
+    attn_implementation: str = "auto"  # auto (varlen on CUDA, sdpa on the CPU) | sdpa | eager | varlen | flex
+    activation_checkpointing: bool = False  # recompute each ViT / LLM block in backward
+    compile: bool | None = None  # torch.compile per block; None: on CUDA, off on the CPU
+    objective: str = "lm"  # lm (pre-training, SFT, PRM) | mpo (needs preference records)
+    mpo_beta: float = 0.1
+    mpo_preference_weight: float = 0.8  # w_p, DPO sigmoid
+    mpo_quality_weight: float = 0.2  # w_q, BCO pair with reward shift
+    mpo_generation_weight: float = 1.0  # w_g, NLL of the chosen response
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.max_steps < 1 or self.global_batch < 1:
             raise ValueError(f"max_steps and global_batch must be >= 1, got {self.max_steps}, {self.global_batch}")
 
@@ -81,38 +94,44 @@ def train(
     main = rank == 0
     torch.manual_seed(cfg.seed + rank)
 
-    params = apply_policy(model, policy)
     model.to(device)
+    mpo = MPOWeights(cfg.mpo_preference_weight, cfg.mpo_quality_weight, cfg.mpo_generation_weight, cfg.mpo_beta)
+    objective = make_objective(cfg.objective, model, cfg.loss_chunk, mpo)  # before LoRA: the reference is pi_0
+    apply_policy(model, policy)
+    model.to(device)  # LoRA adapters were made on the CPU
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    sizes = module_sizes(model)  # whole counts, before sharding
+    model.attn_backend = resolve_backend(cfg.attn_implementation, device)
+    # one process: the plain module; several: FSDP2 per block (train/parallel.py)
+    parallel.parallelize(model, world=world, mixed_precision=use_bf16, activation_checkpointing=cfg.activation_checkpointing,
+                         compile=cfg.compile if cfg.compile is not None else device.type == "cuda")
+    params = parallel.trainable_by_module(model)
     trainable = [p for ps in params.values() for p in ps]
     lrs = {m: (policy.get(m).lr if policy.get(m).lr is not None else cfg.lr) for m in MODULES}
     optimizer = build_optimizer(model, {m: ps for m, ps in params.items() if ps}, lrs,
                                 weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
     step, tokens_total = 0, 0
-    state = ckpt.load_latest(out_dir / "checkpoints")
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, tokens_total = state["step"], state["tokens"]
-        if len(state["rng"]) != world:
-            raise ValueError(
-                f"{out_dir / 'checkpoints'} was written by {len(state['rng'])} process(es); resume with the same number, not {world}"
-            )
-        dataset.load_state_dict(state["data"][str(rank)])
-        ckpt.set_rng_state(state["rng"][rank])
+    found = ckpt.latest(out_dir / "checkpoints")
+    rank_state = None
+    if found is not None:
+        meta, rank_state = load_train_state(found, model, optimizer, rank, world, max(cfg.num_workers, 1))
+        step, tokens_total = meta["step"], meta["tokens"]
+        objective.load_state_dict(meta.get("objective", {"reward_shift": {"mean": 0.0, "count": 0.0}}))
+        dataset.load_state_dict(rank_state["data"])
+        if rank_state["rng"] is not None:  # None: a rank the saving run did not have keeps its seed
+            ckpt.set_rng_state(rank_state["rng"])
         if main:
-            log.info("resumed from step %d (%s)", step, out_dir / "checkpoints")
+            log.info("resumed from step %d (%s, written by %d process(es))", step, found, meta["world"])
     if main and run_config is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
 
     tracker = StreamTracker(dataset.cfg.max_reject_fraction, dataset.cfg.min_records_before_abort)
-    if state is not None:
-        tracker.load_state_dict(state["data"][str(rank)])
+    if rank_state is not None:
+        tracker.load_state_dict(rank_state["data"])
     batches = iterate_batches(make_loader(dataset, cfg.num_workers), tracker)
-    sizes = module_sizes(model)
     factors = pass_factors({m: policy.get(m).mode for m in MODULES})
     peak = peak_flops(device, cfg.peak_tflops)
     logger = MetricsLogger(out_dir, cfg.max_steps, step, enabled=main, tensorboard=cfg.tensorboard)
@@ -131,16 +150,16 @@ def train(
                 if main:
                     log.warning("data ran out at step %d (%d records read)", step, tracker.seen)
                 break
-            weight_sum = all_reduce_sum(torch.stack([b.loss_weights.sum() for b in micro]).sum().to(device))
+            norms = all_reduce_sum(objective.local_normalizers(micro).to(device))
             factor = lr_factor(step, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps, min_ratio=cfg.min_lr_ratio)
             set_lr(optimizer, factor)
             loss_sum = torch.zeros((), device=device)
+            parts: dict[str, torch.Tensor] = {}
             flops, n_tokens = 0.0, 0
             for batch in micro:
                 b = batch.to(device, dtype=torch.bfloat16 if use_bf16 else None)
                 with autocast():
-                    hidden = model(**b.model_inputs(), compute_logits=False).hidden_states
-                    loss = labelled_lm_loss(hidden, model.lm_head.weight, b.labels, b.loss_weights, weight_sum, cfg.loss_chunk)
+                    loss, logs = objective(model, b, norms)
                 if not torch.isfinite(loss):
                     dump = out_dir / f"nonfinite-step{step + 1}-rank{rank}.pt"
                     torch.save(batch, dump)
@@ -150,15 +169,19 @@ def train(
                     )
                 loss.backward()
                 loss_sum += loss.detach()
+                for k, v in logs.items():
+                    parts[k] = parts.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=device)
                 lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
                 flops += batch_flops(model.config, sizes, factors, lengths, batch.num_tiles)
                 n_tokens += batch.num_tokens
-            all_reduce_grads(trainable)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            # FSDP summed the gradients over ranks during backward
+            parallel.fill_missing_grads(trainable)
+            grad_norm = parallel.clip_grad_norm(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             loss_value = all_reduce_sum(loss_sum).item()
+            part_values = {k: all_reduce_sum(v).item() for k, v in sorted(parts.items())}
             n_tokens = int(all_reduce_sum(torch.tensor(float(n_tokens), device=device)).item())
             flops = all_reduce_sum(torch.tensor(flops, device=device, dtype=torch.float64)).item()
             tokens_total += n_tokens
@@ -177,9 +200,11 @@ def train(
                 "mfu": flops / elapsed / (peak * world) if peak else None,
                 "step_time_s": elapsed,
                 "rejected_records": tracker.total_rejected,
+                **part_values,
             })
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-                save_train_state(out_dir, model, optimizer, step, tokens_total, tracker, cfg, rank, world)
+                save_train_state(out_dir, model, optimizer, step, tokens_total, tracker, cfg, rank, world,
+                                 objective.state_dict())
     finally:
         logger.close()
     summary = {"step": step, "tokens": tokens_total, "loss": last_loss, "rejected": tracker.by_kind, "records": tracker.seen}
@@ -188,32 +213,56 @@ def train(
     return summary
 
 
-def save_train_state(out_dir, model, optimizer, step, tokens, tracker, cfg, rank, world) -> None:
-    """Every rank contributes its data and RNG state; rank 0 writes (model and optimiser are replicated)."""
-    data_state, rng = tracker.state_dict(), ckpt.rng_state()
-    if world > 1:
-        gathered_data, gathered_rng = [None] * world, [None] * world
-        torch.distributed.all_gather_object(gathered_data, data_state)
-        torch.distributed.all_gather_object(gathered_rng, rng)
-    else:
-        gathered_data, gathered_rng = [data_state], [rng]
-    if rank == 0:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "tokens": tokens,
-            "data": {str(r): s for r, s in enumerate(gathered_data)},
-            "rng": gathered_rng,
-            "train_config": asdict(cfg),
-        }
-        ckpt.save_checkpoint(out_dir / "checkpoints", step, state, keep=cfg.keep_checkpoints)
-    barrier()
+def save_train_state(out_dir, model, optimizer, step, tokens, tracker, cfg, rank, world, objective_state=None) -> None:
+    """Collective: model and optimiser shards through DCP, each rank's data position and RNG beside them."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {
+        "app": {"model": model_sd, "optimizer": optim_sd},
+        "meta": {"step": step, "tokens": tokens, "world": world, "train_config": asdict(cfg),
+                 "objective": objective_state or {}},
+        "rank_state": {"data": tracker.state_dict(), "rng": ckpt.rng_state()},
+        "rank": rank,
+    }
+    ckpt.save_checkpoint(out_dir / "checkpoints", step, state, keep=cfg.keep_checkpoints)
+
+
+def load_train_state(path: Path, model, optimizer, rank: int, world: int, workers: int) -> tuple[dict, dict]:
+    """Model and optimiser from a checkpoint written at any world size; (meta, this rank's data and RNG)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    app = {"model": model_sd, "optimizer": optim_sd}
+    meta, rank_state = ckpt.load_checkpoint(path, app, rank, world, workers)
+    set_state_dict(model, optimizer, model_state_dict=app["model"], optim_state_dict=app["optimizer"])
+    return meta, rank_state
 
 
 def export_final(model: VisionLanguageModel, tokenizer, path: Path, main: bool) -> None:
-    """LoRA merged into the base weights, then the -hf layout with tokenizer and processor files."""
+    """LoRA merged into the base weights, then the -hf layout with tokenizer and processor files.
+
+    A sharded model is gathered whole on rank 0 and copied into a plain one first."""
+    if parallel.is_sharded(model):
+        full = parallel.full_state_dict(model)  # collective
+        if main:
+            plain = VisionLanguageModel(model.config)
+            plain.load_state_dict(merged_lora_state(model, full))
+            model = plain
     if main:
         merge_lora(model)
         model.eval().save_pretrained(path, layout="hf", tokenizer=tokenizer, dtype=torch.float32)
     barrier()
+
+
+def merged_lora_state(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of LoRA-wrapped layers (name.base.weight, name.lora_A, name.lora_B) as plain ones."""
+    out = dict(state)
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            base = out.pop(f"{name}.base.weight")
+            a, b = out.pop(f"{name}.lora_A"), out.pop(f"{name}.lora_B")
+            out[f"{name}.weight"] = base + (b.float() @ a.float()).to(base.dtype) * module.scale
+            if f"{name}.base.bias" in out:
+                out[f"{name}.bias"] = out.pop(f"{name}.base.bias")
+    return out

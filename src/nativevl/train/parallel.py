@@ -1,8 +1,12 @@
-"""Process-group set-up under torchrun and the few collectives the loop needs.
+"""Process groups under torchrun, FSDP2 per block, activation checkpointing, torch.compile.
 
-Gradients are all-reduced by hand after accumulation (every trainable parameter takes part, with
-zeros where a rank's batches did not reach it, e.g. a text-only pack and a trainable ViT), which
-keeps the loop correct for any mix of frozen / LoRA / full modules. FSDP2 comes with scale-out.
+One process trains the plain module. Several processes (one node or many: torchrun sets RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR) shard it with FSDP2: `fully_shard` on every ViT block, every
+LLM block and the root (embeddings, projector, final norm, lm_head). Parameters are gathered in
+bf16 and gradients reduced in fp32 on CUDA; on the CPU (gloo) everything stays fp32.
+
+Gradients are *summed* over ranks (divide factor 1): the loss is already divided by the weight sum
+over all ranks and micro-batches, so a sum is the gradient of the global loss.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from nativevl.train.stages import MODULES, module_of
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -39,22 +46,109 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum gradients over ranks (the loss is already normalised by the global weight sum)."""
-    if not is_distributed():
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p))
-        offset += n
-
-
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """rank src's picklable object on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks that get their own FSDP unit, checkpointing and compilation."""
+    return [*model.vision_tower.encoder.layer, *model.language_model.layers]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def parallelize(
+    model: nn.Module,
+    *,
+    world: int,
+    mixed_precision: bool,
+    activation_checkpointing: bool,
+    compile: bool,
+) -> nn.Module:
+    """In place, on a model already on its device and with its stage policy (LoRA) applied.
+
+    Order per block, as torchtitan applies it: checkpoint (innermost), compile, then shard, so the
+    FSDP hooks (all-gather before, reduce-scatter after) stay outside the compiled graph.
+    """
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # bf16 gathers halve the all-gather bytes; fp32 reduction keeps the summed gradients exact enough
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
+    for block in blocks(model):
+        if activation_checkpointing:
+            checkpoint(block)  # hook-based: parameter names (and checkpoint keys) stay unchanged
+        if compile:
+            block.compile()
+        if world > 1:
+            fully_shard(block, mp_policy=policy)
+    if world > 1:
+        # The root stays gathered after forward: the loss reads lm_head.weight outside the forward.
+        fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+        model.vision_every_forward = True
+        for module in model.modules():
+            if is_sharded(module):
+                module.set_gradient_divide_factor(1.0)
+                if hasattr(module, "set_force_sum_reduction_for_comms"):  # gloo has no PREMUL_SUM
+                    module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def trainable_by_module(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The parameters that train, per stage module, as the (possibly sharded) model holds them now.
+
+    Collected after `parallelize`, since fully_shard replaces every parameter by a sharded one.
+    """
+    out: dict[str, list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for name in MODULES:
+        extra = [model.lm_head] if name == "llm" else []  # tied or not, the head belongs to the LLM
+        out[name] = []
+        for m in [module_of(model, name), *extra]:
+            for p in m.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out[name].append(p)
+    return out
+
+
+def fill_missing_grads(params: list[nn.Parameter]) -> None:
+    """Zero gradients for trainable parameters that no pack of this step reached (a ViT in an all-text
+    step), so that AdamW steps them as it does on several ranks, where every unit gets a (zero) gradient."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """clip_grad_norm_ over (possibly sharded) parameters; returns the global norm before clipping."""
+    from torch.distributed.tensor import DTensor
+
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, whole and on the CPU, on rank 0 (empty elsewhere); collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not is_sharded(model):
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

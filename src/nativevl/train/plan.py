@@ -1,0 +1,169 @@
+"""`nativevl plan`: will a recipe fit, per GPU, and what to change when it does not.
+
+Bytes per GPU under FSDP2 over N GPUs with bf16 compute (train/parallel.py):
+- parameters: fp32 master shards (4 B / N per parameter) + the bf16 copies gathered at once: the root
+  (embeddings, projector, lm_head; kept gathered through the step) and two blocks (the running one
+  and the prefetched one);
+- gradients: fp32 shards of the trainable parameters (4 B / N) + one gathered block's bf16 gradients;
+- optimiser: AdamW's two fp32 moments of the trainable parameters (8 B / N);
+- activations: what backward keeps for one pack (micro-batches run one after another) at the
+  recipe's tokens and tiles per pack, bf16, with flash/varlen attention (no T^2 score matrix);
+  with activation checkpointing only each block's input is kept, plus one block recomputed;
+- the loss: one chunk of `loss_chunk` labelled positions' logits (bf16 + fp32 + fp32 gradient);
+- overhead: CUDA context, workspace and allocator slack, a flat 3 GiB + 5%.
+Activations are an estimate (saved tensors counted per layer, within about 25% of measured peaks
+for transformer blocks); the state terms are exact for the parameter counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from nativevl.config import ModelConfig
+
+GiB = 1024**3
+
+
+def vit_params(cfg: ModelConfig) -> dict[str, int]:
+    v = cfg.vision
+    d, i = v.hidden_size, v.intermediate_size
+    norm = 2 * d if v.norm_type == "layer_norm" else d
+    qkv_bias = 3 * d if v.attention_bias else 0
+    block = 2 * norm + 3 * d * d + qkv_bias + d * d + d + (2 * d if v.use_qk_norm else 0) + 2 * d * i + i + d + 2 * d
+    embed = d + v.num_channels * v.patch_size**2 * d + d + v.num_positions * d
+    return {"block": block, "blocks": v.num_hidden_layers * block, "root": embed}
+
+
+def mlp_params(cfg: ModelConfig) -> int:
+    c_in, c_out = cfg.projector_in_features, cfg.text.hidden_size
+    return 2 * c_in + c_in * c_out + c_out + c_out * c_out + c_out
+
+
+def llm_params(cfg: ModelConfig) -> dict[str, int]:
+    t = cfg.text
+    d, hd = t.hidden_size, t.head_dim
+    q, kv = t.num_attention_heads * hd, t.num_key_value_heads * hd
+    bias = q + 2 * kv if t.attention_bias else 0
+    block = 2 * d + d * q + 2 * d * kv + bias + q * d + 3 * d * t.intermediate_size
+    embed = t.vocab_size * d
+    head = 0 if cfg.tie_word_embeddings else t.vocab_size * d
+    return {"block": block, "blocks": t.num_hidden_layers * block, "root": embed + d + head}
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters per stage module (the lm_head belongs to llm), as VisionLanguageModel holds them."""
+    return {"vit": vit_params(cfg)["blocks"] + vit_params(cfg)["root"], "mlp": mlp_params(cfg),
+            "llm": llm_params(cfg)["blocks"] + llm_params(cfg)["root"]}
+
+
+def _llm_act_per_token_layer(cfg: ModelConfig) -> int:
+    """bf16 bytes backward keeps per token per decoder layer: norm inputs/outputs, q/k/v, attention
+    output, residuals, the SwiGLU's gate, up and product."""
+    t = cfg.text
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    return 2 * (6 * t.hidden_size + 2 * q + 2 * kv + 4 * t.intermediate_size)
+
+
+def _vit_act_per_token_layer(cfg: ModelConfig) -> int:
+    v = cfg.vision
+    return 2 * (10 * v.hidden_size + 3 * v.intermediate_size)
+
+
+@dataclass(frozen=True)
+class Plan:
+    gpus: int
+    gpu_bytes: int
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    loss: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.loss + self.overhead
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_bytes
+
+
+def plan(
+    cfg: ModelConfig,
+    trainable: dict[str, int],
+    *,
+    gpus: int,
+    tokens: int,
+    tiles: int,
+    activation_checkpointing: bool,
+    loss_chunk: int = 4096,
+    gpu_bytes: int = 80 * GiB,
+) -> Plan:
+    """trainable: trainable parameters per module ("vit", "mlp", "llm"), e.g. 0 for a frozen one."""
+    if gpus < 1 or tokens < 1 or tiles < 0:
+        raise ValueError(f"gpus and tokens must be >= 1 and tiles >= 0, got {gpus}, {tokens}, {tiles}")
+    vit, llm = vit_params(cfg), llm_params(cfg)
+    total = sum(param_counts(cfg).values())
+    n_train = sum(trainable.values())
+    gathered_root = 2 * (vit["root"] + mlp_params(cfg) + llm["root"]) if gpus > 1 else 0
+    gathered_blocks = 2 * 2 * max(vit["block"], llm["block"]) if gpus > 1 else 0
+    parameters = math.ceil(4 * total / gpus) + gathered_root + gathered_blocks
+    gradients = math.ceil(4 * n_train / gpus) + (2 * max(vit["block"], llm["block"]) if gpus > 1 else 0)
+    optimizer = math.ceil(8 * n_train / gpus)
+
+    t, v = cfg.text, cfg.vision
+    vit_tokens = tiles * v.num_positions
+    per_llm = _llm_act_per_token_layer(cfg) * tokens
+    per_vit = _vit_act_per_token_layer(cfg) * vit_tokens
+    if trainable.get("vit", 0) == 0:
+        per_vit = 0  # a frozen ViT needs no backward (nothing upstream trains), so it keeps nothing
+    if activation_checkpointing:
+        activations = (2 * t.hidden_size * tokens * t.num_hidden_layers + per_llm
+                       + 2 * v.hidden_size * vit_tokens * v.num_hidden_layers + per_vit)
+    else:
+        activations = per_llm * t.num_hidden_layers + per_vit * v.num_hidden_layers
+    activations += 2 * 2 * t.hidden_size * tokens  # embeddings in, final hidden states out
+    loss = min(loss_chunk, tokens) * t.vocab_size * (2 + 4 + 4)
+    subtotal = parameters + gradients + optimizer + activations + loss
+    overhead = 3 * GiB + subtotal // 20
+    return Plan(gpus, gpu_bytes, parameters, gradients, optimizer, activations, loss, overhead)
+
+
+def advice(cfg: ModelConfig, trainable: dict[str, int], *, gpus: int, tokens: int, tiles: int,
+           activation_checkpointing: bool, loss_chunk: int, gpu_bytes: int) -> list[str]:
+    """What to change, cheapest first, when the plan does not fit; [] when it does."""
+    kw = {"tiles": tiles, "loss_chunk": loss_chunk, "gpu_bytes": gpu_bytes}
+    if plan(cfg, trainable, gpus=gpus, tokens=tokens, activation_checkpointing=activation_checkpointing, **kw).fits:
+        return []
+    out = []
+    if not activation_checkpointing and plan(cfg, trainable, gpus=gpus, tokens=tokens, activation_checkpointing=True, **kw).fits:
+        out.append("--activation_checkpointing=true (about 30% more compute)")
+    for ac in ([activation_checkpointing] if activation_checkpointing or out else [False, True]):
+        more = next((n for n in range(gpus + 1, 1025) if plan(cfg, trainable, gpus=n, tokens=tokens,
+                                                             activation_checkpointing=ac, **kw).fits), None)
+        if more:
+            out.append(f"{more} GPUs" + (" with --activation_checkpointing=true" if ac else ""))
+            break
+    smaller = tokens
+    while smaller > 256 and not plan(cfg, trainable, gpus=gpus, tokens=smaller, activation_checkpointing=True,
+                                     tiles=min(tiles, smaller // max(cfg.image_seq_length, 1)), loss_chunk=loss_chunk,
+                                     gpu_bytes=gpu_bytes).fits:
+        smaller //= 2
+    if smaller < tokens and smaller > 256:
+        out.append(f"--max_tokens={smaller} --max_tiles={min(tiles, smaller // max(cfg.image_seq_length, 1))} "
+                   "with --activation_checkpointing=true (raise --global_batch to keep the tokens per step)")
+    if not out:
+        out.append("does not fit even with checkpointing, 1024 GPUs or 256-token packs: freeze modules or use LoRA")
+    return out
+
+
+def format_plan(p: Plan, title: str) -> str:
+    rows = [("parameters (fp32 shards + gathered bf16)", p.parameters), ("gradients (fp32 shards)", p.gradients),
+            ("optimizer (AdamW moments, fp32 shards)", p.optimizer), ("activations (one pack)", p.activations),
+            ("loss chunk (logits)", p.loss), ("overhead (context, slack)", p.overhead), ("total", p.total)]
+    lines = [title] + [f"  {name:42s} {b / GiB:8.2f} GiB" for name, b in rows]
+    verdict = "fits" if p.fits else "does NOT fit"
+    lines.append(f"  {verdict} in {p.gpu_bytes / GiB:.0f} GiB per GPU ({p.total / p.gpu_bytes:.0%})")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Scale-out training on the CPU: 2 processes (gloo, FSDP2) give the losses of 1 process with the same
+global batch, and their checkpoint (DCP) resumes in 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nativevl import VisionLanguageModel
+from nativevl.recipes import apply_overrides, build, launch, recipe
+from nativevl.train import checkpoint as ckpt
+from nativevl.train import loop
+
+# one record per pack (max_buffers=0), so that 1 process and 2 ranks put the same records in each step
+ARGS = ["--max_steps=3", "--global_batch=2", "--max_buffers=0", "--max_tokens=256", "--tensorboard=false",
+        "--save_every=3", "--keep_checkpoints=1"]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    # Adam turns rounding-level gradient differences on near-zero gradients into lr-sized steps, so
+    # weights are compared by relative norm, not element by element (with an absolute floor for the
+    # attention key biases, whose true gradient is zero: they hold rounding noise of about 1e-9)
+    return ((a.float() - b.float()).norm() / (b.float().norm() + 1e-4)).item()
+
+
+def losses(out) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nativevl",
+           "train", "debug_tiny", "--out", str(two), *ARGS]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launch(apply_overrides(recipe("debug_tiny"), ARGS), one)  # meanwhile, on the other core
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    return one, two
+
+
+def test_two_processes_give_the_losses_of_one(runs):
+    one, two = runs
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert abs(a[s] - b[s]) / abs(a[s]) < 1e-5, (s, a[s], b[s])
+    # the export gathered the shards into the same -hf checkpoint
+    ours = VisionLanguageModel.from_pretrained(one / "final").state_dict()
+    theirs = VisionLanguageModel.from_pretrained(two / "final").state_dict()
+    assert ours.keys() == theirs.keys()
+    assert max(rel(ours[k], theirs[k]) for k in ours) < 1e-3
+
+
+def test_a_two_process_checkpoint_resumes_in_one(runs, tmp_path):
+    one, two = runs
+    saved = ckpt.latest(two / "checkpoints")
+    assert saved.name == "step-00000003" and sorted(p.name for p in saved.glob("rank-*.pt")) == [
+        "rank-00000.pt", "rank-00001.pt"]
+    # the 2-rank shards load into one process's plain model and optimiser: the same state as 1 process reached
+    run = apply_overrides(recipe("debug_tiny"), ARGS)
+    states = []
+    for folder in (one, two):
+        model, _, _, run = build(run, tmp_path / "scratch")
+        from nativevl.train.optim import build_optimizer
+        from nativevl.train.parallel import trainable_by_module
+        params = {m: ps for m, ps in trainable_by_module(model).items() if ps}
+        opt = build_optimizer(model, params, {m: 1.0 for m in params}, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+        meta, rank_state = loop.load_train_state(ckpt.latest(folder / "checkpoints"), model, opt, 0, 1, 1)
+        states.append((meta, rank_state, model.state_dict(), opt.state_dict()))
+    (m1, _, w1, o1), (m2, r2, w2, o2) = states
+    assert m1["step"] == m2["step"] == 3 and m2["world"] == 2
+    assert max(rel(w1[k], w2[k]) for k in w1) < 1e-3
+    assert o1["state"].keys() == o2["state"].keys()
+    for i in o1["state"]:
+        assert rel(o1["state"][i]["exp_avg_sq"], o2["state"][i]["exp_avg_sq"]) < 1e-3
+    # the data stream continues after the furthest record either rank had reached
+    assert r2["rng"] is not None and r2["data"]["shards"][0]["next"] >= 6
+
+    shutil.copytree(two, tmp_path / "resumed", ignore=shutil.ignore_patterns("final"))
+    summary = launch(apply_overrides(recipe("debug_tiny"), [*ARGS[1:], "--max_steps=5", "--export=false"]),
+                     tmp_path / "resumed")
+    got = losses(tmp_path / "resumed")
+    assert summary["step"] == 5 and sorted(got) == [1, 2, 3, 4, 5]
+    assert all(torch.isfinite(torch.tensor(v)) for v in got.values())

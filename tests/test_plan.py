@@ -1,0 +1,48 @@
+"""`nativevl plan`: parameter counts equal the model's (built on the meta device), and the advice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nativevl import VisionLanguageModel
+from nativevl.cli import main
+from nativevl.config import preset
+from nativevl.train.plan import GiB, advice, param_counts, plan
+
+
+@pytest.mark.parametrize("name", ["tiny", "internvl3_1b", "internvl3_2b", "internvl3_38b"])
+def test_parameter_counts_match_the_model(name):
+    cfg = preset(name)
+    with torch.device("meta"):
+        model = VisionLanguageModel(cfg)
+    counts = param_counts(cfg)
+    assert counts["vit"] == sum(p.numel() for p in model.vision_tower.parameters())
+    assert counts["mlp"] == sum(p.numel() for p in model.multi_modal_projector.parameters())
+    assert counts["llm"] == sum(p.numel() for p in {id(p): p for p in [*model.language_model.parameters(),
+                                                                       model.lm_head.weight]}.values())
+    assert sum(counts.values()) == sum(p.numel() for p in model.parameters())  # tied weights counted once
+
+
+def test_sharding_divides_the_states_and_checkpointing_the_activations():
+    cfg = preset("internvl3_2b")
+    full = dict(param_counts(cfg))
+    one = plan(cfg, full, gpus=1, tokens=16384, tiles=48, activation_checkpointing=False)
+    eight = plan(cfg, full, gpus=8, tokens=16384, tiles=48, activation_checkpointing=False)
+    assert abs(one.optimizer - 8 * sum(full.values())) < 8 and eight.optimizer * 8 - one.optimizer < 64
+    assert eight.activations == one.activations
+    ac = plan(cfg, full, gpus=1, tokens=16384, tiles=48, activation_checkpointing=True)
+    assert ac.activations < one.activations / 5
+    # 16 B per parameter before activations (B3: about 30 GB for 1.9B)
+    assert 25 * GiB < one.parameters + one.gradients + one.optimizer < 32 * GiB
+    hints = advice(cfg, full, gpus=1, tokens=16384, tiles=48, activation_checkpointing=False, loss_chunk=4096,
+                   gpu_bytes=80 * GiB)
+    assert hints and "activation_checkpointing=true" in hints[0]
+
+
+def test_plan_command(capsys):
+    assert main(["plan", "debug_tiny", "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "fits in 80 GiB" in out and "optimizer" in out
+    assert main(["plan", "sft", "--preset", "internvl3_2b", "--gpu_memory", "24"]) == 1
+    assert "to fit:" in capsys.readouterr().out
