@@ -4,6 +4,7 @@ stage of the loop (exact resume with the reward shift), PRM scoring in one forwa
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import math
 from importlib.util import find_spec
@@ -43,7 +44,7 @@ def trl_dpo_loss():
     fn.decorator_list = []
     namespace = {"torch": torch, "F": F, "FDivergenceType": FDivergenceType, "cap_exp": cap_exp,
                  "FDivergenceConstants": FDivergenceConstants, "Optional": None, "Union": None}
-    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(path), "exec"), namespace)
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(path), "exec"), namespace)  # noqa: S102 (TRL's own code)
     return namespace["dpo_loss"]
 
 
@@ -111,7 +112,7 @@ def test_sequence_logps_sums_each_documents_labelled_tokens():
     cu = torch.tensor([0, 5, 9, 12])
     logp = torch.log_softmax(hidden @ weight.t(), -1)
     want = [sum(float(logp[t, labels[t]]) for t in range(a, b) if labels[t] != IGNORE_INDEX)
-            for a, b in zip(cu[:-1], cu[1:], strict=True)]
+            for a, b in itertools.pairwise(cu.tolist())]
     got = sequence_logps(hidden, weight, labels, cu, chunk_size=3)
     torch.testing.assert_close(got, torch.tensor(want), rtol=1e-5, atol=1e-5)
 
@@ -215,7 +216,6 @@ def test_prm_scores_in_one_forward_equal_step_by_step(tokenizer):
     cfg = tiny_config()
     torch.manual_seed(0)
     model = VisionLanguageModel(cfg).eval()
-    tokenizer.add_tokens(["+", "-"])  # the conftest tokenizer's corpus has neither
     question = "<image>\nwhat is shown?"
     responses = ["a red circle\n\ntwo three\n\nthe cat", "one\n\nfive six seven eight nine ten"]
     pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size)
@@ -231,3 +231,23 @@ def test_prm_scores_in_one_forward_equal_step_by_step(tokenizer):
             assert scores[k] == pytest.approx(float(want), abs=1e-5)
     conv = prm_conversation(question, ["x", "y"], ["+", "-"])
     assert [t["value"] for t in conv if t["from"] == "gpt"] == [GOOD, "-"]
+
+
+def test_best_of_n_prefills_once_and_picks_by_score(tokenizer):
+    from nativevl.infer.best_of_n import Candidates, best_of_n
+    from nativevl.infer.engine import Engine
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = VisionLanguageModel(cfg).eval()
+    engine = Engine(model, tokenizer, max_batch_size=8, max_seq_len=128)
+    ids = tokenizer("<|im_start|>user\nwhat is shown?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    best, cands = best_of_n(engine, model, tokenizer, "what is shown?", ids, None, n=6, max_tokens=8, seed=1)
+    assert engine.stats["prefills"] == 1 and len(cands.texts) == 6
+    assert len(set(cands.texts)) > 1  # sampled, not six copies of the greedy answer
+    means = [sum(s) / len(s) for s in cands.step_scores]
+    assert best == cands.texts[max(range(6), key=lambda i: (means[i], -i))]
+    votes = Candidates(["x\n\nFinal answer: 3", "Final answer: 4", "y\n\nFinal answer: 4", "Final answer: 3"])
+    assert votes.pick("majority") == 0  # a tie goes to the earliest candidate's answer
+    scored = Candidates(["a", "b", "c"], step_scores=[[0.9, 0.1], [0.6, 0.6], [0.1, 0.95]])
+    assert scored.pick("prm") == 1 and scored.pick("outcome") == 2

@@ -53,7 +53,7 @@ def predict(model, tokenizer, prompts: list[tuple[list[dict], list]], *, max_new
         input_ids, mask = pad_batch(ids, tokenizer.pad_token_id or 0, side="left")
         width = input_ids.shape[1]
         out = generate(model, input_ids.to(device), torch.cat(pixels).to(device) if pixels else None,
-                       attention_mask=mask.to(device), max_new_tokens=max_new_tokens)
+                       attention_mask=mask.to(device), max_new_tokens=max_new_tokens, suppress_tokens=[cfg.image_token_id])
         for row in out[:, width:]:
             answers.append(tokenizer.decode(row.tolist(), skip_special_tokens=True))
     return answers
@@ -94,6 +94,72 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10
                          for it, p, c in list(zip(mine, predictions, correct))[:3]],
         }
     return report
+
+
+def _scored(k: int, n: int) -> dict:
+    low, high = wilson(k, n)
+    return {"accuracy": k / n, "correct": k, "n": n, "ci95": [low, high]}
+
+
+def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10_000, samples: int = 8,
+                       prm=None, temperature: float = 0.7, top_k: int = 0, system_message: str | None = None,
+                       max_batch_size: int = 64) -> dict:
+    """Test-time scaling on each task: greedy pass@1, the mean accuracy of single samples, majority
+    vote of `samples`, and (with a PRM) Best-of-N by PRM score and by outcome score. Every question's
+    samples come from one prefill (the engine clones it) with seed (seed + question index)."""
+    from nativevl.infer.best_of_n import Candidates, sample_candidates
+    from nativevl.infer.engine import Engine, SamplingParams
+    from nativevl.infer.prm import step_scores
+
+    model.eval()
+    cfg = model.config
+    report = {}
+    for name in tasks:
+        task = get_task(name)
+        items = task.load(n, seed)
+        prompts = [chat_inputs(tokenizer, *task.prompt(it), image_size=cfg.vision.image_size,
+                               image_seq_length=cfg.image_seq_length, system_message=system_message) for it in items]
+        longest = max(len(ids) for ids, _ in prompts) + task.max_new_tokens + 1
+        engine = Engine(model, tokenizer, max_batch_size=max(max_batch_size, samples), max_seq_len=longest,
+                        max_queue=len(items) + 1)
+        ids, pixels = [p[0] for p in prompts], [p[1] for p in prompts]
+        greedy = engine.generate(ids, SamplingParams(max_tokens=task.max_new_tokens), pixels)
+        sampled = sample_candidates(engine, ids, pixels, n=samples, temperature=temperature, top_k=top_k,
+                                    max_tokens=task.max_new_tokens, seed=seed)
+        counts = {"pass1": 0, "sample_mean": 0.0, f"majority{samples}": 0}
+        if prm is not None:
+            counts.update({f"prm_best{samples}": 0, f"outcome_best{samples}": 0, f"oracle{samples}": 0})
+        for it, (msgs, _), g, texts, (_, tiles) in tqdm(
+            zip(items, [task.prompt(i) for i in items], greedy, sampled, prompts, strict=True), total=len(items),
+            desc=f"{name} best-of-{samples}", leave=False,
+        ):
+            ok = [task.score(t, it) for t in texts]
+            counts["pass1"] += task.score(g[0].text, it)
+            counts["sample_mean"] += sum(ok) / len(ok)
+            cands = Candidates(texts)
+            counts[f"majority{samples}"] += ok[cands.pick("majority")]
+            if prm is not None:
+                cands.step_scores = step_scores(prm, tokenizer, msgs[0]["content"], texts, tiles)
+                counts[f"prm_best{samples}"] += ok[cands.pick("prm")]
+                counts[f"outcome_best{samples}"] += ok[cands.pick("outcome")]
+                counts[f"oracle{samples}"] += any(ok)
+        entry = {key: _scored(round(v) if key != "sample_mean" else 0, n) for key, v in counts.items()}
+        entry["sample_mean"] = {"accuracy": counts["sample_mean"] / n, "n": n}
+        entry.update({"samples": samples, "temperature": temperature, "top_k": top_k, "seed": seed,
+                      "chance": chance_level(task, seed), "prefills": engine.stats["prefills"]})
+        report[name] = entry
+    return report
+
+
+def best_of_n_table(report: dict, title: str = "") -> str:
+    lines = [f"### {title}" if title else "", "", "| task | method | accuracy | 95% interval | n |", "|---|---|---|---|---|"]
+    for name, r in report.items():
+        for key, v in r.items():
+            if isinstance(v, dict) and "ci95" in v:
+                lines.append(f"| {name} | {key} | {v['accuracy']:.3f} | {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f} | {v['n']} |")
+            elif isinstance(v, dict):
+                lines.append(f"| {name} | {key} | {v['accuracy']:.3f} | | {v['n']} |")
+    return "\n".join(lines).strip() + "\n"
 
 
 def markdown_table(report: dict, title: str = "") -> str:

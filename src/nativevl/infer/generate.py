@@ -57,10 +57,13 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     streamer=None,
+    suppress_tokens: list[int] | None = None,
 ) -> torch.Tensor:
     """input_ids (B, T) -> (B, T + n) with n <= max_new_tokens new tokens.
 
     `eos_token_id` defaults to the config's; `streamer(tokens (B,))` is called after every step.
+    `suppress_tokens` are never generated (e.g. the image placeholder, which a small or badly trained
+    model may emit and which cannot be fed back without an image).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -85,7 +88,10 @@ def generate(
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     new_tokens = []
     logits = out.logits[:, -1]
+    suppress = None if not suppress_tokens else torch.tensor(list(suppress_tokens), device=input_ids.device)
     for step in range(max_new_tokens):
+        if suppress is not None:
+            logits = logits.index_fill(-1, suppress, float("-inf"))
         token = sample_next(
             logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
         )

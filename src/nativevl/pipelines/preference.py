@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from nativevl.data.template import IMAGE_PLACEHOLDER
-from nativevl.pipelines.questions import Question, sample_responses, save_images
+from nativevl.pipelines.questions import Question, has_image_markup, sample_responses, save_images
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,11 @@ def build_preference_data(model, tokenizer, questions: list[Question], cfg: Pref
     ntp_prompts, ntp_owner = [], []
     n_correct = 0
     for qi, (q, responses) in enumerate(zip(questions, samples, strict=True)):
+        kept = [r for r in responses if not has_image_markup(r)]
+        stats["dropped_responses"] = stats.get("dropped_responses", 0) + len(responses) - len(kept)
+        responses = kept
+        if not responses:
+            continue
         if q.answer is None:  # DropoutNTP: cut a response at the ratio, let the model go on without the image
             chosen = responses[int(rng.integers(len(responses)))]
             cut = chosen[: max(1, int(len(chosen) * cfg.dropout_ratio))]
@@ -84,7 +89,7 @@ def build_preference_data(model, tokenizer, questions: list[Question], cfg: Pref
                                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1,
                                          system_message=system_message, desc="dropout-ntp")
         for (qi, chosen, cut), (cont,) in zip(ntp_owner, continuations, strict=True):
-            if (cut + cont).strip() != chosen.strip():
+            if (cut + cont).strip() != chosen.strip() and not has_image_markup(cont):
                 lines.append((qi, chosen, cut + cont))
                 stats["dropout_ntp_pairs"] += 1
     with open(out, "w", encoding="utf-8") as f:
@@ -97,6 +102,6 @@ def build_preference_data(model, tokenizer, questions: list[Question], cfg: Pref
             f.write(json.dumps(rec) + "\n")
     stats["pairs"] = len(lines)
     verified = [q for q in questions if q.answer is not None]
-    stats["sampled_accuracy"] = n_correct / max(1, len(verified) * cfg.n)
+    stats["sampled_accuracy"] = n_correct / max(1, len(verified) * cfg.n)  # dropped responses count as wrong
     log.info("preference data: %s -> %s", stats, out)
     return stats

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nativevl.infer.prm import BAD, GOOD, prm_conversation, split_steps
-from nativevl.pipelines.questions import Question, sample_responses, save_images
+from nativevl.pipelines.questions import Question, has_image_markup, sample_responses, save_images
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,12 @@ def build_prm_data(model, tokenizer, questions: list[Question], cfg: PRMDataConf
                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, system_message=system_message,
                                  desc="solutions")
     items, prompts = [], []  # items: (question index, steps); prompts: one per non-final step prefix
+    dropped = 0
     for qi, (q, sols) in enumerate(zip(questions, solutions, strict=True)):
         for sol in sols:
             steps = split_steps(sol, cfg.max_steps)
-            if not steps:
+            if not steps or has_image_markup(sol):
+                dropped += 1
                 continue
             items.append((qi, steps, q.is_correct(sol)))
             for i in range(len(steps) - 1):
@@ -56,8 +58,8 @@ def build_prm_data(model, tokenizer, questions: list[Question], cfg: PRMDataConf
                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1, system_message=system_message,
                                 desc="rollouts")
     it = iter(zip(prompts, rollouts, strict=True))
-    stats = {"questions": len(questions), "solutions": len(items), "steps": 0, "negative_steps": 0,
-             "correct_solutions": 0}
+    stats = {"questions": len(questions), "solutions": len(items), "dropped_solutions": dropped, "steps": 0,
+             "negative_steps": 0, "correct_solutions": 0}
     with open(out, "w", encoding="utf-8") as f:
         for qi, steps, solved in items:
             q = questions[qi]

@@ -66,6 +66,15 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None) -> list[Qu
     return out
 
 
+IMAGE_MARKUP = ("<IMG_CONTEXT>", "<img>", "</img>", "<image>")
+
+
+def has_image_markup(text: str) -> bool:
+    """A sampled response that emitted image tokens cannot be fed back as text (its placeholders
+    would ask for images that are not there): the pipelines drop such responses and count them."""
+    return any(m in text for m in IMAGE_MARKUP)
+
+
 def messages(question: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}]
 
@@ -108,7 +117,8 @@ def sample_responses(
         tiles = [t for _, t in chunk if t is not None]
         out = generate(model, input_ids.to(device), torch.cat(tiles).to(device) if tiles else None,
                        attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                       temperature=max(temperature, 1e-5), top_k=top_k, eos_token_id=end, generator=gen)
+                       temperature=max(temperature, 1e-5), top_k=top_k, eos_token_id=end, generator=gen,
+                       suppress_tokens=[cfg.image_token_id])
         width = input_ids.shape[1]
         texts += [tokenizer.decode(r[width:].tolist(), skip_special_tokens=True) for r in out]
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]

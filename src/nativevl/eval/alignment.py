@@ -1,0 +1,60 @@
+"""Collect the alignment experiment's reports into docs/results/alignment.{json,md}.
+
+`python -m nativevl.eval.alignment RUN_DIR OUT_DIR` reads RUN_DIR/eval_sft.json and eval_mpo.json
+(`nativevl eval`) and RUN_DIR/best_of_n.json (`nativevl eval --best-of-n 8 --prm ...`), all on the
+same task, base model and held-out seed, and writes the figures with their 95% intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def summarize(sft: dict, mpo: dict, bon: dict, task: str = "arithmetic") -> dict:
+    k = bon[task]["samples"]
+    pick = lambda r: {"accuracy": r["accuracy"], "ci95": r["ci95"], "n": r["n"]}
+    out = {
+        "task": task,
+        "sft": pick(sft[task]),
+        "mpo": pick(mpo[task]),
+        "pass1": pick(bon[task]["pass1"]),
+        f"majority{k}": pick(bon[task][f"majority{k}"]),
+        f"prm_best{k}": pick(bon[task][f"prm_best{k}"]),
+        f"outcome_best{k}": pick(bon[task][f"outcome_best{k}"]),
+        f"oracle{k}": pick(bon[task][f"oracle{k}"]),
+        "sample_mean": bon[task]["sample_mean"],
+        "n": sft[task]["n"],
+        "chance": sft[task]["chance"],
+        "seed": bon[task]["seed"],
+        "temperature": bon[task]["temperature"],
+    }
+    if len({sft[task]["n"], mpo[task]["n"], bon[task]["pass1"]["n"]}) != 1:
+        raise ValueError("the reports were made on different numbers of questions")
+    return out
+
+
+def table(summary: dict) -> str:
+    rows = ["| method | accuracy | 95% interval | n |", "|---|---|---|---|"]
+    for key, v in summary.items():
+        if isinstance(v, dict) and "ci95" in v:
+            rows.append(f"| {key} | {v['accuracy']:.3f} | {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f} | {v['n']} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m nativevl.eval.alignment RUN_DIR OUT_DIR", file=sys.stderr)
+        return 2
+    run, out = Path(argv[0]), Path(argv[1])
+    load = lambda name: json.loads((run / name).read_text())
+    summary = summarize(load("eval_sft.json"), load("eval_mpo.json"), load("best_of_n.json"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "alignment.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,63 @@
+"""Best-of-N: N sampled candidates from one shared prefill, a scorer, the best one.
+
+Scorers: the PRM (mean P('+') over steps, VisualPRM's choice), an outcome score (the PRM's P('+')
+at the last step alone: how it judges the finished solution), and majority vote over final answers
+(self-consistency), which needs no reward model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from nativevl.data.toyworld.tasks import final_answer, normalize
+from nativevl.infer.engine import Completion, Engine, SamplingParams
+from nativevl.infer.prm import step_scores
+
+SCORERS = ("prm", "outcome", "majority")
+
+
+@dataclass
+class Candidates:
+    texts: list[str]
+    step_scores: list[list[float]] | None = None  # from the PRM, when one was given
+
+    def answer(self, i: int) -> str:
+        """The candidate's answer for voting: its final answer, else its whole normalised text."""
+        return final_answer(self.texts[i]) or normalize(self.texts[i])
+
+    def pick(self, scorer: str) -> int:
+        """Index of the chosen candidate (ties: the earliest)."""
+        if scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
+        if scorer == "majority":
+            votes = Counter(self.answer(i) for i in range(len(self.texts)))
+            top = max(votes.values())
+            return next(i for i in range(len(self.texts)) if votes[self.answer(i)] == top)
+        if self.step_scores is None:
+            raise ValueError(f"the {scorer!r} scorer needs a PRM")
+        score = [sum(s) / len(s) if scorer == "prm" else s[-1] for s in self.step_scores]
+        return max(range(len(score)), key=lambda i: (score[i], -i))
+
+
+def sample_candidates(engine: Engine, input_ids: list[list[int]], pixel_values: list[torch.Tensor | None], *, n: int = 8,
+                      temperature: float = 0.7, top_k: int = 0, max_tokens: int = 256, seed: int = 0) -> list[list[str]]:
+    """n samples per prompt; the engine prefills each prompt once and clones its cache n times."""
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, n=n, seed=seed + i)
+              for i in range(len(input_ids))]
+    results: list[list[Completion]] = engine.generate(input_ids, params, pixel_values)
+    return [[c.text for c in r] for r in results]
+
+
+def best_of_n(engine: Engine, prm, tokenizer, question: str, input_ids: list[int], pixel_values: torch.Tensor | None, *,
+              n: int = 8, temperature: float = 0.7, top_k: int = 0, max_tokens: int = 256, seed: int = 0,
+              scorer: str = "prm") -> tuple[str, Candidates]:
+    """The best of n samples for one prompt (`question` is its user text, which the PRM sees) and all candidates."""
+    texts = sample_candidates(engine, [input_ids], [pixel_values], n=n, temperature=temperature, top_k=top_k,
+                              max_tokens=max_tokens, seed=seed)[0]
+    cands = Candidates(texts)
+    if prm is not None:
+        cands.step_scores = step_scores(prm, tokenizer, question, texts, pixel_values)
+    return texts[cands.pick(scorer)], cands
