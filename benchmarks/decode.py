@@ -5,6 +5,7 @@ early stop); tokens/s = batch x new tokens / wall time of the whole call (prefil
 batch size, and the ratio. The engine's decode-only rate (first token to last) is printed beside.
     PYTHONPATH=src python3 benchmarks/decode.py [--shape tiny|internvl3_1b] [--device cpu|cuda]
         [--dtype float32|bfloat16] [--prompt-len 512] [--new-tokens N] [--batch-sizes 1,32] [--json OUT]
+        [--no-fused-decode] (the engine's reference decode step and prefill, for comparison)
 One side failing (an exception) is reported and does not lose the other side's numbers.
 """
 
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,32")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-fused-decode", action="store_true", help="the engine's reference step (the model's layers)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
@@ -89,7 +91,8 @@ def main() -> None:
         try:  # ours
             if engine is None:
                 engine = Engine(ours, None, max_batch_size=max(batches), max_seq_len=args.prompt_len + new + 8,
-                                cuda_graphs=not args.no_cuda_graphs, compile=False if args.no_compile else None)
+                                cuda_graphs=not args.no_cuda_graphs, compile=False if args.no_compile else None,
+                                fused_decode=not args.no_fused_decode)
             lists = ids.tolist()
             t0 = time.perf_counter()
             engine.generate(lists, params)  # warm-up: compiles and captures this batch's graphs

@@ -8,6 +8,12 @@ shapes depend on (B, L) only, so on CUDA it is captured once per bucket as a CUD
 torch.compile when available) and replayed. Free slots inside the bucket compute garbage that no one
 reads. The CPU runs the same static-shape step eagerly.
 
+The default step (`fused_decode`) is trimmed for one token per row: q/k/v and gate/up matmuls fused
+(weights concatenated once), the new key/value written into the cache and attention read from the
+cache window in place with GQA heads unexpanded (`decode_attention`), the mask and RoPE computed once
+per step, the greedy argmax inside the step (one device->host sync per step), and the step's inputs
+uploaded in one copy. An unpadded prefill runs the same fused layers and writes the slots directly.
+
 Threads: `submit()` may be called from any thread; `step()` from one thread only (the caller's, in
 `generate()`, or the background loop started by `start()`, which the server uses).
 """
@@ -25,9 +31,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from nativevl.data.processor import pad_batch
-from nativevl.model.text import KVCache, RotaryEmbedding
+from nativevl.model.attention import decode_attention
+from nativevl.model.text import KVCache, RotaryEmbedding, rotate_half
 from nativevl.model.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -149,11 +157,16 @@ class Engine:
         max_queue: int = 256,
         prefill_tokens: int = 16384,
         length_quantum: int | None = None,
+        fused_decode: bool = True,
     ) -> None:
         """`dtype`/`device` move the model (in place) when given. `compile` (default: with CUDA graphs
         on CUDA) compiles the decode step before capture. `length_quantum`: the key window grows in
         steps of this many positions (each step a new graph); `prefill_tokens` bounds one prefill's
-        padded tokens."""
+        padded tokens. `fused_decode` (default) runs the decode step with q/k/v and gate/up projections
+        fused into one matmul each (weights concatenated once here: call `refresh_weights()` after
+        changing the model's weights), attention read in place from the cache without expanding GQA
+        heads, one mask and one RoPE per step for all layers, and the greedy argmax inside the step;
+        False runs the model's own decoder layers (the reference path)."""
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
         if device is not None or dtype is not None:
@@ -182,15 +195,21 @@ class Engine:
             if tokenizer.eos_token_id is not None:
                 eos.add(tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
-        shape = (max_batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
+        # the cache is a multiple of 16 positions long, so that every key window is too (sdpa's
+        # memory-efficient kernel pads a mask whose length is not aligned, an extra copy per layer)
+        self._cache_len = -(-max_seq_len // 16) * 16
+        shape = (max_batch_size, cfg.num_key_value_heads, self._cache_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
-        # static inputs of the decode step (a CUDA graph reads them in place)
-        self._tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
-        self._positions = torch.zeros(max_batch_size, dtype=torch.float32, device=self.device)
-        self._lengths = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        # static input of the decode step (a CUDA graph reads it in place): rows tokens, positions,
+        # lengths, float32 (exact for token ids and lengths below 2**24), uploaded in one copy per step
+        self._state = torch.zeros(3, max_batch_size, dtype=torch.float32, device=self.device)
         self._rows = torch.arange(max_batch_size, device=self.device)
-        self._key_index = torch.arange(max_seq_len, device=self.device)
+        self._key_index = torch.arange(self._cache_len, device=self.device)
+        self.fused_decode = bool(fused_decode)
+        self._fused: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        if self.fused_decode:
+            self.refresh_weights()
         self.slots: list[_Seq | None] = [None] * max_batch_size
         self.lengths = [0] * max_batch_size  # host copies: cached entries per slot
         self.positions = [0.0] * max_batch_size
@@ -199,17 +218,38 @@ class Engine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._graph_pool = None
-        self._step_fn = self._decode_logits
+        self._eager_fn = self._decode_fused if self.fused_decode else self._decode_layers
+        self._step_fn = self._eager_fn
         if self.use_compile:
-            self._step_fn = torch.compile(self._decode_logits, dynamic=False)
+            self._step_fn = torch.compile(self._eager_fn, dynamic=False)
         self.stats = {"prefills": 0, "prefill_batches": 0, "decode_steps": 0, "decode_tokens": 0,
                       "graph_captures": 0, "decode_mode": self.decode_mode}
 
     @property
     def decode_mode(self) -> str:
-        return ("compile+" if self.use_compile else "") + ("cuda_graph" if self.use_graphs else "eager")
+        return (("fused+" if self.fused_decode else "") + ("compile+" if self.use_compile else "")
+                + ("cuda_graph" if self.use_graphs else "eager"))
+
+    @torch.no_grad()
+    def refresh_weights(self) -> None:
+        """(Re)build the fused decode weights from the model's: [q; k; v] (and bias) and [gate; up] per
+        layer. Copied in place once built, so captured CUDA graphs stay valid."""
+        fused = []
+        for layer in self.model.language_model.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+            fused.append((qkv, bias, gate_up))
+        if not self._fused:
+            self._fused = fused
+            return
+        for old, new in zip(self._fused, fused):
+            for o, n in zip(old, new):
+                if o is not None:
+                    o.copy_(n)
 
     # ------------------------------------------------------------------ public API
 
@@ -385,7 +425,8 @@ class Engine:
                 pv = req.pixel_values.to(self.device) if req.pixel_values is not None else None
                 tv = time.perf_counter()
                 embeds.append(model.embed(ids, pv))  # (T, C); the ViT runs here
-                self._sync()
+                if pv is not None:
+                    self._sync()
                 req.timings["vision_s"] = time.perf_counter() - tv if pv is not None else 0.0
                 ok.append(req)
             except ValueError as e:  # e.g. image tokens that do not match the tiles: this request only
@@ -398,22 +439,29 @@ class Engine:
         batch = torch.zeros(len(ok), width, embeds[0].shape[-1], device=self.device, dtype=embeds[0].dtype)
         for row, e in enumerate(embeds):
             batch[row, width - e.shape[0]:] = e  # left padding
-        out = model(inputs_embeds=batch, attention_mask=mask.to(self.device), use_cache=True, logits_to_keep=1)
-        cache: KVCache = out.cache
-        next_pos = cache.next_position.tolist()
-        logits = out.logits[:, -1].float()  # (R, V)
-        seqs, rows = [], []
         free = iter([i for i, s in enumerate(self.slots) if s is None])
+        slots = [[next(free) for _ in range(req.params.n)] for req in ok]  # one prefill per request, n slots
+        if self.fused_decode and min(lengths) == width:
+            # no padding (one prompt, or equal lengths): the trimmed forward writes straight into the slots
+            logits = self._prefill_fused(batch, slots).float()  # (R, V)
+            next_pos = [float(width)] * len(ok)
+        else:
+            mask = mask.to(self.device) if min(lengths) < width else None  # none needed without padding
+            out = model(inputs_embeds=batch, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            cache: KVCache = out.cache
+            next_pos = cache.next_position.tolist()
+            logits = out.logits[:, -1].float()  # (R, V)
+            for row, n in enumerate(lengths):
+                for slot in slots[row]:
+                    for layer in range(len(self.k)):  # one prefill, copied into every sample's slot
+                        self.k[layer][slot, :, :n] = cache.keys[layer][row, :, width - n:]
+                        self.v[layer][slot, :, :n] = cache.values[layer][row, :, width - n:]
+        seqs, rows = [], []
         for row, req in enumerate(ok):
-            n = lengths[row]
-            for j in range(req.params.n):
-                slot = next(free)
-                for layer in range(len(self.k)):  # one prefill, copied into every sample's slot
-                    self.k[layer][slot, :, :n] = cache.keys[layer][row, :, width - n:]
-                    self.v[layer][slot, :, :n] = cache.values[layer][row, :, width - n:]
+            for j, slot in enumerate(slots[row]):
                 stop_ids = frozenset(req.params.stop_token_ids) | (frozenset() if req.params.ignore_eos else self.eos_ids)
                 seq = _Seq(req, j, slot, stop_ids)
-                self.slots[slot], self.lengths[slot], self.positions[slot] = seq, n, next_pos[row]
+                self.slots[slot], self.lengths[slot], self.positions[slot] = seq, lengths[row], next_pos[row]
                 seqs.append(seq)
                 rows.append(row)
         self.stats["prefills"] += len(ok)
@@ -425,23 +473,90 @@ class Engine:
         for seq, tok in zip(seqs, tokens):
             self._append(seq, tok)
 
+    def _prefill_fused(self, x: torch.Tensor, slots: list[list[int]]) -> torch.Tensor:
+        """Unpadded prompts x (R, T, C) at positions 0..T-1 through the decoder with the fused weights,
+        each layer's keys/values written straight into the slots of their row; the last position's
+        logits (R, V). The same computation as the model's forward without a mask (causal sdpa)."""
+        lm = self.model.language_model
+        cfg = self.model.config.text
+        n_q, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        rows, t = x.shape[:2]
+        positions = torch.arange(t, device=self.device, dtype=torch.float32)[None].expand(rows, t)
+        cos, sin = self.rope(positions, self.dtype)
+        cos, sin = cos[:, None], sin[:, None]  # (R, 1, T, hd)
+        for i, layer in enumerate(lm.layers):
+            w_qkv, b_qkv, w_gate_up = self._fused[i]
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = F.linear(layer.input_layernorm(x), w_qkv, b_qkv).view(rows, t, n_q + 2 * n_kv, hd).transpose(1, 2)
+            q, k, v = qkv.split((n_q, n_kv, n_kv), dim=1)  # (R, H, T, hd)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            for row, row_slots in enumerate(slots):
+                for slot in row_slots:
+                    self.k[i][slot, :, :t] = k[row]
+                    self.v[i][slot, :, :t] = v[row]
+            if n_q != n_kv:  # expanded once here (flash kernels); the decode step reads the cache unexpanded
+                k, v = k.repeat_interleave(n_q // n_kv, dim=1), v.repeat_interleave(n_q // n_kv, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(rows, t, n_q * hd))
+            gate, up = F.linear(layer.post_attention_layernorm(x), w_gate_up).chunk(2, dim=-1)
+            x = x + mlp.down_proj(mlp.act(gate) * up)
+        return self.model.lm_head(lm.norm(x[:, -1]))
+
     # ------------------------------------------------------------------ the decode step
 
-    def _decode_logits(self, batch: int, window: int) -> torch.Tensor:
-        """The static-shape step over slots [0, batch) and keys [0, window): logits (batch, V)."""
+    def _inputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        state = self._state[:, :batch]
+        return state[0].long(), state[1], state[2].long()  # tokens, positions, lengths (B,)
+
+    def _decode_layers(self, batch: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The static-shape step over slots [0, batch) and keys [0, window) through the model's own
+        decoder layers: logits (batch, V) and their argmax (batch,)."""
         lm = self.model.language_model
-        tokens, lengths = self._tokens[:batch], self._lengths[:batch]
-        positions = self._positions[:batch, None]  # (B, 1)
+        tokens, positions, lengths = self._inputs(batch)
         valid = self._key_index[:window][None] < lengths[:, None]  # (B, L) cached keys of each slot
         mask = torch.cat([valid, valid.new_ones(batch, 1)], dim=1)  # (B, L+1): the new key comes last
         cache = _SlotView(self.k, self.v, self._rows[:batch], lengths, window)
-        cos, sin = self.rope(positions, self.dtype)
+        cos, sin = self.rope(positions[:, None], self.dtype)
         x = lm.embed_tokens(tokens[:, None])  # (B, 1, C)
         for layer in lm.layers:
             x = layer(x, cos, sin, cu_seqlens=None, key_padding_mask=mask, cache=cache, backend=self.model.attn_backend)
-        return self.model.lm_head(lm.norm(x)[:, 0])  # (B, V)
+        logits = self.model.lm_head(lm.norm(x)[:, 0])  # (B, V)
+        return logits, logits.argmax(-1)
 
-    def _run_step(self, batch: int, window: int) -> torch.Tensor:
+    def _decode_fused(self, batch: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same step as `_decode_layers`, trimmed for one token per row: fused q/k/v and gate/up
+        matmuls, the new key/value written into the cache first and attention read from the cache
+        window in place (GQA unexpanded), one additive mask and one cos/sin for all layers, and the
+        greedy argmax computed here (inside the CUDA graph) from the model-dtype logits."""
+        lm = self.model.language_model
+        cfg = self.model.config.text
+        n_q, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        split = (n_q * hd, n_kv * hd, n_kv * hd)
+        tokens, positions, lengths = self._inputs(batch)
+        rows = self._rows[:batch]
+        # keys [0, length] of each slot: its cache and the new key, written at index `length` below
+        valid = self._key_index[:window][None] <= lengths[:, None]  # (B, L)
+        bias = torch.zeros(batch, window, device=self.device, dtype=self.dtype).masked_fill(~valid, float("-inf"))
+        cos, sin = self.rope(positions[:, None], self.dtype)  # (B, 1, hd): broadcast over heads
+        x = lm.embed_tokens(tokens)  # (B, C)
+        for i, layer in enumerate(lm.layers):
+            w_qkv, b_qkv, w_gate_up = self._fused[i]
+            attn, mlp = layer.self_attn, layer.mlp
+            q, k, v = F.linear(layer.input_layernorm(x), w_qkv, b_qkv).split(split, dim=-1)
+            q, k, v = q.view(batch, n_q, hd), k.view(batch, n_kv, hd), v.view(batch, n_kv, hd)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            self.k[i][rows, :, lengths] = k
+            self.v[i][rows, :, lengths] = v
+            out = decode_attention(q, self.k[i][:batch, :, :window], self.v[i][:batch, :, :window], bias)
+            x = x + attn.o_proj(out.reshape(batch, n_q * hd))
+            gate, up = F.linear(layer.post_attention_layernorm(x), w_gate_up).chunk(2, dim=-1)
+            x = x + mlp.down_proj(mlp.act(gate) * up)
+        logits = self.model.lm_head(lm.norm(x))  # (B, V)
+        return logits, logits.argmax(-1)
+
+    def _run_step(self, batch: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.use_graphs:
             return self._step_fn(batch, window)
         key = (batch, window)
@@ -453,7 +568,7 @@ class Engine:
                     raise
                 # compile failed or cannot be captured: keep CUDA graphs of the eager step
                 log.exception("compiled decode step failed; falling back to the eager step in CUDA graphs")
-                self.use_compile, self._step_fn = False, self._decode_logits
+                self.use_compile, self._step_fn = False, self._eager_fn
                 self._graphs.clear()
                 self.stats["decode_mode"] = self.decode_mode
                 self._capture(key)
@@ -483,13 +598,15 @@ class Engine:
         batch = _bucket_batch(max(s.slot for s in active) + 1, self.max_batch_size)
         longest = max(self.lengths[s.slot] for s in active)
         q = self.length_quantum
-        window = min(-(-(longest + 1) // q) * q, self.max_seq_len)
-        self._tokens[:batch].copy_(torch.tensor(self.next_tokens[:batch]), non_blocking=False)
-        self._positions[:batch].copy_(torch.tensor(self.positions[:batch], dtype=torch.float32))
-        self._lengths[:batch].copy_(torch.tensor(self.lengths[:batch]))
-        logits = self._run_step(batch, window)
-        rows = [s.slot for s in active]
-        tokens = self._sample(logits[rows].float(), active)
+        window = min(-(-(longest + 1) // q) * q, self._cache_len)
+        # one host->device copy of every slot's token, position and length
+        self._state.copy_(torch.tensor([self.next_tokens, self.positions, self.lengths], dtype=torch.float32))
+        logits, greedy = self._run_step(batch, window)
+        if all(s.generator is None and s.seen is None for s in active):
+            picked = greedy.tolist()  # the one device->host sync of the step
+            tokens = [picked[s.slot] for s in active]
+        else:
+            tokens = self._sample(logits[[s.slot for s in active]].float(), active)
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += len(active)
         for seq, tok in zip(active, tokens):
