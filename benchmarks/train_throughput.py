@@ -10,9 +10,22 @@ next samples up to --step_tokens real tokens; both sides see exactly those sampl
   everywhere, the same token-sum cross-entropy.
 Both: fp32 master weights under bf16 autocast (on CUDA), fused AdamW, gradient clipping at 1.
 Tokens/s count real (non-pad) tokens; MFU counts ViT + MLP + LLM (train/metrics.py) against the
-card's dense bf16 peak (H100 / H200 SXM: 989.4 TFLOP/s).
+card's dense bf16 peak (H100 / H200 SXM: 989.4 TFLOP/s). Pixel tensors are made (on the device) before
+the clock starts, for both sides: in training a data loader prepares them beside the GPU.
 
-    PYTHONPATH=src python3 benchmarks/train_throughput.py --shape internvl3_2b --device cuda --steps 10
+Ours runs in one or more --variants, each on a fresh model (and fresh torch.compile caches), so one
+run shows before and after (losses must agree within bf16 noise):
+- base: the single-GPU path of train/loop.py as it was: plain module, default CUDA caching allocator;
+- fast: the same with growable allocator segments (expandable_segments, which `init_distributed` now
+  sets for training runs): packs change shape every step, which fragments fixed-size segments;
+- fsdp: fast, plus FSDP2 on one GPU (train/parallel.py, as under torchrun): bf16 compute copies of the
+  fp32 master weights, so activations and the residual stream are bf16, gradients reduced in fp32.
+Per variant it prints recompilations inside the timed steps, allocator retries and reserved memory;
+--profile VARIANT adds a one-step CUDA kernel breakdown (matmul / attention / elementwise / optimizer).
+
+    PYTHONPATH=src python3 benchmarks/train_throughput.py --shape internvl3_2b --device cuda --steps 8  # fast only
+    PYTHONPATH=src python3 benchmarks/train_throughput.py --shape internvl3_2b --device cuda --steps 8 \
+        --variants base,fast,fsdp --profile fast
     PYTHONPATH=src python3 benchmarks/train_throughput.py --shape tiny --device cpu --steps 4   # < 1 min
 """
 
@@ -32,10 +45,18 @@ import torch.nn.functional as F
 from nativevl.config import preset
 from nativevl.io.hf import config_to_hf
 from nativevl.model.vlm import VisionLanguageModel
+from nativevl.train import parallel
 from nativevl.train.losses import labelled_lm_loss
 from nativevl.train.metrics import batch_flops, module_sizes, pass_factors, peak_flops
 
 FULL = pass_factors({"vit": "full", "mlp": "full", "llm": "full"})
+
+# our configurations; each key is a knob of run_ours
+VARIANTS = {
+    "base": {"expandable_segments": False, "fsdp": False},
+    "fast": {"expandable_segments": True, "fsdp": False},
+    "fsdp": {"expandable_segments": True, "fsdp": True},
+}
 
 
 @dataclass
@@ -78,28 +99,59 @@ def steps_of(stream: list[Sample], step_tokens: int, steps: int) -> list[list[Sa
     return out
 
 
+_PIXELS: dict[tuple, torch.Tensor] = {}
+
+
 def pixels(tiles: int, cfg, device, seed: int) -> torch.Tensor | None:
+    """The step's tiles; made once (main() makes them all before timing) and reused by every side."""
     if tiles == 0:
         return None
-    g = torch.Generator().manual_seed(seed)
-    size = cfg.vision.image_size
-    return torch.randn(tiles, 3, size, size, generator=g).to(device)
+    key = (tiles, seed, str(device), cfg.vision.image_size)
+    if key not in _PIXELS:
+        g = torch.Generator().manual_seed(seed)
+        size = cfg.vision.image_size
+        _PIXELS[key] = torch.randn(tiles, 3, size, size, generator=g).to(device)
+    return _PIXELS[key]
 
 
 def step_flops(cfg, sizes, step: list[Sample]) -> float:
     return batch_flops(cfg, sizes, FULL, [len(s.input_ids) for s in step], sum(s.tiles for s in step))
 
 
-def run_ours(cfg, sd, steps, args, device) -> dict:
+def set_expandable_segments(device, on: bool) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        try:
+            torch.cuda.memory._set_allocator_settings(f"expandable_segments:{on}")
+        except Exception as e:  # noqa: BLE001 - a private API: measure anyway, and say so
+            print(f"  (could not set expandable_segments:{on}: {type(e).__name__}: {e})")
+
+
+def single_process_group(device) -> None:
+    """FSDP2 needs a process group even for one rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def run_ours(cfg, sd, steps, args, device, variant: str = "base") -> dict:
+    knobs = VARIANTS[variant]
+    torch._dynamo.reset()  # each variant compiles afresh (inductor's on-disk cache still helps) and gets its own limits
+    set_expandable_segments(device, knobs["expandable_segments"])
+    cuda = device.type == "cuda"
     model = VisionLanguageModel(cfg).to(device)
     model.load_state_dict(sd)
     model.attn_backend = args.attn
-    if args.compile:
-        for block in [*model.vision_tower.encoder.layer, *model.language_model.layers]:
-            block.compile()
+    if knobs["fsdp"]:
+        single_process_group(device)
+    # the loop's building block: compile per block (and FSDP2 per block and root when sharded)
+    parallel.parallelize(model, world=1, mixed_precision=cuda, activation_checkpointing=False, compile=args.compile,
+                         shard=knobs["fsdp"])
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda" or None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda or None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
 
     def one_step(i, step):
         ids = torch.cat([s.input_ids for s in step]).to(device)
@@ -112,12 +164,16 @@ def run_ours(cfg, sd, steps, args, device) -> dict:
             hidden = model(input_ids=ids, pixel_values=pv, cu_seqlens=cu, compute_logits=False).hidden_states
             loss = labelled_lm_loss(hidden, model.lm_head.weight, labels, weights, weights.sum(), args.loss_chunk)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return timed_run(one_step, steps, cfg, module_sizes(model), args, device)
+    out = timed_run(one_step, steps, cfg, module_sizes(model), args, device)
+    out["variant"] = variant
+    if variant in (args.profile or "").split(","):
+        out["profile"] = profile_step(one_step, len(steps) - 1, steps[-1], device)
+    return out
 
 
 def run_theirs(cfg, sd, steps, args, device) -> dict:
@@ -167,14 +223,23 @@ def run_theirs(cfg, sd, steps, args, device) -> dict:
     return timed_run(one_step, steps, cfg, sizes, args, device)
 
 
+def dynamo_compiles() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def timed_run(one_step, steps, cfg, sizes, args, device) -> dict:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     losses = []
     for i, step in enumerate(steps[: args.warmup]):  # compilation, allocator warm-up
         losses.append(float(one_step(i, step)))
     sync()
+    compiles0 = dynamo_compiles()
+    retries0 = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if cuda else 0
     t0 = time.perf_counter()
     timed = steps[args.warmup :]
     for i, step in enumerate(timed, start=args.warmup):
@@ -188,9 +253,57 @@ def timed_run(one_step, steps, cfg, sizes, args, device) -> dict:
         "tokens_per_s": tokens / elapsed,
         "step_s": elapsed / len(timed),
         "mfu": flops / elapsed / peak if peak else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None,
+        "alloc_retries_timed": (torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries0) if cuda else None,
+        "compiles_timed": dynamo_compiles() - compiles0,  # graphs compiled inside the timed steps (should be 0)
         "losses": losses,
     }
+
+
+KERNEL_KINDS = (  # first match wins; lower-case substrings of CUDA kernel names
+    ("attention", ("flash", "fmha", "attention")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "norm_kernel", "lpnorm")),
+    ("matmul", ("gemm", "sm90", "sm80", "cutlass", "xmma", "cublas", "nvjet", "matmul", "splitk", "conv")),
+    ("cross-entropy", ("softmax", "nll", "log_softmax", "cross_entropy")),
+    ("copy / cast", ("copy", "cast", "memcpy", "memset", "fill", "cat", "index", "scatter", "gather", "embedding")),
+    ("elementwise (triton)", ("triton",)),
+)
+
+
+def profile_step(one_step, i, step, device) -> dict:
+    """One more step under torch.profiler: GPU time per kernel kind and the busiest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        one_step(i, step)
+        sync()
+    wall = time.perf_counter() - t0
+    kinds: dict[str, float] = {}
+    kernels = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0.0)
+        if not us or (cuda and str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA"):
+            continue
+        name = e.key.lower()
+        kind = next((k for k, subs in KERNEL_KINDS if any(x in name for x in subs)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
+        kernels.append((us / 1e3, e.count, e.key[:90]))
+    kernels.sort(reverse=True)
+    busy = sum(kinds.values())
+    print(f"  profile: one step, {wall * 1e3:.0f} ms wall (profiled), GPU kernels {busy:.0f} ms")
+    for k, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"    {k:22s} {ms:8.1f} ms  {ms / max(busy, 1e-9):6.1%}")
+    for ms, n, name in kernels[:15]:
+        print(f"    {ms:8.1f} ms  x{n:<5d} {name}")
+    return {"wall_ms": wall * 1e3, "gpu_busy_ms": busy, "kinds_ms": kinds, "top_kernels": kernels[:30]}
 
 
 def main() -> None:
@@ -206,11 +319,18 @@ def main() -> None:
                     help="torch.compile our blocks (default: on CUDA)")
     ap.add_argument("--loss_chunk", type=int, default=4096)
     ap.add_argument("--peak_tflops", type=float, default=None, help="for MFU on an unknown card")
+    ap.add_argument("--variants", default="fast",
+                    help=f"comma-separated configurations of ours, each timed on a fresh model: {', '.join(VARIANTS)}")
+    ap.add_argument("--profile", default=None, help="comma-separated variants to profile for one extra step")
     ap.add_argument("--only", choices=["ours", "transformers"], default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     device = torch.device(args.device)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        ap.error(f"--variants: unknown {unknown or 'none given'}; known: {', '.join(VARIANTS)}")
     args.attn = args.attn or ("varlen" if device.type == "cuda" else "sdpa")
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     tiny = args.shape == "tiny"
@@ -224,42 +344,66 @@ def main() -> None:
     init.init_weights()
     sd = {k: v.detach().clone() for k, v in init.state_dict().items()}
     del init
+    for i, step in enumerate(steps):  # before any clock starts
+        pixels(sum(x.tiles for x in step), cfg, device, i)
     n_samples = sum(len(s) for s in steps[args.warmup :])
     tiles = sum(x.tiles for s in steps[args.warmup :] for x in s)
     print(f"shape={args.shape} device={args.device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}) "
           f"torch {torch.__version__}; {args.steps} timed steps of <= {step_tokens} tokens: {n_samples} samples, {tiles} tiles; "
-          f"ours: {args.attn}, compile={args.compile}; transformers: sdpa, padded batches of {args.hf_batch}")
+          f"ours: {args.attn}, compile={args.compile}, variants {','.join(variants)}; "
+          f"transformers: sdpa, padded batches of {args.hf_batch}")
     results: dict[str, dict] = {}
-    sides = {"ours": run_ours, "transformers": run_theirs}
+    sides = {f"ours[{v}]": (lambda *a, v=v: run_ours(*a, variant=v)) for v in variants}
+    sides["transformers"] = run_theirs
     for name, fn in sides.items():
-        if args.only and name != args.only:
+        if args.only and not name.startswith(args.only):
             continue
+        if name == "transformers":
+            set_expandable_segments(device, False)  # the peer as users run it: default allocator
         try:
             results[name] = fn(cfg, sd, steps, args, device)
-        except Exception as e:  # noqa: BLE001 - one side failing (OOM, compile) must not lose the other's numbers
+        except Exception as e:  # noqa: BLE001 - one side failing (OOM, compile) must not lose the others' numbers
             results[name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
             traceback.print_exc()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"{'':14s} {'tokens/s':>10s} {'step s':>8s} {'MFU':>7s} {'peak GiB':>9s}  first losses")
+        r = results[name]
+        if "error" not in r:
+            print(f"  {name}: {r['tokens_per_s']:.0f} tokens/s, {r['step_s']:.3f} s/step", flush=True)
+    print(f"{'':16s} {'tokens/s':>10s} {'step s':>8s} {'MFU':>7s} {'peak GiB':>9s} {'resv GiB':>9s} {'retries':>7s} "
+          f"{'recomp':>6s}  first losses")
     for name, r in results.items():
         if "error" in r:
-            print(f"{name:14s} failed: {r['error']}")
+            print(f"{name:16s} failed: {r['error']}")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
-        print(f"{name:14s} {r['tokens_per_s']:10.0f} {r['step_s']:8.3f} {mfu:>7s} {mem:>9s}  "
-              f"{', '.join(f'{x:.4f}' for x in r['losses'][:3])}")
-    ok = all(n in results and "error" not in results[n] for n in sides)
-    ratio = results["ours"]["tokens_per_s"] / results["transformers"]["tokens_per_s"] if ok else None
-    if ratio is not None:
-        print(f"speed-up (tokens/s, ours / transformers): {ratio:.2f}x")
+        resv = f"{r['peak_reserved_gib']:.1f}" if r.get("peak_reserved_gib") is not None else "-"
+        retries = str(r["alloc_retries_timed"]) if r.get("alloc_retries_timed") is not None else "-"
+        print(f"{name:16s} {r['tokens_per_s']:10.0f} {r['step_s']:8.3f} {mfu:>7s} {mem:>9s} {resv:>9s} {retries:>7s} "
+              f"{r.get('compiles_timed', '-')!s:>6s}  {', '.join(f'{x:.4f}' for x in r['losses'][:3])}")
+    ours_ok = [n for n in results if n.startswith("ours") and "error" not in results[n]]
+    theirs = results.get("transformers", {})
+    speedups = {}
+    for n in ours_ok:
+        r = results[n]
+        if "error" not in theirs and theirs:
+            speedups[n] = r["tokens_per_s"] / theirs["tokens_per_s"]
+        if ours_ok[0] != n:
+            ref = results[ours_ok[0]]
+            diff = max(abs(a - b) for a, b in zip(r["losses"], ref["losses"]))
+            print(f"{n}: {r['tokens_per_s'] / ref['tokens_per_s']:.2f}x {ours_ok[0]}'s tokens/s; "
+                  f"max |loss difference| over all steps {diff:.2e}")
+    for n, x in speedups.items():
+        print(f"speed-up (tokens/s, {n} / transformers): {x:.2f}x")
+    ratio = speedups.get(ours_ok[-1]) if ours_ok else None  # the last (fastest-intended) variant
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "device": args.device, "step_tokens": step_tokens, "steps": args.steps,
-                       "attn": args.attn, "compile": args.compile, "torch": torch.__version__, "results": results,
-                       "speedup": ratio,
+                       "attn": args.attn, "compile": args.compile, "torch": torch.__version__,
+                       "results": {**results, **({"ours": results[ours_ok[-1]]} if ours_ok else {})},
+                       "speedup": ratio, "speedups": speedups, "variants": variants,
                        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, f, indent=2)
 
 

@@ -129,3 +129,35 @@ def test_packed_batches_refuse_a_cache():
     ids = torch.tensor([7, 8, 9, 10])
     with pytest.raises(ValueError, match="cannot use a KV cache"):
         model(input_ids=ids, cu_seqlens=torch.tensor([0, 2, 4]), use_cache=True)
+
+
+def test_drop_path_rate_is_a_tensor_so_compiled_vit_layers_share_graphs():
+    """A rate rising over the layers must not make torch.compile guard (and recompile) per layer."""
+    from torch._dynamo.utils import counters
+
+    from nativevl.config import preset
+    from nativevl.model.vision import VisionModel
+
+    vit = VisionModel(preset("tiny").vision)
+    state = set(vit.state_dict())
+    layers = list(vit.encoder.layer) * 3  # six calls, six different rates
+    for i, layer in enumerate(vit.encoder.layer):
+        layer.drop_path_rate = 0.1 + 0.05 * i
+    assert set(vit.state_dict()) == state  # the rate is a setting, not a checkpoint key
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    fns = [torch.compile(layer, backend="eager") for layer in vit.encoder.layer]
+    x = torch.randn(4, 5, vit.config.hidden_size)
+    vit.train()
+    for i, _ in enumerate(layers):
+        vit.encoder.layer[i % 2].drop_path_rate = 0.05 * (i + 1)
+        fns[i % 2](x, "sdpa")
+    assert counters["stats"]["unique_graphs"] - before <= 2
+    torch.manual_seed(0)
+    layer = vit.encoder.layer[0]
+    layer.drop_path_rate = 0.5
+    y = torch.ones(4000, 1, 1)
+    from nativevl.model.vision import drop_path
+
+    out = drop_path(y, layer._drop_path_rate)
+    assert set(out.unique().tolist()) <= {0.0, 2.0} and abs(out.mean().item() - 1.0) < 0.1

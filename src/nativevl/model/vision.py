@@ -91,12 +91,13 @@ class VisionMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch per sample."""
-    if rate == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - rate)
-    return x * keep / (1 - rate)
+def drop_path(x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample. `rate` is a 0-dim tensor rather
+    than a Python float so that torch.compile neither guards on it nor recompiles for every layer
+    (a rate rising over 24 layers would otherwise pass the recompile limit and leave the ViT eager)."""
+    keep = 1.0 - rate.float()
+    mask = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) < keep
+    return x * (mask / keep).to(x.dtype)
 
 
 class VisionLayer(nn.Module):
@@ -108,11 +109,30 @@ class VisionLayer(nn.Module):
         self.mlp = VisionMLP(config)
         self.lambda_1 = nn.Parameter(torch.full((config.hidden_size,), config.layer_scale_init_value))
         self.lambda_2 = nn.Parameter(torch.full((config.hidden_size,), config.layer_scale_init_value))
+        # not in checkpoints: the rate is a training setting (StagePolicy), kept as a tensor for torch.compile
+        # (None while the rate is 0, so that a model built on the meta device loads without it)
+        self.register_buffer("_drop_path_rate", None, persistent=False)
         self.drop_path_rate = drop_path_rate
 
+    @property
+    def drop_path_rate(self) -> float:
+        return self._rate
+
+    @drop_path_rate.setter
+    def drop_path_rate(self, rate: float) -> None:
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+        self._rate = float(rate)
+        self._drop_path = rate > 0  # a bool: compiled layers guard on it, not on the rate
+        device = self.lambda_1.device if self.lambda_1.device.type != "meta" else torch.device("cpu")
+        self._drop_path_rate = torch.tensor(self._rate, device=device) if self._drop_path else None
+
+    def _branch(self, y: torch.Tensor) -> torch.Tensor:
+        return drop_path(y, self._drop_path_rate) if self.training and self._drop_path else y
+
     def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        x = x + drop_path(self.lambda_1 * self.attention(self.layernorm_before(x), backend), self.drop_path_rate, self.training)
-        return x + drop_path(self.lambda_2 * self.mlp(self.layernorm_after(x)), self.drop_path_rate, self.training)
+        x = x + self._branch(self.lambda_1 * self.attention(self.layernorm_before(x), backend))
+        return x + self._branch(self.lambda_2 * self.mlp(self.layernorm_after(x)))
 
 
 class VisionEncoder(nn.Module):

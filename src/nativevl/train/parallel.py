@@ -23,6 +23,10 @@ from nativevl.train.stages import MODULES, module_of
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world_size, device); starts the process group when torchrun set WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    # Before the first CUDA allocation: packs change shape every step, and growable segments keep the
+    # caching allocator from fragmenting into cudaFree-and-retry (torchtitan's default too). A user's
+    # own PYTORCH_CUDA_ALLOC_CONF wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -78,8 +82,12 @@ def parallelize(
     mixed_precision: bool,
     activation_checkpointing: bool,
     compile: bool,
+    shard: bool | None = None,
 ) -> nn.Module:
     """In place, on a model already on its device and with its stage policy (LoRA) applied.
+
+    shard: FSDP2 even when world == 1 (bf16 compute copies of fp32 master weights; needs a process
+    group); default: only when world > 1.
 
     Order per block, as torchtitan applies it: checkpoint (innermost), compile, then shard, so the
     FSDP hooks (all-gather before, reduce-scatter after) stay outside the compiled graph.
@@ -90,14 +98,15 @@ def parallelize(
     # bf16 gathers halve the all-gather bytes; fp32 reduction keeps the summed gradients exact enough
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
+    shard = world > 1 if shard is None else shard
     for block in blocks(model):
         if activation_checkpointing:
             checkpoint(block)  # hook-based: parameter names (and checkpoint keys) stay unchanged
         if compile:
             block.compile()
-        if world > 1:
+        if shard:
             fully_shard(block, mp_policy=policy)
-    if world > 1:
+    if shard:
         # The root stays gathered after forward: the loss reads lm_head.weight outside the forward.
         fully_shard(model, mp_policy=policy, reshard_after_forward=False)
         model.vision_every_forward = True
