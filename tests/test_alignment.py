@@ -251,3 +251,21 @@ def test_best_of_n_prefills_once_and_picks_by_score(tokenizer):
     assert votes.pick("majority") == 0  # a tie goes to the earliest candidate's answer
     scored = Candidates(["a", "b", "c"], step_scores=[[0.9, 0.1], [0.6, 0.6], [0.1, 0.95]])
     assert scored.pick("prm") == 1 and scored.pick("outcome") == 2
+
+
+def test_prm_training_shows_placeholders_and_learns_true_labels(tokenizer):
+    from nativevl.data.pipeline import DataConfig, build_sample
+    from nativevl.data.records import Record
+
+    conv = prm_conversation("what is shown?", ["one", "two", "three"], ["+", "-", "-"])
+    record = Record(conversations=conv, source="prm")
+    cfg = DataConfig(image_token_id=5, system_message=None, prm_placeholder="+")
+    plain = build_sample(record, tokenizer, DataConfig(image_token_id=5, system_message=None))
+    sample = build_sample(record, tokenizer, cfg)
+    good, bad = label_token_ids(tokenizer)
+    slots = np.flatnonzero(np.isin(plain.labels, [good, bad]))
+    assert plain.input_ids[slots].tolist() == [good, bad, bad]  # without the option the labels are in context
+    assert sample.input_ids[slots].tolist() == [good, good, good]  # with it: '+' as when scoring ...
+    assert sample.labels[slots].tolist() == [good, bad, bad]  # ... and the true labels as targets
+    other = np.setdiff1d(np.arange(len(plain.input_ids)), slots)
+    assert (sample.input_ids[other] == plain.input_ids[other]).all()

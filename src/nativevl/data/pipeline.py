@@ -27,7 +27,7 @@ from nativevl.data.mixture import Mixture, mixture_weights
 from nativevl.data.packing import LOSS_REDUCTIONS, Batch, Packer, Sample, collate
 from nativevl.data.positions import document_positions
 from nativevl.data.records import PROBLEMS, Annotation, DatasetSpec, PreferenceRecord, Record, RecordError, parse_record
-from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, IMAGE_PLACEHOLDER, encode_conversation
+from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IMAGE_PLACEHOLDER, encode_conversation
 
 log = logging.getLogger(__name__)
 _SAMPLE_SALT = 7_919
@@ -54,6 +54,10 @@ class DataConfig:
     uint8_pixels: bool = False  # raw tiles; the model normalises them on its device (4x less to move)
     seed: int = 0
     max_records: int | None = None  # stop the stream after this many records (None: endless)
+    # PRM training: each assistant turn's label token ('+' / '-') is shown in the input as this token,
+    # as at scoring time (every slot '+'), while the target keeps the true label. Otherwise the model
+    # learns to copy the previous turn's label instead of reading the step.
+    prm_placeholder: str | None = None
 
     def __post_init__(self) -> None:
         if self.loss_reduction not in LOSS_REDUCTIONS:
@@ -142,6 +146,8 @@ def build_sample(record: Record | PreferenceRecord, tokenizer, cfg: DataConfig, 
             kind = "placeholder_mismatch" if "placeholder" in str(e) else "malformed"
             raise RecordError(kind, f"{record.source}: {e}") from None
     input_ids = np.asarray(input_ids, dtype=np.int64)
+    if cfg.prm_placeholder is not None and record.text is None:
+        input_ids = _prm_placeholders(input_ids, np.asarray(labels), tokenizer, cfg.prm_placeholder)
     n_slots = int((input_ids == cfg.image_token_id).sum())
     n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
     if n_slots != n_tiles * cfg.image_seq_length:
@@ -158,6 +164,17 @@ def build_sample(record: Record | PreferenceRecord, tokenizer, cfg: DataConfig, 
     )
     sample = Sample(input_ids, np.asarray(labels, dtype=np.int64), positions, pixel_values, record.source, index)
     return _checked(sample, cfg)
+
+
+def _prm_placeholders(input_ids: np.ndarray, labels: np.ndarray, tokenizer, placeholder: str) -> np.ndarray:
+    """The first labelled token of every assistant turn (a PRM's '+' / '-') replaced by `placeholder`."""
+    ids = tokenizer(placeholder, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"prm_placeholder {placeholder!r} must be one token, got {ids}")
+    starts = np.flatnonzero((labels != IGNORE_INDEX) & (np.concatenate([[IGNORE_INDEX], labels[:-1]]) == IGNORE_INDEX))
+    out = input_ids.copy()
+    out[starts] = ids[0]
+    return out
 
 
 def _checked(sample: Sample, cfg: DataConfig) -> Sample:

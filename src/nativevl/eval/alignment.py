@@ -1,7 +1,7 @@
 """Collect the alignment experiment's reports into docs/results/alignment.{json,md}.
 
 `python -m nativevl.eval.alignment RUN_DIR OUT_DIR` reads RUN_DIR/eval_sft.json and eval_mpo.json
-(`nativevl eval`) and RUN_DIR/best_of_n.json (`nativevl eval --best-of-n 8 --prm ...`), all on the
+(`nativevl eval`) and RUN_DIR/best_of_n.json (`nativevl eval --best-of-n 8 --prm ...`; best_of_n_mpo.json, the same with the MPO model, if present), all on the
 same task, base model and held-out seed, and writes the figures with their 95% intervals.
 """
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 
-def summarize(sft: dict, mpo: dict, bon: dict, task: str = "arithmetic") -> dict:
+def summarize(sft: dict, mpo: dict, bon: dict, bon_mpo: dict | None = None, task: str = "arithmetic") -> dict:
     k = bon[task]["samples"]
     pick = lambda r: {"accuracy": r["accuracy"], "ci95": r["ci95"], "n": r["n"]}
     out = {
@@ -30,6 +30,9 @@ def summarize(sft: dict, mpo: dict, bon: dict, task: str = "arithmetic") -> dict
         "seed": bon[task]["seed"],
         "temperature": bon[task]["temperature"],
     }
+    if bon_mpo is not None:  # the same test-time scaling with the MPO model as the policy
+        out.update({f"mpo_{key}": pick(bon_mpo[task][key]) for key in (f"majority{k}", f"prm_best{k}")})
+        out["mpo_sample_mean"] = bon_mpo[task]["sample_mean"]
     if len({sft[task]["n"], mpo[task]["n"], bon[task]["pass1"]["n"]}) != 1:
         raise ValueError("the reports were made on different numbers of questions")
     return out
@@ -49,7 +52,8 @@ def main(argv: list[str]) -> int:
         return 2
     run, out = Path(argv[0]), Path(argv[1])
     load = lambda name: json.loads((run / name).read_text())
-    summary = summarize(load("eval_sft.json"), load("eval_mpo.json"), load("best_of_n.json"))
+    bon_mpo = load("best_of_n_mpo.json") if (run / "best_of_n_mpo.json").is_file() else None
+    summary = summarize(load("eval_sft.json"), load("eval_mpo.json"), load("best_of_n.json"), bon_mpo)
     out.mkdir(parents=True, exist_ok=True)
     (out / "alignment.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(table(summary))
