@@ -180,6 +180,21 @@ def test_a_bad_request_fails_alone(model, tokenizer):
         engine.submit([1, 600], SamplingParams())
 
 
+def test_a_failing_prefill_fails_its_requests_instead_of_hanging(model, tokenizer, monkeypatch):
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=256)
+    req = engine.submit(prompts(tokenizer)[0], SamplingParams(max_tokens=4))
+
+    def out_of_memory(reqs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(engine, "_prefill", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.step()
+    assert req.done and engine.num_running == 0
+    with pytest.raises(RuntimeError, match="out of memory"):
+        req.result(timeout=1)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile", [False, True])

@@ -139,12 +139,15 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
             cands = Candidates(texts)
             counts[f"majority{samples}"] += ok[cands.pick("majority")]
             if prm is not None:
-                cands.step_scores = step_scores(prm, tokenizer, msgs[0]["content"], texts, tiles)
+                # chat_inputs tiles each image into one tile (max_num=1)
+                per_image = [1] * (0 if tiles is None else int(tiles.shape[0]))
+                cands.step_scores = step_scores(prm, tokenizer, msgs[0]["content"], texts, tiles, per_image)
                 counts[f"prm_best{samples}"] += ok[cands.pick("prm")]
                 counts[f"outcome_best{samples}"] += ok[cands.pick("outcome")]
                 counts[f"oracle{samples}"] += any(ok)
-        entry = {key: _scored(round(v) if key != "sample_mean" else 0, n) for key, v in counts.items()}
-        entry["sample_mean"] = {"accuracy": counts["sample_mean"] / n, "n": n}
+        total = len(items)
+        entry = {key: _scored(round(v) if key != "sample_mean" else 0, total) for key, v in counts.items()}
+        entry["sample_mean"] = {"accuracy": counts["sample_mean"] / total, "n": total}
         entry.update({"samples": samples, "temperature": temperature, "top_k": top_k, "seed": seed,
                       "chance": chance_level(task, seed), "prefills": engine.stats["prefills"]})
         report[name] = entry

@@ -379,7 +379,16 @@ class Engine:
                     seq.req._finish(RuntimeError(f"request {seq.req.id} was cancelled"))
         admitted = self._admit()
         if admitted:
-            self._prefill(admitted)
+            try:
+                self._prefill(admitted)
+            except BaseException as e:  # e.g. out of memory: these requests hold no slot, so fail them here
+                for req in admitted:
+                    if not req.done:
+                        for seq in self.slots:
+                            if seq is not None and seq.req is req:
+                                self._release(seq)
+                        req._finish(e)
+                raise
         active = [s for s in self.slots if s is not None]
         if active:
             self._decode(active)

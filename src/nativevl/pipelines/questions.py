@@ -61,7 +61,7 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None) -> list[Qu
             raise ValueError(f"{path}:{lineno}: no human turn to ask")
         names = rec.get("image") or []
         names = [names] if isinstance(names, str) else names
-        paths = [str(root / n) for n in names]
+        paths = [str((root / n).resolve()) for n in names]  # absolute: the output jsonl lives elsewhere
         out.append(Question(human[0], [load_image(p) for p in paths], gpt[-1] if gpt else None, "", paths))
     return out
 

@@ -102,6 +102,8 @@ def train(
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     sizes = module_sizes(model)  # whole counts, before sharding
     model.attn_backend = resolve_backend(cfg.attn_implementation, device)
+    if hasattr(objective, "reference"):  # pi_0 must run the same kernels, or step 1's log-ratios are not 0
+        objective.reference.attn_backend = model.attn_backend
     # one process: the plain module; several: FSDP2 per block (train/parallel.py)
     parallel.parallelize(model, world=world, mixed_precision=use_bf16, activation_checkpointing=cfg.activation_checkpointing,
                          compile=cfg.compile if cfg.compile is not None else device.type == "cuda")

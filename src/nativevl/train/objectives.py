@@ -25,6 +25,9 @@ class LMObjective:
         self.loss_chunk = loss_chunk
 
     def local_normalizers(self, micro: list[Batch]) -> torch.Tensor:
+        for b in micro:
+            if b.pairs is not None:
+                raise ValueError(f"preference records ({b.sources[:3]}) need --objective=mpo (the mpo recipe)")
         return torch.stack([b.loss_weights.sum() for b in micro]).sum()[None]  # (1,)
 
     def __call__(self, model: VisionLanguageModel, batch: Batch, norms: torch.Tensor) -> tuple[torch.Tensor, dict]:
