@@ -117,6 +117,8 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(served, tmp_path
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "invalid_value"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "invalid_value"),
         ({"messages": [{"role": "user", "content": "hi"}], "n": 1000}, 400, "invalid_value"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stream": "false"}, 400, "invalid_type"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": [1]}, 400, "invalid_type"),
         ({"messages": [img("https://example.com/cat.png")]}, 400, "invalid_image_url"),
         ({"messages": [img(f"file://{tmp_path / 'outside.png'}")]}, 400, "invalid_image_url"),
         ({"messages": [img("data:image/png;base64,@@@")]}, 400, "invalid_image_url"),

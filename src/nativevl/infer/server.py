@@ -232,8 +232,11 @@ def create_app(engine: Engine, cfg: ServerConfig = ServerConfig()) -> FastAPI:
             raise _bad(f"the body is not valid JSON: {e}", "invalid_json") from None
         if not isinstance(body, dict):
             raise _bad("the body must be a JSON object", "invalid_json")
-        stream = bool(body.get("stream", False))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
+        stream = body.get("stream", False)
+        options = body.get("stream_options") or {}
+        if not isinstance(stream, bool) or not isinstance(options, dict):
+            raise _bad("'stream' must be a boolean and 'stream_options' an object", "invalid_type", "stream")
+        include_usage = bool(options.get("include_usage", False))
         ids, pixel_values, params = await run_in_threadpool(prepare, body, engine, cfg)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
