@@ -90,3 +90,29 @@ def test_a_two_process_checkpoint_resumes_in_one(runs, tmp_path):
     got = losses(tmp_path / "resumed")
     assert summary["step"] == 5 and sorted(got) == [1, 2, 3, 4, 5]
     assert all(torch.isfinite(torch.tensor(v)) for v in got.values())
+
+
+def test_mpo_with_two_processes(tmp_path):
+    """The MPO reference is sharded like the policy: 2 ranks give the DPO and NLL terms of 1 process
+    (the BCO term differs slightly by design: its reward shift is updated once per micro-batch, and one
+    process takes the two micro-batches of a step one after the other)."""
+    from tests.test_alignment import MPO_ARGS, preference_meta
+
+    meta = preference_meta(tmp_path)
+    args = [a for a in MPO_ARGS if not a.startswith("--save_every")] + [f"--meta={meta}", "--max_steps=3",
+                                                                          "--max_buffers=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nativevl",
+           "train", "debug_tiny", "--out", str(two), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launch(apply_overrides(recipe("debug_tiny"), args), one)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    a, b = read(one), read(two)
+    assert len(a) == len(b) == 3
+    assert b[0]["dpo"] == pytest.approx(0.6931472, abs=1e-5)  # the sharded reference equals the policy at step 1
+    for x, y in zip(a, b, strict=True):
+        assert y["dpo"] == pytest.approx(x["dpo"], rel=1e-4)
+        assert y["nll"] == pytest.approx(x["nll"], rel=1e-4)

@@ -302,7 +302,7 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
         apply_policy(model, run.stage)
         trainable = {m: sum(p.numel() for p in ps) for m, ps in trainable_by_module(model).items()}
     kw = {"tokens": run.data.max_tokens, "tiles": run.data.max_tiles, "loss_chunk": run.train.loss_chunk,
-          "gpu_bytes": int(args.gpu_memory * GiB)}
+          "gpu_bytes": int(args.gpu_memory * GiB), "reference": run.train.objective == "mpo"}
     counts = param_counts(cfg)
     print(f"{args.recipe}: {sum(counts.values()) / 1e9:.2f}B parameters (ViT {counts['vit'] / 1e6:.0f}M, "
           f"MLP {counts['mlp'] / 1e6:.0f}M, LLM {counts['llm'] / 1e6:.0f}M), {sum(trainable.values()) / 1e9:.2f}B trainable; "

@@ -96,12 +96,17 @@ def step_scores(
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         input_ids, mask = pad_batch([ids for ids, _ in chunk], tokenizer.pad_token_id or 0, side="left")
-        pixels = None if pixel_values is None else pixel_values.repeat(len(chunk), 1, 1, 1).to(device)
-        logits = model(input_ids.to(device), pixels, attention_mask=mask.to(device)).logits  # (B, T, V)
+        pixels = tile_index = None
+        if pixel_values is not None:  # the ViT runs once; every row's image slots read the same tiles
+            pixels = pixel_values.to(device)
+            tile_index = torch.arange(pixels.shape[0], device=device).repeat(len(chunk))
+        hidden = model(input_ids.to(device), pixels, tile_index=tile_index, attention_mask=mask.to(device),
+                       compute_logits=False).hidden_states  # (B, T, C)
         width = input_ids.shape[1]
+        head = model.lm_head.weight[[good, bad]]  # (2, C): only the two label logits are needed
         for row, (ids, slots) in enumerate(chunk):
             at = torch.tensor(slots, device=device) + (width - len(ids))
-            pair = logits[row, at][:, [good, bad]].float()  # (steps, 2)
+            pair = (hidden[row, at] @ head.t()).float()  # (steps, 2)
             out.append(pair.softmax(-1)[:, 0].tolist())
     return out
 

@@ -107,6 +107,9 @@ def train(
     # one process: the plain module; several: FSDP2 per block (train/parallel.py)
     parallel.parallelize(model, world=world, mixed_precision=use_bf16, activation_checkpointing=cfg.activation_checkpointing,
                          compile=cfg.compile if cfg.compile is not None else device.type == "cuda")
+    if hasattr(objective, "reference"):  # pi_0 is sharded like the policy (no compile or checkpointing: no grads)
+        parallel.parallelize(objective.reference, world=world, mixed_precision=use_bf16, activation_checkpointing=False,
+                             compile=False)
     params = parallel.trainable_by_module(model)
     trainable = [p for ps in params.values() for p in ps]
     lrs = {m: (policy.get(m).lr if policy.get(m).lr is not None else cfg.lr) for m in MODULES}

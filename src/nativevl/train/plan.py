@@ -100,8 +100,10 @@ def plan(
     activation_checkpointing: bool,
     loss_chunk: int = 4096,
     gpu_bytes: int = 80 * GiB,
+    reference: bool = False,
 ) -> Plan:
-    """trainable: trainable parameters per module ("vit", "mlp", "llm"), e.g. 0 for a frozen one."""
+    """trainable: trainable parameters per module ("vit", "mlp", "llm"), e.g. 0 for a frozen one.
+    reference: MPO's frozen copy of the initial model, sharded like the policy (fp32, no gradients)."""
     if gpus < 1 or tokens < 1 or tiles < 0:
         raise ValueError(f"gpus and tokens must be >= 1 and tiles >= 0, got {gpus}, {tokens}, {tiles}")
     vit, llm = vit_params(cfg), llm_params(cfg)
@@ -109,7 +111,7 @@ def plan(
     n_train = sum(trainable.values())
     gathered_root = 2 * (vit["root"] + mlp_params(cfg) + llm["root"]) if gpus > 1 else 0
     gathered_blocks = 2 * 2 * max(vit["block"], llm["block"]) if gpus > 1 else 0
-    parameters = math.ceil(4 * total / gpus) + gathered_root + gathered_blocks
+    parameters = math.ceil(4 * total / gpus) * (2 if reference else 1) + gathered_root + gathered_blocks
     gradients = math.ceil(4 * n_train / gpus) + (2 * max(vit["block"], llm["block"]) if gpus > 1 else 0)
     optimizer = math.ceil(8 * n_train / gpus)
 
@@ -132,9 +134,9 @@ def plan(
 
 
 def advice(cfg: ModelConfig, trainable: dict[str, int], *, gpus: int, tokens: int, tiles: int,
-           activation_checkpointing: bool, loss_chunk: int, gpu_bytes: int) -> list[str]:
+           activation_checkpointing: bool, loss_chunk: int, gpu_bytes: int, reference: bool = False) -> list[str]:
     """What to change, cheapest first, when the plan does not fit; [] when it does."""
-    kw = {"tiles": tiles, "loss_chunk": loss_chunk, "gpu_bytes": gpu_bytes}
+    kw = {"tiles": tiles, "loss_chunk": loss_chunk, "gpu_bytes": gpu_bytes, "reference": reference}
     if plan(cfg, trainable, gpus=gpus, tokens=tokens, activation_checkpointing=activation_checkpointing, **kw).fits:
         return []
     out = []
