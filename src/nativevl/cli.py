@@ -180,10 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prm = load_model(args.prm, dtype=torch.float32, device=device).eval() if args.prm else None
         report = evaluate_best_of_n(model, tokenizer, tasks, n=args.n, seed=args.seed, samples=args.best_of_n, prm=prm,
                                     temperature=args.temperature, top_k=args.top_k, system_message=args.system or None)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         table = best_of_n_table(report, f"{args.model}, best of {args.best_of_n}, PRM {args.prm}, seed {args.seed}")
-        Path(args.out).with_suffix(".md").write_text(table)
+        write_report(report, args.out, table)
         print(table)
         return 0
     report = evaluate(model, tokenizer, tasks, n=args.n, seed=args.seed, batch_size=args.batch_size,

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nativevl.data.processor import chat_inputs, pad_batch
+from nativevl.data.processor import chat_inputs
 from nativevl.eval.tasks import get_task
-from nativevl.infer.generate import generate
+from nativevl.infer.generate import generate_texts
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -40,23 +40,10 @@ def predict(model, tokenizer, prompts: list[tuple[list[dict], list]], *, max_new
             system_message: str | None, desc: str = "") -> list[str]:
     """Greedy answers for (messages, images) prompts, `batch_size` at a time (left padding)."""
     cfg = model.config
-    device = model.device
-    answers: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = prompts[start : start + batch_size]
-        ids, pixels = [], []
-        for messages, images in chunk:
-            prompt_ids, tiles = chat_inputs(tokenizer, messages, images, image_size=cfg.vision.image_size,
-                                            image_seq_length=cfg.image_seq_length, system_message=system_message)
-            ids.append(prompt_ids)
-            pixels += [] if tiles is None else [tiles]
-        input_ids, mask = pad_batch(ids, tokenizer.pad_token_id or 0, side="left")
-        width = input_ids.shape[1]
-        out = generate(model, input_ids.to(device), torch.cat(pixels).to(device) if pixels else None,
-                       attention_mask=mask.to(device), max_new_tokens=max_new_tokens, suppress_tokens=[cfg.image_token_id])
-        for row in out[:, width:]:
-            answers.append(tokenizer.decode(row.tolist(), skip_special_tokens=True))
-    return answers
+    rows = [chat_inputs(tokenizer, messages, images, image_size=cfg.vision.image_size,
+                        image_seq_length=cfg.image_seq_length, system_message=system_message)
+            for messages, images in prompts]
+    return generate_texts(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens, desc=desc)
 
 
 def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10_000, batch_size: int = 16,
@@ -117,8 +104,9 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
     for name in tasks:
         task = get_task(name)
         items = task.load(n, seed)
-        prompts = [chat_inputs(tokenizer, *task.prompt(it), image_size=cfg.vision.image_size,
-                               image_seq_length=cfg.image_seq_length, system_message=system_message) for it in items]
+        asked = [task.prompt(it) for it in items]
+        prompts = [chat_inputs(tokenizer, *q, image_size=cfg.vision.image_size,
+                               image_seq_length=cfg.image_seq_length, system_message=system_message) for q in asked]
         longest = max(len(ids) for ids, _ in prompts) + task.max_new_tokens + 1
         engine = Engine(model, tokenizer, max_batch_size=max(max_batch_size, samples), max_seq_len=longest,
                         max_queue=len(items) + 1)
@@ -130,7 +118,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
         if prm is not None:
             counts.update({f"prm_best{samples}": 0, f"outcome_best{samples}": 0, f"oracle{samples}": 0})
         for it, (msgs, _), g, texts, (_, tiles) in tqdm(
-            zip(items, [task.prompt(i) for i in items], greedy, sampled, prompts, strict=True), total=len(items),
+            zip(items, asked, greedy, sampled, prompts, strict=True), total=len(items),
             desc=f"{name} best-of-{samples}", leave=False,
         ):
             ok = [task.score(t, it) for t in texts]
@@ -172,8 +160,9 @@ def markdown_table(report: dict, title: str = "") -> str:
     return "\n".join(lines).strip() + "\n"
 
 
-def write_report(report: dict, out: str | Path) -> None:
+def write_report(report: dict, out: str | Path, table: str | None = None) -> None:
+    """out (.json) and the markdown table beside it (default: the accuracy table)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown_table(report, "evaluation"))
+    out.with_suffix(".md").write_text(table if table is not None else markdown_table(report, "evaluation"))

@@ -8,7 +8,9 @@ Left-padded batches are supported through `attention_mask`.
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
+from nativevl.data.processor import pad_batch
 from nativevl.model.vlm import VisionLanguageModel
 
 
@@ -107,3 +109,31 @@ def generate(
         out = model(token[:, None], attention_mask=attention_mask, cache=cache, use_cache=True)
         logits = out.logits[:, -1]
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+@torch.no_grad()
+def generate_texts(
+    model: VisionLanguageModel,
+    tokenizer,
+    rows: list[tuple[list[int], torch.Tensor | None]],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    desc: str = "",
+    **sampling,
+) -> list[str]:
+    """Decoded new text for each (prompt ids, tiles or None) row, `batch_size` rows at a time, left
+    padded. The image placeholder is never generated; `sampling` goes to `generate` (do_sample,
+    temperature, top_k, eos_token_id, generator, ...)."""
+    device = model.device
+    texts: list[str] = []
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
+        chunk = rows[start : start + batch_size]
+        input_ids, mask = pad_batch([ids for ids, _ in chunk], tokenizer.pad_token_id or 0, side="left")
+        tiles = [t for _, t in chunk if t is not None]
+        out = generate(model, input_ids.to(device), torch.cat(tiles).to(device) if tiles else None,
+                       attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                       suppress_tokens=[model.config.image_token_id], **sampling)
+        width = input_ids.shape[1]
+        texts += [tokenizer.decode(r[width:].tolist(), skip_special_tokens=True) for r in out]
+    return texts

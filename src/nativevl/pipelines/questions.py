@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from nativevl.data.images import load_image
-from nativevl.data.processor import chat_inputs, pad_batch
+from nativevl.data.processor import chat_inputs
 from nativevl.data.toyworld.tasks import example, final_answer, normalize, verify
-from nativevl.infer.generate import generate
+from nativevl.infer.generate import generate_texts
 
 
 @dataclass
@@ -100,7 +99,6 @@ def sample_responses(
     texts are the continuations only. Rows of all prompts are batched together, `batch_rows` at a time.
     """
     cfg = model.config
-    device = model.device
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     rows = []
     for question, images, prefix in prompts:
@@ -109,18 +107,10 @@ def sample_responses(
         if prefix:
             ids = ids + tokenizer(prefix, add_special_tokens=False).input_ids
         rows += [(ids, tiles)] * n
-    gen = torch.Generator(device=device).manual_seed(seed)
-    texts: list[str] = []
-    for start in tqdm(range(0, len(rows), batch_rows), desc=desc, unit="batch", leave=False):
-        chunk = rows[start : start + batch_rows]
-        input_ids, mask = pad_batch([ids for ids, _ in chunk], tokenizer.pad_token_id or 0, side="left")
-        tiles = [t for _, t in chunk if t is not None]
-        out = generate(model, input_ids.to(device), torch.cat(tiles).to(device) if tiles else None,
-                       attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                       temperature=max(temperature, 1e-5), top_k=top_k, eos_token_id=end, generator=gen,
-                       suppress_tokens=[cfg.image_token_id])
-        width = input_ids.shape[1]
-        texts += [tokenizer.decode(r[width:].tolist(), skip_special_tokens=True) for r in out]
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    texts = generate_texts(model, tokenizer, rows, batch_size=batch_rows, max_new_tokens=max_new_tokens, desc=desc,
+                           do_sample=temperature > 0, temperature=max(temperature, 1e-5), top_k=top_k,
+                           eos_token_id=end, generator=gen)
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
