@@ -84,15 +84,6 @@ def draw_shape(img: np.ndarray, cell: int, shape: str, colour: str, rng: np.rand
     img[y : y + s, x : x + s][shape_mask(shape, s)] = COLOURS[colour]
 
 
-def draw_object(img: np.ndarray, shape: str, colour: str, rng: np.random.Generator, fill: float = 0.8,
-                jitter: int = 3) -> None:
-    """One shape filling most of the image, so that every visual token of the tile sees its colour and outline."""
-    size = img.shape[0]
-    s = int(size * fill)
-    y, x = _place(size, s, jitter, rng), _place(size, s, jitter, rng)
-    img[y : y + s, x : x + s][shape_mask(shape, s)] = COLOURS[colour]
-
-
 def draw_glyph(img: np.ndarray, cell: int, ch: str, rng: np.random.Generator, colour=(20, 20, 20), jitter: int = 2) -> None:
     top, left, side = cell_box(cell, img.shape[0])
     scale = max(1, side // 9)

@@ -24,8 +24,8 @@ def conversation(question: str, answer: str) -> list[dict[str, str]]:
 class ToyWorldSource:
     """Family `family` as an endless-looking dataset of `length` distinct records, generated on demand.
 
-    stage "pretrain": image families give captions ("describe the image(s)."), "text" gives plain
-    documents (every token learnt); stage "sft": the task questions.
+    stage "pretrain": image families give captions ("describe the image."), multi-image gives its
+    question, "text" gives plain documents (every token learnt); stage "sft": the task questions.
     """
 
     def __init__(self, family: str, stage: str, seed: int, length: int = 200_000, size: int = 96, weight: float = 1.0,
@@ -53,11 +53,7 @@ class ToyWorldSource:
         ex = example(self.family, self.seed, i, self.size)
         images = [Image.fromarray(im) for im in ex.images]
         if self.stage == "pretrain" and ex.caption is not None and images:
-            if len(images) == 1:
-                conv = conversation(DESCRIBE, ex.caption)
-            else:  # keep the question's labelled image lines
-                lines = ex.question[: ex.question.rindex("<image>") + len("<image>\n")]
-                conv = conversation(lines + "describe the images.", ex.caption)
+            conv = conversation(DESCRIBE, ex.caption)
         else:
             conv = conversation(ex.question, ex.answer)
             rng = np.random.default_rng([self.seed, 77, i])
@@ -80,7 +76,7 @@ def corpus() -> list[str]:
             ex = example(family, 12345, i)
             texts += [ex.question, ex.answer, ex.caption or ""]
             texts += [q for q, _ in ex.more] + [a for _, a in ex.more]
-    texts += ["what is written?", "describe the image.", "describe the images.", "the text reads"]
+    texts += ["what is written?", "describe the image.", "the text reads"]
     texts += [f"what is the {k} character?" for k in ("first", "second", "third")]
     rng = np.random.default_rng(0)
     texts += [text_document(rng) for _ in range(200)]
