@@ -230,3 +230,32 @@ def test_flops_match_the_reference_worked_example():
     assert abs(flops - 8.05e14) / 8.05e14 < 0.01
     frozen_vit = pass_factors({"vit": "frozen", "mlp": "full", "llm": "full"})
     assert frozen_vit == {"vit": 2, "mlp": 6, "llm": 6}
+
+
+def test_resume_with_another_worker_count_repeats_no_record(tmp_path, monkeypatch):
+    """Stream item i belongs to shard i % (ranks x workers): a resume with another --num_workers starts
+    every new shard after the furthest old position, so no record is trained on twice."""
+    consumed: list[list[int]] = []
+    original_iter, original_save = loop.iterate_batches, loop.save_train_state
+
+    def recording(loader, tracker):
+        for batch in original_iter(loader, tracker):
+            consumed.append(list(batch.indices))
+            yield batch
+
+    def stop_after_three(out_dir, model, optimizer, step, *args):
+        original_save(out_dir, model, optimizer, step, *args)
+        if step == 3:
+            raise KeyboardInterrupt("stopped")
+
+    monkeypatch.setattr(loop, "iterate_batches", recording)
+    monkeypatch.setattr(loop, "save_train_state", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        launch(apply_overrides(recipe("debug_tiny"), SMALL + ["--export=false", "--num_workers=0"]), tmp_path)
+    before = {i for b in consumed for i in b}
+    consumed.clear()
+    monkeypatch.setattr(loop, "save_train_state", original_save)
+    launch(apply_overrides(recipe("debug_tiny"), SMALL + ["--export=false", "--num_workers=2"]), tmp_path)
+    after = [i for b in consumed for i in b]
+    assert sorted(losses(tmp_path)) == list(range(1, 7)) and after
+    assert not before & set(after), sorted(before & set(after))

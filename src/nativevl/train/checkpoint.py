@@ -12,7 +12,8 @@ a file system every node sees.
 
 Resuming at another world size: model and optimiser are resharded by DCP. Rank r takes old rank r's
 RNG state when there was one (else its seed). The data stream cannot keep its per-shard positions
-(stream item i belongs to shard i % shards, and the shard count changed), so every new shard starts
+(stream item i belongs to shard i % shards, and the shard count changed; so also when only
+`num_workers` changed), so every new shard starts
 after the furthest position any old shard had reached: no record is seen twice, and the records that
 waited in open pack buffers or lay between the old shards' positions (fewer than a few packs' worth)
 are skipped.
@@ -121,7 +122,8 @@ def _load(path: Path):
 def load_checkpoint(path: Path, app: dict, rank: int, world: int, workers: int) -> tuple[dict, dict]:
     """Fill `app` ({"model": sd, "optimizer": sd} of this rank, as get_state_dict gives them) in place
     from `path`; returns (meta, this rank's {"data", "rng"}) with the data state resharded when the
-    world size changed (module docstring). `workers`: data-loader shards per rank (>= 1)."""
+    world size or the data-loader workers per rank changed (module docstring). `workers`: data-loader
+    shards per rank (>= 1)."""
     import torch.distributed.checkpoint as dcp
 
     meta = _load(path / META)
@@ -130,7 +132,8 @@ def load_checkpoint(path: Path, app: dict, rank: int, world: int, workers: int) 
     except Exception as e:  # noqa: BLE001 - DCP wraps reader errors in several types
         raise ValueError(f"{path}: cannot load the model / optimiser shards ({type(e).__name__}: {e})") from None
     old_world = int(meta["world"])
-    if old_world == world:
+    old_workers = max(int(meta.get("train_config", {}).get("num_workers") or 0), 1)
+    if old_world == world and old_workers == workers:
         return meta, _load(path / f"rank-{rank:05d}.pt")
     old = [_load(path / f"rank-{r:05d}.pt") for r in range(old_world)]
     rng = old[rank]["rng"] if rank < old_world else None
