@@ -234,3 +234,19 @@ def test_chat_repl_multi_turn_with_images(tmp_path, tokenizer, monkeypatch, caps
     assert err.count("tokens in") == 3 and "1 tile(s)" in err and "no such image file" in err
     prompts = [int(x) for x in __import__("re").findall(r"prompt (\d+) tokens", err)]
     assert prompts[1] > prompts[0] > prompts[2]  # the second turn carries the first; /reset forgets it
+
+
+def test_a_cancelled_waiting_request_leaves_the_queue_at_once(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=256, max_queue=2)  # no step runs
+    p = prompts(tokenizer)[0]
+    events = []
+    gone = engine.submit(p, SamplingParams(max_tokens=4), on_event=lambda k, i, x: events.append(k))
+    engine.submit(p, SamplingParams(max_tokens=4))
+    engine.cancel(gone)  # e.g. its client went away while every slot was busy
+    assert gone.done and events == ["error"] and engine.num_waiting == 1
+    with pytest.raises(RuntimeError, match="cancelled"):
+        gone.result(timeout=1)
+    kept = engine.submit(p, SamplingParams(max_tokens=4))  # its place in the queue is free again
+    while engine.step():
+        pass
+    assert len(kept.result()[0].token_ids) <= 4

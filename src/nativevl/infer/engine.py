@@ -263,7 +263,7 @@ class Engine:
         preprocess_s: float = 0.0,
     ) -> Request:
         """Queue one tokenised prompt. on_event(kind, index, payload) is called from the engine's
-        thread: ("delta", i, text), ("finish", i, Completion), then ("done", -1, completions) or
+        thread (or from cancel()'s caller for a request cancelled while waiting): ("delta", i, text), ("finish", i, Completion), then ("done", -1, completions) or
         ("error", -1, exception). preprocess_s (image decoding, tokenising) goes into the timing log."""
         prompt = [int(t) for t in input_ids]
         vocab = self.model.config.text.vocab_size
@@ -285,8 +285,15 @@ class Engine:
         return req
 
     def cancel(self, req: Request) -> None:
-        """Stop generating for `req` at the next step (a client went away)."""
+        """Stop generating for `req` (a client went away): a waiting request leaves the queue now (its
+        place counts no more against max_queue), a running one frees its slots at the next step."""
         req.cancelled = True
+        with self._lock:
+            try:
+                self._waiting.remove(req)
+            except ValueError:  # admitted already (or done): the step releases its slots
+                return
+        req._finish(RuntimeError(f"request {req.id} was cancelled"))
 
     @property
     def num_waiting(self) -> int:
