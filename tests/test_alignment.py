@@ -269,3 +269,30 @@ def test_prm_training_shows_placeholders_and_learns_true_labels(tokenizer):
     assert sample.labels[slots].tolist() == [good, bad, bad]  # ... and the true labels as targets
     other = np.setdiff1d(np.arange(len(plain.input_ids)), slots)
     assert (sample.input_ids[other] == plain.input_ids[other]).all()
+
+
+def test_preference_pipeline_never_writes_empty_responses(tmp_path, monkeypatch):
+    """A sampled response that is empty or only whitespace (the model ended at once) cannot be a chosen
+    or rejected side: the MPO loader rejects such records, so the pipeline must drop them."""
+    from nativevl.data.records import DatasetSpec, parse_record
+    from nativevl.pipelines import preference
+    from nativevl.pipelines.questions import Question
+
+    def fake_sampler(model, tokenizer, prompts, n, **kw):
+        if kw.get("desc") == "dropout-ntp":  # nothing more after a whitespace-only cut
+            return [["" if not prefix.strip() else " went on"] for _, _, prefix in prompts]
+        return [["Final answer: 4", "", "Final answer: 5", "  \n"], ["", "", "", "a cat"], ["", " ", "", ""],
+                ["", "", "", " y"]]
+
+    monkeypatch.setattr(preference, "sample_responses", fake_sampler)
+    questions = [Question("what is 2+2?", [], "Final answer: 4"), Question("describe", [], None),
+                 Question("what is 1+1?", [], "Final answer: 2"), Question("look", [], None)]
+    out = tmp_path / "pref.jsonl"
+    stats = preference.build_preference_data(None, None, questions, preference.PreferenceConfig(n=4), out)
+    spec = DatasetSpec("pref", out, tmp_path)
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    for i, rec in enumerate(records):
+        parse_record(rec, spec, f"line {i + 1}")  # a RecordError here: the loader would reject the pair
+    assert [(r["chosen"], r["rejected"]) for r in records] == [("Final answer: 4", "Final answer: 5"),
+                                                               ("a cat", "a  went on")]
+    assert stats["pairs"] == 2 and stats["dropped_responses"] == 2 + 3 + 4 + 3

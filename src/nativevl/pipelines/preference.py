@@ -66,7 +66,9 @@ def build_preference_data(model, tokenizer, questions: list[Question], cfg: Pref
     ntp_prompts, ntp_owner = [], []
     n_correct = 0
     for qi, (q, responses) in enumerate(zip(questions, samples, strict=True)):
-        kept = [r for r in responses if not has_image_markup(r)]
+        # an empty or whitespace-only response (the model ended at once) cannot be a side of a pair:
+        # the preference loader rejects such records
+        kept = [r for r in responses if r.strip() and not has_image_markup(r)]
         stats["dropped_responses"] = stats.get("dropped_responses", 0) + len(responses) - len(kept)
         responses = kept
         if not responses:
@@ -89,7 +91,7 @@ def build_preference_data(model, tokenizer, questions: list[Question], cfg: Pref
                                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1,
                                          system_message=system_message, desc="dropout-ntp")
         for (qi, chosen, cut), (cont,) in zip(ntp_owner, continuations, strict=True):
-            if (cut + cont).strip() != chosen.strip() and not has_image_markup(cont):
+            if (cut + cont).strip() and (cut + cont).strip() != chosen.strip() and not has_image_markup(cont):
                 lines.append((qi, chosen, cut + cont))
                 stats["dropout_ntp_pairs"] += 1
     with open(out, "w", encoding="utf-8") as f:
