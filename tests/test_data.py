@@ -192,3 +192,21 @@ def test_processor_treats_alpha_and_exif_like_transformers(tokenizer):
     got = Processor(tokenizer, image_seq_length=4)(text=text, images=[pics])
     assert torch.equal(got["input_ids"], ref["input_ids"])
     assert (got["pixel_values"] - ref["pixel_values"]).abs().max().item() < 1e-4
+
+
+def test_validate_checks_preference_records_as_training_does(tmp_path, tokenizer):
+    """With a tokenizer, `data validate` builds every record as the loader will: an over-long preference
+    pair is reported, not passed (training would then reject it)."""
+    import json
+
+    from nativevl.data.pipeline import DataConfig
+    from nativevl.data.records import DatasetSpec
+    from nativevl.data.validate import validate
+
+    lines = [{"question": "what is one two?", "chosen": "three", "rejected": "four"},
+             {"question": "what is one two?", "chosen": "three " * 200, "rejected": "four"}]
+    (tmp_path / "pref.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = DataConfig(max_tokens=64, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                     system_message=None, training=False)
+    report = validate([DatasetSpec("pref", tmp_path / "pref.jsonl", tmp_path)], tokenizer, cfg)
+    assert report.records == 2 and report.counts == {"over_length": 1}

@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from nativevl.data import images as img
 from nativevl.data.pipeline import DataConfig, build_sample
-from nativevl.data.records import PROBLEMS, Annotation, DatasetSpec, PreferenceRecord, RecordError, parse_record
+from nativevl.data.records import PROBLEMS, Annotation, DatasetSpec, RecordError, parse_record
 
 
 @dataclass
@@ -49,7 +49,7 @@ def validate(specs: list[DatasetSpec], tokenizer=None, cfg: DataConfig | None = 
             lineno, raw = annotation[i]
             try:
                 record = parse_record(raw, spec, f"{spec.name}:{spec.annotation.name}:{lineno}")
-                if tokenizer is not None and not isinstance(record, PreferenceRecord):
+                if tokenizer is not None:  # preference records too: their pair must fit a pack
                     build_sample(record, tokenizer, cfg, index=i)
                 else:
                     for path in record.images:
