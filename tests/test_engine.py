@@ -250,3 +250,15 @@ def test_a_cancelled_waiting_request_leaves_the_queue_at_once(model, tokenizer):
     while engine.step():
         pass
     assert len(kept.result()[0].token_ids) <= 4
+
+
+def test_closing_a_stream_early_frees_its_slot(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=256)
+    deltas = engine.stream(prompts(tokenizer)[1], SamplingParams(max_tokens=200, ignore_eos=True))
+    next(deltas)
+    deltas.close()  # the caller stops reading (e.g. breaks out of its loop)
+    steps = engine.stats["decode_steps"]
+    while engine.step():
+        pass
+    assert engine.num_running == 0 and engine.stats["decode_steps"] - steps <= 1
+

@@ -326,18 +326,22 @@ class Engine:
         if params.n != 1:
             raise ValueError(f"stream() yields one sample; got n = {params.n}")
         events: queue.Queue = queue.Queue()
-        self.submit(input_ids, params, pixel_values, on_event=lambda k, i, p: events.put((k, p)))
-        while True:
-            if self._thread is None:
-                while events.empty():
-                    self.step()
-            kind, payload = events.get()
-            if kind == "delta":
-                yield payload
-            elif kind == "error":
-                raise payload
-            elif kind == "done":
-                return
+        req = self.submit(input_ids, params, pixel_values, on_event=lambda k, i, p: events.put((k, p)))
+        try:
+            while True:
+                if self._thread is None:
+                    while events.empty():
+                        self.step()
+                kind, payload = events.get()
+                if kind == "delta":
+                    yield payload
+                elif kind == "error":
+                    raise payload
+                elif kind == "done":
+                    return
+        finally:  # the caller stopped reading (or a step failed): free the slot
+            if not req.done:
+                self.cancel(req)
 
     def start(self) -> None:
         """Run steps in a background thread (for servers); generate() then only submits and waits."""
