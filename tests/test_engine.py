@@ -262,3 +262,12 @@ def test_closing_a_stream_early_frees_its_slot(model, tokenizer):
         pass
     assert engine.num_running == 0 and engine.stats["decode_steps"] - steps <= 1
 
+
+def test_generate_that_fails_on_one_prompt_leaves_no_orphan_requests(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=64)
+    good, too_long = prompts(tokenizer)[0], prompts(tokenizer)[1] * 20
+    with pytest.raises(ValueError, match="the prompt has"):
+        engine.generate([good, too_long], SamplingParams(max_tokens=4))
+    assert engine.num_waiting == 0  # the first prompt was queued and no one would read its result
+    engine.generate([good], SamplingParams(max_tokens=4))
+    assert engine.stats["prefills"] == 1

@@ -314,7 +314,14 @@ class Engine:
         pvs = list(pixel_values) if pixel_values is not None else [None] * len(input_ids)
         if len(plist) != len(input_ids) or len(pvs) != len(input_ids):
             raise ValueError(f"{len(input_ids)} prompts but {len(plist)} params and {len(pvs)} pixel_values")
-        reqs = [self.submit(ids, p, pv) for ids, p, pv in zip(input_ids, plist, pvs)]
+        reqs: list[Request] = []
+        try:
+            for ids, p, pv in zip(input_ids, plist, pvs):
+                reqs.append(self.submit(ids, p, pv))
+        except BaseException:  # a bad prompt or a full queue: no one would read the others' results
+            for r in reqs:
+                self.cancel(r)
+            raise
         if self._thread is None:
             while not all(r.done for r in reqs):
                 self.step()
