@@ -296,3 +296,19 @@ def test_preference_pipeline_never_writes_empty_responses(tmp_path, monkeypatch)
     assert [(r["chosen"], r["rejected"]) for r in records] == [("Final answer: 4", "Final answer: 5"),
                                                                ("a cat", "a  went on")]
     assert stats["pairs"] == 2 and stats["dropped_responses"] == 2 + 3 + 4 + 3
+
+
+def test_jsonl_questions_keep_unicode_line_separators(tmp_path):
+    """JSON written with ensure_ascii=False holds U+2028 / U+0085 raw inside strings; only '\\n' ends a
+    jsonl record (str.splitlines also splits on those and broke the record). A bad line is named."""
+    from nativevl.pipelines.questions import jsonl_questions
+
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    rec = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat\u2028is this\u0085?"},
+                                               {"from": "gpt", "value": "a black square"}]}
+    (tmp_path / "q.jsonl").write_text(json.dumps(rec, ensure_ascii=False) + "\n\n", encoding="utf-8")
+    (q,) = jsonl_questions(tmp_path / "q.jsonl")
+    assert q.question == "<image>\nwhat\u2028is this\u0085?" and q.answer == "a black square" and len(q.images) == 1
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rec) + "\n{not json\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
+        jsonl_questions(tmp_path / "bad.jsonl")

@@ -49,10 +49,16 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None) -> list[Qu
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # only "\n" ends a record: str.splitlines would also split at U+2028, U+0085 ... inside strings
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):
         if not line.strip():
             continue
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: a record must be a JSON object, got {type(rec).__name__}")
         turns = rec.get("conversations") or []
         human = [t["value"] for t in turns if t.get("from") == "human"]
         gpt = [t["value"] for t in turns if t.get("from") == "gpt"]
