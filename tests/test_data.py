@@ -210,3 +210,22 @@ def test_validate_checks_preference_records_as_training_does(tmp_path, tokenizer
                      system_message=None, training=False)
     report = validate([DatasetSpec("pref", tmp_path / "pref.jsonl", tmp_path)], tokenizer, cfg)
     assert report.records == 2 and report.counts == {"over_length": 1}
+
+
+def test_meta_and_json_annotation_with_a_utf8_bom(tmp_path):
+    """Editors on Windows save JSON with a UTF-8 byte-order mark; the jsonl reader accepted it, the meta
+    file and .json (LLaVA) annotations failed with 'Unexpected UTF-8 BOM'."""
+    import json
+
+    from nativevl.data.records import Annotation, load_meta, parse_record
+
+    rec = {"conversations": [{"from": "human", "value": "qu'est-ce que c'est ? 😀"}, {"from": "gpt", "value": "un chat"}]}
+    (tmp_path / "llava.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([rec], ensure_ascii=False).encode())
+    (tmp_path / "meta.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"d": {"annotation": "llava.json"}}).encode())
+    (spec,) = load_meta(tmp_path / "meta.json")
+    annotation = Annotation(spec)
+    assert len(annotation) == 1
+    assert parse_record(annotation[0][1], spec, "d:1").conversations[0]["value"] == "qu'est-ce que c'est ? 😀"
+    (tmp_path / "llava.json").write_bytes('[{"conversations": "café"}]'.encode("latin-1"))  # not UTF-8: named
+    with pytest.raises(ValueError, match="llava.json: not valid JSON"):
+        Annotation(spec)

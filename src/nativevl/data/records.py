@@ -90,8 +90,8 @@ def load_meta(path: str | Path) -> list[DatasetSpec]:
     if not path.is_file():
         raise FileNotFoundError(f"meta file {path} does not exist")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(path.read_bytes())  # bytes: UTF-8 (with or without a BOM) whatever the locale
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or not meta:
         raise ValueError(f"{path}: a meta file maps dataset names to settings, got {type(meta).__name__}")
@@ -165,8 +165,8 @@ class Annotation:
         self._linenos: np.ndarray | None = None
         if self.path.suffix == ".json":
             try:
-                data = json.loads(self.path.read_text())
-            except json.JSONDecodeError as e:
+                data = json.loads(self.path.read_bytes())  # bytes: a UTF-8 BOM is accepted, as in jsonl
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{self.path}: not valid JSON ({e})") from None
             if not isinstance(data, list):
                 raise ValueError(f"{self.path}: a .json annotation must hold a list of records")
