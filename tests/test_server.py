@@ -181,3 +181,25 @@ def test_429_beyond_the_queue_limit(tokenizer):
     finally:
         server.should_exit = True
         engine.shutdown()
+
+
+def test_a_client_that_goes_away_frees_its_place(tokenizer):
+    engine = Engine(make_model(), tokenizer, max_batch_size=2, max_seq_len=256, max_queue=4)  # not started: it waits
+    server, url = start_in_thread(create_app(engine, ServerConfig(**LIMITS)))
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+        for stream in (False, True):
+            with pytest.raises(httpx.ReadTimeout):
+                with httpx.stream("POST", url + "/v1/chat/completions", json=body | {"stream": stream},
+                                  timeout=httpx.Timeout(30, read=1.0)) as r:
+                    for _ in r.iter_lines():
+                        pass
+            deadline = time.monotonic() + 10
+            while engine.num_waiting and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert engine.num_waiting == 0, f"stream={stream}: the request of a gone client still waits"
+        engine.start()
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+    finally:
+        server.should_exit = True
+        engine.shutdown()

@@ -254,9 +254,18 @@ def create_app(engine: Engine, cfg: ServerConfig = ServerConfig()) -> FastAPI:
         if stream:
             return StreamingResponse(_sse(engine, req, events, rid, created, cfg.model_name, len(ids), include_usage),
                                      media_type="text/event-stream")
+
+        async def watch_disconnect() -> None:  # the body is read: the next message is the client leaving
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            engine.cancel(req)
+
+        watcher = asyncio.create_task(watch_disconnect())
         try:
             while True:
                 kind, _, payload = await events.get()
+                if kind == "error" and req.cancelled:
+                    raise APIError(499, "the client closed the request", "client_closed_request")
                 if kind == "error":
                     if isinstance(payload, ValueError):
                         raise _bad(str(payload))
@@ -264,6 +273,7 @@ def create_app(engine: Engine, cfg: ServerConfig = ServerConfig()) -> FastAPI:
                 if kind == "done":
                     break
         finally:
+            watcher.cancel()
             if not req.done:
                 engine.cancel(req)
         completions: list[Completion] = payload
