@@ -229,3 +229,19 @@ def test_meta_and_json_annotation_with_a_utf8_bom(tmp_path):
     (tmp_path / "llava.json").write_bytes('[{"conversations": "café"}]'.encode("latin-1"))  # not UTF-8: named
     with pytest.raises(ValueError, match="llava.json: not valid JSON"):
         Annotation(spec)
+
+
+def test_record_image_key_null_or_empty_beside_images(tmp_path):
+    """Converted datasets often carry "image": null (or []) next to "images": [...]; the images must not
+    be dropped silently (the record then trained as text only), and both keys filled is an error."""
+    from nativevl.data.records import DatasetSpec, RecordError, parse_record
+
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    spec = DatasetSpec("d", tmp_path / "d.jsonl", tmp_path)
+    conv = [{"from": "human", "value": "what is this?"}, {"from": "gpt", "value": "a square"}]
+    for empty in (None, []):
+        rec = parse_record({"image": empty, "images": ["a.png"], "conversations": conv}, spec, "d:1")
+        assert rec.images == [tmp_path / "a.png"]
+    with pytest.raises(RecordError, match="both 'image' and 'images'") as e:
+        parse_record({"image": "a.png", "images": ["a.png"], "conversations": conv}, spec, "d:1")
+    assert e.value.kind == "malformed"

@@ -232,7 +232,11 @@ def parse_record(raw: Any, spec: DatasetSpec, where: str) -> Record | Preference
         raise raw
     if not isinstance(raw, dict):
         raise RecordError("malformed", f"{where}: a record must be a JSON object, got {type(raw).__name__}")
-    images = _paths(raw.get("image", raw.get("images")), spec.root, where, "image")
+    image, more = raw.get("image"), raw.get("images")
+    if image not in (None, []) and more not in (None, []):
+        raise RecordError("malformed", f"{where}: both 'image' and 'images' are given; use one of them")
+    # "image": null (or []) beside "images": [...] is common in converted data: take the filled one
+    images = _paths(image if image not in (None, []) else more, spec.root, where, "image")
     if "chosen" in raw or "rejected" in raw:
         for key in ("question", "chosen", "rejected"):
             if not isinstance(raw.get(key), str) or not raw[key].strip():
