@@ -203,3 +203,12 @@ def test_a_client_that_goes_away_frees_its_place(tokenizer):
     finally:
         server.should_exit = True
         engine.shutdown()
+
+
+@pytest.mark.parametrize("name", ["top_p", "temperature", "repetition_penalty"])
+def test_non_finite_numbers_are_a_400_not_a_500_or_garbage(served, name):
+    url = served[2]
+    raw = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "%s": NaN}' % name  # Python's json reads NaN
+    r = httpx.post(url + "/v1/chat/completions", content=raw.encode(), timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == name and r.json()["error"]["code"] == "invalid_value"

@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -133,6 +134,8 @@ def _value(body: dict, names: tuple[str, ...], default, kind, lo=None, hi=None):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise _bad(f"'{name}' must be a {kind.__name__}, got {value!r}", param=name)
+    if kind is float and not math.isfinite(value):  # json.loads reads NaN and Infinity, which compare False
+        raise _bad(f"'{name}' must be a finite number, got {value!r}", param=name)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise _bad(f"'{name}' must be in [{lo}, {hi}], got {value}", param=name)
     return value
