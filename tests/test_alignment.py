@@ -312,3 +312,23 @@ def test_jsonl_questions_keep_unicode_line_separators(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps(rec) + "\n{not json\n", encoding="utf-8")
     with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
         jsonl_questions(tmp_path / "bad.jsonl")
+
+
+def test_jsonl_questions_read_records_as_the_loader_does(tmp_path):
+    """The question reader takes what the training loader takes: 'images' lists and user/assistant (or
+    role/content) turns; a placeholder count that does not match the images is named with its line."""
+    from nativevl.pipelines.questions import jsonl_questions
+
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    recs = [{"images": ["a.png", "a.png"], "conversations": [{"from": "human", "value": "which is brighter?"},
+                                                             {"from": "gpt", "value": "neither"}]},
+            {"image": None, "images": "a.png", "conversations": [{"role": "user", "content": "<image>\nwhat is it?"},
+                                                                 {"role": "assistant", "content": "a square"}]}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    a, b = jsonl_questions(tmp_path / "q.jsonl")
+    assert len(a.images) == 2 and a.answer == "neither"
+    assert len(b.images) == 1 and b.question == "<image>\nwhat is it?" and b.answer == "a square"
+    bad = {"image": "a.png", "conversations": [{"from": "human", "value": "<image> or <image>?"}]}
+    (tmp_path / "bad.jsonl").write_text(json.dumps(recs[0]) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.jsonl:2: 2 <image> placeholder.*1 image"):
+        jsonl_questions(tmp_path / "bad.jsonl")

@@ -12,6 +12,7 @@ from PIL import Image
 
 from nativevl.data.images import load_image
 from nativevl.data.processor import chat_inputs
+from nativevl.data.template import IMAGE_PLACEHOLDER, normalize_turns
 from nativevl.data.toyworld.tasks import example, final_answer, normalize, verify
 from nativevl.infer.generate import generate_texts
 
@@ -59,13 +60,21 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None) -> list[Qu
             raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
         if not isinstance(rec, dict):
             raise ValueError(f"{path}:{lineno}: a record must be a JSON object, got {type(rec).__name__}")
-        turns = rec.get("conversations") or []
-        human = [t["value"] for t in turns if t.get("from") == "human"]
-        gpt = [t["value"] for t in turns if t.get("from") == "gpt"]
+        conversations = rec.get("conversations") or []
+        try:  # the roles the training loader takes: human/user, gpt/assistant, from/value or role/content
+            _, turns = normalize_turns(conversations if isinstance(conversations, list) else [conversations])
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
+        human = [text for role, text in turns if role == "user"]
+        gpt = [text for role, text in turns if role == "assistant"]
         if not human:
             raise ValueError(f"{path}:{lineno}: no human turn to ask")
-        names = rec.get("image") or []
+        image, more = rec.get("image"), rec.get("images")  # either key, as the training loader reads them
+        names = image if image not in (None, []) else (more or [])
         names = [names] if isinstance(names, str) else names
+        n = human[0].count(IMAGE_PLACEHOLDER)
+        if n and n != len(names):
+            raise ValueError(f"{path}:{lineno}: {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(names)} image(s)")
         paths = [str((root / n).resolve()) for n in names]  # absolute: the output jsonl lives elsewhere
         out.append(Question(human[0], [load_image(p) for p in paths], gpt[-1] if gpt else None, "", paths))
     return out
