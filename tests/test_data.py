@@ -245,3 +245,19 @@ def test_record_image_key_null_or_empty_beside_images(tmp_path):
     with pytest.raises(RecordError, match="both 'image' and 'images'") as e:
         parse_record({"image": "a.png", "images": ["a.png"], "conversations": conv}, spec, "d:1")
     assert e.value.kind == "malformed"
+
+
+def test_jsonl_whitespace_only_lines_of_any_length_are_skipped(tmp_path):
+    """A whitespace-only line is not a record, however long (only lines of <= 8 bytes were checked, so
+    a line of indentation counted as a malformed record and failed `data validate`)."""
+    import json
+
+    from nativevl.data.records import Annotation, DatasetSpec
+
+    rec = json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]})
+    text = rec + "\r\n" + " " * 40 + "\r\n\t\t\t\t\t\t\t\t\t\t\n   \n" + "  " + rec + "\n" + " \t " * 5
+    (tmp_path / "d.jsonl").write_text(text, encoding="utf-8")
+    annotation = Annotation(DatasetSpec("d", tmp_path / "d.jsonl", tmp_path))
+    assert len(annotation) == 2
+    assert [annotation[i][0] for i in range(2)] == [1, 5]
+    assert all(isinstance(annotation[i][1], dict) for i in range(2))

@@ -138,11 +138,12 @@ def _line_index(path: Path, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarra
     keep = end - start > 0
     lineno = np.arange(1, len(start) + 1, dtype=np.int64)
     start, end, lineno = start[keep], end[keep], lineno[keep]
-    if len(start):  # drop whitespace-only lines (rare: checked one by one)
+    if len(start):  # drop whitespace-only lines: only a line that starts with whitespace can be one
+        first = np.array(np.memmap(path, dtype=np.uint8, mode="r")[start])  # each line's first byte
+        maybe = np.flatnonzero(np.isin(first, np.frombuffer(b" \t\r\x0b\x0c", dtype=np.uint8)))
         with open(path, "rb") as f:
-            short = np.flatnonzero(end - start <= 8)
             blank = []
-            for i in short:
+            for i in maybe:  # rare: checked one by one
                 f.seek(int(start[i]))
                 if not f.read(int(end[i] - start[i])).strip():
                     blank.append(i)
