@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -271,3 +272,26 @@ def test_generate_that_fails_on_one_prompt_leaves_no_orphan_requests(model, toke
     assert engine.num_waiting == 0  # the first prompt was queued and no one would read its result
     engine.generate([good], SamplingParams(max_tokens=4))
     assert engine.stats["prefills"] == 1
+
+
+def test_a_failing_prefill_in_the_background_loop_spares_the_running_requests(model, tokenizer, monkeypatch):
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=256)
+    ps = prompts(tokenizer)
+    want = engine.generate([ps[1]], SamplingParams(max_tokens=60, ignore_eos=True))[0][0].token_ids
+    engine.start()
+    try:
+        running = engine.submit(ps[1], SamplingParams(max_tokens=60, ignore_eos=True))
+        deadline = time.monotonic() + 30
+        while engine.num_running == 0 and not running.done and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+        def out_of_memory(reqs):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+        monkeypatch.setattr(engine, "_prefill", out_of_memory)
+        big = engine.submit(ps[0], SamplingParams(max_tokens=4))
+        with pytest.raises(RuntimeError, match="out of memory"):
+            big.result(timeout=30)
+        assert running.result(timeout=30)[0].token_ids == want  # it was not part of the failed prefill
+    finally:
+        engine.shutdown()

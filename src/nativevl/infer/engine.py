@@ -218,6 +218,7 @@ class Engine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._prefill_error: BaseException | None = None
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._graph_pool = None
         self._eager_fn = self._decode_fused if self.fused_decode else self._decode_layers
@@ -378,7 +379,9 @@ class Engine:
                 self.step()
             except Exception as e:  # a failed step fails its requests; the engine keeps serving
                 log.exception("engine step failed")
-                self._fail_running(e)
+                if e is not self._prefill_error:  # a failed prefill has failed its own requests already
+                    self._fail_running(e)
+                self._prefill_error = None
 
     def _fail_running(self, error: BaseException) -> None:
         for seq in self.slots:
@@ -406,6 +409,7 @@ class Engine:
                             if seq is not None and seq.req is req:
                                 self._release(seq)
                         req._finish(e)
+                self._prefill_error = e  # the running requests are untouched: _loop keeps them going
                 raise
         active = [s for s in self.slots if s is not None]
         if active:
