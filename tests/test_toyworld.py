@@ -80,3 +80,13 @@ def test_sources_and_files(tmp_path, tokenizer):
     files = [FileSource(s) for s in specs]
     assert files[1].is_text_only() and not files[0].is_text_only()
     assert files[2].get(0).images and files[0].get(0).conversations[0]["value"] == "<image>\ndescribe the image."
+
+
+def test_runner_refuses_an_empty_evaluation():
+    """n = 0 is a usage error named as such (it was a ZeroDivisionError after the model had been loaded)."""
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        evaluate(None, None, ["shapes"], n=0, predictor=lambda task, items: [it.answer for it in items])
+    from nativevl.eval.runner import evaluate_best_of_n
+
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        evaluate_best_of_n(None, None, ["shapes"], n=0)

@@ -52,6 +52,8 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10
 
     `predictor(task, items) -> answers` replaces the model (the tests check the scoring with it).
     """
+    if n < 1:
+        raise ValueError(f"n must be >= 1 question per task, got {n}")
     if model is not None:
         model.eval()
     report = {}
@@ -94,6 +96,8 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
     """Test-time scaling on each task: greedy pass@1, the mean accuracy of single samples, majority
     vote of `samples`, and (with a PRM) Best-of-N by PRM score and by outcome score. Every question's
     samples come from one prefill (the engine clones it) with seed (seed + question index)."""
+    if n < 1 or samples < 1:
+        raise ValueError(f"n must be >= 1 question per task and samples >= 1, got n={n}, samples={samples}")
     from nativevl.infer.best_of_n import Candidates, sample_candidates
     from nativevl.infer.engine import Engine, SamplingParams
     from nativevl.infer.prm import step_scores
