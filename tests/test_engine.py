@@ -295,3 +295,23 @@ def test_a_failing_prefill_in_the_background_loop_spares_the_running_requests(mo
         assert running.result(timeout=30)[0].token_ids == want  # it was not part of the failed prefill
     finally:
         engine.shutdown()
+
+
+def test_a_raising_event_callback_fails_only_its_own_request(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=256)
+    ps = prompts(tokenizer)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    want = engine.generate([ps[0]], params)[0][0].token_ids
+
+    def broken(kind, index, payload):
+        if kind == "delta":
+            raise ConnectionError("the consumer is gone")
+
+    bad = engine.submit(ps[1], params, on_event=broken)
+    good = engine.submit(ps[0], params)
+    while engine.step():
+        pass
+    assert good.result()[0].token_ids == want
+    with pytest.raises(ConnectionError, match="consumer is gone"):
+        bad.result()
+    assert engine.num_running == 0

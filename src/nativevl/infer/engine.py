@@ -95,6 +95,7 @@ class Request:
         self.completions: list[Completion | None] = [None] * params.n
         self.error: BaseException | None = None
         self.cancelled = False
+        self.callback_error: BaseException | None = None  # what on_event raised, if it did
         self.timings = {"submitted": time.perf_counter()}
         self._done = threading.Event()
 
@@ -110,8 +111,18 @@ class Request:
         return list(self.completions)
 
     def _emit(self, kind: str, index: int, payload) -> None:
-        if self.on_event is not None:
+        if self.on_event is None:
+            return
+        try:
             self.on_event(kind, index, payload)
+        except Exception as e:  # the consumer's failure: this request stops at the next step, the others go on
+            log.exception("request %d: on_event(%r) failed", self.id, kind)
+            if self.callback_error is None:
+                self.callback_error = e
+            self.cancelled = True
+
+    def _cancelled_error(self) -> BaseException:
+        return self.callback_error or RuntimeError(f"request {self.id} was cancelled")
 
     def _finish(self, error: BaseException | None = None) -> None:
         self.error = error
@@ -294,7 +305,7 @@ class Engine:
                 self._waiting.remove(req)
             except ValueError:  # admitted already (or done): the step releases its slots
                 return
-        req._finish(RuntimeError(f"request {req.id} was cancelled"))
+        req._finish(req._cancelled_error())
 
     @property
     def num_waiting(self) -> int:
@@ -397,7 +408,7 @@ class Engine:
             if seq is not None and seq.req.cancelled:
                 self._release(seq)
                 if not seq.req.done:
-                    seq.req._finish(RuntimeError(f"request {seq.req.id} was cancelled"))
+                    seq.req._finish(seq.req._cancelled_error())
         admitted = self._admit()
         if admitted:
             try:
@@ -425,7 +436,7 @@ class Engine:
                 req = self._waiting[0]
                 if req.cancelled:
                     self._waiting.popleft()
-                    req._finish(RuntimeError(f"request {req.id} was cancelled"))
+                    req._finish(req._cancelled_error())
                     continue
                 width = max(longest, len(req.prompt))
                 if req.params.n > free or (admitted and width * (len(admitted) + 1) > self.prefill_tokens):
