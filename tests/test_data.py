@@ -261,3 +261,17 @@ def test_jsonl_whitespace_only_lines_of_any_length_are_skipped(tmp_path):
     assert len(annotation) == 2
     assert [annotation[i][0] for i in range(2)] == [1, 5]
     assert all(isinstance(annotation[i][1], dict) for i in range(2))
+
+
+@pytest.mark.parametrize("bad", [{"repeat_time": "twice"}, {"max_dynamic_patch": "twelve"},
+                                 {"root": None}, {"root": 3}])
+def test_meta_bad_settings_are_named(tmp_path, bad):
+    import json
+
+    from nativevl.data.records import load_meta
+
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    (tmp_path / "meta.json").write_text(json.dumps({"mine": {"annotation": "d.jsonl", **bad}}))
+    key = next(iter(bad))
+    with pytest.raises(ValueError, match=f"meta.json: dataset 'mine' {key}"):
+        load_meta(tmp_path / "meta.json")

@@ -103,10 +103,22 @@ def load_meta(path: str | Path) -> list[DatasetSpec]:
         if unknown:
             raise ValueError(f"{path}: dataset {name!r} has unknown key(s) {sorted(unknown)}")
         base = path.parent
+        for key in ("annotation", "root"):
+            if key in d and not isinstance(d[key], str):
+                raise ValueError(f"{path}: dataset {name!r} {key} must be a path string, got {d[key]!r}")
         annotation = base / d["annotation"]
         if not annotation.is_file():
             raise FileNotFoundError(f"{path}: dataset {name!r} annotation {annotation} does not exist")
-        repeat = float(d.get("repeat_time", 1.0))
+        try:
+            repeat = float(d.get("repeat_time", 1.0))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: dataset {name!r} repeat_time must be a number, got {d['repeat_time']!r}") from None
+        try:
+            max_patch = int(d.get("max_dynamic_patch", 12))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{path}: dataset {name!r} max_dynamic_patch must be an integer, got {d['max_dynamic_patch']!r}"
+            ) from None
         if repeat <= 0:
             raise ValueError(f"{path}: dataset {name!r} repeat_time must be > 0, got {repeat}")
         specs.append(
@@ -115,7 +127,7 @@ def load_meta(path: str | Path) -> list[DatasetSpec]:
                 annotation=annotation,
                 root=base / d.get("root", ""),
                 repeat_time=repeat,
-                max_dynamic_patch=int(d.get("max_dynamic_patch", 12)),
+                max_dynamic_patch=max_patch,
                 data_augment=_bool(d.get("data_augment", False), f"{path}: {name}.data_augment"),
                 length=d.get("length"),
             )
