@@ -69,7 +69,10 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10
         correct = [task.score(p, it) for p, it in zip(predictions, mine)]
         k = sum(correct)
         if world_size > 1:
-            totals = torch.tensor([k, len(mine)], dtype=torch.long)
+            # NCCL (the process group on GPUs) reduces CUDA tensors only
+            on_gpu = torch.distributed.get_backend() == "nccl"
+            totals = torch.tensor([k, len(mine)], dtype=torch.long,
+                                  device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
             torch.distributed.all_reduce(totals)
             k = int(totals[0])
         low, high = wilson(k, len(items))
