@@ -332,3 +332,17 @@ def test_jsonl_questions_read_records_as_the_loader_does(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps(recs[0]) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match="bad.jsonl:2: 2 <image> placeholder.*1 image"):
         jsonl_questions(tmp_path / "bad.jsonl")
+
+
+def test_jsonl_questions_read_only_the_first_limit_records(tmp_path):
+    """`nativevl data preference --input FILE --n 2` loads two questions' images, not the whole file's:
+    a record past the limit whose image is missing is never opened."""
+    from nativevl.pipelines.questions import jsonl_questions
+
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    good = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat is it?"}]}
+    gone = {"image": "missing.png", "conversations": [{"from": "human", "value": "<image>\nand this?"}]}
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (good, good, gone)), encoding="utf-8")
+    assert len(jsonl_questions(tmp_path / "q.jsonl", limit=2)) == 2
+    with pytest.raises(FileNotFoundError):
+        jsonl_questions(tmp_path / "q.jsonl")

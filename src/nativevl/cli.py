@@ -224,7 +224,7 @@ def _questions(args: argparse.Namespace):
         raise ValueError("give exactly one of --toyworld FAMILY and --input FILE.jsonl")
     if args.toyworld:
         return toyworld_questions(args.toyworld, args.seed, args.n)
-    return jsonl_questions(args.input, args.root)[: args.n]
+    return jsonl_questions(args.input, args.root, limit=args.n)
 
 
 def _policy(args: argparse.Namespace):

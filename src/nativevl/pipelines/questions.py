@@ -44,9 +44,10 @@ def toyworld_questions(family: str, seed: int, n: int, size: int = 96) -> list[Q
     return out
 
 
-def jsonl_questions(path: str | Path, root: str | Path | None = None) -> list[Question]:
+def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int | None = None) -> list[Question]:
     """InternVL conversation records: the first human turn is the question, the last gpt turn (if any)
-    the ground truth; image paths are relative to `root` (default: the file's folder)."""
+    the ground truth; image paths are relative to `root` (default: the file's folder). Only the first
+    `limit` records are read (and their images loaded)."""
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     out = []
@@ -54,6 +55,8 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None) -> list[Qu
     for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):
         if not line.strip():
             continue
+        if limit is not None and len(out) >= limit:
+            break
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
