@@ -315,3 +315,20 @@ def test_a_raising_event_callback_fails_only_its_own_request(model, tokenizer):
     with pytest.raises(ConnectionError, match="consumer is gone"):
         bad.result()
     assert engine.num_running == 0
+
+
+def test_shutdown_fails_the_requests_it_leaves(model, tokenizer):
+    """A server stopping its engine must not leave callers blocked on requests no loop will finish."""
+    engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=512)
+    p = prompts(tokenizer)[0]
+    started = threading.Event()
+    engine.start()
+    running = engine.submit(p, SamplingParams(max_tokens=400, ignore_eos=True), on_event=lambda *a: started.set())
+    waiting = engine.submit(p, SamplingParams(max_tokens=4))  # the only slot is busy
+    assert started.wait(30)
+    engine.shutdown()
+    for req in (running, waiting):
+        with pytest.raises(RuntimeError, match="shut down"):
+            req.result(timeout=5)
+    assert engine.num_running == 0 and engine.num_waiting == 0
+    assert engine.generate([p], SamplingParams(max_tokens=3))[0][0].token_ids  # still usable step by step

@@ -371,6 +371,8 @@ class Engine:
         self._thread.start()
 
     def shutdown(self) -> None:
+        """Stop the background loop. Requests still waiting or running fail (RuntimeError), so that no
+        caller of result() / generate() / stream() waits on them forever."""
         if self._thread is None:
             return
         with self._lock:
@@ -378,6 +380,15 @@ class Engine:
             self._lock.notify_all()
         self._thread.join()
         self._thread = None
+        error = RuntimeError("the engine shut down before this request finished")
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for req in waiting:
+            req._finish(error)
+        for seq in [s for s in self.slots if s is not None]:
+            if not seq.req.done:
+                seq.req._finish(error)
+            self._release(seq)
 
     def _loop(self) -> None:
         while True:
