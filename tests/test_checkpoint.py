@@ -209,3 +209,22 @@ def test_original_tokenizer_gains_internvl_fields_when_converted_to_hf(hf_folder
     assert cli_main(["convert", str(tmp_path / "orig"), str(tmp_path / "hf"), "--to", "hf"]) == 0
     converted = load_tokenizer(tmp_path / "hf")
     assert converted.context_image_token == "<IMG_CONTEXT>" and converted.start_image_token == "<img>"
+
+
+def test_original_processor_file_is_not_carried_into_hf(hf_folder, tmp_path):
+    """Original InternVL repos ship a CLIP-style preprocessor_config.json (448 center crop, no tiling):
+    converted to -hf, the folder must hold the GotOcr2 tiling processor that InternVLProcessor expects."""
+    from transformers import AutoImageProcessor
+
+    VisionLanguageModel.from_pretrained(hf_folder).save_pretrained(tmp_path / "orig", layout="internvl")
+    clip = {"crop_size": 56, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+            "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.485, 0.456, 0.406],
+            "image_std": [0.229, 0.224, 0.225], "resample": 3, "size": 56}
+    (tmp_path / "orig" / "preprocessor_config.json").write_text(json.dumps(clip))
+    VisionLanguageModel.from_pretrained(tmp_path / "orig").save_pretrained(tmp_path / "hf", layout="hf")
+    assert type(AutoImageProcessor.from_pretrained(tmp_path / "hf")).__name__.startswith("GotOcr2ImageProcessor")
+    # an -hf source keeps its own processor files
+    custom = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text()) | {"max_patches": 6}
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(custom))
+    VisionLanguageModel.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "hf2", layout="hf")
+    assert json.loads((tmp_path / "hf2" / "preprocessor_config.json").read_text())["max_patches"] == 6

@@ -47,6 +47,7 @@ AUX_FILES = (
     "processor_config.json",
     "video_preprocessor_config.json",
 )
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 QWEN_IM_END_ID = 151645
 
 # ---------------------------------------------------------------- config.json <-> ModelConfig
@@ -521,8 +522,14 @@ def save_model(
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         source = getattr(model, "source_path", None)
         if source is not None:  # also when re-saving in place: the old folder is still there
+            # An original repo's preprocessor_config.json is a CLIP center crop; in an -hf folder
+            # transformers would load it in place of InternVL's tiling processor, so only an -hf
+            # source's processor files go into an -hf folder (ours are written below otherwise).
+            foreign = layout == "hf" and _folder_layout(Path(source)) != "hf"
             for f in Path(source).iterdir():
-                if f.is_file() and (f.name in AUX_FILES or (layout == "internvl" and f.suffix == ".py")):
+                if not f.is_file() or (foreign and f.name in PROCESSOR_FILES):
+                    continue
+                if f.name in AUX_FILES or (layout == "internvl" and f.suffix == ".py"):
                     shutil.copy2(f, tmp / f.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -536,6 +543,15 @@ def save_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _folder_layout(folder: Path) -> str | None:
+    """The layout a checkpoint folder's config.json names, None if it cannot be read."""
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {"internvl": "hf", "internvl_chat": "internvl"}.get(model_type)
 
 
 def _add_internvl_tokenizer_fields(folder: Path) -> None:
