@@ -259,3 +259,19 @@ def test_resume_with_another_worker_count_repeats_no_record(tmp_path, monkeypatc
     after = [i for b in consumed for i in b]
     assert sorted(losses(tmp_path)) == list(range(1, 7)) and after
     assert not before & set(after), sorted(before & set(after))
+
+
+def test_a_run_whose_data_runs_out_keeps_its_steps(tmp_path):
+    """--max_records ends the stream before --max_steps: the steps trained are checkpointed and exported
+    (they were lost with save_every=0: no checkpoint, no final model), and the same command again resumes
+    there and trains nothing more."""
+    from nativevl.train import checkpoint as ckpt
+
+    run = apply_overrides(recipe("debug_tiny"), ["--max_records=24", "--max_steps=1000", "--tensorboard=false",
+                                                 "--max_tokens=256"])
+    summary = launch(run, tmp_path)
+    assert 0 < summary["step"] < 1000
+    assert ckpt.latest(tmp_path / "checkpoints").name == f"step-{summary['step']:08d}"
+    assert VisionLanguageModel.from_pretrained(tmp_path / "final").config.image_seq_length == 4
+    again = launch(run, tmp_path)
+    assert again["step"] == summary["step"] and sorted(losses(tmp_path)) == list(range(1, summary["step"] + 1))

@@ -142,6 +142,8 @@ def train(
     logger = MetricsLogger(out_dir, cfg.max_steps, step, enabled=main, tensorboard=cfg.tensorboard)
     model.train()
     last_loss = float("nan")
+    saved_step = step  # a resumed run's checkpoint holds its step already
+    ran_out = False
     try:
         while step < cfg.max_steps:
             started = time.perf_counter()
@@ -151,9 +153,11 @@ def train(
                 if batch is None:
                     break
                 micro.append(batch)
-            if len(micro) < accum:
+            # every rank stops at the same step when any rank's data ran out (no one waits in a collective)
+            if all_reduce_sum(torch.tensor(float(len(micro) < accum), device=device)).item() > 0:
                 if main:
                     log.warning("data ran out at step %d (%d records read)", step, tracker.seen)
+                ran_out = True
                 break
             norms = all_reduce_sum(objective.local_normalizers(micro).to(device))
             factor = lr_factor(step, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps, min_ratio=cfg.min_lr_ratio)
@@ -210,10 +214,14 @@ def train(
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 save_train_state(out_dir, model, optimizer, step, tokens_total, tracker, cfg, rank, world,
                                  objective.state_dict())
+                saved_step = step
+        if ran_out and step > saved_step:  # the steps since the last checkpoint are kept, not lost
+            save_train_state(out_dir, model, optimizer, step, tokens_total, tracker, cfg, rank, world,
+                             objective.state_dict())
     finally:
         logger.close()
     summary = {"step": step, "tokens": tokens_total, "loss": last_loss, "rejected": tracker.by_kind, "records": tracker.seen}
-    if cfg.export and step >= cfg.max_steps:
+    if cfg.export and (step >= cfg.max_steps or (ran_out and step > 0)):  # the data's end is the run's end too
         export_final(model, tokenizer, out_dir / "final", main)
     return summary
 
