@@ -228,3 +228,48 @@ def test_original_processor_file_is_not_carried_into_hf(hf_folder, tmp_path):
     (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(custom))
     VisionLanguageModel.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "hf2", layout="hf")
     assert json.loads((tmp_path / "hf2" / "preprocessor_config.json").read_text())["max_patches"] == 6
+
+
+def test_init_from_parts_mean_initialises_new_tokens_inside_a_padded_vocab(tmp_path):
+    """Qwen2.5's embedding is padded past its tokenizer (151936 rows, 151665 tokens), so InternVL's nine
+    tokens get ids inside it: their rows must still start at the mean of the real tokens' rows."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from nativevl.io import keymap
+    from nativevl.io.hf import config_to_internvl
+    from nativevl.io.parts import init_from_parts
+    from nativevl.io.tokenizer import INTERNVL_TOKENS
+
+    from conftest import CORPUS
+
+    # the LLM folder: weights with padded rows, and its own tokenizer without InternVL's tokens
+    base = Tokenizer(models.BPE())
+    base.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    base.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=base, eos_token="<|im_end|>").save_pretrained(tmp_path / "llm")
+    n_base = base.get_vocab_size()
+    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=n_base + 40, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    llm.save_pretrained(tmp_path / "llm")
+    # InternVL's tokenizer: the LLM's plus its nine tokens, appended
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llm")
+    tokenizer.add_tokens(list(INTERNVL_TOKENS), special_tokens=True)
+    new_ids = tokenizer.convert_tokens_to_ids(list(INTERNVL_TOKENS))
+    assert new_ids == list(range(n_base, n_base + 9))
+    vit = VisionLanguageModel(preset("tiny"))
+    vit_sd = {k.removeprefix("vision_model."): v.contiguous() for k, v in keymap.to_internvl(vit.state_dict()).items()
+              if k.startswith("vision_model.")}
+    (tmp_path / "vit").mkdir()
+    save_file(vit_sd, str(tmp_path / "vit" / "model.safetensors"))
+    (tmp_path / "vit" / "config.json").write_text(json.dumps(config_to_internvl(preset("tiny"))["vision_config"]))
+
+    model = init_from_parts(tmp_path / "vit", tmp_path / "llm", tokenizer)
+    sd = model.state_dict()
+    for ours, theirs in (("language_model.embed_tokens.weight", llm.model.embed_tokens.weight),
+                         ("lm_head.weight", llm.lm_head.weight)):
+        theirs = theirs.detach()
+        assert torch.equal(sd[ours][:n_base], theirs[:n_base]), ours
+        assert torch.allclose(sd[ours][new_ids], theirs[:n_base].mean(0).expand(9, -1)), ours
+        assert torch.equal(sd[ours][n_base + 9 :], theirs[n_base + 9 :]), ours

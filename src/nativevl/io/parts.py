@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -14,6 +15,8 @@ from nativevl.config import ModelConfig, TextConfig, VisionConfig
 from nativevl.io import hf as hfio
 from nativevl.io import keymap
 from nativevl.model.vlm import VisionLanguageModel
+
+log = logging.getLogger(__name__)
 
 
 def _config(path: Path) -> dict:
@@ -65,12 +68,31 @@ def load_llm(path: str | Path) -> tuple[TextConfig, bool, dict[str, torch.Tensor
     return text, bool(d.get("tie_word_embeddings", False)), sd
 
 
-def _grow_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """Append rows equal to the mean of the existing ones (InternVL's init for new special tokens)."""
-    if rows <= weight.shape[0]:
+def _llm_tokenizer_size(path: Path) -> int | None:
+    """len() of the LLM folder's own tokenizer, None where the folder has none (or it cannot be read)."""
+    if not any((path / n).is_file() for n in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return len(AutoTokenizer.from_pretrained(str(path), trust_remote_code=False))
+    except (OSError, ValueError) as e:
+        log.warning("%s: cannot read the LLM's tokenizer (%s); new token rows are those past vocab_size", path, e)
+        return None
+
+
+def _init_new_rows(weight: torch.Tensor, known: int, new_end: int, rows: int) -> torch.Tensor:
+    """Grow to `rows` rows and set rows [known, new_end) (the new tokens) to the mean of rows [0, known)
+    (InternVL's init for new special tokens); rows past new_end (unused padding) are kept."""
+    if new_end <= known:
         return weight
-    extra = weight.float().mean(0, keepdim=True).to(weight.dtype).expand(rows - weight.shape[0], -1)
-    return torch.cat([weight, extra], dim=0)
+    mean = weight[:known].float().mean(0, keepdim=True).to(weight.dtype)
+    if rows > weight.shape[0]:
+        weight = torch.cat([weight, mean.expand(rows - weight.shape[0], -1)], dim=0)
+    else:
+        weight = weight.clone()
+    weight[known:new_end] = mean
+    return weight
 
 
 def init_from_parts(
@@ -78,7 +100,8 @@ def init_from_parts(
 ) -> VisionLanguageModel:
     vision, vit_sd = load_vit(vit_path)
     text, tied, llm_sd = load_llm(llm_path)
-    vocab = max(len(tokenizer), text.vocab_size)
+    text_vocab = text.vocab_size
+    vocab = max(len(tokenizer), text_vocab)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     text = dataclasses.replace(text, vocab_size=vocab, eos_token_id=im_end)
     cfg = ModelConfig(vision=vision, text=text, downsample_ratio=downsample_ratio,
@@ -86,10 +109,15 @@ def init_from_parts(
     torch.manual_seed(seed)
     model = VisionLanguageModel(cfg)
     model.init_weights()  # the projector keeps this random init; the rest is overwritten below
+    # Rows of tokens the LLM's own tokenizer lacks start at the mean of the known rows. Qwen2.5 pads its
+    # embedding past its tokenizer (151936 rows, 151665 tokens), so InternVL's tokens get ids inside it.
+    base = _llm_tokenizer_size(Path(llm_path))
+    known = text_vocab if base is None else min(base, text_vocab)
+    new_end = max(len(tokenizer), known)
     embed = "language_model.embed_tokens.weight"
-    llm_sd[embed] = _grow_rows(llm_sd[embed], vocab)
+    llm_sd[embed] = _init_new_rows(llm_sd[embed], known, new_end, vocab)
     if not tied:
-        llm_sd["lm_head.weight"] = _grow_rows(llm_sd["lm_head.weight"], vocab)
+        llm_sd["lm_head.weight"] = _init_new_rows(llm_sd["lm_head.weight"], known, new_end, vocab)
     else:
         llm_sd.pop("lm_head.weight", None)
     expected = model.state_dict()
