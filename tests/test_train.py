@@ -275,3 +275,21 @@ def test_a_run_whose_data_runs_out_keeps_its_steps(tmp_path):
     assert VisionLanguageModel.from_pretrained(tmp_path / "final").config.image_seq_length == 4
     again = launch(run, tmp_path)
     assert again["step"] == summary["step"] and sorted(losses(tmp_path)) == list(range(1, summary["step"] + 1))
+
+
+@pytest.mark.parametrize("vocab_size, image_token_id, message", [
+    (300, 5, r"tokenizer has 377 tokens but the model's vocabulary holds 300"),
+    (512, 7, r"<IMG_CONTEXT> is token 5 in the tokenizer but 7 in the model"),
+])
+def test_init_from_a_model_that_does_not_match_its_tokenizer(tmp_path, tokenizer, vocab_size, image_token_id, message):
+    """A checkpoint and a tokenizer that disagree are named before training; before, the first forward
+    failed with 'IndexError: index out of range in self', or every record was rejected as a
+    'placeholder_mismatch' (blaming the data)."""
+    import dataclasses
+
+    cfg = preset("tiny")
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab_size), image_token_id=image_token_id)
+    VisionLanguageModel(cfg).save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    run = apply_overrides(recipe("debug_tiny"), ["--max_steps=1", "--tensorboard=false", f"--init_from={tmp_path / 'm'}"])
+    with pytest.raises(ValueError, match=message):
+        launch(run, tmp_path / "run")

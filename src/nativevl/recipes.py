@@ -248,6 +248,17 @@ def build(run: Run, out_dir: str | Path):
         model = VisionLanguageModel(cfg)
         model.init_weights()
     mcfg = model.config
+    # a checkpoint and a tokenizer that disagree fail here, by name, not as an IndexError in the first
+    # forward or as every record rejected for its image placeholders
+    if len(tokenizer) > mcfg.text.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary holds "
+                         f"{mcfg.text.vocab_size} (model {src.init_from or src.llm_from or src.preset}, tokenizer "
+                         f"{tok_path or 'generated'}); give the model's own tokenizer (--tokenizer)")
+    image_token = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    if image_token != mcfg.image_token_id:
+        raise ValueError(f"<IMG_CONTEXT> is token {image_token} in the tokenizer but {mcfg.image_token_id} in the model "
+                         f"(model {src.init_from or src.llm_from or src.preset}, tokenizer {tok_path or 'generated'}); "
+                         f"give the model's own tokenizer (--tokenizer)")
     data = dataclasses.replace(run.data, image_size=mcfg.vision.image_size, image_seq_length=mcfg.image_seq_length,
                                image_token_id=mcfg.image_token_id)
     run = dataclasses.replace(run, data=data, meta=meta)
