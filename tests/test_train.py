@@ -293,3 +293,21 @@ def test_init_from_a_model_that_does_not_match_its_tokenizer(tmp_path, tokenizer
     run = apply_overrides(recipe("debug_tiny"), ["--max_steps=1", "--tensorboard=false", f"--init_from={tmp_path / 'm'}"])
     with pytest.raises(ValueError, match=message):
         launch(run, tmp_path / "run")
+
+
+def test_non_finite_gradient_stops_before_the_update(tmp_path):
+    """A finite loss with an inf gradient (e.g. an overflow in backward): the step is refused before
+    AdamW touches the weights. Before, the update turned weights into NaN, the step-1 checkpoint saved
+    them, and the error came one step later blaming a healthy batch ('non-finite loss nan at step 2')."""
+    run = apply_overrides(recipe("debug_tiny"), ["--max_steps=3", "--global_batch=2", "--tensorboard=false",
+                                                 "--save_every=1", "--export=false"])
+    model, tokenizer, dataset, run = build(run, tmp_path)
+    weight = model.language_model.layers[0].mlp.up_proj.weight
+    before = weight.detach().clone()
+    weight.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(loop.NonFiniteLoss, match=r"non-finite gradient norm \S+ at step 1 .*nonfinite-step1-rank0\.pt"):
+        loop.train(model, tokenizer, dataset, run.stage, run.train, tmp_path)
+    assert torch.equal(weight.detach(), before)
+    assert not (tmp_path / "checkpoints").exists()
+    dumped = torch.load(tmp_path / "nonfinite-step1-rank0.pt", weights_only=False)
+    assert len(dumped) == 2 and all(b.num_tokens > 0 for b in dumped)

@@ -186,6 +186,14 @@ def train(
             # FSDP summed the gradients over ranks during backward
             parallel.fill_missing_grads(trainable)
             grad_norm = parallel.clip_grad_norm(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            if not math.isfinite(grad_norm):  # the global norm: every rank stops here, before any weight changes
+                dump = out_dir / f"nonfinite-step{step + 1}-rank{rank}.pt"
+                torch.save(micro, dump)
+                raise NonFiniteLoss(
+                    f"non-finite gradient norm {grad_norm} at step {step + 1} (rank {rank}) with a finite loss; "
+                    f"the step's {len(micro)} batch(es) dumped to {dump} "
+                    f"(documents: {[s for b in micro for s in b.sources]})"
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
