@@ -273,3 +273,11 @@ def test_init_from_parts_mean_initialises_new_tokens_inside_a_padded_vocab(tmp_p
         assert torch.equal(sd[ours][:n_base], theirs[:n_base]), ours
         assert torch.allclose(sd[ours][new_ids], theirs[:n_base].mean(0).expand(9, -1)), ours
         assert torch.equal(sd[ours][n_base + 9 :], theirs[n_base + 9 :]), ours
+
+
+def test_tokenizer_from_a_folder_without_tokenizer_files_says_so(hf_folder, tmp_path):
+    """A checkpoint saved without tokenizer= has no tokenizer files: the error must say that, not that the
+    folder's tokenizer lacks InternVL's tokens."""
+    VisionLanguageModel.from_pretrained(hf_folder).save_pretrained(tmp_path / "ck")
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer files"):
+        load_tokenizer(tmp_path / "ck")

@@ -17,6 +17,8 @@ VIDEO = "<video>"
 INTERNVL_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT, "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
 CHATML_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 REQUIRED_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT, "<|im_start|>", "<|im_end|>")
+# files that hold a vocabulary (fast, BPE and sentencepiece tokenizers)
+VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
 
 # ChatML as InternVL3's -hf checkpoints ship it: no default system prompt, an image part becomes
 # <IMG_CONTEXT> on its own line (the processor expands it), a video part <video>. This is the jinja
@@ -51,6 +53,11 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer folder {path} does not exist")
+    # without these, AutoTokenizer returns an empty tokenizer rather than failing
+    if not any((path / name).is_file() for name in VOCAB_FILES):
+        raise FileNotFoundError(
+            f"{path} holds no tokenizer files (none of {', '.join(VOCAB_FILES)}); was it saved without a tokenizer?"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     check_special_tokens(tokenizer, str(path))
     return tokenizer
