@@ -78,3 +78,15 @@ def test_tokenizer_folder_must_have_internvl_tokens(tmp_path, tokenizer):
 
     with pytest.raises(ValueError, match=r"lacks InternVL special token\(s\) \['<img>'"):
         load_tokenizer(tmp_path / "bad")
+
+
+def test_train_names_the_inputs_a_recipe_needs(tmp_path, capsys):
+    """`nativevl train sft` without --meta / --init_from trained a tiny random model on generated toy
+    data and exported it as if all were well; now it stops at once and says what is missing."""
+    code = main(["train", "sft", "--out", str(tmp_path / "a"), "--max_steps=1", "--max_tokens=512", "--tensorboard=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "recipe sft needs --meta" in err and "--init_from" in err
+    assert not (tmp_path / "a" / "final").exists()
+    code = main(["train", "mpo", "--out", str(tmp_path / "b"), "--meta", str(tmp_path / "meta.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "recipe mpo needs --init_from" in err and "--meta" not in err

@@ -271,10 +271,11 @@ def _write_meta(jsonl: Path) -> None:
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     import logging
 
-    from nativevl.recipes import apply_overrides, launch, recipe
+    from nativevl.recipes import apply_overrides, check_inputs, launch, recipe
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run = apply_overrides(recipe(args.recipe), extra)
+    check_inputs(args.recipe, run)
     summary = launch(run, args.out)
     print(json.dumps(summary))
     return 0

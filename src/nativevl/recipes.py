@@ -122,6 +122,27 @@ def recipe(name: str) -> Run:
     return RECIPES[name]()
 
 
+# what a recipe cannot run without, as its docstring says: only debug_tiny generates its data and
+# builds its model from scratch; pre-training may start from a preset
+NEEDS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("meta",),
+    "sft": ("meta", "init_from"),
+    "internvl3_1b_sft": ("meta", "init_from"),
+    "sft_lora": ("meta", "init_from"),
+    "mpo": ("meta", "init_from"),
+    "prm": ("meta", "init_from"),
+}
+_NEED_HELP = {"meta": "--meta (the dataset meta json)", "init_from": "--init_from (the checkpoint folder to fine-tune)"}
+
+
+def check_inputs(name: str, run: Run) -> None:
+    """ValueError naming what recipe `name` needs and `run` lacks (instead of a run on generated toy data)."""
+    given = {"meta": run.meta is not None, "init_from": run.model.init_from is not None}
+    missing = [_NEED_HELP[k] for k in NEEDS.get(name, ()) if not given[k]]
+    if missing:
+        raise ValueError(f"recipe {name} needs {' and '.join(missing)}")
+
+
 # ---------------------------------------------------------------- overrides
 
 
