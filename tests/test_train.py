@@ -311,3 +311,17 @@ def test_non_finite_gradient_stops_before_the_update(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
     dumped = torch.load(tmp_path / "nonfinite-step1-rank0.pt", weights_only=False)
     assert len(dumped) == 2 and all(b.num_tokens > 0 for b in dumped)
+
+
+def test_resume_takes_the_learning_rate_of_the_command(tmp_path):
+    """Resuming with another --lr (e.g. lower after a spike): the optimiser state comes from the
+    checkpoint but the learning rate from the command; before, the checkpoint's base learning rate
+    won silently while config.json recorded the new one."""
+    base = ["--global_batch=2", "--tensorboard=false", "--max_tokens=256", "--export=false", "--save_every=1",
+            "--warmup_steps=0"]
+    launch(apply_overrides(recipe("debug_tiny"), base + ["--max_steps=2", "--lr=1e-3"]), tmp_path)
+    launch(apply_overrides(recipe("debug_tiny"), base + ["--max_steps=3", "--lr=1e-5"]), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[2]["lr"] == pytest.approx(1e-5 * loop.lr_factor(2, warmup_steps=0, total_steps=3))
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["lr"] == 1e-5
