@@ -281,3 +281,22 @@ def test_tokenizer_from_a_folder_without_tokenizer_files_says_so(hf_folder, tmp_
     VisionLanguageModel.from_pretrained(hf_folder).save_pretrained(tmp_path / "ck")
     with pytest.raises(FileNotFoundError, match=r"no tokenizer files"):
         load_tokenizer(tmp_path / "ck")
+
+
+def test_original_string_only_chat_template_is_replaced_when_converted_to_hf(hf_folder, tmp_path, tokenizer):
+    """Original InternVL tokenizers carry a ChatML template that concatenates message['content'] as a string
+    (with InternVL's system prompt); an -hf folder's template must render image parts, as the converter's does."""
+    VisionLanguageModel.from_pretrained(hf_folder).save_pretrained(tmp_path / "orig", layout="internvl", tokenizer=tokenizer)
+    tc = tmp_path / "orig" / "tokenizer_config.json"
+    d = json.loads(tc.read_text())
+    for key in ("extra_special_tokens", "start_image_token", "end_image_token", "context_image_token", "video_token"):
+        d.pop(key, None)
+    d["chat_template"] = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+                          " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    tc.write_text(json.dumps(d))
+    (tmp_path / "orig" / "chat_template.jinja").unlink(missing_ok=True)
+    assert cli_main(["convert", str(tmp_path / "orig"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    converted = load_tokenizer(tmp_path / "hf")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
+    text = converted.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\n<IMG_CONTEXT>\nwhat is it?<|im_end|>\n<|im_start|>assistant\n"

@@ -569,7 +569,13 @@ def _add_internvl_tokenizer_fields(folder: Path) -> None:
         extra.update(start_image_token=IMG_START, end_image_token=IMG_END, context_image_token=IMG_CONTEXT)
         extra.setdefault("video_token", VIDEO)
         d["extra_special_tokens"] = extra
+        # An original tokenizer's template (if any) joins message['content'] as a string, with InternVL's
+        # system prompt; the processor passes image parts, so it gets the -hf template, as the converter does.
+        # (transformers 5 saves the named tokens at the top level: such a tokenizer is an -hf one)
+        original_template = "context_image_token" not in d and d.pop("chat_template", None) is not None
         config_file.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
+        if original_template:
+            (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     if "chat_template" not in d and not (folder / "chat_template.jinja").exists():
         (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
