@@ -325,3 +325,15 @@ def test_resume_takes_the_learning_rate_of_the_command(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[2]["lr"] == pytest.approx(1e-5 * loop.lr_factor(2, warmup_steps=0, total_steps=3))
     assert json.loads((tmp_path / "config.json").read_text())["train"]["lr"] == 1e-5
+
+
+def test_logged_lr_is_the_runs_not_the_first_modules(tmp_path):
+    """pretrain gives the ViT its own learning rate (1e-5 against the run's 1e-4); the logged 'lr' was
+    the first parameter group's, i.e. the ViT's, so the run's --lr looked ignored."""
+    run = apply_overrides(recipe("debug_tiny"), ["--max_steps=1", "--global_batch=1", "--tensorboard=false",
+                                                 "--max_tokens=256", "--export=false", "--stage.vit.lr=1e-5"])
+    launch(run, tmp_path)
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    factor = loop.lr_factor(0, warmup_steps=run.train.warmup_steps, total_steps=1)
+    assert record["lr"] == pytest.approx(run.train.lr * factor)
+    assert record["lr_vit"] == pytest.approx(1e-5 * factor)

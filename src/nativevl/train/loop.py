@@ -209,7 +209,8 @@ def train(
             logger.log({
                 "step": step,
                 "loss": loss_value,
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": cfg.lr * factor,  # the run's; a module with its own learning rate also logs lr_<module>
+                **{f"lr_{m}": lrs[m] * factor for m in MODULES if policy.get(m).lr is not None and params[m]},
                 "grad_norm": float(grad_norm),
                 "tokens": n_tokens,
                 "tokens_total": tokens_total,
