@@ -153,8 +153,12 @@ def train(
                 if batch is None:
                     break
                 micro.append(batch)
-            # every rank stops at the same step when any rank's data ran out (no one waits in a collective)
-            if all_reduce_sum(torch.tensor(float(len(micro) < accum), device=device)).item() > 0:
+            # every rank stops at the same step when any rank's data ran out (no one waits in a collective);
+            # one process decides alone, without a device sync before every step
+            out_of_data = len(micro) < accum
+            if parallel.is_distributed():
+                out_of_data = all_reduce_sum(torch.tensor(float(out_of_data), device=device)).item() > 0
+            if out_of_data:
                 if main:
                     log.warning("data ran out at step %d (%d records read)", step, tracker.seen)
                 ran_out = True
