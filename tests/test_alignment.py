@@ -346,3 +346,19 @@ def test_jsonl_questions_read_only_the_first_limit_records(tmp_path):
     assert len(jsonl_questions(tmp_path / "q.jsonl", limit=2)) == 2
     with pytest.raises(FileNotFoundError):
         jsonl_questions(tmp_path / "q.jsonl")
+
+
+def test_majority_vote_groups_answers_as_the_verifier_reads_them():
+    """A candidate with no 'Final answer:' line is not the same answer as one whose final answer equals
+    its text: the arithmetic verifier marks it wrong. Voting merged '4' with 'Final answer: 4', so the
+    earliest of the group ('4', wrong) was picked although the majority's final answer (4) is right."""
+    from nativevl.data.toyworld.tasks import verify
+    from nativevl.infer.best_of_n import Candidates
+
+    texts = ["4", "x\n\nFinal answer: 4", "Final answer: 4", "Final answer: 5", "Final answer: 5"]
+    pick = Candidates(texts).pick("majority")
+    assert pick == 1 and verify("arithmetic", texts[pick], "Final answer: 4")
+    # the other way round (a whole-text task): 'Final answer: circle' is not the answer 'circle'
+    texts = ["Final answer: circle", "circle", "circle", "square", "square"]
+    pick = Candidates(texts).pick("majority")
+    assert pick == 1 and verify("shapes", texts[pick], "circle")

@@ -24,9 +24,11 @@ class Candidates:
     texts: list[str]
     step_scores: list[list[float]] | None = None  # from the PRM, when one was given
 
-    def answer(self, i: int) -> str:
-        """The candidate's answer for voting: its final answer, else its whole normalised text."""
-        return final_answer(self.texts[i]) or normalize(self.texts[i])
+    def answer(self, i: int) -> tuple[bool, str]:
+        """The candidate's answer for voting: its final answer, else its whole normalised text, kept
+        apart (as the verifier does: 'Final answer: 4' and a bare '4' are not the same answer)."""
+        found = final_answer(self.texts[i])
+        return (True, found) if found is not None else (False, normalize(self.texts[i]))
 
     def pick(self, scorer: str) -> int:
         """Index of the chosen candidate (ties: the earliest)."""
