@@ -362,3 +362,24 @@ def test_majority_vote_groups_answers_as_the_verifier_reads_them():
     texts = ["Final answer: circle", "circle", "circle", "square", "square"]
     pick = Candidates(texts).pick("majority")
     assert pick == 1 and verify("shapes", texts[pick], "circle")
+
+
+def test_alignment_summary_refuses_an_mpo_best_of_n_report_on_other_questions():
+    """The MPO policy's Best-of-N figures sit in the same table as the others, so they must come from
+    the same questions (n) and sampling (seed, temperature); a mismatch was written without a word."""
+    from nativevl.eval.alignment import summarize
+
+    def scored(n):
+        return {"accuracy": 0.5, "ci95": [0.1, 0.9], "n": n, "correct": n // 2}
+
+    def bon(n, seed=10_000, temperature=0.7):
+        return {"arithmetic": {"samples": 8, "pass1": scored(n), "majority8": scored(n), "prm_best8": scored(n),
+                               "outcome_best8": scored(n), "oracle8": scored(n), "sample_mean": {"accuracy": 0.4, "n": n},
+                               "seed": seed, "temperature": temperature}}
+
+    ev = {"arithmetic": {**scored(20), "chance": 0.1}}
+    out = summarize(ev, ev, bon(20), bon(20))
+    assert out["mpo_prm_best8"]["n"] == 20 and out["n"] == 20
+    for other in (bon(10), bon(20, seed=1), bon(20, temperature=1.0)):
+        with pytest.raises(ValueError):
+            summarize(ev, ev, bon(20), other)

@@ -13,6 +13,14 @@ from pathlib import Path
 
 
 def summarize(sft: dict, mpo: dict, bon: dict, bon_mpo: dict | None = None, task: str = "arithmetic") -> dict:
+    counts = {sft[task]["n"], mpo[task]["n"], bon[task]["pass1"]["n"]}
+    if bon_mpo is not None:
+        counts.add(bon_mpo[task]["pass1"]["n"])
+        for key in ("samples", "seed", "temperature"):
+            if bon_mpo[task][key] != bon[task][key]:
+                raise ValueError(f"the Best-of-N reports differ in {key}: {bon[task][key]} and {bon_mpo[task][key]}")
+    if len(counts) != 1:
+        raise ValueError("the reports were made on different numbers of questions")
     k = bon[task]["samples"]
     pick = lambda r: {"accuracy": r["accuracy"], "ci95": r["ci95"], "n": r["n"]}
     out = {
@@ -33,8 +41,6 @@ def summarize(sft: dict, mpo: dict, bon: dict, bon_mpo: dict | None = None, task
     if bon_mpo is not None:  # the same test-time scaling with the MPO model as the policy
         out.update({f"mpo_{key}": pick(bon_mpo[task][key]) for key in (f"majority{k}", f"prm_best{k}")})
         out["mpo_sample_mean"] = bon_mpo[task]["sample_mean"]
-    if len({sft[task]["n"], mpo[task]["n"], bon[task]["pass1"]["n"]}) != 1:
-        raise ValueError("the reports were made on different numbers of questions")
     return out
 
 
