@@ -231,6 +231,10 @@ def test_prm_scores_in_one_forward_equal_step_by_step(tokenizer):
             assert scores[k] == pytest.approx(float(want), abs=1e-5)
     conv = prm_conversation(question, ["x", "y"], ["+", "-"])
     assert [t["value"] for t in conv if t["from"] == "gpt"] == [GOOD, "-"]
+    # a sample that emitted image markup cannot be a PRM turn: it scores 0, the others as before
+    mixed = step_scores(model, tokenizer, question, [responses[0], "see <image>\n\nthere", responses[1]], pixels)
+    assert mixed[1] == [0.0]
+    assert [mixed[0], mixed[2]] == [pytest.approx(s, abs=1e-5) for s in batched]
 
 
 def test_best_of_n_prefills_once_and_picks_by_score(tokenizer):

@@ -6,6 +6,15 @@
 from __future__ import annotations
 
 IMAGE_PLACEHOLDER = "<image>"
+IMAGE_MARKUP = ("<IMG_CONTEXT>", "<img>", "</img>", IMAGE_PLACEHOLDER)
+
+
+def has_image_markup(text: str) -> bool:
+    """A model's output that holds image markup cannot be fed back as text: its placeholders would ask
+    for images that are not there."""
+    return any(m in text for m in IMAGE_MARKUP)
+
+
 # internvl2_5's default system message ("I am InternVL, developed by Shanghai AI Lab, Tsinghua University and partners").
 DEFAULT_SYSTEM_MESSAGE = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}

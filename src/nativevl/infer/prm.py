@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from nativevl.data.processor import pad_batch
-from nativevl.data.template import IGNORE_INDEX, encode_conversation
+from nativevl.data.template import IGNORE_INDEX, encode_conversation, has_image_markup
 from nativevl.model.vlm import VisionLanguageModel
 
 PRM_SYSTEM_MESSAGE = (
@@ -86,11 +86,13 @@ def step_scores(
     batch_size: int = 8,
 ) -> list[list[float]]:
     """P('+') of every step of every response, one forward per response (batched, left padding).
-    `pixel_values` are the question's tiles (shared by all responses)."""
+    `pixel_values` are the question's tiles (shared by all responses). A response holding image markup
+    (`<image>`, `<IMG_CONTEXT>` ...) cannot be put in the PRM's turns as text: it scores [0.0]."""
     tiles_per_image = tiles_per_image or ([] if pixel_values is None else [int(pixel_values.shape[0])])
     good, bad = label_token_ids(tokenizer)
+    readable = [r for r in responses if not has_image_markup(r)]
     encoded = [encode_for_scoring(tokenizer, question, split_steps(r, max_steps) or [r.strip() or "."],
-                                  tiles_per_image, model.config.image_seq_length) for r in responses]
+                                  tiles_per_image, model.config.image_seq_length) for r in readable]
     device = model.device
     out: list[list[float]] = []
     for start in range(0, len(encoded), batch_size):
@@ -108,7 +110,8 @@ def step_scores(
             at = torch.tensor(slots, device=device) + (width - len(ids))
             pair = (hidden[row, at] @ head.t()).float()  # (steps, 2)
             out.append(pair.softmax(-1)[:, 0].tolist())
-    return out
+    scored = iter(out)
+    return [[0.0] if has_image_markup(r) else next(scored) for r in responses]
 
 
 def response_scores(model, tokenizer, question, responses, pixel_values=None, tiles_per_image=None, *,

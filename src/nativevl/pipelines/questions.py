@@ -12,7 +12,7 @@ from PIL import Image
 
 from nativevl.data.images import load_image
 from nativevl.data.processor import chat_inputs
-from nativevl.data.template import IMAGE_PLACEHOLDER, normalize_turns
+from nativevl.data.template import IMAGE_PLACEHOLDER, has_image_markup, normalize_turns  # noqa: F401 (re-export)
 from nativevl.data.toyworld.tasks import example, final_answer, normalize, verify
 from nativevl.infer.generate import generate_texts
 
@@ -81,15 +81,6 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int
         paths = [str((root / n).resolve()) for n in names]  # absolute: the output jsonl lives elsewhere
         out.append(Question(human[0], [load_image(p) for p in paths], gpt[-1] if gpt else None, "", paths))
     return out
-
-
-IMAGE_MARKUP = ("<IMG_CONTEXT>", "<img>", "</img>", "<image>")
-
-
-def has_image_markup(text: str) -> bool:
-    """A sampled response that emitted image tokens cannot be fed back as text (its placeholders
-    would ask for images that are not there): the pipelines drop such responses and count them."""
-    return any(m in text for m in IMAGE_MARKUP)
 
 
 def messages(question: str) -> list[dict[str, str]]:
