@@ -90,3 +90,11 @@ def test_train_names_the_inputs_a_recipe_needs(tmp_path, capsys):
     code = main(["train", "mpo", "--out", str(tmp_path / "b"), "--meta", str(tmp_path / "meta.json")])
     err = capsys.readouterr().err
     assert code == 2 and "recipe mpo needs --init_from" in err and "--meta" not in err
+
+
+def test_train_refuses_non_finite_or_negative_settings(tmp_path, capsys):
+    """--lr=nan used to be accepted (NaN passes every range check; the first update made every weight NaN)."""
+    code = main(["train", "debug_tiny", "--out", str(tmp_path / "a"), "--lr=nan"])
+    assert code == 2 and "lr must be a finite number >= 0, got nan" in capsys.readouterr().err
+    code = main(["train", "debug_tiny", "--out", str(tmp_path / "b"), "--warmup_steps=-1"])
+    assert code == 2 and "warmup_steps must be >= 0" in capsys.readouterr().err

@@ -450,6 +450,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"nativevl {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a run that stopped itself (non-finite loss, too many bad records): its message
+        from nativevl.data.pipeline import TooManyBadRecords
+        from nativevl.train.loop import NonFiniteLoss
+
+        if not isinstance(e, (NonFiniteLoss, TooManyBadRecords)):
+            raise
+        print(f"nativevl {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -363,6 +363,10 @@ class PackedDataset(IterableDataset):
         return batch
 
 
+class TooManyBadRecords(RuntimeError):
+    """The stream's rejected fraction passed DataConfig.max_reject_fraction."""
+
+
 class StreamTracker:
     """Follows the consumed batches of one rank: sums the per-shard record counts, aborts once the
     rejected fraction passes the limit, and keeps the state a checkpoint needs to resume exactly."""
@@ -391,7 +395,7 @@ class StreamTracker:
         self.states[stats["shard"]] = stats["state"]
         self.rotation = (stats["local_shard"] + 1) % stats["workers"]
         if self.seen >= self.min_records and self.fraction > self.max_fraction:
-            raise RuntimeError(
+            raise TooManyBadRecords(
                 f"data: {self.total_rejected} of {self.seen} records rejected ({self.fraction:.1%}), over the limit "
                 f"of {self.max_fraction:.1%}; by kind: {self.by_kind}. See the rejects files for each record."
             )

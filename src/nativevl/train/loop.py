@@ -70,6 +70,15 @@ class TrainConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.max_steps < 1 or self.global_batch < 1:
             raise ValueError(f"max_steps and global_batch must be >= 1, got {self.max_steps}, {self.global_batch}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "eps", "grad_clip", "mpo_beta"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:  # NaN passes every comparison; a NaN lr trains NaN weights
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("warmup_steps", "save_every", "num_workers", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
 
 
 class NonFiniteLoss(RuntimeError):
