@@ -59,3 +59,23 @@ def image_batch(cfg: ModelConfig, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     assert row0.numel() == row1.numel()
     pixel_values = torch.randn(4, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
     return torch.stack([row0, row1]), pixel_values
+
+
+def write_vit_folder(folder):
+    """A standalone InternViT folder (InternVisionModel names, no prefix) of the tiny preset; returns the
+    model whose vision tower it holds."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from nativevl import VisionLanguageModel
+    from nativevl.io import keymap
+    from nativevl.io.hf import config_to_internvl
+
+    model = VisionLanguageModel(preset("tiny"))
+    sd = {k.removeprefix("vision_model."): v.contiguous() for k, v in keymap.to_internvl(model.state_dict()).items()
+          if k.startswith("vision_model.")}
+    folder.mkdir()
+    save_file(sd, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config_to_internvl(preset("tiny"))["vision_config"]))
+    return model

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_model, image_batch, tiny_config
+from conftest import hf_model, image_batch, tiny_config, write_vit_folder
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -236,8 +236,6 @@ def test_init_from_parts_mean_initialises_new_tokens_inside_a_padded_vocab(tmp_p
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from nativevl.io import keymap
-    from nativevl.io.hf import config_to_internvl
     from nativevl.io.parts import init_from_parts
     from nativevl.io.tokenizer import INTERNVL_TOKENS
 
@@ -258,12 +256,7 @@ def test_init_from_parts_mean_initialises_new_tokens_inside_a_padded_vocab(tmp_p
     tokenizer.add_tokens(list(INTERNVL_TOKENS), special_tokens=True)
     new_ids = tokenizer.convert_tokens_to_ids(list(INTERNVL_TOKENS))
     assert new_ids == list(range(n_base, n_base + 9))
-    vit = VisionLanguageModel(preset("tiny"))
-    vit_sd = {k.removeprefix("vision_model."): v.contiguous() for k, v in keymap.to_internvl(vit.state_dict()).items()
-              if k.startswith("vision_model.")}
-    (tmp_path / "vit").mkdir()
-    save_file(vit_sd, str(tmp_path / "vit" / "model.safetensors"))
-    (tmp_path / "vit" / "config.json").write_text(json.dumps(config_to_internvl(preset("tiny"))["vision_config"]))
+    write_vit_folder(tmp_path / "vit")
 
     model = init_from_parts(tmp_path / "vit", tmp_path / "llm", tokenizer)
     sd = model.state_dict()

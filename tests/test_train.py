@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import write_vit_folder
 import torch
 
 from nativevl import VisionLanguageModel
@@ -175,11 +176,8 @@ def test_training_learns_and_the_export_loads_in_transformers(tmp_path):
 
 
 def test_init_from_parts(tmp_path, tokenizer):
-    from safetensors.torch import save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from nativevl.io import keymap
-    from nativevl.io.hf import config_to_internvl
     from nativevl.io.parts import init_from_parts
 
     # an LLM folder as transformers writes it, with a vocabulary that lacks InternVL's tokens
@@ -187,12 +185,7 @@ def test_init_from_parts(tmp_path, tokenizer):
                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
     llm.save_pretrained(tmp_path / "llm")
     # a standalone InternViT folder (InternVisionModel names, no prefix)
-    vit_model = VisionLanguageModel(preset("tiny"))
-    vit_sd = {k.removeprefix("vision_model."): v.contiguous() for k, v in keymap.to_internvl(vit_model.state_dict()).items()
-              if k.startswith("vision_model.")}
-    (tmp_path / "vit").mkdir()
-    save_file(vit_sd, str(tmp_path / "vit" / "model.safetensors"))
-    (tmp_path / "vit" / "config.json").write_text(json.dumps(config_to_internvl(preset("tiny"))["vision_config"]))
+    vit_model = write_vit_folder(tmp_path / "vit")
 
     model = init_from_parts(tmp_path / "vit", tmp_path / "llm", tokenizer)
     assert model.config.text.vocab_size == max(len(tokenizer), 300)
