@@ -131,6 +131,35 @@ def test_too_many_bad_records_stop_the_run(meta, tokenizer):
             pass
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_of_only_bad_records_stops_instead_of_hanging(tmp_path, tokenizer, workers):
+    """The limit was checked only when a batch was consumed; an endless stream whose records are all
+    bad made no batch, so training read it forever. Now the shard itself stops."""
+    meta = make_dataset(tmp_path, n_bad=0, n=20)
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(line.replace("img/", "gone/") if "img/" in line else
+                                                   json.dumps({"conversations": [{"from": "human", "value": "x"}]})
+                                                   for line in lines) + "\n")
+    cfg = data_config(max_records=None, max_reject_fraction=0.05, min_records_before_abort=30)
+    tracker = StreamTracker(cfg.max_reject_fraction, cfg.min_records_before_abort)
+    with pytest.raises(RuntimeError, match=r"records rejected \(100.0%\) in shard \d, the last \d+ records without a batch"):
+        for _ in iterate_batches(make_loader(PackedDataset(load_meta(meta), tokenizer, cfg), num_workers=workers), tracker):
+            pass
+
+
+def test_train_cli_reports_a_dataset_of_bad_records(tmp_path, capsys):
+    meta = make_dataset(tmp_path, n_bad=0, n=30)
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"conversations": [{"from": "human", "value": "x"}]})
+                                                   for _ in lines) + "\n")
+    code = cli_main(["train", "debug_tiny", "--out", str(tmp_path / "run"), "--meta", str(meta), "--max_steps=3",
+                     "--tensorboard=false", "--num_workers=1"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "stopped: data: " in err and "records rejected (100.0%)" in err and "no_assistant_turn" in err
+    assert "Traceback" not in err
+
+
 def batch_indices(loader) -> list[list[int]]:
     return [b.indices for b in loader]
 

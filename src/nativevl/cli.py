@@ -456,7 +456,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(e, (NonFiniteLoss, TooManyBadRecords)):
             raise
-        print(f"nativevl {args.command}: stopped: {e}", file=sys.stderr)
+        msg = str(e)
+        if "Original Traceback" in msg:  # raised in a DataLoader worker: the original message is the last line
+            msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"nativevl {args.command}: stopped: {msg}", file=sys.stderr)
         return 1
 
 

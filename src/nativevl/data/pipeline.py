@@ -237,6 +237,10 @@ class FileSource:
         return self.annotation.is_text_only()
 
 
+class TooManyBadRecords(RuntimeError):
+    """The stream's rejected fraction passed DataConfig.max_reject_fraction."""
+
+
 class PackedDataset(IterableDataset):
     """Endless (or `max_records`-long) stream of packed Batches for one data-parallel rank.
 
@@ -318,10 +322,12 @@ class PackedDataset(IterableDataset):
             self.rejects_dir.mkdir(parents=True, exist_ok=True)
             rejects = open(self.rejects_dir / f"rejects-rank{self.rank}-worker{worker}.jsonl", "a", encoding="utf-8")
         stop = self.cfg.max_records
+        since_batch = 0  # records read since this shard last made a batch
         try:
             i = state["next"]
             while stop is None or i < stop:
                 seen += 1
+                since_batch += 1
                 try:
                     done = packer.add(self.sample(i))
                 except RecordError as e:
@@ -331,7 +337,20 @@ class PackedDataset(IterableDataset):
                         rejects.write(json.dumps({"index": i, "kind": e.kind, "message": str(e)}) + "\n")
                         rejects.flush()
                     done = []
+                    # StreamTracker checks the limit per consumed batch; a shard whose records are (nearly)
+                    # all bad makes no batch, so it checks here rather than read the stream forever
+                    if since_batch >= self.cfg.min_records_before_abort:
+                        n_bad = sum(rejected.values())
+                        if n_bad / seen > self.cfg.max_reject_fraction:
+                            raise TooManyBadRecords(
+                                f"data: {n_bad} of {seen} records rejected ({n_bad / seen:.1%}) in shard {shard}, "
+                                f"the last {since_batch} records without a batch; over the limit of "
+                                f"{self.cfg.max_reject_fraction:.1%}; by kind: {dict(rejected)}. "
+                                "See the rejects files for each record."
+                            )
                 i += n_shards
+                if done:
+                    since_batch = 0
                 for j, pack in enumerate(done):
                     yield self._batch(pack, shard, (local, n_workers), i, packer.buffers + done[j + 1 :], seen, rejected)
             rest = packer.flush()
@@ -361,10 +380,6 @@ class PackedDataset(IterableDataset):
             },
         }
         return batch
-
-
-class TooManyBadRecords(RuntimeError):
-    """The stream's rejected fraction passed DataConfig.max_reject_fraction."""
 
 
 class StreamTracker:
