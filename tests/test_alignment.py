@@ -19,7 +19,7 @@ from PIL import Image
 
 from nativevl import VisionLanguageModel
 from nativevl.data.packing import Sample, collate
-from nativevl.data.template import IGNORE_INDEX
+from nativevl.data.template import IGNORE_INDEX, render_chat
 from nativevl.infer.prm import GOOD, encode_for_scoring, label_token_ids, prm_conversation, split_steps, step_scores
 from nativevl.pipelines.preference import correctness_pairs
 from nativevl.recipes import apply_overrides, launch, recipe
@@ -251,6 +251,15 @@ def test_best_of_n_prefills_once_and_picks_by_score(tokenizer):
     assert len(set(cands.texts)) > 1  # sampled, not six copies of the greedy answer
     means = [sum(s) / len(s) for s in cands.step_scores]
     assert best == cands.texts[max(range(6), key=lambda i: (means[i], -i))]
+    # a question with two images: the PRM places each image's tiles at its own placeholder
+    two = "Image-1: <image>\nImage-2: <image>\nwhich is red?"
+    pixels = torch.randn(3, 3, cfg.vision.image_size, cfg.vision.image_size)
+    prompt = tokenizer(render_chat([{"role": "user", "content": two}], tiles_per_image=[2, 1], system_message=None,
+                                   image_seq_length=cfg.image_seq_length), add_special_tokens=False).input_ids
+    _, cands = best_of_n(engine, model, tokenizer, two, prompt, pixels, n=3, max_tokens=6, seed=2,
+                         tiles_per_image=[2, 1])
+    assert cands.step_scores == [pytest.approx(s, abs=1e-5)
+                                 for s in step_scores(model, tokenizer, two, cands.texts, pixels, [2, 1])]
     votes = Candidates(["x\n\nFinal answer: 3", "Final answer: 4", "y\n\nFinal answer: 4", "Final answer: 3"])
     assert votes.pick("majority") == 0  # a tie goes to the earliest candidate's answer
     scored = Candidates(["a", "b", "c"], step_scores=[[0.9, 0.1], [0.6, 0.6], [0.1, 0.95]])

@@ -55,11 +55,13 @@ def sample_candidates(engine: Engine, input_ids: list[list[int]], pixel_values: 
 
 def best_of_n(engine: Engine, prm, tokenizer, question: str, input_ids: list[int], pixel_values: torch.Tensor | None, *,
               n: int = 8, temperature: float = 0.7, top_k: int = 0, max_tokens: int = 256, seed: int = 0,
-              scorer: str = "prm") -> tuple[str, Candidates]:
-    """The best of n samples for one prompt (`question` is its user text, which the PRM sees) and all candidates."""
+              scorer: str = "prm", tiles_per_image: list[int] | None = None) -> tuple[str, Candidates]:
+    """The best of n samples for one prompt (`question` is its user text, which the PRM sees) and all candidates.
+    A question with several images needs `tiles_per_image` (tiles of each `<image>` in order), as the PRM's
+    conversation places each image's tiles at its own placeholder; None: one image holding all tiles."""
     texts = sample_candidates(engine, [input_ids], [pixel_values], n=n, temperature=temperature, top_k=top_k,
                               max_tokens=max_tokens, seed=seed)[0]
     cands = Candidates(texts)
     if prm is not None:
-        cands.step_scores = step_scores(prm, tokenizer, question, texts, pixel_values)
+        cands.step_scores = step_scores(prm, tokenizer, question, texts, pixel_values, tiles_per_image)
     return texts[cands.pick(scorer)], cands
