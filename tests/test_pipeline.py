@@ -204,6 +204,13 @@ def test_mixture_is_deterministic_weighted_and_random_access():
         mixture_weights([1, 2], [1, 1], is_text=[False, False], text_ratio=0.25)
 
 
+def test_explicit_weights_and_text_ratio_conflict(meta, tokenizer):
+    """Weights given to PackedDataset used to override text_ratio without a word."""
+    with pytest.raises(ValueError, match="override DataConfig.text_ratio=0.25"):
+        PackedDataset(load_meta(meta), tokenizer, data_config(text_ratio=0.25), weights=[1.0])
+    assert PackedDataset(load_meta(meta), tokenizer, data_config(), weights=[1.0]).mixture is not None
+
+
 def test_video_record_becomes_frames(tmp_path, tokenizer):
     import av
 

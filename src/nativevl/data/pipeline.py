@@ -271,6 +271,9 @@ class PackedDataset(IterableDataset):
         empty = [src.name for src, n in zip(self.sources, sizes) if n == 0]
         if empty:
             raise ValueError(f"dataset(s) {empty} hold no records")
+        if weights is not None and cfg.text_ratio is not None:
+            raise ValueError(f"explicit mixture weights would override DataConfig.text_ratio={cfg.text_ratio}; "
+                             "give one of the two")
         if weights is None:
             is_text = [src.is_text_only() for src in self.sources] if cfg.text_ratio is not None else None
             weights = mixture_weights(sizes, [src.repeat_time for src in self.sources], is_text, cfg.text_ratio)
