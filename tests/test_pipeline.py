@@ -160,6 +160,24 @@ def test_train_cli_reports_a_dataset_of_bad_records(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_resume_writes_each_rejected_record_once(meta, tokenizer, tmp_path):
+    """Workers read ahead of the consumed batches; a resume re-reads those records and wrote the bad
+    ones to the rejects files a second time."""
+    specs = load_meta(meta)
+    cfg = data_config(max_records=120, max_reject_fraction=1.0)
+    tracker = StreamTracker(1.0)
+    for k, _ in enumerate(iterate_batches(make_loader(PackedDataset(specs, tokenizer, cfg, rejects_dir=tmp_path), 2),
+                                          tracker)):
+        if k == 1:
+            break
+    resumed = PackedDataset(specs, tokenizer, cfg, rejects_dir=tmp_path)
+    resumed.load_state_dict(tracker.state_dict())
+    for _ in make_loader(resumed, num_workers=1):
+        pass
+    written = [json.loads(line)["index"] for f in tmp_path.glob("rejects-*.jsonl") for line in f.read_text().splitlines()]
+    assert len(written) == len(set(written)) == 12  # 4 bad records x 3 passes, each once
+
+
 def batch_indices(loader) -> list[list[int]]:
     return [b.indices for b in loader]
 

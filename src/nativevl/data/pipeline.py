@@ -237,6 +237,18 @@ class FileSource:
         return self.annotation.is_text_only()
 
 
+def _written_rejects(folder: Path) -> set[int]:
+    """Stream indices already in a run's rejects files (every rank's and worker's: a resume may reshard)."""
+    out = set()
+    for path in folder.glob("rejects-rank*-worker*.jsonl"):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                out.add(int(json.loads(line)["index"]))
+            except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                continue
+    return out
+
+
 class TooManyBadRecords(RuntimeError):
     """The stream's rejected fraction passed DataConfig.max_reject_fraction."""
 
@@ -320,9 +332,11 @@ class PackedDataset(IterableDataset):
                     log.warning("record %d waiting in a pack at the checkpoint is now bad (%s): %s", i, e.kind, e)
             if rebuilt:
                 packer.buffers.append(rebuilt)
-        rejects = None
+        rejects, written = None, set()
         if self.rejects_dir is not None:
             self.rejects_dir.mkdir(parents=True, exist_ok=True)
+            if self.resume_states:  # records read ahead of the checkpoint were written before: once is enough
+                written = _written_rejects(self.rejects_dir)
             rejects = open(self.rejects_dir / f"rejects-rank{self.rank}-worker{worker}.jsonl", "a", encoding="utf-8")
         stop = self.cfg.max_records
         since_batch = 0  # records read since this shard last made a batch
@@ -336,7 +350,7 @@ class PackedDataset(IterableDataset):
                 except RecordError as e:
                     rejected[e.kind] = rejected.get(e.kind, 0) + 1
                     log.debug("skipped record %d (%s): %s", i, e.kind, e)
-                    if rejects is not None:
+                    if rejects is not None and i not in written:
                         rejects.write(json.dumps({"index": i, "kind": e.kind, "message": str(e)}) + "\n")
                         rejects.flush()
                     done = []
