@@ -320,12 +320,15 @@ def test_resume_takes_the_learning_rate_of_the_command(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["train"]["lr"] == 1e-5
 
 
-def test_logged_lr_is_the_runs_not_the_first_modules(tmp_path):
+def test_logged_lr_is_the_runs_not_the_first_modules(tmp_path, caplog):
     """pretrain gives the ViT its own learning rate (1e-5 against the run's 1e-4); the logged 'lr' was
-    the first parameter group's, i.e. the ViT's, so the run's --lr looked ignored."""
+    the first parameter group's, i.e. the ViT's, so the run's --lr looked ignored. A warmup longer than
+    the run (debug_tiny's 5 steps, 1 step here) is said in the log: the lr never reaches its peak."""
     run = apply_overrides(recipe("debug_tiny"), ["--max_steps=1", "--global_batch=1", "--tensorboard=false",
                                                  "--max_tokens=256", "--export=false", "--stage.vit.lr=1e-5"])
-    launch(run, tmp_path)
+    with caplog.at_level("WARNING", logger="nativevl.train.loop"):
+        launch(run, tmp_path)
+    assert "warmup_steps (5) >= max_steps (1): the learning rate never reaches --lr" in caplog.text
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     factor = loop.lr_factor(0, warmup_steps=run.train.warmup_steps, total_steps=1)
     assert record["lr"] == pytest.approx(run.train.lr * factor)

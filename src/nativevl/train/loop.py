@@ -101,6 +101,9 @@ def train(
         raise ValueError(f"global_batch {cfg.global_batch} is not divisible by the {world} processes")
     accum = cfg.global_batch // world
     main = rank == 0
+    if main and cfg.warmup_steps >= cfg.max_steps:
+        log.warning("warmup_steps (%d) >= max_steps (%d): the learning rate never reaches --lr (it ends at %.3g)",
+                    cfg.warmup_steps, cfg.max_steps, cfg.lr * cfg.max_steps / max(cfg.warmup_steps, 1))
     torch.manual_seed(cfg.seed + rank)
 
     model.to(device)
