@@ -55,6 +55,8 @@ def load_image(
             image.load()
         except (OSError, Image.DecompressionBombError, SyntaxError) as e:
             raise ValueError(f"cannot read image {name}: {e}") from None
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"image {name} is empty ({image.width}x{image.height} pixels)")
     if exif:
         image = ImageOps.exif_transpose(image)
     has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
@@ -79,6 +81,8 @@ def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
 
 def choose_grid(width: int, height: int, *, min_num: int = 1, max_num: int = 12, image_size: int = 448) -> tuple[int, int]:
     """InternVL's rule: the closest aspect ratio; on a tie, the larger grid if the image fills over half of it."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"cannot tile an empty image ({width}x{height} pixels)")
     aspect = width / height
     best, best_diff = (1, 1), float("inf")
     for cols, rows in candidate_grids(min_num, max_num):
