@@ -46,3 +46,13 @@ def test_plan_command(capsys):
     assert "fits in 80 GiB" in out and "optimizer" in out
     assert main(["plan", "sft", "--preset", "internvl3_2b", "--gpu_memory", "24"]) == 1
     assert "to fit:" in capsys.readouterr().out
+
+
+def _full(cfg):
+    return dict(param_counts(cfg))
+
+
+def test_no_gpu_memory_is_an_error_not_a_division_by_zero():
+    cfg = preset("tiny")
+    with pytest.raises(ValueError, match="gpu_bytes"):
+        plan(cfg, _full(cfg), gpus=1, tokens=512, tiles=2, activation_checkpointing=False, gpu_bytes=0)
