@@ -18,3 +18,14 @@ def test_zero_size_images_are_refused_by_name(size):
         img.image_to_tiles(Image.new("RGB", size))
     with pytest.raises(ValueError, match="empty"):
         img.load_image(np.zeros((size[1], size[0], 3), np.uint8))
+
+
+def test_tile_bounds_are_checked():
+    """min_num > max_num (or max_num < 1) left no candidate grid and silently gave one tile."""
+    with pytest.raises(ValueError, match="min_num"):
+        img.choose_grid(100, 100, min_num=5, max_num=2)
+    with pytest.raises(ValueError, match="max_num"):
+        img.choose_grid(100, 100, min_num=1, max_num=0)
+    with pytest.raises(ValueError, match="min_num"):
+        img.image_to_tiles(Image.new("RGB", (64, 64)), max_num=0)
+    assert img.choose_grid(100, 100, min_num=4, max_num=4) == (2, 2)  # still honoured when valid

@@ -69,6 +69,9 @@ def load_image(
 
 def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
     """All (cols, rows) with min_num <= cols*rows <= max_num, ordered by tile count."""
+    if not 1 <= min_num <= max_num:
+        # no grid would qualify, and the caller would silently get one tile
+        raise ValueError(f"tile bounds need 1 <= min_num <= max_num, got min_num={min_num}, max_num={max_num}")
     grids = {
         (i, j)
         for n in range(min_num, max_num + 1)
