@@ -56,3 +56,12 @@ def test_no_gpu_memory_is_an_error_not_a_division_by_zero():
     cfg = preset("tiny")
     with pytest.raises(ValueError, match="gpu_bytes"):
         plan(cfg, _full(cfg), gpus=1, tokens=512, tiles=2, activation_checkpointing=False, gpu_bytes=0)
+
+
+def test_one_gpu_counts_the_bf16_autocast_copies():
+    # one process trains the plain fp32 module under bf16 autocast: autocast caches a bf16 copy of every
+    # trainable weight for the forward, and backward keeps them; 4 B/param alone undercounts by a third
+    cfg = preset("internvl3_2b")
+    full = _full(cfg)
+    p = plan(cfg, full, gpus=1, tokens=16384, tiles=48, activation_checkpointing=False)
+    assert p.parameters >= 6 * sum(full.values())

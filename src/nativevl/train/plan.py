@@ -3,7 +3,8 @@
 Bytes per GPU under FSDP2 over N GPUs with bf16 compute (train/parallel.py):
 - parameters: fp32 master shards (4 B / N per parameter) + the bf16 copies gathered at once: the root
   (embeddings, projector, lm_head; kept gathered through the step) and two blocks (the running one
-  and the prefetched one);
+  and the prefetched one); on one GPU (no FSDP: fp32 module, bf16 autocast) the autocast copies of
+  all the weights backward goes through (2 B per parameter);
 - gradients: fp32 shards of the trainable parameters (4 B / N) + one gathered block's bf16 gradients;
 - optimiser: AdamW's two fp32 moments of the trainable parameters (8 B / N);
 - activations: what backward keeps for one pack (micro-batches run one after another) at the
@@ -111,9 +112,14 @@ def plan(
     vit, llm = vit_params(cfg), llm_params(cfg)
     total = sum(param_counts(cfg).values())
     n_train = sum(trainable.values())
-    gathered_root = 2 * (vit["root"] + mlp_params(cfg) + llm["root"]) if gpus > 1 else 0
-    gathered_blocks = 2 * 2 * max(vit["block"], llm["block"]) if gpus > 1 else 0
-    parameters = math.ceil(4 * total / gpus) * (2 if reference else 1) + gathered_root + gathered_blocks
+    if gpus > 1:
+        bf16_copies = 2 * (vit["root"] + mlp_params(cfg) + llm["root"]) + 2 * 2 * max(vit["block"], llm["block"])
+    else:
+        # one process: the plain fp32 module under bf16 autocast, which caches a bf16 copy of each
+        # trainable weight for the whole forward (and backward keeps the copies of the frozen weights it
+        # differentiates through); a frozen ViT runs without backward, its casts are transient
+        bf16_copies = 2 * (total - (param_counts(cfg)["vit"] if trainable.get("vit", 0) == 0 else 0))
+    parameters = math.ceil(4 * total / gpus) * (2 if reference else 1) + bf16_copies
     gradients = math.ceil(4 * n_train / gpus) + (2 * max(vit["block"], llm["block"]) if gpus > 1 else 0)
     optimizer = math.ceil(8 * n_train / gpus)
 
