@@ -65,3 +65,16 @@ def test_one_gpu_counts_the_bf16_autocast_copies():
     full = _full(cfg)
     p = plan(cfg, full, gpus=1, tokens=16384, tiles=48, activation_checkpointing=False)
     assert p.parameters >= 6 * sum(full.values())
+
+
+def test_gradients_count_the_fp32_reduce_scatter_and_the_gathered_root_grads():
+    # FSDP2 with reduce_dtype=float32: a block's bf16 gradients are copied into an fp32 reduce-scatter
+    # buffer of the whole block (2 + 4 B per parameter); the root (embeddings, lm_head) stays gathered
+    # through backward, so its bf16 gradients live until the end of backward
+    from nativevl.train.plan import llm_params
+
+    cfg = preset("internvl3_2b")
+    full = _full(cfg)
+    p = plan(cfg, full, gpus=8, tokens=16384, tiles=48, activation_checkpointing=True)
+    llm = llm_params(cfg)
+    assert p.gradients >= 4 * sum(full.values()) // 8 + 6 * llm["block"] + 2 * llm["root"]

@@ -5,7 +5,9 @@ Bytes per GPU under FSDP2 over N GPUs with bf16 compute (train/parallel.py):
   (embeddings, projector, lm_head; kept gathered through the step) and two blocks (the running one
   and the prefetched one); on one GPU (no FSDP: fp32 module, bf16 autocast) the autocast copies of
   all the weights backward goes through (2 B per parameter);
-- gradients: fp32 shards of the trainable parameters (4 B / N) + one gathered block's bf16 gradients;
+- gradients: fp32 shards of the trainable parameters (4 B / N) + one gathered block's bf16 gradients
+  and their fp32 reduce-scatter copy (6 B per parameter of the block) + the root's bf16 gradients
+  (it stays gathered, so they live through backward);
 - optimiser: AdamW's two fp32 moments of the trainable parameters (8 B / N);
 - activations: what backward keeps for one pack (micro-batches run one after another) at the
   recipe's tokens and tiles per pack, bf16, with flash/varlen attention (no T^2 score matrix);
@@ -120,7 +122,15 @@ def plan(
         # differentiates through); a frozen ViT runs without backward, its casts are transient
         bf16_copies = 2 * (total - (param_counts(cfg)["vit"] if trainable.get("vit", 0) == 0 else 0))
     parameters = math.ceil(4 * total / gpus) * (2 if reference else 1) + bf16_copies
-    gradients = math.ceil(4 * n_train / gpus) + (2 * max(vit["block"], llm["block"]) if gpus > 1 else 0)
+    gradients = math.ceil(4 * n_train / gpus)
+    if gpus > 1:
+        # reduce_dtype=float32: a block's bf16 gradients are copied into an fp32 reduce-scatter input of
+        # the whole block (2 + 4 B per parameter); the root stays gathered, so its bf16 gradients (lm_head
+        # first) live through the whole backward. Trainable parameters beyond a module's root are in blocks.
+        roots = {"vit": vit["root"], "mlp": mlp_params(cfg), "llm": llm["root"]}
+        train_root = {m: min(trainable.get(m, 0), r) for m, r in roots.items()}
+        block_trains = [b["block"] for m, b in (("vit", vit), ("llm", llm)) if trainable.get(m, 0) > train_root[m]]
+        gradients += 2 * sum(train_root.values()) + 6 * max(block_trains, default=0)
     optimizer = math.ceil(8 * n_train / gpus)
 
     t, v = cfg.text, cfg.vision
