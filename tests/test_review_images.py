@@ -29,3 +29,21 @@ def test_tile_bounds_are_checked():
     with pytest.raises(ValueError, match="min_num"):
         img.image_to_tiles(Image.new("RGB", (64, 64)), max_num=0)
     assert img.choose_grid(100, 100, min_num=4, max_num=4) == (2, 2)  # still honoured when valid
+
+
+def _png16(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_16_bit_grayscale_keeps_its_contrast():
+    """Pillow's convert('RGB') clips 16-bit values at 255, so a 16-bit PNG came out almost all white."""
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (8, 1))  # (8, 256) dark -> bright
+    for source in (_png16(ramp), Image.fromarray(ramp), Image.fromarray(ramp.astype(np.int32))):
+        got = np.asarray(img.load_image(source))[0, :, 0].astype(int)
+        assert got.shape == (256,)
+        assert abs(got[0] - 0) <= 1 and abs(got[-1] - 255) <= 1 and abs(got[128] - 128) <= 2, got[::32]
+    # an 8-bit-range image in 32-bit mode 'I' is left as it is
+    small = np.arange(256, dtype=np.int32)[None].repeat(4, 0)
+    assert np.array_equal(np.asarray(img.load_image(Image.fromarray(small)))[0, :, 0], np.arange(256))

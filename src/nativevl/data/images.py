@@ -32,6 +32,7 @@ def load_image(
 
     `exif` applies the EXIF orientation; `alpha_background` composites transparent images onto that
     colour (transformers' processors use white) instead of dropping the alpha channel (InternVL).
+    16-bit grayscale is scaled to 8 bits rather than clipped.
     """
     if isinstance(source, np.ndarray):
         if source.ndim != 3 or source.shape[2] not in (3, 4) or source.dtype != np.uint8:
@@ -59,6 +60,14 @@ def load_image(
         raise ValueError(f"image {name} is empty ({image.width}x{image.height} pixels)")
     if exif:
         image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit grayscale (PNG, TIFF): Pillow's convert("RGB") clips at 255, turning the image white
+        # (InternVL and transformers both do that); scale 0..65535 to 0..255 instead. Mode "I" holds
+        # 8-bit data just as often, so it is only scaled when some value is over 255.
+        values = np.asarray(image)
+        if image.mode != "I" or values.max() > 255:
+            values = (np.clip(values, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))  # mode L
     has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
     if alpha_background is not None and has_alpha:
         rgba = image.convert("RGBA")
