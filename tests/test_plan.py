@@ -78,3 +78,12 @@ def test_gradients_count_the_fp32_reduce_scatter_and_the_gathered_root_grads():
     p = plan(cfg, full, gpus=8, tokens=16384, tiles=48, activation_checkpointing=True)
     llm = llm_params(cfg)
     assert p.gradients >= 4 * sum(full.values()) // 8 + 6 * llm["block"] + 2 * llm["root"]
+
+
+def test_frozen_vit_keeps_no_activations_with_checkpointing():
+    cfg = preset("internvl3_2b")
+    frozen_vit = {**_full(cfg), "vit": 0}
+    for ac in (False, True):
+        with_tiles = plan(cfg, frozen_vit, gpus=8, tokens=16384, tiles=48, activation_checkpointing=ac)
+        no_tiles = plan(cfg, frozen_vit, gpus=8, tokens=16384, tiles=0, activation_checkpointing=ac)
+        assert with_tiles.activations == no_tiles.activations

@@ -138,7 +138,8 @@ def plan(
     per_llm = _llm_act_per_token_layer(cfg) * tokens
     per_vit = _vit_act_per_token_layer(cfg) * vit_tokens
     if trainable.get("vit", 0) == 0:
-        per_vit = 0  # a frozen ViT needs no backward (nothing upstream trains), so it keeps nothing
+        # a frozen ViT needs no backward (nothing upstream trains), so it keeps nothing, checkpointed or not
+        per_vit, vit_tokens = 0, 0
     if activation_checkpointing:
         activations = (2 * t.hidden_size * tokens * t.num_hidden_layers + per_llm
                        + 2 * v.hidden_size * vit_tokens * v.num_hidden_layers + per_vit)
