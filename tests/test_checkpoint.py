@@ -293,3 +293,23 @@ def test_original_string_only_chat_template_is_replaced_when_converted_to_hf(hf_
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
     text = converted.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\n<IMG_CONTEXT>\nwhat is it?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_llm_part_with_saved_rotary_inv_freq_buffers(tmp_path):
+    """Llama-2-era HF folders (meta-llama/Llama-2-7b-hf and its fine-tunes) store each layer's
+    `self_attn.rotary_emb.inv_freq` buffer; it is recomputed from the config, not a weight, and must
+    not make load_llm / init_from_parts fail with 'unexpected tensor'."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nativevl.io.parts import load_llm
+
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2))
+    llm.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    for i in range(2):
+        sd[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    _, tied, ours = load_llm(tmp_path)
+    assert not tied and not any("inv_freq" in k for k in ours)
+    assert "language_model.layers.1.self_attn.q_proj.weight" in ours and "lm_head.weight" in ours

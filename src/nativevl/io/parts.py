@@ -59,6 +59,8 @@ def load_llm(path: str | Path) -> tuple[TextConfig, bool, dict[str, torch.Tensor
     raw, _ = hfio.read_tensors(path)
     sd = {}
     for k, v in raw.items():
+        if k.endswith(".rotary_emb.inv_freq"):
+            continue  # a RoPE buffer older transformers saved (Llama-2 folders); recomputed from the config
         if k.startswith("model."):
             sd["language_model." + k[len("model."):]] = v
         elif k == "lm_head.weight":
