@@ -87,3 +87,18 @@ def test_frozen_vit_keeps_no_activations_with_checkpointing():
         with_tiles = plan(cfg, frozen_vit, gpus=8, tokens=16384, tiles=48, activation_checkpointing=ac)
         no_tiles = plan(cfg, frozen_vit, gpus=8, tokens=16384, tiles=0, activation_checkpointing=ac)
         assert with_tiles.activations == no_tiles.activations
+
+
+def test_smaller_pack_advice_fits_with_the_mpo_reference():
+    # MPO holds a frozen copy of the model: the suggested --max_tokens must fit with it too
+    import re
+
+    cfg = preset("internvl3_2b")
+    full = _full(cfg)
+    kw = {"gpus": 1, "activation_checkpointing": True, "loss_chunk": 4096, "gpu_bytes": 48 * GiB, "reference": True}
+    hints = advice(cfg, full, tokens=16384, tiles=48, **kw)
+    found = [re.search(r"--max_tokens=(\d+) --max_tiles=(\d+)", h) for h in hints]
+    found = [m for m in found if m]
+    assert found
+    for m in found:
+        assert plan(cfg, full, tokens=int(m[1]), tiles=int(m[2]), **kw).fits

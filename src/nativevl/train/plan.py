@@ -170,7 +170,7 @@ def advice(cfg: ModelConfig, trainable: dict[str, int], *, gpus: int, tokens: in
     smaller = tokens
     while smaller > 256 and not plan(cfg, trainable, gpus=gpus, tokens=smaller, activation_checkpointing=True,
                                      tiles=min(tiles, smaller // max(cfg.image_seq_length, 1)), loss_chunk=loss_chunk,
-                                     gpu_bytes=gpu_bytes).fits:
+                                     gpu_bytes=gpu_bytes, reference=reference).fits:
         smaller //= 2
     if smaller < tokens and smaller > 256:
         out.append(f"--max_tokens={smaller} --max_tiles={min(tiles, smaller // max(cfg.image_seq_length, 1))} "
