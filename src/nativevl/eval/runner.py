@@ -25,6 +25,14 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _resolve(tasks: list[str]) -> list:
+    """Every task, checked before any runs (an unknown name used to stop the run after the tasks before
+    it had been generated for; an empty list wrote an empty report)."""
+    if not tasks:
+        raise ValueError("no tasks to evaluate")
+    return [get_task(name) for name in tasks]
+
+
 def chance_level(task, seed: int, n: int = 2000) -> float:
     """Accuracy of always giving the most frequent answer of each question kind, measured on `n`
     generated questions (more than an evaluation holds, so that the estimate is not inflated)."""
@@ -54,11 +62,11 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10
     """
     if n < 1:
         raise ValueError(f"n must be >= 1 question per task, got {n}")
+    resolved = _resolve(tasks)
     if model is not None:
         model.eval()
     report = {}
-    for name in tasks:
-        task = get_task(name)
+    for name, task in zip(tasks, resolved):
         items = task.load(n, seed)
         mine = items[rank::world_size]
         if predictor is not None:
@@ -101,6 +109,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
     samples come from one prefill (the engine clones it) with seed (seed + question index)."""
     if n < 1 or samples < 1:
         raise ValueError(f"n must be >= 1 question per task and samples >= 1, got n={n}, samples={samples}")
+    resolved = _resolve(tasks)
     from nativevl.infer.best_of_n import Candidates, sample_candidates
     from nativevl.infer.engine import Engine, SamplingParams
     from nativevl.infer.prm import step_scores
@@ -108,8 +117,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
     model.eval()
     cfg = model.config
     report = {}
-    for name in tasks:
-        task = get_task(name)
+    for name, task in zip(tasks, resolved):
         items = task.load(n, seed)
         asked = [task.prompt(it) for it in items]
         prompts = [chat_inputs(tokenizer, *q, image_size=cfg.vision.image_size,

@@ -1,0 +1,31 @@
+"""Evaluation edge cases: the task list is checked before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from nativevl.eval.runner import evaluate, evaluate_best_of_n
+
+
+def _oracle(calls):
+    def predictor(task, items):
+        calls.append(task.name)
+        return [it.answer for it in items]
+
+    return predictor
+
+
+def test_an_empty_task_list_is_an_error_not_an_empty_report():
+    with pytest.raises(ValueError, match="no tasks"):
+        evaluate(None, None, [], n=3, predictor=_oracle([]))
+    with pytest.raises(ValueError, match="no tasks"):
+        evaluate_best_of_n(None, None, [], n=3)
+
+
+def test_an_unknown_task_fails_before_any_task_runs():
+    calls = []
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        evaluate(None, None, ["shapes", "nope"], n=3, predictor=_oracle(calls))
+    assert calls == []  # not after evaluating (with a model: generating for) the tasks before it
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        evaluate_best_of_n(None, None, ["shapes", "nope"], n=3)
