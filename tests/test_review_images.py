@@ -47,3 +47,13 @@ def test_16_bit_grayscale_keeps_its_contrast():
     # an 8-bit-range image in 32-bit mode 'I' is left as it is
     small = np.arange(256, dtype=np.int32)[None].repeat(4, 0)
     assert np.array_equal(np.asarray(img.load_image(Image.fromarray(small)))[0, :, 0], np.arange(256))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_tiling_a_non_rgb_image_directly(mode):
+    """tile_array / tile_image on an image not passed through load_image (grayscale, RGBA, palette)
+    failed with numpy's 'cannot reshape array'; they now tile its RGB conversion."""
+    pic = Image.new("RGB", (120, 60), (200, 100, 50)).convert(mode)
+    want = img.tile_array(pic.convert("RGB"), image_size=28, max_num=4)
+    assert np.array_equal(img.tile_array(pic, image_size=28, max_num=4), want)
+    assert len(img.tile_image(pic, image_size=28, max_num=4)) == want.shape[0] == 3

@@ -119,6 +119,8 @@ def tile_array(
 ) -> np.ndarray:
     """Tiles (+ thumbnail) as one uint8 array (N, 3, S, S): one resize, crops as a reshape, no per-tile objects."""
     s = image_size
+    if image.mode != "RGB":  # callers that skipped load_image: grayscale, RGBA, palette
+        image = image.convert("RGB")
     cols, rows = choose_grid(image.width, image.height, min_num=min_num, max_num=max_num, image_size=s)
     big = np.asarray(image.resize((cols * s, rows * s), Image.BICUBIC))  # (rows*S, cols*S, 3)
     parts = [big.reshape(rows, s, cols, s, 3).transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, s, s)]  # row-major
