@@ -75,11 +75,19 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int
         image, more = rec.get("image"), rec.get("images")  # either key, as the training loader reads them
         names = image if image not in (None, []) else (more or [])
         names = [names] if isinstance(names, str) else names
+        # a number or an object (iterated: its keys) would become a path; "" would be the folder itself
+        if not isinstance(names, list) or not all(isinstance(x, str) and x.strip() for x in names):
+            raise ValueError(f"{path}:{lineno}: 'image'/'images' must be a file name or a list of file names, "
+                             f"got {names!r}")
         n = human[0].count(IMAGE_PLACEHOLDER)
         if n and n != len(names):
             raise ValueError(f"{path}:{lineno}: {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(names)} image(s)")
         paths = [str((root / n).resolve()) for n in names]  # absolute: the output jsonl lives elsewhere
-        out.append(Question(human[0], [load_image(p) for p in paths], gpt[-1] if gpt else None, "", paths))
+        try:
+            images = [load_image(p) for p in paths]
+        except (OSError, ValueError) as e:  # a missing or unreadable image: say which record names it
+            raise ValueError(f"{path}:{lineno}: {e}") from None
+        out.append(Question(human[0], images, gpt[-1] if gpt else None, "", paths))
     return out
 
 
