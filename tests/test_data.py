@@ -275,3 +275,24 @@ def test_meta_bad_settings_are_named(tmp_path, bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=f"meta.json: dataset 'mine' {key}"):
         load_meta(tmp_path / "meta.json")
+
+
+def test_processor_from_an_original_layout_folder_reads_config_json(tmp_path, tokenizer):
+    """An original (InternVLChatModel) folder has no processor_config.json and at most CLIP's
+    preprocessor_config.json: tile size, tokens per tile and tile bounds are in config.json
+    (force_image_size, downsample_ratio, min/max_dynamic_patch, use_thumbnail). The processor used
+    the -hf defaults (448 px, 256 tokens), so a non-448 model got the wrong number of image tokens."""
+    import json
+
+    from test_model import make_model
+
+    make_model().save_pretrained(tmp_path, layout="internvl", tokenizer=tokenizer)
+    proc = Processor.from_pretrained(tmp_path)
+    assert (proc.image_size, proc.image_seq_length, proc.max_patches, proc.use_thumbnail) == (56, 4, 12, True)
+    d = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**d, "max_dynamic_patch": 6, "use_thumbnail": False}))
+    proc = Processor.from_pretrained(tmp_path)
+    assert (proc.max_patches, proc.use_thumbnail) == (6, False)
+    assert proc(text="<image>", images=Image.new("RGB", (100, 50)))["pixel_values"].shape == (2, 3, 56, 56)
+    (tmp_path / "config.json").write_text(json.dumps({**d, "dynamic_image_size": False}))
+    assert Processor.from_pretrained(tmp_path).max_patches == 1
