@@ -85,7 +85,9 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int
         paths = [str((root / n).resolve()) for n in names]  # absolute: the output jsonl lives elsewhere
         try:
             images = [load_image(p) for p in paths]
-        except (OSError, ValueError) as e:  # a missing or unreadable image: say which record names it
+        except FileNotFoundError as e:  # a missing or unreadable image: say which record names it
+            raise FileNotFoundError(f"{path}:{lineno}: {e}") from None
+        except (OSError, ValueError) as e:
             raise ValueError(f"{path}:{lineno}: {e}") from None
         out.append(Question(human[0], images, gpt[-1] if gpt else None, "", paths))
     return out
