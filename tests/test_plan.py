@@ -102,3 +102,10 @@ def test_smaller_pack_advice_fits_with_the_mpo_reference():
     assert found
     for m in found:
         assert plan(cfg, full, tokens=int(m[1]), tiles=int(m[2]), **kw).fits
+
+
+def test_a_loss_chunk_below_one_is_an_error_not_a_free_loss():
+    # training cannot run with loss_chunk 0 (range step 0); the plan counted the logits as 0 bytes
+    cfg = preset("tiny")
+    with pytest.raises(ValueError, match="loss_chunk"):
+        plan(cfg, _full(cfg), gpus=1, tokens=512, tiles=2, activation_checkpointing=False, loss_chunk=0)

@@ -109,6 +109,8 @@ def plan(
     reference: MPO's frozen copy of the initial model, sharded like the policy (fp32, no gradients)."""
     if gpus < 1 or tokens < 1 or tiles < 0:
         raise ValueError(f"gpus and tokens must be >= 1 and tiles >= 0, got {gpus}, {tokens}, {tiles}")
+    if loss_chunk < 1:
+        raise ValueError(f"loss_chunk must be >= 1 labelled position, got {loss_chunk}")
     if gpu_bytes <= 0:
         raise ValueError(f"gpu_bytes (--gpu_memory) must be > 0, got {gpu_bytes}")
     vit, llm = vit_params(cfg), llm_params(cfg)
