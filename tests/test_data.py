@@ -287,6 +287,8 @@ def test_processor_from_an_original_layout_folder_reads_config_json(tmp_path, to
     from test_model import make_model
 
     make_model().save_pretrained(tmp_path, layout="internvl", tokenizer=tokenizer)
+    clip = {"crop_size": 448, "size": 448, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(clip))  # as the hub's original repos ship
     proc = Processor.from_pretrained(tmp_path)
     assert (proc.image_size, proc.image_seq_length, proc.max_patches, proc.use_thumbnail) == (56, 4, 12, True)
     d = json.loads((tmp_path / "config.json").read_text())
@@ -296,3 +298,15 @@ def test_processor_from_an_original_layout_folder_reads_config_json(tmp_path, to
     assert proc(text="<image>", images=Image.new("RGB", (100, 50)))["pixel_values"].shape == (2, 3, 56, 56)
     (tmp_path / "config.json").write_text(json.dumps({**d, "dynamic_image_size": False}))
     assert Processor.from_pretrained(tmp_path).max_patches == 1
+
+
+def test_processor_from_an_hf_folder_without_processor_files_reads_config_json(tmp_path, tokenizer):
+    """transformers' model.save_pretrained writes no processor files: tile size and tokens per tile
+    must then come from config.json, not the 448 px / 256-token defaults."""
+    from test_model import make_model
+
+    make_model().save_pretrained(tmp_path, tokenizer=tokenizer)
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        (tmp_path / name).unlink()
+    proc = Processor.from_pretrained(tmp_path)
+    assert (proc.image_size, proc.image_seq_length) == (56, 4)

@@ -72,6 +72,14 @@ class Processor:
         path = Path(path)
         tokenizer = load_tokenizer(path)
         kwargs = {}
+        cfg_file = path / "config.json"
+        model_d = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        if model_d.get("model_type") in ("internvl", "internvl_chat"):
+            # what the model itself needs; for -hf folders the processor files below take precedence
+            from nativevl.io.hf import read_config
+
+            cfg, _ = read_config(path)
+            kwargs["image_size"], kwargs["image_seq_length"] = cfg.vision.image_size, cfg.image_seq_length
         pre = path / "preprocessor_config.json"
         if pre.is_file():
             d = json.loads(pre.read_text())
@@ -87,19 +95,14 @@ class Processor:
         proc = path / "processor_config.json"
         if proc.is_file():
             kwargs["image_seq_length"] = int(json.loads(proc.read_text()).get("image_seq_length", 256))
-        cfg_file = path / "config.json"
-        d = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        if d.get("model_type") == "internvl_chat":
+        if model_d.get("model_type") == "internvl_chat":
             # The original layout keeps these in config.json; its preprocessor_config.json (if any) is
             # CLIP's, and it has no processor_config.json.
-            from nativevl.io.hf import read_config
-
-            cfg, _ = read_config(path)
             kwargs["image_size"], kwargs["image_seq_length"] = cfg.vision.image_size, cfg.image_seq_length
-            dynamic = bool(d.get("dynamic_image_size", True))
-            kwargs["min_patches"] = int(d.get("min_dynamic_patch", 1)) if dynamic else 1
-            kwargs["max_patches"] = int(d.get("max_dynamic_patch", 12)) if dynamic else 1
-            kwargs["use_thumbnail"] = bool(d.get("use_thumbnail", True))
+            dynamic = bool(model_d.get("dynamic_image_size", True))
+            kwargs["min_patches"] = int(model_d.get("min_dynamic_patch", 1)) if dynamic else 1
+            kwargs["max_patches"] = int(model_d.get("max_dynamic_patch", 12)) if dynamic else 1
+            kwargs["use_thumbnail"] = bool(model_d.get("use_thumbnail", True))
         return cls(tokenizer, **kwargs)
 
     def tile(self, image) -> torch.Tensor:
