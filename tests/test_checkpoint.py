@@ -313,3 +313,19 @@ def test_llm_part_with_saved_rotary_inv_freq_buffers(tmp_path):
     _, tied, ours = load_llm(tmp_path)
     assert not tied and not any("inv_freq" in k for k in ours)
     assert "language_model.layers.1.self_attn.q_proj.weight" in ours and "lm_head.weight" in ours
+
+
+def test_llm_part_untied_without_lm_head_is_named(tmp_path):
+    """A folder whose config does not tie the embeddings but that holds no lm_head.weight failed
+    init_from_parts with a bare KeyError('lm_head.weight')."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nativevl.io.parts import load_llm
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    del sd["lm_head.weight"]
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lm_head.weight.*tie_word_embeddings"):
+        load_llm(tmp_path)

@@ -67,7 +67,11 @@ def load_llm(path: str | Path) -> tuple[TextConfig, bool, dict[str, torch.Tensor
             sd[k] = v
         else:
             raise ValueError(f"{path}: unexpected tensor {k!r} for a causal LM folder")
-    return text, bool(d.get("tie_word_embeddings", False)), sd
+    tied = bool(d.get("tie_word_embeddings", False))
+    if not tied and "lm_head.weight" not in sd:
+        raise ValueError(f"{path}: no lm_head.weight, and config.json does not set tie_word_embeddings "
+                         "(set it to true if the output layer shares the input embeddings)")
+    return text, tied, sd
 
 
 def _llm_tokenizer_size(path: Path) -> int | None:
