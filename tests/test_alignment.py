@@ -266,6 +266,37 @@ def test_best_of_n_prefills_once_and_picks_by_score(tokenizer):
     assert scored.pick("prm") == 1 and scored.pick("outcome") == 2
 
 
+def test_prm_step_lm_learns_the_steps_that_are_right_so_far(tokenizer):
+    from nativevl.data.pipeline import DataConfig, build_sample
+    from nativevl.data.records import Record
+
+    conv = prm_conversation("what is shown?", ["one", "two", "three"], ["+", "+", "-"])
+    record = Record(conversations=conv, source="prm")
+    base = build_sample(record, tokenizer, DataConfig(image_token_id=5, system_message=None, prm_placeholder="+"))
+    cfg = DataConfig(image_token_id=5, system_message=None, prm_placeholder="+", prm_step_lm=0.25)
+    sample = build_sample(record, tokenizer, cfg)
+    assert (sample.input_ids == base.input_ids).all()  # the input is the same, placeholders included
+    labelled = sample.labels != IGNORE_INDEX
+    text = tokenizer.decode(sample.input_ids[labelled & (base.labels == IGNORE_INDEX)])
+    assert "one" in text and "two" in text and "three" not in text  # the third step is the error
+    assert "### Question" in text  # the first user turn (question and first step) is right so far
+    old = base.labels != IGNORE_INDEX
+    assert (sample.labels[old] == base.labels[old]).all() and (sample.label_weights[old] == 1).all()
+    assert np.allclose(sample.label_weights[labelled & ~old], 0.25)
+    # collate applies the multiplier: an added target weighs 0.25 of a label token
+    batch = collate([sample], "token")
+    w = batch.loss_weights.numpy()
+    targets = np.concatenate([sample.labels[1:], [IGNORE_INDEX]])
+    assert set(np.round(w[targets != IGNORE_INDEX], 6)) == {0.25, 1.0}
+    plain = collate([base], "token").loss_weights.numpy()
+    assert (w[plain > 0] == 1).all()
+    with pytest.raises(ValueError, match="set prm_placeholder"):
+        DataConfig(prm_step_lm=0.5)
+    # a solution wrong from its first step learns no step text
+    wrong = build_sample(Record(conversations=prm_conversation("q?", ["a", "b"], ["-", "-"]), source="p"), tokenizer, cfg)
+    assert ((wrong.labels != IGNORE_INDEX) == (wrong.label_weights == 1)).all()
+
+
 def test_prm_training_shows_placeholders_and_learns_true_labels(tokenizer):
     from nativevl.data.pipeline import DataConfig, build_sample
     from nativevl.data.records import Record

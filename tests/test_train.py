@@ -333,3 +333,30 @@ def test_logged_lr_is_the_runs_not_the_first_modules(tmp_path, caplog):
     factor = loop.lr_factor(0, warmup_steps=run.train.warmup_steps, total_steps=1)
     assert record["lr"] == pytest.approx(run.train.lr * factor)
     assert record["lr_vit"] == pytest.approx(1e-5 * factor)
+
+
+def test_grown_llm_computes_what_the_original_does_and_trains_its_new_blocks(tmp_path):
+    """--grow_layers adds identity-initialised LLM blocks (a PRM from a small policy): the grown model's
+    logits equal the original's, its new blocks train, and it needs --init_from."""
+    from conftest import image_batch
+    from test_model import make_model
+
+    from nativevl.io.parts import grow_llm_depth
+
+    model = make_model()
+    grown = grow_llm_depth(model, 2, seed=1).eval()
+    n = model.config.text.num_hidden_layers
+    assert grown.config.text.num_hidden_layers == n + 2
+    input_ids, pixel_values = image_batch(model.config)
+    with torch.no_grad():
+        want = model(input_ids=input_ids, pixel_values=pixel_values).logits
+        got = grown(input_ids=input_ids, pixel_values=pixel_values).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    grown.train()
+    loss = grown(input_ids=input_ids, pixel_values=pixel_values).logits.square().mean()
+    loss.backward()
+    assert grown.language_model.layers[n].mlp.down_proj.weight.grad.abs().sum() > 0
+    assert torch.equal(grow_llm_depth(model, 2, seed=1).state_dict()[f"language_model.layers.{n}.mlp.up_proj.weight"],
+                       grown.state_dict()[f"language_model.layers.{n}.mlp.up_proj.weight"])  # seeded
+    with pytest.raises(ValueError, match="needs --init_from"):
+        build(apply_overrides(recipe("debug_tiny"), ["--grow_layers=1"]), tmp_path)

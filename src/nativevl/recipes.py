@@ -24,6 +24,7 @@ class ModelSource:
     vit_from: str | None = None  # native pre-training: the ViT of this checkpoint ...
     llm_from: str | None = None  # ... and the LLM of this Qwen2 / llama-style folder
     tokenizer: str | None = None  # tokenizer folder (default: init_from, then llm_from)
+    grow_layers: int = 0  # LLM blocks added after the last, starting as the identity (io.parts.grow_llm_depth)
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ def build(run: Run, out_dir: str | Path):
     from nativevl.data.pipeline import PackedDataset
     from nativevl.data.records import load_meta
     from nativevl.io.hf import load_model
-    from nativevl.io.parts import init_from_parts
+    from nativevl.io.parts import grow_llm_depth, init_from_parts
     from nativevl.io.tokenizer import load_tokenizer, train_tokenizer
     from nativevl.model.vlm import VisionLanguageModel
     from nativevl.train.parallel import init_distributed
@@ -268,6 +269,10 @@ def build(run: Run, out_dir: str | Path):
         torch.manual_seed(run.train.seed)
         model = VisionLanguageModel(cfg)
         model.init_weights()
+    if src.grow_layers:
+        if not src.init_from:
+            raise ValueError("--grow_layers grows a trained model: it needs --init_from")
+        model = grow_llm_depth(model, src.grow_layers, seed=run.train.seed)
     mcfg = model.config
     # a checkpoint and a tokenizer that disagree fail here, by name, not as an IndexError in the first
     # forward or as every record rejected for its image placeholders

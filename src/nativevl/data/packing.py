@@ -30,8 +30,12 @@ class Sample:
     # a preference pair: this document is the chosen response and `rejected` (input_ids, labels,
     # position_ids) the rejected one; both use this sample's tiles, which the batch holds once
     rejected: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # per-token loss multiplier aligned with labels (None: 1 everywhere), e.g. a PRM's step-text targets
+    label_weights: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.label_weights is not None and len(self.label_weights) != len(self.labels):
+            raise ValueError(f"{self.source}: label_weights ({len(self.label_weights)}) and labels ({len(self.labels)}) differ")
         docs = [(self.input_ids, self.labels, self.position_ids)] + ([self.rejected] if self.rejected else [])
         for ids, labels, positions in docs:
             if len(labels) != len(ids) or len(positions) != len(ids):
@@ -125,7 +129,9 @@ def collate(samples: list[Sample], loss_reduction: str = "square") -> Batch:
     ids, positions, targets, weights, lengths = [], [], [], [], []
     pairs, tile_index, tiles, n_tiles = [], [], [], 0
     for s in samples:
-        docs = [(s.input_ids, s.labels, s.position_ids, document_weight(s.num_targets, loss_reduction))]
+        w = document_weight(s.num_targets, loss_reduction)
+        scale = None if s.label_weights is None else w * np.concatenate([s.label_weights[1:], [0.0]])
+        docs = [(s.input_ids, s.labels, s.position_ids, w if scale is None else scale)]
         if s.rejected is not None:
             pairs.append((len(lengths), len(lengths) + 1))
             docs.append((*s.rejected, 0.0))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +59,17 @@ class DataConfig:
     # as at scoring time (every slot '+'), while the target keeps the true label. Otherwise the model
     # learns to copy the previous turn's label instead of reading the step.
     prm_placeholder: str | None = None
+    # PRM training: also learn the text of every step that is right so far (its own label and all
+    # before it '+'), each token at this weight (a label token weighs 1; 0: labels only). It keeps the
+    # policy's computation of the next step alive inside the PRM's conversation, which a small PRM
+    # needs to check the step (docs/results/alignment.md).
+    prm_step_lm: float = 0.0
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.prm_step_lm) or self.prm_step_lm < 0:
+            raise ValueError(f"prm_step_lm must be a finite number >= 0, got {self.prm_step_lm}")
+        if self.prm_step_lm and self.prm_placeholder is None:
+            raise ValueError("prm_step_lm applies to PRM training: set prm_placeholder too")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         if self.v2pe not in ("off", "random", "fixed"):
@@ -146,8 +156,12 @@ def build_sample(record: Record | PreferenceRecord, tokenizer, cfg: DataConfig, 
             kind = "placeholder_mismatch" if "placeholder" in str(e) else "malformed"
             raise RecordError(kind, f"{record.source}: {e}") from None
     input_ids = np.asarray(input_ids, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
+    label_weights = None
     if cfg.prm_placeholder is not None and record.text is None:
-        input_ids = _prm_placeholders(input_ids, np.asarray(labels), tokenizer, cfg.prm_placeholder)
+        input_ids = _prm_placeholders(input_ids, labels, tokenizer, cfg.prm_placeholder)
+        if cfg.prm_step_lm:
+            labels, label_weights = _prm_step_targets(input_ids, labels, tokenizer, cfg)
     n_slots = int((input_ids == cfg.image_token_id).sum())
     n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
     if n_slots != n_tiles * cfg.image_seq_length:
@@ -162,7 +176,7 @@ def build_sample(record: Record | PreferenceRecord, tokenizer, cfg: DataConfig, 
         rng=rng,
         delta=cfg.v2pe_delta,
     )
-    sample = Sample(input_ids, np.asarray(labels, dtype=np.int64), positions, pixel_values, record.source, index)
+    sample = Sample(input_ids, labels, positions, pixel_values, record.source, index, label_weights=label_weights)
     return _checked(sample, cfg)
 
 
@@ -175,6 +189,35 @@ def _prm_placeholders(input_ids: np.ndarray, labels: np.ndarray, tokenizer, plac
     out = input_ids.copy()
     out[starts] = ids[0]
     return out
+
+
+def _prm_step_targets(input_ids: np.ndarray, labels: np.ndarray, tokenizer, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and per-token weights with the user turns of the steps that are right so far learnt too.
+
+    Turns are found at `<|im_start|>`; a user turn followed by an assistant turn is a step, right so
+    far while every label up to its own is '+'. Its tokens after its last image token become targets
+    at weight cfg.prm_step_lm; the labels keep weight 1."""
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    good = tokenizer("+", add_special_tokens=False).input_ids
+    image_ids = [cfg.image_token_id] + [t for t in tokenizer.convert_tokens_to_ids(["<img>", "</img>"])
+                                        if t is not None and t != tokenizer.unk_token_id]
+    starts = np.flatnonzero(input_ids == im_start).tolist()
+    turns = list(zip(starts, starts[1:] + [len(input_ids)], strict=True))
+    answered = [bool((labels[a:b] != IGNORE_INDEX).any()) for a, b in turns]
+    out = labels.copy()
+    weights = np.where(labels != IGNORE_INDEX, 1.0, 0.0).astype(np.float32)
+    for k, (a, b) in enumerate(turns[:-1]):
+        if answered[k] or not answered[k + 1]:
+            continue
+        na, nb = turns[k + 1]
+        label = labels[na + int(np.flatnonzero(labels[na:nb] != IGNORE_INDEX)[0])]
+        if [int(label)] != good:
+            break  # this step and every later one follow an error
+        images = np.flatnonzero(np.isin(input_ids[a:b], image_ids))
+        lo = a + (int(images[-1]) + 1 if len(images) else 0)
+        out[lo:b] = input_ids[lo:b]
+        weights[lo:b] = cfg.prm_step_lm
+    return out, weights
 
 
 def _checked(sample: Sample, cfg: DataConfig) -> Sample:

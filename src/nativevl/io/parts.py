@@ -138,3 +138,35 @@ def init_from_parts(
         raise ValueError(f"the ViT / LLM parts lack {len(missing)} tensor(s), e.g. {missing[:5]}")
     model.load_state_dict({**vit_sd, **llm_sd}, strict=False)
     return model
+
+
+def grow_llm_depth(model: VisionLanguageModel, layers: int, seed: int = 0) -> VisionLanguageModel:
+    """A copy of `model` with `layers` more LLM blocks after its last, each starting as the identity
+    (attention output and MLP down projections zero, so the residual stream passes through unchanged):
+    the grown model computes exactly what the original does, and training uses the new depth.
+
+    Used for a process reward model initialised from a small policy: checking a step needs the
+    policy's own computation of the step and then a comparison carried to the label slot, which is
+    more layers than the policy spends on computing it."""
+    if layers < 0:
+        raise ValueError(f"grow_layers must be >= 0, got {layers}")
+    if layers == 0:
+        return model
+    cfg = model.config
+    grown_cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=cfg.text.num_hidden_layers + layers))
+    with torch.random.fork_rng(devices=[]):  # the new blocks' other weights: PyTorch's default init, seeded
+        torch.manual_seed(seed)
+        grown = VisionLanguageModel(grown_cfg)
+    grown = grown.to(dtype=next(model.parameters()).dtype)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    first_new = cfg.text.num_hidden_layers
+    if unexpected or any(not k.startswith("language_model.layers.") for k in missing):
+        raise RuntimeError(f"growing the LLM left keys unmatched: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for block in grown.language_model.layers[first_new:]:
+            block.self_attn.o_proj.weight.zero_()
+            if block.self_attn.o_proj.bias is not None:
+                block.self_attn.o_proj.bias.zero_()
+            block.mlp.down_proj.weight.zero_()
+    log.info("LLM grown from %d to %d blocks (new blocks start as the identity)", first_new, grown_cfg.text.num_hidden_layers)
+    return grown
