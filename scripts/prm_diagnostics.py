@@ -8,8 +8,20 @@ isolated: can the policy model learn to check an addition at all? It trains the 
           the check with nothing before the turn, and with a system turn / an earlier turn / 20 filler
           tokens before it (the situation of every step in a real PRM conversation).
 
+sums:     does a model predict the true partial sum after ' =' inside the PRM conversation (steps in
+          user turns), as it does in its own answer? (The SFT policy: 61/84 in its answer, 12/84 there.)
+labels:   how the Monte Carlo step labels of `nativevl data prm` files compare with exact labels (a
+          step is right when the solution so far equals the generator's reference), the kind of each
+          solution's first error; --write DIR writes the same solutions with the exact labels.
+synthetic: trains a PRM (optionally grown by --grow identity blocks, optionally with the step-text
+          loss --step_lm) on solutions with one perturbed addition and exact labels, then measures how
+          often a held-out right solution scores above a wrong one of the same question.
+
     python scripts/prm_diagnostics.py probe --prm runs/align/prm/final
     python scripts/prm_diagnostics.py isolated --model runs/demo/sft/final --steps 500
+    python scripts/prm_diagnostics.py sums --model runs/demo/sft/final
+    python scripts/prm_diagnostics.py labels runs/align/prm600:30000 runs/align/prm2400:31000 --write runs/align/prm3000_exact
+    python scripts/prm_diagnostics.py synthetic --model runs/demo/sft/final --grow 2 --step_lm 1 --steps 1500
 """
 
 from __future__ import annotations
@@ -20,10 +32,20 @@ import random
 import torch
 from PIL import Image
 
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch.nn.functional as F
+
 from nativevl.data import images as img
+from nativevl.data.processor import pad_batch
+from nativevl.data.template import encode_conversation
 from nativevl.data.toyworld.tasks import example
-from nativevl.infer.prm import label_token_ids, step_scores
+from nativevl.infer.prm import encode_for_scoring, label_token_ids, step_scores
 from nativevl.io.hf import load_model
+from nativevl.io.parts import grow_llm_depth
 from nativevl.io.tokenizer import load_tokenizer
 
 PREFIXES = {
@@ -100,6 +122,143 @@ def isolated(model_dir: str, steps: int, lr: float, batch: int, seed: int) -> No
             print(f"check accuracy, {name} before the turn: {right / 400:.3f} (n=400, chance 0.5)")
 
 
+def _tiles(ex, size: int) -> torch.Tensor:
+    return img.image_to_tiles(Image.fromarray(ex.images[0]), image_size=size, max_num=1)
+
+
+def sums(model_dir: str, n: int) -> None:
+    model = load_model(model_dir, dtype=torch.float32).eval()
+    tok = load_tokenizer(model_dir)
+    size, length = model.config.vision.image_size, model.config.image_seq_length
+    (eq,) = tok(" =", add_special_tokens=False).input_ids
+    hits = {"PRM conversation": [0, 0], "the policy's answer": [0, 0]}
+    for i in range(n):
+        ex = example("arithmetic", 40000, i, size)
+        tiles = _tiles(ex, size)
+        prm_ids, _ = encode_for_scoring(tok, ex.question, ex.answer.split("\n\n"), [1], length)
+        own_ids, _ = encode_conversation(tok, [{"from": "human", "value": ex.question}, {"from": "gpt", "value": ex.answer}],
+                                         tiles_per_image=[1], image_seq_length=length, system_message=None)
+        for name, ids in (("PRM conversation", prm_ids), ("the policy's answer", own_ids)):
+            with torch.no_grad():
+                guess = model(torch.tensor([ids]), tiles).logits[0].argmax(-1).tolist()
+            for p in range(len(ids) - 1):
+                if ids[p] == eq:
+                    hits[name][0] += int(guess[p] == ids[p + 1])
+                    hits[name][1] += 1
+    for name, (right, total) in hits.items():
+        print(f"true partial sum predicted after ' =' in {name}: {right}/{total}")
+
+
+def _steps_of(record: dict) -> list[str]:
+    conv = record["conversations"]
+    return [conv[1]["value"].split("### Solution Process:\n", 1)[1]] + [t["value"] for t in conv[3::2]]
+
+
+def labels(folders: list[str], write: str | None) -> None:
+    kinds, agree = Counter(), Counter()
+    meta = {}
+    for spec in folders:
+        folder, seed = spec.rsplit(":", 1)
+        out_lines = []
+        for line in Path(folder, "prm.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            q = int(re.search(r"q(\d+)-", record["image"]).group(1))
+            ref = [s.strip() for s in example("arithmetic", int(seed), q).answer.split("\n\n")]
+            steps, right = _steps_of(record), True
+            exact = []
+            for k, step in enumerate(steps):
+                right = right and k < len(ref) and step.strip() == ref[k]
+                exact.append("+" if right else "-")
+            for k, label in enumerate(exact):
+                agree[(label, record["conversations"][2 + 2 * k]["value"])] += 1
+                record["conversations"][2 + 2 * k]["value"] = label
+            first = next((k for k, e in enumerate(exact) if e == "-"), None)
+            m = re.match(r"(\d+) \+ (\d+) = (\d+)$", steps[first].strip()) if first else None
+            kinds["right" if first is None else "misread numbers" if first == 0 else
+                  "wrong sum" if m and int(m[1]) + int(m[2]) != int(m[3]) else "other"] += 1
+            record["image"] = str(Path(folder, record["image"]).resolve())
+            out_lines.append(json.dumps(record))
+        if write:
+            Path(write).mkdir(parents=True, exist_ok=True)
+            name = Path(folder).name
+            Path(write, f"{name}.jsonl").write_text("\n".join(out_lines) + "\n")
+            meta[name] = {"root": "", "annotation": str(Path(write, f"{name}.jsonl").resolve()), "max_dynamic_patch": 1}
+    print("solutions by first error:", dict(kinds))
+    for exact in "+-":
+        n = agree[(exact, "+")] + agree[(exact, "-")]
+        print(f"steps exactly {exact!r}: {n}, Monte Carlo '+' for {agree[(exact, '+')] / max(n, 1):.3f} of them")
+    if write:
+        Path(write, "meta.json").write_text(json.dumps(meta, indent=1))
+        print(f"written: {write}/meta.json")
+
+
+def synthetic(model_dir: str, steps: int, lr: float, batch: int, grow: int, step_lm: float, seed: int) -> None:
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model = grow_llm_depth(load_model(model_dir, dtype=torch.float32), grow, seed=seed)
+    tok = load_tokenizer(model_dir)
+    good, bad = label_token_ids(tok)
+    size, length = model.config.vision.image_size, model.config.image_seq_length
+
+    def solution(data_seed: int, i: int, wrong: bool):
+        ex = example("arithmetic", data_seed, i, size)
+        ref = ex.answer.split("\n\n")
+        digits = [int(x) for x in re.findall(r"\d+", ref[0])]
+        error = rng.randrange(1, len(digits)) if wrong else None
+        texts, labels, total, right = [ref[0]], [1], digits[0], True
+        for k, d in enumerate(digits[1:], start=1):
+            s = total + d if k != error else max(0, total + d + rng.choice([-3, -2, -1, 1, 2, 3]))
+            right = right and k != error
+            texts.append(f"{total} + {d} = {s}")
+            labels.append(int(right))
+            total = s
+        texts.append(f"Final answer: {total}")
+        labels.append(int(right))
+        ids, slots = encode_for_scoring(tok, ex.question, texts, [1], length)
+        return ids, slots, labels, _tiles(ex, size), not wrong
+
+    def forward(items):
+        ids, mask = pad_batch([it[0] for it in items], tok.pad_token_id or 0, side="left")
+        logits = model(ids, torch.cat([it[3] for it in items]), attention_mask=mask).logits
+        width = ids.shape[1]
+        pairs, targets, lm = [], [], []
+        for r, (row, slots, labs, _, right) in enumerate(items):
+            at = torch.tensor(slots) + (width - len(row))
+            pairs.append(logits[r, at][:, [good, bad]])
+            targets += [1 - y for y in labs]
+            if right and step_lm:  # the text after the image of a right solution
+                start = width - len(row) + max(k for k, t in enumerate(row) if t == model.config.image_token_id) + 1
+                lm.append(F.cross_entropy(logits[r, start:-1], ids[r, start + 1 :]))
+        pairs = torch.cat(pairs)
+        loss = F.cross_entropy(pairs, torch.tensor(targets))
+        if lm:
+            loss = loss + step_lm * torch.stack(lm).mean()
+        return loss, pairs, torch.tensor(targets)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    used = 0
+    for step in range(steps):
+        model.train()
+        loss, _, _ = forward([solution(21000, used + j, rng.random() < 0.5) for j in range(batch)])
+        used += batch
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"step {step}: loss {loss.item():.3f}")
+    model.eval()
+    wins, n = 0.0, 150
+    with torch.no_grad():
+        for i in range(n):
+            right, wrong = solution(40000, i, False), solution(40000, i, True)
+            _, pairs, _ = forward([right, wrong])
+            p = pairs.softmax(-1)[:, 0]
+            a, b = p[: len(right[1])].mean(), p[len(right[1]) :].mean()
+            wins += float(a > b) + 0.5 * float(a == b)
+    print(f"held-out: the right solution scores above the wrong one for {wins / n:.3f} of {n} questions (chance 0.5)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -112,11 +271,31 @@ def main() -> None:
     b.add_argument("--lr", type=float, default=3e-4)
     b.add_argument("--batch", type=int, default=64)
     b.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("sums")
+    c.add_argument("--model", required=True)
+    c.add_argument("--n", type=int, default=60)
+    d = sub.add_parser("labels")
+    d.add_argument("folders", nargs="+", help="FOLDER:SEED of `nativevl data prm --toyworld arithmetic` outputs")
+    d.add_argument("--write", default=None)
+    e = sub.add_parser("synthetic")
+    e.add_argument("--model", required=True)
+    e.add_argument("--steps", type=int, default=1500)
+    e.add_argument("--lr", type=float, default=3e-4)
+    e.add_argument("--batch", type=int, default=16)
+    e.add_argument("--grow", type=int, default=0)
+    e.add_argument("--step_lm", type=float, default=0.0)
+    e.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.cmd == "probe":
         probe(args.prm, args.n)
-    else:
+    elif args.cmd == "isolated":
         isolated(args.model, args.steps, args.lr, args.batch, args.seed)
+    elif args.cmd == "sums":
+        sums(args.model, args.n)
+    elif args.cmd == "labels":
+        labels(args.folders, args.write)
+    else:
+        synthetic(args.model, args.steps, args.lr, args.batch, args.grow, args.step_lm, args.seed)
 
 
 if __name__ == "__main__":
