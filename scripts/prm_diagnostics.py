@@ -14,7 +14,8 @@ labels:   how the Monte Carlo step labels of `nativevl data prm` files compare w
           step is right when the solution so far equals the generator's reference), the kind of each
           solution's first error; --write DIR writes the same solutions with the exact labels.
 synthetic: trains a PRM (optionally grown by --grow identity blocks, optionally with the step-text
-          loss --step_lm) on solutions with one perturbed addition and exact labels, then measures how
+          loss --step_lm) on solutions with one perturbed addition and exact labels (or on the PRM files
+          of --data), with a two-way '+'/'-' cross-entropy on the label slots only, then measures how
           often a held-out right solution scores above a wrong one of the same question.
 
     python scripts/prm_diagnostics.py probe --prm runs/align/prm/final
@@ -22,6 +23,8 @@ synthetic: trains a PRM (optionally grown by --grow identity blocks, optionally 
     python scripts/prm_diagnostics.py sums --model runs/demo/sft/final
     python scripts/prm_diagnostics.py labels runs/align/prm600:30000 runs/align/prm2400:31000 --write runs/align/prm3000_exact
     python scripts/prm_diagnostics.py synthetic --model runs/demo/sft/final --grow 2 --step_lm 1 --steps 1500
+    python scripts/prm_diagnostics.py synthetic --model runs/demo/sft/final --grow 2 --step_lm 1 --steps 1500 \
+        --data runs/align/prm3000_exact/prm600.jsonl runs/align/prm3000_exact/prm2400.jsonl --save runs/align/prm_custom_exact
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from nativevl.data.processor import pad_batch
 from nativevl.data.template import encode_conversation
 from nativevl.data.toyworld.tasks import example
 from nativevl.infer.prm import encode_for_scoring, label_token_ids, step_scores
-from nativevl.io.hf import load_model
+from nativevl.io.hf import load_model, save_model
 from nativevl.io.parts import grow_llm_depth
 from nativevl.io.tokenizer import load_tokenizer
 
@@ -192,8 +195,20 @@ def labels(folders: list[str], write: str | None) -> None:
         print(f"written: {write}/meta.json")
 
 
-def synthetic(model_dir: str, steps: int, lr: float, batch: int, grow: int, step_lm: float, seed: int) -> None:
+def _file_solution(record: dict, tok, size: int, length: int):
+    head = record["conversations"][1]["value"]
+    question = head.split("### Question:\n", 1)[1].split("\n\n### Solution Process:\n", 1)[0]
+    labels = [int(t["value"] == "+") for t in record["conversations"][2::2]]
+    ids, slots = encode_for_scoring(tok, question, _steps_of(record), [1], length)
+    tiles = img.image_to_tiles(Image.open(record["image"]).convert("RGB"), image_size=size, max_num=1)
+    return ids, slots, labels, tiles, all(labels)
+
+
+def synthetic(model_dir: str, steps: int, lr: float, batch: int, grow: int, step_lm: float, seed: int,
+              data: list[str] | None = None, save: str | None = None) -> None:
     rng = random.Random(seed)
+    records = [json.loads(line) for f in data or [] for line in Path(f).read_text().splitlines()]
+    rng.shuffle(records)  # --data: train on these PRM records (image paths absolute) instead
     torch.manual_seed(seed)
     model = grow_llm_depth(load_model(model_dir, dtype=torch.float32), grow, seed=seed)
     tok = load_tokenizer(model_dir)
@@ -239,7 +254,11 @@ def synthetic(model_dir: str, steps: int, lr: float, batch: int, grow: int, step
     used = 0
     for step in range(steps):
         model.train()
-        loss, _, _ = forward([solution(21000, used + j, rng.random() < 0.5) for j in range(batch)])
+        if records:
+            items = [_file_solution(records[(used + j) % len(records)], tok, size, length) for j in range(batch)]
+        else:
+            items = [solution(21000, used + j, rng.random() < 0.5) for j in range(batch)]
+        loss, _, _ = forward(items)
         used += batch
         opt.zero_grad()
         loss.backward()
@@ -248,6 +267,9 @@ def synthetic(model_dir: str, steps: int, lr: float, batch: int, grow: int, step
         if step % 100 == 0 or step == steps - 1:
             print(f"step {step}: loss {loss.item():.3f}")
     model.eval()
+    if save:
+        save_model(model, save, tokenizer=tok)
+        print(f"saved {save}: score the policy's samples with `nativevl eval ... --best-of-n 8 --prm {save}`")
     wins, n = 0.0, 150
     with torch.no_grad():
         for i in range(n):
@@ -285,6 +307,8 @@ def main() -> None:
     e.add_argument("--grow", type=int, default=0)
     e.add_argument("--step_lm", type=float, default=0.0)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--data", nargs="*", default=None, help="PRM jsonl files to train on instead (e.g. labels --write)")
+    e.add_argument("--save", default=None, help="write the trained PRM here")
     args = p.parse_args()
     if args.cmd == "probe":
         probe(args.prm, args.n)
@@ -295,7 +319,7 @@ def main() -> None:
     elif args.cmd == "labels":
         labels(args.folders, args.write)
     else:
-        synthetic(args.model, args.steps, args.lr, args.batch, args.grow, args.step_lm, args.seed)
+        synthetic(args.model, args.steps, args.lr, args.batch, args.grow, args.step_lm, args.seed, args.data, args.save)
 
 
 if __name__ == "__main__":
