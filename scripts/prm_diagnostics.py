@@ -66,7 +66,7 @@ def probe(prm_dir: str, n: int) -> None:
     changes: dict[str, list[float]] = {}
     for i in range(n):
         ex = example("arithmetic", 40000, i, size)
-        tiles = img.image_to_tiles(Image.fromarray(ex.images[0]), image_size=size, max_num=1)
+        tiles = _tiles(ex, size)
         steps = ex.answer.split("\n\n")
         lhs, rhs = steps[1].split(" = ")
         variants = {"reference": steps}
@@ -200,7 +200,7 @@ def _file_solution(record: dict, tok, size: int, length: int):
     question = head.split("### Question:\n", 1)[1].split("\n\n### Solution Process:\n", 1)[0]
     labels = [int(t["value"] == "+") for t in record["conversations"][2::2]]
     ids, slots = encode_for_scoring(tok, question, _steps_of(record), [1], length)
-    tiles = img.image_to_tiles(Image.open(record["image"]).convert("RGB"), image_size=size, max_num=1)
+    tiles = img.image_to_tiles(img.load_image(record["image"]), image_size=size, max_num=1)
     return ids, slots, labels, tiles, all(labels)
 
 
@@ -281,32 +281,32 @@ def synthetic(model_dir: str, steps: int, lr: float, batch: int, grow: int, step
     print(f"held-out: the right solution scores above the wrong one for {wins / n:.3f} of {n} questions (chance 0.5)")
 
 
+def _training_args(parser: argparse.ArgumentParser, *, steps: int, batch: int) -> argparse.ArgumentParser:
+    """The options of the two subcommands that train a model: model folder, steps, lr, batch, seed."""
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("probe")
     a.add_argument("--prm", required=True)
     a.add_argument("--n", type=int, default=50)
-    b = sub.add_parser("isolated")
-    b.add_argument("--model", required=True)
-    b.add_argument("--steps", type=int, default=500)
-    b.add_argument("--lr", type=float, default=3e-4)
-    b.add_argument("--batch", type=int, default=64)
-    b.add_argument("--seed", type=int, default=0)
+    _training_args(sub.add_parser("isolated"), steps=500, batch=64)
     c = sub.add_parser("sums")
     c.add_argument("--model", required=True)
     c.add_argument("--n", type=int, default=60)
     d = sub.add_parser("labels")
     d.add_argument("folders", nargs="+", help="FOLDER:SEED of `nativevl data prm --toyworld arithmetic` outputs")
     d.add_argument("--write", default=None)
-    e = sub.add_parser("synthetic")
-    e.add_argument("--model", required=True)
-    e.add_argument("--steps", type=int, default=1500)
-    e.add_argument("--lr", type=float, default=3e-4)
-    e.add_argument("--batch", type=int, default=16)
+    e = _training_args(sub.add_parser("synthetic"), steps=1500, batch=16)
     e.add_argument("--grow", type=int, default=0)
     e.add_argument("--step_lm", type=float, default=0.0)
-    e.add_argument("--seed", type=int, default=0)
     e.add_argument("--data", nargs="*", default=None, help="PRM jsonl files to train on instead (e.g. labels --write)")
     e.add_argument("--save", default=None, help="write the trained PRM here")
     args = p.parse_args()
