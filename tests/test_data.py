@@ -145,6 +145,8 @@ def test_image_loading_errors_and_exif(tmp_path):
         img.load_image(tmp_path / "bad.jpg")
     with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
         img.load_image(tmp_path / "missing.png")
+    with pytest.raises(FileNotFoundError, match="is a directory, not an image file"):
+        img.load_image(tmp_path)
     Image.new("L", (300, 300)).save(tmp_path / "big.png")
     with pytest.raises(ValueError, match="decompression bomb"):
         img.load_image(tmp_path / "big.png", max_pixels=10_000)

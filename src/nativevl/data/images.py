@@ -44,6 +44,9 @@ def load_image(
     else:
         name = f"{len(source)} bytes" if isinstance(source, bytes) else str(source)
         data = io.BytesIO(source) if isinstance(source, bytes) else source
+        if not isinstance(source, bytes) and Path(source).is_dir():
+            # FileNotFoundError as for a missing file: every caller reports the record / request that named it
+            raise FileNotFoundError(f"image path {source} is a directory, not an image file")
         if not isinstance(source, bytes) and not Path(source).is_file():
             raise FileNotFoundError(f"image file {source} does not exist")
         try:
