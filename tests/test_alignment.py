@@ -427,3 +427,48 @@ def test_alignment_summary_refuses_an_mpo_best_of_n_report_on_other_questions():
     for other in (bon(10), bon(20, seed=1), bon(20, temperature=1.0)):
         with pytest.raises(ValueError):
             summarize(ev, ev, bon(20), other)
+
+
+def test_prm_objective_is_a_two_way_choice_at_the_label_slots_only(tokenizer):
+    """--objective=prm: at each label slot the cross-entropy between '+' and '-' only (what scoring reads);
+    the other labelled tokens (`<|im_end|>`, step text) keep the full-vocabulary loss; one normaliser.
+    A '+' inside step text is not a slot."""
+    from nativevl.data.pipeline import DataConfig, build_sample
+    from nativevl.data.records import Record
+    from nativevl.train.objectives import make_objective
+
+    good, bad = label_token_ids(tokenizer)
+    cfg = DataConfig(image_token_id=5, system_message=None, prm_placeholder="+", prm_step_lm=0.5)
+    samples = [build_sample(Record(conversations=prm_conversation(q, steps, labels), source=f"p{i}"), tokenizer, cfg)
+               for i, (q, steps, labels) in enumerate([("what is 2+3?", ["2+3", "= 5"], ["+", "+"]),
+                                                       ("what is 1+1?", ["1 +1 = 3", "Final answer: 3"], ["-", "-"])])]
+    batch = collate(samples, "token")
+    slots = batch.label_slots.numpy()
+    assert slots.sum() == 4 and set(batch.labels.numpy()[slots].tolist()) == {good, bad}
+    step_plus = (batch.labels.numpy() == good) & ~slots & (batch.loss_weights.numpy() > 0)
+    assert step_plus.any()  # the '+' of "2+3" is learnt as step text, not as a label slot
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel(tiny_config())
+    objective = make_objective("prm", model, loss_chunk=7, label_ids=(good, bad))
+    norms = objective.local_normalizers([batch])
+    assert norms.tolist() == [pytest.approx(float(batch.loss_weights.sum())), 4.0]
+    loss, logs = objective(model, batch, norms)
+    logits = model(**batch.model_inputs()).logits.reshape(-1, model.config.text.vocab_size).float()
+    w, y = batch.loss_weights, batch.labels
+    at = torch.from_numpy(slots)
+    two = logits[at][:, [good, bad]]
+    label_ce = F.cross_entropy(two, (y[at] == bad).long(), reduction="none")
+    rest = (~at) & (y != IGNORE_INDEX)
+    full = F.cross_entropy(logits[rest], y[rest], reduction="none")
+    want = ((label_ce * w[at]).sum() + (full * w[rest]).sum()) / w.sum()
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    assert float(logs["label_loss"]) == pytest.approx(float(label_ce.mean()), rel=1e-5)
+    assert float(logs["label_accuracy"]) == float((two.argmax(-1) == (y[at] == bad).long()).float().mean())
+    loss.backward()
+    assert model.lm_head.weight.grad[[good, bad]].abs().sum() > 0
+    # batches without label slots (a plain SFT record) are refused by name
+    plain = build_sample(Record(conversations=prm_conversation("q?", ["a"], ["+"]), source="sft"), tokenizer,
+                         DataConfig(image_token_id=5, system_message=None))
+    with pytest.raises(ValueError, match="prm_placeholder"):
+        objective.local_normalizers([collate([plain], "token")])

@@ -32,8 +32,16 @@ class Sample:
     rejected: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     # per-token loss multiplier aligned with labels (None: 1 everywhere), e.g. a PRM's step-text targets
     label_weights: np.ndarray | None = None
+    # a PRM's label tokens ('+' / '-'): their indices in labels (None: not a PRM conversation); the
+    # `prm` objective learns them as a choice between the two label tokens
+    label_slots: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.label_slots is not None and len(self.label_slots) and (
+            self.label_slots.min() < 1 or self.label_slots.max() >= len(self.labels)
+            or (self.labels[self.label_slots] == IGNORE_INDEX).any()
+        ):
+            raise ValueError(f"{self.source}: label_slots must index labelled tokens after the first")
         if self.label_weights is not None and len(self.label_weights) != len(self.labels):
             raise ValueError(f"{self.source}: label_weights ({len(self.label_weights)}) and labels ({len(self.labels)}) differ")
         docs = [(self.input_ids, self.labels, self.position_ids)] + ([self.rejected] if self.rejected else [])
@@ -73,6 +81,8 @@ class Batch:
     # in the text, which tile of pixel_values fills it (a pair's two documents share its tiles)
     pairs: torch.Tensor | None = None
     tile_index: torch.Tensor | None = None
+    # PRM batches: (T,) bool, True where the target is a '+' / '-' label (Sample.label_slots, shifted)
+    label_slots: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -106,6 +116,7 @@ class Batch:
         return Batch(
             move(self.input_ids), move(self.cu_seqlens), move(self.position_ids), move(self.labels),
             move(self.loss_weights), pixels, self.sources, self.indices, self.stats, move(self.pairs), move(self.tile_index),
+            move(self.label_slots),
         )
 
 
@@ -127,7 +138,8 @@ def collate(samples: list[Sample], loss_reduction: str = "square") -> Batch:
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
     ids, positions, targets, weights, lengths = [], [], [], [], []
-    pairs, tile_index, tiles, n_tiles = [], [], [], 0
+    pairs, tile_index, tiles, n_tiles, slots = [], [], [], 0, []
+    any_slots = any(s.label_slots is not None for s in samples)
     for s in samples:
         w = document_weight(s.num_targets, loss_reduction)
         scale = None if s.label_weights is None else w * np.concatenate([s.label_weights[1:], [0.0]])
@@ -136,7 +148,12 @@ def collate(samples: list[Sample], loss_reduction: str = "square") -> Batch:
             pairs.append((len(lengths), len(lengths) + 1))
             docs.append((*s.rejected, 0.0))
         own = np.arange(n_tiles, n_tiles + s.num_tiles)
-        for doc_ids, labels, pos, w in docs:
+        for k, (doc_ids, labels, pos, w) in enumerate(docs):
+            if any_slots:
+                mask = np.zeros(len(doc_ids), dtype=bool)
+                if k == 0 and s.label_slots is not None:
+                    mask[s.label_slots - 1] = True  # position t predicts the label at t + 1
+                slots.append(mask)
             shifted = np.concatenate([labels[1:], [IGNORE_INDEX]])  # predict token t+1 at position t
             ids.append(doc_ids)
             positions.append(pos)
@@ -159,6 +176,7 @@ def collate(samples: list[Sample], loss_reduction: str = "square") -> Batch:
         indices=[s.index for s in samples],
         pairs=torch.tensor(pairs, dtype=torch.long).reshape(-1, 2) if pairs else None,
         tile_index=torch.from_numpy(np.concatenate(tile_index).astype(np.int64)) if pairs and n_tiles else None,
+        label_slots=torch.from_numpy(np.concatenate(slots)) if any_slots else None,
     )
 
 

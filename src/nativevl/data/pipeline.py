@@ -157,9 +157,9 @@ def build_sample(record: Record | PreferenceRecord, tokenizer, cfg: DataConfig, 
             raise RecordError(kind, f"{record.source}: {e}") from None
     input_ids = np.asarray(input_ids, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
-    label_weights = None
+    label_weights = slots = None
     if cfg.prm_placeholder is not None and record.text is None:
-        input_ids = _prm_placeholders(input_ids, labels, tokenizer, cfg.prm_placeholder)
+        input_ids, slots = _prm_placeholders(input_ids, labels, tokenizer, cfg.prm_placeholder)
         if cfg.prm_step_lm:
             labels, label_weights = _prm_step_targets(input_ids, labels, tokenizer, cfg)
     n_slots = int((input_ids == cfg.image_token_id).sum())
@@ -176,19 +176,21 @@ def build_sample(record: Record | PreferenceRecord, tokenizer, cfg: DataConfig, 
         rng=rng,
         delta=cfg.v2pe_delta,
     )
-    sample = Sample(input_ids, labels, positions, pixel_values, record.source, index, label_weights=label_weights)
+    sample = Sample(input_ids, labels, positions, pixel_values, record.source, index, label_weights=label_weights,
+                    label_slots=slots)
     return _checked(sample, cfg)
 
 
-def _prm_placeholders(input_ids: np.ndarray, labels: np.ndarray, tokenizer, placeholder: str) -> np.ndarray:
-    """The first labelled token of every assistant turn (a PRM's '+' / '-') replaced by `placeholder`."""
+def _prm_placeholders(input_ids: np.ndarray, labels: np.ndarray, tokenizer, placeholder: str) -> tuple[np.ndarray, np.ndarray]:
+    """The first labelled token of every assistant turn (a PRM's '+' / '-') replaced by `placeholder`,
+    and the indices of those tokens."""
     ids = tokenizer(placeholder, add_special_tokens=False).input_ids
     if len(ids) != 1:
         raise ValueError(f"prm_placeholder {placeholder!r} must be one token, got {ids}")
     starts = np.flatnonzero((labels != IGNORE_INDEX) & (np.concatenate([[IGNORE_INDEX], labels[:-1]]) == IGNORE_INDEX))
     out = input_ids.copy()
     out[starts] = ids[0]
-    return out
+    return out, starts
 
 
 def _prm_step_targets(input_ids: np.ndarray, labels: np.ndarray, tokenizer, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,7 @@ from nativevl.train import parallel
 from nativevl.train.lora import LoRALinear, merge_lora
 from nativevl.train.losses import MPOWeights
 from nativevl.train.metrics import MetricsLogger, batch_flops, module_sizes, pass_factors, peak_flops
+from nativevl.infer.prm import label_token_ids
 from nativevl.train.objectives import OBJECTIVES, make_objective
 from nativevl.train.optim import build_optimizer, lr_factor, set_lr
 from nativevl.train.parallel import all_reduce_sum, barrier, init_distributed
@@ -57,7 +58,7 @@ class TrainConfig:
     attn_implementation: str = "auto"  # auto (varlen on CUDA, sdpa on the CPU) | sdpa | eager | varlen | flex
     activation_checkpointing: bool = False  # recompute each ViT / LLM block in backward
     compile: bool | None = None  # torch.compile per block; None: on CUDA, off on the CPU
-    objective: str = "lm"  # lm (pre-training, SFT, PRM) | mpo (needs preference records)
+    objective: str = "lm"  # lm (pre-training, SFT, VisualPRM's PRM) | mpo (preference records) | prm (two-way labels)
     mpo_beta: float = 0.1
     mpo_preference_weight: float = 0.8  # w_p, DPO sigmoid
     mpo_quality_weight: float = 0.2  # w_q, BCO pair with reward shift
@@ -108,7 +109,8 @@ def train(
 
     model.to(device)
     mpo = MPOWeights(cfg.mpo_preference_weight, cfg.mpo_quality_weight, cfg.mpo_generation_weight, cfg.mpo_beta)
-    objective = make_objective(cfg.objective, model, cfg.loss_chunk, mpo)  # before LoRA: the reference is pi_0
+    label_ids = label_token_ids(tokenizer) if cfg.objective == "prm" else None
+    objective = make_objective(cfg.objective, model, cfg.loss_chunk, mpo, label_ids)  # before LoRA: the reference is pi_0
     apply_policy(model, policy)
     model.to(device)  # LoRA adapters were made on the CPU
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")

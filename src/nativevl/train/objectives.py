@@ -1,4 +1,5 @@
-"""What the one loop minimises, per stage: the language-model loss (pre-training, SFT, PRM) or MPO.
+"""What the one loop minimises, per stage: the language-model loss (pre-training, SFT, PRM), MPO, or the
+PRM's two-way label loss.
 
 An objective turns one packed micro-batch into a loss already divided by the global normalisers
 (summed over micro-batches and ranks by the loop before the first forward), plus scalars to log.
@@ -11,11 +12,12 @@ import copy
 import torch
 
 from nativevl.data.packing import Batch
+from nativevl.data.template import IGNORE_INDEX
 from nativevl.model.vlm import VisionLanguageModel
 from nativevl.train.losses import MPOWeights, RewardShift, labelled_lm_loss, mpo_loss, sequence_logps
 from nativevl.train.parallel import all_reduce_sum, is_distributed
 
-OBJECTIVES = ("lm", "mpo")
+OBJECTIVES = ("lm", "mpo", "prm")
 
 
 class LMObjective:
@@ -34,6 +36,56 @@ class LMObjective:
         hidden = model(**batch.model_inputs(), compute_logits=False).hidden_states
         loss = labelled_lm_loss(hidden, model.lm_head.weight, batch.labels, batch.loss_weights, norms[0], self.loss_chunk)
         return loss, {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class PRMObjective:
+    """A process reward model's loss: at each label slot a two-way cross-entropy between the '+' and '-'
+    tokens (the choice that scoring reads: P('+') = softmax over the two), every other labelled token
+    (the `<|im_end|>` after a label, step text under --prm_step_lm) the usual next-token cross-entropy.
+    The full-vocabulary loss of `lm` (VisualPRM's SFT) spends its gradient on keeping the other tokens
+    improbable at the slots, which a small PRM cannot spare (docs/results/alignment.md)."""
+
+    def __init__(self, label_ids: tuple[int, int], loss_chunk: int) -> None:
+        self.good, self.bad = label_ids
+        self.loss_chunk = loss_chunk
+
+    def local_normalizers(self, micro: list[Batch]) -> torch.Tensor:
+        for b in micro:
+            if b.label_slots is None or b.pairs is not None:
+                raise ValueError(f"the prm objective needs PRM conversations read with prm_placeholder set "
+                                 f"(the prm recipe); a batch of {b.sources[:3]} has no label slots")
+        weights = torch.stack([b.loss_weights.sum() for b in micro]).sum()
+        slots = torch.tensor(float(sum(int(b.label_slots.sum()) for b in micro)))
+        return torch.stack([weights, slots.to(weights.device)])  # (2,): weight sum, label slots
+
+    def __call__(self, model: VisionLanguageModel, batch: Batch, norms: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        hidden = model(**batch.model_inputs(), compute_logits=False).hidden_states
+        slots = batch.label_slots & (batch.labels != IGNORE_INDEX)
+        at = slots.nonzero().squeeze(1)
+        y = batch.labels.index_select(0, at)
+        if ((y != self.good) & (y != self.bad)).any():
+            raise ValueError(f"a PRM label slot holds a token other than '+' / '-' (documents: {batch.sources})")
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, at)
+        logits = (h @ model.lm_head.weight[[self.good, self.bad]].t()).float()  # (slots, 2): '+', '-'
+        target = (y == self.bad).long()
+        w = batch.loss_weights.index_select(0, at).float()
+        ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        label_loss = (ce * w).sum()
+        rest = batch.loss_weights.masked_fill(slots, 0.0)
+        text_loss = labelled_lm_loss(hidden, model.lm_head.weight, batch.labels.masked_fill(slots, IGNORE_INDEX), rest,
+                                     1.0, self.loss_chunk)
+        loss = (label_loss + text_loss) / norms[0]
+        slots_total = norms[1].clamp(min=1)
+        # this micro-batch's share of the global means over label slots (the loop sums the shares)
+        logs = {"label_loss": ce.detach().sum() / slots_total,
+                "label_accuracy": (logits.argmax(-1) == target).float().sum().detach() / slots_total}
+        return loss, logs
 
     def state_dict(self) -> dict:
         return {}
@@ -93,10 +145,16 @@ class MPOObjective:
         self.shift.load_state_dict(state["reward_shift"])
 
 
-def make_objective(name: str, model: VisionLanguageModel, loss_chunk: int, mpo: MPOWeights | None = None):
-    """Build before any LoRA adapter or optimiser exists: the MPO reference is a copy of the model as given."""
+def make_objective(name: str, model: VisionLanguageModel, loss_chunk: int, mpo: MPOWeights | None = None,
+                   label_ids: tuple[int, int] | None = None):
+    """Build before any LoRA adapter or optimiser exists: the MPO reference is a copy of the model as given.
+    `prm` needs the tokenizer's '+' / '-' token ids (infer.prm.label_token_ids)."""
     if name == "lm":
         return LMObjective(loss_chunk)
+    if name == "prm":
+        if label_ids is None:
+            raise ValueError("the prm objective needs the '+' / '-' label token ids")
+        return PRMObjective(label_ids, loss_chunk)
     if name == "mpo":
         return MPOObjective(model, mpo or MPOWeights(), loss_chunk)
     raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")
