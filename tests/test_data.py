@@ -196,6 +196,13 @@ def test_processor_treats_alpha_and_exif_like_transformers(tokenizer):
     assert (got["pixel_values"] - ref["pixel_values"]).abs().max().item() < 1e-4
 
 
+def test_processor_refuses_an_empty_or_non_string_text_by_name(tokenizer):
+    proc = Processor(tokenizer, image_seq_length=4)
+    for bad in ([], ["hi", 3], 5):
+        with pytest.raises(ValueError, match="text must be a string or a non-empty list of strings"):
+            proc(text=bad)
+
+
 def test_validate_checks_preference_records_as_training_does(tmp_path, tokenizer):
     """With a tokenizer, `data validate` builds every record as the loader will: an over-long preference
     pair is reported, not passed (training would then reject it)."""

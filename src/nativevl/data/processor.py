@@ -121,7 +121,9 @@ class Processor:
             raise ValueError("text is required (one <IMG_CONTEXT> or <image> placeholder per image)")
         if return_tensors != "pt":
             raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"text must be a string or a non-empty list of strings, got {text!r:.80}")
         flat = []
         if images is not None:
             for item in images if isinstance(images, (list, tuple)) else [images]:
