@@ -472,3 +472,27 @@ def test_prm_objective_is_a_two_way_choice_at_the_label_slots_only(tokenizer):
                          DataConfig(image_token_id=5, system_message=None))
     with pytest.raises(ValueError, match="prm_placeholder"):
         objective.local_normalizers([collate([plain], "token")])
+
+
+def test_prm_objective_trains_in_the_loop(tmp_path):
+    """`--objective=prm` runs as a stage of the one loop on PRM conversations and logs the label slots'
+    two-way loss and accuracy; a batch without slots (no --prm_placeholder) is refused by name."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(8):  # every first step is right, every later one wrong
+        Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        conv = prm_conversation("<image>\nwhat is shown?", ["the shape is red.", "so it is a square.", "Final answer: square"],
+                                ["+", "-", "-"])
+        lines.append({"image": f"{i}.png", "conversations": conv})
+    (tmp_path / "prm.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (tmp_path / "meta.json").write_text(json.dumps({"prm": {"root": str(tmp_path), "annotation": "prm.jsonl"}}))
+    args = ["--objective=prm", f"--meta={tmp_path / 'meta.json'}", "--loss_reduction=token", "--global_batch=2",
+            "--tensorboard=false", "--export=false", "--max_tokens=512", "--lr=1e-3", "--system_message=none"]
+    launch(apply_overrides(recipe("debug_tiny"), [*args, "--prm_placeholder=+", "--max_steps=20"]), tmp_path / "run")
+    steps = metrics(tmp_path / "run")
+    assert all(0 <= m["label_accuracy"] <= 1 and m["label_loss"] > 0 for m in steps)
+    # from the random model's loss to at least the label frequencies' entropy (1/3 '+': 0.637 nats)
+    base = -(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3)
+    assert steps[0]["label_loss"] > base + 0.05 and abs(np.mean([m["label_loss"] for m in steps[-5:]]) - base) < 0.03
+    with pytest.raises(ValueError, match="prm_placeholder"):
+        launch(apply_overrides(recipe("debug_tiny"), [*args, "--max_steps=1"]), tmp_path / "plain")
