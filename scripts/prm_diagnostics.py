@@ -25,6 +25,8 @@ synthetic: trains a PRM (optionally grown by --grow identity blocks, optionally 
     python scripts/prm_diagnostics.py synthetic --model runs/demo/sft/final --grow 2 --step_lm 1 --steps 1500
     python scripts/prm_diagnostics.py synthetic --model runs/demo/sft/final --grow 2 --step_lm 1 --steps 1500 \
         --data runs/align/prm3000_exact/prm600.jsonl runs/align/prm3000_exact/prm2400.jsonl --save runs/align/prm_custom_exact
+    python scripts/prm_diagnostics.py synthetic --model runs/demo/sft/final --grow 2 --step_lm 1 --steps 1500 \
+        --data runs/align/prm600/prm.jsonl runs/align/prm2400/prm.jsonl --save runs/align/prm_custom_mc
 """
 
 from __future__ import annotations
@@ -207,8 +209,13 @@ def _file_solution(record: dict, tok, size: int, length: int):
 def synthetic(model_dir: str, steps: int, lr: float, batch: int, grow: int, step_lm: float, seed: int,
               data: list[str] | None = None, save: str | None = None) -> None:
     rng = random.Random(seed)
-    records = [json.loads(line) for f in data or [] for line in Path(f).read_text().splitlines()]
-    rng.shuffle(records)  # --data: train on these PRM records (image paths absolute) instead
+    records = []  # --data: train on these PRM records instead (image paths relative to their file's folder)
+    for f in data or []:
+        for line in Path(f).read_text().splitlines():
+            record = json.loads(line)
+            record["image"] = str(Path(f).parent / record["image"])  # an absolute path stays as it is
+            records.append(record)
+    rng.shuffle(records)
     torch.manual_seed(seed)
     model = grow_llm_depth(load_model(model_dir, dtype=torch.float32), grow, seed=seed)
     tok = load_tokenizer(model_dir)

@@ -98,7 +98,8 @@ def mpo() -> Run:
 def prm() -> Run:
     """The process reward model: SFT on VisualPRM's multi-turn '+'/'-' conversations (nativevl data prm),
     VisualPRM's lr 1e-5, token averaging, every module trains. Every label slot reads '+' in the input,
-    as when scoring, and is trained on its true label. Needs --meta and --init_from."""
+    as when scoring, and is trained on its true label. Needs --meta and --init_from. `--objective=prm`
+    trains the label slots as a two-way '+'/'-' choice instead (docs/results/alignment.md compares them)."""
     return Run(
         data=DataConfig(loss_reduction="token", max_tokens=16384, max_tiles=48, system_message=None, prm_placeholder="+"),
         train=TrainConfig(lr=1e-5, warmup_steps=30, max_steps=1000, global_batch=8, weight_decay=0.05),
