@@ -378,7 +378,7 @@ def test_jsonl_questions_read_records_as_the_loader_does(tmp_path):
         jsonl_questions(tmp_path / "bad.jsonl")
 
 
-def test_jsonl_questions_read_only_the_first_limit_records(tmp_path):
+def test_jsonl_questions_read_only_the_first_limit_records(tmp_path, capsys):
     """`nativevl data preference --input FILE --n 2` loads two questions' images, not the whole file's:
     a record past the limit whose image is missing is never opened."""
     from nativevl.pipelines.questions import jsonl_questions
@@ -390,6 +390,13 @@ def test_jsonl_questions_read_only_the_first_limit_records(tmp_path):
     assert len(jsonl_questions(tmp_path / "q.jsonl", limit=2)) == 2
     with pytest.raises(FileNotFoundError):
         jsonl_questions(tmp_path / "q.jsonl")
+    # a file with fewer records than --n: all of them, and the command says so
+    from nativevl.cli import _questions
+
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(good) + "\n" for _ in range(2)), encoding="utf-8")
+    args = SimpleNamespace(toyworld=None, input=str(tmp_path / "two.jsonl"), root=None, n=1000, seed=0)
+    assert len(_questions(args)) == 2
+    assert "2 question(s), fewer than --n 1000" in capsys.readouterr().err
 
 
 def test_majority_vote_groups_answers_as_the_verifier_reads_them():

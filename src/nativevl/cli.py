@@ -224,7 +224,10 @@ def _questions(args: argparse.Namespace):
         raise ValueError("give exactly one of --toyworld FAMILY and --input FILE.jsonl")
     if args.toyworld:
         return toyworld_questions(args.toyworld, args.seed, args.n)
-    return jsonl_questions(args.input, args.root, limit=args.n)
+    questions = jsonl_questions(args.input, args.root, limit=args.n)
+    if len(questions) < args.n:
+        print(f"{args.input}: {len(questions)} question(s), fewer than --n {args.n}: using all of them", file=sys.stderr)
+    return questions
 
 
 def _policy(args: argparse.Namespace):
@@ -419,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         dp.add_argument("--toyworld", default=None, help="questions from a toy-world family (e.g. arithmetic)")
         dp.add_argument("--input", default=None, help="or InternVL conversation jsonl (last gpt turn = ground truth)")
         dp.add_argument("--root", default=None, help="image folder of --input (default: its folder)")
-        dp.add_argument("--n", type=int, default=1000, help="questions")
+        dp.add_argument("--n", type=int, default=1000, help="questions (with --input: its first N records)")
         dp.add_argument("--seed", type=int, default=0, help="question and sampling seed (keep apart from eval seeds)")
         dp.add_argument("--top_k", type=int, default=50)
         dp.add_argument("--max_new_tokens", type=int, default=256)
