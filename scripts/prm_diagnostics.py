@@ -13,6 +13,9 @@ sums:     does a model predict the true partial sum after ' =' inside the PRM co
 labels:   how the Monte Carlo step labels of `nativevl data prm` files compare with exact labels (a
           step is right when the solution so far equals the generator's reference), the kind of each
           solution's first error; --write DIR writes the same solutions with the exact labels.
+rank:     how PRMs order the policy's own samples: 8 samples (T 0.7) per validation question, the share of
+          (right, wrong) pairs of one question where the right one scores higher, and Best-of-8 by the
+          mean / min / last step score.
 synthetic: trains a PRM (optionally grown by --grow identity blocks, optionally with the step-text
           loss --step_lm) on solutions with one perturbed addition and exact labels (or on the PRM files
           of --data), with a two-way '+'/'-' cross-entropy on the label slots only, then measures how
@@ -22,6 +25,7 @@ synthetic: trains a PRM (optionally grown by --grow identity blocks, optionally 
     python scripts/prm_diagnostics.py isolated --model runs/demo/sft/final --steps 500
     python scripts/prm_diagnostics.py sums --model runs/demo/sft/final
     python scripts/prm_diagnostics.py labels runs/align/prm600:30000 runs/align/prm2400:31000 --write runs/align/prm3000_exact
+    python scripts/prm_diagnostics.py rank --model runs/demo/sft/final --prm runs/align/prm_obj_mc/final runs/align/prm_custom_exact2
     python scripts/prm_diagnostics.py synthetic --model runs/demo/sft/final --grow 2 --step_lm 1 --steps 1500
     python scripts/prm_diagnostics.py synthetic --model runs/demo/sft/final --grow 2 --step_lm 1 --steps 1500 \
         --data runs/align/prm3000_exact/prm600.jsonl runs/align/prm3000_exact/prm2400.jsonl --save runs/align/prm_custom_exact
@@ -288,6 +292,44 @@ def synthetic(model_dir: str, steps: int, lr: float, batch: int, grow: int, step
     print(f"held-out: the right solution scores above the wrong one for {wins / n:.3f} of {n} questions (chance 0.5)")
 
 
+def rank(model_dir: str, prm_dirs: list[str], n: int) -> None:
+    from nativevl.data.processor import chat_inputs
+    from nativevl.eval.tasks import get_task
+    from nativevl.infer.best_of_n import sample_candidates
+    from nativevl.infer.engine import Engine
+
+    policy = load_model(model_dir, dtype=torch.float32).eval()
+    tok = load_tokenizer(model_dir)
+    task = get_task("arithmetic")
+    items = task.load(n, 40000)
+    asked = [task.prompt(it) for it in items]
+    cfg = policy.config
+    prompts = [chat_inputs(tok, *q, image_size=cfg.vision.image_size, image_seq_length=cfg.image_seq_length,
+                           system_message=None) for q in asked]
+    engine = Engine(policy, tok, max_batch_size=64, max_seq_len=max(len(p[0]) for p in prompts) + task.max_new_tokens + 1,
+                    max_queue=n + 1)
+    sampled = sample_candidates(engine, [p[0] for p in prompts], [p[1] for p in prompts], n=8, temperature=0.7,
+                                top_k=0, max_tokens=task.max_new_tokens, seed=40000)  # as `nativevl eval --seed 40000`
+    for prm_dir in prm_dirs:
+        prm = load_model(prm_dir, dtype=torch.float32).eval()
+        wins, pairs = 0.0, 0
+        best = {"mean": 0, "min": 0, "last": 0}
+        for it, (msgs, _), texts, (_, tiles) in zip(items, asked, sampled, prompts, strict=True):
+            ok = [task.score(t, it) for t in texts]
+            steps = step_scores(prm, tok, msgs[0]["content"], texts, tiles, [1] * int(tiles.shape[0]))
+            for name, f in (("mean", lambda x: sum(x) / len(x)), ("min", min), ("last", lambda x: x[-1])):
+                values = [f(x) for x in steps]
+                best[name] += ok[values.index(max(values))]
+            means = [sum(x) / len(x) for x in steps]
+            for a, right in zip(means, ok, strict=True):
+                for b, other in zip(means, ok, strict=True):
+                    if right and not other:
+                        wins, pairs = wins + float(a > b) + 0.5 * float(a == b), pairs + 1
+        print(f"{prm_dir}: a right sample above a wrong one of its question in {wins / max(pairs, 1):.3f} of {pairs} "
+              f"pairs; Best-of-8 by mean {best['mean'] / n:.3f}, min {best['min'] / n:.3f}, last step "
+              f"{best['last'] / n:.3f} ({n} questions)")
+
+
 def _training_args(parser: argparse.ArgumentParser, *, steps: int, batch: int) -> argparse.ArgumentParser:
     """The options of the two subcommands that train a model: model folder, steps, lr, batch, seed."""
     parser.add_argument("--model", required=True)
@@ -308,6 +350,10 @@ def main() -> None:
     c = sub.add_parser("sums")
     c.add_argument("--model", required=True)
     c.add_argument("--n", type=int, default=60)
+    r = sub.add_parser("rank")
+    r.add_argument("--model", required=True)
+    r.add_argument("--prm", nargs="+", required=True)
+    r.add_argument("--n", type=int, default=120)
     d = sub.add_parser("labels")
     d.add_argument("folders", nargs="+", help="FOLDER:SEED of `nativevl data prm --toyworld arithmetic` outputs")
     d.add_argument("--write", default=None)
@@ -323,6 +369,8 @@ def main() -> None:
         isolated(args.model, args.steps, args.lr, args.batch, args.seed)
     elif args.cmd == "sums":
         sums(args.model, args.n)
+    elif args.cmd == "rank":
+        rank(args.model, args.prm, args.n)
     elif args.cmd == "labels":
         labels(args.folders, args.write)
     else:
