@@ -48,8 +48,8 @@ class PRMObjective:
     """A process reward model's loss: at each label slot a two-way cross-entropy between the '+' and '-'
     tokens (the choice that scoring reads: P('+') = softmax over the two), every other labelled token
     (the `<|im_end|>` after a label, step text under --prm_step_lm) the usual next-token cross-entropy.
-    The full-vocabulary loss of `lm` (VisualPRM's SFT) spends its gradient on keeping the other tokens
-    improbable at the slots, which a small PRM cannot spare (docs/results/alignment.md)."""
+    `lm` (VisualPRM's SFT) also pushes every other token of the vocabulary down at the slots; on the toy
+    PRM this objective ranks samples better (docs/results/alignment.md)."""
 
     def __init__(self, label_ids: tuple[int, int], loss_chunk: int) -> None:
         self.good, self.bad = label_ids
