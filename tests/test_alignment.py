@@ -481,20 +481,28 @@ def test_prm_objective_is_a_two_way_choice_at_the_label_slots_only(tokenizer):
         objective.local_normalizers([collate([plain], "token")])
 
 
-def test_prm_objective_trains_in_the_loop(tmp_path):
-    """`--objective=prm` runs as a stage of the one loop on PRM conversations and logs the label slots'
-    two-way loss and accuracy; a batch without slots (no --prm_placeholder) is refused by name."""
+PRM_ARGS = ["--objective=prm", "--loss_reduction=token", "--global_batch=2", "--tensorboard=false", "--export=false",
+            "--max_tokens=512", "--lr=1e-3", "--system_message=none"]
+
+
+def prm_meta(folder: Path, n: int = 8) -> Path:
+    """PRM conversations whose first step is right and every later one wrong."""
     rng = np.random.default_rng(0)
     lines = []
-    for i in range(8):  # every first step is right, every later one wrong
-        Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(folder / f"{i}.png")
         conv = prm_conversation("<image>\nwhat is shown?", ["the shape is red.", "so it is a square.", "Final answer: square"],
                                 ["+", "-", "-"])
         lines.append({"image": f"{i}.png", "conversations": conv})
-    (tmp_path / "prm.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    (tmp_path / "meta.json").write_text(json.dumps({"prm": {"root": str(tmp_path), "annotation": "prm.jsonl"}}))
-    args = ["--objective=prm", f"--meta={tmp_path / 'meta.json'}", "--loss_reduction=token", "--global_batch=2",
-            "--tensorboard=false", "--export=false", "--max_tokens=512", "--lr=1e-3", "--system_message=none"]
+    (folder / "prm.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (folder / "meta.json").write_text(json.dumps({"prm": {"root": str(folder), "annotation": "prm.jsonl"}}))
+    return folder / "meta.json"
+
+
+def test_prm_objective_trains_in_the_loop(tmp_path):
+    """`--objective=prm` runs as a stage of the one loop on PRM conversations and logs the label slots'
+    two-way loss and accuracy; a batch without slots (no --prm_placeholder) is refused by name."""
+    args = [*PRM_ARGS, f"--meta={prm_meta(tmp_path)}"]
     launch(apply_overrides(recipe("debug_tiny"), [*args, "--prm_placeholder=+", "--max_steps=20"]), tmp_path / "run")
     steps = metrics(tmp_path / "run")
     assert all(0 <= m["label_accuracy"] <= 1 and m["label_loss"] > 0 for m in steps)

@@ -116,3 +116,26 @@ def test_mpo_with_two_processes(tmp_path):
     for x, y in zip(a, b, strict=True):
         assert y["dpo"] == pytest.approx(x["dpo"], rel=1e-4)
         assert y["nll"] == pytest.approx(x["nll"], rel=1e-4)
+
+
+def test_prm_objective_with_two_processes(tmp_path):
+    """The two-way PRM objective's normalisers (label weights, label slots) are summed over ranks: 2
+    processes give the loss and label loss of 1 process with the same global batch."""
+    from tests.test_alignment import PRM_ARGS, prm_meta
+
+    args = [*PRM_ARGS, f"--meta={prm_meta(tmp_path)}", "--prm_placeholder=+", "--max_steps=3", "--max_buffers=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nativevl",
+           "train", "debug_tiny", "--out", str(two), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launch(apply_overrides(recipe("debug_tiny"), args), one)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    a, b = read(one), read(two)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["label_loss"] == pytest.approx(x["label_loss"], rel=1e-5)
+        assert y["label_accuracy"] == x["label_accuracy"]
