@@ -33,16 +33,24 @@ def losses(out) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
+def one_and_two_processes(args: list[str], one, two) -> tuple[list[dict], list[dict]]:
+    """`train debug_tiny ARGS` under torchrun with 2 processes into `two` while the same run goes in this
+    process into `one` (on the other core); the metrics of each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nativevl",
+           "train", "debug_tiny", "--out", str(two), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launch(apply_overrides(recipe("debug_tiny"), args), one)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    return read(one), read(two)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nativevl",
-           "train", "debug_tiny", "--out", str(two), *ARGS]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    launch(apply_overrides(recipe("debug_tiny"), ARGS), one)  # meanwhile, on the other core
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-4000:]
+    one_and_two_processes(ARGS, one, two)
     return one, two
 
 
@@ -101,16 +109,7 @@ def test_mpo_with_two_processes(tmp_path):
     meta = preference_meta(tmp_path)
     args = [a for a in MPO_ARGS if not a.startswith("--save_every")] + [f"--meta={meta}", "--max_steps=3",
                                                                           "--max_buffers=0"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nativevl",
-           "train", "debug_tiny", "--out", str(two), *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    launch(apply_overrides(recipe("debug_tiny"), args), one)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-4000:]
-    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-    a, b = read(one), read(two)
+    a, b = one_and_two_processes(args, tmp_path / "one", tmp_path / "two")
     assert len(a) == len(b) == 3
     assert b[0]["dpo"] == pytest.approx(0.6931472, abs=1e-5)  # the sharded reference equals the policy at step 1
     for x, y in zip(a, b, strict=True):
@@ -124,16 +123,7 @@ def test_prm_objective_with_two_processes(tmp_path):
     from tests.test_alignment import PRM_ARGS, prm_meta
 
     args = [*PRM_ARGS, f"--meta={prm_meta(tmp_path)}", "--prm_placeholder=+", "--max_steps=3", "--max_buffers=0"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nativevl",
-           "train", "debug_tiny", "--out", str(two), *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    launch(apply_overrides(recipe("debug_tiny"), args), one)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-4000:]
-    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-    a, b = read(one), read(two)
+    a, b = one_and_two_processes(args, tmp_path / "one", tmp_path / "two")
     assert len(a) == len(b) == 3
     for x, y in zip(a, b, strict=True):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
