@@ -295,7 +295,7 @@ def synthetic(model_dir: str, steps: int, lr: float, batch: int, grow: int, step
 def rank(model_dir: str, prm_dirs: list[str], n: int) -> None:
     from nativevl.data.processor import chat_inputs
     from nativevl.eval.tasks import get_task
-    from nativevl.infer.best_of_n import sample_candidates
+    from nativevl.infer.best_of_n import Candidates, sample_candidates
     from nativevl.infer.engine import Engine
 
     policy = load_model(model_dir, dtype=torch.float32).eval()
@@ -317,9 +317,11 @@ def rank(model_dir: str, prm_dirs: list[str], n: int) -> None:
         for it, (msgs, _), texts, (_, tiles) in zip(items, asked, sampled, prompts, strict=True):
             ok = [task.score(t, it) for t in texts]
             steps = step_scores(prm, tok, msgs[0]["content"], texts, tiles, [1] * int(tiles.shape[0]))
-            for name, f in (("mean", lambda x: sum(x) / len(x)), ("min", min), ("last", lambda x: x[-1])):
-                values = [f(x) for x in steps]
-                best[name] += ok[values.index(max(values))]
+            cands = Candidates(texts, step_scores=steps)  # the eval's picks: mean ('prm') and last step ('outcome')
+            best["mean"] += ok[cands.pick("prm")]
+            best["last"] += ok[cands.pick("outcome")]
+            lowest = [min(x) for x in steps]
+            best["min"] += ok[lowest.index(max(lowest))]
             means = [sum(x) / len(x) for x in steps]
             for a, right in zip(means, ok, strict=True):
                 for b, other in zip(means, ok, strict=True):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from nativevl.data.pipeline import PackedDataset, StreamTracker, iterate_batches, make_loader
+from nativevl.infer.prm import label_token_ids
 from nativevl.model.attention import resolve_backend
 from nativevl.model.vlm import VisionLanguageModel
 from nativevl.train import checkpoint as ckpt
@@ -25,7 +26,6 @@ from nativevl.train import parallel
 from nativevl.train.lora import LoRALinear, merge_lora
 from nativevl.train.losses import MPOWeights
 from nativevl.train.metrics import MetricsLogger, batch_flops, module_sizes, pass_factors, peak_flops
-from nativevl.infer.prm import label_token_ids
 from nativevl.train.objectives import OBJECTIVES, make_objective
 from nativevl.train.optim import build_optimizer, lr_factor, set_lr
 from nativevl.train.parallel import all_reduce_sum, barrier, init_distributed
