@@ -358,6 +358,26 @@ def test_jsonl_questions_keep_unicode_line_separators(tmp_path):
         jsonl_questions(tmp_path / "bad.jsonl")
 
 
+def test_jsonl_questions_pair_the_first_question_with_its_own_answer(tmp_path, caplog):
+    """A multi-turn record's ground truth is the answer to the question asked (the turn after it), not the
+    record's last answer; dropped later exchanges and ignored system turns are counted in the log."""
+    from nativevl.pipelines.questions import jsonl_questions
+
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    multi = {"image": "a.png", "conversations": [
+        {"from": "system", "value": "be brief"},
+        {"from": "human", "value": "<image>\nwhat is this?"}, {"from": "gpt", "value": "a square"},
+        {"from": "human", "value": "what colour is it?"}, {"from": "gpt", "value": "black"}]}
+    open_question = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat is this?"}]}
+    (tmp_path / "q.jsonl").write_text(json.dumps(multi) + "\n" + json.dumps(open_question) + "\n")
+    with caplog.at_level("WARNING"):
+        first, second = jsonl_questions(tmp_path / "q.jsonl")
+    assert (first.question, first.answer) == ("<image>\nwhat is this?", "a square")
+    assert (second.question, second.answer) == ("<image>\nwhat is this?", None)
+    assert "1 of 2 records have more than one question" in caplog.text
+    assert "1 of 2 records carry a system turn" in caplog.text
+
+
 def test_jsonl_questions_read_records_as_the_loader_does(tmp_path):
     """The question reader takes what the training loader takes: 'images' lists and user/assistant (or
     role/content) turns; a placeholder count that does not match the images is named with its line."""

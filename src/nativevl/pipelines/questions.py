@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from nativevl.data.processor import chat_inputs
 from nativevl.data.template import IMAGE_PLACEHOLDER, has_image_markup, normalize_turns  # noqa: F401 (re-export)
 from nativevl.data.toyworld.tasks import example, final_answer, normalize, verify
 from nativevl.infer.generate import generate_texts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,12 +48,17 @@ def toyworld_questions(family: str, seed: int, n: int, size: int = 96) -> list[Q
 
 
 def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int | None = None) -> list[Question]:
-    """InternVL conversation records: the first human turn is the question, the last gpt turn (if any)
-    the ground truth; image paths are relative to `root` (default: the file's folder). Only the first
-    `limit` records are read (and their images loaded)."""
+    """InternVL conversation records: the first human turn is the question, the gpt turn that answers it
+    (if any) the ground truth; image paths are relative to `root` (default: the file's folder). Only the
+    first `limit` records are read (and their images loaded).
+
+    A question is asked without history (MMPR's format holds one question), so the later exchanges of a
+    multi-turn record are not used, and a record's system turn gives way to the pipeline's system message;
+    both are counted and logged."""
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     out = []
+    later_turns = with_system = 0
     # only "\n" ends a record: str.splitlines would also split at U+2028, U+0085 ... inside strings
     for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):
         if not line.strip():
@@ -65,13 +73,17 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int
             raise ValueError(f"{path}:{lineno}: a record must be a JSON object, got {type(rec).__name__}")
         conversations = rec.get("conversations") or []
         try:  # the roles the training loader takes: human/user, gpt/assistant, from/value or role/content
-            _, turns = normalize_turns(conversations if isinstance(conversations, list) else [conversations])
+            system, turns = normalize_turns(conversations if isinstance(conversations, list) else [conversations])
         except ValueError as e:
             raise ValueError(f"{path}:{lineno}: {e}") from None
-        human = [text for role, text in turns if role == "user"]
-        gpt = [text for role, text in turns if role == "assistant"]
-        if not human:
+        first = next((i for i, (role, _) in enumerate(turns) if role == "user"), None)
+        if first is None:
             raise ValueError(f"{path}:{lineno}: no human turn to ask")
+        question = turns[first][1]
+        # the ground truth answers this question: the turn right after it, not the record's last answer
+        reply = turns[first + 1][1] if first + 1 < len(turns) and turns[first + 1][0] == "assistant" else None
+        later_turns += any(role == "user" for role, _ in turns[first + 1 :])
+        with_system += system is not None
         image, more = rec.get("image"), rec.get("images")  # either key, as the training loader reads them
         names = image if image not in (None, []) else (more or [])
         names = [names] if isinstance(names, str) else names
@@ -79,7 +91,7 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int
         if not isinstance(names, list) or not all(isinstance(x, str) and x.strip() for x in names):
             raise ValueError(f"{path}:{lineno}: 'image'/'images' must be a file name or a list of file names, "
                              f"got {names!r}")
-        n = human[0].count(IMAGE_PLACEHOLDER)
+        n = question.count(IMAGE_PLACEHOLDER)
         if n and n != len(names):
             raise ValueError(f"{path}:{lineno}: {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(names)} image(s)")
         paths = [str((root / n).resolve()) for n in names]  # absolute: the output jsonl lives elsewhere
@@ -89,7 +101,13 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int
             raise FileNotFoundError(f"{path}:{lineno}: {e}") from None
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}:{lineno}: {e}") from None
-        out.append(Question(human[0], images, gpt[-1] if gpt else None, "", paths))
+        out.append(Question(question, images, reply, "", paths))
+    if later_turns:
+        log.warning("%s: %d of %d records have more than one question; only the first question and its answer "
+                    "are used", path, later_turns, len(out))
+    if with_system:
+        log.warning("%s: %d of %d records carry a system turn; questions are asked with the pipeline's system "
+                    "message (--system_message) instead", path, with_system, len(out))
     return out
 
 
