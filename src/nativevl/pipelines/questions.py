@@ -107,7 +107,7 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int
                     "are used", path, later_turns, len(out))
     if with_system:
         log.warning("%s: %d of %d records carry a system turn; questions are asked with the pipeline's system "
-                    "message (--system_message) instead", path, with_system, len(out))
+                    "message (`data ... --system`) instead", path, with_system, len(out))
     return out
 
 
