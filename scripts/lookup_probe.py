@@ -17,12 +17,13 @@ with the loss on the answer only, and prints the loss and batch accuracy every 1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 import torch.nn.functional as F
 
-from nativevl.config import TextConfig
+from nativevl.demo import text_config
 from nativevl.model.text import TextModel
 
 COLOURS, SHAPES = 8, 5
@@ -63,10 +64,8 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
-    cfg = TextConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=args.layers, num_attention_heads=4,
-                     num_key_value_heads=2, intermediate_size=384, max_position_embeddings=512, bos_token_id=None,
-                     rope_theta=10_000.0, rope_type="default", eos_token_id=3, pad_token_id=0)
-    model, head = TextModel(cfg), torch.nn.Linear(128, VOCAB, bias=False)
+    cfg = dataclasses.replace(text_config(VOCAB, eos_token_id=3, pad_token_id=0), num_hidden_layers=args.layers)
+    model, head = TextModel(cfg), torch.nn.Linear(cfg.hidden_size, VOCAB, bias=False)
     params = list(model.parameters()) + list(head.parameters())
     for p in params:
         if p.dim() > 1:

@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         dp = data.add_parser(name, help=helptext)
         dp.add_argument("--model", required=True, help="the policy (checkpoint folder with tokenizer files)")
         dp.add_argument("--toyworld", default=None, help="questions from a toy-world family (e.g. arithmetic)")
-        dp.add_argument("--input", default=None, help="or InternVL conversation jsonl (last gpt turn = ground truth)")
+        dp.add_argument("--input", default=None, help="or InternVL conversation jsonl (first human turn = question, its answer = ground truth)")
         dp.add_argument("--root", default=None, help="image folder of --input (default: its folder)")
         dp.add_argument("--n", type=int, default=1000, help="questions (with --input: its first N records)")
         dp.add_argument("--seed", type=int, default=0, help="question and sampling seed (keep apart from eval seeds)")

@@ -59,11 +59,15 @@ def model_config(tokenizer) -> ModelConfig:
     # (1e6 in Qwen2.5) so that positions within these short prompts are told apart.
     vision = VisionConfig(hidden_size=96, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
                           image_size=96, patch_size=16, layer_scale_init_value=1.0)
-    text = TextConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=384, max_position_embeddings=4096, bos_token_id=None,
-                      rope_theta=10_000.0, rope_type="default",
-                      eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id)
+    text = text_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id)
     return ModelConfig(vision=vision, text=text, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
+
+
+def text_config(vocab_size: int, eos_token_id: int, pad_token_id: int) -> TextConfig:
+    """The demo's LLM: 4 Qwen2 blocks, 128 wide, GQA 4/2 heads, RoPE base 1e4."""
+    return TextConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=384, max_position_embeddings=4096, bos_token_id=None,
+                      rope_theta=10_000.0, rope_type="default", eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
 # share of each family in a stage's mixture (the text : multimodal split comes from text_ratio)
