@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from test_model import make_model
@@ -47,7 +48,26 @@ def test_quick_demo_runs_end_to_end_via_python_m(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 1000 and "| shapes |" in (tmp_path / "report.md").read_text()
     assert VisionLanguageModel.from_pretrained(tmp_path / "sft" / "final").config.image_seq_length == 9
     assert (tmp_path / "data" / "meta.json").is_file()
-    assert "nativevl chat --model" in proc.stdout
+    assert "nativevl chat --model" in proc.stdout and report["resumed"] == []
+    # run again in the same folder: both stages are reused, and the report says so
+    from nativevl.demo import DemoConfig, run_demo
+
+    again = run_demo(tmp_path, DemoConfig.quick())
+    assert again["resumed"] == ["pretrain", "sft"] and "Resumed: pretrain, sft" in (tmp_path / "report.md").read_text()
+    assert again["stages"]["sft"]["shapes"]["accuracy"] == report["stages"]["sft"]["shapes"]["accuracy"]
+
+
+def test_demo_refuses_a_folder_of_another_run(tmp_path):
+    import dataclasses
+
+    from nativevl.demo import DemoConfig, _claim
+
+    assert _claim(tmp_path / "a", DemoConfig.quick()) == []
+    with pytest.raises(ValueError, match="settings sft_steps"):
+        _claim(tmp_path / "a", dataclasses.replace(DemoConfig.quick(), sft_steps=7))
+    (tmp_path / "b" / "tokenizer").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no demo.json"):
+        _claim(tmp_path / "b", DemoConfig.quick())
 
 
 def test_tiling_grid_and_prompt():

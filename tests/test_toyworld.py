@@ -54,8 +54,32 @@ def test_chance_is_at_most_20_percent(family):
 def test_multi_image_counts_and_prompt():
     for i in range(10):
         ex = example("multi_image", 0, i)
-        assert 5 <= len(ex.images) <= 8 and ex.question.count("<image>") == len(ex.images)
-        assert ex.answer.startswith("image ") and 1 <= int(ex.answer.split()[1]) <= len(ex.images)
+        n = len(ex.images)
+        assert 5 <= n <= 8 and ex.question.count("<image>") == n
+        assert all(f"Image-{k}: <image>" in ex.question for k in range(1, n + 1))
+        colour, number = ex.answer.split()
+        assert 1 <= int(number) <= n and f"the {colour} " in ex.question.splitlines()[-1]
+        # every picture asked about once, with its own colour: the colours of a question differ
+        answers = [ex.answer] + [a for _, a in ex.more]
+        assert sorted(int(a.split()[1]) for a in answers) == list(range(1, n + 1))
+        assert len({a.split()[0] for a in answers}) == n
+        assert sorted(ex.caption.rstrip(".").split(", ")) == sorted(answers)  # pre-training: all, any order
+
+
+def test_multi_image_picture_carries_its_number():
+    """Each picture: one large object of the colour its answer names, with the picture's number drawn large
+    over its middle (so that all of the picture's visual tokens hold part of both)."""
+    from nativevl.data.toyworld.render import FONT, PALETTE
+
+    ex = example("multi_image", 3, 0)
+    colour_of = {int(a.split()[1]): a.split()[0] for a in [ex.answer] + [a for _, a in ex.more]}
+    for k, img in enumerate(ex.images, start=1):
+        rgb = img.reshape(-1, 3)
+        assert (rgb == PALETTE[colour_of[k]]).all(axis=1).sum() > 2000
+        dark = img.max(axis=-1) < 60
+        rows, cols = dark.any(axis=1).nonzero()[0], dark.any(axis=0).nonzero()[0]
+        assert dark.sum() == FONT[str(k)].sum() * 36  # the glyph at scale 6, whole
+        assert 20 <= rows.min() and rows.max() < 76 and 25 <= cols.min() and cols.max() < 71
 
 
 def test_runner_scores_oracle_and_wrong_answers():

@@ -9,6 +9,7 @@ multimodal 1 : 3, square averaging) -> evaluate -> SFT on the task questions -> 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import platform
 import time
@@ -19,7 +20,7 @@ import torch
 
 from nativevl.config import ModelConfig, TextConfig, VisionConfig
 from nativevl.data.pipeline import DataConfig, PackedDataset
-from nativevl.data.toyworld import FAMILIES, ToyWorldSource, corpus, write_dataset
+from nativevl.data.toyworld import FAMILIES, ToyWorldSource, corpus, example, write_dataset
 from nativevl.eval.runner import evaluate, markdown_table
 from nativevl.io.hf import load_model
 from nativevl.io.tokenizer import load_tokenizer, train_tokenizer
@@ -71,7 +72,8 @@ def text_config(vocab_size: int, eos_token_id: int, pad_token_id: int) -> TextCo
 
 
 # share of each family in a stage's mixture (the text : multimodal split comes from text_ratio)
-PRETRAIN_WEIGHTS = {"shapes": 2.0, "reading": 2.0, "charts": 2.0, "arithmetic": 1.0, "multi_image": 1.0, "text": 1.0}
+# (multi-image's lookup is learnt from its pre-training captions, hence its larger share there)
+PRETRAIN_WEIGHTS = {"shapes": 2.0, "reading": 2.0, "charts": 2.0, "arithmetic": 1.0, "multi_image": 2.0, "text": 1.0}
 SFT_WEIGHTS = {"shapes": 2.0, "reading": 2.0, "charts": 2.0, "arithmetic": 1.0, "multi_image": 1.0, "text": 0.5}
 SFT_TURNS = 4  # questions about the same image(s) in one SFT conversation
 
@@ -127,10 +129,40 @@ def plot_losses(curves: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def fingerprint(cfg: DemoConfig) -> dict:
+    """What a demo folder is made with: the settings and a hash of each family's first questions and pictures."""
+    h = hashlib.sha256()
+    for family in FAMILIES:
+        for i in range(4):
+            ex = example(family, cfg.train_seed, i)
+            h.update(f"{ex.question}\0{ex.answer}\0{ex.more}".encode())
+            for img in ex.images:
+                h.update(img.tobytes())
+    return {"config": dataclasses.asdict(cfg), "toy_world": h.hexdigest()[:16]}
+
+
+def _claim(out: Path, cfg: DemoConfig) -> list[str]:
+    """Resume only what this demo made: a folder written with other settings or another toy world is refused
+    (its tokenizer and checkpoints would be reused silently). Returns the stages already done."""
+    stamp, made = out / "demo.json", fingerprint(cfg)
+    if stamp.is_file():
+        found = json.loads(stamp.read_text())
+        if found != made:
+            changed = [k for k in made["config"] if found.get("config", {}).get(k) != made["config"][k]]
+            what = f"settings {', '.join(changed)}" if changed else "another version of the toy world"
+            raise ValueError(f"{out} holds a demo run made with {what}; give a new --out or delete the folder")
+    elif any((out / d).exists() for d in ("tokenizer", "pretrain", "sft")):
+        raise ValueError(f"{out} holds training files but no demo.json (not a run of this demo); "
+                         "give a new --out or delete the folder")
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(made, indent=2) + "\n")
+    return [s for s in ("pretrain", "sft") if (out / s / "final").is_dir()]
+
+
 def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict:
     cfg = cfg or DemoConfig()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    resumed = _claim(out, cfg)
     started = time.perf_counter()
     torch.manual_seed(cfg.train_seed)
     print(f"[demo] toy world -> {out / 'data'} (training streams it; these files are for inspection)")
@@ -141,7 +173,9 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict:
         tokenizer = train_tokenizer(corpus(), vocab_size=cfg.vocab_size)
         tokenizer.save_pretrained(str(out / "tokenizer"))
 
-    report: dict = {"config": dataclasses.asdict(cfg), "stages": {}}
+    report: dict = {"config": dataclasses.asdict(cfg), "stages": {}, "resumed": resumed}
+    if resumed:
+        print(f"[demo] resuming: {', '.join(resumed)} already trained in {out}")
     print("[demo] stage 1: native multimodal pre-training (all modules, text : multimodal = 1 : 3)")
     if (out / "pretrain" / "final").is_dir():
         model = load_model(out / "pretrain" / "final", dtype=torch.float32)
@@ -185,6 +219,10 @@ def report_markdown(report: dict) -> str:
              "native multimodal pre-training, then SFT. Accuracy on held-out seeds; chance = always giving the most "
              "frequent answer of each question kind; 95% Wilson intervals.", "",
              f"Machine: {report['machine']}. Wall time: {report['wall_time_s']} s.", ""]
+    if report.get("resumed"):
+        note = (f"Resumed: {', '.join(report['resumed'])} trained by an earlier run in the same folder; "
+                "the wall time covers this run only.")
+        lines[-1:-1] = [note, ""]
     for stage, title in (("pretrain", "After native pre-training"), ("sft", "After SFT")):
         lines.append(markdown_table(report["stages"][stage], title))
     lines += [f"Mean accuracy over shapes, reading and charts after SFT: {report['headline_mean']:.3f}.", "",

@@ -18,6 +18,10 @@ COLOURS = {
     "purple": (150, 60, 190),
     "orange": (245, 140, 30),
 }
+# two more colours for the multi-image family only (its pictures need up to 8 different colours); the
+# single-image families keep the six above
+MORE_COLOURS = {"pink": (245, 120, 185), "cyan": (40, 200, 215)}
+PALETTE = {**COLOURS, **MORE_COLOURS}
 SHAPES = ("circle", "square", "triangle", "cross", "diamond")
 CELL_NAMES = ("top left", "top middle", "top right", "middle left", "center", "middle right",
               "bottom left", "bottom middle", "bottom right")
@@ -81,7 +85,7 @@ def draw_shape(img: np.ndarray, cell: int, shape: str, colour: str, rng: np.rand
     top, left, side = cell_box(cell, img.shape[0])
     s = int(side * 0.75)
     y, x = top + _place(side, s, jitter, rng), left + _place(side, s, jitter, rng)
-    img[y : y + s, x : x + s][shape_mask(shape, s)] = COLOURS[colour]
+    img[y : y + s, x : x + s][shape_mask(shape, s)] = PALETTE[colour]
 
 
 def draw_glyph(img: np.ndarray, cell: int, ch: str, rng: np.random.Generator, colour=(20, 20, 20), jitter: int = 2) -> None:
@@ -93,6 +97,24 @@ def draw_glyph(img: np.ndarray, cell: int, ch: str, rng: np.random.Generator, co
     img[y : y + gh, x : x + gw][glyph] = colour
 
 
+def draw_numbered_object(img: np.ndarray, shape: str, colour: str, label: str, rng: np.random.Generator,
+                         fill: float = 0.9, scale: int = 6) -> None:
+    """One object filling most of the picture with `label` drawn large over its middle, as on a numbered
+    photo: every visual token of the picture then shows part of both."""
+    size = img.shape[0]
+    side = int(size * fill)
+    y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+    img[y : y + side, x : x + side][shape_mask(shape, side)] = PALETTE[colour]
+    if not label:
+        return
+    glyphs = np.concatenate([np.kron(FONT[ch], np.ones((scale, scale), dtype=bool)) for ch in label], axis=1)
+    gh, gw = glyphs.shape
+    if gh + 6 > size or gw + 6 > size:
+        raise ValueError(f"label {label!r} at scale {scale} does not fit a {size}-pixel picture")
+    gy, gx = (size - gh) // 2 + int(rng.integers(-3, 4)), (size - gw) // 2 + int(rng.integers(-3, 4))
+    img[gy : gy + gh, gx : gx + gw][glyphs] = (20, 20, 20)
+
+
 def draw_bars(img: np.ndarray, values: list[int], colours: list[str], max_value: int) -> None:
     """One bar per column of width size / len(values); value v fills v / (max_value + 1) of the height."""
     size = img.shape[0]
@@ -100,4 +122,4 @@ def draw_bars(img: np.ndarray, values: list[int], colours: list[str], max_value:
     unit = size // (max_value + 1)
     for k, (v, c) in enumerate(zip(values, colours)):
         x0 = k * width + width // 8
-        img[size - v * unit : size, x0 : (k + 1) * width - width // 8] = COLOURS[c]
+        img[size - v * unit : size, x0 : (k + 1) * width - width // 8] = PALETTE[c]

@@ -10,11 +10,18 @@ import numpy as np
 from PIL import Image
 
 from nativevl.data.records import Record
-from nativevl.data.toyworld.render import CELL_NAMES, COLOURS, GLYPHS, SHAPES
+from nativevl.data.toyworld.render import CELL_NAMES, GLYPHS, PALETTE, SHAPES
 from nativevl.data.toyworld.tasks import ANIMALS, FAMILIES, NUMBER_WORDS, example, text_document
 
 DESCRIBE = "<image>\ndescribe the image."
 STAGES = ("pretrain", "sft")
+
+
+def describe_prompt(n_images: int) -> str:
+    """The pre-training caption prompt; several pictures are numbered as InternVL numbers them."""
+    if n_images == 1:
+        return DESCRIBE
+    return "".join(f"Image-{i + 1}: <image>\n" for i in range(n_images)) + "describe the images."
 
 
 def conversation(question: str, answer: str) -> list[dict[str, str]]:
@@ -53,7 +60,7 @@ class ToyWorldSource:
         ex = example(self.family, self.seed, i, self.size)
         images = [Image.fromarray(im) for im in ex.images]
         if self.stage == "pretrain" and ex.caption is not None and images:
-            conv = conversation(DESCRIBE, ex.caption)
+            conv = conversation(describe_prompt(len(images)), ex.caption)
         else:
             conv = conversation(ex.question, ex.answer)
             rng = np.random.default_rng([self.seed, 77, i])
@@ -66,7 +73,7 @@ def corpus() -> list[str]:
     """Text covering every word the toy world uses, for the tokenizer. Words also appear at the
     start of a line, as answers do, so that an answer and the same word inside a sentence are both
     single tokens; glyphs only appear alone, so that what is written is read one character a token."""
-    words = list(COLOURS) + list(SHAPES) + list(CELL_NAMES) + list(ANIMALS) + list(NUMBER_WORDS)
+    words = list(PALETTE) + list(SHAPES) + list(CELL_NAMES) + list(ANIMALS) + list(NUMBER_WORDS)
     words += [s for pair in ANIMALS.values() for s in pair]
     texts = [" ".join(words), *words, *words, " ".join(GLYPHS), *GLYPHS]
     for family in FAMILIES:

@@ -26,5 +26,10 @@ class ToyWorldTask:
         return verify(self.name, prediction, item.answer)
 
     def answer_key(self, item: Example) -> str:
-        """What chance is measured on: the answer a constant guesser would have to hit."""
-        return (final_answer(item.answer) if self.name == "arithmetic" else normalize(item.answer)) or ""
+        """What chance is measured on: the answer a constant guesser would have to hit. For multi-image
+        that is the picture's number (the colour before it only restates the question)."""
+        if self.name == "arithmetic":
+            return final_answer(item.answer) or ""
+        if self.name == "multi_image":
+            return normalize(item.answer).split()[-1]
+        return normalize(item.answer)
