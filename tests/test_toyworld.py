@@ -82,6 +82,16 @@ def test_multi_image_picture_carries_its_number():
         assert 20 <= rows.min() and rows.max() < 76 and 25 <= cols.min() and cols.max() < 71
 
 
+def test_multi_image_number_only_in_the_prompt(monkeypatch):
+    """NUMBERED_PICTURES False (the harder form): no number drawn, the `Image-k:` labels and answers as before."""
+    import nativevl.data.toyworld.tasks as tasks
+
+    monkeypatch.setattr(tasks, "NUMBERED_PICTURES", False)
+    ex = tasks.example("multi_image", 3, 0)
+    assert all((img.max(axis=-1) < 60).sum() == 0 for img in ex.images)
+    assert "Image-1: <image>" in ex.question and len(ex.answer.split()) == 2
+
+
 def test_runner_scores_oracle_and_wrong_answers():
     tasks = sorted(FAMILIES)
     right = evaluate(None, None, tasks, n=12, seed=1, predictor=lambda task, items: [it.answer for it in items])

@@ -100,7 +100,7 @@ def draw_glyph(img: np.ndarray, cell: int, ch: str, rng: np.random.Generator, co
 def draw_numbered_object(img: np.ndarray, shape: str, colour: str, label: str, rng: np.random.Generator,
                          fill: float = 0.9, scale: int = 6) -> None:
     """One object filling most of the picture with `label` drawn large over its middle, as on a numbered
-    photo: every visual token of the picture then shows part of both."""
+    photo: every visual token of the picture then shows part of both. An empty label draws the object alone."""
     size = img.shape[0]
     side = int(size * fill)
     y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))

@@ -2,7 +2,7 @@
 
 Each example has images (uint8 arrays), a question, a reference answer, a `kind` (question type)
 and, for pre-training, a caption. Chance level of a family is what always giving the most frequent
-answer of each question kind scores (measured on the evaluation set itself).
+answer of each question kind scores (measured on 2,000 questions of the evaluation's seed).
 """
 
 from __future__ import annotations
@@ -143,8 +143,10 @@ def multi_image(rng: np.random.Generator, size: int = 96, min_images: int = 5, m
     carries its number drawn large over its object, as numbered photos and Set-of-Mark prompts do, so that
     every visual token of the picture holds both; the answer names the colour it looked for right before
     the number, so that the model finds the picture in one attention step from the colour it has just
-    written. The pre-training caption lists every picture that way, in a random order. docs/demo/multi_image.md has why (a label only in the text, or a number that comes
-    after other words, is not learnt by the demo's tiny model in its budget).
+    written. The pre-training caption lists every picture that way, in a random order. With
+    NUMBERED_PICTURES False the number is only in the prompt's `Image-k:` label (the harder form).
+    docs/demo/multi_image.md has why this form: the demo's tiny model learns it within its budget (1.000;
+    0.600 without the drawn numbers), and the earlier `image k` answer stayed at chance.
     """
     if not 4 <= min_images <= max_images <= 16:
         raise ValueError(f"multi-image questions use 4 to 16 images, got {min_images}..{max_images}")
