@@ -11,7 +11,7 @@ from PIL import Image
 
 from nativevl.data.records import Record
 from nativevl.data.toyworld.render import CELL_NAMES, GLYPHS, PALETTE, SHAPES
-from nativevl.data.toyworld.tasks import ANIMALS, FAMILIES, NUMBER_WORDS, example, text_document
+from nativevl.data.toyworld.tasks import ANIMALS, FAMILIES, NUMBER_WORDS, example, image_labels, text_document
 
 DESCRIBE = "<image>\ndescribe the image."
 STAGES = ("pretrain", "sft")
@@ -21,7 +21,7 @@ def describe_prompt(n_images: int) -> str:
     """The pre-training caption prompt; several pictures are numbered as InternVL numbers them."""
     if n_images == 1:
         return DESCRIBE
-    return "".join(f"Image-{i + 1}: <image>\n" for i in range(n_images)) + "describe the images."
+    return image_labels(n_images) + "describe the images."
 
 
 def conversation(question: str, answer: str) -> list[dict[str, str]]:

@@ -132,6 +132,11 @@ def arithmetic(rng: np.random.Generator, size: int = 96) -> Example:
                    "\n\n".join(steps), [img], f"the numbers {listed}.")
 
 
+def image_labels(n: int) -> str:
+    """InternVL's multi-image prompt prefix: `Image-1: <image>` ... one line per picture."""
+    return "".join(f"Image-{i + 1}: <image>\n" for i in range(n))
+
+
 NUMBERED_PICTURES = True  # multi-image: draw each picture's number on it (False: the number only in the prompt)
 
 
@@ -160,7 +165,7 @@ def multi_image(rng: np.random.Generator, size: int = 96, min_images: int = 5, m
         img = canvas(size)
         draw_numbered_object(img, shape, colour, str(i + 1) if NUMBERED_PICTURES else "", rng)
         images.append(img)
-    prefix = "".join(f"Image-{i + 1}: <image>\n" for i in range(n))
+    prefix = image_labels(n)
     qa = [(f"which image shows the {colour} {shape}?", f"{colour} {i + 1}")
           for i, (colour, shape) in enumerate(zip(colours, shapes))]
     target = int(rng.integers(0, n))
