@@ -166,6 +166,57 @@ def test_config_json_round_trip(name):
     assert back == cfg
 
 
+def _as_transformers_4_saved(config: dict) -> dict:
+    """transformers 4.x's `to_diff_dict` for a composite config: each sub-config keeps only the values that
+    differ from its own class's defaults (keys the composite's default sub-config also has), plus model_type;
+    the top level drops tie_word_embeddings when it is the default True."""
+    from transformers import AutoConfig, InternVLConfig, InternVLVisionConfig
+
+    composite_default = InternVLConfig().to_dict()
+    out = {k: v for k, v in config.items() if not (k == "tie_word_embeddings" and v is True)}
+    for key, cls_default in (("text_config", AutoConfig.for_model(config["text_config"]["model_type"]).to_dict()),
+                             ("vision_config", InternVLVisionConfig().to_dict())):
+        sub = config[key]
+        out[key] = {k: v for k, v in sub.items()
+                    if k == "model_type" or k not in composite_default[key] or v != cls_default.get(k)}
+    return out
+
+
+@pytest.mark.parametrize("name", ["internvl3_1b", "internvl3_9b", "internvl3_78b"])
+def test_config_saved_by_transformers_4_reads_the_same(name, tmp_path):
+    """A 4.x-saved -hf config.json omits every sub-config value equal to the class default (InternViT-300M's
+    whole shape; InternLM3-8B's hidden_size 4096 and 32 heads, llama's defaults): read as transformers does."""
+    from transformers import InternVLConfig
+
+    cfg = preset(name)
+    InternVLConfig(**hfio.config_to_hf(cfg)).save_pretrained(tmp_path / "full")
+    full = json.loads((tmp_path / "full" / "config.json").read_text())
+    diff = _as_transformers_4_saved(full)
+    (tmp_path / "config.json").write_text(json.dumps(diff))
+    dropped = {k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers") if k not in diff["text_config"]}
+    dropped |= {f"vision.{k}" for k in ("hidden_size", "num_hidden_layers") if k not in diff["vision_config"]}
+    assert dropped == {"internvl3_1b": {"vision.hidden_size", "vision.num_hidden_layers"},
+                       "internvl3_9b": {"hidden_size", "num_attention_heads", "vision.hidden_size",
+                                        "vision.num_hidden_layers"},
+                       "internvl3_78b": set()}[name]
+    ours, layout = hfio.read_config(tmp_path)
+    assert layout == "hf" and ours == hfio.read_config(tmp_path / "full")[0] == cfg
+    # transformers reads the diff file to the same shapes (the oracle for the defaults filled in)
+    theirs = InternVLConfig.from_pretrained(tmp_path).text_config
+    assert (theirs.hidden_size, theirs.num_attention_heads, theirs.num_key_value_heads, theirs.vocab_size) == (
+        ours.text.hidden_size, ours.text.num_attention_heads, ours.text.num_key_value_heads, ours.text.vocab_size)
+
+
+def test_original_config_without_llm_shape_names_the_file_once(tmp_path):
+    d = hfio.config_to_internvl(preset("internvl3_9b"))
+    d["llm_config"]["model_type"] = "internlm3"  # remote code: no class defaults to fill in
+    del d["llm_config"]["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="lacks num_attention_heads / hidden_size") as e:
+        hfio.read_config(tmp_path)
+    assert str(e.value).count("config.json") == 1
+
+
 def test_original_layout_reads_like_internvl(tmp_path):
     """Hub InternVL3 original configs say eos <|endoftext|> in llm_config, but chat() stops at <|im_end|>."""
     d = hfio.config_to_internvl(preset("internvl3_1b"))

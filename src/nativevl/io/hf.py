@@ -86,14 +86,36 @@ def _text_to_dict(t: TextConfig, *, architecture: str | None = None) -> dict[str
     return d
 
 
+# transformers' class defaults for the keys a language model config may omit. transformers 4.x wrote a
+# composite config's sub-configs as a diff against these (`to_diff_dict`): a 4.x-saved `text_config` lacks
+# every value equal to its class's default (an InternLM3-8B text_config, llama type, loses hidden_size 4096
+# and num_attention_heads 32), and transformers fills them back in on loading, so we do too.
+_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen2": {  # Qwen2Config
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu", "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    },
+    "llama": {  # LlamaConfig (InternVL3-9B's InternLM3 decoder in the -hf layout)
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "attention_bias": False,
+    },
+}
+
+
 def text_from_dict(d: dict[str, Any], *, source: str) -> TextConfig:
     model_type = d.get("model_type", "qwen2")
+    if model_type == "llama":
+        d = {**_TEXT_DEFAULTS["llama"], **d}
+    elif model_type == "qwen2":
+        d = {**_TEXT_DEFAULTS["qwen2"], **d}
+    elif model_type != "internlm3":  # remote code (the original layout): its configs are written whole
+        raise ValueError(f"{source}: unsupported language model type {model_type!r} (qwen2, llama, internlm3)")
     if model_type in ("internlm3", "llama"):
         arch, bias = "llama", bool(d.get("attention_bias", d.get("qkv_bias", False)))
-    elif model_type == "qwen2":
-        arch, bias = "qwen2", True
     else:
-        raise ValueError(f"{source}: unsupported language model type {model_type!r} (qwen2, llama, internlm3)")
+        arch, bias = "qwen2", True
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "dynamic"):
@@ -216,7 +238,7 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelCo
             tie_word_embeddings=bool(tie),
         )
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise ValueError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
 
 
 def config_to_internvl(cfg: ModelConfig) -> dict[str, Any]:
@@ -280,7 +302,7 @@ def config_from_internvl(
             tie_word_embeddings=bool(tie),
         )
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise ValueError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, str]:
