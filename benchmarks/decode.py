@@ -6,6 +6,13 @@ batch size, and the ratio. The engine's decode-only rate (first token to last) i
     PYTHONPATH=src python3 benchmarks/decode.py [--shape tiny|internvl3_1b] [--device cpu|cuda]
         [--dtype float32|bfloat16] [--prompt-len 512] [--new-tokens N] [--batch-sizes 1,32] [--json OUT]
         [--no-fused-decode] (the engine's reference decode step and prefill, for comparison)
+        [--variants base,chunk8,chunk8+autotune] [--profile chunk8]
+--variants times several engine configurations in the one run (each its own Engine on the same
+weights), each against the same transformers figure: `base` is the default engine; `chunkN` runs up
+to N greedy decode steps per graph replay and host sync (Engine's decode_chunk); `autotune` compiles
+the decode step with mode "max-autotune-no-cudagraphs" (Inductor tries Triton kernels against
+cuBLAS for every matmul shape; slow to compile). --profile VARIANTS adds a torch.profiler breakdown
+of one more batch-1 request per variant: GPU kernel time and launches against wall time.
 One side failing (an exception) is reported and does not lose the other side's numbers.
 """
 
@@ -25,6 +32,22 @@ from nativevl import VisionLanguageModel
 from nativevl.config import preset
 from nativevl.infer.engine import Engine, SamplingParams
 from nativevl.io.hf import config_to_hf
+from profiling import profile_call  # benchmarks/profiling.py, beside this script
+
+
+def variant_options(name: str) -> dict:
+    """Engine keyword arguments of a variant name: base, chunkN, autotune, joined by '+'."""
+    opts: dict = {}
+    for part in name.split("+"):
+        if part == "base":
+            continue
+        if part.startswith("chunk") and part[5:].isdigit():
+            opts["decode_chunk"] = int(part[5:])
+        elif part == "autotune":
+            opts["compile_mode"] = "max-autotune-no-cudagraphs"
+        else:
+            raise SystemExit(f"unknown variant part {part!r} in {name!r} (base, chunkN, autotune, joined by '+')")
+    return opts
 
 
 def tiny_shape():
@@ -62,8 +85,12 @@ def main() -> None:
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-fused-decode", action="store_true", help="the engine's reference step (the model's layers)")
+    ap.add_argument("--variants", default="base", help="comma-separated engine configurations (see above)")
+    ap.add_argument("--profile", default="", help="comma-separated variants to profile on one batch-1 request")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    options = {v: variant_options(v) for v in variants}
     cuda = args.device.startswith("cuda")
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     new = args.new_tokens or (128 if cuda else 32)
@@ -80,39 +107,43 @@ def main() -> None:
     prompts = torch.randint(10, cfg.image_token_id - 10, (max(batches), args.prompt_len), generator=g)
     never = cfg.text.vocab_size + 1  # an eos id no token can equal: every row generates `new` tokens
     params = SamplingParams(max_tokens=new, ignore_eos=True)
-    engine = None
+    engines: dict[str, Engine] = {}
     results: dict = {"shape": args.shape, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
                      "torch": torch.__version__, "transformers": transformers.__version__,
                      "gpu": torch.cuda.get_device_name() if cuda else None, "prompt_len": args.prompt_len,
-                     "new_tokens": new, "batches": {}}
+                     "new_tokens": new, "variants": variants, "batches": {}}
     for b in batches:
         row: dict = {}
         ids = prompts[:b].to(args.device)
-        try:  # ours
-            if engine is None:
-                engine = Engine(ours, None, max_batch_size=max(batches), max_seq_len=args.prompt_len + new + 8,
-                                cuda_graphs=not args.no_cuda_graphs, compile=False if args.no_compile else None,
-                                fused_decode=not args.no_fused_decode)
-            lists = ids.tolist()
-            t0 = time.perf_counter()
-            engine.generate(lists, params)  # warm-up: compiles and captures this batch's graphs
-            row["ours_warmup_s"] = time.perf_counter() - t0
-            reqs = [engine.submit(x, params) for x in lists]
-            sync()
-            t0 = time.perf_counter()
-            while not all(r.done for r in reqs):
-                engine.step()
-            sync()
-            wall = time.perf_counter() - t0
-            first = max(r.timings["first_token"] for r in reqs)
-            last = max(r.timings["finished"] for r in reqs)
-            row["ours_tok_s"] = b * new / wall
-            row["ours_decode_tok_s"] = b * (new - 1) / (last - first)
-            row["ours_tokens"] = reqs[0].result()[0].token_ids
-            row["decode_mode"] = engine.stats["decode_mode"]
-        except Exception as e:  # noqa: BLE001 - one side failing must not lose the other's figures
-            traceback.print_exc()
-            row["ours_error"] = f"{type(e).__name__}: {e}"
+        for v in variants:  # ours
+            key = "" if v == "base" else f"{v}_"
+            try:
+                if v not in engines:
+                    engines[v] = Engine(ours, None, max_batch_size=max(batches), max_seq_len=args.prompt_len + new + 8,
+                                        cuda_graphs=not args.no_cuda_graphs, compile=False if args.no_compile else None,
+                                        fused_decode=not args.no_fused_decode, **options[v])
+                engine = engines[v]
+                lists = ids.tolist()
+                t0 = time.perf_counter()
+                engine.generate(lists, params)  # warm-up: compiles and captures this batch's graphs
+                row[f"{key}ours_warmup_s"] = time.perf_counter() - t0
+                reqs = [engine.submit(x, params) for x in lists]
+                sync()
+                t0 = time.perf_counter()
+                while not all(r.done for r in reqs):
+                    engine.step()
+                sync()
+                wall = time.perf_counter() - t0
+                first = max(r.timings["first_token"] for r in reqs)
+                last = max(r.timings["finished"] for r in reqs)
+                row[f"{key}ours_tok_s"] = b * new / wall
+                row[f"{key}ours_decode_tok_s"] = b * (new - 1) / (last - first)
+                row[f"{key}ours_prefill_ms"] = 1e3 * (first - t0)
+                row[f"{key}ours_tokens"] = reqs[0].result()[0].token_ids
+                row[f"{key}decode_mode"] = engine.stats["decode_mode"]
+            except Exception as e:  # noqa: BLE001 - one side failing must not lose the other's figures
+                traceback.print_exc()
+                row[f"{key}ours_error"] = f"{type(e).__name__}: {e}"
         try:  # transformers
             mask = torch.ones_like(ids)
             kw = {"input_ids": ids, "attention_mask": mask, "do_sample": False, "eos_token_id": never, "pad_token_id": 0}
@@ -127,20 +158,38 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - as above
             traceback.print_exc()
             row["theirs_error"] = f"{type(e).__name__}: {e}"
-        if "ours_tok_s" in row and "theirs_tok_s" in row:
-            row["ratio"] = row["ours_tok_s"] / row["theirs_tok_s"]
-            a, t = row["ours_tokens"], row["theirs_tokens"]
-            row["same_greedy_prefix"] = next((i for i, (x, y) in enumerate(zip(a, t)) if x != y), min(len(a), len(t)))
-        for key in ("ours_tokens", "theirs_tokens"):
-            row.pop(key, None)
+        for v in variants:
+            key = "" if v == "base" else f"{v}_"
+            if f"{key}ours_tok_s" in row and "theirs_tok_s" in row:
+                row[f"{key}ratio"] = row[f"{key}ours_tok_s"] / row["theirs_tok_s"]
+                a, t = row[f"{key}ours_tokens"], row["theirs_tokens"]
+                row[f"{key}same_greedy_prefix"] = next((i for i, (x, y) in enumerate(zip(a, t)) if x != y),
+                                                       min(len(a), len(t)))
+            if key and f"{key}ours_tokens" in row and "ours_tokens" in row:  # every variant decodes the same tokens
+                row[f"{key}same_as_base"] = row[f"{key}ours_tokens"] == row["ours_tokens"]
+            fmt = lambda k, row=row: f"{row[k]:10.1f}" if k in row else f"{'failed':>10s}"
+            ratio = f"{row[key + 'ratio']:6.2f}x" if key + "ratio" in row else "     -"
+            print(f"batch {b:3d} {v:>18s}: nativevl {fmt(key + 'ours_tok_s')} tok/s (decode only "
+                  f"{fmt(key + 'ours_decode_tok_s')}, prefill {fmt(key + 'ours_prefill_ms')} ms), "
+                  f"transformers {fmt('theirs_tok_s')} tok/s, ratio {ratio}, greedy tokens agree for "
+                  f"{row.get(key + 'same_greedy_prefix', '-')} of {new}"
+                  + (f" (same as base: {row[key + 'same_as_base']})" if key + "same_as_base" in row else "")
+                  + f", mode {row.get(key + 'decode_mode')}")
+        for k in [k for k in row if k.endswith("_tokens") and isinstance(row[k], list)]:
+            row.pop(k)
         results["batches"][str(b)] = row
-        fmt = lambda k, row=row: f"{row[k]:10.1f}" if k in row else f"{'failed':>10s}"
-        ratio = f"{row['ratio']:6.2f}x" if "ratio" in row else "     -"
-        print(f"batch {b:3d}: nativevl {fmt('ours_tok_s')} tok/s (decode only {fmt('ours_decode_tok_s')}), "
-              f"transformers {fmt('theirs_tok_s')} tok/s, ratio {ratio}, "
-              f"greedy tokens agree for {row.get('same_greedy_prefix', '-')} of {new}, mode {row.get('decode_mode')}")
-    if engine is not None:
-        results["engine_stats"] = dict(engine.stats)
+    for v in [v for v in args.profile.split(",") if v]:
+        if v not in engines:
+            print(f"  profile: {v} is not among the variants that ran")
+            continue
+        engine, one = engines[v], prompts[:1].tolist()
+        stats = dict(engine.stats)
+        prof = profile_call(lambda engine=engine, one=one: engine.generate(one, params), torch.device(args.device),
+                            label=f"{v}, one batch-1 request of {new} tokens")
+        prof["decode_calls"] = engine.stats["decode_calls"] - stats["decode_calls"]
+        print(f"    {prof['decode_calls']} decode calls, {prof['launches'] / max(new, 1):.0f} kernel launches per token")
+        results.setdefault("profiles", {})[v] = prof
+    results["engine_stats"] = {v: dict(e.stats) for v, e in engines.items()}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -48,6 +48,7 @@ from nativevl.model.vlm import VisionLanguageModel
 from nativevl.train import parallel
 from nativevl.train.losses import labelled_lm_loss
 from nativevl.train.metrics import batch_flops, module_sizes, pass_factors, peak_flops
+from profiling import profile_call  # benchmarks/profiling.py, beside this script
 
 FULL = pass_factors({"vit": "full", "mlp": "full", "llm": "full"})
 
@@ -172,7 +173,7 @@ def run_ours(cfg, sd, steps, args, device, variant: str = "base") -> dict:
     out = timed_run(one_step, steps, cfg, module_sizes(model), args, device)
     out["variant"] = variant
     if variant in (args.profile or "").split(","):
-        out["profile"] = profile_step(one_step, len(steps) - 1, steps[-1], device)
+        out["profile"] = profile_call(lambda: one_step(len(steps) - 1, steps[-1]), device)
     return out
 
 
@@ -259,51 +260,6 @@ def timed_run(one_step, steps, cfg, sizes, args, device) -> dict:
         "compiles_timed": dynamo_compiles() - compiles0,  # graphs compiled inside the timed steps (should be 0)
         "losses": losses,
     }
-
-
-KERNEL_KINDS = (  # first match wins; lower-case substrings of CUDA kernel names
-    ("attention", ("flash", "fmha", "attention")),
-    ("optimizer", ("adam", "multi_tensor", "foreach", "norm_kernel", "lpnorm")),
-    ("matmul", ("gemm", "sm90", "sm80", "cutlass", "xmma", "cublas", "nvjet", "matmul", "splitk", "conv")),
-    ("cross-entropy", ("softmax", "nll", "log_softmax", "cross_entropy")),
-    ("copy / cast", ("copy", "cast", "memcpy", "memset", "fill", "cat", "index", "scatter", "gather", "embedding")),
-    ("elementwise (triton)", ("triton",)),
-)
-
-
-def profile_step(one_step, i, step, device) -> dict:
-    """One more step under torch.profiler: GPU time per kernel kind and the busiest kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    with profile(activities=acts) as prof:
-        one_step(i, step)
-        sync()
-    wall = time.perf_counter() - t0
-    kinds: dict[str, float] = {}
-    kernels = []
-    for e in prof.key_averages():
-        us = getattr(e, "self_device_time_total", None)
-        if us is None:
-            us = getattr(e, "self_cuda_time_total", 0.0)
-        if not us or (cuda and str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA"):
-            continue
-        name = e.key.lower()
-        kind = next((k for k, subs in KERNEL_KINDS if any(x in name for x in subs)), "other")
-        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
-        kernels.append((us / 1e3, e.count, e.key[:90]))
-    kernels.sort(reverse=True)
-    busy = sum(kinds.values())
-    print(f"  profile: one step, {wall * 1e3:.0f} ms wall (profiled), GPU kernels {busy:.0f} ms")
-    for k, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
-        print(f"    {k:22s} {ms:8.1f} ms  {ms / max(busy, 1e-9):6.1%}")
-    for ms, n, name in kernels[:15]:
-        print(f"    {ms:8.1f} ms  x{n:<5d} {name}")
-    return {"wall_ms": wall * 1e3, "gpu_busy_ms": busy, "kinds_ms": kinds, "top_kernels": kernels[:30]}
 
 
 def main() -> None:

@@ -198,15 +198,16 @@ def test_a_failing_prefill_fails_its_requests_instead_of_hanging(model, tokenize
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compile", [False, True])
-def test_cuda_graph_decode_equals_eager(tokenizer, compile):
+@pytest.mark.parametrize("compile,chunk", [(False, 1), (True, 1), (True, 8)])
+def test_cuda_graph_decode_equals_eager(tokenizer, compile, chunk):
     ps = prompts(tokenizer)
     ids, pixel_values = image_batch(make_model().config)
     ps.append(ids[0].tolist())
     pvs = [None] * 4 + [pixel_values[:1]]
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     eager = Engine(make_model(), tokenizer, max_batch_size=8, max_seq_len=512, device="cuda", cuda_graphs=False)
-    graphs = Engine(make_model(), tokenizer, max_batch_size=8, max_seq_len=512, device="cuda", compile=compile)
+    graphs = Engine(make_model(), tokenizer, max_batch_size=8, max_seq_len=512, device="cuda", compile=compile,
+                    decode_chunk=chunk)
     want = [c[0].token_ids for c in eager.generate(ps, params, pvs)]
     assert [c[0].token_ids for c in graphs.generate(ps, params, pvs)] == want
     assert graphs.stats["graph_captures"] >= 1 and graphs.stats["decode_mode"].endswith("cuda_graph")
@@ -332,3 +333,49 @@ def test_shutdown_fails_the_requests_it_leaves(model, tokenizer):
             req.result(timeout=5)
     assert engine.num_running == 0 and engine.num_waiting == 0
     assert engine.generate([p], SamplingParams(max_tokens=3))[0][0].token_ids  # still usable step by step
+
+
+def test_decode_chunks_give_the_tokens_of_single_steps(model, tokenizer):
+    """decode_chunk = 8: greedy steps run 8 at a time with one host sync; stops, budgets, streaming,
+    joining requests, a full cache and sampled neighbours give exactly what single steps give."""
+    ps = prompts(tokenizer)
+    one = Engine(model, tokenizer, max_batch_size=4, max_seq_len=256)
+    eight = Engine(model, tokenizer, max_batch_size=4, max_seq_len=256, decode_chunk=8)
+    assert eight.stats["decode_mode"] == "fused+eager+chunk8"
+    full = one.generate([ps[1]], SamplingParams(max_tokens=20, ignore_eos=True))[0][0]
+    text = full.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    params = [SamplingParams(max_tokens=20, ignore_eos=True), SamplingParams(max_tokens=3),
+              SamplingParams(max_tokens=20, stop_token_ids=(full.token_ids[5],), ignore_eos=True),
+              SamplingParams(max_tokens=20, stop=(stop,), ignore_eos=True)]
+    batch = [ps[1], ps[0], ps[1], ps[1]]
+    assert eight.generate(batch, params) == one.generate(batch, params)
+    # one request: 19 tokens after the prefill's first in chunks of 8, 8, 2 and 1
+    calls = eight.stats["decode_calls"]
+    assert eight.generate([ps[1]], params[0])[0][0] == full
+    assert eight.stats["decode_calls"] - calls == 4
+    deltas = []
+    eight.submit(ps[1], params[3], on_event=lambda kind, i, x: deltas.append(x) if kind == "delta" else None)
+    while eight.step():
+        pass
+    assert "".join(deltas) == text[: text.find(stop)]
+    # requests joining and leaving between chunks
+    reqs = [eight.submit(ps[0], SamplingParams(max_tokens=30, ignore_eos=True))]
+    eight.step()
+    reqs += [eight.submit(p, SamplingParams(max_tokens=k, ignore_eos=True)) for p, k in zip(ps[1:], (5, 13, 9))]
+    while eight.step():
+        pass
+    alone = [one.generate([p], SamplingParams(max_tokens=k, ignore_eos=True))[0][0].token_ids
+             for p, k in zip(ps, (30, 5, 13, 9))]
+    assert [r.result()[0].token_ids for r in reqs] == alone
+    # a sampled neighbour: single steps while it runs, and its seeded tokens as ever
+    mixed = [SamplingParams(max_tokens=12, ignore_eos=True),
+             SamplingParams(max_tokens=12, temperature=1.0, seed=5, ignore_eos=True)]
+    steps, calls = eight.stats["decode_steps"], eight.stats["decode_calls"]
+    assert eight.generate(ps[:2], mixed) == one.generate(ps[:2], mixed)
+    assert eight.stats["decode_steps"] - steps == eight.stats["decode_calls"] - calls == 11
+    # a 12-token prompt in a 16-position cache: chunks stop at its end
+    p12 = (ps[1] * 4)[:12]
+    small = [Engine(model, tokenizer, max_batch_size=2, max_seq_len=16, decode_chunk=c) for c in (1, 8)]
+    outs = [e.generate([p12], SamplingParams(max_tokens=50, ignore_eos=True))[0][0] for e in small]
+    assert outs[0] == outs[1] and outs[1].finish_reason == "length" and len(outs[1].token_ids) == 5

@@ -169,6 +169,8 @@ class Engine:
         prefill_tokens: int = 16384,
         length_quantum: int | None = None,
         fused_decode: bool = True,
+        decode_chunk: int = 1,
+        compile_mode: str | None = None,
     ) -> None:
         """`dtype`/`device` move the model (in place) when given. `compile` (default: with CUDA graphs
         on CUDA) compiles the decode step before capture. `length_quantum`: the key window grows in
@@ -177,9 +179,20 @@ class Engine:
         fused into one matmul each (weights concatenated once here: call `refresh_weights()` after
         changing the model's weights), attention read in place from the cache without expanding GQA
         heads, one mask and one RoPE per step for all layers, and the greedy argmax inside the step;
-        False runs the model's own decoder layers (the reference path)."""
+        False runs the model's own decoder layers (the reference path).
+
+        `decode_chunk` > 1: while every running sample is greedy (no sampling, no repetition penalty),
+        one call runs up to this many decode steps back to back on the device, each step's argmax the
+        next step's input token, and the host reads the tokens once per call (one graph replay and one
+        device->host sync per chunk instead of per token). Chunks are powers of two no longer than the
+        longest remaining budget (max_tokens); tokens past a sample's stop are discarded, so outputs are
+        those of single steps. Streaming then arrives in bursts of up to this many tokens, and a request
+        arriving meanwhile waits for the chunk to end. `compile_mode` is torch.compile's mode for the
+        decode step (e.g. "max-autotune-no-cudagraphs"; this engine captures its own graphs)."""
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
+        if decode_chunk < 1:
+            raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -230,19 +243,28 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._prefill_error: BaseException | None = None
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.decode_chunk = int(decode_chunk)
+        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._graph_pool = None
-        self._eager_fn = self._decode_fused if self.fused_decode else self._decode_layers
-        self._step_fn = self._eager_fn
+        # one decode step (compiled on CUDA); a call runs it `steps` times, all captured in one graph
+        self._eager_body = self._decode_fused if self.fused_decode else self._decode_layers
+        self._body = self._eager_body
         if self.use_compile:
-            self._step_fn = torch.compile(self._eager_fn, dynamic=False)
-        self.stats = {"prefills": 0, "prefill_batches": 0, "decode_steps": 0, "decode_tokens": 0,
+            # one compiled graph per (batch, window) bucket: allow them all rather than fall back to
+            # eager past dynamo's default limit of 8 recompiles
+            n_buckets = (max_batch_size.bit_length() + 1) * (-(-self._cache_len // self.length_quantum))
+            for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), n_buckets))
+            self._body = torch.compile(self._eager_body, dynamic=False, mode=compile_mode)
+        self.stats = {"prefills": 0, "prefill_batches": 0, "decode_steps": 0, "decode_calls": 0, "decode_tokens": 0,
                       "graph_captures": 0, "decode_mode": self.decode_mode}
 
     @property
     def decode_mode(self) -> str:
         return (("fused+" if self.fused_decode else "") + ("compile+" if self.use_compile else "")
-                + ("cuda_graph" if self.use_graphs else "eager"))
+                + ("cuda_graph" if self.use_graphs else "eager")
+                + (f"+chunk{self.decode_chunk}" if self.decode_chunk > 1 else ""))
 
     @torch.no_grad()
     def refresh_weights(self) -> None:
@@ -410,6 +432,7 @@ class Engine:
             if seq is not None and not seq.req.done:
                 seq.req._finish(error)
         self.slots = [None] * self.max_batch_size
+        self.lengths = [0] * self.max_batch_size
 
     # ------------------------------------------------------------------ scheduling
 
@@ -558,15 +581,24 @@ class Engine:
 
     # ------------------------------------------------------------------ the decode step
 
-    def _inputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _decode_steps(self, batch: int, window: int, steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """`steps` static-shape decode steps over slots [0, batch) and keys [0, window), the greedy token
+        of each step the input of the next (positions and lengths advancing by one): the last step's
+        logits (batch, V) and every step's argmax (steps, batch). Needs window >= length + steps."""
         state = self._state[:, :batch]
-        return state[0].long(), state[1], state[2].long()  # tokens, positions, lengths (B,)
+        tokens, positions, lengths = state[0].long(), state[1], state[2].long()
+        picked = []
+        for j in range(steps):
+            logits, tokens = self._body(tokens, positions + j if j else positions, lengths + j if j else lengths, window)
+            picked.append(tokens)
+        return logits, torch.stack(picked)
 
-    def _decode_layers(self, batch: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The static-shape step over slots [0, batch) and keys [0, window) through the model's own
-        decoder layers: logits (batch, V) and their argmax (batch,)."""
+    def _decode_layers(self, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                       window: int) -> torch.Tensor:
+        """One step of tokens (B,) at positions (B,) after lengths (B,) cached keys, keys [0, window),
+        through the model's own decoder layers: logits (B, V) and their argmax (B,)."""
         lm = self.model.language_model
-        tokens, positions, lengths = self._inputs(batch)
+        batch = tokens.shape[0]
         valid = self._key_index[:window][None] < lengths[:, None]  # (B, L) cached keys of each slot
         mask = torch.cat([valid, valid.new_ones(batch, 1)], dim=1)  # (B, L+1): the new key comes last
         cache = _SlotView(self.k, self.v, self._rows[:batch], lengths, window)
@@ -577,7 +609,8 @@ class Engine:
         logits = self.model.lm_head(lm.norm(x)[:, 0])  # (B, V)
         return logits, logits.argmax(-1)
 
-    def _decode_fused(self, batch: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_fused(self, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                      window: int) -> torch.Tensor:
         """The same step as `_decode_layers`, trimmed for one token per row: fused q/k/v and gate/up
         matmuls, the new key/value written into the cache first and attention read from the cache
         window in place (GQA unexpanded), one additive mask and one cos/sin for all layers, and the
@@ -586,7 +619,7 @@ class Engine:
         cfg = self.model.config.text
         n_q, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         split = (n_q * hd, n_kv * hd, n_kv * hd)
-        tokens, positions, lengths = self._inputs(batch)
+        batch = tokens.shape[0]
         rows = self._rows[:batch]
         # keys [0, length] of each slot: its cache and the new key, written at index `length` below
         valid = self._key_index[:window][None] <= lengths[:, None]  # (B, L)
@@ -609,10 +642,10 @@ class Engine:
         logits = self.model.lm_head(lm.norm(x))  # (B, V)
         return logits, logits.argmax(-1)
 
-    def _run_step(self, batch: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_step(self, batch: int, window: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.use_graphs:
-            return self._step_fn(batch, window)
-        key = (batch, window)
+            return self._decode_steps(batch, window, steps)
+        key = (batch, window, steps)
         if key not in self._graphs:
             try:
                 self._capture(key)
@@ -621,7 +654,7 @@ class Engine:
                     raise
                 # compile failed or cannot be captured: keep CUDA graphs of the eager step
                 log.exception("compiled decode step failed; falling back to the eager step in CUDA graphs")
-                self.use_compile, self._step_fn = False, self._eager_fn
+                self.use_compile, self._body = False, self._eager_body
                 self._graphs.clear()
                 self.stats["decode_mode"] = self.decode_mode
                 self._capture(key)
@@ -629,43 +662,61 @@ class Engine:
         graph.replay()
         return out
 
-    def _capture(self, key: tuple[int, int]) -> None:
+    def _capture(self, key: tuple[int, int, int]) -> None:
         # warm-up on a side stream (compiles, initialises cuBLAS workspaces); writes are idempotent:
-        # each run stores the same current token's keys at the same index
+        # each run stores the same tokens' keys at the same indices
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step_fn(*key)
+                self._decode_steps(*key)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            out = self._step_fn(*key)
+            out = self._decode_steps(*key)
         self._graphs[key] = (graph, out)
         self.stats["graph_captures"] += 1
+
+    def _chunk_steps(self, active: list[_Seq], batch: int) -> int:
+        """Decode steps for this call: 1 unless decode_chunk > 1 and every active sample is greedy; then
+        the largest power of two within decode_chunk, the longest remaining max_tokens budget, and the
+        cache (every row of the bucket writes `steps` keys from its length on, free rows included)."""
+        if self.decode_chunk == 1 or any(s.generator is not None or s.seen is not None for s in active):
+            return 1
+        budget = max(s.req.params.max_tokens - len(s.tokens) for s in active)
+        room = self._cache_len - max(self.lengths[:batch])
+        limit = max(1, min(self.decode_chunk, budget, room))
+        return 1 << (limit.bit_length() - 1)
 
     @torch.no_grad()
     def _decode(self, active: list[_Seq]) -> None:
         batch = _bucket_batch(max(s.slot for s in active) + 1, self.max_batch_size)
+        steps = self._chunk_steps(active, batch)
         longest = max(self.lengths[s.slot] for s in active)
         q = self.length_quantum
-        window = min(-(-(longest + 1) // q) * q, self._cache_len)
+        window = min(-(-(longest + steps) // q) * q, self._cache_len)
         # one host->device copy of every slot's token, position and length
         self._state.copy_(torch.tensor([self.next_tokens, self.positions, self.lengths], dtype=torch.float32))
-        logits, greedy = self._run_step(batch, window)
-        if all(s.generator is None and s.seen is None for s in active):
-            picked = greedy.tolist()  # the one device->host sync of the step
-            tokens = [picked[s.slot] for s in active]
-        else:
+        logits, greedy = self._run_step(batch, window, steps)
+        if steps == 1 and any(s.generator is not None or s.seen is not None for s in active):
             tokens = self._sample(logits[[s.slot for s in active]].float(), active)
-        self.stats["decode_steps"] += 1
-        self.stats["decode_tokens"] += len(active)
-        for seq, tok in zip(active, tokens):
-            self.lengths[seq.slot] += 1
-            self.positions[seq.slot] += 1.0
-            self._append(seq, tok)
+            picked = [[0] * batch]  # one row indexed by slot, as the greedy path's
+            for seq, tok in zip(active, tokens):
+                picked[0][seq.slot] = tok
+        else:
+            picked = greedy.tolist()  # (steps, batch): the one device->host sync of the call
+        self.stats["decode_steps"] += steps
+        self.stats["decode_calls"] += 1
+        for row in picked:
+            for seq in active:
+                if self.slots[seq.slot] is not seq:  # finished earlier in this chunk: the rest is discarded
+                    continue
+                self.stats["decode_tokens"] += 1
+                self.lengths[seq.slot] += 1
+                self.positions[seq.slot] += 1.0
+                self._append(seq, row[seq.slot])
 
     # ------------------------------------------------------------------ sampling and stopping
 
