@@ -112,6 +112,12 @@ def main() -> None:
                      "torch": torch.__version__, "transformers": transformers.__version__,
                      "gpu": torch.cuda.get_device_name() if cuda else None, "prompt_len": args.prompt_len,
                      "new_tokens": new, "variants": variants, "batches": {}}
+
+    def save() -> None:  # after every batch size and profile: a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+
     for b in batches:
         row: dict = {}
         ids = prompts[:b].to(args.device)
@@ -178,6 +184,7 @@ def main() -> None:
         for k in [k for k in row if k.endswith("_tokens") and isinstance(row[k], list)]:
             row.pop(k)
         results["batches"][str(b)] = row
+        save()
     for v in [v for v in args.profile.split(",") if v]:
         if v not in engines:
             print(f"  profile: {v} is not among the variants that ran")
@@ -189,10 +196,10 @@ def main() -> None:
         prof["decode_calls"] = engine.stats["decode_calls"] - stats["decode_calls"]
         print(f"    {prof['decode_calls']} decode calls, {prof['launches'] / max(new, 1):.0f} kernel launches per token")
         results.setdefault("profiles", {})[v] = prof
+        save()
     results["engine_stats"] = {v: dict(e.stats) for v, e in engines.items()}
+    save()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
         print(f"written {args.json}")
 
 

@@ -236,6 +236,14 @@ def test_chat_repl_multi_turn_with_images(tmp_path, tokenizer, monkeypatch, caps
     assert err.count("tokens in") == 3 and "1 tile(s)" in err and "no such image file" in err
     prompts = [int(x) for x in __import__("re").findall(r"prompt (\d+) tokens", err)]
     assert prompts[1] > prompts[0] > prompts[2]  # the second turn carries the first; /reset forgets it
+    # single-shot, streamed per token or in chunks of 4 greedy steps: the same answer
+    shot = ["chat", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "x.png"), "--prompt", "what is shown",
+            "--max_new_tokens", "9", "--system", ""]
+    answers = []
+    for extra in ([], ["--decode-chunk", "4"]):
+        assert main(shot + extra) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and answers[0].strip()
 
 
 def test_a_cancelled_waiting_request_leaves_the_queue_at_once(model, tokenizer):

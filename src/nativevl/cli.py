@@ -56,7 +56,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     cfg = model.config
     engine = Engine(model, tokenizer, max_batch_size=1,
-                    max_seq_len=min(args.max_seq_len, cfg.text.max_position_embeddings))
+                    max_seq_len=min(args.max_seq_len, cfg.text.max_position_embeddings), decode_chunk=args.decode_chunk)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     system = DEFAULT_SYSTEM_MESSAGE if args.system is None else args.system
@@ -138,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=dtype, device=device)
     engine = Engine(model, load_tokenizer(args.model), max_batch_size=args.max_batch_size,
                     max_seq_len=min(args.max_seq_len, model.config.text.max_position_embeddings),
-                    max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs)
+                    max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs, decode_chunk=args.decode_chunk)
     if args.allowed_local_media is not None and not Path(args.allowed_local_media).is_dir():
         raise ValueError(f"--allowed-local-media {args.allowed_local_media} is not a folder")
     cfg = ServerConfig(
@@ -356,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--max_num", type=int, default=12, help="max tiles per image (dynamic resolution)")
     c.add_argument("--max_seq_len", type=int, default=8192, help="conversation length the KV cache holds")
+    c.add_argument("--decode-chunk", "--decode_chunk", dest="decode_chunk", type=int, default=1,
+                   help="greedy decode steps per device call and host sync (1: stream every token; more: fewer syncs, "
+                        "text arrives in bursts)")
     c.add_argument("--device", default=None)
     c.add_argument("--dtype", type=parse_dtype, default=None)
     c.set_defaults(func=cmd_chat)
@@ -379,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max_num", type=int, default=12, help="max tiles per request, shared by its images")
     s.add_argument("--system", default=None, help="system message when a request has none (default: InternVL's)")
     s.add_argument("--no-cuda-graphs", dest="no_cuda_graphs", action="store_true")
+    s.add_argument("--decode-chunk", "--decode_chunk", dest="decode_chunk", type=int, default=1,
+                   help="greedy decode steps per device call and host sync (1: stream every token; more: fewer syncs, "
+                        "text arrives in bursts)")
     s.add_argument("--device", default=None)
     s.add_argument("--dtype", type=parse_dtype, default=None)
     s.set_defaults(func=cmd_serve)
