@@ -531,3 +531,50 @@ def test_prm_objective_trains_in_the_loop(tmp_path):
     assert steps[0]["label_loss"] > base + 0.05 and abs(np.mean([m["label_loss"] for m in steps[-5:]]) - base) < 0.03
     with pytest.raises(ValueError, match="prm_placeholder"):
         launch(apply_overrides(recipe("debug_tiny"), [*args, "--max_steps=1"]), tmp_path / "plain")
+
+
+def test_best_of_n_evaluation_keeps_per_question_records_and_paired_tests(tokenizer):
+    """The Best-of-N report's counts are the sums of its per-question records, and it carries the paired
+    tests of the PRM's pick against greedy and against the vote (the markdown table shows them)."""
+    from nativevl.eval.runner import best_of_n_table, evaluate_best_of_n, paired_test
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel(tiny_config()).eval()
+    report = evaluate_best_of_n(model, tokenizer, ["arithmetic"], n=4, samples=3, prm=model, seed=5)
+    r = report["arithmetic"]
+    records = r["records"]
+    assert [x["index"] for x in records] == [0, 1, 2, 3] and r["prefills"] == 8  # greedy + one per question's samples
+    for key in ("pass1", "majority3", "prm_best3", "outcome_best3", "oracle3"):
+        assert r[key]["correct"] == sum(x[key] for x in records)
+    assert r["sample_mean"]["accuracy"] == pytest.approx(sum(x["samples_correct"] for x in records) / 12)
+    assert r["paired"]["prm_best3 vs pass1"] == paired_test([x["pass1"] for x in records],
+                                                            [x["prm_best3"] for x in records])
+    assert "exact McNemar" in best_of_n_table(report) and "| arithmetic | prm_best3 vs majority3 |" in best_of_n_table(report)
+
+
+def test_alignment_summary_pairs_the_claims_on_the_same_questions():
+    from nativevl.eval.alignment import summarize, table
+
+    n = 12
+    answers = [str(i) for i in range(n)]
+
+    def scored(key_right):
+        k = sum(key_right)
+        return {"accuracy": k / n, "ci95": [0.0, 1.0], "n": n, "correct": k}
+
+    sft_right = [i < 6 for i in range(n)]
+    mpo_right = [i < 10 for i in range(n)]
+    ev = lambda right: {"arithmetic": {**scored(right), "chance": 0.1, "records": [
+        {"index": i, "answer": a, "correct": c} for i, (a, c) in enumerate(zip(answers, right))]}}
+    methods = {"pass1": sft_right, "majority8": [i < 4 for i in range(n)], "prm_best8": [i < 9 for i in range(n)],
+               "outcome_best8": sft_right, "oracle8": [True] * n}
+    bon = {"arithmetic": {"samples": 8, **{k: scored(v) for k, v in methods.items()},
+                          "sample_mean": {"accuracy": 0.4, "n": n}, "seed": 1, "temperature": 0.7,
+                          "records": [{"index": i, "answer": a, **{k: v[i] for k, v in methods.items()}}
+                                      for i, a in enumerate(answers)]}}
+    out = summarize(ev(sft_right), ev(mpo_right), bon, bon)
+    p = out["paired"]
+    assert (p["mpo vs sft (greedy)"]["b_only"], p["mpo vs sft (greedy)"]["a_only"]) == (4, 0)
+    assert (p["prm_best8 vs pass1"]["b_only"], p["prm_best8 vs majority8"]["b_only"]) == (3, 5)
+    assert p["mpo majority8 vs sft majority8"]["p_value"] == 1.0
+    assert "| prm_best8 vs majority8 | +0.417 | 5 | 0 | 0.0625 |" in table(out)

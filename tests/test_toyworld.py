@@ -156,3 +156,41 @@ def test_runner_sums_the_ranks_of_a_sharded_evaluation(tmp_path):
     for task in ("shapes", "text"):
         assert [r[task]["correct"] for r in reports] == [5, 5]  # items 0, 2, 4, 6, 8 of 9, on both ranks
         assert [r[task]["n"] for r in reports] == [9, 9]
+        # every rank holds every question's record, in question order
+        for r in reports:
+            assert [x["index"] for x in r[task]["records"]] == list(range(9))
+            assert [x["correct"] for x in r[task]["records"]] == [i % 2 == 0 for i in range(9)]
+
+
+def test_paired_test_and_compare_reports(tmp_path, capsys):
+    """Per-question records let two evaluations be compared on the same questions (exact McNemar)."""
+    from nativevl.cli import main
+    from nativevl.eval.runner import compare, paired_test
+
+    t = paired_test([False] * 6 + [True] * 4, [True] * 6 + [True] * 4)  # 6 discordant, all for b
+    assert (t["a_only"], t["b_only"], t["p_value"], t["difference"]) == (0, 6, 2 / 64, 0.6)
+    t = paired_test([True] + [False] * 9 + [True] * 5, [False] + [True] * 9 + [False] * 5)
+    assert (t["a_only"], t["b_only"]) == (6, 9) and t["p_value"] == pytest.approx(2 * sum(
+        __import__("math").comb(15, i) for i in range(7)) / 2**15)
+    assert paired_test([True, False], [True, False])["p_value"] == 1.0
+    with pytest.raises(ValueError, match="same questions"):
+        paired_test([True], [True, False])
+
+    def some_wrong(task, items):  # questions 1, 4, 7, ... answered wrong
+        return [it.answer if i % 3 != 1 else "zzz" for i, it in enumerate(items)]
+
+    right = evaluate(None, None, ["shapes"], n=30, seed=1, predictor=lambda task, items: [it.answer for it in items])
+    worse = evaluate(None, None, ["shapes"], n=30, seed=1, predictor=some_wrong)
+    t = compare(right, worse, "shapes")
+    assert (t["a_only"], t["b_only"], t["difference"]) == (10, 0, -10 / 30) and t["p_value"] == 2 / 2**10
+    other = evaluate(None, None, ["shapes"], n=30, seed=2, predictor=some_wrong)
+    with pytest.raises(ValueError, match="different 'shapes' questions"):
+        compare(right, other, "shapes")
+    old = {"shapes": {k: v for k, v in right["shapes"].items() if k != "records"}}
+    with pytest.raises(ValueError, match="no per-question records"):
+        compare(old, worse, "shapes")
+    (tmp_path / "a.json").write_text(json.dumps(right))
+    (tmp_path / "b.json").write_text(json.dumps(worse))
+    assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith("| shapes | 1.000 | 0.667 | -0.333 | 10 | 0 | 0.00195")

@@ -193,6 +193,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Paired test of two evaluations on the same questions: REPORT[:METHOD] for each side."""
+    from nativevl.eval.runner import compare
+
+    def side(spec: str) -> tuple[dict, str | None]:
+        path, _, method = spec.partition(":") if not Path(spec).is_file() else (spec, "", "")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no evaluation report {path}")
+        return json.loads(Path(path).read_text()), method or None
+
+    (a, ma), (b, mb) = side(args.a), side(args.b)
+    tasks = [t for t in (args.tasks.split(",") if args.tasks else a) if t in a and t in b]
+    if not tasks:
+        raise ValueError(f"the two reports share no task ({sorted(a)} / {sorted(b)})")
+    print(f"| task | {args.a} | {args.b} | difference | only the first right | only the second right | p (exact McNemar) |")
+    print("|---|---|---|---|---|---|---|")
+    for task in tasks:
+        t = compare(a, b, task, ma, mb)
+        first = sum(bool(r[ma or "correct"]) for r in a[task]["records"]) / t["n"]
+        print(f"| {task} | {first:.3f} | {first + t['difference']:.3f} | {t['difference']:+.3f} | {t['a_only']} | "
+              f"{t['b_only']} | {t['p_value']:.3g} |")
+    return 0
+
+
 def cmd_data_validate(args: argparse.Namespace) -> int:
     from nativevl.data.pipeline import DataConfig
     from nativevl.data.records import load_meta
@@ -328,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="output folder (report.json, report.md, loss.png, model)")
     d.add_argument("--quick", action="store_true", help="a few steps per stage (checks the pipeline, learns nothing)")
     d.set_defaults(func=cmd_demo)
+
+    cmp_ = sub.add_parser("compare", help="paired test of two evaluations on the same questions (exact McNemar)")
+    cmp_.add_argument("a", help="an eval report (json), or REPORT:METHOD for a Best-of-N report (e.g. best.json:pass1)")
+    cmp_.add_argument("b", help="the other side, the same way (the same report may be both)")
+    cmp_.add_argument("--tasks", default=None, help="comma-separated (default: every task both reports have)")
+    cmp_.set_defaults(func=cmd_compare)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on toy-world tasks (accuracy, chance, 95% interval)")
     e.add_argument("--model", required=True)

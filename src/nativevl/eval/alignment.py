@@ -2,7 +2,8 @@
 
 `python -m nativevl.eval.alignment RUN_DIR OUT_DIR` reads RUN_DIR/eval_sft.json and eval_mpo.json
 (`nativevl eval`) and RUN_DIR/best_of_n.json (`nativevl eval --best-of-n 8 --prm ...`; best_of_n_mpo.json, the same with the MPO model, if present), all on the
-same task, base model and held-out seed, and writes the figures with their 95% intervals.
+same task, base model and held-out seed, and writes the figures with their 95% intervals and, where
+the reports keep per-question records, paired tests (exact McNemar) of the claims on the same questions.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from nativevl.eval.runner import compare
 
 
 def summarize(sft: dict, mpo: dict, bon: dict, bon_mpo: dict | None = None, task: str = "arithmetic") -> dict:
@@ -41,6 +44,16 @@ def summarize(sft: dict, mpo: dict, bon: dict, bon_mpo: dict | None = None, task
     if bon_mpo is not None:  # the same test-time scaling with the MPO model as the policy
         out.update({f"mpo_{key}": pick(bon_mpo[task][key]) for key in (f"majority{k}", f"prm_best{k}")})
         out["mpo_sample_mean"] = bon_mpo[task]["sample_mean"]
+    if all("records" in r[task] for r in (sft, mpo, bon)):
+        # (first, second): the second's gain over the first, on the same questions
+        pairs = {"mpo vs sft (greedy)": (sft, None, mpo, None),
+                 f"prm_best{k} vs pass1": (bon, "pass1", bon, f"prm_best{k}"),
+                 f"prm_best{k} vs majority{k}": (bon, f"majority{k}", bon, f"prm_best{k}"),
+                 f"outcome_best{k} vs pass1": (bon, "pass1", bon, f"outcome_best{k}")}
+        if bon_mpo is not None and "records" in bon_mpo[task]:
+            pairs[f"mpo majority{k} vs sft majority{k}"] = (bon, f"majority{k}", bon_mpo, f"majority{k}")
+            pairs[f"mpo prm_best{k} vs sft prm_best{k}"] = (bon, f"prm_best{k}", bon_mpo, f"prm_best{k}")
+        out["paired"] = {name: compare(a, b, task, ma, mb) for name, (a, ma, b, mb) in pairs.items()}
     return out
 
 
@@ -49,6 +62,11 @@ def table(summary: dict) -> str:
     for key, v in summary.items():
         if isinstance(v, dict) and "ci95" in v:
             rows.append(f"| {key} | {v['accuracy']:.3f} | {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f} | {v['n']} |")
+    if summary.get("paired"):
+        rows += ["", "| paired on the same questions | difference | only the first right | only the second right | "
+                 "p (exact McNemar) |", "|---|---|---|---|---|"]
+        rows += [f"| {name} | {t['difference']:+.3f} | {t['b_only']} | {t['a_only']} | {t['p_value']:.3g} |"
+                 for name, t in summary["paired"].items()]
     return "\n".join(rows) + "\n"
 
 

@@ -25,6 +25,42 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def paired_test(a: list[bool], b: list[bool]) -> dict:
+    """Exact McNemar test of two methods scored on the same questions: only the questions where they
+    disagree count; under "equally good" each such question favours either side with probability 1/2.
+    Two-sided p-value; `difference` = accuracy(b) - accuracy(a)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"a paired test needs the same questions on both sides, got {len(a)} and {len(b)}")
+    a_only = sum(1 for x, y in zip(a, b) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b) if y and not x)
+    d = a_only + b_only
+    tail = sum(math.comb(d, i) for i in range(min(a_only, b_only) + 1)) / 2**d if d else 1.0
+    return {"n": len(a), "a_only": a_only, "b_only": b_only, "difference": (b_only - a_only) / len(a),
+            "p_value": min(1.0, 2 * tail)}
+
+
+def records_of(report: dict, task: str, method: str | None = None) -> list[dict]:
+    """A report's per-question records for `task` (evaluate: `correct`; Best-of-N: one key per method)."""
+    if task not in report:
+        raise ValueError(f"the report has no task {task!r} (it has {sorted(report)})")
+    records = report[task].get("records")
+    if records is None:
+        raise ValueError(f"the report's {task!r} entry has no per-question records (written before they were kept)")
+    key = method or "correct"
+    if records and key not in records[0]:
+        raise ValueError(f"{task!r} records have no {key!r} (they have {sorted(records[0])})")
+    return records
+
+
+def compare(a: dict, b: dict, task: str, method_a: str | None = None, method_b: str | None = None) -> dict:
+    """Paired test of report a's method against report b's (the same report may be both) on `task`:
+    the questions must be the same ones, in the same order (checked on their answers)."""
+    ra, rb = records_of(a, task, method_a), records_of(b, task, method_b)
+    if [r["answer"] for r in ra] != [r["answer"] for r in rb]:
+        raise ValueError(f"the two reports asked different {task!r} questions (another seed or n?)")
+    return paired_test([bool(r[method_a or "correct"]) for r in ra], [bool(r[method_b or "correct"]) for r in rb])
+
+
 def _resolve(tasks: list[str]) -> list:
     """Every task, checked before any runs (an unknown name used to stop the run after the tasks before
     it had been generated for; an empty list wrote an empty report)."""
@@ -76,7 +112,12 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10
                                   batch_size=batch_size, system_message=system_message, desc=name)
         correct = [task.score(p, it) for p, it in zip(predictions, mine)]
         k = sum(correct)
+        records = [{"index": i, "answer": it.answer, "prediction": p, "correct": bool(c)}
+                   for i, it, p, c in zip(range(rank, len(items), world_size), mine, predictions, correct)]
         if world_size > 1:
+            gathered: list = [None] * world_size
+            torch.distributed.all_gather_object(gathered, records)
+            records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
             # NCCL (the process group on GPUs) reduces CUDA tensors only
             on_gpu = torch.distributed.get_backend() == "nccl"
             totals = torch.tensor([k, len(mine)], dtype=torch.long,
@@ -92,6 +133,7 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10
             "ci95": [low, high],
             "examples": [{"question": it.question[-80:], "answer": it.answer, "prediction": p, "correct": c}
                          for it, p, c in list(zip(mine, predictions, correct))[:3]],
+            "records": records,  # every question: for paired tests between models (`nativevl compare`)
         }
     return report
 
@@ -132,27 +174,38 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
         counts = {"pass1": 0, "sample_mean": 0.0, f"majority{samples}": 0}
         if prm is not None:
             counts.update({f"prm_best{samples}": 0, f"outcome_best{samples}": 0, f"oracle{samples}": 0})
-        for it, (msgs, _), g, texts, (_, tiles) in tqdm(
+        records = []
+        for i, (it, (msgs, _), g, texts, (_, tiles)) in enumerate(tqdm(
             zip(items, asked, greedy, sampled, prompts, strict=True), total=len(items),
             desc=f"{name} best-of-{samples}", leave=False,
-        ):
-            ok = [task.score(t, it) for t in texts]
-            counts["pass1"] += task.score(g[0].text, it)
-            counts["sample_mean"] += sum(ok) / len(ok)
+        )):
+            ok = [bool(task.score(t, it)) for t in texts]
             cands = Candidates(texts)
-            counts[f"majority{samples}"] += ok[cands.pick("majority")]
+            record = {"index": i, "answer": it.answer, "pass1": bool(task.score(g[0].text, it)),
+                      "samples_correct": sum(ok), f"majority{samples}": ok[cands.pick("majority")]}
             if prm is not None:
                 # chat_inputs tiles each image into one tile (max_num=1)
                 per_image = [1] * (0 if tiles is None else int(tiles.shape[0]))
                 cands.step_scores = step_scores(prm, tokenizer, msgs[0]["content"], texts, tiles, per_image)
-                counts[f"prm_best{samples}"] += ok[cands.pick("prm")]
-                counts[f"outcome_best{samples}"] += ok[cands.pick("outcome")]
-                counts[f"oracle{samples}"] += any(ok)
+                record.update({f"prm_best{samples}": ok[cands.pick("prm")],
+                               f"outcome_best{samples}": ok[cands.pick("outcome")], f"oracle{samples}": any(ok)})
+            records.append(record)
+            counts["sample_mean"] += sum(ok) / len(ok)
+            for key in counts:
+                if key != "sample_mean":
+                    counts[key] += record[key]
         total = len(items)
         entry = {key: _scored(round(v) if key != "sample_mean" else 0, total) for key, v in counts.items()}
         entry["sample_mean"] = {"accuracy": counts["sample_mean"] / total, "n": total}
         entry.update({"samples": samples, "temperature": temperature, "top_k": top_k, "seed": seed,
                       "chance": chance_level(task, seed), "prefills": engine.stats["prefills"]})
+        entry["paired"] = {  # the PRM's pick against greedy and against the vote, on the same questions
+            f"{b} vs {a}": paired_test([r[a] for r in records], [r[b] for r in records])
+            for a, b in (("pass1", f"prm_best{samples}"), (f"majority{samples}", f"prm_best{samples}"),
+                         ("pass1", f"majority{samples}"))
+            if b in records[0] and a in records[0]
+        }
+        entry["records"] = records
         report[name] = entry
     return report
 
@@ -163,8 +216,15 @@ def best_of_n_table(report: dict, title: str = "") -> str:
         for key, v in r.items():
             if isinstance(v, dict) and "ci95" in v:
                 lines.append(f"| {name} | {key} | {v['accuracy']:.3f} | {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f} | {v['n']} |")
-            elif isinstance(v, dict):
+            elif isinstance(v, dict) and "accuracy" in v:
                 lines.append(f"| {name} | {key} | {v['accuracy']:.3f} | | {v['n']} |")
+    paired = [(name, key, t) for name, r in report.items() for key, t in r.get("paired", {}).items()]
+    if paired:
+        lines += ["", "Paired on the same questions (exact McNemar test):", "",
+                  "| task | comparison | difference | only the first right | only the second right | p |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {key} | {t['difference']:+.3f} | {t['b_only']} | {t['a_only']} | {t['p_value']:.3g} |"
+                  for name, key, t in paired]
     return "\n".join(lines).strip() + "\n"
 
 
