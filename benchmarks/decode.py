@@ -27,12 +27,12 @@ import time
 import traceback
 
 import torch
+from profiling import profile_call  # benchmarks/profiling.py, beside this script
 
 from nativevl import VisionLanguageModel
 from nativevl.config import preset
 from nativevl.infer.engine import Engine, SamplingParams
 from nativevl.io.hf import config_to_hf
-from profiling import profile_call  # benchmarks/profiling.py, beside this script
 
 
 def variant_options(name: str) -> dict:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from profiling import profile_call  # benchmarks/profiling.py, beside this script
 
 from nativevl.config import preset
 from nativevl.io.hf import config_to_hf
@@ -48,7 +49,6 @@ from nativevl.model.vlm import VisionLanguageModel
 from nativevl.train import parallel
 from nativevl.train.losses import labelled_lm_loss
 from nativevl.train.metrics import batch_flops, module_sizes, pass_factors, peak_flops
-from profiling import profile_call  # benchmarks/profiling.py, beside this script
 
 FULL = pass_factors({"vit": "full", "mlp": "full", "llm": "full"})
 

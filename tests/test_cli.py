@@ -35,6 +35,30 @@ def test_chat_reports_a_missing_image(tmp_path, tokenizer, capsys):
     assert code == 2 and "nope.png does not exist" in capsys.readouterr().err
 
 
+def test_eval_resumes_the_tasks_its_report_already_holds(tmp_path, tokenizer, monkeypatch, caplog):
+    make_model().save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    out = tmp_path / "e.json"
+    base = ["eval", "--model", str(tmp_path / "m"), "--n", "3", "--out", str(out)]
+    assert main(base + ["--tasks", "text"]) == 0
+    first = json.loads(out.read_text())["text"]
+    assert len(first["records"]) == 3 and first["settings"]["n"] == 3
+    # the run that adds a task: text is taken from the report, only shapes is generated
+    import nativevl.eval.runner as runner
+
+    asked = []
+    real = runner.predict
+    monkeypatch.setattr(runner, "predict", lambda *a, desc="", **k: asked.append(desc) or real(*a, desc=desc, **k))
+    with caplog.at_level("INFO", logger="nativevl.eval.runner"):
+        assert main(base + ["--tasks", "text,shapes", "--resume"]) == 0
+    report = json.loads(out.read_text())
+    assert asked == ["shapes"] and "reusing" in caplog.text and report["text"] == first and "shapes" in report
+    # other settings (another seed) are not reused
+    assert main(base + ["--tasks", "text", "--resume", "--seed", "7"]) == 0
+    assert asked == ["shapes", "text"]
+    out.write_text("{not json")
+    assert main(base + ["--tasks", "text", "--resume"]) == 2
+
+
 def test_quick_demo_runs_end_to_end_via_python_m(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nativevl", "demo", "--out", str(tmp_path), "--quick"],
                           capture_output=True, text=True, timeout=900)

@@ -163,7 +163,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from nativevl.eval.runner import evaluate, markdown_table, write_report
+    from nativevl.eval.runner import best_of_n_table, evaluate, evaluate_best_of_n, markdown_table, write_report
     from nativevl.io.hf import load_model
     from nativevl.io.tokenizer import load_tokenizer
     from nativevl.train.parallel import init_distributed
@@ -172,20 +172,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=torch.float32, device=device)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     tasks = [t for t in args.tasks.split(",") if t]
-    if args.best_of_n:
-        from nativevl.eval.runner import best_of_n_table, evaluate_best_of_n
+    previous = None
+    if args.resume and Path(args.out).is_file():
+        try:
+            previous = json.loads(Path(args.out).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--resume: {args.out} is not a readable report ({e}); move it away to start afresh") from None
 
+    title = f"{args.model}, best of {args.best_of_n}, PRM {args.prm}, seed {args.seed}"
+
+    def on_task(report: dict) -> None:  # the finished tasks are on disk whatever happens next
+        if rank == 0:
+            write_report(report, args.out, best_of_n_table(report, title) if args.best_of_n else None)
+
+    if args.best_of_n:
         if world > 1:
             raise ValueError("--best-of-n runs in one process")
         prm = load_model(args.prm, dtype=torch.float32, device=device).eval() if args.prm else None
         report = evaluate_best_of_n(model, tokenizer, tasks, n=args.n, seed=args.seed, samples=args.best_of_n, prm=prm,
-                                    temperature=args.temperature, top_k=args.top_k, system_message=args.system or None)
-        table = best_of_n_table(report, f"{args.model}, best of {args.best_of_n}, PRM {args.prm}, seed {args.seed}")
+                                    temperature=args.temperature, top_k=args.top_k, system_message=args.system or None,
+                                    model_name=str(Path(args.model).resolve()),
+                                    prm_name=str(Path(args.prm).resolve()) if args.prm else None,
+                                    previous=previous, on_task=on_task)
+        table = best_of_n_table(report, title)
         write_report(report, args.out, table)
         print(table)
         return 0
     report = evaluate(model, tokenizer, tasks, n=args.n, seed=args.seed, batch_size=args.batch_size,
-                      system_message=args.system or None, rank=rank, world_size=world)
+                      system_message=args.system or None, rank=rank, world_size=world,
+                      model_name=str(Path(args.model).resolve()), previous=previous, on_task=on_task)
     if rank == 0:
         write_report(report, args.out)
         print(markdown_table(report, f"{args.model}, seed {args.seed}"))
@@ -368,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch_size", type=int, default=32)
     e.add_argument("--system", default="", help="system message ('' for none, as the demo trains)")
     e.add_argument("--out", default="eval.json")
+    e.add_argument("--resume", action="store_true",
+                   help="keep the tasks --out already holds from a run with the same model and settings")
     e.add_argument("--best-of-n", "--best_of_n", dest="best_of_n", type=int, default=0,
                    help="test-time scaling: N samples per question (one prefill), majority vote and, with --prm, PRM pick")
     e.add_argument("--prm", default=None, help="process reward model folder (nativevl train prm)")

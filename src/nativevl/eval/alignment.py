@@ -63,8 +63,8 @@ def table(summary: dict) -> str:
         if isinstance(v, dict) and "ci95" in v:
             rows.append(f"| {key} | {v['accuracy']:.3f} | {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f} | {v['n']} |")
     if summary.get("paired"):
-        rows += ["", "| paired on the same questions | difference | only the first right | only the second right | "
-                 "p (exact McNemar) |", "|---|---|---|---|---|"]
+        header = "| paired on the same questions | difference | only the first right | only the second right | p (exact McNemar) |"
+        rows += ["", header, "|---|---|---|---|---|"]
         rows += [f"| {name} | {t['difference']:+.3f} | {t['b_only']} | {t['a_only']} | {t['p_value']:.3g} |"
                  for name, t in summary["paired"].items()]
     return "\n".join(rows) + "\n"

@@ -4,6 +4,7 @@ per-task accuracy with its number of questions, chance level and a 95% (Wilson) 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -14,6 +15,8 @@ from tqdm import tqdm
 from nativevl.data.processor import chat_inputs
 from nativevl.eval.tasks import get_task
 from nativevl.infer.generate import generate_texts
+
+log = logging.getLogger(__name__)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -61,6 +64,15 @@ def compare(a: dict, b: dict, task: str, method_a: str | None = None, method_b: 
     return paired_test([bool(r[method_a or "correct"]) for r in ra], [bool(r[method_b or "correct"]) for r in rb])
 
 
+def _reuse(previous: dict | None, name: str, settings: dict) -> dict | None:
+    """A task's entry from an earlier report made with the same settings (model, n, seed, ...), for resuming."""
+    old = (previous or {}).get(name)
+    if isinstance(old, dict) and old.get("settings") == settings and "records" in old:
+        log.info("task %s: reusing its result from the earlier report (same settings)", name)
+        return old
+    return None
+
+
 def _resolve(tasks: list[str]) -> list:
     """Every task, checked before any runs (an unknown name used to stop the run after the tasks before
     it had been generated for; an empty list wrote an empty report)."""
@@ -91,10 +103,15 @@ def predict(model, tokenizer, prompts: list[tuple[list[dict], list]], *, max_new
 
 
 def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10_000, batch_size: int = 16,
-             system_message: str | None = None, rank: int = 0, world_size: int = 1, predictor=None) -> dict:
-    """{task: {accuracy, n, correct, chance, ci95, examples}}; every rank scores items i % world == rank.
+             system_message: str | None = None, rank: int = 0, world_size: int = 1, predictor=None,
+             model_name: str | None = None, previous: dict | None = None, on_task=None) -> dict:
+    """{task: {accuracy, n, correct, chance, ci95, examples, records, settings}}; every rank scores items
+    i % world == rank.
 
     `predictor(task, items) -> answers` replaces the model (the tests check the scoring with it).
+    Resuming: a task of `previous` (an earlier report) made with the same settings (`model_name`, n,
+    seed, system message) is taken as it is; `on_task(report)` is called after every task (the CLI
+    writes the report there, so an interrupted run keeps its finished tasks).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1 question per task, got {n}")
@@ -102,7 +119,12 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10
     if model is not None:
         model.eval()
     report = {}
+    settings = {"model": model_name, "n": n, "seed": seed, "system": system_message}
     for name, task in zip(tasks, resolved):
+        old = _reuse(previous, name, settings)
+        if old is not None:
+            report[name] = old
+            continue
         items = task.load(n, seed)
         mine = items[rank::world_size]
         if predictor is not None:
@@ -134,7 +156,10 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10
             "examples": [{"question": it.question[-80:], "answer": it.answer, "prediction": p, "correct": c}
                          for it, p, c in list(zip(mine, predictions, correct))[:3]],
             "records": records,  # every question: for paired tests between models (`nativevl compare`)
+            "settings": settings,
         }
+        if on_task is not None:
+            on_task(report)
     return report
 
 
@@ -145,10 +170,12 @@ def _scored(k: int, n: int) -> dict:
 
 def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10_000, samples: int = 8,
                        prm=None, temperature: float = 0.7, top_k: int = 0, system_message: str | None = None,
-                       max_batch_size: int = 64) -> dict:
+                       max_batch_size: int = 64, model_name: str | None = None, prm_name: str | None = None,
+                       previous: dict | None = None, on_task=None) -> dict:
     """Test-time scaling on each task: greedy pass@1, the mean accuracy of single samples, majority
     vote of `samples`, and (with a PRM) Best-of-N by PRM score and by outcome score. Every question's
-    samples come from one prefill (the engine clones it) with seed (seed + question index)."""
+    samples come from one prefill (the engine clones it) with seed (seed + question index).
+    `previous` / `on_task` resume as in `evaluate` (settings: model and PRM names, n, seed, sampling)."""
     if n < 1 or samples < 1:
         raise ValueError(f"n must be >= 1 question per task and samples >= 1, got n={n}, samples={samples}")
     resolved = _resolve(tasks)
@@ -159,7 +186,13 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
     model.eval()
     cfg = model.config
     report = {}
+    settings = {"model": model_name, "prm": prm_name, "n": n, "seed": seed, "samples": samples,
+                "temperature": temperature, "top_k": top_k, "system": system_message}
     for name, task in zip(tasks, resolved):
+        old = _reuse(previous, name, settings)
+        if old is not None:
+            report[name] = old
+            continue
         items = task.load(n, seed)
         asked = [task.prompt(it) for it in items]
         prompts = [chat_inputs(tokenizer, *q, image_size=cfg.vision.image_size,
@@ -206,7 +239,10 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
             if b in records[0] and a in records[0]
         }
         entry["records"] = records
+        entry["settings"] = settings
         report[name] = entry
+        if on_task is not None:
+            on_task(report)
     return report
 
 
