@@ -594,7 +594,7 @@ class Engine:
         return logits, torch.stack(picked)
 
     def _decode_layers(self, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
-                       window: int) -> torch.Tensor:
+                       window: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One step of tokens (B,) at positions (B,) after lengths (B,) cached keys, keys [0, window),
         through the model's own decoder layers: logits (B, V) and their argmax (B,)."""
         lm = self.model.language_model
@@ -610,7 +610,7 @@ class Engine:
         return logits, logits.argmax(-1)
 
     def _decode_fused(self, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
-                      window: int) -> torch.Tensor:
+                      window: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The same step as `_decode_layers`, trimmed for one token per row: fused q/k/v and gate/up
         matmuls, the new key/value written into the cache first and attention read from the cache
         window in place (GQA unexpanded), one additive mask and one cos/sin for all layers, and the
