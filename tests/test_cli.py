@@ -52,11 +52,18 @@ def test_eval_resumes_the_tasks_its_report_already_holds(tmp_path, tokenizer, mo
         assert main(base + ["--tasks", "text,shapes", "--resume"]) == 0
     report = json.loads(out.read_text())
     assert asked == ["shapes"] and "reusing" in caplog.text and report["text"] == first and "shapes" in report
-    # other settings (another seed) are not reused
+    # a run of one task keeps the other finished task of the same model and settings
+    assert main(base + ["--tasks", "shapes", "--resume"]) == 0
+    assert asked == ["shapes"] and set(json.loads(out.read_text())) == {"text", "shapes"}
+    # other settings (another seed), other weights saved in the same folder: run again, old tasks dropped
     assert main(base + ["--tasks", "text", "--resume", "--seed", "7"]) == 0
-    assert asked == ["shapes", "text"]
-    out.write_text("{not json")
-    assert main(base + ["--tasks", "text", "--resume"]) == 2
+    assert asked == ["shapes", "text"] and set(json.loads(out.read_text())) == {"text"}
+    make_model(seed=1).save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    assert main(base + ["--tasks", "text", "--resume", "--seed", "7"]) == 0
+    assert asked == ["shapes", "text", "text"]
+    for bad in ("{not json", "[1]"):
+        out.write_text(bad)
+        assert main(base + ["--tasks", "text", "--resume"]) == 2
 
 
 def test_quick_demo_runs_end_to_end_via_python_m(tmp_path):

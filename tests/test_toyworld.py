@@ -186,6 +186,14 @@ def test_paired_test_and_compare_reports(tmp_path, capsys):
     other = evaluate(None, None, ["shapes"], n=30, seed=2, predictor=some_wrong)
     with pytest.raises(ValueError, match="different 'shapes' questions"):
         compare(right, other, "shapes")
+    # short answers can repeat across seeds: the questions' fingerprints tell them apart
+    colours = [evaluate(None, None, ["charts"], n=4, seed=seed, predictor=some_wrong) for seed in (1, 106)]
+    same_answers = [[r["answer"] for r in c["charts"]["records"]] for c in colours]
+    for c in colours:
+        c["charts"].pop("settings")
+    assert same_answers[0] == same_answers[1]  # seeds 1 and 106 happen to give the same 4 answers
+    with pytest.raises(ValueError, match="different 'charts' questions"):
+        compare(*colours, "charts")
     old = {"shapes": {k: v for k, v in right["shapes"].items() if k != "records"}}
     with pytest.raises(ValueError, match="no per-question records"):
         compare(old, worse, "shapes")
@@ -194,3 +202,8 @@ def test_paired_test_and_compare_reports(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1]
     assert row.startswith("| shapes | 1.000 | 0.667 | -0.333 | 10 | 0 | 0.00195")
+    # REPORT:METHOD, with a ':' in the report's own path
+    (tmp_path / "run:1").mkdir()
+    (tmp_path / "run:1" / "a.json").write_text(json.dumps(right))
+    assert main(["compare", f"{tmp_path}/run:1/a.json:correct", str(tmp_path / "b.json")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == row

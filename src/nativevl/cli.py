@@ -178,6 +178,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             previous = json.loads(Path(args.out).read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"--resume: {args.out} is not a readable report ({e}); move it away to start afresh") from None
+        if not isinstance(previous, dict):
+            raise ValueError(f"--resume: {args.out} is not an evaluation report (a JSON object of tasks)")
+    # what a resumed task must have been made with: these folders, with these very files in them
+    identity = f"model {folder_identity(args.model)}; tokenizer {folder_identity(args.tokenizer or args.model)}"
 
     title = f"{args.model}, best of {args.best_of_n}, PRM {args.prm}, seed {args.seed}"
 
@@ -191,8 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prm = load_model(args.prm, dtype=torch.float32, device=device).eval() if args.prm else None
         report = evaluate_best_of_n(model, tokenizer, tasks, n=args.n, seed=args.seed, samples=args.best_of_n, prm=prm,
                                     temperature=args.temperature, top_k=args.top_k, system_message=args.system or None,
-                                    model_name=str(Path(args.model).resolve()),
-                                    prm_name=str(Path(args.prm).resolve()) if args.prm else None,
+                                    model_name=identity, prm_name=folder_identity(args.prm) if args.prm else None,
                                     previous=previous, on_task=on_task)
         table = best_of_n_table(report, title)
         write_report(report, args.out, table)
@@ -200,7 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     report = evaluate(model, tokenizer, tasks, n=args.n, seed=args.seed, batch_size=args.batch_size,
                       system_message=args.system or None, rank=rank, world_size=world,
-                      model_name=str(Path(args.model).resolve()), previous=previous, on_task=on_task)
+                      model_name=identity, previous=previous, on_task=on_task)
     if rank == 0:
         write_report(report, args.out)
         print(markdown_table(report, f"{args.model}, seed {args.seed}"))
@@ -208,12 +211,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def folder_identity(path: str | Path) -> str:
+    """A checkpoint or tokenizer folder's path and a fingerprint of its files' names, sizes and
+    modification times: a folder retrained or replaced in place is another model."""
+    import hashlib
+
+    path = Path(path).resolve()
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}\x00{st.st_size}\x00{st.st_mtime_ns}\n".encode())
+    return f"{path} ({h.hexdigest()[:12]})"
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Paired test of two evaluations on the same questions: REPORT[:METHOD] for each side."""
     from nativevl.eval.runner import compare
 
     def side(spec: str) -> tuple[dict, str | None]:
-        path, _, method = spec.partition(":") if not Path(spec).is_file() else (spec, "", "")
+        path, method = spec, None
+        if not Path(spec).is_file() and ":" in spec:  # REPORT:METHOD (the report's path may hold ':' too)
+            path, _, method = spec.rpartition(":")
         if not Path(path).is_file():
             raise FileNotFoundError(f"no evaluation report {path}")
         return json.loads(Path(path).read_text()), method or None
@@ -384,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--system", default="", help="system message ('' for none, as the demo trains)")
     e.add_argument("--out", default="eval.json")
     e.add_argument("--resume", action="store_true",
-                   help="keep the tasks --out already holds from a run with the same model and settings")
+                   help="keep the tasks --out already holds from a run with the same model, tokenizer (the same "
+                        "files) and settings; its tasks of other settings are dropped")
     e.add_argument("--best-of-n", "--best_of_n", dest="best_of_n", type=int, default=0,
                    help="test-time scaling: N samples per question (one prefill), majority vote and, with --prm, PRM pick")
     e.add_argument("--prm", default=None, help="process reward model folder (nativevl train prm)")

@@ -3,6 +3,7 @@ per-task accuracy with its number of questions, chance level and a 95% (Wilson) 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -55,22 +56,37 @@ def records_of(report: dict, task: str, method: str | None = None) -> list[dict]
     return records
 
 
+def question_key(item) -> str:
+    """A short fingerprint of a question (its text and answer), kept in every record."""
+    return hashlib.sha1(f"{item.question}\x00{item.answer}".encode()).hexdigest()[:12]
+
+
 def compare(a: dict, b: dict, task: str, method_a: str | None = None, method_b: str | None = None) -> dict:
     """Paired test of report a's method against report b's (the same report may be both) on `task`:
-    the questions must be the same ones, in the same order (checked on their answers)."""
+    the questions must be the same ones, in the same order (checked on their fingerprints, and on the
+    reports' n and seed)."""
     ra, rb = records_of(a, task, method_a), records_of(b, task, method_b)
-    if [r["answer"] for r in ra] != [r["answer"] for r in rb]:
+    sa, sb = a[task].get("settings") or {}, b[task].get("settings") or {}
+    same = all(sa.get(k) == sb.get(k) for k in ("n", "seed") if k in sa and k in sb)
+    key = "question" if all("question" in r for r in ra + rb) else "answer"
+    if not same or [r[key] for r in ra] != [r[key] for r in rb]:
         raise ValueError(f"the two reports asked different {task!r} questions (another seed or n?)")
     return paired_test([bool(r[method_a or "correct"]) for r in ra], [bool(r[method_b or "correct"]) for r in rb])
 
 
-def _reuse(previous: dict | None, name: str, settings: dict) -> dict | None:
-    """A task's entry from an earlier report made with the same settings (model, n, seed, ...), for resuming."""
-    old = (previous or {}).get(name)
-    if isinstance(old, dict) and old.get("settings") == settings and "records" in old:
-        log.info("task %s: reusing its result from the earlier report (same settings)", name)
-        return old
-    return None
+def _reusable(previous: dict | None, settings: dict) -> dict:
+    """The tasks of an earlier report made with exactly these settings (model and tokenizer identity,
+    n, seed, ...), for resuming; none when the model is unnamed (nothing says it is the same one)."""
+    if not isinstance(previous, dict) or settings.get("model") is None:
+        return {}
+    return {name: old for name, old in previous.items()
+            if isinstance(old, dict) and old.get("settings") == settings and "records" in old}
+
+
+def _resumed(reusable: dict, tasks: list[str]) -> dict:
+    """The report a resumed run starts from: the earlier tasks of the same settings that this run does
+    not ask for, kept as they were (a task it asks for is reused or run again in its turn)."""
+    return {name: entry for name, entry in reusable.items() if name not in tasks}
 
 
 def _resolve(tasks: list[str]) -> list:
@@ -109,21 +125,23 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10
     i % world == rank.
 
     `predictor(task, items) -> answers` replaces the model (the tests check the scoring with it).
-    Resuming: a task of `previous` (an earlier report) made with the same settings (`model_name`, n,
-    seed, system message) is taken as it is; `on_task(report)` is called after every task (the CLI
-    writes the report there, so an interrupted run keeps its finished tasks).
+    Resuming: the tasks of `previous` (an earlier report) made with the same settings (`model_name`, an
+    identity of the model and tokenizer that the caller makes, n, seed, system message) are taken as
+    they are, those this run does not ask for included; `on_task(report)` is called after every task
+    (the CLI writes the report there, so an interrupted run keeps its finished tasks).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1 question per task, got {n}")
     resolved = _resolve(tasks)
     if model is not None:
         model.eval()
-    report = {}
     settings = {"model": model_name, "n": n, "seed": seed, "system": system_message}
+    reusable = _reusable(previous, settings)
+    report = _resumed(reusable, tasks)
     for name, task in zip(tasks, resolved):
-        old = _reuse(previous, name, settings)
-        if old is not None:
-            report[name] = old
+        if name in reusable:
+            log.info("task %s: reusing its result from the earlier report (same model and settings)", name)
+            report[name] = reusable[name]
             continue
         items = task.load(n, seed)
         mine = items[rank::world_size]
@@ -134,7 +152,7 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10
                                   batch_size=batch_size, system_message=system_message, desc=name)
         correct = [task.score(p, it) for p, it in zip(predictions, mine)]
         k = sum(correct)
-        records = [{"index": i, "answer": it.answer, "prediction": p, "correct": bool(c)}
+        records = [{"index": i, "question": question_key(it), "answer": it.answer, "prediction": p, "correct": bool(c)}
                    for i, it, p, c in zip(range(rank, len(items), world_size), mine, predictions, correct)]
         if world_size > 1:
             gathered: list = [None] * world_size
@@ -185,13 +203,14 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
 
     model.eval()
     cfg = model.config
-    report = {}
     settings = {"model": model_name, "prm": prm_name, "n": n, "seed": seed, "samples": samples,
                 "temperature": temperature, "top_k": top_k, "system": system_message}
+    reusable = _reusable(previous, settings)
+    report = _resumed(reusable, tasks)
     for name, task in zip(tasks, resolved):
-        old = _reuse(previous, name, settings)
-        if old is not None:
-            report[name] = old
+        if name in reusable:
+            log.info("task %s: reusing its result from the earlier report (same model and settings)", name)
+            report[name] = reusable[name]
             continue
         items = task.load(n, seed)
         asked = [task.prompt(it) for it in items]
@@ -214,7 +233,8 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
         )):
             ok = [bool(task.score(t, it)) for t in texts]
             cands = Candidates(texts)
-            record = {"index": i, "answer": it.answer, "pass1": bool(task.score(g[0].text, it)),
+            record = {"index": i, "question": question_key(it), "answer": it.answer,
+                      "pass1": bool(task.score(g[0].text, it)),
                       "samples_correct": sum(ok), f"majority{samples}": ok[cands.pick("majority")]}
             if prm is not None:
                 # chat_inputs tiles each image into one tile (max_num=1)
