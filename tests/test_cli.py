@@ -43,7 +43,7 @@ def test_eval_resumes_the_tasks_its_report_already_holds(tmp_path, tokenizer, mo
     first = json.loads(out.read_text())["text"]
     assert len(first["records"]) == 3 and first["settings"]["n"] == 3
     # the run that adds a task: text is taken from the report, only shapes is generated
-    import nativevl.eval.runner as runner
+    from nativevl.eval import runner
 
     asked = []
     real = runner.predict
