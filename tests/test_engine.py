@@ -326,6 +326,33 @@ def test_a_raising_event_callback_fails_only_its_own_request(model, tokenizer):
     assert engine.num_running == 0
 
 
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_a_consumer_failing_or_cancelling_mid_chunk_stops_at_that_token(model, tokenizer, chunk):
+    """With decode_chunk > 1 a chunk's later tokens are not handed to a request cancelled (or whose
+    consumer raised) at an earlier one of them; and a consumer failing on the final events still fails."""
+    p = prompts(tokenizer)[1]
+    # (max_tokens, the event and its count that trigger, what the consumer does then)
+    for max_tokens, kind_at, count_at, action in ((9, "delta", 2, "raise"), (9, "delta", 2, "cancel"),
+                                                  (3, "finish", 1, "raise")):
+        engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=256, decode_chunk=chunk)
+        events: list[str] = []
+        req = None
+
+        def consumer(kind, index, payload, kind_at=kind_at, count_at=count_at, action=action):
+            events.append(kind)
+            if kind == kind_at and events.count(kind) == count_at:
+                if action == "raise":
+                    raise ConnectionError("the consumer is gone")
+                engine.cancel(req)
+
+        req = engine.submit(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True), on_event=consumer)
+        while engine.step():
+            pass
+        with pytest.raises((ConnectionError, RuntimeError)):
+            req.result()
+        assert events.count(kind_at) == count_at and "done" not in events and engine.num_running == 0
+
+
 def test_shutdown_fails_the_requests_it_leaves(model, tokenizer):
     """A server stopping its engine must not leave callers blocked on requests no loop will finish."""
     engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=512)

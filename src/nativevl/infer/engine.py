@@ -440,9 +440,7 @@ class Engine:
         """Admit and prefill waiting requests, then one decode step. True while work remains."""
         for seq in self.slots:
             if seq is not None and seq.req.cancelled:
-                self._release(seq)
-                if not seq.req.done:
-                    seq.req._finish(seq.req._cancelled_error())
+                self._drop_cancelled(seq)
         admitted = self._admit()
         if admitted:
             try:
@@ -480,6 +478,12 @@ class Engine:
                 free -= req.params.n
                 longest = width
         return admitted
+
+    def _drop_cancelled(self, seq: _Seq) -> None:
+        """Free a cancelled request's slot and fail it (once) with its reason."""
+        self._release(seq)
+        if not seq.req.done:
+            seq.req._finish(seq.req._cancelled_error())
 
     def _release(self, seq: _Seq) -> None:
         self.slots[seq.slot] = None
@@ -685,7 +689,9 @@ class Engine:
         cache (every row of the bucket writes `steps` keys from its length on, free rows included)."""
         if self.decode_chunk == 1 or any(s.generator is not None or s.seen is not None for s in active):
             return 1
-        budget = max(s.req.params.max_tokens - len(s.tokens) for s in active)
+        # tokens each sample may still produce: its max_tokens, and what max_seq_len leaves it
+        budget = max(min(s.req.params.max_tokens, self.max_seq_len + 1 - len(s.req.prompt)) - len(s.tokens)
+                     for s in active)
         room = self._cache_len - max(self.lengths[:batch])
         limit = max(1, min(self.decode_chunk, budget, room))
         return 1 << (limit.bit_length() - 1)
@@ -712,6 +718,9 @@ class Engine:
         for row in picked:
             for seq in active:
                 if self.slots[seq.slot] is not seq:  # finished earlier in this chunk: the rest is discarded
+                    continue
+                if seq.req.cancelled:  # cancelled, or its consumer failed, earlier in this chunk
+                    self._drop_cancelled(seq)
                     continue
                 self.stats["decode_tokens"] += 1
                 self.lengths[seq.slot] += 1
@@ -791,7 +800,7 @@ class Engine:
         self._release(seq)
         if all(c is not None for c in req.completions):
             self._log_timings(req)
-            req._finish()
+            req._finish(req.callback_error)  # a consumer that failed on the last events still fails
 
     def _log_timings(self, req: Request) -> None:
         t = req.timings
