@@ -166,10 +166,11 @@ def test_config_json_round_trip(name):
     assert back == cfg
 
 
-def _as_transformers_4_saved(config: dict) -> dict:
-    """transformers 4.x's `to_diff_dict` for a composite config: each sub-config keeps only the values that
-    differ from its own class's defaults (keys the composite's default sub-config also has), plus model_type;
-    the top level drops tie_word_embeddings when it is the default True."""
+def _without_defaults(config: dict) -> dict:
+    """A config stripped harder than any transformers version writes one: each sub-config keeps only the
+    values that differ from its own class's defaults, plus model_type; the top level drops
+    tie_word_embeddings when it is the default True (transformers 4.52 drops only the generic keys among
+    these, such as bos/eos/pad ids and tie_word_embeddings; see the next test)."""
     from transformers import AutoConfig, InternVLConfig, InternVLVisionConfig
 
     composite_default = InternVLConfig().to_dict()
@@ -183,15 +184,15 @@ def _as_transformers_4_saved(config: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", ["internvl3_1b", "internvl3_9b", "internvl3_78b"])
-def test_config_saved_by_transformers_4_reads_the_same(name, tmp_path):
-    """A 4.x-saved -hf config.json omits every sub-config value equal to the class default (InternViT-300M's
-    whole shape; InternLM3-8B's hidden_size 4096 and 32 heads, llama's defaults): read as transformers does."""
+def test_config_without_default_values_reads_the_same(name, tmp_path):
+    """A config.json that omits every sub-config value equal to its class default (InternViT-300M's whole
+    shape; InternLM3-8B's hidden_size 4096 and 32 heads, llama's defaults) reads as transformers reads it."""
     from transformers import InternVLConfig
 
     cfg = preset(name)
     InternVLConfig(**hfio.config_to_hf(cfg)).save_pretrained(tmp_path / "full")
     full = json.loads((tmp_path / "full" / "config.json").read_text())
-    diff = _as_transformers_4_saved(full)
+    diff = _without_defaults(full)
     (tmp_path / "config.json").write_text(json.dumps(diff))
     dropped = {k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers") if k not in diff["text_config"]}
     dropped |= {f"vision.{k}" for k in ("hidden_size", "num_hidden_layers") if k not in diff["vision_config"]}
@@ -205,6 +206,33 @@ def test_config_saved_by_transformers_4_reads_the_same(name, tmp_path):
     theirs = InternVLConfig.from_pretrained(tmp_path).text_config
     assert (theirs.hidden_size, theirs.num_attention_heads, theirs.num_key_value_heads, theirs.vocab_size) == (
         ours.text.hidden_size, ours.text.num_attention_heads, ours.text.num_key_value_heads, ours.text.vocab_size)
+
+
+def test_internvl3_9b_hf_as_transformers_4_wrote_it_stops_at_im_end_and_is_untied(tmp_path):
+    """transformers 4.52 writes the -hf 9B's text_config without its default-valued generic keys (eos 2 and
+    bos 1 of LlamaConfig, tie_word_embeddings False) and no top-level tie_word_embeddings; the converter puts
+    the chat's stop token <|im_end|> (128131) in generation_config.json only. Ours reads eos 128131 and an
+    untied head, as transformers' generate and 4.x's tying do."""
+    d = hfio.config_to_hf(preset("internvl3_9b"))
+    del d["tie_word_embeddings"]
+    for key in ("eos_token_id", "bos_token_id", "tie_word_embeddings", "pad_token_id"):
+        d["text_config"].pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128131, 2], "bos_token_id": 1}))
+    cfg, layout = hfio.read_config(tmp_path)
+    assert layout == "hf" and cfg.text.eos_token_id == 128131 and not cfg.tie_word_embeddings
+    # without generation_config.json: the tokenizer's <|im_end|>
+    (tmp_path / "generation_config.json").unlink()
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 128131}))
+    assert hfio.read_config(tmp_path)[0].text.eos_token_id == 128131
+    # a text_config that names its eos keeps it when there is no generation_config.json
+    d["text_config"]["eos_token_id"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert hfio.read_config(tmp_path)[0].text.eos_token_id == 7
+    # both rope keys: transformers 5.x takes the legacy rope_scaling
+    t = dict(d["text_config"], rope_scaling={"rope_type": "dynamic", "factor": 3.0},
+             rope_parameters={"rope_type": "default", "rope_theta": 5e7})
+    assert hfio.text_from_dict(t, source="x").rope_factor == 3.0
 
 
 def test_original_config_without_llm_shape_names_the_file_once(tmp_path):

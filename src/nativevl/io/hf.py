@@ -86,10 +86,11 @@ def _text_to_dict(t: TextConfig, *, architecture: str | None = None) -> dict[str
     return d
 
 
-# transformers' class defaults for the keys a language model config may omit. transformers 4.x wrote a
-# composite config's sub-configs as a diff against these (`to_diff_dict`): a 4.x-saved `text_config` lacks
-# every value equal to its class's default (an InternLM3-8B text_config, llama type, loses hidden_size 4096
-# and num_attention_heads 32), and transformers fills them back in on loading, so we do too.
+# transformers' class defaults for the keys a language model config may omit; transformers fills them
+# in on loading, so we do too. transformers 4.x wrote a composite config's sub-configs as a diff: a
+# 4.x-saved `text_config` lacks generic keys whose value is its class's default (bos/eos/pad ids,
+# tie_word_embeddings: an InternVL3-9B-hf text_config has no eos_token_id), and hand-written or
+# trimmed configs may lack more.
 _TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": {  # Qwen2Config
         "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
@@ -116,7 +117,7 @@ def text_from_dict(d: dict[str, Any], *, source: str) -> TextConfig:
         arch, bias = "llama", bool(d.get("attention_bias", d.get("qkv_bias", False)))
     else:
         arch, bias = "qwen2", True
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope = d.get("rope_scaling") or d.get("rope_parameters") or {}  # transformers 5.x: the legacy key first
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "dynamic"):
         raise ValueError(f"{source}: unsupported rope type {rope_type!r} (default, dynamic)")
@@ -125,7 +126,7 @@ def text_from_dict(d: dict[str, Any], *, source: str) -> TextConfig:
     heads = d["num_attention_heads"]
     head_dim = d.get("head_dim")
     eos = d.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
+    eos = (eos[0] if eos else None) if isinstance(eos, list) else eos
     try:
         return TextConfig(
             model_type=arch,
@@ -228,7 +229,9 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelCo
         vision = vision_from_dict(v, "hf")
         text_d = d.get("text_config") or {}
         text = text_from_dict(text_d, source=source)
-        tie = d.get("tie_word_embeddings", text_d.get("tie_word_embeddings", True))
+        # 5.x always writes the top-level key (its default is True); a file without it comes from 4.x,
+        # which tied by the text config's own value (default False, so left out when untied)
+        tie = d["tie_word_embeddings"] if "tie_word_embeddings" in d else text_d.get("tie_word_embeddings", False)
         return ModelConfig(
             vision=vision,
             text=text,
@@ -317,7 +320,16 @@ def read_config(path: str | Path) -> tuple[ModelConfig, str]:
         raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
     model_type = d.get("model_type")
     if model_type == "internvl":
-        return config_from_hf(d, source=str(cfg_file)), "hf"
+        cfg = config_from_hf(d, source=str(cfg_file))
+        # the chat's stop token: generation_config.json's, as transformers' generate uses (the -hf
+        # converter writes <|im_end|> there and keeps the LLM's own eos in text_config, e.g. </s> for
+        # InternVL3-9B); else the tokenizer's <|im_end|> when text_config names no eos at all
+        eos = _generation_eos(path)
+        if eos is None and (d.get("text_config") or {}).get("eos_token_id") is None:
+            eos = _tokenizer_token_id(path, "<|im_end|>")
+        if eos is not None and eos != cfg.text.eos_token_id:
+            cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, eos_token_id=eos))
+        return cfg, "hf"
     if model_type == "internvl_chat":
         token_id = None if "image_token_id" in d else _tokenizer_token_id(path, "<IMG_CONTEXT>")
         im_end = _tokenizer_token_id(path, "<|im_end|>")
@@ -326,6 +338,19 @@ def read_config(path: str | Path) -> tuple[ModelConfig, str]:
             im_end = QWEN_IM_END_ID  # a Qwen vocabulary without tokenizer files next to it
         return config_from_internvl(d, source=str(cfg_file), image_token_id=token_id, im_end_id=im_end), "internvl"
     raise ValueError(f"{cfg_file}: model_type {model_type!r} is neither 'internvl' (-hf) nor 'internvl_chat' (original)")
+
+
+def _generation_eos(path: Path) -> int | None:
+    """generation_config.json's eos_token_id (the first of a list), if the folder has one."""
+    f = path / "generation_config.json"
+    try:
+        eos = json.loads(f.read_text()).get("eos_token_id") if f.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        log.warning("%s is not a JSON object; its eos_token_id is not read", f)
+        return None
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return int(eos) if isinstance(eos, int) else None
 
 
 def _tokenizer_token_id(path: Path, token: str) -> int | None:
