@@ -72,9 +72,10 @@ def text_config(vocab_size: int, eos_token_id: int, pad_token_id: int) -> TextCo
 
 
 # share of each family in a stage's mixture (the text : multimodal split comes from text_ratio)
-# (multi-image's lookup is learnt from its pre-training captions, hence its larger share there)
+# (multi-image's lookup is learnt from its pre-training captions, hence its larger share there; that
+# share cost shapes, the hardest family, hence its larger share in SFT: docs/demo/multi_image.md)
 PRETRAIN_WEIGHTS = {"shapes": 2.0, "reading": 2.0, "charts": 2.0, "arithmetic": 1.0, "multi_image": 2.0, "text": 1.0}
-SFT_WEIGHTS = {"shapes": 2.0, "reading": 2.0, "charts": 2.0, "arithmetic": 1.0, "multi_image": 1.0, "text": 0.5}
+SFT_WEIGHTS = {"shapes": 3.0, "reading": 1.5, "charts": 2.0, "arithmetic": 1.0, "multi_image": 1.0, "text": 0.5}
 SFT_TURNS = 4  # questions about the same image(s) in one SFT conversation
 
 
