@@ -41,10 +41,13 @@ from nativevl.model.vlm import VisionLanguageModel
 log = logging.getLogger(__name__)
 
 
+MIN_TEMPERATURE = 1e-5  # a lower temperature decodes greedily
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below MIN_TEMPERATURE) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k
     repetition_penalty: float = 1.0
@@ -140,7 +143,7 @@ class _Seq:
         self.tokens: list[int] = []
         self.sent = 0  # characters of text already streamed
         self.generator = None
-        if p.temperature > 0:
+        if p.temperature >= MIN_TEMPERATURE:  # below it, dividing the logits overflows: greedy, as vLLM
             seed = int(torch.randint(0, 2**62, (1,)).item()) if p.seed is None else p.seed
             self.generator = torch.Generator().manual_seed((seed * 1_000_003 + index) % 2**63)
         self.seen = set(req.prompt) if p.repetition_penalty != 1.0 else None

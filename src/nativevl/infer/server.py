@@ -15,6 +15,7 @@ import logging
 import math
 import threading
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nativevl.data import images as img
-from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, render_chat
+from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE
 from nativevl.infer.engine import Completion, Engine, QueueFull, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -69,24 +70,35 @@ def image_source(url: str, cfg: ServerConfig) -> bytes | str:
         header, _, data = url.partition(",")
         if not header.endswith(";base64"):
             raise _bad("image data URLs must be base64 (data:image/...;base64,...)", "invalid_image_url")
-        try:
-            return base64.b64decode(data, validate=True)
+        try:  # line-wrapped base64 (`base64 img.png`, encodebytes) is still base64
+            return base64.b64decode("".join(data.split()), validate=True)
         except (binascii.Error, ValueError):
-            raise _bad("the image data URL is not valid base64", "invalid_image_url") from None
+            raise _bad("the image data URL is not valid base64", "invalid_image_url", "messages") from None
     if url.split(":", 1)[0].lower() in ("http", "https", "ftp"):
-        raise _bad("this server does not fetch URLs; send the image as a base64 data URL", "invalid_image_url")
+        raise _bad("this server does not fetch URLs; send the image as a base64 data URL", "invalid_image_url",
+                   "messages")
     if cfg.allowed_local_media is None:
         raise _bad("local image files are disabled (start the server with --allowed-local-media DIR)",
-                   "invalid_image_url")
-    path = Path(url.removeprefix("file://")).resolve()
+                   "invalid_image_url", "messages")
+    if url.lower().startswith("file:"):  # file:///a%20b.png, file://localhost/...
+        parsed = urllib.parse.urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise _bad(f"image file URL {url!r} names another host", "invalid_image_url", "messages")
+        url = urllib.parse.unquote(parsed.path)
+    path = Path(url).resolve()
     root = Path(cfg.allowed_local_media).resolve()
     if not path.is_relative_to(root) or not path.is_file():
-        raise _bad(f"image file {url!r} is not a file under the allowed folder", "invalid_image_url")
+        raise _bad(f"image file {url!r} is not a file under the allowed folder", "invalid_image_url", "messages")
     return str(path)
 
 
+IMAGE = object()  # where an image_url part stands in a parsed message's content
+
+
 def parse_messages(messages, cfg: ServerConfig) -> tuple[list[dict], list[bytes | str]]:
-    """OpenAI messages -> ([{"role", "content": str with <image> placeholders}], image sources)."""
+    """OpenAI messages -> ([{"role", "content": [str | IMAGE, ...]}], image sources). A message's text is
+    only text: `<image>` or a special token's string typed by a client stays text (encode_prompt)."""
+
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list", param="messages")
     turns, sources = [], []
@@ -99,12 +111,17 @@ def parse_messages(messages, cfg: ServerConfig) -> tuple[list[dict], list[bytes 
         content = m.get("content")
         if content is None and role == "assistant":
             content = ""
-        if isinstance(content, list):
-            text = ""
+        if isinstance(content, str):
+            content = [content]
+        elif isinstance(content, list):
+            pieces: list = []
+            last = None
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text" and isinstance(part.get("text"), str):
-                    text += part["text"]
+                    if last == "text":  # consecutive text parts joined by a newline, as vLLM does
+                        pieces.append("\n")
+                    pieces.append(part["text"])
                 elif kind == "image_url":
                     if role != "user":
                         raise _bad(f"messages[{i}]: images are only allowed in user messages", param="messages")
@@ -113,16 +130,55 @@ def parse_messages(messages, cfg: ServerConfig) -> tuple[list[dict], list[bytes 
                     if not isinstance(url, str):
                         raise _bad(f"messages[{i}].content[{j}].image_url needs a url string", param="messages")
                     sources.append(image_source(url, cfg))
-                    text += "<image>\n"
+                    pieces += [IMAGE, "\n"]  # InternVL's "<image>\n" before the text it belongs to
                 else:
                     raise _bad(f"messages[{i}].content[{j}] must be a text or image_url part", param="messages")
-            content = text
-        if not isinstance(content, str):
+                last = kind
+            content = pieces
+        else:
             raise _bad(f"messages[{i}].content must be a string or a list of parts", param="messages")
         if len(sources) > cfg.max_images:
             raise _bad(f"a request may hold at most {cfg.max_images} images", "too_many_images", "messages")
         turns.append({"role": role, "content": content})
     return turns, sources
+
+
+def encode_prompt(tokenizer, turns: list[dict], tiles_per_image: list[int], image_seq_length: int,
+                  system_message: str | None) -> list[int]:
+    """The internvl2_5 ChatML prompt of parsed messages, as token ids: the template's markup (turn
+    delimiters, each image's <img> <IMG_CONTEXT>... </img>) as its special tokens, and every message's
+    text as plain text, so that a client's "<|im_end|>" cannot close its turn and forge another. The
+    ids equal tokenising the rendered template whole (data.template.render_chat) whenever the messages'
+    text holds no special token's string: the tokenizer splits text at special tokens first, so each
+    stretch between them is tokenised alone either way. A leading system message replaces the
+    default one; a later one is rendered where it stands (ChatML allows it)."""
+    special = lambda token: tokenizer.convert_tokens_to_ids(token)
+    start, end = special("<|im_start|>"), special("<|im_end|>")
+    image_span = lambda tiles: [special("<img>")] + [special("<IMG_CONTEXT>")] * (image_seq_length * tiles) + [
+        special("</img>")]
+    items: list = []  # str (text) or list[int] (markup ids)
+    if turns and turns[0]["role"] == "system":
+        system_message = "".join(p for p in turns[0]["content"] if isinstance(p, str))
+        turns = turns[1:]
+    if system_message:
+        items += [[start], f"system\n{system_message}", [end], "\n"]
+    images = iter(tiles_per_image)
+    for turn in turns:
+        items += [[start], f"{turn['role']}\n"]
+        items += [image_span(next(images)) if p is IMAGE else p for p in turn["content"]]
+        items += [[end], "\n"]
+    items += [[start], "assistant\n"]
+    ids: list[int] = []
+    text = ""
+    for item in items + [[]]:
+        if isinstance(item, str):
+            text += item
+            continue
+        if text:
+            ids += tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+            text = ""
+        ids += item
+    return ids
 
 
 def _value(body: dict, names: tuple[str, ...], default, kind, lo=None, hi=None):
@@ -149,12 +205,23 @@ def sampling_params(body: dict, cfg: ServerConfig) -> SamplingParams:
     for name in ("frequency_penalty", "presence_penalty"):
         if _value(body, (name,), 0.0, float) != 0:
             raise _bad(f"'{name}' is not supported (use repetition_penalty)", "unsupported_parameter", name)
-    if body.get("logprobs"):
-        raise _bad("'logprobs' is not supported", "unsupported_parameter", "logprobs")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise _bad("'logprobs' / 'top_logprobs' are not supported", "unsupported_parameter", "logprobs")
+    # parameters that would change the output: refused rather than silently ignored
+    if body.get("tools") and body.get("tool_choice", "auto") != "none":
+        raise _bad("'tools' (function calling) is not supported", "unsupported_parameter", "tools")
+    if body.get("functions"):
+        raise _bad("'functions' (function calling) is not supported", "unsupported_parameter", "functions")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise _bad("'response_format' other than text (JSON mode, schemas) is not supported", "unsupported_parameter",
+                   "response_format")
+    if body.get("logit_bias"):
+        raise _bad("'logit_bias' is not supported", "unsupported_parameter", "logit_bias")
     return SamplingParams(
         max_tokens=_value(body, ("max_completion_tokens", "max_tokens"), cfg.default_max_tokens, int, 1),
         temperature=_value(body, ("temperature",), 1.0, float, 0.0, 2.0),
-        top_p=_value(body, ("top_p",), 1.0, float, 1e-6, 1.0),
+        top_p=max(_value(body, ("top_p",), 1.0, float, 0.0, 1.0), 1e-6),  # 0: the most likely token only
         top_k=_value(body, ("top_k",), 0, int, 0),
         repetition_penalty=_value(body, ("repetition_penalty",), 1.0, float, 1e-3),
         seed=_value(body, ("seed",), None, int),
@@ -177,12 +244,8 @@ def prepare(body: dict, engine: Engine, cfg: ServerConfig) -> tuple[list[int], o
             code = "image_too_large" if "over the limit" in str(e) else "invalid_image"
             raise _bad(str(e), code, "messages") from None
         tiles.append(img.normalize(img.tile_array(image, image_size=vision.image_size, max_num=max_num)))
-    try:
-        text = render_chat(turns, tiles_per_image=[t.shape[0] for t in tiles],
-                           image_seq_length=engine.model.config.image_seq_length, system_message=cfg.system_message)
-    except ValueError as e:
-        raise _bad(str(e), param="messages") from None
-    ids = engine.tokenizer(text, add_special_tokens=False).input_ids
+    ids = encode_prompt(engine.tokenizer, turns, [t.shape[0] for t in tiles], engine.model.config.image_seq_length,
+                        cfg.system_message)
     limit = min(cfg.max_prompt_tokens, engine.max_seq_len - 1)
     if len(ids) > limit:
         raise _bad(f"the prompt has {len(ids)} tokens, over the limit of {limit}", "context_length_exceeded", "messages")
@@ -212,10 +275,18 @@ def create_app(engine: Engine, cfg: ServerConfig = ServerConfig()) -> FastAPI:
     async def health():
         return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting}
 
+    card = {"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "nativevl"}
+
     @app.get("/v1/models")
     async def models():
-        card = {"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "nativevl"}
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != cfg.model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {cfg.model_name!r}",
+                           "model_not_found", "invalid_request_error", "model")
+        return card
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -231,11 +302,15 @@ def create_app(engine: Engine, cfg: ServerConfig = ServerConfig()) -> FastAPI:
                 raise APIError(413, f"request body is over the limit of {cfg.max_body_bytes} bytes", "request_too_large")
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _bad(f"the body is not valid JSON: {e}", "invalid_json") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit int, [[[...]]]
+            raise _bad(f"the body is not valid JSON: {type(e).__name__}: {str(e)[:200]}", "invalid_json") from None
         if not isinstance(body, dict):
             raise _bad("the body must be a JSON object", "invalid_json")
-        stream = body.get("stream", False)
+        model = body.get("model")
+        if model is not None and model != cfg.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {cfg.model_name!r}",
+                           "model_not_found", "invalid_request_error", "model")
+        stream = body.get("stream") or False
         options = body.get("stream_options") or {}
         if not isinstance(stream, bool) or not isinstance(options, dict):
             raise _bad("'stream' must be a boolean and 'stream_options' an object", "invalid_type", "stream")
@@ -252,7 +327,7 @@ def create_app(engine: Engine, cfg: ServerConfig = ServerConfig()) -> FastAPI:
         except QueueFull as e:
             raise APIError(429, f"server busy: {e}", "queue_full", "rate_limit_exceeded") from None
         except ValueError as e:
-            raise _bad(str(e)) from None
+            raise _bad(str(e), param="messages") from None
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if stream:
             return StreamingResponse(_sse(engine, req, events, rid, created, cfg.model_name, len(ids), include_usage),
@@ -271,7 +346,7 @@ def create_app(engine: Engine, cfg: ServerConfig = ServerConfig()) -> FastAPI:
                     raise APIError(499, "the client closed the request", "client_closed_request")
                 if kind == "error":
                     if isinstance(payload, ValueError):
-                        raise _bad(str(payload))
+                        raise _bad(str(payload), param="messages")
                     raise payload
                 if kind == "done":
                     break
