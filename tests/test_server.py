@@ -246,7 +246,7 @@ def test_message_text_is_text_never_markup(served, tokenizer):
 
 
 def test_openai_api_details(served, tmp_path):
-    engine, cfg, url, media = served
+    _, _, url, media = served
     c = client(url)
     post = lambda body: httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
     hi = [{"role": "user", "content": "the quick brown fox"}]
