@@ -319,3 +319,25 @@ def test_processor_from_an_hf_folder_without_processor_files_reads_config_json(t
         (tmp_path / name).unlink()
     proc = Processor.from_pretrained(tmp_path)
     assert (proc.image_size, proc.image_seq_length) == (56, 4)
+
+
+def test_an_empty_system_turn_is_still_a_turn_and_v2pe_delta_is_checked(tokenizer, tmp_path):
+    """As the tokenizer's chat template and InternVL's preprocess: an explicit empty system message
+    renders its (empty) turn; the configured default None / "" renders none."""
+    from nativevl.data.pipeline import DataConfig
+    from nativevl.data.records import DatasetSpec, parse_record
+
+    m = [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]
+    want = tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+    assert render_chat(m, system_message=None) == want and want.startswith("<|im_start|>system\n<|im_end|>")
+    assert not render_chat(m[1:], system_message="").startswith("<|im_start|>system")
+    conv = [{"from": "system", "value": ""}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    ids, _ = encode_conversation(tokenizer, conv, system_message=None)
+    assert tokenizer.decode(ids).startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user")
+    for bad in (0.0, 4.0, float("nan")):
+        with pytest.raises(ValueError, match="v2pe_delta"):
+            DataConfig(v2pe="fixed", v2pe_delta=bad)
+    # a preference dataset's data_augment reaches its records
+    spec = DatasetSpec("p", tmp_path / "p.jsonl", tmp_path, data_augment=True)
+    rec = parse_record({"question": "q", "chosen": "a", "rejected": "b"}, spec, "p:1")
+    assert rec.data_augment

@@ -74,6 +74,8 @@ class DataConfig:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         if self.v2pe not in ("off", "random", "fixed"):
             raise ValueError(f"v2pe must be off, random or fixed, got {self.v2pe!r}")
+        if not (math.isfinite(self.v2pe_delta) and 0 < self.v2pe_delta <= 1):
+            raise ValueError(f"v2pe_delta (a visual token's position increment) must be in (0, 1], got {self.v2pe_delta}")
         if not 0 <= self.max_reject_fraction <= 1:
             raise ValueError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
 
@@ -242,7 +244,7 @@ def _preference_sample(record: PreferenceRecord, tokenizer, cfg: DataConfig, ind
     docs = []
     for response in (record.chosen, record.rejected):
         conv = Record([{"from": "human", "value": question}, {"from": "gpt", "value": response}], record.images,
-                      source=record.source, max_dynamic_patch=record.max_dynamic_patch)
+                      source=record.source, max_dynamic_patch=record.max_dynamic_patch, data_augment=record.data_augment)
         docs.append(build_sample(conv, tokenizer, cfg, index))  # same index: same tiles, same V2PE strides
     chosen, rejected = docs
     pair = Sample(chosen.input_ids, chosen.labels, chosen.position_ids, chosen.pixel_values, record.source, index,

@@ -72,6 +72,7 @@ class PreferenceRecord:
     images: list[Path] = field(default_factory=list)
     source: str = ""
     max_dynamic_patch: int = 12
+    data_augment: bool = False
 
 
 def _bool(value: Any, what: str) -> bool:
@@ -257,7 +258,8 @@ def parse_record(raw: Any, spec: DatasetSpec, where: str) -> Record | Preference
         n = raw["question"].count(IMAGE_PLACEHOLDER)
         if n and n != len(images):
             raise RecordError("placeholder_mismatch", f"{where}: {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
-        return PreferenceRecord(raw["question"], raw["chosen"], raw["rejected"], images, where, spec.max_dynamic_patch)
+        return PreferenceRecord(raw["question"], raw["chosen"], raw["rejected"], images, where, spec.max_dynamic_patch,
+                                spec.data_augment)
     if "text" in raw and "conversations" not in raw:  # a plain document (text corpus for pre-training)
         if not isinstance(raw["text"], str) or not raw["text"].strip():
             raise RecordError("malformed", f"{where}: 'text' must be a non-empty string")

@@ -47,15 +47,18 @@ def render_chat(
 ) -> str:
     """messages [{"role": "user"|"assistant"|"system" (or human/gpt), "content": str}] -> prompt text.
 
-    A leading system message overrides `system_message`; None or "" means no system turn. Images
-    with no `<image>` placeholder in the text get `<image>\\n` before the first user turn.
+    A leading system message overrides `system_message` (an empty one still renders its turn, as the
+    tokenizer's chat template and InternVL's preprocess do); `system_message` None or "" means no
+    system turn. Images with no `<image>` placeholder in the text get `<image>\\n` before the first
+    user turn.
     """
     tiles_per_image = tiles_per_image or []
     record_system, turns = normalize_turns(messages)
     if record_system is not None:
         system_message = record_system
     turns = attach_images(turns, len(tiles_per_image))
-    text = f"<|im_start|>system\n{system_message}<|im_end|>\n" if system_message else ""
+    explicit = record_system is not None  # an empty system turn of the messages is still a turn
+    text = f"<|im_start|>system\n{system_message}<|im_end|>\n" if system_message or explicit else ""
     images = iter(tiles_per_image)
     for role, content in turns:
         if role == "user":
@@ -136,7 +139,7 @@ def encode_conversation(
 
     input_ids: list[int] = []
     labels: list[int] = []
-    if system_message:
+    if system_message or record_system is not None:  # an empty system turn of the record is still a turn
         piece = ids(f"<|im_start|>system\n{system_message}<|im_end|>\n")
         input_ids += piece
         labels += [IGNORE_INDEX] * len(piece)

@@ -157,10 +157,11 @@ def encode_prompt(tokenizer, turns: list[dict], tiles_per_image: list[int], imag
     image_span = lambda tiles: [special("<img>")] + [special("<IMG_CONTEXT>")] * (image_seq_length * tiles) + [
         special("</img>")]
     items: list = []  # str (text) or list[int] (markup ids)
-    if turns and turns[0]["role"] == "system":
+    explicit = bool(turns) and turns[0]["role"] == "system"
+    if explicit:  # even an empty one renders its turn, as data.template.render_chat
         system_message = "".join(p for p in turns[0]["content"] if isinstance(p, str))
         turns = turns[1:]
-    if system_message:
+    if system_message or explicit:
         items += [[start], f"system\n{system_message}", [end], "\n"]
     images = iter(tiles_per_image)
     for turn in turns:
