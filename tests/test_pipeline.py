@@ -328,3 +328,44 @@ def test_unforeseen_record_shapes_are_counted_not_fatal(tmp_path, tokenizer):
     batches = list(iterate_batches(make_loader(PackedDataset(load_meta(tmp_path / "meta.json"), tokenizer, cfg)), tracker))
     assert tracker.seen == 4 and tracker.by_kind == {"malformed": 2, "missing_file": 1}
     assert sum(b.num_documents for b in batches) == 1  # the answer's "<image>" stays text
+
+
+def test_text_ratio_is_a_share_of_tokens_by_default(tmp_path, tokenizer):
+    """InternVL3's text : multimodal 1 : 3 is ~50B : 150B tokens. With long text documents and short
+    image conversations, a 0.25 share of samples would make text most of the tokens; the default unit
+    measures each dataset's tokens per sample and sets the sample shares so text is 0.25 of the tokens."""
+    from nativevl.data.mixture import sample_share_for_token_share
+
+    assert sample_share_for_token_share(0.25, 100.0, 100.0) == pytest.approx(0.25)
+    assert sample_share_for_token_share(0.25, 300.0, 100.0) == pytest.approx(0.1)  # 0.1*300 : 0.9*100 = 1 : 3
+    assert sample_share_for_token_share(0.0, 300.0, 100.0) == 0.0
+    root = tmp_path / "d"
+    (root / "img").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(root / "img" / f"{k}.png")
+    words = "the quick brown fox jumps over the lazy dog one two three four five six seven".split()
+    docs = [{"text": " ".join(rng.choice(words, size=120))} for _ in range(30)]
+    convs = [{"image": f"img/{i % 4}.png", "conversations": [{"from": "human", "value": "<image>\nwhat?"},
+                                                            {"from": "gpt", "value": "a fox"}]} for i in range(30)]
+    (root / "text.jsonl").write_text("\n".join(json.dumps(r) for r in docs) + "\n")
+    (root / "mm.jsonl").write_text("\n".join(json.dumps(r) for r in convs) + "\n")
+    (root / "meta.json").write_text(json.dumps({"text": {"root": "", "annotation": "text.jsonl"},
+                                                "mm": {"root": "", "annotation": "mm.jsonl"}}))
+    specs = load_meta(root / "meta.json")
+    shares = {}
+    for unit in ("tokens", "samples"):
+        ds = PackedDataset(specs, tokenizer, data_config(text_ratio=0.25, text_ratio_unit=unit, max_tokens=400,
+                                                         max_records=None))
+        tokens = {"text": 0, "mm": 0}
+        samples = {"text": 0, "mm": 0}
+        for i in range(2000):
+            d, _ = ds.mixture.locate(i)
+            name = ds.sources[d].name
+            samples[name] += 1
+            tokens[name] += ds.sample(i).num_tokens
+        shares[unit] = (tokens["text"] / sum(tokens.values()), samples["text"] / 2000)
+    assert shares["tokens"][0] == pytest.approx(0.25, abs=0.03)  # text's share of the tokens
+    assert shares["samples"][1] == pytest.approx(0.25, abs=0.03) and shares["samples"][0] > 0.5
+    with pytest.raises(ValueError, match="text_ratio_unit"):
+        data_config(text_ratio_unit="bytes")

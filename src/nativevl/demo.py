@@ -91,7 +91,8 @@ def _stage(name: str, model, tokenizer, cfg: DemoConfig, out: Path, steps: int, 
     mcfg = model.config
     data = DataConfig(max_tokens=cfg.pack_tokens, max_tiles=96, image_size=mcfg.vision.image_size,
                       image_seq_length=mcfg.image_seq_length, image_token_id=mcfg.image_token_id, system_message=None,
-                      loss_reduction="square", text_ratio=text_ratio, seed=cfg.train_seed)
+                      loss_reduction="square", text_ratio=text_ratio, seed=cfg.train_seed,
+                      text_ratio_unit="samples")  # as the committed demo was tuned and measured
     dataset = PackedDataset(_sources(name, cfg.train_seed), tokenizer, data)
     train_cfg = TrainConfig(max_steps=steps, lr=cfg.lr, warmup_steps=max(1, steps // 20), global_batch=cfg.global_batch,
                             weight_decay=0.0, tensorboard=True, save_every=max(1, steps // 4), seed=cfg.train_seed)

@@ -51,8 +51,9 @@ def debug_tiny() -> Run:
 
 def pretrain() -> Run:
     """Native multimodal pre-training: every module trains from step 0 on text + multimodal data,
-    square averaging, text : multimodal 1 : 3 (by samples). Needs --meta and --vit_from/--llm_from
-    (or --init_from). V2PE with --v2pe=random."""
+    square averaging, text : multimodal 1 : 3 in tokens, as InternVL3's ~50B + 150B (the datasets' mean
+    tokens per sample measured on a few records each; --text_ratio_unit=samples for a share of samples).
+    Needs --meta and --vit_from/--llm_from (or --init_from). V2PE with --v2pe=random."""
     return Run(
         data=DataConfig(loss_reduction="square", text_ratio=0.25, v2pe="off", max_tokens=16384, max_tiles=48),
         train=TrainConfig(lr=1e-4, warmup_steps=200, max_steps=10000, global_batch=8, weight_decay=0.05),

@@ -40,6 +40,19 @@ def mixture_weights(
     return w.tolist()
 
 
+def sample_share_for_token_share(token_share: float, text_tokens: float, multimodal_tokens: float) -> float:
+    """The share of text-only samples that gives text `token_share` of the tokens, when a text-only
+    sample holds `text_tokens` tokens on average and a multimodal one `multimodal_tokens`."""
+    if not 0 <= token_share <= 1:
+        raise ValueError(f"text_ratio must be in [0, 1], got {token_share}")
+    if token_share in (0, 1):
+        return float(token_share)
+    if text_tokens <= 0 or multimodal_tokens <= 0:
+        raise ValueError(f"mean tokens per sample must be > 0, got {text_tokens} and {multimodal_tokens}")
+    text, mm = token_share * multimodal_tokens, (1 - token_share) * text_tokens
+    return text / (text + mm)
+
+
 class Mixture:
     def __init__(self, sizes: list[int], weights: list[float], seed: int = 0, block: int = 4096) -> None:
         if len(sizes) != len(weights) or not sizes:

@@ -11,6 +11,7 @@ counted by kind and written to a rejects file; `StreamTracker` stops the run pas
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nativevl.data import images as img
-from nativevl.data.mixture import Mixture, mixture_weights
+from nativevl.data.mixture import Mixture, mixture_weights, sample_share_for_token_share
 from nativevl.data.packing import LOSS_REDUCTIONS, Batch, Packer, Sample, collate
 from nativevl.data.positions import document_positions
 from nativevl.data.records import PROBLEMS, Annotation, DatasetSpec, PreferenceRecord, Record, RecordError, parse_record
@@ -45,7 +46,11 @@ class DataConfig:
     v2pe: str = "off"  # off | random (training) | fixed (v2pe_delta)
     v2pe_delta: float = 1.0
     loss_reduction: str = "square"
-    text_ratio: float | None = None  # share of text-only samples, 0.25 = text:multimodal 1:3
+    # text-only data's share of the mixture (0.25 = text : multimodal 1 : 3), in tokens (the InternVL3
+    # recipe's unit: ~50B text + 150B multimodal tokens) or in samples; for tokens the mean tokens per
+    # sample of every dataset are measured on a few of its records when the stream is built
+    text_ratio: float | None = None
+    text_ratio_unit: str = "tokens"  # tokens | samples
     max_reject_fraction: float = 0.05
     min_records_before_abort: int = 200
     system_message: str | None = DEFAULT_SYSTEM_MESSAGE
@@ -74,6 +79,8 @@ class DataConfig:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         if self.v2pe not in ("off", "random", "fixed"):
             raise ValueError(f"v2pe must be off, random or fixed, got {self.v2pe!r}")
+        if self.text_ratio_unit not in ("tokens", "samples"):
+            raise ValueError(f"text_ratio_unit must be tokens or samples, got {self.text_ratio_unit!r}")
         if not (math.isfinite(self.v2pe_delta) and 0 < self.v2pe_delta <= 1):
             raise ValueError(f"v2pe_delta (a visual token's position increment) must be in (0, 1], got {self.v2pe_delta}")
         if not 0 <= self.max_reject_fraction <= 1:
@@ -300,6 +307,24 @@ class TooManyBadRecords(RuntimeError):
     """The stream's rejected fraction passed DataConfig.max_reject_fraction."""
 
 
+def mean_tokens(source: Source, tokenizer, cfg: DataConfig, probes: int = 32) -> float:
+    """A dataset's mean tokens per sample (a preference pair: both responses), measured on up to `probes`
+    of its records spread over it; unreadable ones are passed over (the stream counts them later)."""
+    n = len(source)
+    picks = sorted({int(i) for i in np.linspace(0, n - 1, num=min(probes, n))})
+    probe_cfg = dataclasses.replace(cfg, training=False)
+    counts = []
+    for i in picks:
+        try:
+            counts.append(build_sample(source.get(i), tokenizer, probe_cfg, index=i).num_tokens)
+        except (RecordError, OSError, RecursionError, TypeError, KeyError, AttributeError):
+            continue
+    if not counts:
+        raise ValueError(f"dataset {source.name!r}: none of the {len(picks)} records probed for their token count "
+                         "could be read (text_ratio in tokens needs them; see `nativevl data validate`)")
+    return float(np.mean(counts))
+
+
 class PackedDataset(IterableDataset):
     """Endless (or `max_records`-long) stream of packed Batches for one data-parallel rank.
 
@@ -334,8 +359,24 @@ class PackedDataset(IterableDataset):
             raise ValueError(f"explicit mixture weights would override DataConfig.text_ratio={cfg.text_ratio}; "
                              "give one of the two")
         if weights is None:
+            repeats = [src.repeat_time for src in self.sources]
             is_text = [src.is_text_only() for src in self.sources] if cfg.text_ratio is not None else None
-            weights = mixture_weights(sizes, [src.repeat_time for src in self.sources], is_text, cfg.text_ratio)
+            share = cfg.text_ratio
+            if share is not None and cfg.text_ratio_unit == "tokens" and 0 < share < 1 and all(
+                    is_text.count(v) for v in (True, False)):
+                # within each group the datasets keep their default (size x repeat) sample shares
+                base = mixture_weights(sizes, repeats)
+                means = [mean_tokens(src, tokenizer, cfg) for src in self.sources]
+
+                def group(text: bool) -> float:  # mean tokens per sample of one group, as it is sampled
+                    pairs = [(w, m) for w, m, t in zip(base, means, is_text) if t == text]
+                    return sum(w * m for w, m in pairs) / sum(w for w, _ in pairs)
+
+                text_tokens, mm_tokens = group(True), group(False)
+                share = sample_share_for_token_share(cfg.text_ratio, text_tokens, mm_tokens)
+                log.info("text_ratio %.3f of the tokens: %.1f tokens per text-only sample, %.1f per multimodal one "
+                         "-> %.3f of the samples", cfg.text_ratio, text_tokens, mm_tokens, share)
+            weights = mixture_weights(sizes, repeats, is_text, share)
         self.mixture = Mixture(sizes, weights, seed=cfg.seed)
         self.resume_states: dict[int, dict] = {}
         self.rotation = 0
