@@ -360,3 +360,62 @@ def test_grown_llm_computes_what_the_original_does_and_trains_its_new_blocks(tmp
                        grown.state_dict()[f"language_model.layers.{n}.mlp.up_proj.weight"])  # seeded
     with pytest.raises(ValueError, match="needs --init_from"):
         build(apply_overrides(recipe("debug_tiny"), ["--grow_layers=1"]), tmp_path)
+
+
+def test_resume_is_exact_with_drop_path_and_logs_each_step_once(tmp_path, monkeypatch):
+    """The data loader drew its seed from the global RNG after a resume restored it, which shifted every
+    drop-path / dropout mask after the resume; and the steps logged after the last checkpoint were logged
+    twice (metrics.jsonl, tensorboard)."""
+    args = ["--max_steps=4", "--save_every=2", "--global_batch=2", "--tensorboard=false", "--max_tokens=256",
+            "--export=false", "--drop_path_rate=0.3"]
+    launch(apply_overrides(recipe("debug_tiny"), args), tmp_path / "full")
+    ref = losses(tmp_path / "full")
+    original = loop.MetricsLogger.log
+
+    def stop_after_three(self, record):
+        original(self, record)
+        if record["step"] == 3:  # logged, but its checkpoint (every 2 steps) not written
+            raise KeyboardInterrupt("stopped")
+
+    monkeypatch.setattr(loop.MetricsLogger, "log", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        launch(apply_overrides(recipe("debug_tiny"), args), tmp_path / "cut")
+    monkeypatch.setattr(loop.MetricsLogger, "log", original)
+    launch(apply_overrides(recipe("debug_tiny"), args), tmp_path / "cut")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert losses(tmp_path / "cut") == ref
+
+
+def test_resume_refuses_settings_that_change_the_checkpoints_meaning(tmp_path):
+    base = ["--global_batch=2", "--tensorboard=false", "--max_tokens=256", "--export=false", "--save_every=1"]
+    launch(apply_overrides(recipe("debug_tiny"), base + ["--max_steps=2"]), tmp_path)
+    for change, key in ((["--global_batch=4"], "train.global_batch"), (["--data.seed=3"], "data.seed"),
+                        (["--stage.llm.mode=frozen"], "stage.llm.mode")):
+        run = apply_overrides(recipe("debug_tiny"), [a for a in base if not a.startswith(change[0].split("=")[0])]
+                              + change + ["--max_steps=3"])
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            launch(run, tmp_path)
+    launch(apply_overrides(recipe("debug_tiny"), base + ["--max_steps=3", "--lr=1e-4"]), tmp_path)  # allowed
+    assert json.loads((tmp_path / "config-step2.json").read_text())["train"]["max_steps"] == 2
+
+
+def test_a_damaged_checkpoint_is_a_named_error_and_the_eta_counts_days(tmp_path):
+    from nativevl.train.metrics import format_eta
+
+    assert format_eta(27.8 * 3600) == "27:48:00" and format_eta(59) == "0:00:59" and format_eta(float("inf")) == "?"
+    base = ["--global_batch=2", "--tensorboard=false", "--max_tokens=256", "--export=false", "--max_steps=1"]
+    launch(apply_overrides(recipe("debug_tiny"), base), tmp_path)
+    (shard,) = list((tmp_path / "checkpoints").glob("step-*/*.distcp"))[:1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot load the model / optimiser shards"):
+        launch(apply_overrides(recipe("debug_tiny"), base[:-1] + ["--max_steps=2"]), tmp_path)
+
+
+def test_attention_counts_its_backward_in_frozen_and_lora_modules():
+    cfg = preset("tiny")
+    sizes = {"vit": 0, "mlp": 0, "llm": 0}  # attention only
+    full = batch_flops(cfg, sizes, pass_factors({"vit": "full", "mlp": "full", "llm": "full"}), [100, 50], 2)
+    lora = batch_flops(cfg, sizes, pass_factors({"vit": "lora", "mlp": "lora", "llm": "lora"}), [100, 50], 2)
+    frozen = batch_flops(cfg, sizes, pass_factors({"vit": "frozen", "mlp": "frozen", "llm": "frozen"}), [100, 50], 2)
+    assert full == lora == 3 * frozen > 0

@@ -546,7 +546,9 @@ def _identity(batch: Batch) -> Batch:
 
 
 def make_loader(dataset: PackedDataset, num_workers: int = 0) -> DataLoader:
-    """A DataLoader over packed batches (each item is already a Batch)."""
+    """A DataLoader over packed batches (each item is already a Batch). It draws its base seed from its
+    own generator, not the global RNG: a resumed run restores the global RNG and then makes its
+    iterator, and a draw there would shift every dropout / drop-path mask after the resume."""
     return DataLoader(
         dataset,
         batch_size=None,
@@ -554,6 +556,7 @@ def make_loader(dataset: PackedDataset, num_workers: int = 0) -> DataLoader:
         collate_fn=_identity,
         persistent_workers=False,
         prefetch_factor=2 if num_workers else None,
+        generator=torch.Generator().manual_seed(dataset.cfg.seed),
     )
 
 

@@ -127,9 +127,11 @@ def load_checkpoint(path: Path, app: dict, rank: int, world: int, workers: int) 
     import torch.distributed.checkpoint as dcp
 
     meta = _load(path / META)
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
     try:
         dcp.load(app, checkpoint_id=str(path), no_dist=not is_distributed())
-    except Exception as e:  # noqa: BLE001 - DCP wraps reader errors in several types
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP wraps reader errors in several types
         raise ValueError(f"{path}: cannot load the model / optimiser shards ({type(e).__name__}: {e})") from None
     old_world = int(meta["world"])
     old_workers = max(int(meta.get("train_config", {}).get("num_workers") or 0), 1)

@@ -86,6 +86,56 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+# settings a resumed run may change: how fast and how long it trains, how it runs and logs. Any other
+# change (model, data, stream seed, batch, objective, module modes) would give the checkpoint's weights
+# or data position another meaning.
+RESUMABLE_CHANGES = {
+    "train." + k for k in ("max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
+                           "eps", "grad_clip", "num_workers", "loss_chunk", "save_every", "keep_checkpoints",
+                           "peak_tflops", "tensorboard", "export", "attn_implementation",
+                           "activation_checkpointing", "compile", "dtype")
+} | {"data.max_reject_fraction", "data.min_records_before_abort"}
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _same_file(a, b) -> bool:
+    """Two paths to files of the same content (a run folder moved with its data, say)."""
+    try:
+        return isinstance(a, str) and isinstance(b, str) and Path(a).read_bytes() == Path(b).read_bytes()
+    except OSError:
+        return False
+
+
+def check_resume_config(out_dir: Path, run_config: dict, step: int, main: bool) -> None:
+    """Refuse to resume `out_dir` with settings that change what its checkpoint means; keep the old
+    config.json as config-step{step}.json when allowed settings (lr, max_steps, ...) changed."""
+    path = out_dir / "config.json"
+    if not path.is_file():
+        return
+    old = _flat(json.loads(path.read_text()))
+    new = _flat(json.loads(json.dumps(run_config, default=str)))
+    changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and not _same_file(old.get(k), new.get(k))}
+    refused = {k: v for k, v in changed.items()
+               if k not in RESUMABLE_CHANGES and not (k.startswith("stage.") and k.endswith(".lr"))}
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ValueError(f"{out_dir} holds a run at step {step} made with other settings ({listed}). Resuming with "
+                         "them would change what its weights or data position mean: run it with its own settings "
+                         f"(its config.json), or start a new --out (--init_from={out_dir / 'final'} for its weights)")
+    if changed and main:
+        log.warning("resuming at step %d with changed settings: %s (the previous config.json is kept as %s)", step,
+                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()), f"config-step{step}.json")
+        path.replace(out_dir / f"config-step{step}.json")
+
+
 def train(
     model: VisionLanguageModel,
     tokenizer,
@@ -143,6 +193,8 @@ def train(
             ckpt.set_rng_state(rank_state["rng"])
         if main:
             log.info("resumed from step %d (%s, written by %d process(es))", step, found, meta["world"])
+    if found is not None and run_config is not None:
+        check_resume_config(out_dir, run_config, step, main)
     if main and run_config is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")

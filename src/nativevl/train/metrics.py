@@ -4,6 +4,7 @@ tensorboard events."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -55,12 +56,30 @@ def batch_flops(cfg: ModelConfig, sizes: dict[str, int], factors: dict[str, int]
     """PaLM-style FLOPs of one packed batch: dense + per-document attention for the LLM, per tile for the ViT."""
     t, v = cfg.text, cfg.vision
     tokens = sum(doc_lengths)
+    # attention has no weights: whenever backward runs through it (factor > 2), it computes the gradients
+    # of both its inputs (dQ, dK, dV via dP), twice its forward, so it counts 6 even for a frozen or LoRA module
+    attn = {k: 6 if f > 2 else 2 for k, f in factors.items()}
     llm = factors["llm"] * sizes["llm"] * tokens
-    llm += 2 * factors["llm"] * t.num_hidden_layers * t.num_attention_heads * t.head_dim * sum(n * n for n in doc_lengths)
+    llm += 2 * attn["llm"] * t.num_hidden_layers * t.num_attention_heads * t.head_dim * sum(n * n for n in doc_lengths)
     seq = v.num_positions
-    vit = tiles * (factors["vit"] * sizes["vit"] * seq + 2 * factors["vit"] * v.num_hidden_layers * v.hidden_size * seq * seq)
+    vit = tiles * (factors["vit"] * sizes["vit"] * seq + 2 * attn["vit"] * v.num_hidden_layers * v.hidden_size * seq * seq)
     mlp = factors["mlp"] * sizes["mlp"] * cfg.image_seq_length * tiles
     return float(llm + vit + mlp)
+
+
+def format_eta(seconds: float) -> str:
+    """H:MM:SS with the hours unbounded (a 10,000-step pre-training run lasts days), or '?'."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 0  # a torn last line: kept only if nothing says it is later
 
 
 class MetricsLogger:
@@ -74,11 +93,19 @@ class MetricsLogger:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+        path = out_dir / "metrics.jsonl"
+        if start_step > 0 and path.is_file():
+            # a resumed run goes on from its checkpoint's step: the steps logged after it (by the run that
+            # stopped) are trained again, so their old records go
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and _step_of(line) <= start_step]
+            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self.file = open(path, "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            # purge_step: tensorboard drops the old run's events from that step on
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self.started = time.perf_counter()
 
@@ -96,7 +123,7 @@ class MetricsLogger:
         remaining_tokens = (self.max_steps - record["step"]) * sum(recent) / len(recent)
         eta = remaining_tokens / record["tokens_per_s"] if record["tokens_per_s"] > 0 else float("inf")
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                             eta=time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?")
+                             eta=format_eta(eta))
         self.bar.update(1)
 
     def close(self) -> None:
