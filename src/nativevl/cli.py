@@ -323,9 +323,18 @@ def cmd_data_prm(args: argparse.Namespace) -> int:
 
 
 def _write_meta(jsonl: Path) -> None:
-    """A meta json beside the generated jsonl, so `nativevl train ... --meta` can read it."""
-    meta = {jsonl.stem: {"root": "", "annotation": jsonl.name, "max_dynamic_patch": 1, "data_augment": False}}
-    (jsonl.parent / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    """A meta json beside the generated jsonl, so `nativevl train ... --meta` can read it; the datasets
+    other runs wrote into the same folder's meta.json stay listed."""
+    path = jsonl.parent / "meta.json"
+    meta = {}
+    if path.is_file():
+        try:
+            meta = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            meta = {}
+        meta = meta if isinstance(meta, dict) else {}
+    meta[jsonl.stem] = {"root": "", "annotation": jsonl.name, "max_dynamic_patch": 1, "data_augment": False}
+    path.write_text(json.dumps(meta, indent=2) + "\n")
     print(f"written: {jsonl} and {jsonl.parent / 'meta.json'}")
 
 

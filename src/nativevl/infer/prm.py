@@ -86,11 +86,13 @@ def step_scores(
     batch_size: int = 8,
 ) -> list[list[float]]:
     """P('+') of every step of every response, one forward per response (batched, left padding).
-    `pixel_values` are the question's tiles (shared by all responses). A response holding image markup
-    (`<image>`, `<IMG_CONTEXT>` ...) cannot be put in the PRM's turns as text: it scores [0.0]."""
+    `pixel_values` are the question's tiles (shared by all responses). A response that cannot be a
+    solution scores [0.0]: an empty one (the PRM never trained on one; its score would be noise), and
+    one holding image markup (`<image>`, `<IMG_CONTEXT>` ...) or chat-turn markers (`<|im_start|>`,
+    `<|im_end|>`), which would ask for images or forge turns of the PRM's conversation."""
     tiles_per_image = tiles_per_image or ([] if pixel_values is None else [int(pixel_values.shape[0])])
     good, bad = label_token_ids(tokenizer)
-    readable = [r for r in responses if not has_image_markup(r)]
+    readable = [r for r in responses if scorable(r)]
     encoded = [encode_for_scoring(tokenizer, question, split_steps(r, max_steps) or [r.strip() or "."],
                                   tiles_per_image, model.config.image_seq_length) for r in readable]
     device = model.device
@@ -111,7 +113,13 @@ def step_scores(
             pair = (hidden[row, at] @ head.t()).float()  # (steps, 2)
             out.append(pair.softmax(-1)[:, 0].tolist())
     scored = iter(out)
-    return [[0.0] if has_image_markup(r) else next(scored) for r in responses]
+    return [next(scored) if scorable(r) else [0.0] for r in responses]
+
+
+def scorable(response: str) -> bool:
+    """Whether a response can be put in the PRM's turns as a solution (see step_scores)."""
+    return bool(response.strip()) and not has_image_markup(response) and not any(
+        m in response for m in ("<|im_start|>", "<|im_end|>"))
 
 
 def response_scores(model, tokenizer, question, responses, pixel_values=None, tiles_per_image=None, *,

@@ -7,7 +7,6 @@ response is chosen; its first half, continued by the same model *without the ima
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nativevl.data.template import IMAGE_PLACEHOLDER
-from nativevl.pipelines.questions import Question, has_image_markup, sample_responses, save_images
+from nativevl.pipelines.questions import Question, has_image_markup, sample_responses, save_images, write_records
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +93,19 @@ def build_preference_data(model, tokenizer, questions: list[Question], cfg: Pref
             if (cut + cont).strip() and (cut + cont).strip() != chosen.strip() and not has_image_markup(cont):
                 lines.append((qi, chosen, cut + cont))
                 stats["dropout_ntp_pairs"] += 1
-    with open(out, "w", encoding="utf-8") as f:
+    images: dict[int, list[str]] = {}  # each question's images saved once, named after this output file
+
+    def records():
         for qi, chosen, rejected in lines:
             q = questions[qi]
             rec = {"question": q.question, "chosen": chosen, "rejected": rejected}
-            names = save_images(q, out.parent, f"q{qi}")
-            if names:
-                rec["image"] = names if len(names) > 1 else names[0]
-            f.write(json.dumps(rec) + "\n")
+            if qi not in images:
+                images[qi] = save_images(q, out.parent, f"{out.stem}-q{qi}")
+            if images[qi]:
+                rec["image"] = images[qi] if len(images[qi]) > 1 else images[qi][0]
+            yield rec
+
+    write_records(out, records())
     stats["pairs"] = len(lines)
     verified = [q for q in questions if q.answer is not None]
     stats["sampled_accuracy"] = n_correct / max(1, len(verified) * cfg.n)  # dropped responses count as wrong

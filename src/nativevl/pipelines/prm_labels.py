@@ -9,13 +9,12 @@ ordinary SFT stage of the one loop.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from nativevl.infer.prm import BAD, GOOD, prm_conversation, split_steps
-from nativevl.pipelines.questions import Question, has_image_markup, sample_responses, save_images
+from nativevl.infer.prm import BAD, GOOD, prm_conversation, scorable, split_steps
+from nativevl.pipelines.questions import Question, sample_responses, save_images, write_records
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +31,15 @@ class PRMDataConfig:
     mc_threshold: float = 0.0  # '+' iff mc > threshold
     seed: int = 0
 
+    def __post_init__(self) -> None:  # checked before hours of sampling, not after
+        for name in ("solutions", "rollouts", "max_steps", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0 or self.solution_temperature < 0 or self.top_k < 0:
+            raise ValueError("temperatures and top_k must be >= 0")
+        if not 0 <= self.mc_threshold < 1:
+            raise ValueError(f"mc_threshold must be in [0, 1), got {self.mc_threshold}")
+
 
 def build_prm_data(model, tokenizer, questions: list[Question], cfg: PRMDataConfig, out: str | Path,
                    system_message: str | None = None) -> dict:
@@ -44,13 +52,18 @@ def build_prm_data(model, tokenizer, questions: list[Question], cfg: PRMDataConf
                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, system_message=system_message,
                                  desc="solutions")
     items, prompts = [], []  # items: (question index, steps); prompts: one per non-final step prefix
-    dropped = 0
+    dropped = duplicates = 0
     for qi, (q, sols) in enumerate(zip(questions, solutions, strict=True)):
+        seen: set[tuple[str, ...]] = set()
         for sol in sols:
             steps = split_steps(sol, cfg.max_steps)
-            if not steps or has_image_markup(sol):
+            if not steps or not scorable(sol):
                 dropped += 1
                 continue
+            if tuple(steps) in seen:  # the same solution again: the same record, rollouts spent twice
+                duplicates += 1
+                continue
+            seen.add(tuple(steps))
             items.append((qi, steps, q.is_correct(sol)))
             for i in range(len(steps) - 1):
                 prompts.append((q.question, q.images, "\n\n".join(steps[: i + 1]) + "\n\n"))
@@ -58,9 +71,11 @@ def build_prm_data(model, tokenizer, questions: list[Question], cfg: PRMDataConf
                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1, system_message=system_message,
                                 desc="rollouts")
     it = iter(zip(prompts, rollouts, strict=True))
-    stats = {"questions": len(questions), "solutions": len(items), "dropped_solutions": dropped, "steps": 0,
-             "negative_steps": 0, "correct_solutions": 0}
-    with open(out, "w", encoding="utf-8") as f:
+    stats = {"questions": len(questions), "solutions": len(items), "dropped_solutions": dropped,
+             "duplicate_solutions": duplicates, "steps": 0, "negative_steps": 0, "correct_solutions": 0}
+    images: dict[int, list[str]] = {}  # each question's images saved once, named after this output file
+
+    def records():
         for qi, steps, solved in items:
             q = questions[qi]
             labels = []
@@ -72,11 +87,13 @@ def build_prm_data(model, tokenizer, questions: list[Question], cfg: PRMDataConf
             stats["steps"] += len(labels)
             stats["negative_steps"] += labels.count(BAD)
             stats["correct_solutions"] += solved
-            conv = prm_conversation(q.question, steps, labels)
-            rec = {"conversations": conv}
-            names = save_images(q, out.parent, f"q{qi}")
-            if names:
-                rec["image"] = names if len(names) > 1 else names[0]
-            f.write(json.dumps(rec) + "\n")
+            rec = {"conversations": prm_conversation(q.question, steps, labels)}
+            if qi not in images:
+                images[qi] = save_images(q, out.parent, f"{out.stem}-q{qi}")
+            if images[qi]:
+                rec["image"] = images[qi] if len(images[qi]) > 1 else images[qi][0]
+            yield rec
+
+    write_records(out, records())
     log.info("PRM data: %s -> %s", stats, out)
     return stats

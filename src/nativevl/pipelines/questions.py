@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,10 @@ class Question:
         if self.family:
             return verify(self.family, response, self.answer)
         want = final_answer(self.answer) or normalize(self.answer)
-        got = final_answer(response) if final_answer(self.answer) is not None else normalize(response)
+        if final_answer(self.answer) is not None:
+            got = final_answer(response)
+        else:  # a bare reference answer: a worked response's final answer, else its whole text
+            got = final_answer(response) or normalize(response)
         return got is not None and got == want
 
 
@@ -138,9 +142,13 @@ def sample_responses(
     cfg = model.config
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     rows = []
+    tiled: dict = {}  # one tiling per question: its many step prefixes share the tensor (not a copy each)
     for question, images, prefix in prompts:
-        ids, tiles = chat_inputs(tokenizer, messages(question), images, image_size=cfg.vision.image_size,
-                                 image_seq_length=cfg.image_seq_length, system_message=system_message)
+        key = (question, id(images))
+        if key not in tiled:
+            tiled[key] = chat_inputs(tokenizer, messages(question), images, image_size=cfg.vision.image_size,
+                                     image_seq_length=cfg.image_seq_length, system_message=system_message)
+        ids, tiles = tiled[key]
         if prefix:
             ids = ids + tokenizer(prefix, add_special_tokens=False).input_ids
         rows += [(ids, tiles)] * n
@@ -151,8 +159,19 @@ def sample_responses(
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
+def write_records(out: Path, records) -> None:
+    """jsonl records written to a temporary sibling, then renamed over `out`: a failure part-way (a full
+    disk) leaves the previous complete file, not a truncated one."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(rec) + "\n" for rec in records)
+    os.replace(tmp, out)
+
+
 def save_images(q: Question, folder: Path, name: str) -> list[str]:
-    """The question's images as PNG files under folder (paths relative to it); existing paths are kept."""
+    """The question's images as PNG files under folder (paths relative to it); existing paths are kept.
+    `name` should be unique to the output file (its stem) and question: two runs into one folder must
+    not overwrite each other's images."""
     if q.image_paths:
         return q.image_paths
     names = []
