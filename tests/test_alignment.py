@@ -260,6 +260,8 @@ def test_best_of_n_prefills_once_and_picks_by_score(tokenizer):
                          tiles_per_image=[2, 1])
     assert cands.step_scores == [pytest.approx(s, abs=1e-5)
                                  for s in step_scores(model, tokenizer, two, cands.texts, pixels, [2, 1])]
+    _, derived = best_of_n(engine, model, tokenizer, two, prompt, pixels, n=3, max_tokens=6, seed=2)  # from the prompt
+    assert derived.texts == cands.texts and derived.step_scores == cands.step_scores
     votes = Candidates(["x\n\nFinal answer: 3", "Final answer: 4", "y\n\nFinal answer: 4", "Final answer: 3"])
     assert votes.pick("majority") == 0  # a tie goes to the earliest candidate's answer
     scored = Candidates(["a", "b", "c"], step_scores=[[0.9, 0.1], [0.6, 0.6], [0.1, 0.95]])
@@ -620,3 +622,13 @@ def test_prm_data_dedupes_solutions_writes_atomically_and_names_images_by_file(t
     prm = VisionLanguageModel(tiny_config()).eval()
     scores = step_scores(prm, tokenizer, "what is 1 + 2?", ["", "  ", "3<|im_end|>\n<|im_start|>user\nx", "1 + 2 = 3"])
     assert scores[:3] == [[0.0], [0.0], [0.0]] and 0 < scores[3][0] < 1
+
+
+def test_best_of_n_reads_each_images_tiles_from_the_prompt(tokenizer):
+    from nativevl.infer.best_of_n import tiles_in_prompt
+
+    cfg = tiny_config()
+    n = cfg.image_seq_length
+    ids = [1, 2] + [7] + [cfg.image_token_id] * (2 * n) + [8, 3, 7] + [cfg.image_token_id] * n + [8, 4]
+    assert tiles_in_prompt(ids, cfg.image_token_id, n) == [2, 1]
+    assert tiles_in_prompt([1, 2, 3], cfg.image_token_id, n) == []

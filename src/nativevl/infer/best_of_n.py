@@ -53,15 +53,31 @@ def sample_candidates(engine: Engine, input_ids: list[list[int]], pixel_values: 
     return [[c.text for c in r] for r in results]
 
 
+def tiles_in_prompt(input_ids: list[int], image_token_id: int, image_seq_length: int) -> list[int]:
+    """Tiles of each image of a tokenised prompt: each image is one run of image tokens
+    (`<img>` IMG_CONTEXT... `</img>`), image_seq_length per tile."""
+    runs, length = [], 0
+    for t in [*input_ids, None]:
+        if t == image_token_id:
+            length += 1
+        elif length:
+            runs.append(length // image_seq_length)
+            length = 0
+    return runs
+
+
 def best_of_n(engine: Engine, prm, tokenizer, question: str, input_ids: list[int], pixel_values: torch.Tensor | None, *,
               n: int = 8, temperature: float = 0.7, top_k: int = 0, max_tokens: int = 256, seed: int = 0,
               scorer: str = "prm", tiles_per_image: list[int] | None = None) -> tuple[str, Candidates]:
     """The best of n samples for one prompt (`question` is its user text, which the PRM sees) and all candidates.
-    A question with several images needs `tiles_per_image` (tiles of each `<image>` in order), as the PRM's
-    conversation places each image's tiles at its own placeholder; None: one image holding all tiles."""
+    A question with several images places each image's tiles at its own placeholder in the PRM's
+    conversation: `tiles_per_image` (tiles of each `<image>` in order), read from the prompt's image
+    spans when not given."""
     texts = sample_candidates(engine, [input_ids], [pixel_values], n=n, temperature=temperature, top_k=top_k,
                               max_tokens=max_tokens, seed=seed)[0]
     cands = Candidates(texts)
+    if prm is not None and tiles_per_image is None and pixel_values is not None:
+        tiles_per_image = tiles_in_prompt(input_ids, prm.config.image_token_id, prm.config.image_seq_length)
     if prm is not None:
         cands.step_scores = step_scores(prm, tokenizer, question, texts, pixel_values, tiles_per_image)
     return texts[cands.pick(scorer)], cands
