@@ -410,7 +410,7 @@ def test_jsonl_questions_read_only_the_first_limit_records(tmp_path, capsys):
     gone = {"image": "missing.png", "conversations": [{"from": "human", "value": "<image>\nand this?"}]}
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (good, good, gone)), encoding="utf-8")
     assert len(jsonl_questions(tmp_path / "q.jsonl", limit=2)) == 2
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="1 of 3 records name images that cannot be read"):
         jsonl_questions(tmp_path / "q.jsonl")
     # a file with fewer records than --n: all of them, and the command says so
     from nativevl.cli import _questions
@@ -632,3 +632,19 @@ def test_best_of_n_reads_each_images_tiles_from_the_prompt(tokenizer):
     ids = [1, 2] + [7] + [cfg.image_token_id] * (2 * n) + [8, 3, 7] + [cfg.image_token_id] * n + [8, 4]
     assert tiles_in_prompt(ids, cfg.image_token_id, n) == [2, 1]
     assert tiles_in_prompt([1, 2, 3], cfg.image_token_id, n) == []
+
+
+def test_jsonl_questions_skip_a_few_records_with_unreadable_images(tmp_path, caplog):
+    from PIL import Image
+
+    from nativevl.pipelines.questions import jsonl_questions
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    rec = lambda image: {"image": image, "conversations": [{"from": "human", "value": "<image>\nwhat?"},
+                                                           {"from": "gpt", "value": "a"}]}
+    lines = [rec("ok.png")] * 30 + [rec("missing.png")]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    assert len(jsonl_questions(tmp_path / "q.jsonl")) == 30 and "skipped 1 of 31" in caplog.text
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in lines[:5] + [rec("missing.png")]) + "\n")
+    with pytest.raises(ValueError, match="1 of 6 records name images that cannot be read"):
+        jsonl_questions(tmp_path / "q.jsonl")

@@ -53,7 +53,7 @@ def test_question_file_names_the_line_of_a_missing_image(tmp_path):
     rec = {"image": "missing.png", "conversations": [{"from": "human", "value": "<image>\nwhat is this?"}]}
     f = tmp_path / "q.jsonl"
     f.write_text(json.dumps(rec) + "\n")
-    with pytest.raises(FileNotFoundError, match=r"q\.jsonl:1: .*missing\.png"):
+    with pytest.raises(ValueError, match=r"q\.jsonl:1: .*missing\.png"):
         jsonl_questions(f)
 
 

@@ -51,18 +51,21 @@ def toyworld_questions(family: str, seed: int, n: int, size: int = 96) -> list[Q
     return out
 
 
-def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int | None = None) -> list[Question]:
+def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int | None = None,
+                    max_bad_images: float = 0.05) -> list[Question]:
     """InternVL conversation records: the first human turn is the question, the gpt turn that answers it
     (if any) the ground truth; image paths are relative to `root` (default: the file's folder). Only the
     first `limit` records are read (and their images loaded).
 
     A question is asked without history (MMPR's format holds one question), so the later exchanges of a
     multi-turn record are not used, and a record's system turn gives way to the pipeline's system message;
-    both are counted and logged."""
+    both are counted and logged. A record whose image is missing or unreadable is skipped, counted and
+    named in the log; more than `max_bad_images` of the records read so is an error."""
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     out = []
     later_turns = with_system = 0
+    bad_images: list[str] = []
     # only "\n" ends a record: str.splitlines would also split at U+2028, U+0085 ... inside strings
     for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):
         if not line.strip():
@@ -101,11 +104,17 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int
         paths = [str((root / n).resolve()) for n in names]  # absolute: the output jsonl lives elsewhere
         try:
             images = [load_image(p) for p in paths]
-        except FileNotFoundError as e:  # a missing or unreadable image: say which record names it
-            raise FileNotFoundError(f"{path}:{lineno}: {e}") from None
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}:{lineno}: {e}") from None
+        except (OSError, ValueError) as e:  # a missing or unreadable image: this record is skipped
+            bad_images.append(f"{path}:{lineno}: {e}")
+            continue
         out.append(Question(question, images, reply, "", paths))
+    if bad_images:
+        read = len(out) + len(bad_images)
+        log.warning("%s: skipped %d of %d records whose images could not be read, e.g. %s", path, len(bad_images),
+                    read, "; ".join(bad_images[:3]))
+        if not out or len(bad_images) > max_bad_images * read:
+            raise ValueError(f"{path}: {len(bad_images)} of {read} records name images that cannot be read (more "
+                             f"than {max_bad_images:.0%}), e.g. {bad_images[0]}")
     if later_turns:
         log.warning("%s: %d of %d records have more than one question; only the first question and its answer "
                     "are used", path, later_turns, len(out))
