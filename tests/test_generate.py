@@ -69,3 +69,22 @@ def test_right_padding_is_refused():
     ids = torch.tensor([[7, 8, 9], [7, 8, 0]])
     with pytest.raises(ValueError, match="left padding"):
         generate(model, ids, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]), max_new_tokens=2)
+
+
+def test_a_generated_image_token_is_text_and_embeds_with_pixels_is_an_error():
+    """transformers feeds a generated token by its embedding: an <IMG_CONTEXT> the model itself produces
+    is no image slot (ours raised 'no pixel_values were given'). inputs_embeds with pixel_values dropped
+    the image silently."""
+    import pytest
+
+    model = make_model()
+    cfg = model.config
+    bias = torch.zeros(cfg.text.vocab_size)
+    bias[cfg.image_token_id] = 1e4  # the model answers with the image token, again and again
+    orig = model.lm_head.forward
+    model.lm_head.forward = lambda x: orig(x) + bias.to(x.dtype)
+    out = generate(model, torch.tensor([[11, 12, 13]]), None, max_new_tokens=3, eos_token_id=[cfg.text.eos_token_id])
+    assert out[0, 3:].tolist() == [cfg.image_token_id] * 3
+    ids, pixel_values = image_batch(cfg)
+    with pytest.raises(ValueError, match="pixel_values go with input_ids"):
+        model(inputs_embeds=model.language_model.embed_tokens(ids), pixel_values=pixel_values)

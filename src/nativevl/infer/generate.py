@@ -106,7 +106,10 @@ def generate(
             break
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-        out = model(token[:, None], attention_mask=attention_mask, cache=cache, use_cache=True)
+        # the token's embedding, as transformers feeds it: a generated <IMG_CONTEXT> is text here, not an
+        # image slot asking for pixels
+        out = model(inputs_embeds=model.language_model.embed_tokens(token[:, None]), attention_mask=attention_mask,
+                    cache=cache, use_cache=True)
         logits = out.logits[:, -1]
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
 

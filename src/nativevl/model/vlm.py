@@ -162,6 +162,9 @@ class VisionLanguageModel(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None and pixel_values is not None:
+            raise ValueError("pixel_values go with input_ids (their image tokens say where the features go); with "
+                             "inputs_embeds, scatter the features yourself (model.encode_images)")
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values, tile_index)
         packed_1d = inputs_embeds.dim() == 2
