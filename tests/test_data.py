@@ -341,3 +341,12 @@ def test_an_empty_system_turn_is_still_a_turn_and_v2pe_delta_is_checked(tokenize
     spec = DatasetSpec("p", tmp_path / "p.jsonl", tmp_path, data_augment=True)
     rec = parse_record({"question": "q", "chosen": "a", "rejected": "b"}, spec, "p:1")
     assert rec.data_augment
+
+
+def test_processor_takes_a_chw_uint8_tensor_as_transformers_does(tokenizer):
+    arr = np.random.default_rng(3).integers(0, 255, (90, 200, 3), dtype=np.uint8)
+    tensor = torch.from_numpy(arr).permute(2, 0, 1)
+    proc = Processor(tokenizer, image_size=56, image_seq_length=4)
+    assert torch.equal(proc.tile(tensor), proc.tile(arr))
+    with pytest.raises(ValueError, match="image tensor must be"):
+        proc.tile(tensor.float())

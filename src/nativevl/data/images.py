@@ -28,12 +28,17 @@ def load_image(
     exif: bool = True,
     alpha_background: tuple[int, int, int] | None = None,
 ) -> Image.Image:
-    """An RGB PIL image from a path, raw bytes, a PIL image or an (H, W, 3) uint8 array.
+    """An RGB PIL image from a path, raw bytes, a PIL image, an (H, W, 3) uint8 array or a (3, H, W)
+    uint8 torch tensor.
 
     `exif` applies the EXIF orientation; `alpha_background` composites transparent images onto that
     colour (transformers' processors use white) instead of dropping the alpha channel (InternVL).
     16-bit grayscale is scaled to 8 bits rather than clipped.
     """
+    if hasattr(source, "permute") and hasattr(source, "numpy"):  # a torch tensor, (C, H, W) as transformers takes
+        if source.ndim != 3 or source.shape[0] not in (3, 4) or source.dtype != torch.uint8:
+            raise ValueError(f"an image tensor must be (3|4, H, W) uint8, got {tuple(source.shape)} {source.dtype}")
+        source = source.permute(1, 2, 0).contiguous().cpu().numpy()
     if isinstance(source, np.ndarray):
         if source.ndim != 3 or source.shape[2] not in (3, 4) or source.dtype != np.uint8:
             raise ValueError(f"an image array must be (H, W, 3|4) uint8, got {source.shape} {source.dtype}")
