@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
 # The venv sees system site-packages so that an already installed torch (e.g. a CUDA build) is kept;
-# without any torch, the CPU wheel torch==2.13.0 is installed before anything can pull a CUDA build.
+# without any torch, torch==2.13.0 is installed first (the CPU wheel where pip's index offers one), so
+# that nothing else pulls an unpinned torch.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

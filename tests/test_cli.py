@@ -149,3 +149,19 @@ def test_train_refuses_non_finite_or_negative_settings(tmp_path, capsys):
     assert code == 2 and "lr must be a finite number >= 0, got nan" in capsys.readouterr().err
     code = main(["train", "debug_tiny", "--out", str(tmp_path / "b"), "--warmup_steps=-1"])
     assert code == 2 and "warmup_steps must be >= 0" in capsys.readouterr().err
+
+
+def test_every_help_text_prints(capsys):
+    """`nativevl --help` crashed: argparse read the '% i' of '95% interval' in a subcommand's help as a
+    format code. Every command's help is printed here."""
+    import argparse
+
+    from nativevl.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "eval" in capsys.readouterr().out
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        assert sub.format_help(), name

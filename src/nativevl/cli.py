@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--tasks", default=None, help="comma-separated (default: every task both reports have)")
     cmp_.set_defaults(func=cmd_compare)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on toy-world tasks (accuracy, chance, 95% interval)")
+    e = sub.add_parser("eval", help="evaluate a checkpoint on toy-world tasks (accuracy, chance, 95%% interval)")
     e.add_argument("--model", required=True)
     e.add_argument("--tokenizer", default=None, help="default: the model folder")
     e.add_argument("--tasks", default="shapes,reading,charts,arithmetic,multi_image,text")
@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     c.add_argument("--top_p", type=float, default=1.0)
     c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--max_num", type=int, default=12, help="max tiles per image (dynamic resolution)")
+    c.add_argument("--max_num", type=int, default=12, help="max tiles per message (dynamic resolution), shared by its images")
     c.add_argument("--max_seq_len", type=int, default=8192, help="conversation length the KV cache holds")
     c.add_argument("--decode-chunk", "--decode_chunk", dest="decode_chunk", type=int, default=1,
                    help="greedy decode steps per device call and host sync (1: stream every token; more: fewer syncs, "
