@@ -108,6 +108,7 @@ def main() -> None:
     never = cfg.text.vocab_size + 1  # an eos id no token can equal: every row generates `new` tokens
     params = SamplingParams(max_tokens=new, ignore_eos=True)
     engines: dict[str, Engine] = {}
+    failed: dict[str, int] = {}  # variant -> the batch size at which it failed
     results: dict = {"shape": args.shape, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
                      "torch": torch.__version__, "transformers": transformers.__version__,
                      "gpu": torch.cuda.get_device_name() if cuda else None, "prompt_len": args.prompt_len,
@@ -123,6 +124,9 @@ def main() -> None:
         ids = prompts[:b].to(args.device)
         for v in variants:  # ours
             key = "" if v == "base" else f"{v}_"
+            if v in failed:  # its engine failed at a smaller batch: its state is not to be trusted
+                row[f"{key}ours_error"] = f"skipped: failed at batch {failed[v]}"
+                continue
             try:
                 if v not in engines:
                     engines[v] = Engine(ours, None, max_batch_size=max(batches), max_seq_len=args.prompt_len + new + 8,
@@ -150,6 +154,8 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - one side failing must not lose the other's figures
                 traceback.print_exc()
                 row[f"{key}ours_error"] = f"{type(e).__name__}: {e}"
+                failed[v] = b
+                engines.pop(v, None)
         try:  # transformers
             mask = torch.ones_like(ids)
             kw = {"input_ids": ids, "attention_mask": mask, "do_sample": False, "eos_token_id": never, "pad_token_id": 0}
@@ -191,10 +197,16 @@ def main() -> None:
             continue
         engine, one = engines[v], prompts[:1].tolist()
         stats = dict(engine.stats)
-        prof = profile_call(lambda engine=engine, one=one: engine.generate(one, params), torch.device(args.device),
-                            label=f"{v}, one batch-1 request of {new} tokens")
+        try:
+            prof = profile_call(lambda engine=engine, one=one: engine.generate(one, params), torch.device(args.device),
+                                label=f"{v}, one batch-1 request of {new} tokens")
+        except Exception as e:  # noqa: BLE001 - the other variants' profiles still count
+            traceback.print_exc()
+            results.setdefault("profiles", {})[v] = {"error": f"{type(e).__name__}: {e}"}
+            save()
+            continue
         prof["decode_calls"] = engine.stats["decode_calls"] - stats["decode_calls"]
-        print(f"    {prof['decode_calls']} decode calls, {prof['launches'] / max(new, 1):.0f} kernel launches per token")
+        print(f"    {prof['decode_calls']} decode calls, {prof['kernels'] / max(new, 1):.0f} kernels run per token")
         results.setdefault("profiles", {})[v] = prof
         save()
     results["engine_stats"] = {v: dict(e.stats) for v, e in engines.items()}

@@ -4,24 +4,28 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 #   PARTS="decode" DECODE_VARIANTS="base,chunk8,chunk8+autotune" OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 # PARTS picks among tests, decode and train (default all three, in that order); each part has its own
-# time limit and writes its log and JSON as it goes, so a part cut short keeps what it measured.
+# time limit and writes its whole log and its JSON as it goes (the terminal shows their tails), so a
+# part cut short keeps what it measured.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 OUT=${OUT:-/tmp/nativevl-gpu}
 PARTS=${PARTS:-tests decode train}
 DECODE_VARIANTS=${DECODE_VARIANTS:-base,chunk8,chunk16}
+for part in $PARTS; do
+  case "$part" in tests|decode|train) ;; *) echo "PARTS: unknown part '$part' (tests, decode, train; space-separated)"; exit 2 ;; esac
+done
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/card.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/card.txt"
 case " $PARTS " in *" tests "*)
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_attention_kernels.py 2>&1 \
-    | tail -25 | tee "$OUT/gpu_tests.log" ;;
+    | tee "$OUT/gpu_tests.log" | tail -25 ;;
 esac
 case " $PARTS " in *" decode "*)
   timeout 240 python3 benchmarks/decode.py --shape internvl3_1b --device cuda --dtype bfloat16 \
-    --variants "$DECODE_VARIANTS" --profile "$DECODE_VARIANTS" --json "$OUT/decode.json" 2>&1 | tail -80 | tee "$OUT/decode.log" ;;
+    --variants "$DECODE_VARIANTS" --profile "$DECODE_VARIANTS" --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | tail -80 ;;
 esac
 case " $PARTS " in *" train "*)
   timeout 175 python3 benchmarks/train_throughput.py --shape internvl3_2b --device cuda --steps 8 --variants base,fast \
-    --profile fast --json "$OUT/train_2b.json" 2>&1 | tail -60 | tee "$OUT/train_2b.log" ;;
+    --profile fast --json "$OUT/train_2b.json" 2>&1 | tee "$OUT/train_2b.log" | tail -60 ;;
 esac

@@ -18,9 +18,10 @@ KERNEL_KINDS = (  # first match wins; lower-case substrings of CUDA kernel names
 
 
 def profile_call(fn: Callable[[], object], device: torch.device, label: str = "one step") -> dict:
-    """Run fn() once under the profiler: wall time, the GPU kernels' summed time (busy) and launches,
-    per kind and the busiest kernels, printed and returned. Busy well below wall means the GPU waited
-    on the host (launches, syncs, Python)."""
+    """Run fn() once under the profiler: wall time, the GPU kernels' summed time (busy) and how many
+    kernels ran (CUDA-graph nodes included: a replayed graph still runs every kernel, but launches
+    them without the host), per kind and the busiest kernels, printed and returned. Busy well below
+    wall means the GPU waited on the host (launches, syncs, Python)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -34,7 +35,7 @@ def profile_call(fn: Callable[[], object], device: torch.device, label: str = "o
     wall = time.perf_counter() - t0
     kinds: dict[str, float] = {}
     kernels = []
-    launches = 0
+    kernels_run = 0
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", None)
         if us is None:
@@ -45,13 +46,13 @@ def profile_call(fn: Callable[[], object], device: torch.device, label: str = "o
         kind = next((k for k, subs in KERNEL_KINDS if any(x in name for x in subs)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
         kernels.append((us / 1e3, e.count, e.key[:90]))
-        launches += e.count
+        kernels_run += e.count
     kernels.sort(reverse=True)
     busy = sum(kinds.values())
-    print(f"  profile: {label}, {wall * 1e3:.1f} ms wall (profiled), GPU kernels {busy:.1f} ms in {launches} launches")
+    print(f"  profile: {label}, {wall * 1e3:.1f} ms wall (profiled), GPU kernels {busy:.1f} ms in {kernels_run} kernels")
     for k, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"    {k:22s} {ms:8.2f} ms  {ms / max(busy, 1e-9):6.1%}")
     for ms, n, name in kernels[:15]:
         print(f"    {ms:8.2f} ms  x{n:<5d} {name}")
-    return {"wall_ms": wall * 1e3, "gpu_busy_ms": busy, "launches": launches, "kinds_ms": kinds,
+    return {"wall_ms": wall * 1e3, "gpu_busy_ms": busy, "kernels": kernels_run, "kinds_ms": kinds,
             "top_kernels": kernels[:30]}

@@ -210,7 +210,7 @@ def test_cuda_graph_decode_equals_eager(tokenizer, compile, chunk):
                     decode_chunk=chunk)
     want = [c[0].token_ids for c in eager.generate(ps, params, pvs)]
     assert [c[0].token_ids for c in graphs.generate(ps, params, pvs)] == want
-    assert graphs.stats["graph_captures"] >= 1 and graphs.stats["decode_mode"].endswith("cuda_graph")
+    assert graphs.stats["graph_captures"] >= 1 and "cuda_graph" in graphs.stats["decode_mode"]
     # continuous batching across buckets replays the right graphs
     alone = [graphs.generate([p], params, [pv])[0][0].token_ids for p, pv in zip(ps, pvs)]
     assert alone == want

@@ -286,3 +286,15 @@ def test_openai_api_details(served, tmp_path):
         assert post(body).status_code == 200, image_url
     assert post({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
         "url": "file://otherhost" + str(media / "a b" / "c d.png")}}]}]}).status_code == 400
+
+
+def test_n_over_the_engines_batch_is_a_400_on_n(served):
+    from dataclasses import replace
+
+    from nativevl.infer.server import APIError
+
+    engine, cfg, _, _ = served
+    with pytest.raises(APIError) as e:
+        prepare({"messages": [{"role": "user", "content": "hi"}], "n": engine.max_batch_size + 1}, engine,
+                replace(cfg, max_n=engine.max_batch_size + 4))
+    assert e.value.status == 400 and e.value.param == "n"

@@ -398,6 +398,11 @@ def test_resume_refuses_settings_that_change_the_checkpoints_meaning(tmp_path):
             launch(run, tmp_path)
     launch(apply_overrides(recipe("debug_tiny"), base + ["--max_steps=3", "--lr=1e-4"]), tmp_path)  # allowed
     assert json.loads((tmp_path / "config-step2.json").read_text())["train"]["max_steps"] == 2
+    # a config.json written before a setting existed: the new setting is no change
+    old = json.loads((tmp_path / "config.json").read_text())
+    del old["data"]["text_ratio_unit"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    launch(apply_overrides(recipe("debug_tiny"), base + ["--max_steps=4", "--lr=1e-4"]), tmp_path)
 
 
 def test_a_damaged_checkpoint_is_a_named_error_and_the_eta_counts_days(tmp_path):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nativevl.data.positions import image_spans
 from nativevl.data.toyworld.tasks import final_answer, normalize
 from nativevl.infer.engine import Completion, Engine, SamplingParams
 from nativevl.infer.prm import step_scores
@@ -56,14 +57,7 @@ def sample_candidates(engine: Engine, input_ids: list[list[int]], pixel_values: 
 def tiles_in_prompt(input_ids: list[int], image_token_id: int, image_seq_length: int) -> list[int]:
     """Tiles of each image of a tokenised prompt: each image is one run of image tokens
     (`<img>` IMG_CONTEXT... `</img>`), image_seq_length per tile."""
-    runs, length = [], 0
-    for t in [*input_ids, None]:
-        if t == image_token_id:
-            length += 1
-        elif length:
-            runs.append(length // image_seq_length)
-            length = 0
-    return runs
+    return [(b - a) // image_seq_length for a, b in image_spans(input_ids, image_token_id)]
 
 
 def best_of_n(engine: Engine, prm, tokenizer, question: str, input_ids: list[int], pixel_values: torch.Tensor | None, *,
@@ -77,7 +71,8 @@ def best_of_n(engine: Engine, prm, tokenizer, question: str, input_ids: list[int
                               max_tokens=max_tokens, seed=seed)[0]
     cands = Candidates(texts)
     if prm is not None and tiles_per_image is None and pixel_values is not None:
-        tiles_per_image = tiles_in_prompt(input_ids, prm.config.image_token_id, prm.config.image_seq_length)
+        policy = engine.model.config  # the prompt is the policy's: its image token and tokens per tile
+        tiles_per_image = tiles_in_prompt(input_ids, policy.image_token_id, policy.image_seq_length)
     if prm is not None:
         cands.step_scores = step_scores(prm, tokenizer, question, texts, pixel_values, tiles_per_image)
     return texts[cands.pick(scorer)], cands

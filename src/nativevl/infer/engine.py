@@ -11,7 +11,8 @@ reads. The CPU runs the same static-shape step eagerly.
 The default step (`fused_decode`) is trimmed for one token per row: q/k/v and gate/up matmuls fused
 (weights concatenated once), the new key/value written into the cache and attention read from the
 cache window in place with GQA heads unexpanded (`decode_attention`), the mask and RoPE computed once
-per step, the greedy argmax inside the step (one device->host sync per step), and the step's inputs
+per step, the greedy argmax inside the step (one device->host sync per step; with decode_chunk N,
+up to N greedy steps per call and one sync per call), and the step's inputs
 uploaded in one copy. An unpadded prefill runs the same fused layers and writes the slots directly.
 
 Threads: `submit()` may be called from any thread; `step()` from one thread only (the caller's, in
@@ -440,7 +441,8 @@ class Engine:
     # ------------------------------------------------------------------ scheduling
 
     def step(self) -> bool:
-        """Admit and prefill waiting requests, then one decode step. True while work remains."""
+        """Admit and prefill waiting requests, then one decode call (one step, or a chunk of greedy
+        steps with decode_chunk > 1). True while work remains."""
         for seq in self.slots:
             if seq is not None and seq.req.cancelled:
                 self._drop_cancelled(seq)

@@ -69,7 +69,7 @@ def image_source(url: str, cfg: ServerConfig) -> bytes | str:
     if url.startswith("data:"):
         header, _, data = url.partition(",")
         if not header.endswith(";base64"):
-            raise _bad("image data URLs must be base64 (data:image/...;base64,...)", "invalid_image_url")
+            raise _bad("image data URLs must be base64 (data:image/...;base64,...)", "invalid_image_url", "messages")
         try:  # line-wrapped base64 (`base64 img.png`, encodebytes) is still base64
             return base64.b64decode("".join(data.split()), validate=True)
         except (binascii.Error, ValueError):
@@ -235,6 +235,9 @@ def prepare(body: dict, engine: Engine, cfg: ServerConfig) -> tuple[list[int], o
     """A parsed request body -> (prompt ids, pixel values or None, sampling params); runs in a worker thread."""
     turns, sources = parse_messages(body.get("messages"), cfg)
     params = sampling_params(body, cfg)
+    if params.n > engine.max_batch_size:
+        raise _bad(f"'n' = {params.n} is over this server's {engine.max_batch_size} sequences at a time "
+                   "(--max-batch-size)", param="n")
     vision = engine.model.config.vision
     max_num = img.tiles_per_image(cfg.max_tiles, len(sources))
     tiles = []

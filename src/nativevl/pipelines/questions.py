@@ -54,8 +54,8 @@ def toyworld_questions(family: str, seed: int, n: int, size: int = 96) -> list[Q
 def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int | None = None,
                     max_bad_images: float = 0.05) -> list[Question]:
     """InternVL conversation records: the first human turn is the question, the gpt turn that answers it
-    (if any) the ground truth; image paths are relative to `root` (default: the file's folder). Only the
-    first `limit` records are read (and their images loaded).
+    (if any) the ground truth; image paths are relative to `root` (default: the file's folder). Records are
+    read (and their images loaded) until `limit` questions are kept.
 
     A question is asked without history (MMPR's format holds one question), so the later exchanges of a
     multi-turn record are not used, and a record's system turn gives way to the pipeline's system message;
@@ -89,8 +89,7 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int
         question = turns[first][1]
         # the ground truth answers this question: the turn right after it, not the record's last answer
         reply = turns[first + 1][1] if first + 1 < len(turns) and turns[first + 1][0] == "assistant" else None
-        later_turns += any(role == "user" for role, _ in turns[first + 1 :])
-        with_system += system is not None
+        more_turns, has_system = any(role == "user" for role, _ in turns[first + 1 :]), system is not None
         image, more = rec.get("image"), rec.get("images")  # either key, as the training loader reads them
         names = image if image not in (None, []) else (more or [])
         names = [names] if isinstance(names, str) else names
@@ -108,6 +107,8 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int
             bad_images.append(f"{path}:{lineno}: {e}")
             continue
         out.append(Question(question, images, reply, "", paths))
+        later_turns += more_turns
+        with_system += has_system
     if bad_images:
         read = len(out) + len(bad_images)
         log.warning("%s: skipped %d of %d records whose images could not be read, e.g. %s", path, len(bad_images),

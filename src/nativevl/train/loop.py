@@ -121,8 +121,9 @@ def check_resume_config(out_dir: Path, run_config: dict, step: int, main: bool) 
         return
     old = _flat(json.loads(path.read_text()))
     new = _flat(json.loads(json.dumps(run_config, default=str)))
-    changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k) and not _same_file(old.get(k), new.get(k))}
+    # a setting the older file does not know (added since) is not a change: it kept its default then
+    changed = {k: (old[k], new[k]) for k in sorted(set(old) & set(new))
+               if old[k] != new[k] and not _same_file(old[k], new[k])}
     refused = {k: v for k, v in changed.items()
                if k not in RESUMABLE_CHANGES and not (k.startswith("stage.") and k.endswith(".lr"))}
     if refused:
@@ -195,6 +196,8 @@ def train(
             log.info("resumed from step %d (%s, written by %d process(es))", step, found, meta["world"])
     if found is not None and run_config is not None:
         check_resume_config(out_dir, run_config, step, main)
+        if world > 1:  # every rank has read config.json before rank 0 moves it and writes the new one
+            torch.distributed.barrier()
     if main and run_config is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
