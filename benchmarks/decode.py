@@ -12,7 +12,7 @@ weights), each against the same transformers figure: `base` is the default engin
 to N greedy decode steps per graph replay and host sync (Engine's decode_chunk); `autotune` compiles
 the decode step with mode "max-autotune-no-cudagraphs" (Inductor tries Triton kernels against
 cuBLAS for every matmul shape; slow to compile). --profile VARIANTS adds a torch.profiler breakdown
-of one more batch-1 request per variant: GPU kernel time and launches against wall time.
+of one more batch-1 request per variant: GPU kernel time and kernels run against wall time.
 One side failing (an exception) is reported and does not lose the other side's numbers.
 """
 
