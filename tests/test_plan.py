@@ -109,3 +109,15 @@ def test_a_loss_chunk_below_one_is_an_error_not_a_free_loss():
     cfg = preset("tiny")
     with pytest.raises(ValueError, match="loss_chunk"):
         plan(cfg, _full(cfg), gpus=1, tokens=512, tiles=2, activation_checkpointing=False, loss_chunk=0)
+
+
+def test_256_token_packs_are_suggested_when_they_are_what_fits():
+    """The halving stopped at 256 without trying it: a plan that fits only at 256-token packs was told to
+    freeze modules or use LoRA."""
+    cfg = preset("tiny")
+    full = _full(cfg)
+    base = {"gpus": 1, "tiles": 0, "activation_checkpointing": True, "loss_chunk": 4096, "reference": False}
+    fits_at_256 = plan(cfg, full, tokens=256, **base, gpu_bytes=10**15).total + 1
+    assert not plan(cfg, full, tokens=512, **base, gpu_bytes=fits_at_256).fits
+    hints = advice(cfg, full, tokens=1024, **base, gpu_bytes=fits_at_256)
+    assert any(h.startswith("--max_tokens=256 ") for h in hints), hints

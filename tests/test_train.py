@@ -424,3 +424,25 @@ def test_attention_counts_its_backward_in_frozen_and_lora_modules():
     lora = batch_flops(cfg, sizes, pass_factors({"vit": "lora", "mlp": "lora", "llm": "lora"}), [100, 50], 2)
     frozen = batch_flops(cfg, sizes, pass_factors({"vit": "frozen", "mlp": "frozen", "llm": "frozen"}), [100, 50], 2)
     assert full == lora == 3 * frozen > 0
+
+
+def test_pretraining_from_parts_without_an_internvl_tokenizer_says_to_pass_one(tmp_path):
+    """With --vit_from/--llm_from and no --tokenizer the LLM folder's own tokenizer is tried, which lacks
+    InternVL's tokens: the error now says which tokenizer to pass."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from conftest import CORPUS
+
+    base = Tokenizer(models.BPE())
+    base.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    base.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_end|>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                         show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=base, eos_token="<|im_end|>").save_pretrained(tmp_path / "llm")
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llm")
+    write_vit_folder(tmp_path / "vit")
+    run = apply_overrides(recipe("pretrain"), [f"--vit_from={tmp_path / 'vit'}", f"--llm_from={tmp_path / 'llm'}"])
+    with pytest.raises(ValueError, match="pass --tokenizer <an InternVL3 tokenizer folder>"):
+        build(run, tmp_path / "out")

@@ -247,7 +247,14 @@ def build(run: Run, out_dir: str | Path):
             torch.distributed.barrier()
     tok_path = src.tokenizer or src.init_from or src.llm_from
     if tok_path is not None:
-        tokenizer = load_tokenizer(tok_path)
+        try:
+            tokenizer = load_tokenizer(tok_path)
+        except ValueError as e:
+            if tok_path == src.llm_from and tok_path != src.tokenizer:  # a plain Qwen2.5 / InternLM3 folder
+                raise ValueError(f"{e}. Pre-training from parts needs InternVL's tokenizer (the LLM's vocabulary "
+                                 "plus <img>, </img>, <IMG_CONTEXT> ...): pass --tokenizer <an InternVL3 tokenizer "
+                                 "folder>") from None
+            raise
     elif (out_dir / "data" / "tokenizer").is_dir():  # a resumed debug run: the same tokenizer as before
         tokenizer = load_tokenizer(out_dir / "data" / "tokenizer")
     else:

@@ -169,12 +169,15 @@ def advice(cfg: ModelConfig, trainable: dict[str, int], *, gpus: int, tokens: in
         if more:
             out.append(f"{more} GPUs" + (" with --activation_checkpointing=true" if ac else ""))
             break
+    def fits_packs(n: int) -> bool:
+        return plan(cfg, trainable, gpus=gpus, tokens=n, activation_checkpointing=True,
+                    tiles=min(tiles, n // max(cfg.image_seq_length, 1)), loss_chunk=loss_chunk,
+                    gpu_bytes=gpu_bytes, reference=reference).fits
+
     smaller = tokens
-    while smaller > 256 and not plan(cfg, trainable, gpus=gpus, tokens=smaller, activation_checkpointing=True,
-                                     tiles=min(tiles, smaller // max(cfg.image_seq_length, 1)), loss_chunk=loss_chunk,
-                                     gpu_bytes=gpu_bytes, reference=reference).fits:
+    while not fits_packs(smaller) and smaller // 2 >= 256:  # halving down to 256-token packs, 256 included
         smaller //= 2
-    if smaller < tokens and smaller > 256:
+    if smaller < tokens and fits_packs(smaller):
         out.append(f"--max_tokens={smaller} --max_tiles={min(tiles, smaller // max(cfg.image_seq_length, 1))} "
                    "with --activation_checkpointing=true (raise --global_batch to keep the tokens per step)")
     if not out:
