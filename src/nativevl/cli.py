@@ -196,7 +196,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = evaluate_best_of_n(model, tokenizer, tasks, n=args.n, seed=args.seed, samples=args.best_of_n, prm=prm,
                                     temperature=args.temperature, top_k=args.top_k, system_message=args.system or None,
                                     model_name=identity, prm_name=folder_identity(args.prm) if args.prm else None,
-                                    previous=previous, on_task=on_task)
+                                    previous=previous, on_task=on_task, prm_max_steps=args.prm_max_steps)
         table = best_of_n_table(report, title)
         write_report(report, args.out, table)
         print(table)
@@ -419,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prm", default=None, help="process reward model folder (nativevl train prm)")
     e.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for --best-of-n")
     e.add_argument("--top_k", type=int, default=0, help="top-k for --best-of-n (0: none)")
+    e.add_argument("--prm_max_steps", type=int, default=12,
+                   help="the PRM scores at most this many steps per solution, as its data (nativevl data prm --max_steps)")
     e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("chat", help="chat about images: one --prompt, or a multi-turn session (/image PATH, /reset)")

@@ -189,11 +189,13 @@ def _scored(k: int, n: int) -> dict:
 def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10_000, samples: int = 8,
                        prm=None, temperature: float = 0.7, top_k: int = 0, system_message: str | None = None,
                        max_batch_size: int = 64, model_name: str | None = None, prm_name: str | None = None,
-                       previous: dict | None = None, on_task=None) -> dict:
+                       previous: dict | None = None, on_task=None, prm_max_steps: int = 12) -> dict:
     """Test-time scaling on each task: greedy pass@1, the mean accuracy of single samples, majority
     vote of `samples`, and (with a PRM) Best-of-N by PRM score and by outcome score. Every question's
     samples come from one prefill (the engine clones it) with seed (seed + question index).
-    `previous` / `on_task` resume as in `evaluate` (settings: model and PRM names, n, seed, sampling)."""
+    `previous` / `on_task` resume as in `evaluate` (settings: model and PRM names, n, seed, sampling).
+    `prm_max_steps`: the PRM splits a solution into at most this many steps, as its data did
+    (`nativevl data prm --max_steps`)."""
     if n < 1 or samples < 1:
         raise ValueError(f"n must be >= 1 question per task and samples >= 1, got n={n}, samples={samples}")
     resolved = _resolve(tasks)
@@ -204,7 +206,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
     model.eval()
     cfg = model.config
     settings = {"model": model_name, "prm": prm_name, "n": n, "seed": seed, "samples": samples,
-                "temperature": temperature, "top_k": top_k, "system": system_message}
+                "temperature": temperature, "top_k": top_k, "system": system_message, "prm_max_steps": prm_max_steps}
     reusable = _reusable(previous, settings)
     report = _resumed(reusable, tasks)
     for name, task in zip(tasks, resolved):
@@ -239,7 +241,8 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
             if prm is not None:
                 # chat_inputs tiles each image into one tile (max_num=1)
                 per_image = [1] * (0 if tiles is None else int(tiles.shape[0]))
-                cands.step_scores = step_scores(prm, tokenizer, msgs[0]["content"], texts, tiles, per_image)
+                cands.step_scores = step_scores(prm, tokenizer, msgs[0]["content"], texts, tiles, per_image,
+                                                max_steps=prm_max_steps)
                 record.update({f"prm_best{samples}": ok[cands.pick("prm")],
                                f"outcome_best{samples}": ok[cands.pick("outcome")], f"oracle{samples}": any(ok)})
             records.append(record)

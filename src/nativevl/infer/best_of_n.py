@@ -62,7 +62,8 @@ def tiles_in_prompt(input_ids: list[int], image_token_id: int, image_seq_length:
 
 def best_of_n(engine: Engine, prm, tokenizer, question: str, input_ids: list[int], pixel_values: torch.Tensor | None, *,
               n: int = 8, temperature: float = 0.7, top_k: int = 0, max_tokens: int = 256, seed: int = 0,
-              scorer: str = "prm", tiles_per_image: list[int] | None = None) -> tuple[str, Candidates]:
+              scorer: str = "prm", tiles_per_image: list[int] | None = None,
+              prm_max_steps: int = 12) -> tuple[str, Candidates]:
     """The best of n samples for one prompt (`question` is its user text, which the PRM sees) and all candidates.
     A question with several images places each image's tiles at its own placeholder in the PRM's
     conversation: `tiles_per_image` (tiles of each `<image>` in order), read from the prompt's image
@@ -74,5 +75,6 @@ def best_of_n(engine: Engine, prm, tokenizer, question: str, input_ids: list[int
         policy = engine.model.config  # the prompt is the policy's: its image token and tokens per tile
         tiles_per_image = tiles_in_prompt(input_ids, policy.image_token_id, policy.image_seq_length)
     if prm is not None:
-        cands.step_scores = step_scores(prm, tokenizer, question, texts, pixel_values, tiles_per_image)
+        cands.step_scores = step_scores(prm, tokenizer, question, texts, pixel_values, tiles_per_image,
+                                        max_steps=prm_max_steps)
     return texts[cands.pick(scorer)], cands
