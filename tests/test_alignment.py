@@ -262,8 +262,16 @@ def test_best_of_n_prefills_once_and_picks_by_score(tokenizer):
                                  for s in step_scores(model, tokenizer, two, cands.texts, pixels, [2, 1])]
     _, derived = best_of_n(engine, model, tokenizer, two, prompt, pixels, n=3, max_tokens=6, seed=2)  # from the prompt
     assert derived.texts == cands.texts and derived.step_scores == cands.step_scores
-    _, one_step = best_of_n(engine, model, tokenizer, two, prompt, pixels, n=3, max_tokens=6, seed=2, prm_max_steps=1)
-    assert all(len(s) == 1 for s in one_step.step_scores)  # the steps are merged into as many as the PRM's data had
+    import nativevl.infer.best_of_n as bon
+
+    seen = []
+    real = bon.step_scores
+    bon.step_scores = lambda *a, **k: seen.append(k["max_steps"]) or real(*a, **k)
+    try:
+        best_of_n(engine, model, tokenizer, two, prompt, pixels, n=2, max_tokens=6, seed=2, prm_max_steps=3)
+    finally:
+        bon.step_scores = real
+    assert seen == [3]  # the PRM splits steps as its data did
     votes = Candidates(["x\n\nFinal answer: 3", "Final answer: 4", "y\n\nFinal answer: 4", "Final answer: 3"])
     assert votes.pick("majority") == 0  # a tie goes to the earliest candidate's answer
     scored = Candidates(["a", "b", "c"], step_scores=[[0.9, 0.1], [0.6, 0.6], [0.1, 0.95]])
