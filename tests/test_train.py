@@ -198,6 +198,7 @@ def test_init_from_parts(tmp_path, tokenizer):
     assert torch.allclose(sd["language_model.embed_tokens.weight"][300:], emb.mean(0).expand(len(tokenizer) - 300, -1))
     assert torch.allclose(sd["lm_head.weight"][300:], llm.lm_head.weight.detach().mean(0).expand(len(tokenizer) - 300, -1))
     assert model.config.text.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.pad_token_id is not None and model.config.text.pad_token_id == tokenizer.pad_token_id
 
 
 def test_overrides_are_checked():

@@ -109,7 +109,9 @@ def init_from_parts(
     text_vocab = text.vocab_size
     vocab = max(len(tokenizer), text_vocab)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    text = dataclasses.replace(text, vocab_size=vocab, eos_token_id=im_end)
+    # a Qwen2 config.json as transformers saves it names no pad id: the tokenizer's, as a from-scratch model
+    pad = text.pad_token_id if text.pad_token_id is not None else tokenizer.pad_token_id
+    text = dataclasses.replace(text, vocab_size=vocab, eos_token_id=im_end, pad_token_id=pad)
     cfg = ModelConfig(vision=vision, text=text, downsample_ratio=downsample_ratio,
                       image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), tie_word_embeddings=tied)
     torch.manual_seed(seed)
