@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nativevl.data.template import IMAGE_PLACEHOLDER
-from nativevl.pipelines.questions import Question, has_image_markup, sample_responses, save_images, write_records
+from nativevl.pipelines.questions import Question, has_image_markup, sample_responses, write_records
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +93,8 @@ def build_preference_data(model, tokenizer, questions: list[Question], cfg: Pref
             if (cut + cont).strip() and (cut + cont).strip() != chosen.strip() and not has_image_markup(cont):
                 lines.append((qi, chosen, cut + cont))
                 stats["dropout_ntp_pairs"] += 1
-    images: dict[int, list[str]] = {}  # each question's images saved once, named after this output file
-
-    def records():
-        for qi, chosen, rejected in lines:
-            q = questions[qi]
-            rec = {"question": q.question, "chosen": chosen, "rejected": rejected}
-            if qi not in images:
-                images[qi] = save_images(q, out.parent, f"{out.stem}-q{qi}")
-            if images[qi]:
-                rec["image"] = images[qi] if len(images[qi]) > 1 else images[qi][0]
-            yield rec
-
-    write_records(out, records())
+    write_records(out, questions, ((qi, {"question": questions[qi].question, "chosen": chosen, "rejected": rejected})
+                                   for qi, chosen, rejected in lines))
     stats["pairs"] = len(lines)
     verified = [q for q in questions if q.answer is not None]
     stats["sampled_accuracy"] = n_correct / max(1, len(verified) * cfg.n)  # dropped responses count as wrong

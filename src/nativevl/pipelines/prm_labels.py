@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nativevl.infer.prm import BAD, GOOD, prm_conversation, scorable, split_steps
-from nativevl.pipelines.questions import Question, sample_responses, save_images, write_records
+from nativevl.pipelines.questions import Question, sample_responses, write_records
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,6 @@ def build_prm_data(model, tokenizer, questions: list[Question], cfg: PRMDataConf
     it = iter(zip(prompts, rollouts, strict=True))
     stats = {"questions": len(questions), "solutions": len(items), "dropped_solutions": dropped,
              "duplicate_solutions": duplicates, "steps": 0, "negative_steps": 0, "correct_solutions": 0}
-    images: dict[int, list[str]] = {}  # each question's images saved once, named after this output file
-
     def records():
         for qi, steps, solved in items:
             q = questions[qi]
@@ -87,13 +85,8 @@ def build_prm_data(model, tokenizer, questions: list[Question], cfg: PRMDataConf
             stats["steps"] += len(labels)
             stats["negative_steps"] += labels.count(BAD)
             stats["correct_solutions"] += solved
-            rec = {"conversations": prm_conversation(q.question, steps, labels)}
-            if qi not in images:
-                images[qi] = save_images(q, out.parent, f"{out.stem}-q{qi}")
-            if images[qi]:
-                rec["image"] = images[qi] if len(images[qi]) > 1 else images[qi][0]
-            yield rec
+            yield qi, {"conversations": prm_conversation(q.question, steps, labels)}
 
-    write_records(out, records())
+    write_records(out, questions, records())
     log.info("PRM data: %s -> %s", stats, out)
     return stats

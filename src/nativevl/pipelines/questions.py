@@ -169,12 +169,22 @@ def sample_responses(
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
-def write_records(out: Path, records) -> None:
-    """jsonl records written to a temporary sibling, then renamed over `out`: a failure part-way (a full
-    disk) leaves the previous complete file, not a truncated one."""
+def write_records(out: Path, questions: list[Question], records) -> None:
+    """(question index, record) pairs as jsonl at `out`, each record given its question's images (saved
+    once per question beside `out`, named after it). Written to a temporary sibling, then renamed over
+    `out`: a failure part-way (a full disk) leaves the previous complete file, not a truncated one."""
+    images: dict[int, list[str]] = {}
+
+    def with_images(qi: int, rec: dict) -> dict:
+        if qi not in images:
+            images[qi] = save_images(questions[qi], out.parent, f"{out.stem}-q{qi}")
+        if images[qi]:
+            rec["image"] = images[qi] if len(images[qi]) > 1 else images[qi][0]
+        return rec
+
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(rec) + "\n" for rec in records)
+        f.writelines(json.dumps(with_images(qi, rec)) + "\n" for qi, rec in records)
     os.replace(tmp, out)
 
 
