@@ -7,6 +7,7 @@ from __future__ import annotations
 
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_MARKUP = ("<IMG_CONTEXT>", "<img>", "</img>", IMAGE_PLACEHOLDER)
+IMAGE = object()  # where an image stands in a message's content pieces (encode_prompt); never text
 
 
 def has_image_markup(text: str) -> bool:
@@ -68,6 +69,47 @@ def render_chat(
     if add_generation_prompt:
         text += "<|im_start|>assistant\n"
     return text
+
+
+def encode_prompt(tokenizer, turns: list[dict], tiles_per_image: list[int], image_seq_length: int,
+                  system_message: str | None) -> list[int]:
+    """The internvl2_5 ChatML prompt of messages whose content is a list of text pieces and IMAGE
+    markers (the server's parsed OpenAI messages), as token ids: the template's markup (turn
+    delimiters, each image's <img> <IMG_CONTEXT>... </img>) as its special tokens, and every message's
+    text as plain text, so that a client's "<|im_end|>" cannot close its turn and forge another. The
+    ids equal tokenising the rendered template whole (render_chat) whenever the messages'
+    text holds no special token's string: the tokenizer splits text at special tokens first, so each
+    stretch between them is tokenised alone either way. A leading system message replaces the
+    default one; a later one is rendered where it stands (ChatML allows it)."""
+    special = lambda token: tokenizer.convert_tokens_to_ids(token)
+    start, end = special("<|im_start|>"), special("<|im_end|>")
+    # image_span(tiles) as ids: the markup's special tokens, never parsed from text
+    span_ids = lambda tiles: tokenizer.convert_tokens_to_ids(["<img>"] + ["<IMG_CONTEXT>"] * (image_seq_length * tiles)
+                                                             + ["</img>"])
+    items: list = []  # str (text) or list[int] (markup ids)
+    explicit = bool(turns) and turns[0]["role"] == "system"
+    if explicit:  # even an empty one renders its turn, as render_chat
+        system_message = "".join(p for p in turns[0]["content"] if isinstance(p, str))
+        turns = turns[1:]
+    if system_message or explicit:
+        items += [[start], f"system\n{system_message}", [end], "\n"]
+    images = iter(tiles_per_image)
+    for turn in turns:
+        items += [[start], f"{turn['role']}\n"]
+        items += [span_ids(next(images)) if p is IMAGE else p for p in turn["content"]]
+        items += [[end], "\n"]
+    items += [[start], "assistant\n"]
+    ids: list[int] = []
+    text = ""
+    for item in items + [[]]:
+        if isinstance(item, str):
+            text += item
+            continue
+        if text:
+            ids += tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+            text = ""
+        ids += item
+    return ids
 
 
 IGNORE_INDEX = -100

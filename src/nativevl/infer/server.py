@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nativevl.data import images as img
-from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE
+from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, IMAGE, encode_prompt
 from nativevl.infer.engine import Completion, Engine, QueueFull, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -92,12 +92,9 @@ def image_source(url: str, cfg: ServerConfig) -> bytes | str:
     return str(path)
 
 
-IMAGE = object()  # where an image_url part stands in a parsed message's content
-
-
 def parse_messages(messages, cfg: ServerConfig) -> tuple[list[dict], list[bytes | str]]:
     """OpenAI messages -> ([{"role", "content": [str | IMAGE, ...]}], image sources). A message's text is
-    only text: `<image>` or a special token's string typed by a client stays text (encode_prompt)."""
+    only text: `<image>` or a special token's string typed by a client stays text (template.encode_prompt)."""
 
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list", param="messages")
@@ -141,45 +138,6 @@ def parse_messages(messages, cfg: ServerConfig) -> tuple[list[dict], list[bytes 
             raise _bad(f"a request may hold at most {cfg.max_images} images", "too_many_images", "messages")
         turns.append({"role": role, "content": content})
     return turns, sources
-
-
-def encode_prompt(tokenizer, turns: list[dict], tiles_per_image: list[int], image_seq_length: int,
-                  system_message: str | None) -> list[int]:
-    """The internvl2_5 ChatML prompt of parsed messages, as token ids: the template's markup (turn
-    delimiters, each image's <img> <IMG_CONTEXT>... </img>) as its special tokens, and every message's
-    text as plain text, so that a client's "<|im_end|>" cannot close its turn and forge another. The
-    ids equal tokenising the rendered template whole (data.template.render_chat) whenever the messages'
-    text holds no special token's string: the tokenizer splits text at special tokens first, so each
-    stretch between them is tokenised alone either way. A leading system message replaces the
-    default one; a later one is rendered where it stands (ChatML allows it)."""
-    special = lambda token: tokenizer.convert_tokens_to_ids(token)
-    start, end = special("<|im_start|>"), special("<|im_end|>")
-    image_span = lambda tiles: [special("<img>")] + [special("<IMG_CONTEXT>")] * (image_seq_length * tiles) + [
-        special("</img>")]
-    items: list = []  # str (text) or list[int] (markup ids)
-    explicit = bool(turns) and turns[0]["role"] == "system"
-    if explicit:  # even an empty one renders its turn, as data.template.render_chat
-        system_message = "".join(p for p in turns[0]["content"] if isinstance(p, str))
-        turns = turns[1:]
-    if system_message or explicit:
-        items += [[start], f"system\n{system_message}", [end], "\n"]
-    images = iter(tiles_per_image)
-    for turn in turns:
-        items += [[start], f"{turn['role']}\n"]
-        items += [image_span(next(images)) if p is IMAGE else p for p in turn["content"]]
-        items += [[end], "\n"]
-    items += [[start], "assistant\n"]
-    ids: list[int] = []
-    text = ""
-    for item in items + [[]]:
-        if isinstance(item, str):
-            text += item
-            continue
-        if text:
-            ids += tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
-            text = ""
-        ids += item
-    return ids
 
 
 def _value(body: dict, names: tuple[str, ...], default, kind, lo=None, hi=None):
