@@ -6,12 +6,13 @@ batch size, and the ratio. The engine's decode-only rate (first token to last) i
     PYTHONPATH=src python3 benchmarks/decode.py [--shape tiny|internvl3_1b] [--device cpu|cuda]
         [--dtype float32|bfloat16] [--prompt-len 512] [--new-tokens N] [--batch-sizes 1,32] [--json OUT]
         [--no-fused-decode] (the engine's reference decode step and prefill, for comparison)
-        [--variants base,chunk8,chunk8+autotune] [--profile chunk8]
+        [--variants base,chunk8,split,chunk8+split,chunk8+autotune] [--profile chunk8]
 --variants times several engine configurations in the one run (each its own Engine on the same
 weights), each against the same transformers figure: `base` is the default engine; `chunkN` runs up
 to N greedy decode steps per graph replay and host sync (Engine's decode_chunk); `autotune` compiles
 the decode step with mode "max-autotune-no-cudagraphs" (Inductor tries Triton kernels against
-cuBLAS for every matmul shape; slow to compile). --profile VARIANTS adds a torch.profiler breakdown
+cuBLAS for every matmul shape; slow to compile); `split` runs the decode step's attention with the
+Triton split-key kernel (decode_attention="split"). --profile VARIANTS adds a torch.profiler breakdown
 of one more batch-1 request per variant: GPU kernel time and kernels run against wall time.
 One side failing (an exception) is reported and does not lose the other side's numbers.
 """
@@ -36,7 +37,7 @@ from nativevl.io.hf import config_to_hf
 
 
 def variant_options(name: str) -> dict:
-    """Engine keyword arguments of a variant name: base, chunkN, autotune, joined by '+'."""
+    """Engine keyword arguments of a variant name: base, chunkN, autotune, split, joined by '+'."""
     opts: dict = {}
     for part in name.split("+"):
         if part == "base":
@@ -45,8 +46,10 @@ def variant_options(name: str) -> dict:
             opts["decode_chunk"] = int(part[5:])
         elif part == "autotune":
             opts["compile_mode"] = "max-autotune-no-cudagraphs"
+        elif part == "split":
+            opts["decode_attention"] = "split"
         else:
-            raise SystemExit(f"unknown variant part {part!r} in {name!r} (base, chunkN, autotune, joined by '+')")
+            raise SystemExit(f"unknown variant part {part!r} in {name!r} (base, chunkN, autotune, split, joined by '+')")
     return opts
 
 

@@ -10,7 +10,7 @@ set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 OUT=${OUT:-/tmp/nativevl-gpu}
 PARTS=${PARTS:-tests decode train}
-DECODE_VARIANTS=${DECODE_VARIANTS:-base,chunk8,chunk16}
+DECODE_VARIANTS=${DECODE_VARIANTS:-base,chunk8,split,chunk8+split}
 for part in $PARTS; do
   case "$part" in tests|decode|train) ;; *) echo "PARTS: unknown part '$part' (tests, decode, train; space-separated)"; exit 2 ;; esac
 done
@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/card.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/card.txt"
 case " $PARTS " in *" tests "*)
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_attention_kernels.py 2>&1 \
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_attention_kernels.py tests/test_decode_kernel.py 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -25 ;;
 esac
 case " $PARTS " in *" decode "*)

@@ -198,8 +198,9 @@ def test_a_failing_prefill_fails_its_requests_instead_of_hanging(model, tokenize
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compile,chunk", [(False, 1), (True, 1), (True, 8)])
-def test_cuda_graph_decode_equals_eager(tokenizer, compile, chunk):
+@pytest.mark.parametrize("compile,chunk,attention", [(False, 1, "sdpa"), (True, 1, "sdpa"), (True, 8, "sdpa"),
+                                                     (False, 1, "split"), (True, 8, "split")])
+def test_cuda_graph_decode_equals_eager(tokenizer, compile, chunk, attention):
     ps = prompts(tokenizer)
     ids, pixel_values = image_batch(make_model().config)
     ps.append(ids[0].tolist())
@@ -207,7 +208,7 @@ def test_cuda_graph_decode_equals_eager(tokenizer, compile, chunk):
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     eager = Engine(make_model(), tokenizer, max_batch_size=8, max_seq_len=512, device="cuda", cuda_graphs=False)
     graphs = Engine(make_model(), tokenizer, max_batch_size=8, max_seq_len=512, device="cuda", compile=compile,
-                    decode_chunk=chunk)
+                    decode_chunk=chunk, decode_attention=attention)
     want = [c[0].token_ids for c in eager.generate(ps, params, pvs)]
     assert [c[0].token_ids for c in graphs.generate(ps, params, pvs)] == want
     assert graphs.stats["graph_captures"] >= 1 and "cuda_graph" in graphs.stats["decode_mode"]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from nativevl.model.attention import DECODE_BACKENDS
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -56,7 +58,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     cfg = model.config
     engine = Engine(model, tokenizer, max_batch_size=1,
-                    max_seq_len=min(args.max_seq_len, cfg.text.max_position_embeddings), decode_chunk=args.decode_chunk)
+                    max_seq_len=min(args.max_seq_len, cfg.text.max_position_embeddings), decode_chunk=args.decode_chunk,
+                    decode_attention=args.decode_attention)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     system = DEFAULT_SYSTEM_MESSAGE if args.system is None else args.system
@@ -138,7 +141,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=dtype, device=device)
     engine = Engine(model, load_tokenizer(args.model), max_batch_size=args.max_batch_size,
                     max_seq_len=min(args.max_seq_len, model.config.text.max_position_embeddings),
-                    max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs, decode_chunk=args.decode_chunk)
+                    max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs, decode_chunk=args.decode_chunk,
+                    decode_attention=args.decode_attention)
     if args.allowed_local_media is not None and not Path(args.allowed_local_media).is_dir():
         raise ValueError(f"--allowed-local-media {args.allowed_local_media} is not a folder")
     cfg = ServerConfig(
@@ -437,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--decode-chunk", "--decode_chunk", dest="decode_chunk", type=int, default=1,
                    help="greedy decode steps per device call and host sync (1: stream every token; more: fewer syncs, "
                         "text arrives in bursts)")
+    c.add_argument("--decode-attention", "--decode_attention", dest="decode_attention", choices=DECODE_BACKENDS,
+                   default="sdpa", help="the decode step's attention kernel: sdpa, or split (Triton split-key, CUDA)")
     c.add_argument("--device", default=None)
     c.add_argument("--dtype", type=parse_dtype, default=None)
     c.set_defaults(func=cmd_chat)
@@ -463,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-chunk", "--decode_chunk", dest="decode_chunk", type=int, default=1,
                    help="greedy decode steps per device call and host sync (1: stream every token; more: fewer syncs, "
                         "text arrives in bursts)")
+    s.add_argument("--decode-attention", "--decode_attention", dest="decode_attention", choices=DECODE_BACKENDS,
+                   default="sdpa", help="the decode step's attention kernel: sdpa, or split (Triton split-key, CUDA)")
     s.add_argument("--device", default=None)
     s.add_argument("--dtype", type=parse_dtype, default=None)
     s.set_defaults(func=cmd_serve)

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from nativevl.data.processor import pad_batch
-from nativevl.model.attention import decode_attention
+from nativevl.model import decode_kernel
+from nativevl.model.attention import DECODE_BACKENDS, decode_attention
 from nativevl.model.text import KVCache, RotaryEmbedding, rotate_half
 from nativevl.model.vlm import VisionLanguageModel
 
@@ -175,6 +176,7 @@ class Engine:
         fused_decode: bool = True,
         decode_chunk: int = 1,
         compile_mode: str | None = None,
+        decode_attention: str = "sdpa",
     ) -> None:
         """`dtype`/`device` move the model (in place) when given. `compile` (default: with CUDA graphs
         on CUDA) compiles the decode step before capture. `length_quantum`: the key window grows in
@@ -192,11 +194,18 @@ class Engine:
         longest remaining budget (max_tokens); tokens past a sample's stop are discarded, so outputs are
         those of single steps. Streaming then arrives in bursts of up to this many tokens, and a request
         arriving meanwhile waits for the chunk to end. `compile_mode` is torch.compile's mode for the
-        decode step (e.g. "max-autotune-no-cudagraphs"; this engine captures its own graphs)."""
+        decode step (e.g. "max-autotune-no-cudagraphs"; this engine captures its own graphs).
+        `decode_attention`: the fused step's attention kernel, "sdpa" or "split" (the Triton split-key
+        kernel, CUDA only: see `model/decode_kernel.py`)."""
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
         if decode_chunk < 1:
             raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
+        if decode_attention not in DECODE_BACKENDS:
+            raise ValueError(f"unknown decode_attention {decode_attention!r}; known: {', '.join(DECODE_BACKENDS)}")
+        if decode_attention != "sdpa" and not fused_decode:
+            raise ValueError(f"decode_attention={decode_attention!r} needs fused_decode (the reference path "
+                             "runs the model's own layers)")
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -212,6 +221,9 @@ class Engine:
         # below max_position_embeddings dynamic RoPE equals the default one, minus its host sync
         self.rope = RotaryEmbedding(dataclasses.replace(cfg, rope_type="default"))
         on_cuda = self.device.type == "cuda"
+        if decode_attention == "split" and (why := decode_kernel.available(self.device)):
+            raise ValueError(why)
+        self.decode_attention = decode_attention
         self.use_graphs = bool(cuda_graphs and on_cuda)
         self.use_compile = self.use_graphs if compile is None else bool(compile and on_cuda)
         self.length_quantum = length_quantum or (256 if on_cuda else 16)
@@ -268,7 +280,8 @@ class Engine:
     def decode_mode(self) -> str:
         return (("fused+" if self.fused_decode else "") + ("compile+" if self.use_compile else "")
                 + ("cuda_graph" if self.use_graphs else "eager")
-                + (f"+chunk{self.decode_chunk}" if self.decode_chunk > 1 else ""))
+                + (f"+chunk{self.decode_chunk}" if self.decode_chunk > 1 else "")
+                + (f"+{self.decode_attention}" if self.decode_attention != "sdpa" else ""))
 
     @torch.no_grad()
     def refresh_weights(self) -> None:
@@ -644,7 +657,8 @@ class Engine:
             k = k * cos + rotate_half(k) * sin
             self.k[i][rows, :, lengths] = k
             self.v[i][rows, :, lengths] = v
-            out = decode_attention(q, self.k[i][:batch, :, :window], self.v[i][:batch, :, :window], bias)
+            out = decode_attention(q, self.k[i][:batch, :, :window], self.v[i][:batch, :, :window], bias,
+                                   backend=self.decode_attention)
             x = x + attn.o_proj(out.reshape(batch, n_q * hd))
             gate, up = F.linear(layer.post_attention_layernorm(x), w_gate_up).chunk(2, dim=-1)
             x = x + mlp.down_proj(mlp.act(gate) * up)

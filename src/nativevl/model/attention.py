@@ -218,23 +218,34 @@ def attention(
     return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
 
 
+DECODE_BACKENDS = ("sdpa", "split")
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, backend: str = "sdpa") -> torch.Tensor:
     """One new query per row against a fixed key window, for a static-shape decode step.
 
     q (B, Hq, D); k/v (B, Hkv, L, D), typically a view of a preallocated cache (not copied, not
     expanded to Hq heads); bias (B, L) additive in q's dtype (0 = attend, -inf = masked), built once
     per step and shared by all layers. -> (B, Hq, D).
 
-    GQA without repeat_interleave: the Hq // Hkv query heads of one key/value head become that head's
-    query rows, q (B, Hkv, G, D) against k (B, Hkv, L, D), one sdpa call with no causal mask (query
-    head h reads key/value head h // G, as repeat_interleave orders them).
+    "sdpa": GQA without repeat_interleave: the Hq // Hkv query heads of one key/value head become that
+    head's query rows, q (B, Hkv, G, D) against k (B, Hkv, L, D), one sdpa call with no causal mask
+    (query head h reads key/value head h // G, as repeat_interleave orders them).
+    "split": the Triton split-key kernel (`decode_kernel`), the keys of each query head cut into
+    splits that run in parallel; CUDA only (or Triton's CPU interpreter).
     """
     batch, n_q_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     if n_q_heads % n_kv_heads:
         raise ValueError(f"{n_q_heads} query heads is not a multiple of {n_kv_heads} key/value heads")
     scale = head_dim**-0.5 if scale is None else scale
+    if backend == "split":
+        from nativevl.model import decode_kernel
+
+        return decode_kernel.split_decode_attention(q, k, v, bias, scale)
+    if backend != "sdpa":
+        raise ValueError(f"unknown decode attention backend {backend!r}; known: {DECODE_BACKENDS}")
     qg = q.reshape(batch, n_kv_heads, n_q_heads // n_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=bias[:, None, None, :], scale=scale)
     return out.reshape(batch, n_q_heads, head_dim)
