@@ -128,3 +128,28 @@ def test_split_kernel_matches_sdpa_on_cuda(shape):
     assert got.dtype == torch.bfloat16
     # within bf16's rounding of the float32 answer, as sdpa's own bf16 kernel is
     assert (got.float() - want).abs().max() <= max(2 * (sdpa.float() - want).abs().max().item(), 1e-2)
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_split_kernels_compile_for_the_gpu(arch):
+    """Triton's own compiler (no GPU needed) takes both kernels to a cubin for Hopper and Ampere, in
+    bf16 at InternVL3's head dim: what the interpreter tolerates but the GPU compiler rejects fails here."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ints = ["n_q_heads", "group", "length", "split_len", "sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h",
+            "sv_l", "sb_b"]
+    split_sig = {**{p: "*bf16" for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr")},
+                 **{p: "*fp32" for p in ("acc_ptr", "m_ptr", "l_ptr")}, **dict.fromkeys(ints, "i32"), "scale": "fp32",
+                 **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK"), "constexpr")}
+    combine_sig = {"acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": "*bf16", "n_splits": "i32",
+                   **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_S"), "constexpr")}
+    target = GPUTarget("cuda", arch, 32)
+    for head_dim in (64, 128):
+        split = triton.compile(ASTSource(decode_kernel._split_kernel, split_sig,
+                                         {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK": decode_kernel.BLOCK_N}),
+                               target=target)
+        combine = triton.compile(ASTSource(decode_kernel._combine_kernel, combine_sig,
+                                           {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_S": 16}), target=target)
+        assert split.asm["cubin"] and combine.asm["cubin"]

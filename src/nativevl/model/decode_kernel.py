@@ -81,9 +81,8 @@ if triton is not None:
             m_i = m_new
         slot = row * n_splits + split
         tl.store(acc_ptr + slot * BLOCK_D + d, acc)
-        one = tl.arange(0, 1)
-        tl.store(m_ptr + slot + one, m_i)
-        tl.store(l_ptr + slot + one, l_i)
+        tl.store(m_ptr + slot, tl.max(m_i, axis=0))  # (1,) -> scalar
+        tl.store(l_ptr + slot, tl.sum(l_i, axis=0))
 
     @triton.jit
     def _combine_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, n_splits,
