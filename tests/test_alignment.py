@@ -658,3 +658,99 @@ def test_jsonl_questions_skip_a_few_records_with_unreadable_images(tmp_path, cap
     (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in lines[:5] + [rec("missing.png")]) + "\n")
     with pytest.raises(ValueError, match="1 of 6 records name images that cannot be read"):
         jsonl_questions(tmp_path / "q.jsonl")
+
+
+def test_sampling_resumes_exactly_and_refuses_mismatched_progress(tmp_path, monkeypatch, tokenizer):
+    """A run cut short keeps its finished groups; the resumed run samples only the rest and returns what an
+    uninterrupted run returns (each group has its own seed). A line cut mid-write is sampled again;
+    progress made with other settings or for other prompts is refused, not mixed in."""
+    import numpy as np
+
+    from nativevl.pipelines import questions as qmod
+    from nativevl.pipelines.questions import Progress, sample_responses
+    from test_model import make_model
+
+    model = make_model().eval()
+    image = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    prompts = [("<image>\nwhat is shown?", [image], ""), ("one two", [], ""), ("three", [], "the"),
+               ("four five", [], ""), ("six", [image], "a")]
+    kw = dict(n=3, max_new_tokens=4, seed=7, batch_rows=6, desc="responses")  # 2 prompts per group: 3 groups
+    want = sample_responses(model, tokenizer, prompts, **kw)
+    assert [len(t) for t in want] == [3] * 5
+
+    real, calls = qmod.generate_texts, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    out = tmp_path / "pref.jsonl"
+    progress = Progress(out, "model A")
+    monkeypatch.setattr(qmod, "generate_texts", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        sample_responses(model, tokenizer, prompts, progress=progress, **kw)
+    monkeypatch.setattr(qmod, "generate_texts", real)
+    assert progress.files() == [progress.path("responses")]
+    with pytest.raises(ValueError, match="--resume"):
+        Progress(out, "model A").check()
+    # the second group's line was being written when the run stopped
+    path = progress.path("responses")
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3  # header + 2 finished groups
+    path.write_text("\n".join(lines[:2] + [lines[2][: len(lines[2]) // 2]]))
+
+    resumed, calls = Progress(out, "model A", resume=True), []
+    resumed.check()
+    monkeypatch.setattr(qmod, "generate_texts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert sample_responses(model, tokenizer, prompts, progress=resumed, **kw) == want
+    assert len(calls) == 2  # the cut group and the last one; the first came from disk
+
+    with pytest.raises(ValueError, match="other settings.*'seed': \\(7, 8\\)"):
+        sample_responses(model, tokenizer, prompts, progress=resumed, **{**kw, "seed": 8})
+    with pytest.raises(ValueError, match="other settings.*model"):
+        sample_responses(model, tokenizer, prompts, progress=Progress(out, "model B", resume=True), **kw)
+    with pytest.raises(ValueError, match="group 0 was sampled for other prompts"):
+        sample_responses(model, tokenizer, [("other", [], "")] + prompts[1:], progress=resumed, **kw)
+    resumed.clear()
+    assert resumed.files() == []
+
+
+def test_data_preference_cli_resumes_to_the_uninterrupted_output(tmp_path, monkeypatch, tokenizer, capsys):
+    from nativevl.cli import main
+    from nativevl.pipelines import questions as qmod
+    from test_model import make_model
+
+    import numpy as np
+    from PIL import Image
+
+    make_model().save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    # questions without answers: DropoutNTP pairs, so both sampling phases (responses, dropout-ntp) run
+    records = [{"image": "x.png", "conversations": [{"from": "human", "value": "<image>\ndescribe"}]}] + [
+        {"conversations": [{"from": "human", "value": f"the quick brown fox {i}"}]} for i in range(4)]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = ["data", "preference", "--model", str(tmp_path / "m"), "--input", str(tmp_path / "q.jsonl"), "--n", "5",
+            "--samples", "32", "--max_new_tokens", "6"]  # 2 questions per group of 64 rows: 3 groups
+    assert main(args + ["--out", str(tmp_path / "a" / "pref.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dropout_ntp_pairs"] >= 3
+    real, calls = qmod.generate_texts, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    out = tmp_path / "b" / "pref.jsonl"
+    monkeypatch.setattr(qmod, "generate_texts", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(args + ["--out", str(out)])
+    monkeypatch.setattr(qmod, "generate_texts", real)
+    capsys.readouterr()
+    assert main(args + ["--out", str(out)]) == 2  # progress there, no --resume: refused, kept
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(args + ["--out", str(out), "--resume"]) == 0
+    assert out.read_text() == (tmp_path / "a" / "pref.jsonl").read_text()
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(p.name for p in (tmp_path / "a").iterdir())

@@ -302,13 +302,21 @@ def _policy(args: argparse.Namespace):
     return load_model(args.model, dtype=torch.float32, device=device).eval(), load_tokenizer(args.model)
 
 
+def _progress(args: argparse.Namespace):
+    """Sampling kept beside --out as it finishes; --resume continues an interrupted run."""
+    from nativevl.pipelines.questions import Progress
+
+    return Progress(args.out, folder_identity(args.model), resume=args.resume)
+
+
 def cmd_data_preference(args: argparse.Namespace) -> int:
     from nativevl.pipelines.preference import PreferenceConfig, build_preference_data
 
     cfg = PreferenceConfig(n=args.samples, temperature=args.temperature, top_k=args.top_k, max_pairs=args.max_pairs,
                            max_new_tokens=args.max_new_tokens, dropout_ratio=args.dropout_ratio, seed=args.seed)
     model, tokenizer = _policy(args)
-    stats = build_preference_data(model, tokenizer, _questions(args), cfg, args.out, system_message=args.system or None)
+    stats = build_preference_data(model, tokenizer, _questions(args), cfg, args.out, system_message=args.system or None,
+                                  progress=_progress(args))
     _write_meta(Path(args.out))
     print(json.dumps(stats))
     return 0
@@ -320,7 +328,8 @@ def cmd_data_prm(args: argparse.Namespace) -> int:
     cfg = PRMDataConfig(solutions=args.solutions, rollouts=args.rollouts, temperature=args.temperature,
                         top_k=args.top_k, max_steps=args.max_steps, max_new_tokens=args.max_new_tokens, seed=args.seed)
     model, tokenizer = _policy(args)
-    stats = build_prm_data(model, tokenizer, _questions(args), cfg, args.out, system_message=args.system or None)
+    stats = build_prm_data(model, tokenizer, _questions(args), cfg, args.out, system_message=args.system or None,
+                           progress=_progress(args))
     _write_meta(Path(args.out))
     print(json.dumps(stats))
     return 0
@@ -520,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
         dp.add_argument("--max_new_tokens", type=int, default=256)
         dp.add_argument("--system", default="", help="system message ('' for none, as the toy world trains)")
         dp.add_argument("--out", required=True, help="output .jsonl (images and meta.json go beside it)")
+        dp.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run: reuse the sampling it kept beside --out (same model and "
+                             "settings); without it, such progress is an error rather than overwritten")
     dpp = data.choices["preference"]
     dpp.add_argument("--samples", type=int, default=32, help="responses per question")
     dpp.add_argument("--temperature", type=float, default=0.7)

@@ -123,14 +123,15 @@ def generate_texts(
     batch_size: int,
     max_new_tokens: int,
     desc: str = "",
+    progress: bool = True,
     **sampling,
 ) -> list[str]:
     """Decoded new text for each (prompt ids, tiles or None) row, `batch_size` rows at a time, left
     padded. The image placeholder is never generated; `sampling` goes to `generate` (do_sample,
-    temperature, top_k, eos_token_id, generator, ...)."""
+    temperature, top_k, eos_token_id, generator, ...). `progress`: a progress bar over the batches."""
     device = model.device
     texts: list[str] = []
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
         chunk = rows[start : start + batch_size]
         input_ids, mask = pad_batch([ids for ids, _ in chunk], tokenizer.pad_token_id or 0, side="left")
         tiles = [t for _, t in chunk if t is not None]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nativevl.data.template import IMAGE_PLACEHOLDER
-from nativevl.pipelines.questions import Question, has_image_markup, sample_responses, write_records
+from nativevl.pipelines.questions import Progress, Question, has_image_markup, sample_responses, write_records
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,17 @@ def _without_images(question: str) -> str:
 
 
 def build_preference_data(model, tokenizer, questions: list[Question], cfg: PreferenceConfig, out: str | Path,
-                          system_message: str | None = None) -> dict:
-    """Write preference jsonl (+ images) to `out` (a .jsonl path); returns counts."""
+                          system_message: str | None = None, progress: Progress | None = None) -> dict:
+    """Write preference jsonl (+ images) to `out` (a .jsonl path); returns counts. With `progress`,
+    the sampling is kept as it finishes and an interrupted run resumes (see `Progress`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if progress is not None:
+        progress.check()
     rng = np.random.default_rng(cfg.seed)
     samples = sample_responses(model, tokenizer, [(q.question, q.images, "") for q in questions], cfg.n,
                                temperature=cfg.temperature, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
-                               seed=cfg.seed, system_message=system_message, desc="responses")
+                               seed=cfg.seed, system_message=system_message, desc="responses", progress=progress)
     lines, stats = [], {"questions": len(questions), "pairs": 0, "correctness_pairs": 0, "dropout_ntp_pairs": 0,
                         "all_correct": 0, "all_wrong": 0, "sampled_accuracy": 0.0}
     ntp_prompts, ntp_owner = [], []
@@ -88,13 +91,15 @@ def build_preference_data(model, tokenizer, questions: list[Question], cfg: Pref
     if ntp_prompts:
         continuations = sample_responses(model, tokenizer, ntp_prompts, 1, temperature=cfg.temperature, top_k=cfg.top_k,
                                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1,
-                                         system_message=system_message, desc="dropout-ntp")
+                                         system_message=system_message, desc="dropout-ntp", progress=progress)
         for (qi, chosen, cut), (cont,) in zip(ntp_owner, continuations, strict=True):
             if (cut + cont).strip() and (cut + cont).strip() != chosen.strip() and not has_image_markup(cont):
                 lines.append((qi, chosen, cut + cont))
                 stats["dropout_ntp_pairs"] += 1
     write_records(out, questions, ((qi, {"question": questions[qi].question, "chosen": chosen, "rejected": rejected})
                                    for qi, chosen, rejected in lines))
+    if progress is not None:
+        progress.clear()
     stats["pairs"] = len(lines)
     verified = [q for q in questions if q.answer is not None]
     stats["sampled_accuracy"] = n_correct / max(1, len(verified) * cfg.n)  # dropped responses count as wrong

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nativevl.infer.prm import BAD, GOOD, prm_conversation, scorable, split_steps
-from nativevl.pipelines.questions import Question, sample_responses, write_records
+from nativevl.pipelines.questions import Progress, Question, sample_responses, write_records
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +42,19 @@ class PRMDataConfig:
 
 
 def build_prm_data(model, tokenizer, questions: list[Question], cfg: PRMDataConfig, out: str | Path,
-                   system_message: str | None = None) -> dict:
+                   system_message: str | None = None, progress: Progress | None = None) -> dict:
+    """Write PRM conversations (+ images) to `out` (a .jsonl path); returns counts. With `progress`,
+    solutions and rollouts are kept as they finish and an interrupted run resumes (see `Progress`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if any(q.answer is None for q in questions):
         raise ValueError("PRM labels need a ground truth for every question")
+    if progress is not None:
+        progress.check()
     solutions = sample_responses(model, tokenizer, [(q.question, q.images, "") for q in questions], cfg.solutions,
                                  temperature=cfg.solution_temperature, top_k=cfg.top_k,
                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, system_message=system_message,
-                                 desc="solutions")
+                                 desc="solutions", progress=progress)
     items, prompts = [], []  # items: (question index, steps); prompts: one per non-final step prefix
     dropped = duplicates = 0
     for qi, (q, sols) in enumerate(zip(questions, solutions, strict=True)):
@@ -69,7 +73,7 @@ def build_prm_data(model, tokenizer, questions: list[Question], cfg: PRMDataConf
                 prompts.append((q.question, q.images, "\n\n".join(steps[: i + 1]) + "\n\n"))
     rollouts = sample_responses(model, tokenizer, prompts, cfg.rollouts, temperature=cfg.temperature, top_k=cfg.top_k,
                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1, system_message=system_message,
-                                desc="rollouts")
+                                desc="rollouts", progress=progress)
     it = iter(zip(prompts, rollouts, strict=True))
     stats = {"questions": len(questions), "solutions": len(items), "dropped_solutions": dropped,
              "duplicate_solutions": duplicates, "steps": 0, "negative_steps": 0, "correct_solutions": 0}
@@ -88,5 +92,7 @@ def build_prm_data(model, tokenizer, questions: list[Question], cfg: PRMDataConf
             yield qi, {"conversations": prm_conversation(q.question, steps, labels)}
 
     write_records(out, questions, records())
+    if progress is not None:
+        progress.clear()
     log.info("PRM data: %s -> %s", stats, out)
     return stats

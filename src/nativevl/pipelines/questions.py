@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import logging
 import os
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from nativevl.data.images import load_image
 from nativevl.data.processor import chat_inputs
@@ -129,6 +132,93 @@ def messages(question: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}]
 
 
+class Progress:
+    """The sampling a pipeline has finished, kept beside its output so that an interrupted run resumes.
+
+    Each sampling phase (`desc`: responses, solutions, rollouts, ...) appends its finished groups of
+    prompts to `.{out name}.{desc}.progress.jsonl`: a header line with the run's settings, then one line
+    per group (its index, a fingerprint of its prompts, its texts), flushed to disk as it is written. A
+    group samples from its own seed, so a resumed run writes exactly what an uninterrupted one would.
+    `resume=False` refuses to start over progress that is there (nothing is lost silently); `clear()`
+    removes the files once the output is written. `run` names the model (e.g. its folder and a
+    fingerprint of its files): progress made by another model is refused."""
+
+    def __init__(self, out: str | Path, run: str, resume: bool = False) -> None:
+        self.out, self.run, self.resume = Path(out), run, resume
+
+    def path(self, desc: str) -> Path:
+        return self.out.with_name(f".{self.out.name}.{desc}.progress.jsonl")
+
+    def files(self) -> list[Path]:
+        return sorted(self.out.parent.glob(f".{glob.escape(self.out.name)}.*.progress.jsonl"))
+
+    def check(self) -> None:
+        """Before any sampling: progress there without resume is an error; with it, say what is reused."""
+        found = self.files()
+        if found and not self.resume:
+            raise ValueError(f"{found[0]} holds the sampling of an earlier, unfinished run into {self.out}: pass "
+                             "--resume to continue it, or delete it to start over")
+        if self.resume:
+            log.info("resuming %s from %s", self.out, ", ".join(map(str, found)) or "nothing (no progress files)")
+
+    def load(self, desc: str, settings: dict) -> dict[int, tuple[str, list[list[str]]]]:
+        """The finished groups of phase `desc` ({index: (fingerprint, texts)}); starts its file if new."""
+        path = self.path(desc)
+        header = {"run": self.run, "settings": settings}
+        if not path.is_file():
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(header) + "\n")
+            return {}
+        lines = path.read_text(encoding="utf-8").split("\n")
+        try:
+            got = json.loads(lines[0])
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: not a progress file (its first line is not JSON); delete it to start over") from None
+        if got != header:
+            diff = {k: (got.get("settings", {}).get(k), v) for k, v in settings.items()
+                    if got.get("settings", {}).get(k) != v}
+            if got.get("run") != self.run:
+                diff["model"] = (got.get("run"), self.run)
+            raise ValueError(f"{path} was made with other settings (was, now): {diff}; delete it to start over")
+        done, broken = {}, 0
+        for line in lines[1:]:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                done[int(rec["group"])] = (rec["key"], rec["texts"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                broken += 1  # the line being written when the run stopped: that group is sampled again
+        if broken:
+            log.warning("%s: %d unreadable line(s) skipped (a write cut short); their groups are sampled again",
+                        path, broken)
+        return done
+
+    def save(self, desc: str, group: int, key: str, texts: list[list[str]]) -> None:
+        with open(self.path(desc), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"group": group, "key": key, "texts": texts}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def clear(self) -> None:
+        for f in self.files():
+            f.unlink()
+
+
+def _image_fingerprint(images: list) -> str:
+    h = hashlib.sha1()
+    for im in images:
+        arr = np.asarray(im)
+        h.update(f"{arr.shape}{arr.dtype}".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def group_seed(seed: int, group: int) -> int:
+    """The sampling seed of one group of prompts: independent of which groups ran before it."""
+    return int(np.random.SeedSequence([seed, group]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 @torch.no_grad()
 def sample_responses(
     model,
@@ -143,30 +233,69 @@ def sample_responses(
     batch_rows: int = 64,
     system_message: str | None = None,
     desc: str = "sampling",
+    progress: Progress | None = None,
 ) -> list[list[str]]:
     """n sampled continuations of each (question, images, assistant prefix) prompt.
 
     The assistant prefix (a partial response) is appended after the generation prompt; the returned
-    texts are the continuations only. Rows of all prompts are batched together, `batch_rows` at a time.
+    texts are the continuations only. Prompts go in groups of `batch_rows // n` (at least one), each
+    group one batch of rows (more if n > batch_rows) sampled from its own seed (`group_seed`), its
+    questions tiled for that group only. With `progress`, finished groups are kept on disk and an
+    interrupted run's groups are reused (`Progress`).
     """
     cfg = model.config
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    rows = []
-    tiled: dict = {}  # one tiling per question: its many step prefixes share the tensor (not a copy each)
-    for question, images, prefix in prompts:
-        key = (question, id(images))
-        if key not in tiled:
-            tiled[key] = chat_inputs(tokenizer, messages(question), images, image_size=cfg.vision.image_size,
-                                     image_seq_length=cfg.image_seq_length, system_message=system_message)
-        ids, tiles = tiled[key]
-        if prefix:
-            ids = ids + tokenizer(prefix, add_special_tokens=False).input_ids
-        rows += [(ids, tiles)] * n
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    texts = generate_texts(model, tokenizer, rows, batch_size=batch_rows, max_new_tokens=max_new_tokens, desc=desc,
-                           do_sample=temperature > 0, temperature=max(temperature, 1e-5), top_k=top_k,
-                           eos_token_id=end, generator=gen)
-    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+    per = max(1, batch_rows // n)
+    groups = [list(range(i, min(i + per, len(prompts)))) for i in range(0, len(prompts), per)]
+    fingerprints: dict[int, str] = {}  # id(images) -> fingerprint, once per image list
+
+    def key(members: list[int]) -> str:
+        h = hashlib.sha1()
+        for i in members:
+            question, images, prefix = prompts[i]
+            if id(images) not in fingerprints:
+                fingerprints[id(images)] = _image_fingerprint(images)
+            h.update(json.dumps([question, prefix, fingerprints[id(images)]]).encode())
+        return h.hexdigest()
+
+    settings = {"n": n, "temperature": temperature, "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed,
+                "batch_rows": batch_rows, "system_message": system_message}
+    done = progress.load(desc, settings) if progress is not None else {}
+    texts: list[list[str]] = []
+    reused = 0
+    bar = tqdm(groups, desc=desc, unit="group")
+    for g, members in enumerate(bar):
+        k = key(members) if progress is not None else ""
+        if g in done:
+            if done[g][0] != k:
+                raise ValueError(f"{progress.path(desc)}: group {g} was sampled for other prompts (the questions "
+                                 "changed); delete it to start over")
+            texts += done[g][1]
+            reused += 1
+            continue
+        rows, tiled = [], {}  # one tiling per question in this group: its step prefixes share the tensor
+        for i in members:
+            question, images, prefix = prompts[i]
+            if (question, id(images)) not in tiled:
+                tiled[question, id(images)] = chat_inputs(tokenizer, messages(question), images,
+                                                          image_size=cfg.vision.image_size,
+                                                          image_seq_length=cfg.image_seq_length,
+                                                          system_message=system_message)
+            ids, tiles = tiled[question, id(images)]
+            if prefix:
+                ids = ids + tokenizer(prefix, add_special_tokens=False).input_ids
+            rows += [(ids, tiles)] * n
+        gen = torch.Generator(device=model.device).manual_seed(group_seed(seed, g))
+        out = generate_texts(model, tokenizer, rows, batch_size=batch_rows, max_new_tokens=max_new_tokens,
+                             progress=False, do_sample=temperature > 0, temperature=max(temperature, 1e-5),
+                             top_k=top_k, eos_token_id=end, generator=gen)
+        group_texts = [out[j * n : (j + 1) * n] for j in range(len(members))]
+        if progress is not None:
+            progress.save(desc, g, k, group_texts)
+        texts += group_texts
+    if reused:
+        log.info("%s: %d of %d groups reused from %s", desc, reused, len(groups), progress.path(desc))
+    return texts
 
 
 def write_records(out: Path, questions: list[Question], records) -> None:
