@@ -200,14 +200,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = evaluate_best_of_n(model, tokenizer, tasks, n=args.n, seed=args.seed, samples=args.best_of_n, prm=prm,
                                     temperature=args.temperature, top_k=args.top_k, system_message=args.system or None,
                                     model_name=identity, prm_name=folder_identity(args.prm) if args.prm else None,
-                                    previous=previous, on_task=on_task, prm_max_steps=args.prm_max_steps)
+                                    previous=previous, on_task=on_task, prm_max_steps=args.prm_max_steps,
+                                    max_num=args.max_num)
         table = best_of_n_table(report, title)
         write_report(report, args.out, table)
         print(table)
         return 0
     report = evaluate(model, tokenizer, tasks, n=args.n, seed=args.seed, batch_size=args.batch_size,
                       system_message=args.system or None, rank=rank, world_size=world,
-                      model_name=identity, previous=previous, on_task=on_task)
+                      model_name=identity, previous=previous, on_task=on_task, max_num=args.max_num)
     if rank == 0:
         write_report(report, args.out)
         print(markdown_table(report, f"{args.model}, seed {args.seed}"))
@@ -418,7 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on toy-world tasks (accuracy, chance, 95%% interval)")
     e.add_argument("--model", required=True)
     e.add_argument("--tokenizer", default=None, help="default: the model folder")
-    e.add_argument("--tasks", default="shapes,reading,charts,arithmetic,multi_image,text")
+    e.add_argument("--tasks", default="shapes,reading,charts,arithmetic,multi_image,text",
+                   help="comma-separated: toy-world families, and benchmark files (VLMEvalKit .tsv: MMBench, "
+                        "MMStar, AI2D, TextVQA, ...; InternVL conversation .jsonl: a custom set)")
+    e.add_argument("--max_num", type=int, default=6,
+                   help="tiles per image (dynamic resolution) for benchmark files; toy tasks use 1")
     e.add_argument("--n", type=int, default=200, help="questions per task")
     e.add_argument("--seed", type=int, default=10_000, help="held-out generator seed")
     e.add_argument("--batch_size", type=int, default=32)

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from nativevl.data.processor import chat_inputs
-from nativevl.eval.tasks import get_task
+from nativevl.eval.tasks import FILE_SUFFIXES, get_task
 from nativevl.infer.generate import generate_texts
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,24 @@ def compare(a: dict, b: dict, task: str, method_a: str | None = None, method_b: 
     return paired_test([bool(r[method_a or "correct"]) for r in ra], [bool(r[method_b or "correct"]) for r in rb])
 
 
-def _reusable(previous: dict | None, settings: dict) -> dict:
+def _task_settings(name: str, settings: dict, max_num: int) -> dict:
+    """A task's settings in the report: an evaluation file's also hold the tiles per image and the
+    file's size and modification time (an edited file is another set of questions)."""
+    path = Path(name)
+    if path.suffix not in FILE_SUFFIXES:
+        return settings
+    stat = path.stat() if path.is_file() else None
+    return {**settings, "max_num": max_num, "file": f"{stat.st_size} {stat.st_mtime_ns}" if stat else None}
+
+
+def _reusable(previous: dict | None, settings: dict, max_num: int = 6) -> dict:
     """The tasks of an earlier report made with exactly these settings (model and tokenizer identity,
     n, seed, ...), for resuming; none when the model is unnamed (nothing says it is the same one)."""
     if not isinstance(previous, dict) or settings.get("model") is None:
         return {}
     return {name: old for name, old in previous.items()
-            if isinstance(old, dict) and old.get("settings") == settings and "records" in old}
+            if isinstance(old, dict) and old.get("settings") == _task_settings(name, settings, max_num)
+            and "records" in old}
 
 
 def _resumed(reusable: dict, tasks: list[str]) -> dict:
@@ -89,12 +100,17 @@ def _resumed(reusable: dict, tasks: list[str]) -> dict:
     return {name: entry for name, entry in reusable.items() if name not in tasks}
 
 
-def _resolve(tasks: list[str]) -> list:
+def _resolve(tasks: list[str], max_num: int) -> list:
     """Every task, checked before any runs (an unknown name used to stop the run after the tasks before
     it had been generated for; an empty list wrote an empty report)."""
     if not tasks:
         raise ValueError("no tasks to evaluate")
-    return [get_task(name) for name in tasks]
+    return [get_task(name, max_num) for name in tasks]
+
+
+def _chance(task, items: list, seed: int) -> float:
+    """A file task's chance on its own questions; a toy task's on 2,000 generated ones."""
+    return task.chance(items) if hasattr(task, "chance") else chance_level(task, seed)
 
 
 def chance_level(task, seed: int, n: int = 2000) -> float:
@@ -109,18 +125,19 @@ def chance_level(task, seed: int, n: int = 2000) -> float:
 
 @torch.no_grad()
 def predict(model, tokenizer, prompts: list[tuple[list[dict], list]], *, max_new_tokens: int, batch_size: int,
-            system_message: str | None, desc: str = "") -> list[str]:
-    """Greedy answers for (messages, images) prompts, `batch_size` at a time (left padding)."""
+            system_message: str | None, desc: str = "", max_num: int = 1) -> list[str]:
+    """Greedy answers for (messages, images) prompts, `batch_size` at a time (left padding); each image
+    in up to `max_num` tiles."""
     cfg = model.config
     rows = [chat_inputs(tokenizer, messages, images, image_size=cfg.vision.image_size,
-                        image_seq_length=cfg.image_seq_length, system_message=system_message)
+                        image_seq_length=cfg.image_seq_length, system_message=system_message, max_num=max_num)
             for messages, images in prompts]
     return generate_texts(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens, desc=desc)
 
 
 def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10_000, batch_size: int = 16,
              system_message: str | None = None, rank: int = 0, world_size: int = 1, predictor=None,
-             model_name: str | None = None, previous: dict | None = None, on_task=None) -> dict:
+             model_name: str | None = None, previous: dict | None = None, on_task=None, max_num: int = 6) -> dict:
     """{task: {accuracy, n, correct, chance, ci95, examples, records, settings}}; every rank scores items
     i % world == rank.
 
@@ -128,15 +145,16 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10
     Resuming: the tasks of `previous` (an earlier report) made with the same settings (`model_name`, an
     identity of the model and tokenizer that the caller makes, n, seed, system message) are taken as
     they are, those this run does not ask for included; `on_task(report)` is called after every task
-    (the CLI writes the report there, so an interrupted run keeps its finished tasks).
+    (the CLI writes the report there, so an interrupted run keeps its finished tasks). Tasks are toy-world
+    families or evaluation files (`eval/tasks/files.py`), whose images are tiled into up to `max_num` tiles.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1 question per task, got {n}")
-    resolved = _resolve(tasks)
+    resolved = _resolve(tasks, max_num)
     if model is not None:
         model.eval()
     settings = {"model": model_name, "n": n, "seed": seed, "system": system_message}
-    reusable = _reusable(previous, settings)
+    reusable = _reusable(previous, settings, max_num)
     report = _resumed(reusable, tasks)
     for name, task in zip(tasks, resolved):
         if name in reusable:
@@ -149,7 +167,8 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10
             predictions = predictor(task, mine)
         else:
             predictions = predict(model, tokenizer, [task.prompt(it) for it in mine], max_new_tokens=task.max_new_tokens,
-                                  batch_size=batch_size, system_message=system_message, desc=name)
+                                  batch_size=batch_size, system_message=system_message, desc=name,
+                                  max_num=getattr(task, "max_num", 1))
         correct = [task.score(p, it) for p, it in zip(predictions, mine)]
         k = sum(correct)
         records = [{"index": i, "question": question_key(it), "answer": it.answer, "prediction": p, "correct": bool(c)}
@@ -169,12 +188,12 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10
             "accuracy": k / len(items),
             "n": len(items),
             "correct": k,
-            "chance": chance_level(task, seed),
+            "chance": _chance(task, items, seed),
             "ci95": [low, high],
             "examples": [{"question": it.question[-80:], "answer": it.answer, "prediction": p, "correct": c}
                          for it, p, c in list(zip(mine, predictions, correct))[:3]],
             "records": records,  # every question: for paired tests between models (`nativevl compare`)
-            "settings": settings,
+            "settings": _task_settings(name, settings, max_num),
         }
         if on_task is not None:
             on_task(report)
@@ -189,7 +208,7 @@ def _scored(k: int, n: int) -> dict:
 def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10_000, samples: int = 8,
                        prm=None, temperature: float = 0.7, top_k: int = 0, system_message: str | None = None,
                        max_batch_size: int = 64, model_name: str | None = None, prm_name: str | None = None,
-                       previous: dict | None = None, on_task=None, prm_max_steps: int = 12) -> dict:
+                       previous: dict | None = None, on_task=None, prm_max_steps: int = 12, max_num: int = 6) -> dict:
     """Test-time scaling on each task: greedy pass@1, the mean accuracy of single samples, majority
     vote of `samples`, and (with a PRM) Best-of-N by PRM score and by outcome score. Every question's
     samples come from one prefill (the engine clones it) with seed (seed + question index).
@@ -198,8 +217,8 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
     (`nativevl data prm --max_steps`)."""
     if n < 1 or samples < 1:
         raise ValueError(f"n must be >= 1 question per task and samples >= 1, got n={n}, samples={samples}")
-    resolved = _resolve(tasks)
-    from nativevl.infer.best_of_n import Candidates, sample_candidates
+    resolved = _resolve(tasks, max_num)
+    from nativevl.infer.best_of_n import Candidates, sample_candidates, tiles_in_prompt
     from nativevl.infer.engine import Engine, SamplingParams
     from nativevl.infer.prm import step_scores
 
@@ -207,7 +226,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
     cfg = model.config
     settings = {"model": model_name, "prm": prm_name, "n": n, "seed": seed, "samples": samples,
                 "temperature": temperature, "top_k": top_k, "system": system_message, "prm_max_steps": prm_max_steps}
-    reusable = _reusable(previous, settings)
+    reusable = _reusable(previous, settings, max_num)
     report = _resumed(reusable, tasks)
     for name, task in zip(tasks, resolved):
         if name in reusable:
@@ -216,8 +235,8 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
             continue
         items = task.load(n, seed)
         asked = [task.prompt(it) for it in items]
-        prompts = [chat_inputs(tokenizer, *q, image_size=cfg.vision.image_size,
-                               image_seq_length=cfg.image_seq_length, system_message=system_message) for q in asked]
+        prompts = [chat_inputs(tokenizer, *q, image_size=cfg.vision.image_size, image_seq_length=cfg.image_seq_length,
+                               system_message=system_message, max_num=getattr(task, "max_num", 1)) for q in asked]
         longest = max(len(ids) for ids, _ in prompts) + task.max_new_tokens + 1
         engine = Engine(model, tokenizer, max_batch_size=max(max_batch_size, samples), max_seq_len=longest,
                         max_queue=len(items) + 1)
@@ -229,7 +248,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
         if prm is not None:
             counts.update({f"prm_best{samples}": 0, f"outcome_best{samples}": 0, f"oracle{samples}": 0})
         records = []
-        for i, (it, (msgs, _), g, texts, (_, tiles)) in enumerate(tqdm(
+        for i, (it, (msgs, _), g, texts, (prompt_ids, tiles)) in enumerate(tqdm(
             zip(items, asked, greedy, sampled, prompts, strict=True), total=len(items),
             desc=f"{name} best-of-{samples}", leave=False,
         )):
@@ -239,8 +258,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
                       "pass1": bool(task.score(g[0].text, it)),
                       "samples_correct": sum(ok), f"majority{samples}": ok[cands.pick("majority")]}
             if prm is not None:
-                # chat_inputs tiles each image into one tile (max_num=1)
-                per_image = [1] * (0 if tiles is None else int(tiles.shape[0]))
+                per_image = tiles_in_prompt(prompt_ids, cfg.image_token_id, cfg.image_seq_length)
                 cands.step_scores = step_scores(prm, tokenizer, msgs[0]["content"], texts, tiles, per_image,
                                                 max_steps=prm_max_steps)
                 record.update({f"prm_best{samples}": ok[cands.pick("prm")],
@@ -254,7 +272,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
         entry = {key: _scored(round(v) if key != "sample_mean" else 0, total) for key, v in counts.items()}
         entry["sample_mean"] = {"accuracy": counts["sample_mean"] / total, "n": total}
         entry.update({"samples": samples, "temperature": temperature, "top_k": top_k, "seed": seed,
-                      "chance": chance_level(task, seed), "prefills": engine.stats["prefills"]})
+                      "chance": _chance(task, items, seed), "prefills": engine.stats["prefills"]})
         entry["paired"] = {  # the PRM's pick against greedy and against the vote, on the same questions
             f"{b} vs {a}": paired_test([r[a] for r in records], [r[b] for r in records])
             for a, b in (("pass1", f"prm_best{samples}"), (f"majority{samples}", f"prm_best{samples}"),
@@ -262,7 +280,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
             if b in records[0] and a in records[0]
         }
         entry["records"] = records
-        entry["settings"] = settings
+        entry["settings"] = _task_settings(name, settings, max_num)
         report[name] = entry
         if on_task is not None:
             on_task(report)

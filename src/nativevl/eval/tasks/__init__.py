@@ -1,13 +1,28 @@
-"""Evaluation tasks: each has `name`, `max_new_tokens`, `load(n, seed)`, `prompt(item)`, `score(prediction, item)`."""
+"""Evaluation tasks: each has `name`, `max_new_tokens`, `load(n, seed)`, `prompt(item)`, `score(prediction, item)`;
+toy-world families by name, benchmark and custom sets by file (`.tsv`, `.jsonl`: tasks/files.py)."""
+
+from pathlib import Path
 
 from nativevl.data.toyworld.tasks import FAMILIES
+from nativevl.eval.tasks.files import FileTask
 from nativevl.eval.tasks.toyworld import ToyWorldTask
 
+FILE_SUFFIXES = (".tsv", ".jsonl")
 
-def get_task(name: str):
+
+def get_task(name: str, max_num: int = 6):
+    """A toy-world family, or an evaluation file (`max_num`: tiles per image for files; the toy tasks
+    are asked with one tile, as they are trained)."""
     if name in FAMILIES:
         return ToyWorldTask(name)
-    raise ValueError(f"unknown task {name!r}; known: {sorted(FAMILIES)}")
+    if Path(name).suffix in FILE_SUFFIXES:
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"evaluation file {name} does not exist")
+        if max_num < 1:
+            raise ValueError(f"max_num must be >= 1 tile per image, got {max_num}")
+        return FileTask(name, max_num)
+    raise ValueError(f"unknown task {name!r}; known: {sorted(FAMILIES)}, or a benchmark file "
+                     f"({', '.join(FILE_SUFFIXES)})")
 
 
 TASK_NAMES = tuple(FAMILIES)

@@ -1,0 +1,184 @@
+"""Evaluation sets from files: VLMEvalKit benchmark TSVs (multiple choice and open answers) and InternVL
+conversation jsonl, written here in those formats; scoring, chance, reports, the CLI and resuming."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nativevl.eval.runner import evaluate
+from nativevl.eval.tasks import get_task
+from nativevl.eval.tasks.files import open_answer_correct, option_letter
+
+NAN = "nan"  # how pandas (VLMEvalKit) writes a missing value
+
+
+def png_b64(seed: int, size=(40, 24)) -> tuple[str, np.ndarray]:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode(), pixels
+
+
+def write_tsv(path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, columns, delimiter="\t")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, NAN) for k in columns})
+
+
+def mmbench_rows() -> tuple[list[dict], np.ndarray]:
+    img0, pixels0 = png_b64(0)
+    img2, _ = png_b64(2)
+    rows = [
+        {"index": 10, "question": "What animal is shown?", "hint": "A farm photo.", "A": "cat", "B": "dog", "C": "cow",
+         "D": "hen", "answer": "C", "image": img0, "category": "animals"},
+        # shares row 10's image (VLMEvalKit writes the other row's index); three options only
+        {"index": 11, "question": "Which colour dominates?", "hint": NAN, "A": "red", "B": "green", "C": "blue",
+         "D": NAN, "answer": "B", "image": "10", "category": "colours"},
+        {"index": 12, "question": "How many objects?", "hint": NAN, "A": "1", "B": "2", "C": "3", "D": "4",
+         "answer": "D", "image": img2, "category": "counting"},
+    ]
+    return rows, pixels0
+
+
+def test_benchmark_tsv_reads_as_vlmevalkit_writes_it(tmp_path):
+    rows, pixels0 = mmbench_rows()
+    write_tsv(tmp_path / "mmb.tsv", rows)
+    items = get_task(str(tmp_path / "mmb.tsv")).load(10, seed=0)
+    assert [it.answer for it in items] == ["C", "B", "D"]
+    assert items[0].question == ("<image>\nHint: A farm photo.\nWhat animal is shown?\nA. cat\nB. dog\nC. cow\nD. hen\n"
+                                 "Answer with the option's letter from the given choices directly.")
+    assert items[1].options == {"A": "red", "B": "green", "C": "blue"} and "Hint" not in items[1].question
+    assert np.array_equal(np.asarray(items[0].images[0]), pixels0)
+    assert np.array_equal(np.asarray(items[1].images[0]), pixels0)  # the shared image
+    assert [it.kind for it in items] == ["animals", "colours", "counting"]
+    assert len(get_task(str(tmp_path / "mmb.tsv")).load(2, seed=0)) == 2  # --n: the file's first n
+
+
+def test_option_letters_and_open_answers_are_read_as_a_reader_would():
+    options = {"A": "a cat", "B": "dog", "C": "cow"}
+    for prediction, want in [("B", "B"), ("(B)", "B"), ("B. dog", "B"), ("C) cow", "C"), ("The answer is C.", "C"),
+                             ("Answer: (A)", "A"), ("dog", "B"), ("a cat", "A"), ("A cow", "A"), ("cat or dog", None),
+                             ("", None), ("D", None), ("Option B", "B")]:
+        assert option_letter(prediction, options) == want, prediction
+    assert option_letter("a dog", options) == "B"  # an article, not option A
+    assert open_answer_correct("The Eiffel Tower.", "eiffel tower")
+    assert open_answer_correct("paris", "['Paris', 'Paris, France']") and open_answer_correct("Paris, France", '["x", "paris, france"]')
+    assert open_answer_correct("12.5", "12") and not open_answer_correct("13", "12")  # ChartQA's 5% for numbers
+    assert open_answer_correct("1,000", "1000") and open_answer_correct("50%", "0.5")
+    assert not open_answer_correct("", "0") and not open_answer_correct("london", "['Paris']")
+
+
+def test_file_tasks_score_report_and_resume(tmp_path):
+    rows, _ = mmbench_rows()
+    write_tsv(tmp_path / "mmb.tsv", rows)
+    img, _ = png_b64(5)
+    write_tsv(tmp_path / "vqa.tsv", [
+        {"index": 0, "question": "What is written?", "answer": "['stop', 'stop sign']", "image": img},
+        {"index": 1, "question": "What is the total?", "answer": "120", "image": img},
+    ])
+    (tmp_path / "custom.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"conversations": [{"from": "human", "value": "Which is larger?\nA. 3\nB. 7"}, {"from": "gpt", "value": "B"}]},
+        {"conversations": [{"from": "human", "value": "Capital of France?"}, {"from": "gpt", "value": "Paris"}]},
+    ]))
+    tasks = [str(tmp_path / f) for f in ("mmb.tsv", "vqa.tsv", "custom.jsonl")]
+    answers = {"mmb.tsv": ["C", "The answer is A.", "4"], "vqa.tsv": ["Stop sign", "118"],
+               "custom.jsonl": ["(B)", "paris."]}
+    asked = []
+
+    def predictor(task, items):
+        asked.append(task.name)
+        return answers[task.name.rsplit("/", 1)[-1]][: len(items)]
+
+    report = evaluate(None, None, tasks, n=5, predictor=predictor, model_name="m", max_num=2)
+    mmb, vqa, custom = (report[t] for t in tasks)
+    assert (mmb["correct"], mmb["n"]) == (2, 3)  # "The answer is A." for B is wrong
+    assert [r["correct"] for r in mmb["records"]] == [True, False, True]
+    assert mmb["chance"] == pytest.approx((1 / 4 + 1 / 3 + 1 / 4) / 3)
+    assert (vqa["correct"], custom["correct"]) == (2, 2)
+    assert custom["records"][0]["answer"] == "B"
+    assert mmb["settings"]["max_num"] == 2 and mmb["settings"]["file"]
+    # resumed: every task reused, none asked again; another max_num asks again
+    asked.clear()
+    assert evaluate(None, None, tasks, n=5, predictor=predictor, model_name="m", max_num=2, previous=report) == report
+    assert asked == []
+    evaluate(None, None, tasks[:1], n=5, predictor=predictor, model_name="m", max_num=3, previous=report)
+    assert asked == tasks[:1]
+
+
+def test_bad_benchmark_files_are_named(tmp_path):
+    write_tsv(tmp_path / "a.tsv", [{"index": 0, "prompt": "x", "answer": "A"}])
+    with pytest.raises(ValueError, match="needs the columns question and answer; missing \\['question'\\]"):
+        get_task(str(tmp_path / "a.tsv")).load(5, 0)
+    write_tsv(tmp_path / "b.tsv", [{"index": 0, "question": "q", "A": "x", "B": "y", "answer": "E"}])
+    with pytest.raises(ValueError, match="b.tsv:2: the answer 'E' is not one of the options"):
+        get_task(str(tmp_path / "b.tsv")).load(5, 0)
+    write_tsv(tmp_path / "c.tsv", [{"index": 0, "question": "q", "answer": "y", "image": "bm90IGFuIGltYWdl" * 8}])
+    with pytest.raises(ValueError, match="c.tsv:2: the image is not a readable base64 picture"):
+        get_task(str(tmp_path / "c.tsv")).load(5, 0)
+    with pytest.raises(FileNotFoundError, match="missing.tsv does not exist"):
+        get_task(str(tmp_path / "missing.tsv"))
+    with pytest.raises(ValueError, match="unknown task 'mmbench'.*benchmark file"):
+        get_task("mmbench")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "q"}]}) + "\n")
+    with pytest.raises(ValueError, match="question 1 has no answer"):
+        get_task(str(tmp_path / "d.jsonl")).load(5, 0)
+
+
+def test_eval_cli_on_a_benchmark_tsv(tmp_path, tokenizer, capsys):
+    from test_model import make_model
+
+    from nativevl.cli import main
+
+    make_model().save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    rows, _ = mmbench_rows()
+    write_tsv(tmp_path / "mmb.tsv", rows)
+    out = tmp_path / "eval.json"
+    args = ["eval", "--model", str(tmp_path / "m"), "--tasks", f"{tmp_path / 'mmb.tsv'},shapes", "--n", "3",
+            "--max_num", "2", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    task = report[str(tmp_path / "mmb.tsv")]
+    assert task["n"] == 3 and len(task["records"]) == 3 and task["settings"]["max_num"] == 2
+    assert "max_num" not in report["shapes"]["settings"]  # toy tasks: one tile, settings as before
+    assert str(tmp_path / "mmb.tsv") in capsys.readouterr().out
+
+
+def test_best_of_n_on_a_benchmark_file_scores_multi_tile_images_with_the_prm(tmp_path, tokenizer, monkeypatch):
+    """With several tiles per image the PRM gets each image's own tile count, read from the prompt."""
+    import torch
+    from test_alignment import tiny_config
+
+    from nativevl.eval.runner import evaluate_best_of_n
+    from nativevl.model.vlm import VisionLanguageModel
+
+    rows, _ = mmbench_rows()
+    wide, _ = png_b64(7, size=(96, 24))  # a wide picture: several tiles at max_num 4
+    rows[2]["image"] = wide
+    write_tsv(tmp_path / "mmb.tsv", rows)
+    seen = []
+    from nativevl.infer import prm as prm_module
+
+    real = prm_module.step_scores  # the runner imports it from infer.prm when it runs
+
+    def spy(prm, tokenizer, question, texts, tiles, per_image, **kw):
+        seen.append((per_image, 0 if tiles is None else int(tiles.shape[0])))
+        return real(prm, tokenizer, question, texts, tiles, per_image, **kw)
+
+    monkeypatch.setattr(prm_module, "step_scores", spy)
+    torch.manual_seed(0)
+    model = VisionLanguageModel(tiny_config()).eval()
+    report = evaluate_best_of_n(model, tokenizer, [str(tmp_path / "mmb.tsv")], n=3, samples=2, prm=model, max_num=4)
+    entry = report[str(tmp_path / "mmb.tsv")]
+    assert entry["pass1"]["n"] == 3 and entry["settings"]["max_num"] == 4
+    assert all(sum(per_image) == n_tiles for per_image, n_tiles in seen) and len(seen) == 3
+    assert max(seen[2][0]) > 1  # the wide picture went in several tiles, and the PRM was told so
