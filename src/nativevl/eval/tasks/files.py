@@ -151,7 +151,7 @@ def read_tsv(path: Path, limit: int) -> list[FileItem]:
             images = [load_image(path.parent / p) for p in paths]
         question = str(row["question"]).strip()
         if _present(row.get("hint")):
-            question = f"Hint: {str(row['hint']).strip()}\n{question}"
+            question = f"{str(row['hint']).strip()}\n{question}"
         if options:
             question += "".join(f"\n{k}. {v}" for k, v in options.items()) + "\n" + MC_INSTRUCTION
             answer = str(row["answer"]).strip().upper()
