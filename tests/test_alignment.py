@@ -173,8 +173,14 @@ def test_mpo_stage_trains_and_resumes_exactly(tmp_path):
     meta = preference_meta(tmp_path)
     args = [*MPO_ARGS, f"--meta={meta}"]
     full = tmp_path / "full"
-    launch(apply_overrides(recipe("debug_tiny"), [*args, "--max_steps=4"]), full)
-    steps = metrics(full)
+    # validated every 2 steps (on the same records): the losses and reward shift below are those of the
+    # runs without validation, so validating neither trains nor moves the shift
+    launch(apply_overrides(recipe("debug_tiny"), [*args, "--max_steps=4", f"--eval_meta={meta}", "--eval_every=2",
+                                                  "--eval_records=6"]), full)
+    steps = [m for m in metrics(full) if "loss" in m]
+    val = [m for m in metrics(full) if "val_loss" in m]
+    assert [m["step"] for m in val] == [2, 4] and all(m["val_reward_accuracy"] >= 0 for m in val)
+    assert val[0]["val_dpo"] < math.log(2)  # after 2 steps the policy has moved from the reference
     # step 1: the policy is the reference, so every log-ratio is 0: DPO = log 2, BCO = 2 log 2 (shift 0)
     assert steps[0]["dpo"] == pytest.approx(math.log(2), abs=1e-5)
     assert steps[0]["bco"] == pytest.approx(2 * math.log(2), abs=1e-5)
@@ -706,6 +712,11 @@ def test_sampling_resumes_exactly_and_refuses_mismatched_progress(tmp_path, monk
     monkeypatch.setattr(qmod, "generate_texts", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert sample_responses(model, tokenizer, prompts, progress=resumed, **kw) == want
     assert len(calls) == 2  # the cut group and the last one; the first came from disk
+    # the cut line was cut off before the appends: every line reads, each group once
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x.get("group") for x in lines] == [None, 0, 1, 2]
+    # `--out pref` does not claim (or clear) the progress of `--out pref.jsonl`
+    assert Progress(tmp_path / "pref", "model A").files() == []
 
     with pytest.raises(ValueError, match="other settings.*'seed': \\(7, 8\\)"):
         sample_responses(model, tokenizer, prompts, progress=resumed, **{**kw, "seed": 8})

@@ -59,6 +59,12 @@ INTERPRETED = textwrap.dedent(
             print(dtype, shape, "splits", splits, "max abs diff", err)
             assert err < tol, (dtype, shape, err)
 
+    # a row that sees no key gives zeros, as sdpa does (the engine never makes one)
+    q, k, v, bias = make_inputs(*SHAPES[1], torch.float32)
+    bias[1] = float("-inf")
+    got = decode_attention(q, k, v, bias, backend="split")
+    assert torch.equal(got[1], torch.zeros_like(got[1])) and torch.equal(decode_attention(q, k, v, bias)[1], got[1])
+
     # a compiled step calls the custom op as one opaque kernel pair
     step = torch.compile(lambda q, k, v, b: decode_attention(q, k, v, b, backend="split") * 2, fullgraph=True)
     q, k, v, bias = make_inputs(*SHAPES[0], torch.float32)

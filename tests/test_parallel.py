@@ -29,8 +29,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / (b.float().norm() + 1e-4)).item()
 
 
-def losses(out) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+def losses(out, key: str = "loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in r}
 
 
 def one_and_two_processes(args: list[str], one, two) -> tuple[list[dict], list[dict]]:
@@ -49,8 +49,12 @@ def one_and_two_processes(args: list[str], one, two) -> tuple[list[dict], list[d
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    from nativevl.data import synthetic
+
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    one_and_two_processes(ARGS, one, two)
+    # validated every 2 steps on 7 held-out records: the ranks hold 4 and 3 packs (one record each)
+    meta = synthetic.write_dataset(tmp_path_factory.mktemp("held_out"), n_images=8, n_texts=4, seed=9, size=56)
+    one_and_two_processes(ARGS + [f"--eval_meta={meta}", "--eval_every=2", "--eval_records=7"], one, two)
     return one, two
 
 
@@ -60,6 +64,12 @@ def test_two_processes_give_the_losses_of_one(runs):
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
         assert abs(a[s] - b[s]) / abs(a[s]) < 1e-5, (s, a[s], b[s])
+    # the validation loss over the same held-out records, sharded unevenly over 2 ranks, is 1 process's
+    va, vb = losses(one, "val_loss"), losses(two, "val_loss")
+    assert sorted(va) == sorted(vb) == [2, 3]
+    for s in va:
+        assert abs(va[s] - vb[s]) / abs(va[s]) < 1e-5, (s, va[s], vb[s])
+    assert losses(one, "val_tokens") == losses(two, "val_tokens")
     # the export gathered the shards into the same -hf checkpoint
     ours = VisionLanguageModel.from_pretrained(one / "final").state_dict()
     theirs = VisionLanguageModel.from_pretrained(two / "final").state_dict()

@@ -447,3 +447,53 @@ def test_pretraining_from_parts_without_an_internvl_tokenizer_says_to_pass_one(t
     run = apply_overrides(recipe("pretrain"), [f"--vit_from={tmp_path / 'vit'}", f"--llm_from={tmp_path / 'llm'}"])
     with pytest.raises(ValueError, match="pass --tokenizer <an InternVL3 tokenizer folder>"):
         build(run, tmp_path / "out")
+
+
+def test_validation_loss_is_logged_exact_and_leaves_training_unchanged(uninterrupted, tmp_path, monkeypatch):
+    """--eval_meta: the loss over the held-out set every eval_every steps (and at the end), equal to a
+    plain cross-entropy over those records with the weights of that step; the training losses are those
+    of a run without validation, also across a stop and resume, and no validation is logged twice."""
+    import torch.nn.functional as F
+
+    from nativevl.data import synthetic
+    from nativevl.io.tokenizer import load_tokenizer
+    from nativevl.recipes import build_eval_dataset
+
+    _, ref = uninterrupted
+    meta = synthetic.write_dataset(tmp_path / "held_out", n_images=12, n_texts=6, seed=7, size=56)
+    run = apply_overrides(recipe("debug_tiny"), SMALL + [f"--eval_meta={meta}", "--eval_every=2", "--eval_records=10"])
+    out = tmp_path / "run"
+    original = loop.save_train_state
+
+    def stop_after_three(out_dir, model, optimizer, step, *args):
+        original(out_dir, model, optimizer, step, *args)
+        if step == 3:
+            raise KeyboardInterrupt("stopped")
+
+    monkeypatch.setattr(loop, "save_train_state", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        launch(run, out)
+    monkeypatch.setattr(loop, "save_train_state", original)
+    summary = launch(run, out)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"]: r["loss"] for r in records if "loss" in r} == ref
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [2, 4, 6] and summary["val_loss"] == val[-1]["val_loss"]
+    assert val[0]["val_loss"] > val[-1]["val_loss"]  # it learns what the held-out records hold too
+
+    # the same number, computed plainly from the exported weights: sum of weighted CE / sum of weights
+    model = VisionLanguageModel.from_pretrained(out / "final").eval()
+    tokenizer = load_tokenizer(out / "data" / "tokenizer")
+    _, _, _, aligned = build(run, tmp_path / "scratch")
+    batches = loop.read_eval_batches(build_eval_dataset(aligned, tokenizer, tmp_path / "scratch"), torch.device("cpu"))
+    total = weights = 0.0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(**b.model_inputs()).logits.reshape(-1, model.config.text.vocab_size)  # (T, V)
+            keep = b.labels != -100
+            ce = F.cross_entropy(logits[keep].float(), b.labels[keep], reduction="none")
+            total += float((ce * b.loss_weights[keep]).sum())
+            weights += float(b.loss_weights[keep].sum())
+    assert sum(b.num_tokens for b in batches) == val[-1]["val_tokens"]
+    assert abs(val[-1]["val_loss"] - total / weights) < 1e-5 * total / weights
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -298,6 +299,9 @@ def _policy(args: argparse.Namespace):
     from nativevl.io.tokenizer import load_tokenizer
     from nativevl.train.parallel import init_distributed
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write the same --out and progress files
+        raise ValueError(f"data {args.data_command} runs in one process, not under torchrun (WORLD_SIZE "
+                         f"{os.environ['WORLD_SIZE']}); run one command per GPU with its own --input and --out")
     _, _, device = init_distributed()
     torch.manual_seed(args.seed)
     return load_model(args.model, dtype=torch.float32, device=device).eval(), load_tokenizer(args.model)

@@ -34,6 +34,7 @@ class Run:
     train: TrainConfig = field(default_factory=TrainConfig)
     stage: StagePolicy = field(default_factory=StagePolicy)
     meta: str | None = None  # dataset meta json; None: the recipe generates its data
+    eval_meta: str | None = None  # held-out meta json: the validation loss, every train.eval_every steps
 
 
 # ---------------------------------------------------------------- recipes
@@ -305,4 +306,21 @@ def launch(run: Run, out_dir: str | Path) -> dict:
     from nativevl.train.loop import train
 
     model, tokenizer, dataset, run = build(run, out_dir)
-    return train(model, tokenizer, dataset, run.stage, run.train, out_dir, run_config=dataclasses.asdict(run))
+    return train(model, tokenizer, dataset, run.stage, run.train, out_dir, run_config=dataclasses.asdict(run),
+                 eval_dataset=build_eval_dataset(run, tokenizer, out_dir))
+
+
+def build_eval_dataset(run: Run, tokenizer, out_dir: str | Path):
+    """The validation stream of `run.eval_meta` (None without one): its first train.eval_records records,
+    packed as the training data (the data config `build` aligned with the model), unmixed (text_ratio
+    applies to training), for this rank."""
+    if run.eval_meta is None:
+        return None
+    from nativevl.data.pipeline import PackedDataset
+    from nativevl.data.records import load_meta
+    from nativevl.train.parallel import init_distributed
+
+    rank, world, _ = init_distributed()
+    data = dataclasses.replace(run.data, max_records=run.train.eval_records, text_ratio=None)
+    return PackedDataset(load_meta(run.eval_meta), tokenizer, data, rank=rank, world_size=world,
+                         rejects_dir=Path(out_dir) / "rejects-eval")

@@ -15,6 +15,7 @@ before Triton is imported), which is how the CPU tests check it against sdpa.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import lru_cache
 
@@ -51,7 +52,7 @@ if triton is not None:
         row = tl.program_id(0)  # b * n_q_heads + h
         split = tl.program_id(1)
         n_splits = tl.num_programs(1)
-        b = row // n_q_heads
+        b = (row // n_q_heads).to(tl.int64)  # 64-bit offsets: a layer's cache may pass 2**31 elements
         h = row % n_q_heads
         kvh = h // group  # query head h reads key/value head h // group, as repeat_interleave orders them
         d = tl.arange(0, BLOCK_D)
@@ -92,12 +93,14 @@ if triton is not None:
         s_ok = s < n_splits
         m = tl.load(m_ptr + row * n_splits + s, mask=s_ok, other=float("-inf"))
         l_s = tl.load(l_ptr + row * n_splits + s, mask=s_ok, other=0.0)
-        w = tl.exp(m - tl.max(m, axis=0))  # a fully masked split (m = -inf) weighs 0
+        m_max = tl.max(m, axis=0)
+        w = tl.exp(m - tl.where(m_max > float("-inf"), m_max, 0.0))  # a fully masked split (m = -inf) weighs 0
         w = tl.where(s_ok & (m > float("-inf")), w, 0.0)
         d = tl.arange(0, BLOCK_D)
         acc = tl.load(acc_ptr + (row * n_splits + s)[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
-        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_s * w, axis=0)
-        tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+        denom = tl.sum(l_s * w, axis=0)
+        out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)  # a row that sees no key: 0
+        tl.store(out_ptr + row.to(tl.int64) * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @lru_cache(maxsize=None)
@@ -129,13 +132,15 @@ def _split_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     m = torch.empty(rows, n_splits, device=q.device, dtype=torch.float32)
     l_sum = torch.empty(rows, n_splits, device=q.device, dtype=torch.float32)
     out = torch.empty(batch, n_q, head_dim, device=q.device, dtype=q.dtype)
-    _split_kernel[(rows, n_splits)](
-        q, k, v, bias, acc, m, l_sum, n_q, n_q // n_kv, length, split_len, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        bias.stride(0), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=BLOCK_N,
-    )
-    _combine_kernel[(rows,)](acc, m, l_sum, out, n_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                             BLOCK_S=max(triton.next_power_of_2(n_splits), 2))
+    # Triton launches on the current device: make it q's (a server on cuda:1 does not set it)
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        _split_kernel[(rows, n_splits)](
+            q, k, v, bias, acc, m, l_sum, n_q, n_q // n_kv, length, split_len, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            bias.stride(0), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=BLOCK_N,
+        )
+        _combine_kernel[(rows,)](acc, m, l_sum, out, n_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                                 BLOCK_S=max(triton.next_power_of_2(n_splits), 2))
     return out
 
 
@@ -143,7 +148,7 @@ def _split_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
 def split_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                            scale: float) -> torch.Tensor:
     """q (B, Hq, D), k/v (B, Hkv, L, D) (any strides but a contiguous D), bias (B, L) additive
-    -> (B, Hq, D) in q's dtype. Every row must attend to at least one key."""
+    -> (B, Hq, D) in q's dtype (0 for a row that attends to no key)."""
     if triton is None:
         raise RuntimeError(available(q.device))
     return _split_decode_attention(q, k, v, bias, scale)

@@ -6,6 +6,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,7 +151,11 @@ class Progress:
         return self.out.with_name(f".{self.out.name}.{desc}.progress.jsonl")
 
     def files(self) -> list[Path]:
-        return sorted(self.out.parent.glob(f".{glob.escape(self.out.name)}.*.progress.jsonl"))
+        """This output's progress files: a phase name holds no dot, so `--out pref` never claims the
+        files of `--out pref.jsonl` (`.pref.jsonl.responses.progress.jsonl`)."""
+        head, tail = f".{self.out.name}.", ".progress.jsonl"
+        return sorted(p for p in self.out.parent.glob(f"{glob.escape(head)}*{tail}")
+                      if "." not in p.name[len(head):-len(tail)])
 
     def check(self) -> None:
         """Before any sampling: progress there without resume is an error; with it, say what is reused."""
@@ -168,8 +173,15 @@ class Progress:
         if not path.is_file():
             with open(path, "w", encoding="utf-8") as f:
                 f.write(json.dumps(header) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
             return {}
-        lines = path.read_text(encoding="utf-8").split("\n")
+        text = path.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):  # a line cut short: cut it off, so the next append starts clean
+            text = text[: text.rfind("\n") + 1]
+            with open(path, "r+", encoding="utf-8") as f:
+                f.truncate(len(text.encode("utf-8")))
+        lines = text.split("\n")
         try:
             got = json.loads(lines[0])
         except json.JSONDecodeError:
@@ -238,14 +250,17 @@ def sample_responses(
     """n sampled continuations of each (question, images, assistant prefix) prompt.
 
     The assistant prefix (a partial response) is appended after the generation prompt; the returned
-    texts are the continuations only. Prompts go in groups of `batch_rows // n` (at least one), each
-    group one batch of rows (more if n > batch_rows) sampled from its own seed (`group_seed`), its
-    questions tiled for that group only. With `progress`, finished groups are kept on disk and an
+    texts are the continuations only. Prompts go in groups whose n rows each fill whole batches of
+    `batch_rows`, each group sampled from its own seed (`group_seed`), its questions tiled for that
+    group only. With `progress`, finished groups are kept on disk and an
     interrupted run's groups are reused (`Progress`).
     """
     cfg = model.config
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    per = max(1, batch_rows // n)
+    # prompts per group: enough that its rows fill whole batches (n = 40: 8 prompts, 5 batches of 64)
+    per = math.lcm(n, batch_rows) // n
+    if per > 16 * max(1, batch_rows // n):  # n and batch_rows almost coprime: one batch's worth instead
+        per = max(1, batch_rows // n)
     groups = [list(range(i, min(i + per, len(prompts)))) for i in range(0, len(prompts), per)]
     fingerprints: dict[int, str] = {}  # id(images) -> fingerprint, once per image list
 
@@ -258,8 +273,10 @@ def sample_responses(
             h.update(json.dumps([question, prefix, fingerprints[id(images)]]).encode())
         return h.hexdigest()
 
+    # the device and dtype too: the same seed draws other samples on another device
     settings = {"n": n, "temperature": temperature, "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed,
-                "batch_rows": batch_rows, "system_message": system_message}
+                "batch_rows": batch_rows, "system_message": system_message, "device": model.device.type,
+                "dtype": str(model.dtype)}
     done = progress.load(desc, settings) if progress is not None else {}
     texts: list[list[str]] = []
     reused = 0

@@ -28,7 +28,7 @@ from nativevl.train.losses import MPOWeights
 from nativevl.train.metrics import MetricsLogger, batch_flops, module_sizes, pass_factors, peak_flops
 from nativevl.train.objectives import OBJECTIVES, make_objective
 from nativevl.train.optim import build_optimizer, lr_factor, set_lr
-from nativevl.train.parallel import all_reduce_sum, barrier, init_distributed
+from nativevl.train.parallel import all_reduce_max, all_reduce_sum, barrier, init_distributed
 from nativevl.train.stages import MODULES, StagePolicy, apply_policy
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class TrainConfig:
     mpo_preference_weight: float = 0.8  # w_p, DPO sigmoid
     mpo_quality_weight: float = 0.2  # w_q, BCO pair with reward shift
     mpo_generation_weight: float = 1.0  # w_g, NLL of the chosen response
+    eval_every: int = 0  # steps between validations on the run's eval_meta; 0: once, at the end
+    eval_records: int = 256  # records of eval_meta in the validation set (the same ones every time)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -75,7 +77,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:  # NaN passes every comparison; a NaN lr trains NaN weights
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        for name in ("warmup_steps", "save_every", "num_workers", "keep_checkpoints"):
+        if self.eval_records < 1:
+            raise ValueError(f"eval_records must be >= 1, got {self.eval_records}")
+        for name in ("warmup_steps", "save_every", "num_workers", "keep_checkpoints", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -93,8 +97,8 @@ RESUMABLE_CHANGES = {
     "train." + k for k in ("max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
                            "eps", "grad_clip", "num_workers", "loss_chunk", "save_every", "keep_checkpoints",
                            "peak_tflops", "tensorboard", "export", "attn_implementation",
-                           "activation_checkpointing", "compile", "dtype")
-} | {"data.max_reject_fraction", "data.min_records_before_abort"}
+                           "activation_checkpointing", "compile", "dtype", "eval_every", "eval_records")
+} | {"data.max_reject_fraction", "data.min_records_before_abort", "eval_meta"}
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -145,8 +149,11 @@ def train(
     cfg: TrainConfig,
     out_dir: str | Path,
     run_config: dict | None = None,
+    eval_dataset: PackedDataset | None = None,
 ) -> dict:
-    """Train (or resume) into out_dir; returns a summary. The dataset must already know its rank."""
+    """Train (or resume) into out_dir; returns a summary. The dataset must already know its rank.
+    With `eval_dataset` (a finite held-out stream for this rank), the validation loss is measured every
+    `cfg.eval_every` steps and at the end."""
     out_dir = Path(out_dir)
     rank, world, device = init_distributed()
     if cfg.global_batch % world:
@@ -206,6 +213,8 @@ def train(
     if rank_state is not None:
         tracker.load_state_dict(rank_state["data"])
     batches = iterate_batches(make_loader(dataset, cfg.num_workers), tracker)
+    val_batches = read_eval_batches(eval_dataset, device) if eval_dataset is not None else None
+    last_val: dict = {}
     factors = pass_factors({m: policy.get(m).mode for m in MODULES})
     peak = peak_flops(device, cfg.peak_tflops)
     logger = MetricsLogger(out_dir, cfg.max_steps, step, enabled=main, tensorboard=cfg.tensorboard)
@@ -293,19 +302,76 @@ def train(
                 "rejected_records": tracker.total_rejected,
                 **part_values,
             })
+            if val_batches is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+                last_val = validate(model, objective, val_batches, device, use_bf16, autocast, step)
+                logger.log_eval(last_val)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 save_train_state(out_dir, model, optimizer, step, tokens_total, tracker, cfg, rank, world,
                                  objective.state_dict())
                 saved_step = step
+        if ran_out and val_batches is not None and step > 0 and last_val.get("step") != step:
+            last_val = validate(model, objective, val_batches, device, use_bf16, autocast, step)
+            logger.log_eval(last_val)
         if ran_out and step > saved_step:  # the steps since the last checkpoint are kept, not lost
             save_train_state(out_dir, model, optimizer, step, tokens_total, tracker, cfg, rank, world,
                              objective.state_dict())
     finally:
         logger.close()
     summary = {"step": step, "tokens": tokens_total, "loss": last_loss, "rejected": tracker.by_kind, "records": tracker.seen}
+    if last_val:
+        summary["val_loss"] = last_val["val_loss"]
     if cfg.export and (step >= cfg.max_steps or (ran_out and step > 0)):  # the data's end is the run's end too
         export_final(model, tokenizer, out_dir / "final", main)
     return summary
+
+
+def read_eval_batches(dataset: PackedDataset, device: torch.device) -> list:
+    """This rank's share of the validation set, read once (bad records counted and skipped as in training).
+    A sharded forward is collective, so every rank must hold at least one pack."""
+    tracker = StreamTracker(dataset.cfg.max_reject_fraction, dataset.cfg.min_records_before_abort)
+    batches = list(iterate_batches(make_loader(dataset, 0), tracker))
+    fewest = -all_reduce_max(torch.tensor([-float(len(batches))], device=device)).item()
+    if fewest < 1:
+        raise ValueError(f"the validation set ({dataset.cfg.max_records} records of eval_meta) gives some of the "
+                         f"{dataset.world_size} process(es) no pack: raise --eval_records or give more eval data")
+    if tracker.total_rejected:
+        log.warning("validation set: %d record(s) skipped (%s)", tracker.total_rejected, tracker.by_kind)
+    return batches
+
+
+@torch.no_grad()
+def validate(model, objective, batches: list, device, use_bf16: bool, autocast, step: int) -> dict:
+    """The objective's loss (and its logged parts) over the whole validation set, normalised over all of it
+    and all ranks as a training step is over its batches: {"step", "val_loss", "val_<part>", "val_tokens"}.
+    Dropout is off; the RNG and the objective's running state (MPO's reward shift) are left as they were,
+    so validating does not change the training run. Every rank runs as many forwards (the most any rank
+    has; a rank with fewer repeats its packs without counting them), as a sharded forward needs."""
+    rng = ckpt.rng_state()
+    model.eval()
+    try:
+        norms = all_reduce_sum(objective.local_normalizers(batches).to(device))
+        rounds = int(all_reduce_max(torch.tensor([float(len(batches))], device=device)).item())
+        loss_sum = torch.zeros((), device=device)
+        parts: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for i in range(rounds):
+            batch = batches[i % len(batches)]
+            b = batch.to(device, dtype=torch.bfloat16 if use_bf16 else None)
+            with autocast():
+                loss, logs = objective(model, b, norms, update=False)
+            if i >= len(batches):
+                continue  # a repeat that only keeps this rank in step with the others
+            loss_sum += loss.float()
+            for k, v in logs.items():
+                parts[k] = parts.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=device)
+            tokens += batch.num_tokens
+        record = {"step": step, "val_loss": all_reduce_sum(loss_sum).item()}
+        record.update({f"val_{k}": all_reduce_sum(v).item() for k, v in sorted(parts.items())})
+        record["val_tokens"] = int(all_reduce_sum(torch.tensor(float(tokens), device=device)).item())
+    finally:
+        model.train()
+        ckpt.set_rng_state(rng)
+    return record
 
 
 def save_train_state(out_dir, model, optimizer, step, tokens, tracker, cfg, rank, world, objective_state=None) -> None:

@@ -126,6 +126,20 @@ class MetricsLogger:
                              eta=format_eta(eta))
         self.bar.update(1)
 
+    def log_eval(self, record: dict) -> None:
+        """A validation record ({"step": ..., "val_loss": ..., ...}): metrics.jsonl, tensorboard's val/ tags,
+        and a line above the progress bar."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"val/{key.removeprefix('val_')}", value, record["step"])
+        self.bar.write(f"step {record['step']}: " + ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "step"))
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()

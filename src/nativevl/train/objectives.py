@@ -32,7 +32,8 @@ class LMObjective:
                 raise ValueError(f"preference records ({b.sources[:3]}) need --objective=mpo (the mpo recipe)")
         return torch.stack([b.loss_weights.sum() for b in micro]).sum()[None]  # (1,)
 
-    def __call__(self, model: VisionLanguageModel, batch: Batch, norms: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def __call__(self, model: VisionLanguageModel, batch: Batch, norms: torch.Tensor,
+                 update: bool = True) -> tuple[torch.Tensor, dict]:
         hidden = model(**batch.model_inputs(), compute_logits=False).hidden_states
         loss = labelled_lm_loss(hidden, model.lm_head.weight, batch.labels, batch.loss_weights, norms[0], self.loss_chunk)
         return loss, {}
@@ -64,7 +65,8 @@ class PRMObjective:
         slots = torch.tensor(float(sum(int(b.label_slots.sum()) for b in micro)))
         return torch.stack([weights, slots.to(weights.device)])  # (2,): weight sum, label slots
 
-    def __call__(self, model: VisionLanguageModel, batch: Batch, norms: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def __call__(self, model: VisionLanguageModel, batch: Batch, norms: torch.Tensor,
+                 update: bool = True) -> tuple[torch.Tensor, dict]:
         hidden = model(**batch.model_inputs(), compute_logits=False).hidden_states
         slots = batch.label_slots & (batch.labels != IGNORE_INDEX)
         at = slots.nonzero().squeeze(1)
@@ -112,7 +114,8 @@ class MPOObjective:
         pairs = torch.tensor(float(sum(b.pairs.shape[0] for b in micro)))
         return torch.stack([weights, pairs.to(weights.device)])  # (2,): chosen-token weight sum, pairs
 
-    def __call__(self, model: VisionLanguageModel, batch: Batch, norms: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def __call__(self, model: VisionLanguageModel, batch: Batch, norms: torch.Tensor,
+                 update: bool = True) -> tuple[torch.Tensor, dict]:
         inputs = batch.model_inputs()
         hidden = model(**inputs, compute_logits=False).hidden_states
         logps = sequence_logps(hidden, model.lm_head.weight, batch.labels, batch.cu_seqlens, self.loss_chunk)
@@ -123,10 +126,12 @@ class MPOObjective:
         ratios = logps - ref_logps  # (S,)
         chosen, rejected = ratios[batch.pairs[:, 0]], ratios[batch.pairs[:, 1]]  # (P,)
         nll = labelled_lm_loss(hidden, model.lm_head.weight, batch.labels, batch.loss_weights, norms[0], self.loss_chunk)
-        # one observation per rank and micro-batch: the mean reward over this batch's 2P responses
-        world = torch.distributed.get_world_size() if is_distributed() else 1
-        batch_mean = all_reduce_sum(self.weights.beta * torch.cat([chosen, rejected]).detach().mean()) / world
-        delta = self.shift.update(float(batch_mean), observations=world)
+        if update:  # one observation per rank and micro-batch: the mean reward over this batch's 2P responses
+            world = torch.distributed.get_world_size() if is_distributed() else 1
+            batch_mean = all_reduce_sum(self.weights.beta * torch.cat([chosen, rejected]).detach().mean()) / world
+            delta = self.shift.update(float(batch_mean), observations=world)
+        else:  # validation: the shift as training left it, unchanged
+            delta = self.shift.mean
         # per-micro-batch share of the global pair mean: sum over this batch's pairs / global pairs
         loss, parts = mpo_loss(chosen, rejected, nll, delta, self.weights, pair_normalizer=norms[1])
         # every logged value is this micro-batch's share, so the loop's sum over micro-batches and ranks
