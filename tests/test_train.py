@@ -497,3 +497,28 @@ def test_validation_loss_is_logged_exact_and_leaves_training_unchanged(uninterru
     assert sum(b.num_tokens for b in batches) == val[-1]["val_tokens"]
     assert abs(val[-1]["val_loss"] - total / weights) < 1e-5 * total / weights
 
+
+
+def test_a_step_past_hang_timeout_dumps_every_threads_stack(tmp_path, monkeypatch):
+    """The watchdog writes where the run waits (here: a save that sleeps) to DIR/hang-rank0.txt while the
+    step lasts; a run whose steps all end in time leaves no file."""
+    import time
+
+    original = loop.save_train_state
+
+    def slow_save(out_dir, model, optimizer, step, *args):
+        if step == 2:
+            time.sleep(2.5)
+        original(out_dir, model, optimizer, step, *args)
+
+    monkeypatch.setattr(loop, "save_train_state", slow_save)
+    args = ["--max_steps=3", "--save_every=1", "--global_batch=2", "--tensorboard=false", "--export=false",
+            "--max_tokens=256"]
+    launch(apply_overrides(recipe("debug_tiny"), args + ["--hang_timeout=1"]), tmp_path / "slow")
+    dump = (tmp_path / "slow" / "hang-rank0.txt").read_text()
+    assert "Timeout" in dump and "slow_save" in dump
+    monkeypatch.setattr(loop, "save_train_state", original)
+    launch(apply_overrides(recipe("debug_tiny"), args + ["--hang_timeout=60"]), tmp_path / "fine")
+    assert not (tmp_path / "fine" / "hang-rank0.txt").exists()
+    with pytest.raises(ValueError, match="hang_timeout must be"):
+        apply_overrides(recipe("debug_tiny"), ["--hang_timeout=-1"])

@@ -7,6 +7,7 @@ warmup + cosine. Resumes exactly from DIR/checkpoints; exports the -hf layout to
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import math
@@ -65,6 +66,7 @@ class TrainConfig:
     mpo_generation_weight: float = 1.0  # w_g, NLL of the chosen response
     eval_every: int = 0  # steps between validations on the run's eval_meta; 0: once, at the end
     eval_records: int = 256  # records of eval_meta in the validation set (the same ones every time)
+    hang_timeout: float = 1800.0  # seconds a step may take before every thread's stack goes to DIR/hang-rankN.txt; 0: off
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -77,6 +79,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:  # NaN passes every comparison; a NaN lr trains NaN weights
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not math.isfinite(self.hang_timeout) or self.hang_timeout < 0:
+            raise ValueError(f"hang_timeout must be a finite number of seconds >= 0, got {self.hang_timeout}")
         if self.eval_records < 1:
             raise ValueError(f"eval_records must be >= 1, got {self.eval_records}")
         for name in ("warmup_steps", "save_every", "num_workers", "keep_checkpoints", "eval_every"):
@@ -97,7 +101,7 @@ RESUMABLE_CHANGES = {
     "train." + k for k in ("max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
                            "eps", "grad_clip", "num_workers", "loss_chunk", "save_every", "keep_checkpoints",
                            "peak_tflops", "tensorboard", "export", "attn_implementation",
-                           "activation_checkpointing", "compile", "dtype", "eval_every", "eval_records")
+                           "activation_checkpointing", "compile", "dtype", "eval_every", "eval_records", "hang_timeout")
 } | {"data.max_reject_fraction", "data.min_records_before_abort", "eval_meta"}
 
 
@@ -219,11 +223,13 @@ def train(
     peak = peak_flops(device, cfg.peak_tflops)
     logger = MetricsLogger(out_dir, cfg.max_steps, step, enabled=main, tensorboard=cfg.tensorboard)
     model.train()
+    watchdog = HangWatchdog(out_dir / f"hang-rank{rank}.txt", cfg.hang_timeout)
     last_loss = float("nan")
     saved_step = step  # a resumed run's checkpoint holds its step already
     ran_out = False
     try:
         while step < cfg.max_steps:
+            watchdog.arm()  # the step, its logging, validation and checkpoint must end within hang_timeout
             started = time.perf_counter()
             micro = []
             for _ in range(accum):
@@ -316,6 +322,7 @@ def train(
             save_train_state(out_dir, model, optimizer, step, tokens_total, tracker, cfg, rank, world,
                              objective.state_dict())
     finally:
+        watchdog.close()
         logger.close()
     summary = {"step": step, "tokens": tokens_total, "loss": last_loss, "rejected": tracker.by_kind, "records": tracker.seen}
     if last_val:
@@ -323,6 +330,35 @@ def train(
     if cfg.export and (step >= cfg.max_steps or (ran_out and step > 0)):  # the data's end is the run's end too
         export_final(model, tokenizer, out_dir / "final", main)
     return summary
+
+
+class HangWatchdog:
+    """A step that takes longer than `timeout` seconds (a collective waiting for a rank that died or
+    diverged, a stuck data worker, a hung filesystem) gets every thread's Python stack written to `path`,
+    again every `timeout` seconds while it lasts (faulthandler: it works while the interpreter is stuck in
+    C code). The run is not stopped: compare the ranks' files to see who waits where. An empty file is
+    removed at the end."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self.path, self.timeout, self.file = path, timeout, None
+        if timeout > 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8")
+
+    def arm(self) -> None:
+        if self.file is not None:
+            faulthandler.dump_traceback_later(self.timeout, repeat=True, file=self.file)
+
+    def close(self) -> None:
+        if self.file is None:
+            return
+        faulthandler.cancel_dump_traceback_later()
+        self.file.close()
+        self.file = None
+        if self.path.stat().st_size == 0:
+            self.path.unlink()
+        else:
+            log.warning("a step took longer than hang_timeout=%gs: the stacks are in %s", self.timeout, self.path)
 
 
 def read_eval_batches(dataset: PackedDataset, device: torch.device) -> list:
