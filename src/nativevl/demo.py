@@ -101,10 +101,12 @@ def _stage(name: str, model, tokenizer, cfg: DemoConfig, out: Path, steps: int, 
 
 
 def _curve(path: Path) -> list[dict]:
+    """The training records of a metrics.jsonl (validation lines, `val_*`, are not training steps)."""
     by_step = {}
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        by_step[rec["step"]] = rec
+        if "loss" in rec:
+            by_step[rec["step"]] = rec
     return [by_step[k] for k in sorted(by_step)]
 
 
