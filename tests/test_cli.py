@@ -80,6 +80,7 @@ def test_quick_demo_runs_end_to_end_via_python_m(tmp_path):
     assert VisionLanguageModel.from_pretrained(tmp_path / "sft" / "final").config.image_seq_length == 9
     assert (tmp_path / "data" / "meta.json").is_file()
     assert "nativevl chat --model" in proc.stdout and report["resumed"] == []
+    assert set(report["validation_loss"]) == {"pretrain", "sft"} and "held-out records" in (tmp_path / "report.md").read_text()
     # run again in the same folder: both stages are reused, and the report says so
     from nativevl.demo import DemoConfig, run_demo
 

@@ -62,20 +62,44 @@ def test_benchmark_tsv_reads_as_vlmevalkit_writes_it(tmp_path):
     assert np.array_equal(np.asarray(items[1].images[0]), pixels0)  # the shared image
     assert [it.kind for it in items] == ["animals", "colours", "counting"]
     assert len(get_task(str(tmp_path / "mmb.tsv")).load(2, seed=0)) == 2  # --n: the file's first n
+    # a row that shares the image of a row past --n: read in the same pass
+    rows[0]["image"], rows[2]["image"] = "12", rows[0]["image"]
+    write_tsv(tmp_path / "later.tsv", rows)
+    (first,) = get_task(str(tmp_path / "later.tsv")).load(1, seed=0)
+    assert np.array_equal(np.asarray(first.images[0]), pixels0)
+
+
+def test_majority_vote_groups_option_answers_by_their_letter():
+    """Best-of-N's vote on a benchmark file counts "B.", "(B)" and "The answer is B" as one answer."""
+    from nativevl.eval.tasks.files import FileItem, FileTask
+    from nativevl.infer.best_of_n import Candidates
+
+    item = FileItem("q", "B", [], "", {"A": "cat", "B": "dog"})
+    task = FileTask("x.tsv")
+    texts = ["A", "B.", "(B)", "The answer is B"]
+    assert Candidates(texts).pick("majority") == 0  # as text, four different answers: the first wins
+    assert Candidates(texts, vote_key=lambda t: task.vote_key(t, item)).pick("majority") == 1
 
 
 def test_option_letters_and_open_answers_are_read_as_a_reader_would():
     options = {"A": "a cat", "B": "dog", "C": "cow"}
     for prediction, want in [("B", "B"), ("(B)", "B"), ("B. dog", "B"), ("C) cow", "C"), ("The answer is C.", "C"),
-                             ("Answer: (A)", "A"), ("dog", "B"), ("a cat", "A"), ("A cow", "A"), ("cat or dog", None),
-                             ("", None), ("D", None), ("Option B", "B")]:
+                             ("Answer: (A)", "A"), ("The answer is: B", "B"), ("The correct option is B.", "B"),
+                             ("dog", "B"), ("a cat", "A"), ("A cow", "A"), ("cat or dog", None), ("", None),
+                             ("D", None), ("Option B", "B"), ("B is wrong, the answer is C", "C"),
+                             # naming several options picks none (it was scored by the first)
+                             ("B and C", None), ("A or B", None), ("B C", None), ("A and B are both correct", None),
+                             ("The answer is A or B", None)]:
         assert option_letter(prediction, options) == want, prediction
     assert option_letter("a dog", options) == "B"  # an article, not option A
     assert open_answer_correct("The Eiffel Tower.", "eiffel tower")
     assert open_answer_correct("paris", "['Paris', 'Paris, France']") and open_answer_correct("Paris, France", '["x", "paris, france"]')
-    assert open_answer_correct("12.5", "12") and not open_answer_correct("13", "12")  # ChartQA's 5% for numbers
-    assert open_answer_correct("1,000", "1000") and open_answer_correct("50%", "0.5")
+    assert open_answer_correct("1,000", "1000") and not open_answer_correct("1985", "1990")  # exact, as TextVQA
+    assert open_answer_correct("12.5", "12", relaxed=True) and not open_answer_correct("13", "12", relaxed=True)
+    assert open_answer_correct("50%", "0.5", relaxed=True)  # ChartQA's relaxed accuracy: within 5%
     assert not open_answer_correct("", "0") and not open_answer_correct("london", "['Paris']")
+    # an answer that is only an article-like word is the answer, and an empty prediction never matches it
+    assert open_answer_correct("A", "a") and not open_answer_correct("", "A") and not open_answer_correct("the", "a")
 
 
 def test_file_tasks_score_report_and_resume(tmp_path):
@@ -91,7 +115,7 @@ def test_file_tasks_score_report_and_resume(tmp_path):
         {"conversations": [{"from": "human", "value": "Capital of France?"}, {"from": "gpt", "value": "Paris"}]},
     ]))
     tasks = [str(tmp_path / f) for f in ("mmb.tsv", "vqa.tsv", "custom.jsonl")]
-    answers = {"mmb.tsv": ["C", "The answer is A.", "4"], "vqa.tsv": ["Stop sign", "118"],
+    answers = {"mmb.tsv": ["C", "The answer is A.", "4"], "vqa.tsv": ["Stop sign", "120"],
                "custom.jsonl": ["(B)", "paris."]}
     asked = []
 
@@ -125,6 +149,15 @@ def test_bad_benchmark_files_are_named(tmp_path):
     write_tsv(tmp_path / "c.tsv", [{"index": 0, "question": "q", "answer": "y", "image": "bm90IGFuIGltYWdl" * 8}])
     with pytest.raises(ValueError, match="c.tsv:2: the image is not a readable base64 picture"):
         get_task(str(tmp_path / "c.tsv")).load(5, 0)
+    write_tsv(tmp_path / "e.tsv", [{"index": 0, "question": "q", "answer": "y", "image": "[not json"}])
+    with pytest.raises(ValueError, match="e.tsv:2: the image list is not valid JSON"):
+        get_task(str(tmp_path / "e.tsv")).load(5, 0)
+    write_tsv(tmp_path / "f.tsv", [{"index": 0, "question": "q", "answer": "y", "image": "7"}])
+    with pytest.raises(ValueError, match="f.tsv:2: the image names index 7, which is not in the file"):
+        get_task(str(tmp_path / "f.tsv")).load(5, 0)
+    write_tsv(tmp_path / "g.tsv", [{"index": 0, "question": "q", "answer": NAN}])
+    with pytest.raises(ValueError, match="g.tsv:2: no answer to score against"):
+        get_task(str(tmp_path / "g.tsv")).load(5, 0)
     with pytest.raises(FileNotFoundError, match="missing.tsv does not exist"):
         get_task(str(tmp_path / "missing.tsv"))
     with pytest.raises(ValueError, match="unknown task 'mmbench'.*benchmark file"):

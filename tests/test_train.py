@@ -25,7 +25,8 @@ def losses(out) -> dict[int, float]:
     by_step = {}
     for line in (out / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        by_step[rec["step"]] = rec["loss"]
+        if "loss" in rec:  # validation lines hold val_* only
+            by_step[rec["step"]] = rec["loss"]
     return by_step
 
 
@@ -259,16 +260,22 @@ def test_a_run_whose_data_runs_out_keeps_its_steps(tmp_path):
     """--max_records ends the stream before --max_steps: the steps trained are checkpointed and exported
     (they were lost with save_every=0: no checkpoint, no final model), and the same command again resumes
     there and trains nothing more."""
+    from nativevl.data import synthetic
     from nativevl.train import checkpoint as ckpt
 
+    meta = synthetic.write_dataset(tmp_path / "held_out", n_images=6, n_texts=2, seed=3, size=56)
     run = apply_overrides(recipe("debug_tiny"), ["--max_records=24", "--max_steps=1000", "--tensorboard=false",
-                                                 "--max_tokens=256"])
-    summary = launch(run, tmp_path)
+                                                 "--max_tokens=256", f"--eval_meta={meta}", "--eval_records=4"])
+    out = tmp_path / "run"
+    summary = launch(run, out)
     assert 0 < summary["step"] < 1000
-    assert ckpt.latest(tmp_path / "checkpoints").name == f"step-{summary['step']:08d}"
-    assert VisionLanguageModel.from_pretrained(tmp_path / "final").config.image_seq_length == 4
-    again = launch(run, tmp_path)
-    assert again["step"] == summary["step"] and sorted(losses(tmp_path)) == list(range(1, summary["step"] + 1))
+    assert ckpt.latest(out / "checkpoints").name == f"step-{summary['step']:08d}"
+    assert VisionLanguageModel.from_pretrained(out / "final").config.image_seq_length == 4
+    again = launch(run, out)
+    assert again["step"] == summary["step"] and sorted(losses(out)) == list(range(1, summary["step"] + 1))
+    # validated once where the data ended: the second launch, which trains nothing, validates nothing
+    val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    assert [v["step"] for v in val] == [summary["step"]] and "val_loss" not in again
 
 
 @pytest.mark.parametrize("vocab_size, image_token_id, message", [
@@ -485,7 +492,9 @@ def test_validation_loss_is_logged_exact_and_leaves_training_unchanged(uninterru
     model = VisionLanguageModel.from_pretrained(out / "final").eval()
     tokenizer = load_tokenizer(out / "data" / "tokenizer")
     _, _, _, aligned = build(run, tmp_path / "scratch")
-    batches = loop.read_eval_batches(build_eval_dataset(aligned, tokenizer, tmp_path / "scratch"), torch.device("cpu"))
+    held_out = build_eval_dataset(aligned, tokenizer, tmp_path / "scratch")
+    assert held_out.cfg.training is False  # no augmentation or random V2PE strides in validation
+    batches = loop.read_eval_batches(held_out, torch.device("cpu"))
     total = weights = 0.0
     with torch.no_grad():
         for b in batches:
@@ -515,10 +524,10 @@ def test_a_step_past_hang_timeout_dumps_every_threads_stack(tmp_path, monkeypatc
     args = ["--max_steps=3", "--save_every=1", "--global_batch=2", "--tensorboard=false", "--export=false",
             "--max_tokens=256"]
     launch(apply_overrides(recipe("debug_tiny"), args + ["--hang_timeout=1"]), tmp_path / "slow")
-    dump = (tmp_path / "slow" / "hang-rank0.txt").read_text()
-    assert "Timeout" in dump and "slow_save" in dump
+    dumps = list((tmp_path / "slow").glob("hang-rank0-*.txt"))
+    assert len(dumps) == 1 and "Timeout" in dumps[0].read_text() and "slow_save" in dumps[0].read_text()
     monkeypatch.setattr(loop, "save_train_state", original)
     launch(apply_overrides(recipe("debug_tiny"), args + ["--hang_timeout=60"]), tmp_path / "fine")
-    assert not (tmp_path / "fine" / "hang-rank0.txt").exists()
+    assert not list((tmp_path / "fine").glob("hang-*"))
     with pytest.raises(ValueError, match="hang_timeout must be"):
         apply_overrides(recipe("debug_tiny"), ["--hang_timeout=-1"])

@@ -44,13 +44,15 @@ class DemoConfig:
     eval_batch: int = 50
     train_seed: int = 1
     eval_seed: int = 10_000  # held out: training never sees this seed
+    val_seed: int = 20_000  # the validation loss's records: another held-out seed
+    val_records: int = 128  # per stage, measured 10 times a stage
     vocab_size: int = 768
     inspect_records: int = 24  # written to DIR/data per family, in InternVL's format
 
     @classmethod
     def quick(cls) -> DemoConfig:
         """A short end-to-end run (CI): a few steps per stage, a handful of questions."""
-        return cls(pretrain_steps=6, sft_steps=6, eval_n=6, eval_batch=6, inspect_records=2)
+        return cls(pretrain_steps=6, sft_steps=6, eval_n=6, eval_batch=6, inspect_records=2, val_records=8)
 
 
 def model_config(tokenizer) -> ModelConfig:
@@ -94,23 +96,28 @@ def _stage(name: str, model, tokenizer, cfg: DemoConfig, out: Path, steps: int, 
                       loss_reduction="square", text_ratio=text_ratio, seed=cfg.train_seed,
                       text_ratio_unit="samples")  # as the committed demo was tuned and measured
     dataset = PackedDataset(_sources(name, cfg.train_seed), tokenizer, data)
+    # the stage's mixture on another held-out seed, as at test time (recipes.build_eval_dataset does the same)
+    held_out = PackedDataset(_sources(name, cfg.val_seed), tokenizer,
+                             dataclasses.replace(data, max_records=cfg.val_records, text_ratio=None, training=False))
     train_cfg = TrainConfig(max_steps=steps, lr=cfg.lr, warmup_steps=max(1, steps // 20), global_batch=cfg.global_batch,
-                            weight_decay=0.0, tensorboard=True, save_every=max(1, steps // 4), seed=cfg.train_seed)
+                            weight_decay=0.0, tensorboard=True, save_every=max(1, steps // 4), seed=cfg.train_seed,
+                            eval_every=max(1, steps // 10), eval_records=cfg.val_records)
     return train(model, tokenizer, dataset, StagePolicy(), train_cfg, out / name,
-                 run_config={"demo": dataclasses.asdict(cfg), "stage": name, "data": dataclasses.asdict(data)})
+                 run_config={"demo": dataclasses.asdict(cfg), "stage": name, "data": dataclasses.asdict(data)},
+                 eval_dataset=held_out)
 
 
-def _curve(path: Path) -> list[dict]:
-    """The training records of a metrics.jsonl (validation lines, `val_*`, are not training steps)."""
+def _curve(path: Path, key: str = "loss") -> list[dict]:
+    """The records of a metrics.jsonl that hold `key`: training steps ("loss") or validations ("val_loss")."""
     by_step = {}
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        if "loss" in rec:
+        if key in rec:
             by_step[rec["step"]] = rec
     return [by_step[k] for k in sorted(by_step)]
 
 
-def plot_losses(curves: dict[str, list[dict]], path: Path) -> None:
+def plot_losses(curves: dict[str, list[dict]], path: Path, val: dict[str, list[dict]] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,10 +127,14 @@ def plot_losses(curves: dict[str, list[dict]], path: Path) -> None:
     offset = 0
     for name, curve in curves.items():
         steps = [offset + r["step"] for r in curve]
-        ax.plot(steps, [r["loss"] for r in curve], label=name, linewidth=1)
+        line, = ax.plot(steps, [r["loss"] for r in curve], label=name, linewidth=1, alpha=0.8)
+        points = (val or {}).get(name) or []
+        if points:
+            ax.plot([offset + r["step"] for r in points], [r["val_loss"] for r in points], "o-", markersize=4,
+                    color=line.get_color(), markeredgecolor="black", linewidth=1.5, label=f"{name}, held-out")
         offset = steps[-1] if steps else offset
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel("training loss (square-averaged CE)")
+    ax.set_ylabel("loss (square-averaged CE)")
     ax.set_yscale("log")
     ax.set_title("nativevl demo: native pre-training, then SFT, on the toy world")
     ax.legend()
@@ -207,7 +218,9 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict:
     report["wall_time_s"] = round(time.perf_counter() - started, 1)
     report["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     curves = {s: _curve(out / s / "metrics.jsonl") for s in ("pretrain", "sft") if (out / s / "metrics.jsonl").is_file()}
-    plot_losses(curves, out / "loss.png")
+    val = {s: _curve(out / s / "metrics.jsonl", "val_loss") for s in curves}
+    report["validation_loss"] = {s: v[-1]["val_loss"] for s, v in val.items() if v}
+    plot_losses(curves, out / "loss.png", val)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(report))
     print(f"[demo] report: {out / 'report.md'} ({report['wall_time_s']} s)")
@@ -229,6 +242,10 @@ def report_markdown(report: dict) -> str:
         lines[-1:-1] = [note, ""]
     for stage, title in (("pretrain", "After native pre-training"), ("sft", "After SFT")):
         lines.append(markdown_table(report["stages"][stage], title))
+    if report.get("validation_loss"):
+        lines += ["Loss on held-out records of each stage's data (another seed), at the stage's end: "
+                  + ", ".join(f"{s} {v:.4f}" for s, v in report["validation_loss"].items())
+                  + " (the dots on the plot; the line is the training loss).", ""]
     lines += [f"Mean accuracy over shapes, reading and charts after SFT: {report['headline_mean']:.3f}.", "",
               "At least 3x chance (or 0.90) after SFT: "
               + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["above_3x_chance"].items()) + ".", "",

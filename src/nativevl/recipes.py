@@ -321,6 +321,7 @@ def build_eval_dataset(run: Run, tokenizer, out_dir: str | Path):
     from nativevl.train.parallel import init_distributed
 
     rank, world, _ = init_distributed()
-    data = dataclasses.replace(run.data, max_records=run.train.eval_records, text_ratio=None)
+    # as at test time: no augmentation, V2PE's fixed stride, evenly spaced video frames
+    data = dataclasses.replace(run.data, max_records=run.train.eval_records, text_ratio=None, training=False)
     return PackedDataset(load_meta(run.eval_meta), tokenizer, data, rank=rank, world_size=world,
                          rejects_dir=Path(out_dir) / "rejects-eval")

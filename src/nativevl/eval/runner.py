@@ -8,6 +8,7 @@ import json
 import logging
 import math
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ from nativevl.eval.tasks import FILE_SUFFIXES, get_task
 from nativevl.infer.generate import generate_texts
 
 log = logging.getLogger(__name__)
+
+QUESTIONS_AT_ONCE = 64  # Best-of-N: questions tiled and given to one engine at a time
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -123,16 +126,36 @@ def chance_level(task, seed: int, n: int = 2000) -> float:
     return sum(c.most_common(1)[0][1] for c in by_kind.values()) / max(1, len(items))
 
 
+class LazyPrompts(Sequence):
+    """`task.prompt(item)` of each item when it is asked for, so that a file task's images are decoded
+    batch by batch rather than all before the first batch."""
+
+    def __init__(self, task, items: list) -> None:
+        self.task, self.items = task, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.task.prompt(it) for it in self.items[i]]
+        return self.task.prompt(self.items[i])
+
+
 @torch.no_grad()
-def predict(model, tokenizer, prompts: list[tuple[list[dict], list]], *, max_new_tokens: int, batch_size: int,
+def predict(model, tokenizer, prompts: Sequence[tuple[list[dict], list]], *, max_new_tokens: int, batch_size: int,
             system_message: str | None, desc: str = "", max_num: int = 1) -> list[str]:
     """Greedy answers for (messages, images) prompts, `batch_size` at a time (left padding); each image
-    in up to `max_num` tiles."""
+    in up to `max_num` tiles, tiled batch by batch (4,000 questions at 7 tiles would be ~67 GB at once)."""
     cfg = model.config
-    rows = [chat_inputs(tokenizer, messages, images, image_size=cfg.vision.image_size,
-                        image_seq_length=cfg.image_seq_length, system_message=system_message, max_num=max_num)
-            for messages, images in prompts]
-    return generate_texts(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens, desc=desc)
+    answers: list[str] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
+        rows = [chat_inputs(tokenizer, messages, images, image_size=cfg.vision.image_size,
+                            image_seq_length=cfg.image_seq_length, system_message=system_message, max_num=max_num)
+                for messages, images in prompts[start : start + batch_size]]
+        answers += generate_texts(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                  progress=False)
+    return answers
 
 
 def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10_000, batch_size: int = 16,
@@ -166,7 +189,7 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10
         if predictor is not None:
             predictions = predictor(task, mine)
         else:
-            predictions = predict(model, tokenizer, [task.prompt(it) for it in mine], max_new_tokens=task.max_new_tokens,
+            predictions = predict(model, tokenizer, LazyPrompts(task, mine), max_new_tokens=task.max_new_tokens,
                                   batch_size=batch_size, system_message=system_message, desc=name,
                                   max_num=getattr(task, "max_num", 1))
         correct = [task.score(p, it) for p, it in zip(predictions, mine)]
@@ -234,45 +257,54 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
             report[name] = reusable[name]
             continue
         items = task.load(n, seed)
-        asked = [task.prompt(it) for it in items]
-        prompts = [chat_inputs(tokenizer, *q, image_size=cfg.vision.image_size, image_seq_length=cfg.image_seq_length,
-                               system_message=system_message, max_num=getattr(task, "max_num", 1)) for q in asked]
-        longest = max(len(ids) for ids, _ in prompts) + task.max_new_tokens + 1
-        engine = Engine(model, tokenizer, max_batch_size=max(max_batch_size, samples), max_seq_len=longest,
-                        max_queue=len(items) + 1)
-        ids, pixels = [p[0] for p in prompts], [p[1] for p in prompts]
-        greedy = engine.generate(ids, SamplingParams(max_tokens=task.max_new_tokens), pixels)
-        sampled = sample_candidates(engine, ids, pixels, n=samples, temperature=temperature, top_k=top_k,
-                                    max_tokens=task.max_new_tokens, seed=seed)
         counts = {"pass1": 0, "sample_mean": 0.0, f"majority{samples}": 0}
         if prm is not None:
             counts.update({f"prm_best{samples}": 0, f"outcome_best{samples}": 0, f"oracle{samples}": 0})
-        records = []
-        for i, (it, (msgs, _), g, texts, (prompt_ids, tiles)) in enumerate(tqdm(
-            zip(items, asked, greedy, sampled, prompts, strict=True), total=len(items),
-            desc=f"{name} best-of-{samples}", leave=False,
-        )):
-            ok = [bool(task.score(t, it)) for t in texts]
-            cands = Candidates(texts)
-            record = {"index": i, "question": question_key(it), "answer": it.answer,
-                      "pass1": bool(task.score(g[0].text, it)),
-                      "samples_correct": sum(ok), f"majority{samples}": ok[cands.pick("majority")]}
-            if prm is not None:
-                per_image = tiles_in_prompt(prompt_ids, cfg.image_token_id, cfg.image_seq_length)
-                cands.step_scores = step_scores(prm, tokenizer, msgs[0]["content"], texts, tiles, per_image,
-                                                max_steps=prm_max_steps)
-                record.update({f"prm_best{samples}": ok[cands.pick("prm")],
-                               f"outcome_best{samples}": ok[cands.pick("outcome")], f"oracle{samples}": any(ok)})
-            records.append(record)
-            counts["sample_mean"] += sum(ok) / len(ok)
-            for key in counts:
-                if key != "sample_mean":
-                    counts[key] += record[key]
+        records, prefills = [], 0
+        bar = tqdm(total=len(items), desc=f"{name} best-of-{samples}", leave=False)
+        # questions go QUESTIONS_AT_ONCE at a time: their tiles (up to 7 per image at 448 px: 17 MB) and
+        # an engine sized for their longest prompt; question i samples with seed + i whatever its chunk
+        for c0 in range(0, len(items), QUESTIONS_AT_ONCE):
+            chunk = items[c0 : c0 + QUESTIONS_AT_ONCE]
+            asked = [task.prompt(it) for it in chunk]
+            prompts = [chat_inputs(tokenizer, *q, image_size=cfg.vision.image_size,
+                                   image_seq_length=cfg.image_seq_length, system_message=system_message,
+                                   max_num=getattr(task, "max_num", 1)) for q in asked]
+            longest = max(len(ids) for ids, _ in prompts) + task.max_new_tokens + 1
+            engine = Engine(model, tokenizer, max_batch_size=max(max_batch_size, samples), max_seq_len=longest,
+                            max_queue=len(chunk) + 1)
+            ids, pixels = [p[0] for p in prompts], [p[1] for p in prompts]
+            greedy = engine.generate(ids, SamplingParams(max_tokens=task.max_new_tokens), pixels)
+            sampled = sample_candidates(engine, ids, pixels, n=samples, temperature=temperature, top_k=top_k,
+                                        max_tokens=task.max_new_tokens, seed=seed + c0)
+            prefills += engine.stats["prefills"]
+            for i, (it, (msgs, _), g, texts, (prompt_ids, tiles)) in enumerate(
+                    zip(chunk, asked, greedy, sampled, prompts, strict=True), start=c0):
+                ok = [bool(task.score(t, it)) for t in texts]
+                # a file task votes by its reading of an answer (the option letter); the toy tasks by final answer
+                cands = Candidates(texts, vote_key=(lambda t, it=it, task=task: task.vote_key(t, it))
+                                   if hasattr(task, "vote_key") else None)
+                record = {"index": i, "question": question_key(it), "answer": it.answer,
+                          "pass1": bool(task.score(g[0].text, it)),
+                          "samples_correct": sum(ok), f"majority{samples}": ok[cands.pick("majority")]}
+                if prm is not None:
+                    per_image = tiles_in_prompt(prompt_ids, cfg.image_token_id, cfg.image_seq_length)
+                    cands.step_scores = step_scores(prm, tokenizer, msgs[0]["content"], texts, tiles, per_image,
+                                                    max_steps=prm_max_steps)
+                    record.update({f"prm_best{samples}": ok[cands.pick("prm")],
+                                   f"outcome_best{samples}": ok[cands.pick("outcome")], f"oracle{samples}": any(ok)})
+                records.append(record)
+                counts["sample_mean"] += sum(ok) / len(ok)
+                for key in counts:
+                    if key != "sample_mean":
+                        counts[key] += record[key]
+                bar.update(1)
+        bar.close()
         total = len(items)
         entry = {key: _scored(round(v) if key != "sample_mean" else 0, total) for key, v in counts.items()}
         entry["sample_mean"] = {"accuracy": counts["sample_mean"] / total, "n": total}
         entry.update({"samples": samples, "temperature": temperature, "top_k": top_k, "seed": seed,
-                      "chance": _chance(task, items, seed), "prefills": engine.stats["prefills"]})
+                      "chance": _chance(task, items, seed), "prefills": prefills})
         entry["paired"] = {  # the PRM's pick against greedy and against the vote, on the same questions
             f"{b} vs {a}": paired_test([r[a] for r in records], [r[b] for r in records])
             for a, b in (("pass1", f"prm_best{samples}"), (f"majority{samples}", f"prm_best{samples}"),

@@ -8,6 +8,7 @@ at the last step alone: how it judges the finished solution), and majority vote 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +25,14 @@ SCORERS = ("prm", "outcome", "majority")
 class Candidates:
     texts: list[str]
     step_scores: list[list[float]] | None = None  # from the PRM, when one was given
+    vote_key: Callable[[str], Hashable] | None = None  # what the vote groups by (a task's reading of an answer)
 
-    def answer(self, i: int) -> tuple[bool, str]:
-        """The candidate's answer for voting: its final answer, else its whole normalised text, kept
-        apart (as the verifier does: 'Final answer: 4' and a bare '4' are not the same answer)."""
+    def answer(self, i: int) -> Hashable:
+        """The candidate's answer for voting: `vote_key` of its text when given (e.g. the option letter of
+        a multiple-choice answer), else its final answer, else its whole normalised text, kept apart (as
+        the toy verifier does: 'Final answer: 4' and a bare '4' are not the same answer)."""
+        if self.vote_key is not None:
+            return self.vote_key(self.texts[i])
         found = final_answer(self.texts[i])
         return (True, found) if found is not None else (False, normalize(self.texts[i]))
 

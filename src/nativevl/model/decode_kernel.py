@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -103,7 +103,7 @@ if triton is not None:
         tl.store(out_ptr + row.to(tl.int64) * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return TARGET_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count

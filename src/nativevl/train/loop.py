@@ -66,7 +66,9 @@ class TrainConfig:
     mpo_generation_weight: float = 1.0  # w_g, NLL of the chosen response
     eval_every: int = 0  # steps between validations on the run's eval_meta; 0: once, at the end
     eval_records: int = 256  # records of eval_meta in the validation set (the same ones every time)
-    hang_timeout: float = 1800.0  # seconds a step may take before every thread's stack goes to DIR/hang-rankN.txt; 0: off
+    # seconds a step may take before every thread's stack goes to DIR/hang-rankN-<time>.txt; 0: off. Below
+    # NCCL's 10-minute collective timeout, which ends a rank stuck in a collective before any dump
+    hang_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -223,7 +225,8 @@ def train(
     peak = peak_flops(device, cfg.peak_tflops)
     logger = MetricsLogger(out_dir, cfg.max_steps, step, enabled=main, tensorboard=cfg.tensorboard)
     model.train()
-    watchdog = HangWatchdog(out_dir / f"hang-rank{rank}.txt", cfg.hang_timeout)
+    watchdog = HangWatchdog(out_dir / f"hang-rank{rank}-{time.strftime('%Y%m%d-%H%M%S')}.txt", cfg.hang_timeout)
+    started_at = step  # the step this session began from (a checkpoint's, on resume)
     last_loss = float("nan")
     saved_step = step  # a resumed run's checkpoint holds its step already
     ran_out = False
@@ -315,7 +318,7 @@ def train(
                 save_train_state(out_dir, model, optimizer, step, tokens_total, tracker, cfg, rank, world,
                                  objective.state_dict())
                 saved_step = step
-        if ran_out and val_batches is not None and step > 0 and last_val.get("step") != step:
+        if ran_out and val_batches is not None and step > started_at and last_val.get("step") != step:
             last_val = validate(model, objective, val_batches, device, use_bf16, autocast, step)
             logger.log_eval(last_val)
         if ran_out and step > saved_step:  # the steps since the last checkpoint are kept, not lost
@@ -336,8 +339,11 @@ class HangWatchdog:
     """A step that takes longer than `timeout` seconds (a collective waiting for a rank that died or
     diverged, a stuck data worker, a hung filesystem) gets every thread's Python stack written to `path`,
     again every `timeout` seconds while it lasts (faulthandler: it works while the interpreter is stuck in
-    C code). The run is not stopped: compare the ranks' files to see who waits where. An empty file is
-    removed at the end."""
+    C code). The run is not stopped: compare the ranks' files to see who waits where. `path` is this
+    run's own file (named with its start time); it is removed at the end if nothing was written.
+    faulthandler has one timer per process: while training, this one replaces any other's (pytest's
+    faulthandler_timeout, say), and closing cancels it. A legitimately slow step (the first one, which
+    compiles; a large checkpoint) can also write a dump."""
 
     def __init__(self, path: Path, timeout: float) -> None:
         self.path, self.timeout, self.file = path, timeout, None

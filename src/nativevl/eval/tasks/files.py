@@ -10,10 +10,12 @@
 
 Multiple choice (option columns, or an answer that is one option letter of a question listing its
 options as `A. ...` lines): the prediction's option letter must equal the answer's (a bare letter,
-"(B)", "B. text", "The answer is B", or the text of exactly one option). Open answers: equal after
+"(B)", "B. text", "The answer is B"; none when it names several, see `option_letter`, or the text of
+exactly one option). Open answers: equal after
 normalisation (case, punctuation, articles, spacing) to the answer or to any answer of a JSON / Python
-list of answers, numbers within 5% (ChartQA's relaxed accuracy). MMBench's circular evaluation (every
-rotation of the options) is not run: each row is asked once, as written.
+list of answers (full credit for matching any one: VQA's min(1, matches / 3) is not computed); numbers
+within 5% for ChartQA files only (relaxed accuracy). MMBench's circular evaluation (every rotation of
+the options) is not run: each row is asked once, as written.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import ast
 import base64
 import binascii
 import csv
+import io
 import json
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from PIL import Image
 
 from nativevl.data.images import load_image
 from nativevl.data.template import IMAGE_PLACEHOLDER
@@ -34,17 +39,25 @@ from nativevl.data.template import IMAGE_PLACEHOLDER
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 OPEN_INSTRUCTION = "Answer the question using a single word or phrase."
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_MISSING = {"", "nan", "NaN", "None", "none", "null"}
+# what pandas (and so VLMEvalKit) reads as a missing value: an option spelled "None" is missing there too
+_MISSING = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+            "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
 
 
 @dataclass
 class FileItem:
     question: str  # the prompt text, <image> placeholders where the images go
     answer: str  # a letter for multiple choice, else the reference (or a list of them, as written)
-    images: list = field(default_factory=list)
+    sources: list = field(default_factory=list)  # base64 strings, paths or PIL images: decoded when asked for
     kind: str = ""  # the category: chance is measured per category
     options: dict[str, str] = field(default_factory=dict)  # letter -> option text; {} for open answers
     index: str = ""
+    where: str = ""  # file:line, for errors
+
+    @property
+    def images(self) -> list:
+        """The pictures, decoded now (a rank decodes only the questions it asks; none are kept)."""
+        return [_decode_image(s, self.where) if isinstance(s, str) else load_image(s) for s in self.sources]
 
 
 def _present(value) -> bool:
@@ -55,7 +68,8 @@ def normalize_answer(text: str) -> str:
     text = text.strip().lower()
     text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)  # 1,000 -> 1000
     text = re.sub(r"[^\w\s.%-]", " ", text)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    kept = re.sub(r"\b(a|an|the)\b", " ", text)
+    text = kept if kept.strip(" .") else text  # "A" or "the" alone is the answer, not an article
     return " ".join(text.split()).strip(" .")
 
 
@@ -80,30 +94,42 @@ def reference_answers(answer: str) -> list[str]:
     return [answer]
 
 
-def open_answer_correct(prediction: str, answer: str) -> bool:
+def open_answer_correct(prediction: str, answer: str, relaxed: bool = False) -> bool:
+    """The prediction's first line equals one of the references after normalisation; with `relaxed`
+    (ChartQA), numbers within 5% of a numeric reference count too. An empty prediction never does."""
     got = normalize_answer(prediction.strip().splitlines()[0] if prediction.strip() else "")
+    if not got:
+        return False
     for ref in reference_answers(answer):
         want = normalize_answer(ref)
         if got == want:
             return True
         a, b = _number(got), _number(want)
-        if a is not None and b is not None and (abs(a - b) <= 0.05 * abs(b) if b else a == 0):
+        if relaxed and a is not None and b is not None and (abs(a - b) <= 0.05 * abs(b) if b else a == 0):
             return True
     return False
 
 
 def option_letter(prediction: str, options: dict[str, str]) -> str | None:
-    """The option a prediction picks, or None when it names none (or several by text)."""
+    """The one option a prediction picks, or None when it picks none or several.
+
+    Capital option letters standing alone ("B", "(B)", "B. dog", "B)") are the candidates: exactly one
+    is the pick. With several ("B is wrong, the answer is C"), an explicit "answer is X" / "option X"
+    decides when no other option letter follows it ("The answer is A or B" picks none). Without a
+    letter, the option whose text the prediction is (after normalisation), if exactly one."""
     text = prediction.strip()
     letters = "".join(options)
-    # letters as capitals only: "a" in "a cat" is an article, not option A
-    patterns = [rf"^\(?([{letters}])\)?(?:[.:)\s]|$)",  # "B", "(B)", "B.", "B) ...", "B text"
-                rf"(?i:answer)(?: is|:)?\s*\(?([{letters}])\)?(?:[.:)\s]|$)",  # "The answer is B", "Answer: (B)"
-                rf"^(?i:option)\s+\(?([{letters}])\)?(?:[.:)\s]|$)"]
-    for pattern in patterns:
-        m = re.search(pattern, text)
-        if m:
-            return m.group(1)
+    found = re.findall(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", text)
+    if len(set(found)) == 1:
+        return found[0]
+    if found:
+        stated = list(re.finditer(rf"(?i:answer|option)(?:\s+(?i:is))?\s*:?\s*\(?([{letters}])(?![A-Za-z])", text))
+        if stated:
+            last = stated[-1]
+            after = re.findall(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", text[last.end():])
+            if not after:
+                return last.group(1)
+        return None
     got = normalize_answer(text)
     named = [k for k, v in options.items() if normalize_answer(v) == got]
     return named[0] if len(named) == 1 else None
@@ -122,49 +148,101 @@ def _decode_image(value: str, where: str):
         raise ValueError(f"{where}: the image is not a readable base64 picture ({e})") from None
 
 
+def _check_image(value: str, where: str) -> None:
+    """The picture's header read (not its pixels): a broken image fails when the file is read, not an
+    hour into the evaluation."""
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(value, validate=False))):
+            pass
+    except (binascii.Error, ValueError, OSError) as e:
+        raise ValueError(f"{where}: the image is not a readable base64 picture ({e})") from None
+
+
+def _image_list(raw: str, where: str) -> list:
+    if not raw.lstrip().startswith("["):
+        return [raw]
+    try:
+        values = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: the image list is not valid JSON ({e})") from None
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{where}: the image list must be a JSON list of strings")
+    return values
+
+
+def _names_row(image) -> bool:
+    """A short `image` value is another row's index (VLMEvalKit writes a repeated image once)."""
+    return _present(image) and len(image) <= 64 and not image.lstrip().startswith("[")
+
+
 def read_tsv(path: Path, limit: int) -> list[FileItem]:
+    """The first `limit` rows, read in one pass that keeps only those rows and the images they share
+    with later rows (a 4 GB benchmark file is not held in memory)."""
     csv.field_size_limit(sys.maxsize)  # base64 images are longer than csv's default field limit
+    kept: list[tuple[int, dict]] = []
+    shared: dict[str, str] = {}  # index -> image of every row read so far or needed later
+    wanted: set[str] = set()
     with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    if not rows:
+        reader = csv.DictReader(f, delimiter="\t")
+        columns = set(reader.fieldnames or ())
+        missing = {"question", "answer"} - columns
+        if missing:
+            raise ValueError(f"{path}: a benchmark TSV needs the columns question and answer; missing "
+                             f"{sorted(missing)} (has {sorted(columns)})")
+        for lineno, row in enumerate(reader, 2):
+            index, image = str(row.get("index")), row.get("image")
+            if len(kept) < limit:
+                kept.append((lineno, row))
+                if _names_row(image):
+                    wanted.add(image)
+                elif _present(image):
+                    shared[index] = image
+            elif index in wanted and index not in shared:
+                shared[index] = image
+            if len(kept) >= limit and wanted <= shared.keys():
+                break
+    if not kept:
         raise ValueError(f"{path}: no rows")
-    columns = set(rows[0])
-    missing = {"question", "answer"} - columns
-    if missing:
-        raise ValueError(f"{path}: a benchmark TSV needs the columns question and answer; missing {sorted(missing)} "
-                         f"(has {sorted(columns)})")
-    by_index = {str(r.get("index")): r for r in rows}
-    items = []
-    for lineno, row in enumerate(rows[:limit], 2):
-        where = f"{path}:{lineno}"
-        options = {k: str(row[k]).strip() for k in LETTERS if k in row and _present(row[k])}
-        raw = row.get("image")
-        images = []
-        if _present(raw):
-            if len(raw) <= 64 and raw in by_index:  # this row shares another row's image
-                raw = by_index[raw].get("image")
-            values = json.loads(raw) if raw.lstrip().startswith("[") else [raw]
-            images = [_decode_image(v, where) for v in values]
-        elif _present(row.get("image_path")):
-            paths = row["image_path"]
-            paths = json.loads(paths) if paths.lstrip().startswith("[") else [paths]
-            images = [load_image(path.parent / p) for p in paths]
-        question = str(row["question"]).strip()
-        if _present(row.get("hint")):
-            question = f"{str(row['hint']).strip()}\n{question}"
-        if options:
-            question += "".join(f"\n{k}. {v}" for k, v in options.items()) + "\n" + MC_INSTRUCTION
-            answer = str(row["answer"]).strip().upper()
-            if answer not in options:
-                raise ValueError(f"{where}: the answer {row['answer']!r} is not one of the options {sorted(options)}")
-        else:
-            question += "\n" + OPEN_INSTRUCTION
-            answer = str(row["answer"]).strip()
-        if IMAGE_PLACEHOLDER not in question:
-            question = f"{IMAGE_PLACEHOLDER}\n" * len(images) + question
-        kind = next((str(row[c]) for c in ("category", "l2-category", "split") if _present(row.get(c))), "")
-        items.append(FileItem(question, answer, images, kind, options, str(row.get("index", lineno - 2))))
-    return items
+    return [_tsv_item(path, lineno, row, shared) for lineno, row in kept]
+
+
+def _tsv_item(path: Path, lineno: int, row: dict, shared: dict[str, str]) -> FileItem:
+    where = f"{path}:{lineno}"
+    options = {k: str(row[k]).strip() for k in LETTERS if k in row and _present(row[k])}
+    raw = row.get("image")
+    sources: list = []
+    if _present(raw):
+        if _names_row(raw):  # VLMEvalKit: this row shares the image of the row with that index
+            if raw not in shared:
+                raise ValueError(f"{where}: the image names index {raw}, which is not in the file")
+            raw = shared[raw]
+        sources = _image_list(raw, where)
+        for value in sources:
+            _check_image(value, where)
+    elif _present(row.get("image_path")):
+        sources = [path.parent / p for p in _image_list(row["image_path"], where)]
+        for p in sources:
+            if not p.is_file():
+                raise FileNotFoundError(f"{where}: image file {p} does not exist")
+    question = str(row["question"]).strip()
+    if _present(row.get("hint")):
+        question = f"{str(row['hint']).strip()}\n{question}"
+    if not _present(row["answer"]):
+        raise ValueError(f"{where}: no answer to score against")
+    if options:
+        question += "".join(f"\n{k}. {v}" for k, v in options.items()) + "\n" + MC_INSTRUCTION
+        answer = str(row["answer"]).strip().upper()
+        if answer not in options:
+            raise ValueError(f"{where}: the answer {row['answer']!r} is not one of the options {sorted(options)}")
+    else:
+        question += "\n" + OPEN_INSTRUCTION
+        answer = str(row["answer"]).strip()
+        if not normalize_answer(reference_answers(answer)[0]):
+            raise ValueError(f"{where}: the answer {row['answer']!r} is empty once normalised")
+    if IMAGE_PLACEHOLDER not in question:
+        question = f"{IMAGE_PLACEHOLDER}\n" * len(sources) + question
+    kind = next((str(row[c]) for c in ("category", "l2-category", "split") if _present(row.get(c))), "")
+    return FileItem(question, answer, sources, kind, options, str(row.get("index", lineno - 2)), where)
 
 
 def read_jsonl(path: Path, limit: int) -> list[FileItem]:
@@ -172,7 +250,7 @@ def read_jsonl(path: Path, limit: int) -> list[FileItem]:
 
     items = []
     for i, q in enumerate(jsonl_questions(path, limit=limit)):
-        if q.answer is None:
+        if q.answer is None or not q.answer.strip():
             raise ValueError(f"{path}: question {i + 1} has no answer (a gpt turn after the human turn) to score against")
         options = _options_in_text(q.question)
         answer = q.answer.strip()
@@ -181,7 +259,7 @@ def read_jsonl(path: Path, limit: int) -> list[FileItem]:
             answer = letter.group(1)
         else:
             options = {}
-        items.append(FileItem(q.question, answer, q.images, "", options, str(i)))
+        items.append(FileItem(q.question, answer, list(q.images), "", options, str(i), f"{path}: question {i + 1}"))
     return items
 
 
@@ -213,10 +291,22 @@ class FileTask:
     def prompt(self, item: FileItem) -> tuple[list[dict[str, str]], list]:
         return [{"role": "user", "content": item.question}], item.images
 
+    @property
+    def relaxed(self) -> bool:
+        """ChartQA's relaxed accuracy (numbers within 5%), for VLMEvalKit's ChartQA files only."""
+        return self.path.name.lower().startswith("chartqa")
+
     def score(self, prediction: str, item: FileItem) -> bool:
         if item.options:
             return option_letter(prediction, item.options) == item.answer
-        return open_answer_correct(prediction, item.answer)
+        return open_answer_correct(prediction, item.answer, self.relaxed)
+
+    def vote_key(self, prediction: str, item: FileItem):
+        """What Best-of-N's majority vote groups by: the option picked, or the normalised first line."""
+        if item.options:
+            letter = option_letter(prediction, item.options)
+            return ("option", letter) if letter is not None else ("unread", normalize_answer(prediction))
+        return ("text", normalize_answer(prediction.strip().splitlines()[0] if prediction.strip() else ""))
 
     def chance(self, items: list[FileItem]) -> float:
         """A uniform guess among the options for multiple choice; for open answers the most frequent
