@@ -415,3 +415,31 @@ def test_decode_chunks_give_the_tokens_of_single_steps(model, tokenizer):
     small = [Engine(model, tokenizer, max_batch_size=2, max_seq_len=16, decode_chunk=c) for c in (1, 8)]
     outs = [e.generate([p12], SamplingParams(max_tokens=50, ignore_eos=True))[0][0] for e in small]
     assert outs[0] == outs[1] and outs[1].finish_reason == "length" and len(outs[1].token_ids) == 5
+
+
+def test_logprobs_are_the_models_distribution_at_each_token(model, tokenizer):
+    """Each generated token's log-probability (and its top alternatives) equals log_softmax of a plain
+    forward over prompt + tokens so far; asking for them changes no token, also with decode_chunk 8 and
+    with sampling (temperature does not reshape the reported distribution)."""
+    ids = prompts(tokenizer)[1]
+    want = Engine(model, tokenizer, max_batch_size=4, max_seq_len=128).generate(
+        [ids], SamplingParams(max_tokens=6, ignore_eos=True))[0][0]
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=128, decode_chunk=8)
+    got = engine.generate([ids], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2))[0][0]
+    assert got.token_ids == want.token_ids and len(got.logprobs) == 6
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids + got.token_ids])).logits[0].float()
+    ref = logits[len(ids) - 1 : -1].log_softmax(-1)  # the distribution each token was drawn from
+    for i, (tok, entry) in enumerate(zip(got.token_ids, got.logprobs)):
+        assert entry["token_id"] == tok and abs(entry["logprob"] - ref[i, tok].item()) < 1e-4
+        top = ref[i].topk(2)
+        assert [t for t, _ in entry["top"]] == top.indices.tolist()
+        assert max(abs(lp - r) for (_, lp), r in zip(entry["top"], top.values.tolist())) < 1e-4
+    sampled = engine.generate([ids], SamplingParams(max_tokens=4, temperature=1.5, seed=1, logprobs=0))[0][0]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids + sampled.token_ids])).logits[0].float()
+    ref = logits[len(ids) - 1 : -1].log_softmax(-1)
+    assert all(abs(e["logprob"] - ref[i, t].item()) < 1e-4 and e["top"] == []
+               for i, (t, e) in enumerate(zip(sampled.token_ids, sampled.logprobs)))
+    with pytest.raises(ValueError, match="logprobs must be in"):
+        SamplingParams(logprobs=21)

@@ -259,7 +259,8 @@ def test_openai_api_details(served, tmp_path):
     # parameters that would change the output are refused, not ignored
     for extra, param in (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                          ({"response_format": {"type": "json_object"}}, "response_format"),
-                         ({"logit_bias": {"5": 10}}, "logit_bias"), ({"top_logprobs": 2}, "logprobs")):
+                         ({"logit_bias": {"5": 10}}, "logit_bias"), ({"top_logprobs": 2}, "top_logprobs"),
+                         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"logprobs": "yes"}, "logprobs")):
         r = post({"model": "tiny", "messages": hi, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, extra
     assert post({"messages": hi, "max_tokens": 2, "tools": [{"type": "function", "function": {"name": "f"}}],
@@ -298,3 +299,28 @@ def test_n_over_the_engines_batch_is_a_400_on_n(served):
         prepare({"messages": [{"role": "user", "content": "hi"}], "n": engine.max_batch_size + 1}, engine,
                 replace(cfg, max_n=engine.max_batch_size + 4))
     assert e.value.status == 400 and e.value.param == "n"
+
+
+def test_logprobs_through_the_openai_client(served):
+    """logprobs / top_logprobs: one entry per generated token whose texts make the answer, each with its
+    alternatives (the greedy token first); streamed, the same entries arrive ahead of their text."""
+    engine, cfg, url, _ = served
+    c = client(url)
+    hi = [{"role": "user", "content": "the quick brown fox"}]
+    r = c.chat.completions.create(model="tiny", messages=hi, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token  # greedy: the most likely one
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob) and t.logprob <= 0
+        assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
+        assert bytes(t.bytes).decode("utf-8", errors="replace") == t.token
+    # a token can be part of a character (this random model makes such tokens): its bytes join up
+    assert b"".join(bytes(t.bytes) for t in content).decode("utf-8", errors="replace") == r.choices[0].message.content
+    chunks = list(c.chat.completions.create(model="tiny", messages=hi, max_tokens=8, temperature=0, logprobs=True,
+                                            top_logprobs=3, stream=True))
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    plain = c.chat.completions.create(model="tiny", messages=hi, max_tokens=8, temperature=0, logprobs=True)
+    assert [t.top_logprobs for t in plain.choices[0].logprobs.content] == [[]] * len(content)
+    assert c.chat.completions.create(model="tiny", messages=hi, max_tokens=2).choices[0].logprobs is None

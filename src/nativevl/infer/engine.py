@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 
 MIN_TEMPERATURE = 1e-5  # a lower temperature decodes greedily
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     n: int = 1
     ignore_eos: bool = False  # benchmarks: do not stop at <|im_end|> / eos (explicit stop_token_ids still stop)
+    logprobs: int | None = None  # each token's log-probability and this many most likely alternatives (0-20)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
@@ -76,6 +78,8 @@ class SamplingParams:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
 
 @dataclass
@@ -83,6 +87,9 @@ class Completion:
     token_ids: list[int]  # generated tokens; a stop token is not included, the tokens of a stop string are
     text: str  # decoded without special tokens, cut before a stop string
     finish_reason: str  # "stop" | "length"
+    # with SamplingParams.logprobs: per token {"token_id", "logprob", "top": [(token id, logprob), ...]},
+    # log-probabilities of the model's distribution (before temperature, top-k/p and penalties)
+    logprobs: list[dict] | None = None
 
 
 class QueueFull(RuntimeError):
@@ -149,6 +156,7 @@ class _Seq:
             seed = int(torch.randint(0, 2**62, (1,)).item()) if p.seed is None else p.seed
             self.generator = torch.Generator().manual_seed((seed * 1_000_003 + index) % 2**63)
         self.seen = set(req.prompt) if p.repetition_penalty != 1.0 else None
+        self.logprobs: list[dict] | None = [] if p.logprobs is not None else None
 
 
 def _bucket_batch(n: int, cap: int) -> int:
@@ -565,11 +573,14 @@ class Engine:
         self.stats["prefills"] += len(ok)
         self.stats["prefill_batches"] += 1
         tokens = self._sample(logits[rows], seqs)
+        scored = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+        entries = (self._logprobs(logits[[rows[i] for i in scored]], [tokens[i] for i in scored],
+                                  [seqs[i] for i in scored]) if scored else {})
         now = time.perf_counter()
         for req in ok:
             req.timings["first_token"] = now
         for seq, tok in zip(seqs, tokens):
-            self._append(seq, tok)
+            self._append(seq, tok, entries.get(id(seq)))
 
     def _prefill_fused(self, x: torch.Tensor, slots: list[list[int]]) -> torch.Tensor:
         """Unpadded prompts x (R, T, C) at positions 0..T-1 through the decoder with the fused weights,
@@ -706,7 +717,8 @@ class Engine:
         """Decode steps for this call: 1 unless decode_chunk > 1 and every active sample is greedy; then
         the largest power of two within decode_chunk, the longest remaining max_tokens budget, and the
         cache (every row of the bucket writes `steps` keys from its length on, free rows included)."""
-        if self.decode_chunk == 1 or any(s.generator is not None or s.seen is not None for s in active):
+        if self.decode_chunk == 1 or any(s.generator is not None or s.seen is not None or s.logprobs is not None
+                                         for s in active):
             return 1
         # tokens each sample may still produce: its max_tokens, and what max_seq_len leaves it
         budget = max(min(s.req.params.max_tokens, self.max_seq_len + 1 - len(s.req.prompt)) - len(s.tokens)
@@ -732,6 +744,9 @@ class Engine:
                 picked[0][seq.slot] = tok
         else:
             picked = greedy.tolist()  # (steps, batch): the one device->host sync of the call
+        scored = [s for s in active if s.logprobs is not None]  # a chunk is 1 step whenever one asks
+        entries = (self._logprobs(logits[[s.slot for s in scored]], [picked[0][s.slot] for s in scored], scored)
+                   if scored else {})
         self.stats["decode_steps"] += steps
         self.stats["decode_calls"] += 1
         for row in picked:
@@ -744,7 +759,7 @@ class Engine:
                 self.stats["decode_tokens"] += 1
                 self.lengths[seq.slot] += 1
                 self.positions[seq.slot] += 1.0
-                self._append(seq, row[seq.slot])
+                self._append(seq, row[seq.slot], entries.get(id(seq)))
 
     # ------------------------------------------------------------------ sampling and stopping
 
@@ -777,14 +792,32 @@ class Engine:
             tokens[sampled] = order.gather(-1, pick)[:, 0]
         return tokens.tolist()
 
+    def _logprobs(self, logits: torch.Tensor, tokens: list[int], seqs: list[_Seq]) -> dict[int, dict]:
+        """{id(seq): {"token_id", "logprob", "top"}} for the rows of `logits` (R, V), the model's own
+        distribution (raw logits: no temperature or penalty)."""
+        logp = logits.float().log_softmax(-1)  # (R, V)
+        chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+        k = max(s.req.params.logprobs for s in seqs)
+        top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        out = {}
+        for i, seq in enumerate(seqs):
+            n = seq.req.params.logprobs
+            out[id(seq)] = {"token_id": tokens[i], "logprob": chosen[i],
+                            "top": list(zip(top_ids[i][:n], top_lp[i][:n]))}
+        return out
+
     def _text(self, tokens: list[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def _append(self, seq: _Seq, token: int) -> None:
+    def _append(self, seq: _Seq, token: int, logprob: dict | None = None) -> None:
         p = seq.req.params
         if token in seq.stop_ids:
             return self._finish(seq, "stop")
         seq.tokens.append(token)
+        if seq.logprobs is not None:
+            seq.logprobs.append(logprob)
+            seq.req._emit("logprobs", seq.index, logprob)  # before the text it belongs to is released
         if seq.seen is not None:
             seq.seen.add(token)
         self.next_tokens[seq.slot] = token
@@ -813,7 +846,8 @@ class Engine:
         text = self._text(seq.tokens) if text is None else text
         if len(text) > seq.sent:
             req._emit("delta", seq.index, text[seq.sent:])
-        done = Completion(token_ids=list(seq.tokens), text=text, finish_reason=reason)
+        done = Completion(token_ids=list(seq.tokens), text=text, finish_reason=reason,
+                          logprobs=list(seq.logprobs) if seq.logprobs is not None else None)
         req.completions[seq.index] = done
         req._emit("finish", seq.index, done)
         self._release(seq)

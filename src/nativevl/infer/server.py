@@ -3,6 +3,8 @@
 Images come as base64 data URLs, or as local files (file:// or a path) under the one folder the
 operator allows; the server never fetches a URL. Every limit (body bytes, images, pixels, prompt
 tokens, samples, waiting requests) answers with an OpenAI-style JSON error and the server goes on.
+`logprobs` / `top_logprobs` give each token's log-probability under the model (before temperature and
+penalties); streamed, a token's log-probabilities arrive in a chunk of their own, ahead of its text.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -28,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nativevl.data import images as img
 from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, IMAGE, encode_prompt
-from nativevl.infer.engine import Completion, Engine, QueueFull, SamplingParams
+from nativevl.infer.engine import MAX_LOGPROBS, Completion, Engine, QueueFull, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +167,12 @@ def sampling_params(body: dict, cfg: ServerConfig) -> SamplingParams:
     for name in ("frequency_penalty", "presence_penalty"):
         if _value(body, (name,), 0.0, float) != 0:
             raise _bad(f"'{name}' is not supported (use repetition_penalty)", "unsupported_parameter", name)
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise _bad("'logprobs' / 'top_logprobs' are not supported", "unsupported_parameter", "logprobs")
+    want_logprobs = body.get("logprobs") or False
+    if not isinstance(want_logprobs, bool):
+        raise _bad(f"'logprobs' must be a boolean, got {want_logprobs!r}", param="logprobs")
+    top_logprobs = _value(body, ("top_logprobs",), None, int, 0, MAX_LOGPROBS)
+    if top_logprobs is not None and not want_logprobs:
+        raise _bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     # parameters that would change the output: refused rather than silently ignored
     if body.get("tools") and body.get("tool_choice", "auto") != "none":
         raise _bad("'tools' (function calling) is not supported", "unsupported_parameter", "tools")
@@ -186,6 +193,7 @@ def sampling_params(body: dict, cfg: ServerConfig) -> SamplingParams:
         seed=_value(body, ("seed",), None, int),
         stop=tuple(stop),
         n=_value(body, ("n",), 1, int, 1, cfg.max_n),
+        logprobs=(top_logprobs or 0) if want_logprobs else None,
     )
 
 
@@ -317,12 +325,44 @@ def create_app(engine: Engine, cfg: ServerConfig = ServerConfig()) -> FastAPI:
             if not req.done:
                 engine.cancel(req)
         completions: list[Completion] = payload
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": None if c.logprobs is None else {
+                        "content": [_logprob_json(engine.tokenizer, e) for e in c.logprobs], "refusal": None},
                     "finish_reason": c.finish_reason} for i, c in enumerate(completions)]
         return {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
                 "choices": choices, "usage": _usage(len(ids), completions)}
 
     return app
+
+
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's, Qwen2's): every byte is written as a printable character,
+    itself where it is printable, else one from 256 on; this maps the characters back to the bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars = {b: chr(b) for b in printable}
+    for extra, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + extra)
+    return {c: b for b, c in chars.items()}
+
+
+def _token_bytes(tokenizer, token_id: int) -> bytes:
+    """A token's own bytes (part of a UTF-8 character, say), as OpenAI's `bytes` field gives them."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    table = _byte_decoder()
+    if isinstance(piece, str) and all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    return tokenizer.decode([token_id]).encode("utf-8")
+
+
+def _logprob_json(tokenizer, entry: dict) -> dict:
+    """An engine logprob entry as OpenAI's {token, logprob, bytes, top_logprobs}."""
+    def one(token_id: int, logprob: float) -> dict:
+        raw = _token_bytes(tokenizer, token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return {**one(entry["token_id"], entry["logprob"]), "top_logprobs": [one(t, lp) for t, lp in entry["top"]]}
 
 
 def _usage(prompt_tokens: int, completions: list[Completion]) -> dict:
@@ -344,6 +384,9 @@ async def _sse(engine, req, events, rid, created, model, prompt_tokens, include_
             kind, index, payload = await events.get()
             if kind == "delta":
                 yield chunk([{"index": index, "delta": {"content": payload}, "finish_reason": None}])
+            elif kind == "logprobs":  # a token's log-probabilities, ahead of the text it belongs to
+                yield chunk([{"index": index, "delta": {}, "finish_reason": None,
+                              "logprobs": {"content": [_logprob_json(engine.tokenizer, payload)], "refusal": None}}])
             elif kind == "finish":
                 yield chunk([{"index": index, "delta": {}, "finish_reason": payload.finish_reason}])
             elif kind == "error":
