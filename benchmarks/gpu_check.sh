@@ -5,7 +5,8 @@
 #   PARTS="decode" DECODE_VARIANTS="base,chunk8,chunk8+autotune" OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 # PARTS picks among tests, decode and train (default all three, in that order); each part has its own
 # time limit and writes its whole log and its JSON as it goes (the terminal shows their tails), so a
-# part cut short keeps what it measured.
+# part cut short keeps what it measured. Limits: tests 240 s + decode 330 s fit one 600-s device call
+# (PARTS="tests decode"); train (175 s) goes in a second call.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 OUT=${OUT:-/tmp/nativevl-gpu}
@@ -18,11 +19,11 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/card.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/card.txt"
 case " $PARTS " in *" tests "*)
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_attention_kernels.py tests/test_decode_kernel.py 2>&1 \
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_attention_kernels.py tests/test_decode_kernel.py 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -25 ;;
 esac
 case " $PARTS " in *" decode "*)
-  timeout 240 python3 benchmarks/decode.py --shape internvl3_1b --device cuda --dtype bfloat16 \
+  timeout 330 python3 benchmarks/decode.py --shape internvl3_1b --device cuda --dtype bfloat16 \
     --variants "$DECODE_VARIANTS" --profile "$DECODE_VARIANTS" --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | tail -80 ;;
 esac
 case " $PARTS " in *" train "*)

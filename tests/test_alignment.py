@@ -175,8 +175,8 @@ def test_mpo_stage_trains_and_resumes_exactly(tmp_path):
     full = tmp_path / "full"
     # validated every 2 steps (on the same records): the losses and reward shift below are those of the
     # runs without validation, so validating neither trains nor moves the shift
-    launch(apply_overrides(recipe("debug_tiny"), [*args, "--max_steps=4", f"--eval_meta={meta}", "--eval_every=2",
-                                                  "--eval_records=6"]), full)
+    launch(apply_overrides(recipe("debug_tiny"), [*args, "--max_steps=4", f"--val_meta={meta}", "--val_every=2",
+                                                  "--val_records=6"]), full)
     steps = [m for m in metrics(full) if "loss" in m]
     val = [m for m in metrics(full) if "val_loss" in m]
     assert [m["step"] for m in val] == [2, 4] and all(m["val_reward_accuracy"] >= 0 for m in val)

@@ -62,6 +62,7 @@ def test_benchmark_tsv_reads_as_vlmevalkit_writes_it(tmp_path):
     assert np.array_equal(np.asarray(items[1].images[0]), pixels0)  # the shared image
     assert [it.kind for it in items] == ["animals", "colours", "counting"]
     assert len(get_task(str(tmp_path / "mmb.tsv")).load(2, seed=0)) == 2  # --n: the file's first n
+    assert len(get_task(str(tmp_path / "mmb.tsv")).load(None, seed=0)) == 3  # without: all of it
     # a row that shares the image of a row past --n: read in the same pass
     rows[0]["image"], rows[2]["image"] = "12", rows[0]["image"]
     write_tsv(tmp_path / "later.tsv", rows)
@@ -85,13 +86,18 @@ def test_option_letters_and_open_answers_are_read_as_a_reader_would():
     options = {"A": "a cat", "B": "dog", "C": "cow"}
     for prediction, want in [("B", "B"), ("(B)", "B"), ("B. dog", "B"), ("C) cow", "C"), ("The answer is C.", "C"),
                              ("Answer: (A)", "A"), ("The answer is: B", "B"), ("The correct option is B.", "B"),
-                             ("dog", "B"), ("a cat", "A"), ("A cow", "A"), ("cat or dog", None), ("", None),
+                             ("dog", "B"), ("a cat", "A"), ("A cow", "C"), ("cat or dog", None), ("", None),
                              ("D", None), ("Option B", "B"), ("B is wrong, the answer is C", "C"),
                              # naming several options picks none (it was scored by the first)
                              ("B and C", None), ("A or B", None), ("B C", None), ("A and B are both correct", None),
                              ("The answer is A or B", None)]:
         assert option_letter(prediction, options) == want, prediction
     assert option_letter("a dog", options) == "B"  # an article, not option A
+    # options whose own text holds a capital letter, repeated in the answer
+    cars = {"A": "A blue car", "B": "A red car", "C": "Vitamin C"}
+    for prediction, want in [("B. A red car", "B"), ("(B) A red car", "B"), ("The answer is B. A red car", "B"),
+                             ("A red car", "B"), ("Vitamin C", "C"), ("C. Vitamin C", "C"), ("A", "A")]:
+        assert option_letter(prediction, cars) == want, prediction
     assert open_answer_correct("The Eiffel Tower.", "eiffel tower")
     assert open_answer_correct("paris", "['Paris', 'Paris, France']") and open_answer_correct("Paris, France", '["x", "paris, france"]')
     assert open_answer_correct("1,000", "1000") and not open_answer_correct("1985", "1990")  # exact, as TextVQA
@@ -153,8 +159,18 @@ def test_bad_benchmark_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="e.tsv:2: the image list is not valid JSON"):
         get_task(str(tmp_path / "e.tsv")).load(5, 0)
     write_tsv(tmp_path / "f.tsv", [{"index": 0, "question": "q", "answer": "y", "image": "7"}])
-    with pytest.raises(ValueError, match="f.tsv:2: the image names index 7, which is not in the file"):
+    with pytest.raises(ValueError, match="f.tsv:2: the image names index 7, which is not a row with an image"):
         get_task(str(tmp_path / "f.tsv")).load(5, 0)
+    write_tsv(tmp_path / "h.tsv", [{"index": 0, "question": "q", "answer": "y", "image": "1"},
+                                   {"index": 1, "question": "q", "answer": "y"}])
+    with pytest.raises(ValueError, match="h.tsv:2: the image names index 1, which is not a row with an image"):
+        get_task(str(tmp_path / "h.tsv")).load(1, 0)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
+        {"image": "gone.png", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}]))
+    with pytest.raises(ValueError, match="cannot be read"):  # a custom set's question is never dropped silently
+        get_task(str(tmp_path / "i.jsonl")).load(None, 0)
     write_tsv(tmp_path / "g.tsv", [{"index": 0, "question": "q", "answer": NAN}])
     with pytest.raises(ValueError, match="g.tsv:2: no answer to score against"):
         get_task(str(tmp_path / "g.tsv")).load(5, 0)

@@ -54,7 +54,7 @@ def runs(tmp_path_factory):
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
     # validated every 2 steps on 7 held-out records: the ranks hold 4 and 3 packs (one record each)
     meta = synthetic.write_dataset(tmp_path_factory.mktemp("held_out"), n_images=8, n_texts=4, seed=9, size=56)
-    one_and_two_processes(ARGS + [f"--eval_meta={meta}", "--eval_every=2", "--eval_records=7"], one, two)
+    one_and_two_processes(ARGS + [f"--val_meta={meta}", "--val_every=2", "--val_records=7"], one, two)
     return one, two
 
 

@@ -265,7 +265,7 @@ def test_a_run_whose_data_runs_out_keeps_its_steps(tmp_path):
 
     meta = synthetic.write_dataset(tmp_path / "held_out", n_images=6, n_texts=2, seed=3, size=56)
     run = apply_overrides(recipe("debug_tiny"), ["--max_records=24", "--max_steps=1000", "--tensorboard=false",
-                                                 "--max_tokens=256", f"--eval_meta={meta}", "--eval_records=4"])
+                                                 "--max_tokens=256", f"--val_meta={meta}", "--val_records=4"])
     out = tmp_path / "run"
     summary = launch(run, out)
     assert 0 < summary["step"] < 1000
@@ -457,18 +457,18 @@ def test_pretraining_from_parts_without_an_internvl_tokenizer_says_to_pass_one(t
 
 
 def test_validation_loss_is_logged_exact_and_leaves_training_unchanged(uninterrupted, tmp_path, monkeypatch):
-    """--eval_meta: the loss over the held-out set every eval_every steps (and at the end), equal to a
+    """--val_meta: the loss over the held-out set every val_every steps (and at the end), equal to a
     plain cross-entropy over those records with the weights of that step; the training losses are those
     of a run without validation, also across a stop and resume, and no validation is logged twice."""
     import torch.nn.functional as F
 
     from nativevl.data import synthetic
     from nativevl.io.tokenizer import load_tokenizer
-    from nativevl.recipes import build_eval_dataset
+    from nativevl.recipes import build_val_dataset
 
     _, ref = uninterrupted
     meta = synthetic.write_dataset(tmp_path / "held_out", n_images=12, n_texts=6, seed=7, size=56)
-    run = apply_overrides(recipe("debug_tiny"), SMALL + [f"--eval_meta={meta}", "--eval_every=2", "--eval_records=10"])
+    run = apply_overrides(recipe("debug_tiny"), SMALL + [f"--val_meta={meta}", "--val_every=2", "--val_records=10"])
     out = tmp_path / "run"
     original = loop.save_train_state
 
@@ -492,9 +492,11 @@ def test_validation_loss_is_logged_exact_and_leaves_training_unchanged(uninterru
     model = VisionLanguageModel.from_pretrained(out / "final").eval()
     tokenizer = load_tokenizer(out / "data" / "tokenizer")
     _, _, _, aligned = build(run, tmp_path / "scratch")
-    held_out = build_eval_dataset(aligned, tokenizer, tmp_path / "scratch")
+    held_out = build_val_dataset(aligned, tokenizer, tmp_path / "scratch")
     assert held_out.cfg.training is False  # no augmentation or random V2PE strides in validation
-    batches = loop.read_eval_batches(held_out, torch.device("cpu"))
+    from nativevl.train.objectives import LMObjective
+
+    batches = loop.read_val_batches(held_out, LMObjective(4096), torch.device("cpu"))
     total = weights = 0.0
     with torch.no_grad():
         for b in batches:
@@ -509,8 +511,8 @@ def test_validation_loss_is_logged_exact_and_leaves_training_unchanged(uninterru
 
 
 def test_a_step_past_hang_timeout_dumps_every_threads_stack(tmp_path, monkeypatch):
-    """The watchdog writes where the run waits (here: a save that sleeps) to DIR/hang-rank0.txt while the
-    step lasts; a run whose steps all end in time leaves no file."""
+    """The watchdog writes where the run waits (here: a save that sleeps) to DIR/hang-rank0-TIME.txt while
+    the step lasts; a run whose steps all end in time leaves no file."""
     import time
 
     original = loop.save_train_state
@@ -531,3 +533,14 @@ def test_a_step_past_hang_timeout_dumps_every_threads_stack(tmp_path, monkeypatc
     assert not list((tmp_path / "fine").glob("hang-*"))
     with pytest.raises(ValueError, match="hang_timeout must be"):
         apply_overrides(recipe("debug_tiny"), ["--hang_timeout=-1"])
+
+
+def test_a_validation_set_of_the_wrong_kind_fails_before_training(tmp_path):
+    from test_alignment import preference_meta
+
+    (tmp_path / "pref").mkdir()
+    run = apply_overrides(recipe("debug_tiny"), ["--max_steps=2", "--tensorboard=false",
+                                                 f"--val_meta={preference_meta(tmp_path / 'pref')}"])
+    with pytest.raises(ValueError, match="validation set \\(val_meta\\) does not suit this stage's objective"):
+        launch(run, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any step

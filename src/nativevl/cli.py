@@ -420,15 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--tasks", default=None, help="comma-separated (default: every task both reports have)")
     cmp_.set_defaults(func=cmd_compare)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on toy-world tasks (accuracy, chance, 95%% interval)")
+    e = sub.add_parser("eval", help="evaluate a checkpoint on toy-world tasks and benchmark files (accuracy, chance, 95%% interval)")
     e.add_argument("--model", required=True)
     e.add_argument("--tokenizer", default=None, help="default: the model folder")
     e.add_argument("--tasks", default="shapes,reading,charts,arithmetic,multi_image,text",
                    help="comma-separated: toy-world families, and benchmark files (VLMEvalKit .tsv: MMBench, "
                         "MMStar, AI2D, TextVQA, ...; InternVL conversation .jsonl: a custom set)")
     e.add_argument("--max_num", type=int, default=6,
-                   help="tiles per image (dynamic resolution) for benchmark files; toy tasks use 1")
-    e.add_argument("--n", type=int, default=200, help="questions per task")
+                   help="tiles per question for benchmark files, shared by its images (as chat/serve); toy tasks use 1")
+    e.add_argument("--n", type=int, default=None,
+                   help="questions per task (default: 200 of each toy task, every question of a benchmark file)")
     e.add_argument("--seed", type=int, default=10_000, help="held-out generator seed")
     e.add_argument("--batch_size", type=int, default=32)
     e.add_argument("--system", default="", help="system message ('' for none, as the demo trains)")

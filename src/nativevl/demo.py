@@ -96,15 +96,15 @@ def _stage(name: str, model, tokenizer, cfg: DemoConfig, out: Path, steps: int, 
                       loss_reduction="square", text_ratio=text_ratio, seed=cfg.train_seed,
                       text_ratio_unit="samples")  # as the committed demo was tuned and measured
     dataset = PackedDataset(_sources(name, cfg.train_seed), tokenizer, data)
-    # the stage's mixture on another held-out seed, as at test time (recipes.build_eval_dataset does the same)
+    # the stage's own mixture (text share included) on another held-out seed, read as at test time
     held_out = PackedDataset(_sources(name, cfg.val_seed), tokenizer,
-                             dataclasses.replace(data, max_records=cfg.val_records, text_ratio=None, training=False))
+                             dataclasses.replace(data, max_records=cfg.val_records, training=False))
     train_cfg = TrainConfig(max_steps=steps, lr=cfg.lr, warmup_steps=max(1, steps // 20), global_batch=cfg.global_batch,
                             weight_decay=0.0, tensorboard=True, save_every=max(1, steps // 4), seed=cfg.train_seed,
-                            eval_every=max(1, steps // 10), eval_records=cfg.val_records)
+                            val_every=max(1, steps // 10), val_records=cfg.val_records)
     return train(model, tokenizer, dataset, StagePolicy(), train_cfg, out / name,
                  run_config={"demo": dataclasses.asdict(cfg), "stage": name, "data": dataclasses.asdict(data)},
-                 eval_dataset=held_out)
+                 val_dataset=held_out)
 
 
 def _curve(path: Path, key: str = "loss") -> list[dict]:

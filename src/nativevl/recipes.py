@@ -34,7 +34,7 @@ class Run:
     train: TrainConfig = field(default_factory=TrainConfig)
     stage: StagePolicy = field(default_factory=StagePolicy)
     meta: str | None = None  # dataset meta json; None: the recipe generates its data
-    eval_meta: str | None = None  # held-out meta json: the validation loss, every train.eval_every steps
+    val_meta: str | None = None  # held-out meta json: the validation loss, every train.val_every steps
 
 
 # ---------------------------------------------------------------- recipes
@@ -307,21 +307,29 @@ def launch(run: Run, out_dir: str | Path) -> dict:
 
     model, tokenizer, dataset, run = build(run, out_dir)
     return train(model, tokenizer, dataset, run.stage, run.train, out_dir, run_config=dataclasses.asdict(run),
-                 eval_dataset=build_eval_dataset(run, tokenizer, out_dir))
+                 val_dataset=build_val_dataset(run, tokenizer, out_dir))
 
 
-def build_eval_dataset(run: Run, tokenizer, out_dir: str | Path):
-    """The validation stream of `run.eval_meta` (None without one): its first train.eval_records records,
-    packed as the training data (the data config `build` aligned with the model), unmixed (text_ratio
-    applies to training), for this rank."""
-    if run.eval_meta is None:
+def build_val_dataset(run: Run, tokenizer, out_dir: str | Path):
+    """The validation stream of `run.val_meta` (None without one): the first train.val_records records of
+    its mixture (at most the set's size), each dataset weighted by its size x repeat_time (text_ratio
+    shapes training only), packed as the training data (the data config `build` aligned with the
+    model), for this rank."""
+    if run.val_meta is None:
         return None
-    from nativevl.data.pipeline import PackedDataset
+    import logging
+
+    from nativevl.data.pipeline import FileSource, PackedDataset
     from nativevl.data.records import load_meta
     from nativevl.train.parallel import init_distributed
 
     rank, world, _ = init_distributed()
+    sources = [FileSource(spec) for spec in load_meta(run.val_meta)]
+    total = sum(len(src) for src in sources)
+    if run.train.val_records > total:
+        logging.getLogger(__name__).warning("val_records %d is over the %d records of %s: using all %d",
+                                            run.train.val_records, total, run.val_meta, total)
     # as at test time: no augmentation, V2PE's fixed stride, evenly spaced video frames
-    data = dataclasses.replace(run.data, max_records=run.train.eval_records, text_ratio=None, training=False)
-    return PackedDataset(load_meta(run.eval_meta), tokenizer, data, rank=rank, world_size=world,
-                         rejects_dir=Path(out_dir) / "rejects-eval")
+    data = dataclasses.replace(run.data, max_records=min(run.train.val_records, total), text_ratio=None,
+                               training=False)
+    return PackedDataset(sources, tokenizer, data, rank=rank, world_size=world, rejects_dir=Path(out_dir) / "rejects-val")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nativevl.data.images import tiles_per_image
 from nativevl.data.processor import chat_inputs
 from nativevl.eval.tasks import FILE_SUFFIXES, get_task
 from nativevl.infer.generate import generate_texts
@@ -111,6 +112,14 @@ def _resolve(tasks: list[str], max_num: int) -> list:
     return [get_task(name, max_num) for name in tasks]
 
 
+DEFAULT_N = 200  # questions per toy task when n is None
+
+
+def _count(task, n: int | None) -> int | None:
+    """Questions to ask of a task: n, or without one 200 of a toy task and all of a file's."""
+    return n if n is not None else getattr(task, "default_n", DEFAULT_N)
+
+
 def _chance(task, items: list, seed: int) -> float:
     """A file task's chance on its own questions; a toy task's on 2,000 generated ones."""
     return task.chance(items) if hasattr(task, "chance") else chance_level(task, seed)
@@ -145,20 +154,22 @@ class LazyPrompts(Sequence):
 @torch.no_grad()
 def predict(model, tokenizer, prompts: Sequence[tuple[list[dict], list]], *, max_new_tokens: int, batch_size: int,
             system_message: str | None, desc: str = "", max_num: int = 1) -> list[str]:
-    """Greedy answers for (messages, images) prompts, `batch_size` at a time (left padding); each image
-    in up to `max_num` tiles, tiled batch by batch (4,000 questions at 7 tiles would be ~67 GB at once)."""
+    """Greedy answers for (messages, images) prompts, `batch_size` at a time (left padding); up to
+    `max_num` tiles per prompt, shared by its images; tiled batch by batch (4,000 questions at 7 tiles
+    would be ~67 GB at once)."""
     cfg = model.config
     answers: list[str] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         rows = [chat_inputs(tokenizer, messages, images, image_size=cfg.vision.image_size,
-                            image_seq_length=cfg.image_seq_length, system_message=system_message, max_num=max_num)
+                            image_seq_length=cfg.image_seq_length, system_message=system_message,
+                            max_num=tiles_per_image(max_num, len(images)))
                 for messages, images in prompts[start : start + batch_size]]
         answers += generate_texts(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                   progress=False)
     return answers
 
 
-def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10_000, batch_size: int = 16,
+def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: int = 10_000, batch_size: int = 16,
              system_message: str | None = None, rank: int = 0, world_size: int = 1, predictor=None,
              model_name: str | None = None, previous: dict | None = None, on_task=None, max_num: int = 6) -> dict:
     """{task: {accuracy, n, correct, chance, ci95, examples, records, settings}}; every rank scores items
@@ -171,7 +182,7 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10
     (the CLI writes the report there, so an interrupted run keeps its finished tasks). Tasks are toy-world
     families or evaluation files (`eval/tasks/files.py`), whose images are tiled into up to `max_num` tiles.
     """
-    if n < 1:
+    if n is not None and n < 1:
         raise ValueError(f"n must be >= 1 question per task, got {n}")
     resolved = _resolve(tasks, max_num)
     if model is not None:
@@ -184,7 +195,7 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10
             log.info("task %s: reusing its result from the earlier report (same model and settings)", name)
             report[name] = reusable[name]
             continue
-        items = task.load(n, seed)
+        items = task.load(_count(task, n), seed)
         mine = items[rank::world_size]
         if predictor is not None:
             predictions = predictor(task, mine)
@@ -228,7 +239,7 @@ def _scored(k: int, n: int) -> dict:
     return {"accuracy": k / n, "correct": k, "n": n, "ci95": [low, high]}
 
 
-def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed: int = 10_000, samples: int = 8,
+def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: int = 10_000, samples: int = 8,
                        prm=None, temperature: float = 0.7, top_k: int = 0, system_message: str | None = None,
                        max_batch_size: int = 64, model_name: str | None = None, prm_name: str | None = None,
                        previous: dict | None = None, on_task=None, prm_max_steps: int = 12, max_num: int = 6) -> dict:
@@ -238,7 +249,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
     `previous` / `on_task` resume as in `evaluate` (settings: model and PRM names, n, seed, sampling).
     `prm_max_steps`: the PRM splits a solution into at most this many steps, as its data did
     (`nativevl data prm --max_steps`)."""
-    if n < 1 or samples < 1:
+    if (n is not None and n < 1) or samples < 1:
         raise ValueError(f"n must be >= 1 question per task and samples >= 1, got n={n}, samples={samples}")
     resolved = _resolve(tasks, max_num)
     from nativevl.infer.best_of_n import Candidates, sample_candidates, tiles_in_prompt
@@ -256,28 +267,32 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int = 100, seed
             log.info("task %s: reusing its result from the earlier report (same model and settings)", name)
             report[name] = reusable[name]
             continue
-        items = task.load(n, seed)
+        items = task.load(_count(task, n), seed)
         counts = {"pass1": 0, "sample_mean": 0.0, f"majority{samples}": 0}
         if prm is not None:
             counts.update({f"prm_best{samples}": 0, f"outcome_best{samples}": 0, f"oracle{samples}": 0})
-        records, prefills = [], 0
+        records, prefills, engine = [], 0, None
         bar = tqdm(total=len(items), desc=f"{name} best-of-{samples}", leave=False)
         # questions go QUESTIONS_AT_ONCE at a time: their tiles (up to 7 per image at 448 px: 17 MB) and
         # an engine sized for their longest prompt; question i samples with seed + i whatever its chunk
         for c0 in range(0, len(items), QUESTIONS_AT_ONCE):
             chunk = items[c0 : c0 + QUESTIONS_AT_ONCE]
             asked = [task.prompt(it) for it in chunk]
-            prompts = [chat_inputs(tokenizer, *q, image_size=cfg.vision.image_size,
+            prompts = [chat_inputs(tokenizer, msgs, images, image_size=cfg.vision.image_size,
                                    image_seq_length=cfg.image_seq_length, system_message=system_message,
-                                   max_num=getattr(task, "max_num", 1)) for q in asked]
+                                   max_num=tiles_per_image(getattr(task, "max_num", 1), len(images)))
+                       for msgs, images in asked]
             longest = max(len(ids) for ids, _ in prompts) + task.max_new_tokens + 1
-            engine = Engine(model, tokenizer, max_batch_size=max(max_batch_size, samples), max_seq_len=longest,
-                            max_queue=len(chunk) + 1)
+            if engine is None or longest > engine.max_seq_len:  # one engine while the prompts fit its cache
+                engine = Engine(model, tokenizer, max_batch_size=max(max_batch_size, samples),
+                                max_seq_len=longest,
+                                max_queue=QUESTIONS_AT_ONCE + 1)
+            before = engine.stats["prefills"]
             ids, pixels = [p[0] for p in prompts], [p[1] for p in prompts]
             greedy = engine.generate(ids, SamplingParams(max_tokens=task.max_new_tokens), pixels)
             sampled = sample_candidates(engine, ids, pixels, n=samples, temperature=temperature, top_k=top_k,
                                         max_tokens=task.max_new_tokens, seed=seed + c0)
-            prefills += engine.stats["prefills"]
+            prefills += engine.stats["prefills"] - before
             for i, (it, (msgs, _), g, texts, (prompt_ids, tiles)) in enumerate(
                     zip(chunk, asked, greedy, sampled, prompts, strict=True), start=c0):
                 ok = [bool(task.score(t, it)) for t in texts]

@@ -64,8 +64,8 @@ class TrainConfig:
     mpo_preference_weight: float = 0.8  # w_p, DPO sigmoid
     mpo_quality_weight: float = 0.2  # w_q, BCO pair with reward shift
     mpo_generation_weight: float = 1.0  # w_g, NLL of the chosen response
-    eval_every: int = 0  # steps between validations on the run's eval_meta; 0: once, at the end
-    eval_records: int = 256  # records of eval_meta in the validation set (the same ones every time)
+    val_every: int = 0  # steps between validations on the run's val_meta; 0: once, at the end
+    val_records: int = 256  # records of val_meta in the validation set (the same ones every time)
     # seconds a step may take before every thread's stack goes to DIR/hang-rankN-<time>.txt; 0: off. Below
     # NCCL's 10-minute collective timeout, which ends a rank stuck in a collective before any dump
     hang_timeout: float = 300.0
@@ -83,9 +83,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if not math.isfinite(self.hang_timeout) or self.hang_timeout < 0:
             raise ValueError(f"hang_timeout must be a finite number of seconds >= 0, got {self.hang_timeout}")
-        if self.eval_records < 1:
-            raise ValueError(f"eval_records must be >= 1, got {self.eval_records}")
-        for name in ("warmup_steps", "save_every", "num_workers", "keep_checkpoints", "eval_every"):
+        if self.val_records < 1:
+            raise ValueError(f"val_records must be >= 1, got {self.val_records}")
+        for name in ("warmup_steps", "save_every", "num_workers", "keep_checkpoints", "val_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -103,8 +103,8 @@ RESUMABLE_CHANGES = {
     "train." + k for k in ("max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
                            "eps", "grad_clip", "num_workers", "loss_chunk", "save_every", "keep_checkpoints",
                            "peak_tflops", "tensorboard", "export", "attn_implementation",
-                           "activation_checkpointing", "compile", "dtype", "eval_every", "eval_records", "hang_timeout")
-} | {"data.max_reject_fraction", "data.min_records_before_abort", "eval_meta"}
+                           "activation_checkpointing", "compile", "dtype", "val_every", "val_records", "hang_timeout")
+} | {"data.max_reject_fraction", "data.min_records_before_abort", "val_meta"}
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -155,11 +155,11 @@ def train(
     cfg: TrainConfig,
     out_dir: str | Path,
     run_config: dict | None = None,
-    eval_dataset: PackedDataset | None = None,
+    val_dataset: PackedDataset | None = None,
 ) -> dict:
     """Train (or resume) into out_dir; returns a summary. The dataset must already know its rank.
-    With `eval_dataset` (a finite held-out stream for this rank), the validation loss is measured every
-    `cfg.eval_every` steps and at the end."""
+    With `val_dataset` (a finite held-out stream for this rank), the validation loss is measured every
+    `cfg.val_every` steps and at the end."""
     out_dir = Path(out_dir)
     rank, world, device = init_distributed()
     if cfg.global_batch % world:
@@ -219,7 +219,7 @@ def train(
     if rank_state is not None:
         tracker.load_state_dict(rank_state["data"])
     batches = iterate_batches(make_loader(dataset, cfg.num_workers), tracker)
-    val_batches = read_eval_batches(eval_dataset, device) if eval_dataset is not None else None
+    val_batches = read_val_batches(val_dataset, objective, device) if val_dataset is not None else None
     last_val: dict = {}
     factors = pass_factors({m: policy.get(m).mode for m in MODULES})
     peak = peak_flops(device, cfg.peak_tflops)
@@ -311,13 +311,13 @@ def train(
                 "rejected_records": tracker.total_rejected,
                 **part_values,
             })
-            if val_batches is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-                last_val = validate(model, objective, val_batches, device, use_bf16, autocast, step)
-                logger.log_eval(last_val)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 save_train_state(out_dir, model, optimizer, step, tokens_total, tracker, cfg, rank, world,
                                  objective.state_dict())
                 saved_step = step
+            if val_batches is not None and ((cfg.val_every and step % cfg.val_every == 0) or step == cfg.max_steps):
+                last_val = validate(model, objective, val_batches, device, use_bf16, autocast, step)
+                logger.log_eval(last_val)
         if ran_out and val_batches is not None and step > started_at and last_val.get("step") != step:
             last_val = validate(model, objective, val_batches, device, use_bf16, autocast, step)
             logger.log_eval(last_val)
@@ -367,15 +367,21 @@ class HangWatchdog:
             log.warning("a step took longer than hang_timeout=%gs: the stacks are in %s", self.timeout, self.path)
 
 
-def read_eval_batches(dataset: PackedDataset, device: torch.device) -> list:
-    """This rank's share of the validation set, read once (bad records counted and skipped as in training).
-    A sharded forward is collective, so every rank must hold at least one pack."""
+def read_val_batches(dataset: PackedDataset, objective, device: torch.device) -> list:
+    """This rank's share of the validation set, read once (bad records counted and skipped as in training)
+    and checked against the objective before the first step (preference records for an `lm` stage fail
+    here, not at the first validation). A sharded forward is collective: every rank must hold a pack."""
     tracker = StreamTracker(dataset.cfg.max_reject_fraction, dataset.cfg.min_records_before_abort)
     batches = list(iterate_batches(make_loader(dataset, 0), tracker))
+    if batches:
+        try:
+            objective.local_normalizers(batches)
+        except ValueError as e:
+            raise ValueError(f"the validation set (val_meta) does not suit this stage's objective: {e}") from None
     fewest = -all_reduce_max(torch.tensor([-float(len(batches))], device=device)).item()
     if fewest < 1:
-        raise ValueError(f"the validation set ({dataset.cfg.max_records} records of eval_meta) gives some of the "
-                         f"{dataset.world_size} process(es) no pack: raise --eval_records or give more eval data")
+        raise ValueError(f"the validation set ({dataset.cfg.max_records} records of val_meta) gives some of the "
+                         f"{dataset.world_size} process(es) no pack: raise --val_records or give more held-out data")
     if tracker.total_rejected:
         log.warning("validation set: %d record(s) skipped (%s)", tracker.total_rejected, tracker.by_kind)
     return batches

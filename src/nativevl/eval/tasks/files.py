@@ -94,10 +94,15 @@ def reference_answers(answer: str) -> list[str]:
     return [answer]
 
 
+def _first_line(prediction: str) -> str:
+    """A prediction's answer as scored and voted on: its first line, normalised."""
+    return normalize_answer(prediction.strip().splitlines()[0] if prediction.strip() else "")
+
+
 def open_answer_correct(prediction: str, answer: str, relaxed: bool = False) -> bool:
     """The prediction's first line equals one of the references after normalisation; with `relaxed`
     (ChartQA), numbers within 5% of a numeric reference count too. An empty prediction never does."""
-    got = normalize_answer(prediction.strip().splitlines()[0] if prediction.strip() else "")
+    got = _first_line(prediction)
     if not got:
         return False
     for ref in reference_answers(answer):
@@ -113,26 +118,32 @@ def open_answer_correct(prediction: str, answer: str, relaxed: bool = False) -> 
 def option_letter(prediction: str, options: dict[str, str]) -> str | None:
     """The one option a prediction picks, or None when it picks none or several.
 
-    Capital option letters standing alone ("B", "(B)", "B. dog", "B)") are the candidates: exactly one
-    is the pick. With several ("B is wrong, the answer is C"), an explicit "answer is X" / "option X"
-    decides when no other option letter follows it ("The answer is A or B" picks none). Without a
-    letter, the option whose text the prediction is (after normalisation), if exactly one."""
+    In order: the whole prediction is one option's text; it starts with a letter ("B", "(B)", "B. A red
+    car", "B) ..."); once the options' own texts are taken out (an option may say "A red car" or
+    "Vitamin C"), exactly one capital option letter stands alone in what is left; with several ("B is
+    wrong, the answer is C"), an explicit "answer is X" / "option X" that no other option letter follows
+    ("The answer is A or B" picks none)."""
     text = prediction.strip()
     letters = "".join(options)
-    found = re.findall(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", text)
+    got = _first_line(text)
+    named = [k for k, v in options.items() if normalize_answer(v) == got]
+    if got and len(named) == 1:
+        return named[0]
+    lead = re.match(rf"\(?([{letters}])(?:[.):]|\s*$)", text)
+    if lead:
+        return lead.group(1)
+    rest = text
+    for value in sorted(options.values(), key=len, reverse=True):
+        if len(value) > 1:
+            rest = re.sub(re.escape(value), " ", rest, flags=re.IGNORECASE)
+    alone = rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])"
+    found = re.findall(alone, rest)
     if len(set(found)) == 1:
         return found[0]
-    if found:
-        stated = list(re.finditer(rf"(?i:answer|option)(?:\s+(?i:is))?\s*:?\s*\(?([{letters}])(?![A-Za-z])", text))
-        if stated:
-            last = stated[-1]
-            after = re.findall(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", text[last.end():])
-            if not after:
-                return last.group(1)
-        return None
-    got = normalize_answer(text)
-    named = [k for k, v in options.items() if normalize_answer(v) == got]
-    return named[0] if len(named) == 1 else None
+    stated = list(re.finditer(rf"(?i:answer|option)(?:\s+(?i:is))?\s*:?\s*\(?([{letters}])(?![A-Za-z])", rest))
+    if found and stated and not re.findall(alone, rest[stated[-1].end():]):
+        return stated[-1].group(1)
+    return None
 
 
 def _options_in_text(question: str) -> dict[str, str]:
@@ -175,9 +186,9 @@ def _names_row(image) -> bool:
     return _present(image) and len(image) <= 64 and not image.lstrip().startswith("[")
 
 
-def read_tsv(path: Path, limit: int) -> list[FileItem]:
-    """The first `limit` rows, read in one pass that keeps only those rows and the images they share
-    with later rows (a 4 GB benchmark file is not held in memory)."""
+def read_tsv(path: Path, limit: int | None) -> list[FileItem]:
+    """The first `limit` rows (all with None), read in one pass that keeps those rows and, of the rows
+    after them, only the images they share (`--n 100` of a 4 GB file holds 100 rows, not the file)."""
     csv.field_size_limit(sys.maxsize)  # base64 images are longer than csv's default field limit
     kept: list[tuple[int, dict]] = []
     shared: dict[str, str] = {}  # index -> image of every row read so far or needed later
@@ -191,15 +202,15 @@ def read_tsv(path: Path, limit: int) -> list[FileItem]:
                              f"{sorted(missing)} (has {sorted(columns)})")
         for lineno, row in enumerate(reader, 2):
             index, image = str(row.get("index")), row.get("image")
-            if len(kept) < limit:
+            if limit is None or len(kept) < limit:
                 kept.append((lineno, row))
                 if _names_row(image):
                     wanted.add(image)
                 elif _present(image):
                     shared[index] = image
-            elif index in wanted and index not in shared:
+            elif index in wanted and index not in shared and _present(image):
                 shared[index] = image
-            if len(kept) >= limit and wanted <= shared.keys():
+            if limit is not None and len(kept) >= limit and wanted <= shared.keys():
                 break
     if not kept:
         raise ValueError(f"{path}: no rows")
@@ -214,7 +225,7 @@ def _tsv_item(path: Path, lineno: int, row: dict, shared: dict[str, str]) -> Fil
     if _present(raw):
         if _names_row(raw):  # VLMEvalKit: this row shares the image of the row with that index
             if raw not in shared:
-                raise ValueError(f"{where}: the image names index {raw}, which is not in the file")
+                raise ValueError(f"{where}: the image names index {raw}, which is not a row with an image in the file")
             raw = shared[raw]
         sources = _image_list(raw, where)
         for value in sources:
@@ -245,11 +256,12 @@ def _tsv_item(path: Path, lineno: int, row: dict, shared: dict[str, str]) -> Fil
     return FileItem(question, answer, sources, kind, options, str(row.get("index", lineno - 2)), where)
 
 
-def read_jsonl(path: Path, limit: int) -> list[FileItem]:
+def read_jsonl(path: Path, limit: int | None) -> list[FileItem]:
     from nativevl.pipelines.questions import jsonl_questions
 
     items = []
-    for i, q in enumerate(jsonl_questions(path, limit=limit)):
+    # every question counts: an unreadable image is an error here, not a skipped question
+    for i, q in enumerate(jsonl_questions(path, limit=limit, max_bad_images=0)):
         if q.answer is None or not q.answer.strip():
             raise ValueError(f"{path}: question {i + 1} has no answer (a gpt turn after the human turn) to score against")
         options = _options_in_text(q.question)
@@ -259,14 +271,16 @@ def read_jsonl(path: Path, limit: int) -> list[FileItem]:
             answer = letter.group(1)
         else:
             options = {}
-        items.append(FileItem(q.question, answer, list(q.images), "", options, str(i), f"{path}: question {i + 1}"))
+        # the images again from their files when the question is asked (the ones read here are dropped)
+        items.append(FileItem(q.question, answer, [Path(p) for p in q.image_paths], "", options, str(i),
+                              f"{path}: question {i + 1}"))
     return items
 
 
 @dataclass(frozen=True)
 class FileTask:
-    """An evaluation set from a file; `max_num` tiles per image (dynamic resolution, as InternVL's
-    evaluations tile: 6 by default here)."""
+    """An evaluation set from a file; `max_num` tiles per question (dynamic resolution, shared by its
+    images as InternVL's evaluations and `nativevl chat` share them: 6 by default)."""
 
     name: str
     max_num: int = 6
@@ -279,8 +293,10 @@ class FileTask:
     def max_new_tokens(self) -> int:
         return 64
 
-    def load(self, n: int, seed: int) -> list[FileItem]:
-        """The file's first n questions (the seed does not apply: a file is its own order)."""
+    default_n = None  # `nativevl eval` without --n: every question of the file
+
+    def load(self, n: int | None, seed: int) -> list[FileItem]:
+        """The file's first n questions, all with None (the seed does not apply: a file is its own order)."""
         if not self.path.is_file():
             raise FileNotFoundError(f"evaluation file {self.path} does not exist")
         items = read_tsv(self.path, n) if self.path.suffix == ".tsv" else read_jsonl(self.path, n)
@@ -306,7 +322,7 @@ class FileTask:
         if item.options:
             letter = option_letter(prediction, item.options)
             return ("option", letter) if letter is not None else ("unread", normalize_answer(prediction))
-        return ("text", normalize_answer(prediction.strip().splitlines()[0] if prediction.strip() else ""))
+        return ("text", _first_line(prediction))
 
     def chance(self, items: list[FileItem]) -> float:
         """A uniform guess among the options for multiple choice; for open answers the most frequent
