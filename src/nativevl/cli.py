@@ -168,7 +168,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from nativevl.eval.runner import best_of_n_table, evaluate, evaluate_best_of_n, markdown_table, write_report
+    from nativevl.eval.runner import (
+        best_of_n_table,
+        evaluate,
+        evaluate_best_of_n,
+        folder_identity,
+        markdown_table,
+        write_report,
+    )
     from nativevl.io.hf import load_model
     from nativevl.io.tokenizer import load_tokenizer
     from nativevl.train.parallel import init_distributed
@@ -215,20 +222,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(markdown_table(report, f"{args.model}, seed {args.seed}"))
         print(f"written: {args.out} and {Path(args.out).with_suffix('.md')}")
     return 0
-
-
-def folder_identity(path: str | Path) -> str:
-    """A checkpoint or tokenizer folder's path and a fingerprint of its files' names, sizes and
-    modification times: a folder retrained or replaced in place is another model."""
-    import hashlib
-
-    path = Path(path).resolve()
-    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha1()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.name}\x00{st.st_size}\x00{st.st_mtime_ns}\n".encode())
-    return f"{path} ({h.hexdigest()[:12]})"
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -309,6 +302,7 @@ def _policy(args: argparse.Namespace):
 
 def _progress(args: argparse.Namespace):
     """Sampling kept beside --out as it finishes; --resume continues an interrupted run."""
+    from nativevl.eval.runner import folder_identity
     from nativevl.pipelines.questions import Progress
 
     return Progress(args.out, folder_identity(args.model), resume=args.resume)

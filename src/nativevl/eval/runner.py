@@ -78,14 +78,25 @@ def compare(a: dict, b: dict, task: str, method_a: str | None = None, method_b: 
     return paired_test([bool(r[method_a or "correct"]) for r in ra], [bool(r[method_b or "correct"]) for r in rb])
 
 
+def folder_identity(path: str | Path) -> str:
+    """A checkpoint folder's (or one file's) path and a fingerprint of its files' names, sizes and
+    modification times: a folder retrained or a file edited in place is another model or question set."""
+    path = Path(path).resolve()
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}\x00{st.st_size}\x00{st.st_mtime_ns}\n".encode())
+    return f"{path} ({h.hexdigest()[:12]})"
+
+
 def _task_settings(name: str, settings: dict, max_num: int) -> dict:
-    """A task's settings in the report: an evaluation file's also hold the tiles per image and the
-    file's size and modification time (an edited file is another set of questions)."""
+    """A task's settings in the report: an evaluation file's also hold the tiles per question and the
+    file's identity (an edited file is another set of questions)."""
     path = Path(name)
     if path.suffix not in FILE_SUFFIXES:
         return settings
-    stat = path.stat() if path.is_file() else None
-    return {**settings, "max_num": max_num, "file": f"{stat.st_size} {stat.st_mtime_ns}" if stat else None}
+    return {**settings, "max_num": max_num, "file": folder_identity(path) if path.is_file() else None}
 
 
 def _reusable(previous: dict | None, settings: dict, max_num: int = 6) -> dict:
