@@ -231,3 +231,35 @@ def test_best_of_n_on_a_benchmark_file_scores_multi_tile_images_with_the_prm(tmp
     assert entry["pass1"]["n"] == 3 and entry["settings"]["max_num"] == 4
     assert all(sum(per_image) == n_tiles for per_image, n_tiles in seen) and len(seen) == 3
     assert max(seen[2][0]) > 1  # the wide picture went in several tiles, and the PRM was told so
+
+
+def test_partial_credit_metrics_for_files_named_as_vlmevalkit_names_them(tmp_path):
+    """DocVQA / InfoVQA files: ANLS; TextVQA / VQAv2: VQA accuracy from the annotators' answers; the
+    report's score is their mean, marked with the metric, and the paired test and Best-of-N refuse them."""
+    from nativevl.eval.runner import compare, evaluate, evaluate_best_of_n
+    from nativevl.eval.tasks.files import anls, vqa_accuracy
+
+    ten = ["two"] * 3 + ["3"] * 7
+    assert vqa_accuracy("2", ten) == pytest.approx(0.9)  # 3 of 10 annotators: 0.9, as the official eval
+    assert vqa_accuracy("three", ten) == 1.0 and vqa_accuracy("4", ten) == 0.0
+    assert vqa_accuracy("2", ["2"] + ["x"] * 9) == pytest.approx(0.3) and vqa_accuracy("", ten) == 0.0
+    assert anls("Hello World", ["hello word"]) == pytest.approx(1 - 1 / 11)
+    assert anls("abc", ["xyz"]) == 0.0 and anls("a", ["b", "A"]) == 1.0  # the best answer counts
+    img, _ = png_b64(1)
+    write_tsv(tmp_path / "DocVQA_VAL.tsv", [
+        {"index": 0, "question": "What is the date?", "answer": "['March 3, 1998']", "image": img},
+        {"index": 1, "question": "Who signed?", "answer": "['J. Smith', 'John Smith']", "image": img}])
+    write_tsv(tmp_path / "TextVQA_VAL.tsv", [
+        {"index": 0, "question": "What does it say?", "answer": str(ten), "image": img}])
+    tasks = [str(tmp_path / "DocVQA_VAL.tsv"), str(tmp_path / "TextVQA_VAL.tsv")]
+    answers = {"DocVQA_VAL.tsv": ["March 3, 1998", "Jon Smith"], "TextVQA_VAL.tsv": ["two"]}
+    report = evaluate(None, None, tasks, n=None, model_name="m",
+                      predictor=lambda task, items: answers[task.name.rsplit("/", 1)[-1]])
+    doc, text = report[tasks[0]], report[tasks[1]]
+    assert doc["metric"] == "anls" and doc["accuracy"] == pytest.approx((1 + (1 - 1 / 10)) / 2)
+    assert [r["correct"] for r in doc["records"]] == pytest.approx([1.0, 0.9])
+    assert text["metric"] == "vqa" and text["accuracy"] == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="partial credit"):
+        compare(report, report, tasks[0])
+    with pytest.raises(ValueError, match="partial credit"):
+        evaluate_best_of_n(None, None, tasks, n=1)

@@ -75,6 +75,9 @@ def compare(a: dict, b: dict, task: str, method_a: str | None = None, method_b: 
     key = "question" if all("question" in r for r in ra + rb) else "answer"
     if not same or [r[key] for r in ra] != [r[key] for r in rb]:
         raise ValueError(f"the two reports asked different {task!r} questions (another seed or n?)")
+    if any(not isinstance(r[m or "correct"], bool) for rs, m in ((ra, method_a), (rb, method_b)) for r in rs):
+        raise ValueError(f"{task!r} is scored with partial credit ({a[task].get('metric') or b[task].get('metric')}): "
+                         "the paired test compares right / wrong answers")
     return paired_test([bool(r[method_a or "correct"]) for r in ra], [bool(r[method_b or "correct"]) for r in rb])
 
 
@@ -214,9 +217,11 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
             predictions = predict(model, tokenizer, LazyPrompts(task, mine), max_new_tokens=task.max_new_tokens,
                                   batch_size=batch_size, system_message=system_message, desc=name,
                                   max_num=getattr(task, "max_num", 1))
-        correct = [task.score(p, it) for p, it in zip(predictions, mine)]
+        binary = getattr(task, "binary", True)
+        # right / wrong, or partial credit in [0, 1] (ANLS, VQA accuracy): the mean is the task's score
+        correct = [bool(c) if binary else float(c) for c in (task.score(p, it) for p, it in zip(predictions, mine))]
         k = sum(correct)
-        records = [{"index": i, "question": question_key(it), "answer": it.answer, "prediction": p, "correct": bool(c)}
+        records = [{"index": i, "question": question_key(it), "answer": it.answer, "prediction": p, "correct": c}
                    for i, it, p, c in zip(range(rank, len(items), world_size), mine, predictions, correct)]
         if world_size > 1:
             gathered: list = [None] * world_size
@@ -224,10 +229,10 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
             records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
             # NCCL (the process group on GPUs) reduces CUDA tensors only
             on_gpu = torch.distributed.get_backend() == "nccl"
-            totals = torch.tensor([k, len(mine)], dtype=torch.long,
+            totals = torch.tensor([k, len(mine)], dtype=torch.float64,
                                   device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
             torch.distributed.all_reduce(totals)
-            k = int(totals[0])
+            k = round(totals[0].item()) if binary else totals[0].item()
         low, high = wilson(k, len(items))
         report[name] = {
             "accuracy": k / len(items),
@@ -240,6 +245,8 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
             "records": records,  # every question: for paired tests between models (`nativevl compare`)
             "settings": _task_settings(name, settings, max_num),
         }
+        if not binary:  # the "accuracy" is the mean of this metric (its interval: Wilson's, as an approximation)
+            report[name]["metric"] = task.metric
         if on_task is not None:
             on_task(report)
     return report
@@ -263,6 +270,10 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 10
     if (n is not None and n < 1) or samples < 1:
         raise ValueError(f"n must be >= 1 question per task and samples >= 1, got n={n}, samples={samples}")
     resolved = _resolve(tasks, max_num)
+    partial = [name for name, t in zip(tasks, resolved) if not getattr(t, "binary", True)]
+    if partial:
+        raise ValueError(f"Best-of-N picks right / wrong answers; {partial} are scored with partial credit "
+                         "(ANLS, VQA accuracy): evaluate them without --best-of-n")
     from nativevl.infer.best_of_n import Candidates, sample_candidates, tiles_in_prompt
     from nativevl.infer.engine import Engine, SamplingParams
     from nativevl.infer.prm import step_scores
@@ -366,7 +377,8 @@ def best_of_n_table(report: dict, title: str = "") -> str:
 def markdown_table(report: dict, title: str = "") -> str:
     lines = [f"### {title}" if title else "", "", "| task | accuracy | 95% interval | chance | n |", "|---|---|---|---|---|"]
     for name, r in report.items():
-        lines.append(f"| {name} | {r['accuracy']:.3f} | {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f} | {r['chance']:.3f} | {r['n']} |")
+        label = f"{name} ({r['metric']})" if r.get("metric") else name
+        lines.append(f"| {label} | {r['accuracy']:.3f} | {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f} | {r['chance']:.3f} | {r['n']} |")
     return "\n".join(lines).strip() + "\n"
 
 

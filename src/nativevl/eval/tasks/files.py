@@ -13,8 +13,9 @@ options as `A. ...` lines): the prediction's option letter must equal the answer
 "(B)", "B. text", "The answer is B"; none when it names several, see `option_letter`, or the text of
 exactly one option). Open answers: equal after
 normalisation (case, punctuation, articles, spacing) to the answer or to any answer of a JSON / Python
-list of answers (full credit for matching any one: VQA's min(1, matches / 3) is not computed); numbers
-within 5% for ChartQA files only (relaxed accuracy). MMBench's circular evaluation (every rotation of
+list of answers, numbers within 5% for ChartQA files (relaxed accuracy); files named as VLMEvalKit
+names DocVQA / InfoVQA are scored by ANLS and TextVQA / VQAv2 / OK-VQA by VQA accuracy (partial credit,
+see `FileTask.metric`). MMBench's circular evaluation (every rotation of
 the options) is not run: each row is asked once, as written.
 """
 
@@ -144,6 +145,51 @@ def option_letter(prediction: str, options: dict[str, str]) -> str | None:
     if found and stated and not re.findall(alone, rest[stated[-1].end():]):
         return stated[-1].group(1)
     return None
+
+
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten".split())}
+
+
+def _vqa_normalize(text: str) -> str:
+    """VQA's answer processing, in short: normalise_answer plus number words as digits."""
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in normalize_answer(text).split())
+
+
+def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """VQA accuracy: with the annotators' answers (10 in VQAv2 / TextVQA), the mean over leaving each
+    one out of min(1, matches among the others / 3); with fewer than 3 answers, a match with any."""
+    got = _vqa_normalize(prediction.strip().splitlines()[0] if prediction.strip() else "")
+    if not got:
+        return 0.0
+    refs = [_vqa_normalize(a) for a in answers]
+    if len(refs) < 3:
+        return float(got in refs)
+    hits = [r == got for r in refs]
+    return sum(min(1.0, (sum(hits) - h) / 3) for h in hits) / len(refs)
+
+
+def _levenshtein(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def anls(prediction: str, answers: list[str], threshold: float = 0.5) -> float:
+    """DocVQA's Average Normalized Levenshtein Similarity for one question: the best over the answers of
+    1 - edit distance / longer length (case and outer spaces ignored), 0 below `threshold`."""
+    got = " ".join(prediction.strip().lower().split())
+    best = 0.0
+    for ref in answers:
+        want = " ".join(ref.strip().lower().split())
+        if not got and not want:
+            continue
+        sim = 1 - _levenshtein(got, want) / max(len(got), len(want))
+        best = max(best, sim if sim >= threshold else 0.0)
+    return best
 
 
 def _options_in_text(question: str) -> dict[str, str]:
@@ -308,14 +354,30 @@ class FileTask:
         return [{"role": "user", "content": item.question}], item.images
 
     @property
-    def relaxed(self) -> bool:
-        """ChartQA's relaxed accuracy (numbers within 5%), for VLMEvalKit's ChartQA files only."""
-        return self.path.name.lower().startswith("chartqa")
+    def metric(self) -> str:
+        """How open answers are scored, by VLMEvalKit's file names: "anls" (DocVQA, InfoVQA), "vqa"
+        (TextVQA, VQAv2, OK-VQA: partial credit from the annotators' answers), "relaxed" (ChartQA: numbers
+        within 5%), else "exact" (normalised match with any listed answer). Multiple choice: right/wrong."""
+        name = self.path.name.lower()
+        for prefix, metric in (("docvqa", "anls"), ("infovqa", "anls"), ("textvqa", "vqa"), ("vqav2", "vqa"),
+                               ("okvqa", "vqa"), ("ok-vqa", "vqa"), ("chartqa", "relaxed")):
+            if name.startswith(prefix):
+                return metric
+        return "exact"
 
-    def score(self, prediction: str, item: FileItem) -> bool:
+    @property
+    def binary(self) -> bool:
+        """Scores are right / wrong (what paired tests and Best-of-N picks need), not partial credit."""
+        return self.metric not in ("anls", "vqa")
+
+    def score(self, prediction: str, item: FileItem) -> bool | float:
         if item.options:
             return option_letter(prediction, item.options) == item.answer
-        return open_answer_correct(prediction, item.answer, self.relaxed)
+        if self.metric == "anls":
+            return anls(prediction, reference_answers(item.answer))
+        if self.metric == "vqa":
+            return vqa_accuracy(prediction, reference_answers(item.answer))
+        return open_answer_correct(prediction, item.answer, self.metric == "relaxed")
 
     def vote_key(self, prediction: str, item: FileItem):
         """What Best-of-N's majority vote groups by: the option picked, or the normalised first line."""
