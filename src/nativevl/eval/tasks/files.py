@@ -148,7 +148,7 @@ def option_letter(prediction: str, options: dict[str, str]) -> str | None:
 
 
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten".split())}
+    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"])}
 
 
 def _vqa_normalize(text: str) -> str:
