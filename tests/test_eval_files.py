@@ -263,3 +263,34 @@ def test_partial_credit_metrics_for_files_named_as_vlmevalkit_names_them(tmp_pat
         compare(report, report, tasks[0])
     with pytest.raises(ValueError, match="partial credit"):
         evaluate_best_of_n(None, None, tasks, n=1)
+
+
+def test_eval_under_torchrun_equals_one_process(tmp_path, tokenizer):
+    """2 gloo processes split the questions (each its share, images decoded there) and gather every
+    record: the report equals 1 process's, for a benchmark file (partial credit) and a toy task."""
+    import os
+    import subprocess
+    import sys
+
+    from test_model import make_model
+
+    make_model().save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    img, _ = png_b64(1)
+    write_tsv(tmp_path / "TextVQA_VAL.tsv", [
+        {"index": i, "question": f"What does it say {i}?", "answer": "['a', 'b', 'c']", "image": img} for i in range(5)])
+    # --num_questions: torchrun's own parser would read --n as an abbreviation of its options
+    args = ["eval", "--model", str(tmp_path / "m"), "--tasks", f"{tmp_path / 'TextVQA_VAL.tsv'},shapes",
+            "--num_questions", "5", "--max_num", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "nativevl", *args, "--out", str(tmp_path / "two.json")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "nativevl", *args, "--out", str(tmp_path / "one.json")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    for task in a:
+        assert [r["prediction"] for r in a[task]["records"]] == [r["prediction"] for r in b[task]["records"]]
+        assert a[task]["accuracy"] == pytest.approx(b[task]["accuracy"]) and a[task]["n"] == b[task]["n"] == 5
+        assert isinstance(b[task]["correct"], int) == (task.endswith("shapes"))  # partial credit stays a float

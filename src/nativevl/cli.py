@@ -422,8 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "MMStar, AI2D, TextVQA, ...; InternVL conversation .jsonl: a custom set)")
     e.add_argument("--max_num", type=int, default=6,
                    help="tiles per question for benchmark files, shared by its images (as chat/serve); toy tasks use 1")
-    e.add_argument("--n", type=int, default=None,
-                   help="questions per task (default: 200 of each toy task, every question of a benchmark file)")
+    # --num_questions: under torchrun, whose own parser takes --n for an abbreviation of its --nnodes ...
+    e.add_argument("--n", "--num_questions", dest="n", type=int, default=None,
+                   help="questions per task (default: 200 of each toy task, every question of a benchmark file); "
+                        "under torchrun spell it --num_questions")
     e.add_argument("--seed", type=int, default=10_000, help="held-out generator seed")
     e.add_argument("--batch_size", type=int, default=32)
     e.add_argument("--system", default="", help="system message ('' for none, as the demo trains)")
