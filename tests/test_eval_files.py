@@ -294,3 +294,16 @@ def test_eval_under_torchrun_equals_one_process(tmp_path, tokenizer):
         assert [r["prediction"] for r in a[task]["records"]] == [r["prediction"] for r in b[task]["records"]]
         assert a[task]["accuracy"] == pytest.approx(b[task]["accuracy"]) and a[task]["n"] == b[task]["n"] == 5
         assert isinstance(b[task]["correct"], int) == (task.endswith("shapes"))  # partial credit stays a float
+
+
+def test_a_toy_task_asked_without_n_resumes_a_report_made_with_n_200():
+    asked = []
+
+    def predictor(task, items):
+        asked.append(len(items))
+        return ["?"] * len(items)
+
+    report = evaluate(None, None, ["shapes"], n=200, predictor=predictor, model_name="m")
+    assert report["shapes"]["settings"]["n"] == 200
+    assert evaluate(None, None, ["shapes"], n=None, predictor=predictor, model_name="m", previous=report) == report
+    assert asked == [200]  # the default (200 of a toy task) is the same setting: nothing asked again

@@ -94,11 +94,12 @@ def folder_identity(path: str | Path) -> str:
 
 
 def _task_settings(name: str, settings: dict, max_num: int) -> dict:
-    """A task's settings in the report: an evaluation file's also hold the tiles per question and the
-    file's identity (an edited file is another set of questions)."""
+    """A task's settings in the report, with the n it was asked (a toy task's 200 when n is None, so a
+    report made with `--n 200` resumes without it); an evaluation file's also hold the tiles per question
+    and the file's identity (an edited file is another set of questions)."""
     path = Path(name)
     if path.suffix not in FILE_SUFFIXES:
-        return settings
+        return {**settings, "n": settings["n"] if settings["n"] is not None else DEFAULT_N}
     return {**settings, "max_num": max_num, "file": folder_identity(path) if path.is_file() else None}
 
 
