@@ -666,6 +666,23 @@ def test_jsonl_questions_skip_a_few_records_with_unreadable_images(tmp_path, cap
         jsonl_questions(tmp_path / "q.jsonl")
 
 
+def kill_sampling_at(monkeypatch, call: int):
+    """The pipelines' generate_texts raises at its `call`-th call, as a run killed mid-sampling; returns
+    the real one, for the caller to put back."""
+    from nativevl.pipelines import questions as qmod
+
+    real, calls = qmod.generate_texts, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(qmod, "generate_texts", failing)
+    return real
+
+
 def test_sampling_resumes_exactly_and_refuses_mismatched_progress(tmp_path, monkeypatch, tokenizer):
     """A run cut short keeps its finished groups; the resumed run samples only the rest and returns what an
     uninterrupted run returns (each group has its own seed). A line cut mid-write is sampled again;
@@ -684,17 +701,9 @@ def test_sampling_resumes_exactly_and_refuses_mismatched_progress(tmp_path, monk
     want = sample_responses(model, tokenizer, prompts, **kw)
     assert [len(t) for t in want] == [3] * 5
 
-    real, calls = qmod.generate_texts, []
-
-    def failing(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        return real(*a, **k)
-
     out = tmp_path / "pref.jsonl"
     progress = Progress(out, "model A")
-    monkeypatch.setattr(qmod, "generate_texts", failing)
+    real = kill_sampling_at(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="killed"):
         sample_responses(model, tokenizer, prompts, progress=progress, **kw)
     monkeypatch.setattr(qmod, "generate_texts", real)
@@ -746,16 +755,8 @@ def test_data_preference_cli_resumes_to_the_uninterrupted_output(tmp_path, monke
             "--samples", "32", "--max_new_tokens", "6"]  # 2 questions per group of 64 rows: 3 groups
     assert main(args + ["--out", str(tmp_path / "a" / "pref.jsonl")]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["dropout_ntp_pairs"] >= 3
-    real, calls = qmod.generate_texts, []
-
-    def failing(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real(*a, **k)
-
     out = tmp_path / "b" / "pref.jsonl"
-    monkeypatch.setattr(qmod, "generate_texts", failing)
+    real = kill_sampling_at(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="killed"):
         main(args + ["--out", str(out)])
     monkeypatch.setattr(qmod, "generate_texts", real)

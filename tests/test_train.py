@@ -37,20 +37,26 @@ def uninterrupted(tmp_path_factory):
     return out, losses(out)
 
 
-def test_resume_after_a_stop_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
-    _, ref = uninterrupted
+def launch_stopped_at(run, out, monkeypatch, stop: int = 3) -> None:
+    """Launch `run` into `out` and stop it (KeyboardInterrupt) right after its checkpoint at step `stop`,
+    as a run killed there: the next launch of the same command resumes from that checkpoint."""
     original = loop.save_train_state
 
-    def stop_after_three(out_dir, model, optimizer, step, *args):
+    def stop_after(out_dir, model, optimizer, step, *args):
         original(out_dir, model, optimizer, step, *args)
-        if step == 3:
+        if step == stop:
             raise KeyboardInterrupt("stopped")
 
-    monkeypatch.setattr(loop, "save_train_state", stop_after_three)
-    run = apply_overrides(recipe("debug_tiny"), SMALL + ["--export=false"])
+    monkeypatch.setattr(loop, "save_train_state", stop_after)
     with pytest.raises(KeyboardInterrupt):
-        launch(run, tmp_path)
+        launch(run, out)
     monkeypatch.setattr(loop, "save_train_state", original)
+
+
+def test_resume_after_a_stop_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
+    _, ref = uninterrupted
+    run = apply_overrides(recipe("debug_tiny"), SMALL + ["--export=false"])
+    launch_stopped_at(run, tmp_path, monkeypatch)
     launch(run, tmp_path)  # the same command again: resumes at step 3
     got = losses(tmp_path)
     assert sorted(got) == list(range(1, 7))
@@ -231,25 +237,18 @@ def test_resume_with_another_worker_count_repeats_no_record(tmp_path, monkeypatc
     """Stream item i belongs to shard i % (ranks x workers): a resume with another --num_workers starts
     every new shard after the furthest old position, so no record is trained on twice."""
     consumed: list[list[int]] = []
-    original_iter, original_save = loop.iterate_batches, loop.save_train_state
+    original_iter = loop.iterate_batches
 
     def recording(loader, tracker):
         for batch in original_iter(loader, tracker):
             consumed.append(list(batch.indices))
             yield batch
 
-    def stop_after_three(out_dir, model, optimizer, step, *args):
-        original_save(out_dir, model, optimizer, step, *args)
-        if step == 3:
-            raise KeyboardInterrupt("stopped")
-
     monkeypatch.setattr(loop, "iterate_batches", recording)
-    monkeypatch.setattr(loop, "save_train_state", stop_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        launch(apply_overrides(recipe("debug_tiny"), SMALL + ["--export=false", "--num_workers=0"]), tmp_path)
+    launch_stopped_at(apply_overrides(recipe("debug_tiny"), SMALL + ["--export=false", "--num_workers=0"]), tmp_path,
+                      monkeypatch)
     before = {i for b in consumed for i in b}
     consumed.clear()
-    monkeypatch.setattr(loop, "save_train_state", original_save)
     launch(apply_overrides(recipe("debug_tiny"), SMALL + ["--export=false", "--num_workers=2"]), tmp_path)
     after = [i for b in consumed for i in b]
     assert sorted(losses(tmp_path)) == list(range(1, 7)) and after
@@ -470,17 +469,7 @@ def test_validation_loss_is_logged_exact_and_leaves_training_unchanged(uninterru
     meta = synthetic.write_dataset(tmp_path / "held_out", n_images=12, n_texts=6, seed=7, size=56)
     run = apply_overrides(recipe("debug_tiny"), SMALL + [f"--val_meta={meta}", "--val_every=2", "--val_records=10"])
     out = tmp_path / "run"
-    original = loop.save_train_state
-
-    def stop_after_three(out_dir, model, optimizer, step, *args):
-        original(out_dir, model, optimizer, step, *args)
-        if step == 3:
-            raise KeyboardInterrupt("stopped")
-
-    monkeypatch.setattr(loop, "save_train_state", stop_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        launch(run, out)
-    monkeypatch.setattr(loop, "save_train_state", original)
+    launch_stopped_at(run, out, monkeypatch)
     summary = launch(run, out)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["step"]: r["loss"] for r in records if "loss" in r} == ref

@@ -317,10 +317,10 @@ def train(
                 saved_step = step
             if val_batches is not None and ((cfg.val_every and step % cfg.val_every == 0) or step == cfg.max_steps):
                 last_val = validate(model, objective, val_batches, device, use_bf16, autocast, step)
-                logger.log_eval(last_val)
+                logger.log_val(last_val)
         if ran_out and val_batches is not None and step > started_at and last_val.get("step") != step:
             last_val = validate(model, objective, val_batches, device, use_bf16, autocast, step)
-            logger.log_eval(last_val)
+            logger.log_val(last_val)
         if ran_out and step > saved_step:  # the steps since the last checkpoint are kept, not lost
             save_train_state(out_dir, model, optimizer, step, tokens_total, tracker, cfg, rank, world,
                              objective.state_dict())

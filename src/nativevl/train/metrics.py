@@ -109,15 +109,19 @@ class MetricsLogger:
         self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self.started = time.perf_counter()
 
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
+    def _write(self, record: dict, tag) -> None:
+        """One metrics.jsonl line, and its numbers to tensorboard under tag(key)."""
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(tag(key), value, record["step"])
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._write(record, lambda key: f"train/{key}")
         self.tokens_per_step.append(record["tokens"])
         recent = self.tokens_per_step[-20:]
         remaining_tokens = (self.max_steps - record["step"]) * sum(recent) / len(recent)
@@ -126,17 +130,12 @@ class MetricsLogger:
                              eta=format_eta(eta))
         self.bar.update(1)
 
-    def log_eval(self, record: dict) -> None:
+    def log_val(self, record: dict) -> None:
         """A validation record ({"step": ..., "val_loss": ..., ...}): metrics.jsonl, tensorboard's val/ tags,
         and a line above the progress bar."""
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"val/{key.removeprefix('val_')}", value, record["step"])
+        self._write(record, lambda key: f"val/{key.removeprefix('val_')}")
         self.bar.write(f"step {record['step']}: " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "step"))
 
