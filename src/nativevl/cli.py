@@ -274,6 +274,32 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     return 1 if report.bad else 0
 
 
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from nativevl.data.convert import Layout, convert
+
+    layout, inputs = Layout(), [Path(p) for p in args.input]
+    image_root = Path(args.image_root) if args.image_root else None
+    if args.dataset_info:  # LLaMA-Factory: the entry's columns, tags and file; media under the dataset folder
+        if not args.dataset:
+            raise ValueError("--dataset_info needs --dataset NAME (the entry to convert)")
+        layout, data_file = Layout.from_dataset_info(args.dataset_info, args.dataset)
+        inputs = inputs or [data_file]
+        image_root = image_root or Path(args.dataset_info).parent
+    elif args.dataset:
+        raise ValueError("--dataset names an entry of --dataset_info; give that file too")
+    if not inputs:
+        raise ValueError("give the data file(s) to convert, or --dataset_info FILE --dataset NAME")
+    stats = convert(inputs, Path(args.out), layout, image_root=image_root, max_bad_fraction=args.max_bad_fraction,
+                    max_dynamic_patch=args.max_dynamic_patch, data_augment=args.data_augment, overwrite=args.overwrite,
+                    examples=args.examples)
+    print(stats.format())
+    out = Path(args.out)
+    print(f"written: {out} and {out.parent / 'meta.json'} (dataset {out.stem!r})"
+          + (f"; refused records: {out.with_name(out.stem + '.rejects.jsonl')}" if stats.bad else ""))
+    print(f"next: nativevl data validate {out.parent / 'meta.json'} --tokenizer MODEL_DIR (decodes every image, counts tokens)")
+    return 0
+
+
 def _questions(args: argparse.Namespace):
     from nativevl.pipelines.questions import jsonl_questions, toyworld_questions
 
@@ -337,17 +363,10 @@ def cmd_data_prm(args: argparse.Namespace) -> int:
 def _write_meta(jsonl: Path) -> None:
     """A meta json beside the generated jsonl, so `nativevl train ... --meta` can read it; the datasets
     other runs wrote into the same folder's meta.json stay listed."""
-    path = jsonl.parent / "meta.json"
-    meta = {}
-    if path.is_file():
-        try:
-            meta = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            meta = {}
-        meta = meta if isinstance(meta, dict) else {}
-    meta[jsonl.stem] = {"root": "", "annotation": jsonl.name, "max_dynamic_patch": 1, "data_augment": False}
-    path.write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"written: {jsonl} and {jsonl.parent / 'meta.json'}")
+    from nativevl.data.records import write_meta_entry
+
+    meta = write_meta_entry(jsonl, max_dynamic_patch=1)
+    print(f"written: {jsonl} and {meta}")
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -522,6 +541,22 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--examples", type=int, default=3, help="examples shown per problem kind")
     dv.add_argument("--system", default=None, help="system message the lengths count (default: InternVL's; '' for none)")
     dv.set_defaults(func=cmd_data_validate)
+    dc = data.add_parser("convert", help="ShareGPT / LLaVA, OpenAI / ms-swift, LLaMA-Factory (alpaca, sharegpt) data "
+                                          "-> InternVL jsonl + meta.json; refused records to OUT.rejects.jsonl")
+    dc.add_argument("input", nargs="*", help=".jsonl, .json (a list) or .parquet files, or folders of them")
+    dc.add_argument("--out", required=True, help="output .jsonl (meta.json and embedded images go beside it)")
+    dc.add_argument("--dataset_info", default=None, help="LLaMA-Factory's dataset_info.json: read --dataset as it declares")
+    dc.add_argument("--dataset", default=None, help="the dataset_info.json entry to convert")
+    dc.add_argument("--image_root", default=None,
+                    help="folder relative image paths start from (default: the input's folder; the dataset_info.json "
+                         "folder with --dataset_info); then the current folder")
+    dc.add_argument("--max_bad_fraction", type=float, default=0.05,
+                    help="stop (writing nothing) when more records than this are refused")
+    dc.add_argument("--max_dynamic_patch", type=int, default=12, help="the meta entry's tile cap per sample")
+    dc.add_argument("--data_augment", action="store_true", help="the meta entry's JPEG re-encoding in training")
+    dc.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    dc.add_argument("--examples", type=int, default=3, help="examples shown per refused kind")
+    dc.set_defaults(func=cmd_data_convert)
     for name, helptext in (("preference", "sample N responses per question, verify them, write MPO preference pairs"),
                            ("prm", "label solution steps by Monte Carlo rollouts: PRM training conversations")):
         dp = data.add_parser(name, help=helptext)

@@ -248,9 +248,10 @@ def _preference_sample(record: PreferenceRecord, tokenizer, cfg: DataConfig, ind
     question = record.question
     if record.images and IMAGE_PLACEHOLDER not in question:
         question = "\n".join([IMAGE_PLACEHOLDER] * len(record.images)) + "\n" + question
+    system = [] if record.system is None else [{"from": "system", "value": record.system}]
     docs = []
     for response in (record.chosen, record.rejected):
-        conv = Record([{"from": "human", "value": question}, {"from": "gpt", "value": response}], record.images,
+        conv = Record([*system, {"from": "human", "value": question}, {"from": "gpt", "value": response}], record.images,
                       source=record.source, max_dynamic_patch=record.max_dynamic_patch, data_augment=record.data_augment)
         docs.append(build_sample(conv, tokenizer, cfg, index))  # same index: same tiles, same V2PE strides
     chosen, rejected = docs

@@ -73,6 +73,7 @@ class PreferenceRecord:
     source: str = ""
     max_dynamic_patch: int = 12
     data_augment: bool = False
+    system: str | None = None  # the pair's system message (None: the run's default)
 
 
 def _bool(value: Any, what: str) -> bool:
@@ -134,6 +135,25 @@ def load_meta(path: str | Path) -> list[DatasetSpec]:
             )
         )
     return specs
+
+
+def write_meta_entry(jsonl: Path, max_dynamic_patch: int = 12, data_augment: bool = False) -> Path:
+    """Add (or replace) the dataset of `jsonl` in the meta.json beside it, named by its stem, with
+    paths relative to that folder; the other datasets listed there stay. Returns the meta path."""
+    path = jsonl.parent / "meta.json"
+    meta = {}
+    if path.is_file():
+        try:
+            meta = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+        meta = meta if isinstance(meta, dict) else {}
+    meta[jsonl.stem] = {"root": "", "annotation": jsonl.name, "max_dynamic_patch": max_dynamic_patch,
+                        "data_augment": data_augment}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def _line_index(path: Path, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
@@ -255,11 +275,14 @@ def parse_record(raw: Any, spec: DatasetSpec, where: str) -> Record | Preference
         for key in ("question", "chosen", "rejected"):
             if not isinstance(raw.get(key), str) or not raw[key].strip():
                 raise RecordError("malformed", f"{where}: preference record needs a non-empty string '{key}'")
+        system = raw.get("system")
+        if system is not None and not isinstance(system, str):
+            raise RecordError("malformed", f"{where}: a preference record's 'system' must be a string")
         n = raw["question"].count(IMAGE_PLACEHOLDER)
         if n and n != len(images):
             raise RecordError("placeholder_mismatch", f"{where}: {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
         return PreferenceRecord(raw["question"], raw["chosen"], raw["rejected"], images, where, spec.max_dynamic_patch,
-                                spec.data_augment)
+                                spec.data_augment, system)
     if "text" in raw and "conversations" not in raw:  # a plain document (text corpus for pre-training)
         if not isinstance(raw["text"], str) or not raw["text"].strip():
             raise RecordError("malformed", f"{where}: 'text' must be a non-empty string")

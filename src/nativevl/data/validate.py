@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from tqdm import tqdm
 
@@ -13,6 +14,9 @@ from nativevl.data.records import PROBLEMS, Annotation, DatasetSpec, RecordError
 
 @dataclass
 class ValidationReport:
+    """Bad records counted by kind, with the first examples of each (also `data convert`'s summary)."""
+
+    kinds: ClassVar[tuple[str, ...]] = PROBLEMS
     records: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
@@ -27,9 +31,12 @@ class ValidationReport:
         if len(shown) < keep:
             shown.append(str(error))
 
+    def headline(self) -> str:
+        return f"{self.records} records, {self.bad} bad ({self.bad / max(1, self.records):.1%})"
+
     def format(self) -> str:
-        lines = [f"{self.records} records, {self.bad} bad ({self.bad / max(1, self.records):.1%})"]
-        for kind in PROBLEMS:
+        lines = [self.headline()]
+        for kind in self.kinds:
             if kind in self.counts:
                 lines.append(f"  {kind}: {self.counts[kind]}")
                 lines += [f"    e.g. {example}" for example in self.examples[kind]]

@@ -1,0 +1,653 @@
+"""`nativevl data convert`: fine-tuning data in other trainers' formats -> InternVL jsonl + meta.json.
+
+Each record's kind is told by its keys (a LLaMA-Factory dataset named in its dataset_info.json is read
+with the columns, tags and formatting that entry declares, as LLaMA-Factory reads it):
+
+- conversations: ShareGPT / LLaVA / InternVL (`conversations`, from/value), OpenAI / ms-swift
+  (`messages`, role/content; content may be a list of text and image parts), ms-swift's pair dicts
+  (`conversation`: [{"human": q, "assistant": a}, ...]); roles user/human, assistant/gpt/bot, system;
+- alpaca (LLaMA-Factory, ms-swift): `instruction` and `input` joined by a newline, `output`,
+  `history` ([[question, answer], ...] before it), `system`;
+- question / answer (ms-swift's query / response and its aliases), with `history` and `system`.
+
+Preference pairs (LLaMA-Factory's `chosen` / `rejected`: strings for alpaca, one message each for
+sharegpt; ms-swift's `rejected_response` or `rejected_messages`) become nativevl's preference records
+(one question, an optional system message). Images are paths (relative ones are looked up under the
+image root, then the current folder, as LLaMA-Factory and ms-swift do), data URLs, base64 strings or
+{"bytes", "path"} dicts (parquet exports of Hugging Face datasets): embedded images are written once
+each (by content hash) beside the output. Placeholders are made explicit: images with no `<image>` in
+any user turn get `<image>\\n` each before the first one (InternVL's and ms-swift's rule), so the output
+reads the same in InternVL's own trainer; any other count that differs from the images is an error.
+
+What nativevl cannot train on is refused by record, never dropped silently: tool calls and tool
+results, KTO labels, per-turn loss switches, several videos, images beside a video, remote URLs,
+multi-turn preference pairs. Every refused record goes, whole, with its kind and reason, to
+OUT.rejects.jsonl; the run stops past a rejected fraction (default 5%, after 200 records, and over
+the whole file at the end), leaving no output but the rejects.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import binascii
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from PIL import Image
+from tqdm import tqdm
+
+from nativevl.data.records import DatasetSpec, RecordError, parse_record, write_meta_entry
+from nativevl.data.template import IMAGE_PLACEHOLDER
+from nativevl.data.validate import ValidationReport
+
+VIDEO_PLACEHOLDER = "<video>"
+KINDS = ("malformed", "missing_file", "unreadable_image", "placeholder_mismatch", "no_assistant_turn", "unsupported")
+INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+USER, ASSISTANT, SYSTEM, TOOL = "user", "assistant", "system", "tool"
+ROLE_ALIASES = {
+    "user": USER, "human": USER,
+    "assistant": ASSISTANT, "gpt": ASSISTANT, "bot": ASSISTANT,
+    "system": SYSTEM,
+    **dict.fromkeys(("tool", "tool_call", "tool_response", "function_call", "function", "function_response",
+                     "observation", "observations", "ipython"), TOOL),
+}
+QUESTION_KEYS = ("query", "question", "prompt", "problem")
+ANSWER_KEYS = ("response", "answer", "output", "completion", "solution")
+MESSAGE_KEYS = ("messages", "conversations", "conversation")
+BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
+
+
+class ConvertError(ValueError):
+    def __init__(self, kind: str, message: str) -> None:
+        assert kind in KINDS, kind
+        super().__init__(message)
+        self.kind = kind
+        self.raw: Any = None  # what could not be read as a record (a jsonl line's text)
+
+
+class ConversionAborted(ValueError):
+    """The rejected fraction passed the limit: nothing was written but the rejects file."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a record keeps its parts. The defaults read every format above by its usual names;
+    `from_dataset_info` gives LLaMA-Factory's declared columns and tags instead."""
+
+    formatting: str = "auto"  # auto (by keys) | alpaca | sharegpt
+    ranking: bool | None = None  # None: a record with chosen / rejected is a pair
+    prompt: str = "instruction"
+    query: str = "input"
+    response: str = "output"
+    history: str | None = "history"
+    messages: tuple[str, ...] = MESSAGE_KEYS
+    system: str | None = "system"
+    tools: str | None = "tools"
+    images: tuple[str, ...] = ("images", "image")
+    videos: tuple[str, ...] = ("videos", "video")
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    kto_tag: str | None = None
+    role_tag: str | None = None  # None: "role" or "from"
+    content_tag: str | None = None  # None: "content" or "value"
+    roles: dict[str, str] | None = None  # role name -> user/assistant/system/tool; None: ROLE_ALIASES
+
+    @classmethod
+    def from_dataset_info(cls, path: str | Path, name: str) -> tuple[Layout, Path]:
+        """LLaMA-Factory's entry `name` of dataset_info.json -> (its layout, its data file or folder)."""
+        path = Path(path)
+        try:
+            info = json.loads(path.read_bytes())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot read dataset_info.json ({e})") from None
+        if not isinstance(info, dict) or name not in info:
+            known = sorted(info) if isinstance(info, dict) else []
+            raise ValueError(f"{path}: no dataset {name!r}; it lists {known[:20]}")
+        entry = info[name]
+        if not isinstance(entry, dict) or "file_name" not in entry:
+            hub = [k for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name") if k in entry]
+            raise ValueError(f"{path}: dataset {name!r} has no local file_name ({', '.join(hub) or 'no source'}); "
+                             "nothing is downloaded: fetch it and convert the local file")
+        formatting = entry.get("formatting", "alpaca")
+        if formatting not in ("alpaca", "sharegpt"):
+            raise ValueError(f"{path}: dataset {name!r} formatting {formatting!r} is not converted (alpaca, sharegpt); "
+                             "its OpenAI-style messages convert without --dataset_info")
+        columns, tags = entry.get("columns", {}), entry.get("tags", {})
+        if not isinstance(columns, dict) or not isinstance(tags, dict):
+            raise ValueError(f"{path}: dataset {name!r} columns and tags must be objects")
+        tag = lambda key, default: tags.get(key, default)
+        roles = {tag("user_tag", "human"): USER, tag("assistant_tag", "gpt"): ASSISTANT, tag("system_tag", "system"): SYSTEM,
+                 tag("observation_tag", "observation"): TOOL, tag("function_tag", "function_call"): TOOL}
+        one = lambda key: (columns[key],) if columns.get(key) else ()  # media columns count only when declared
+        layout = cls(
+            formatting=formatting,
+            ranking=bool(entry.get("ranking", False)),
+            prompt=columns.get("prompt", "instruction"),
+            query=columns.get("query", "input"),
+            response=columns.get("response", "output"),
+            history=columns.get("history"),
+            messages=(columns.get("messages", "conversations"),),
+            system=columns.get("system"),
+            tools=columns.get("tools"),
+            images=one("images"),
+            videos=one("videos"),
+            chosen=columns.get("chosen", "chosen"),
+            rejected=columns.get("rejected", "rejected"),
+            kto_tag=columns.get("kto_tag"),
+            role_tag=tag("role_tag", "from"),
+            content_tag=tag("content_tag", "value"),
+            roles=roles,
+        )
+        return layout, path.parent / entry["file_name"]
+
+
+@dataclass
+class ConvertStats(ValidationReport):
+    """Records read, written and refused (by kind, `bad`), with the first examples of each kind."""
+
+    kinds: ClassVar[tuple[str, ...]] = KINDS
+    written: int = 0
+    pairs: int = 0
+    images_written: int = 0
+
+    def headline(self) -> str:
+        return (f"{self.records} records: {self.written} written ({self.pairs} preference pairs), {self.bad} refused "
+                f"({self.bad / max(1, self.records):.1%}); {self.images_written} embedded image(s) written")
+
+
+# ---------------------------------------------------------------- reading input files
+
+
+def input_files(path: Path) -> list[Path]:
+    """A data file, or a folder of them (LLaMA-Factory's file_name may be a folder)."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in INPUT_SUFFIXES and p.is_file())
+        if not files:
+            raise ValueError(f"{path}: a folder with no {', '.join(INPUT_SUFFIXES)} file")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"input {path} does not exist")
+    if path.suffix not in INPUT_SUFFIXES:
+        raise ValueError(f"{path}: unsupported input type {path.suffix!r} (reads {', '.join(INPUT_SUFFIXES)})")
+    return [path]
+
+
+def count_records(path: Path) -> int | None:
+    """Records in a file, for the progress bar (jsonl: its lines, a fast pass; json: None, read whole anyway)."""
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as f:
+            return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 24), b""))
+    if path.suffix == ".parquet":
+        return _parquet(path).metadata.num_rows
+    return None
+
+
+def _parquet(path: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading parquet needs pyarrow (pip install 'nativevl[data]')") from None
+    return pq.ParquetFile(path)
+
+
+def read_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(file:line or file:row, raw record or ConvertError) for every record of a file."""
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path.name}:{lineno}", json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                    text = line.decode("utf-8", "replace").rstrip("\r\n")
+                    error = ConvertError("malformed", f"not valid JSON ({e}): {text[:200]!r}")
+                    error.raw = text  # the rejects file keeps the whole line
+                    yield f"{path.name}:{lineno}", error
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: a .json input must hold a list of records, got {type(data).__name__}")
+        for i, raw in enumerate(data):
+            yield f"{path.name}:[{i}]", raw
+    else:
+        row = 0
+        for batch in _parquet(path).iter_batches(batch_size=256):
+            for raw in batch.to_pylist():
+                yield f"{path.name}:row {row}", raw
+                row += 1
+
+
+# ---------------------------------------------------------------- media
+
+
+class Media:
+    """Resolves a record's images and videos to files: paths under `root` (then the current folder),
+    and embedded images written once each (by content hash) into `embed_dir`."""
+
+    def __init__(self, root: Path, embed_dir: Path) -> None:
+        self.root = root
+        self.embed_dir = embed_dir
+        self.written = 0
+
+    def path(self, value: str, what: str) -> Path:
+        if value.startswith(("http://", "https://", "s3://", "oss://")):
+            raise ConvertError("unsupported", f"{what} {value[:120]!r} is remote: nothing is downloaded; "
+                                              "fetch the files and give their paths")
+        p = Path(value)
+        for candidate in ((p,) if p.is_absolute() else (self.root / p, p)):
+            try:
+                if candidate.is_file():
+                    return candidate.resolve()
+            except OSError:  # a name too long for the file system: an embedded image, or nothing
+                break
+        raise ConvertError("missing_file", f"{what} {value[:200]!r} not found (looked under {self.root.resolve()} and the current folder)")
+
+    def image(self, value: Any, what: str) -> Path:
+        if isinstance(value, dict):
+            if value.get("bytes") is not None:
+                return self._embedded(value["bytes"], what)
+            if isinstance(value.get("path"), str) and value["path"]:
+                return self.image(value["path"], what)
+            raise ConvertError("malformed", f"{what} is a dict without 'bytes' or 'path': {sorted(value)}")
+        if isinstance(value, (bytes, bytearray)):
+            return self._embedded(bytes(value), what)
+        if not isinstance(value, str) or not value:
+            raise ConvertError("malformed", f"{what} must be a path, a data URL or image bytes, got {type(value).__name__}")
+        if value.startswith("data:"):
+            head, _, payload = value.partition(",")
+            if ";base64" not in head:
+                raise ConvertError("malformed", f"{what}: a data URL must be base64 ({head[:60]!r})")
+            return self._embedded(payload, what)
+        try:
+            return self.path(value, what)
+        except ConvertError as e:
+            if e.kind == "missing_file" and len(value) >= 64 and BASE64.fullmatch(value):  # ms-swift takes bare base64
+                return self._embedded(value, what)
+            raise
+
+    def _embedded(self, data: bytes | str, what: str) -> Path:
+        if isinstance(data, str):
+            try:
+                data = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError):
+                raise ConvertError("malformed", f"{what}: neither a file nor valid base64 ({data[:60]!r}...)") from None
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = (im.format or "png").lower()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ConvertError("unreadable_image", f"{what}: embedded bytes are not an image ({type(e).__name__})") from None
+        target = self.embed_dir / f"{hashlib.sha256(data).hexdigest()[:24]}.{'jpg' if fmt == 'jpeg' else fmt}"
+        if not target.exists():
+            self.embed_dir.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+            self.written += 1
+        return target
+
+
+# ---------------------------------------------------------------- records
+
+
+def _get(raw: dict, keys: tuple[str, ...]) -> Any:
+    return next((raw[k] for k in keys if raw.get(k) not in (None, "", [])), None)
+
+
+def _media_list(value: Any) -> list:
+    if value is None or value == "" or value == []:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class _Turns:
+    """A record's conversation as (role, text) with roles user/assistant, its system message and the
+    images that came inside message contents (OpenAI parts)."""
+
+    def __init__(self) -> None:
+        self.system: str | None = None
+        self.turns: list[tuple[str, str]] = []
+        self.content_images: list[Any] = []
+
+
+def _message(m: Any, layout: Layout, i: int) -> list[tuple[str, Any]]:
+    """One message -> [(role, content)] (a pair dict gives two)."""
+    if not isinstance(m, dict):
+        raise ConvertError("malformed", f"message {i} must be an object, got {type(m).__name__}")
+    roles = layout.roles or ROLE_ALIASES
+    role_keys = (layout.role_tag,) if layout.role_tag else ("role", "from")
+    content_keys = (layout.content_tag,) if layout.content_tag else ("content", "value")
+    role_key = next((k for k in role_keys if k in m), None)
+    if role_key is None and layout.roles is None and not layout.role_tag:  # ms-swift's {"human": q, "assistant": a}
+        pair = [(ROLE_ALIASES[k], m[k]) for k in m if ROLE_ALIASES.get(k) in (USER, ASSISTANT)]
+        if pair:
+            return pair
+    if role_key is None:
+        raise ConvertError("malformed", f"message {i} has no role ({'/'.join(role_keys)}); keys {sorted(m)[:8]}")
+    role = roles.get(m[role_key]) if isinstance(m[role_key], str) else None
+    if role is None:
+        raise ConvertError("malformed", f"message {i} has unknown role {m[role_key]!r}; known: {sorted(roles)}")
+    if role == TOOL or m.get("tool_calls") or m.get("function_call"):
+        what = f"role {m[role_key]!r}" if role == TOOL else "tool_calls"
+        raise ConvertError("unsupported", f"message {i} is a tool call or result ({what}): the internvl2_5 template "
+                                          "has no tool format")
+    if role == ASSISTANT and m.get("loss") is False:
+        raise ConvertError("unsupported", f"message {i}: an answer marked loss false (nativevl learns every answer)")
+    content = next((m[k] for k in content_keys if k in m), None)
+    if content is None:
+        raise ConvertError("malformed", f"message {i} has no content ({'/'.join(content_keys)})")
+    return [(role, content)]
+
+
+def _content(content: Any, role: str, images: list, i: int) -> str:
+    """A message's content as text; OpenAI-style image parts become `<image>` (user turns only)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ConvertError("malformed", f"message {i} content must be text or a list of parts, got {type(content).__name__}")
+    text = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            text.append(part["text"])
+        elif kind in ("image", "image_url") and role == USER:
+            value = part.get(kind)
+            images.append(value.get("url") if kind == "image_url" and isinstance(value, dict) else value)
+            text.append(IMAGE_PLACEHOLDER)
+        elif kind in ("image", "image_url", "video", "video_url", "input_audio", "audio"):
+            raise ConvertError("unsupported", f"message {i}: a {kind} part in a {role} turn")
+        else:
+            raise ConvertError("malformed", f"message {i}: content part {str(part)[:80]!r} is not text or an image")
+    return "".join(text)
+
+
+def _conversation(messages: Any, layout: Layout) -> _Turns:
+    if not isinstance(messages, list) or not messages:
+        raise ConvertError("malformed", "the messages / conversations must be a non-empty list")
+    out = _Turns()
+    for i, m in enumerate(messages):
+        for role, content in _message(m, layout, i):
+            text = _content(content, role, out.content_images, i)
+            if role == SYSTEM:
+                if out.turns or out.system is not None:
+                    raise ConvertError("malformed", f"message {i}: a system message is only allowed first")
+                out.system = text
+            else:
+                out.turns.append((role, text))
+    return out
+
+
+def _history(value: Any) -> list[tuple[str, str]]:
+    if isinstance(value, str):  # ms-swift accepts a Python literal
+        try:
+            value = ast.literal_eval(value) if value.strip() else []
+        except (ValueError, SyntaxError):
+            raise ConvertError("malformed", f"history {value[:80]!r} is not a list of [question, answer]") from None
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in value):
+        raise ConvertError("malformed", "history must be a list of [question, answer] string pairs")
+    return [t for q, a in value for t in ((USER, q), (ASSISTANT, a))]
+
+
+def _text(raw: dict, key: str, what: str, required: bool = True) -> str:
+    value = raw.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise ConvertError("malformed", f"{what} ({key!r}) must be a string, got {type(value).__name__}")
+    return value
+
+
+def _record_turns(raw: dict, layout: Layout) -> _Turns:
+    formatting = layout.formatting
+    if formatting == "auto":
+        if _get(raw, layout.messages) is not None:
+            formatting = "sharegpt"
+        elif layout.prompt in raw:
+            formatting = "alpaca"
+        elif any(k in raw for k in QUESTION_KEYS):
+            formatting = "qa"
+        else:
+            raise ConvertError("malformed", f"no conversation found (messages / conversations, instruction, or "
+                                            f"query / question); keys: {sorted(raw)[:12]}")
+    if formatting == "sharegpt":
+        out = _conversation(_get(raw, layout.messages), layout)
+    else:
+        out = _Turns()
+        if formatting == "alpaca":
+            parts = [_text(raw, layout.prompt, "the instruction"), _text(raw, layout.query, "the input", required=False)]
+            question = "\n".join(p for p in parts if p)
+            answer_key = layout.response
+        else:
+            question_key = next(k for k in QUESTION_KEYS if k in raw)
+            question = _text(raw, question_key, "the question")
+            answer_key = next((k for k in ANSWER_KEYS if k in raw), ANSWER_KEYS[0])
+        out.turns = _history(raw.get(layout.history)) if layout.history else []
+        out.turns.append((USER, question))
+        is_pair = layout.chosen in raw or layout.rejected in raw
+        if not is_pair or answer_key in raw:
+            answer = raw.get(answer_key)
+            if isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer):
+                answer = answer[0]  # ms-swift: a list of answers trains on the first
+            if not isinstance(answer, str):
+                raise ConvertError("malformed" if answer is not None else "no_assistant_turn",
+                                   f"the answer ({answer_key!r}) must be a string, got {type(answer).__name__}")
+            if not is_pair:
+                out.turns.append((ASSISTANT, answer))
+    if out.system is None and layout.system and isinstance(raw.get(layout.system), str) and raw[layout.system]:
+        out.system = raw[layout.system]
+    return out
+
+
+def _pair(raw: dict, layout: Layout, conv: _Turns) -> tuple[str, str] | None:
+    """(chosen, rejected) of a preference record, None for a plain one; leaves the question last in conv."""
+    if layout.ranking is False:
+        return None
+    single = lambda value, what: value if isinstance(value, str) else _message_text(value, layout, what)
+    if layout.chosen in raw or layout.rejected in raw:  # LLaMA-Factory: the conversation ends with the question
+        if not (layout.chosen in raw and layout.rejected in raw):
+            raise ConvertError("malformed", f"a preference record needs both {layout.chosen!r} and {layout.rejected!r}")
+        if not conv.turns or conv.turns[-1][0] != USER:
+            raise ConvertError("malformed", f"a {layout.chosen!r} / {layout.rejected!r} record's conversation must end "
+                                            "with the question")
+        return _distinct(single(raw[layout.chosen], "chosen"), single(raw[layout.rejected], "rejected"))
+    if "rejected_response" in raw or "rejected_messages" in raw:  # ms-swift: messages end with the chosen answer
+        if not conv.turns or conv.turns[-1][0] != ASSISTANT:
+            raise ConvertError("malformed", "a rejected_response record's messages must end with the chosen answer")
+        chosen = conv.turns.pop()[1]
+        if raw.get("rejected_messages") is not None:
+            other = _conversation(raw["rejected_messages"], layout)
+            if other.turns[:-1] != conv.turns or other.system != conv.system or not other.turns or other.turns[-1][0] != ASSISTANT:
+                raise ConvertError("unsupported", "rejected_messages that differ from the chosen ones before the last answer")
+            if any(raw.get(k) not in (None, [], raw.get(k.removeprefix("rejected_"))) for k in ("rejected_images", "rejected_videos")):
+                raise ConvertError("unsupported", "rejected_images / rejected_videos other than the chosen side's")
+            return _distinct(chosen, other.turns[-1][1])
+        rejected = raw["rejected_response"]
+        if isinstance(rejected, list) and len(rejected) == 1:
+            rejected = rejected[0]
+        return _distinct(chosen, single(rejected, "rejected_response"))
+    if layout.ranking:
+        raise ConvertError("malformed", f"a ranking dataset's record needs {layout.chosen!r} and {layout.rejected!r}")
+    return None
+
+
+def _distinct(chosen: str, rejected: str) -> tuple[str, str]:
+    if chosen == rejected:
+        raise ConvertError("malformed", "the chosen and rejected answers are the same text")
+    return chosen, rejected
+
+
+def _message_text(value: Any, layout: Layout, what: str) -> str:
+    turns = _message(value, layout, 0)
+    if len(turns) != 1 or turns[0][0] != ASSISTANT:
+        raise ConvertError("malformed", f"{what} must be an assistant message or a string")
+    if not isinstance(turns[0][1], str):
+        raise ConvertError("malformed", f"{what} must be text")
+    return turns[0][1]
+
+
+def convert_record(raw: Any, layout: Layout, media: Media, out_dir: Path) -> dict:
+    """One record of another format -> one InternVL jsonl record (conversation or preference pair)."""
+    if not isinstance(raw, dict):
+        raise ConvertError("malformed", f"a record must be a JSON object, got {type(raw).__name__}")
+    for key in ([layout.kto_tag] if layout.kto_tag else []) + (["label"] if layout.roles is None else []):
+        if isinstance(raw.get(key), bool):
+            raise ConvertError("unsupported", f"a KTO record ({key!r}: {raw[key]}): nativevl has no KTO objective")
+    if layout.tools and raw.get(layout.tools) not in (None, "", [], "[]"):
+        raise ConvertError("unsupported", "tool definitions: the internvl2_5 template has no tool format")
+    conv = _record_turns(raw, layout)
+    pair = _pair(raw, layout, conv)
+    images = conv.content_images + _media_list(_get(raw, layout.images) if layout.images else None)
+    videos = _media_list(_get(raw, layout.videos) if layout.videos else None)
+    if len(videos) > 1 or (videos and images):
+        raise ConvertError("unsupported", f"{len(videos)} video(s) and {len(images)} image(s): a record holds images or one video")
+    if videos and not isinstance(videos[0], str):
+        raise ConvertError("unsupported", "a video given as frames: nativevl reads video files")
+    image_paths = [media.image(v, f"image {i + 1}") for i, v in enumerate(images)]
+    video_paths = [media.path(v, "video") for v in videos]
+    turns = conv.turns
+    if any(IMAGE_PLACEHOLDER in t or VIDEO_PLACEHOLDER in t for r, t in turns if r == ASSISTANT) or (
+            pair and any(IMAGE_PLACEHOLDER in t or VIDEO_PLACEHOLDER in t for t in pair)):
+        raise ConvertError("placeholder_mismatch", "an answer holds <image> / <video>: only questions carry images")
+    n_image = sum(t.count(IMAGE_PLACEHOLDER) for _, t in turns)
+    n_video = sum(t.count(VIDEO_PLACEHOLDER) for _, t in turns)
+    if n_image not in (0, len(image_paths)):
+        raise ConvertError("placeholder_mismatch", f"{n_image} {IMAGE_PLACEHOLDER} placeholder(s) but {len(image_paths)} image(s)")
+    if n_video > len(video_paths):
+        raise ConvertError("placeholder_mismatch", f"{n_video} {VIDEO_PLACEHOLDER} placeholder(s) but {len(video_paths)} video(s)")
+    first_user = next((i for i, (r, _) in enumerate(turns) if r == USER), None)
+    if first_user is None:
+        raise ConvertError("malformed", "no user turn")
+    prefix = (IMAGE_PLACEHOLDER + "\n") * (len(image_paths) if not n_image else 0) + (
+        VIDEO_PLACEHOLDER + "\n" if video_paths and not n_video else "")
+    if prefix:
+        turns = list(turns)
+        turns[first_user] = (USER, prefix + turns[first_user][1])
+    rel = lambda p: os.path.relpath(p, out_dir)
+    out: dict[str, Any] = {}
+    if isinstance(raw.get("id"), (str, int)) and not isinstance(raw.get("id"), bool):
+        out["id"] = raw["id"]
+    if image_paths:
+        out["image"] = rel(image_paths[0]) if len(image_paths) == 1 else [rel(p) for p in image_paths]
+    if video_paths:
+        out["video"] = rel(video_paths[0])
+    if pair is not None:
+        if video_paths:
+            raise ConvertError("unsupported", "a preference pair on a video (pairs hold images)")
+        if len(turns) != 1 or turns[0][0] != USER:
+            raise ConvertError("unsupported", f"a preference pair after {len(turns) - 1} earlier turn(s): nativevl's "
+                                              "pairs hold one question")
+        out.update(question=turns[0][1], chosen=pair[0], rejected=pair[1])
+        if conv.system is not None:
+            out["system"] = conv.system
+        return out
+    system = [{"from": "system", "value": conv.system}] if conv.system is not None else []
+    out["conversations"] = system + [{"from": "human" if r == USER else "gpt", "value": t} for r, t in turns]
+    return out
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _jsonable(raw: Any) -> Any:
+    """A raw record for the rejects file: bytes (parquet images) shown by size."""
+    if isinstance(raw, (bytes, bytearray)):
+        return f"<{len(raw)} bytes>"
+    if isinstance(raw, dict):
+        return {k: _jsonable(v) for k, v in raw.items()}
+    if isinstance(raw, (list, tuple)):
+        return [_jsonable(v) for v in raw]
+    return raw
+
+
+def convert(
+    inputs: list[Path],
+    out: Path,
+    layout: Layout = Layout(),
+    image_root: Path | None = None,
+    max_bad_fraction: float = 0.05,
+    min_records_before_abort: int = 200,
+    max_dynamic_patch: int = 12,
+    data_augment: bool = False,
+    overwrite: bool = False,
+    examples: int = 3,
+) -> ConvertStats:
+    """Convert every record of `inputs` into `out` (InternVL jsonl) and add it to out's meta.json.
+    Rejected records go to out.rejects.jsonl (whole, with kind and reason)."""
+    out = Path(out)
+    if out.suffix != ".jsonl":
+        raise ValueError(f"--out must be a .jsonl file, got {out}")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    if not 0 <= max_bad_fraction <= 1:
+        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+    files = [f for p in inputs for f in input_files(Path(p))]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out_dir = out.parent.resolve()
+    media = Media(Path(image_root) if image_root is not None else files[0].parent, out.parent / f"{out.stem}_images")
+    spec = DatasetSpec(name=out.stem, annotation=out, root=out_dir)
+    rejects_path = out.with_name(out.stem + ".rejects.jsonl")
+    tmp = out.with_name(out.name + ".tmp")
+    stats = ConvertStats()
+
+    def too_many() -> str:
+        return (f"{stats.bad} of {stats.records} records rejected, over --max_bad_fraction {max_bad_fraction:.1%}; "
+                f"each one is in {rejects_path}; nothing else was written\n{stats.format()}")
+
+    def over_limit(final: bool) -> bool:
+        seen = stats.records
+        return (final or seen >= min_records_before_abort) and stats.bad > max_bad_fraction * seen
+
+    try:
+        with open(tmp, "w", encoding="utf-8") as f, open(rejects_path, "w", encoding="utf-8") as rejects:
+            for path in files:
+                total = count_records(path)
+                for where, raw in tqdm(read_records(path), total=total, desc=path.name, unit="rec"):
+                    stats.records += 1
+                    try:
+                        if isinstance(raw, ConvertError):
+                            raise raw
+                        record = convert_record(raw, layout, media, out_dir)
+                        try:  # what nativevl's loader will read: the same checks, now, by record
+                            parse_record(record, spec, where)
+                        except RecordError as e:
+                            raise ConvertError(e.kind if e.kind in KINDS else "malformed", str(e)) from None
+                    except ConvertError as e:
+                        error = ConvertError(e.kind, f"{where}: {e}")
+                        stats.add(error, examples)
+                        rejects.write(json.dumps({"where": where, "kind": e.kind, "error": str(e),
+                                                  "record": raw.raw if isinstance(raw, ConvertError) else _jsonable(raw)},
+                                                 ensure_ascii=False, default=str) + "\n")
+                        if over_limit(final=False):
+                            raise ConversionAborted(too_many())
+                        continue
+                    stats.written += 1
+                    stats.pairs += "chosen" in record
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if stats.records == 0:
+            raise ConversionAborted(f"{', '.join(map(str, files))}: no records")
+        if over_limit(final=True):
+            raise ConversionAborted(too_many())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    stats.images_written = media.written
+    os.replace(tmp, out)
+    if not stats.bad:
+        rejects_path.unlink()
+    write_meta_entry(out, max_dynamic_patch=max_dynamic_patch, data_augment=data_augment)
+    return stats

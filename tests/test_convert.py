@@ -1,0 +1,238 @@
+"""`nativevl data convert`: ShareGPT / LLaVA, OpenAI / ms-swift and LLaMA-Factory data -> InternVL jsonl
+that nativevl's loader (and InternVL's trainer) reads; refused records counted, kept, and limited."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from nativevl.cli import main
+from nativevl.data.convert import ConversionAborted, Layout, convert
+
+
+def png_bytes(colour: str, size=(8, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_jsonl(path, records) -> None:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def media(tmp_path):
+    src = tmp_path / "src"
+    (src / "imgs").mkdir(parents=True)
+    Image.new("RGB", (40, 30), "red").save(src / "imgs" / "a.png")
+    Image.new("RGB", (20, 50), "blue").save(src / "imgs" / "b.jpg")
+    return src
+
+
+def test_each_format_converts_to_the_internvl_record_it_means(tmp_path, media, tokenizer):
+    """One record of each shape users bring, against the InternVL record it stands for; the output is
+    then read by nativevl's loader and packed into training batches with no record refused."""
+    green = png_bytes("green")
+    data_url = "data:image/png;base64," + base64.b64encode(green).decode()
+    records = [
+        # ShareGPT / LLaVA / InternVL: one image without a placeholder gets "<image>\n" (InternVL's rule)
+        {"id": "x1", "image": "imgs/a.png", "conversations": [{"from": "human", "value": "What colour?"},
+                                                              {"from": "gpt", "value": "red"}]},
+        # ms-swift / OpenAI messages, a system message, two images with their placeholders
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\n<image>\nSame?"},
+                      {"role": "assistant", "content": "no"}], "images": ["imgs/a.png", "imgs/b.jpg"]},
+        # OpenAI content parts with a data URL: the image is written beside the output, once
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
+                                                   {"type": "text", "text": "And this?"}]},
+                      {"role": "assistant", "content": "green"}]},
+        # alpaca (LLaMA-Factory, ms-swift): instruction + "\n" + input, history before it, system
+        {"instruction": "Add.", "input": "2+2", "output": "4", "history": [["hi", "hello"]], "system": "math"},
+        # ms-swift query / response, with a history given as a Python literal and a bare base64 image
+        {"query": "<image>Which?", "response": "the green one", "history": "[['start', 'ok']]",
+         "images": [base64.b64encode(png_bytes("green", (9, 9))).decode()]},
+        # ms-swift pair dicts, roles human/bot
+        {"conversation": [{"human": "hey", "assistant": "yo"}, {"human": "bye", "assistant": "ciao"}]},
+        {"conversations": [{"from": "user", "value": "q"}, {"from": "bot", "value": "a"}]},
+        # ms-swift DPO: messages end with the chosen answer; a system message is kept with the pair
+        {"messages": [{"role": "system", "content": "Pick."}, {"role": "user", "content": "<image>left or right?"},
+                      {"role": "assistant", "content": "left"}], "rejected_response": "right", "images": ["imgs/a.png"]},
+        # LLaMA-Factory alpaca ranking: chosen / rejected strings
+        {"instruction": "Say yes.", "chosen": "yes", "rejected": "no"},
+    ]
+    write_jsonl(media / "train.jsonl", records)
+    out = tmp_path / "out" / "train.jsonl"
+    stats = convert([media / "train.jsonl"], out)
+    assert (stats.records, stats.written, stats.pairs, stats.bad) == (9, 9, 2, 0)
+    emb = sorted(p.name for p in (tmp_path / "out" / "train_images").iterdir())
+    assert len(emb) == 2 and stats.images_written == 2
+    green_file = next(n for n in emb if (tmp_path / "out" / "train_images" / n).read_bytes() == green)
+    other = next(n for n in emb if n != green_file)
+    human, gpt = lambda v: {"from": "human", "value": v}, lambda v: {"from": "gpt", "value": v}
+    assert read_jsonl(out) == [
+        {"id": "x1", "image": "../src/imgs/a.png", "conversations": [human("<image>\nWhat colour?"), gpt("red")]},
+        {"image": ["../src/imgs/a.png", "../src/imgs/b.jpg"],
+         "conversations": [{"from": "system", "value": "Be brief."}, human("<image>\n<image>\nSame?"), gpt("no")]},
+        {"image": f"train_images/{green_file}", "conversations": [human("<image>And this?"), gpt("green")]},
+        {"conversations": [{"from": "system", "value": "math"}, human("hi"), gpt("hello"), human("Add.\n2+2"), gpt("4")]},
+        {"image": f"train_images/{other}", "conversations": [human("start"), gpt("ok"), human("<image>Which?"),
+                                                             gpt("the green one")]},
+        {"conversations": [human("hey"), gpt("yo"), human("bye"), gpt("ciao")]},
+        {"conversations": [human("q"), gpt("a")]},
+        {"image": "../src/imgs/a.png", "question": "<image>left or right?", "chosen": "left", "rejected": "right",
+         "system": "Pick."},
+        {"question": "Say yes.", "chosen": "yes", "rejected": "no"},
+    ]
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta == {"train": {"root": "", "annotation": "train.jsonl", "max_dynamic_patch": 12, "data_augment": False}}
+    assert not (tmp_path / "out" / "train.rejects.jsonl").exists()
+
+    from nativevl.data.pipeline import DataConfig, build_sample
+    from nativevl.data.records import Annotation, load_meta, parse_record
+    from nativevl.data.validate import validate
+
+    cfg = DataConfig(max_tokens=4096, image_seq_length=2, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                     system_message=None, training=False)
+    (spec,) = load_meta(tmp_path / "out" / "meta.json")
+    assert validate([spec], tokenizer, cfg).bad == 0  # every image decodes, every record builds
+    annotation = Annotation(spec)
+    pair = build_sample(parse_record(annotation[7][1], spec, "t:8"), tokenizer, cfg)
+    text = tokenizer.decode(pair.input_ids)
+    assert text.startswith("<|im_start|>system\nPick.<|im_end|>") and text.endswith("left<|im_end|>\n")
+    assert tokenizer.decode(pair.rejected[0]).endswith("right<|im_end|>\n")  # the pair keeps its system message too
+
+
+def test_llamafactory_dataset_info_columns_tags_and_media_dir(tmp_path, media, capsys):
+    """A LLaMA-Factory dataset is read as its dataset_info.json entry declares: custom columns and tags,
+    images under the dataset folder, sharegpt ranking with one message per side; a media column the entry
+    does not declare is not read (as LLaMA-Factory), KTO and tool records are refused."""
+    info = {
+        "mllm": {"file_name": "mllm.json", "formatting": "sharegpt",
+                 "columns": {"messages": "msgs", "images": "pics", "system": "sys"},
+                 "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}},
+        "rank": {"file_name": "rank.jsonl", "formatting": "sharegpt", "ranking": True,
+                 "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "images": "images"}},
+        "kto": {"file_name": "kto.jsonl", "formatting": "sharegpt", "columns": {"kto_tag": "label"}},
+        "hub": {"hf_hub_url": "someone/data"},
+        "oai": {"file_name": "x.json", "formatting": "openai"},
+    }
+    (media / "dataset_info.json").write_text(json.dumps(info))
+    (media / "mllm.json").write_text(json.dumps([
+        {"msgs": [{"role": "user", "content": "<image>Describe."}, {"role": "assistant", "content": "A red box."}],
+         "pics": ["imgs/a.png"], "sys": "You look at images."},
+        {"msgs": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "images": ["imgs/a.png"]},
+        {"msgs": [{"role": "human", "content": "tagged differently"}, {"role": "assistant", "content": "x"}]},
+    ]))
+    write_jsonl(media / "rank.jsonl", [
+        {"conversations": [{"from": "human", "value": "<image>Colour?"}], "images": ["imgs/b.jpg"],
+         "chosen": {"from": "gpt", "value": "blue"}, "rejected": {"from": "gpt", "value": "red"}},
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}, {"from": "human", "value": "c"}],
+         "chosen": {"from": "gpt", "value": "d"}, "rejected": {"from": "gpt", "value": "e"}},
+    ])
+    write_jsonl(media / "kto.jsonl", [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+                                       "label": False}])
+    out = tmp_path / "lf"
+    args = ["data", "convert", "--dataset_info", str(media / "dataset_info.json"), "--max_bad_fraction", "0.5"]
+    assert main([*args, "--dataset", "mllm", "--out", str(out / "mllm.jsonl")]) == 0
+    assert read_jsonl(out / "mllm.jsonl") == [
+        {"image": "../src/imgs/a.png", "conversations": [{"from": "system", "value": "You look at images."},
+                                                         {"from": "human", "value": "<image>Describe."},
+                                                         {"from": "gpt", "value": "A red box."}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},  # "images" undeclared
+    ]
+    (bad,) = read_jsonl(out / "mllm.rejects.jsonl")  # "human" is not this entry's user tag
+    assert bad["kind"] == "malformed" and "unknown role 'human'" in bad["error"] and bad["where"] == "mllm.json:[2]"
+    assert bad["record"]["msgs"][0]["content"] == "tagged differently"
+    assert main([*args, "--dataset", "rank", "--out", str(out / "rank.jsonl")]) == 0
+    assert read_jsonl(out / "rank.jsonl") == [
+        {"image": "../src/imgs/b.jpg", "question": "<image>Colour?", "chosen": "blue", "rejected": "red"}]
+    (bad,) = read_jsonl(out / "rank.rejects.jsonl")
+    assert bad["kind"] == "unsupported" and "one question" in bad["error"]
+    assert main([*args, "--dataset", "kto", "--out", str(out / "kto.jsonl")]) == 2  # all refused: over the limit
+    assert "KTO" in capsys.readouterr().err and not (out / "kto.jsonl").exists()
+    assert json.loads((out / "meta.json").read_text()).keys() == {"mllm", "rank"}
+    assert main([*args, "--dataset", "hub", "--out", str(out / "hub.jsonl")]) == 2
+    assert "nothing is downloaded" in capsys.readouterr().err
+    assert main([*args, "--dataset", "oai", "--out", str(out / "oai.jsonl")]) == 2
+    assert main([*args, "--dataset", "nope", "--out", str(out / "nope.jsonl")]) == 2
+    assert "no dataset 'nope'" in capsys.readouterr().err
+    assert main(["data", "validate", str(out / "meta.json")]) == 0
+
+
+def test_refused_records_are_counted_kept_whole_and_limited(tmp_path, media):
+    """Each kind of record nativevl cannot train on is refused by record, written whole (a line that is
+    not JSON as its text) with its kind to OUT.rejects.jsonl; past --max_bad_fraction nothing is
+    written but the rejects, and an existing output is not replaced without overwrite."""
+    ok = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    (media / "clip.mp4").write_bytes(b"\x00" * 16)
+    bad = [
+        '{"conversations": [oops',  # malformed: not JSON
+        {"messages": [{"role": "user", "content": "call it"}, {"role": "assistant", "content": None,
+                                                               "tool_calls": [{"name": "f"}]}]},  # unsupported
+        {"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}, {"role": "assistant", "content": "z"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": '[{"name": "f"}]'},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": True},  # KTO
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "image": "https://x/a.png"},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "image": "imgs/none.png"},
+        {"conversations": [{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "a"}], "image": "imgs/a.png"},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "<image> a"}], "image": "imgs/a.png"},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},  # nothing to learn
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+         "images": ["imgs/a.png"], "videos": ["clip.mp4"]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "rejected_response": "a"},
+        {"image": "data:image/png;base64," + base64.b64encode(b"not an image").decode(), **ok},
+        {"instruction": "q"},
+    ]
+    video = {"conversations": [{"from": "human", "value": "What happens?"}, {"from": "gpt", "value": "x"}], "video": "clip.mp4"}
+    write_jsonl(media / "mixed.jsonl", [video] + [ok] * 20 + bad)
+    out = tmp_path / "o" / "mixed.jsonl"
+    stats = convert([media / "mixed.jsonl"], out, max_bad_fraction=0.5)
+    assert (stats.records, stats.written) == (35, 21)
+    assert stats.counts == {"malformed": 2, "unsupported": 6, "missing_file": 1, "placeholder_mismatch": 2,
+                            "no_assistant_turn": 2, "unreadable_image": 1}
+    assert read_jsonl(out)[0] == {"video": "../src/clip.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "x"}]}
+    rejects = read_jsonl(out.with_name("mixed.rejects.jsonl"))
+    assert [r["where"] for r in rejects] == [f"mixed.jsonl:{i}" for i in range(22, 36)]
+    assert rejects[0]["record"] == '{"conversations": [oops' and rejects[0]["kind"] == "malformed"
+    assert [r["record"] for r in rejects[1:]] == bad[1:]  # every refused record, whole
+
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        convert([media / "mixed.jsonl"], out, max_bad_fraction=0.5)
+    before = out.read_text()
+    with pytest.raises(ConversionAborted, match=r"14 of 35 records rejected.*mixed.rejects.jsonl"):
+        convert([media / "mixed.jsonl"], out, max_bad_fraction=0.1, overwrite=True)
+    assert out.read_text() == before and not out.with_name("mixed.jsonl.tmp").exists()  # the old output stays
+    write_jsonl(media / "long.jsonl", [ok] * 190 + bad[1:2] * 30 + [ok] * 100)  # stops as soon as it is over
+    with pytest.raises(ConversionAborted, match="11 of 201 records"):
+        convert([media / "long.jsonl"], tmp_path / "o" / "long.jsonl")
+    write_jsonl(media / "early.jsonl", [ok] * 10 + bad[1:2] * 30 + [ok] * 200)  # under 200 records when refused:
+    with pytest.raises(ConversionAborted, match="30 of 240 records"):  # the whole file's fraction decides
+        convert([media / "early.jsonl"], tmp_path / "o" / "early.jsonl")
+
+
+def test_parquet_with_embedded_image_bytes(tmp_path):
+    """Hugging Face datasets exported to parquet hold images as {"bytes", "path"}: written out once each."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    red, blue = png_bytes("red"), png_bytes("blue")
+    rows = [{"images": [{"bytes": red, "path": None}], "messages": [
+                {"role": "user", "content": "<image>colour?"}, {"role": "assistant", "content": "red"}]},
+            {"images": [{"bytes": blue, "path": "b.png"}, {"bytes": red, "path": None}], "messages": [
+                {"role": "user", "content": "<image><image>same?"}, {"role": "assistant", "content": "no"}]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train-00000.parquet")
+    stats = convert([tmp_path], tmp_path / "out" / "hf.jsonl", Layout())  # a folder of parquet shards
+    assert (stats.written, stats.images_written) == (2, 2)
+    recs = read_jsonl(tmp_path / "out" / "hf.jsonl")
+    folder = tmp_path / "out"
+    assert (folder / recs[0]["image"]).read_bytes() == red
+    assert [(folder / p).read_bytes() for p in recs[1]["image"]] == [blue, red]
+    assert recs[1]["image"][1] == recs[0]["image"]  # the same bytes: one file
