@@ -22,141 +22,36 @@ Threads: `submit()` may be called from any thread; `step()` from one thread only
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from nativevl.data.processor import pad_batch
+from nativevl.infer.sampling import (  # re-exported: callers import the engine's types from here
+    MAX_LOGPROBS,
+    MIN_TEMPERATURE,
+    Completion,
+    QueueFull,
+    Request,
+    SamplingParams,
+    Sequence,
+    sample_tokens,
+    streamable,
+    token_logprobs,
+)
 from nativevl.model import decode_kernel
 from nativevl.model.attention import DECODE_BACKENDS, decode_attention
 from nativevl.model.text import KVCache, RotaryEmbedding, rotate_half
 from nativevl.model.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
-
-
-MIN_TEMPERATURE = 1e-5  # a lower temperature decodes greedily
-MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 0.0  # 0 (or below MIN_TEMPERATURE) = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k
-    repetition_penalty: float = 1.0
-    seed: int | None = None  # sample j of a request draws from its own generator seeded (seed, j)
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    n: int = 1
-    ignore_eos: bool = False  # benchmarks: do not stop at <|im_end|> / eos (explicit stop_token_ids still stop)
-    logprobs: int | None = None  # each token's log-probability and this many most likely alternatives (0-20)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]  # generated tokens; a stop token is not included, the tokens of a stop string are
-    text: str  # decoded without special tokens, cut before a stop string
-    finish_reason: str  # "stop" | "length"
-    # with SamplingParams.logprobs: per token {"token_id", "logprob", "top": [(token id, logprob), ...]},
-    # log-probabilities of the model's distribution (before temperature, top-k/p and penalties)
-    logprobs: list[dict] | None = None
-
-
-class QueueFull(RuntimeError):
-    """More requests are waiting than the engine's max_queue allows (the server answers 429)."""
-
-
-class Request:
-    """One submitted prompt: its n completions, events for streaming, and timings (seconds)."""
-
-    _ids = itertools.count()
-
-    def __init__(self, prompt: list[int], params: SamplingParams, pixel_values, on_event) -> None:
-        self.id = next(Request._ids)
-        self.prompt, self.params, self.pixel_values, self.on_event = prompt, params, pixel_values, on_event
-        self.completions: list[Completion | None] = [None] * params.n
-        self.error: BaseException | None = None
-        self.cancelled = False
-        self.callback_error: BaseException | None = None  # what on_event raised, if it did
-        self.timings = {"submitted": time.perf_counter()}
-        self._done = threading.Event()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def result(self, timeout: float | None = None) -> list[Completion]:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
-        if self.error is not None:
-            raise self.error
-        return list(self.completions)
-
-    def _emit(self, kind: str, index: int, payload) -> None:
-        if self.on_event is None:
-            return
-        try:
-            self.on_event(kind, index, payload)
-        except Exception as e:  # the consumer's failure: this request stops at the next step, the others go on
-            log.exception("request %d: on_event(%r) failed", self.id, kind)
-            if self.callback_error is None:
-                self.callback_error = e
-            self.cancelled = True
-
-    def _cancelled_error(self) -> BaseException:
-        return self.callback_error or RuntimeError(f"request {self.id} was cancelled")
-
-    def _finish(self, error: BaseException | None = None) -> None:
-        self.error = error
-        self.timings["finished"] = time.perf_counter()
-        self._done.set()
-        self._emit("error" if error is not None else "done", -1, error if error is not None else list(self.completions))
-
-
-class _Seq:
-    """One sample being generated in one slot."""
-
-    def __init__(self, req: Request, index: int, slot: int, stop_ids: frozenset[int]) -> None:
-        p = req.params
-        self.req, self.index, self.slot, self.stop_ids = req, index, slot, stop_ids
-        self.tokens: list[int] = []
-        self.sent = 0  # characters of text already streamed
-        self.generator = None
-        if p.temperature >= MIN_TEMPERATURE:  # below it, dividing the logits overflows: greedy, as vLLM
-            seed = int(torch.randint(0, 2**62, (1,)).item()) if p.seed is None else p.seed
-            self.generator = torch.Generator().manual_seed((seed * 1_000_003 + index) % 2**63)
-        self.seen = set(req.prompt) if p.repetition_penalty != 1.0 else None
-        self.logprobs: list[dict] | None = [] if p.logprobs is not None else None
+__all__ = ["MAX_LOGPROBS", "MIN_TEMPERATURE", "Completion", "Engine", "QueueFull", "Request", "SamplingParams"]
 
 
 def _bucket_batch(n: int, cap: int) -> int:
@@ -258,7 +153,7 @@ class Engine:
         self._fused: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         if self.fused_decode:
             self.refresh_weights()
-        self.slots: list[_Seq | None] = [None] * max_batch_size
+        self.slots: list[Sequence | None] = [None] * max_batch_size
         self.lengths = [0] * max_batch_size  # host copies: cached entries per slot
         self.positions = [0.0] * max_batch_size
         self.next_tokens = [0] * max_batch_size
@@ -505,13 +400,13 @@ class Engine:
                 longest = width
         return admitted
 
-    def _drop_cancelled(self, seq: _Seq) -> None:
+    def _drop_cancelled(self, seq: Sequence) -> None:
         """Free a cancelled request's slot and fail it (once) with its reason."""
         self._release(seq)
         if not seq.req.done:
             seq.req._finish(seq.req._cancelled_error())
 
-    def _release(self, seq: _Seq) -> None:
+    def _release(self, seq: Sequence) -> None:
         self.slots[seq.slot] = None
         self.lengths[seq.slot] = 0
 
@@ -566,15 +461,15 @@ class Engine:
         for row, req in enumerate(ok):
             for j, slot in enumerate(slots[row]):
                 stop_ids = frozenset(req.params.stop_token_ids) | (frozenset() if req.params.ignore_eos else self.eos_ids)
-                seq = _Seq(req, j, slot, stop_ids)
+                seq = Sequence(req, j, slot, stop_ids)
                 self.slots[slot], self.lengths[slot], self.positions[slot] = seq, lengths[row], next_pos[row]
                 seqs.append(seq)
                 rows.append(row)
         self.stats["prefills"] += len(ok)
         self.stats["prefill_batches"] += 1
-        tokens = self._sample(logits[rows], seqs)
+        tokens = sample_tokens(logits[rows], seqs)
         scored = [i for i, s in enumerate(seqs) if s.logprobs is not None]
-        entries = (self._logprobs(logits[[rows[i] for i in scored]], [tokens[i] for i in scored],
+        entries = (token_logprobs(logits[[rows[i] for i in scored]], [tokens[i] for i in scored],
                                   [seqs[i] for i in scored]) if scored else {})
         now = time.perf_counter()
         for req in ok:
@@ -713,7 +608,7 @@ class Engine:
         self._graphs[key] = (graph, out)
         self.stats["graph_captures"] += 1
 
-    def _chunk_steps(self, active: list[_Seq], batch: int) -> int:
+    def _chunk_steps(self, active: list[Sequence], batch: int) -> int:
         """Decode steps for this call: 1 unless decode_chunk > 1 and every active sample is greedy; then
         the largest power of two within decode_chunk, the longest remaining max_tokens budget, and the
         cache (every row of the bucket writes `steps` keys from its length on, free rows included)."""
@@ -728,7 +623,7 @@ class Engine:
         return 1 << (limit.bit_length() - 1)
 
     @torch.no_grad()
-    def _decode(self, active: list[_Seq]) -> None:
+    def _decode(self, active: list[Sequence]) -> None:
         batch = _bucket_batch(max(s.slot for s in active) + 1, self.max_batch_size)
         steps = self._chunk_steps(active, batch)
         longest = max(self.lengths[s.slot] for s in active)
@@ -738,14 +633,14 @@ class Engine:
         self._state.copy_(torch.tensor([self.next_tokens, self.positions, self.lengths], dtype=torch.float32))
         logits, greedy = self._run_step(batch, window, steps)
         if steps == 1 and any(s.generator is not None or s.seen is not None for s in active):
-            tokens = self._sample(logits[[s.slot for s in active]].float(), active)
+            tokens = sample_tokens(logits[[s.slot for s in active]].float(), active)
             picked = [[0] * batch]  # one row indexed by slot, as the greedy path's
             for seq, tok in zip(active, tokens):
                 picked[0][seq.slot] = tok
         else:
             picked = greedy.tolist()  # (steps, batch): the one device->host sync of the call
         scored = [s for s in active if s.logprobs is not None]  # a chunk is 1 step whenever one asks
-        entries = (self._logprobs(logits[[s.slot for s in scored]], [picked[0][s.slot] for s in scored], scored)
+        entries = (token_logprobs(logits[[s.slot for s in scored]], [picked[0][s.slot] for s in scored], scored)
                    if scored else {})
         self.stats["decode_steps"] += steps
         self.stats["decode_calls"] += 1
@@ -763,54 +658,10 @@ class Engine:
 
     # ------------------------------------------------------------------ sampling and stopping
 
-    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
-        """logits (R, V) float, one row per seq -> next token ids."""
-        penalised = [i for i, s in enumerate(seqs) if s.seen is not None]
-        if penalised:
-            logits = logits.clone()
-            for i in penalised:
-                p = seqs[i].req.params.repetition_penalty
-                ids = torch.tensor(sorted(seqs[i].seen), device=logits.device)
-                score = logits[i, ids]
-                logits[i, ids] = torch.where(score < 0, score * p, score / p)  # as transformers
-        tokens = logits.argmax(-1)
-        sampled = [i for i, s in enumerate(seqs) if s.generator is not None]
-        if sampled:
-            params = [seqs[i].req.params for i in sampled]
-            sub = logits[sampled]
-            temp = torch.tensor([p.temperature for p in params], device=sub.device)[:, None]
-            probs, order = (sub / temp).softmax(-1).sort(dim=-1, descending=True)  # (S, V)
-            rank = torch.arange(sub.shape[-1], device=sub.device)[None]
-            top_k = torch.tensor([p.top_k or sub.shape[-1] for p in params], device=sub.device)[:, None]
-            top_p = torch.tensor([p.top_p for p in params], device=sub.device)[:, None]
-            keep = (rank < top_k) & (probs.cumsum(-1) - probs < top_p)  # smallest set reaching top_p
-            cdf = (probs * keep).cumsum(-1)
-            # one uniform per row from that row's own CPU generator: reproducible whatever the batch
-            u = torch.cat([torch.rand(1, generator=seqs[i].generator, dtype=torch.float64) for i in sampled])
-            target = (u.to(cdf.device, torch.float32) * cdf[:, -1])[:, None]
-            pick = torch.searchsorted(cdf, target).clamp(max=sub.shape[-1] - 1)
-            tokens[sampled] = order.gather(-1, pick)[:, 0]
-        return tokens.tolist()
-
-    def _logprobs(self, logits: torch.Tensor, tokens: list[int], seqs: list[_Seq]) -> dict[int, dict]:
-        """{id(seq): {"token_id", "logprob", "top"}} for the rows of `logits` (R, V), the model's own
-        distribution (raw logits: no temperature or penalty)."""
-        logp = logits.float().log_softmax(-1)  # (R, V)
-        chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
-        k = max(s.req.params.logprobs for s in seqs)
-        top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
-        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
-        out = {}
-        for i, seq in enumerate(seqs):
-            n = seq.req.params.logprobs
-            out[id(seq)] = {"token_id": tokens[i], "logprob": chosen[i],
-                            "top": list(zip(top_ids[i][:n], top_lp[i][:n]))}
-        return out
-
     def _text(self, tokens: list[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def _append(self, seq: _Seq, token: int, logprob: dict | None = None) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: dict | None = None) -> None:
         p = seq.req.params
         if token in seq.stop_ids:
             return self._finish(seq, "stop")
@@ -831,17 +682,12 @@ class Engine:
             return self._finish(seq, "length", text)
         if seq.req.on_event is not None:
             text = self._text(seq.tokens) if text is None else text
-            end = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 character waits for its next byte
-            for s in p.stop:  # hold back text that may be the start of a stop string
-                for k in range(min(len(s) - 1, end), 0, -1):
-                    if text[:end].endswith(s[:k]):
-                        end -= k
-                        break
+            end = streamable(text, p.stop)
             if end > seq.sent:
                 seq.req._emit("delta", seq.index, text[seq.sent:end])
                 seq.sent = end
 
-    def _finish(self, seq: _Seq, reason: str, text: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, text: str | None = None) -> None:
         req = seq.req
         text = self._text(seq.tokens) if text is None else text
         if len(text) > seq.sent:
@@ -852,24 +698,8 @@ class Engine:
         req._emit("finish", seq.index, done)
         self._release(seq)
         if all(c is not None for c in req.completions):
-            self._log_timings(req)
+            req.log_timings()
             req._finish(req.callback_error)  # a consumer that failed on the last events still fails
-
-    def _log_timings(self, req: Request) -> None:
-        t = req.timings
-        now = time.perf_counter()
-        n_out = sum(len(c.token_ids) for c in req.completions)
-        steps = max(max(len(c.token_ids) for c in req.completions) - 1, 1)
-        t.update(queue_s=t["admitted"] - t["submitted"], prefill_s=t["first_token"] - t["admitted"],
-                 ttft_s=t["first_token"] - t["submitted"], decode_s=now - t["first_token"], output_tokens=n_out)
-        t["tpot_s"] = t["decode_s"] / steps
-        log.info(
-            "request %d: preprocess %.1f ms, queue %.1f ms, vision %.1f ms, prefill %.1f ms (ttft %.1f ms), "
-            "decode %.2f ms/token, %d prompt + %d output tokens",
-            req.id, 1e3 * t.get("preprocess_s", 0.0), 1e3 * t["queue_s"], 1e3 * t.get("vision_s", 0.0),
-            1e3 * t["prefill_s"], 1e3 * t["ttft_s"], 1e3 * t["tpot_s"], len(req.prompt), n_out,
-        )
-
 
 class _SlotView:
     """The KVCache interface over slots [0, B) of the static cache, for one decode step.
