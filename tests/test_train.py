@@ -533,3 +533,28 @@ def test_a_validation_set_of_the_wrong_kind_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="validation set \\(val_meta\\) does not suit this stage's objective"):
         launch(run, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any step
+
+
+def test_each_step_logs_its_data_wait_and_tokens_per_device(tmp_path, monkeypatch):
+    """Users ask whether a slow step is the data or the model: each metrics line has the time the step
+    waited for its batches (the slowest rank's) and its share of the step, and tokens/s per device."""
+    import time
+
+    original = loop.iterate_batches
+
+    def slow(*args, **kwargs):  # a data source that takes 0.2 s per batch
+        for batch in original(*args, **kwargs):
+            time.sleep(0.2)
+            yield batch
+
+    monkeypatch.setattr(loop, "iterate_batches", slow)
+    out = tmp_path / "run"
+    launch(apply_overrides(recipe("debug_tiny"), ["--max_steps=3", "--global_batch=2", "--tensorboard=false",
+                                                  "--max_tokens=256", "--export=false"]), out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert 0.4 <= r["data_wait_s"] <= r["step_time_s"]  # two batches a step, 0.2 s each
+        assert r["data_wait_frac"] == pytest.approx(r["data_wait_s"] / r["step_time_s"])
+        assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"])  # one process
+        assert r["peak_memory_gib"] is None  # CPU: no device memory to report

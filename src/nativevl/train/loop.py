@@ -240,6 +240,7 @@ def train(
                 if batch is None:
                     break
                 micro.append(batch)
+            data_wait = time.perf_counter() - started  # this rank's time waiting for its batches
             # every rank stops at the same step when any rank's data ran out (no one waits in a collective);
             # one process decides alone, without a device sync before every step
             out_of_data = len(micro) < accum
@@ -296,6 +297,9 @@ def train(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - started
+            # the slowest rank's data wait (everyone waits for it in the collectives) and the largest peak memory
+            memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+            data_wait, memory = all_reduce_max(torch.tensor([data_wait, memory], device=device, dtype=torch.float64)).tolist()
             last_loss = loss_value
             logger.log({
                 "step": step,
@@ -306,8 +310,12 @@ def train(
                 "tokens": n_tokens,
                 "tokens_total": tokens_total,
                 "tokens_per_s": n_tokens / elapsed,
+                "tokens_per_s_per_gpu": n_tokens / elapsed / world,  # per process: one device each
                 "mfu": flops / elapsed / (peak * world) if peak else None,
                 "step_time_s": elapsed,
+                "data_wait_s": data_wait,
+                "data_wait_frac": min(data_wait / elapsed, 1.0),
+                "peak_memory_gib": memory if device.type == "cuda" else None,
                 "rejected_records": tracker.total_rejected,
                 **part_values,
             })

@@ -126,8 +126,11 @@ class MetricsLogger:
         recent = self.tokens_per_step[-20:]
         remaining_tokens = (self.max_steps - record["step"]) * sum(recent) / len(recent)
         eta = remaining_tokens / record["tokens_per_s"] if record["tokens_per_s"] > 0 else float("inf")
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                             eta=format_eta(eta))
+        extra = {"mfu": f"{record['mfu']:.1%}"} if record.get("mfu") is not None else {}
+        if record.get("peak_memory_gib") is not None:
+            extra["mem"] = f"{record['peak_memory_gib']:.1f}G"
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", **extra,
+                             data=f"{record.get('data_wait_frac', 0.0):.0%}", eta=format_eta(eta))
         self.bar.update(1)
 
     def log_val(self, record: dict) -> None:
