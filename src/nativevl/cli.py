@@ -38,7 +38,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from nativevl.io.hf import load_model, read_config
 
     _, layout = read_config(args.src)
-    model = load_model(args.src, dtype=args.dtype)
+    model = load_model(args.src, dtype=args.dtype, adapter=args.adapter)
     model.save_pretrained(args.dst, layout=args.to, max_shard_bytes=args.max_shard_size)
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {args.src} ({layout} layout) -> {args.dst} ({args.to} layout), {n / 1e6:.1f}M parameters")
@@ -55,7 +55,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = load_model(args.model, dtype=dtype, device=device)
+    model = load_model(args.model, dtype=dtype, device=device, adapter=args.adapter)
     tokenizer = load_tokenizer(args.model)
     cfg = model.config
     engine = Engine(model, tokenizer, max_batch_size=1,
@@ -139,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = load_model(args.model, dtype=dtype, device=device)
+    model = load_model(args.model, dtype=dtype, device=device, adapter=args.adapter)
     engine = Engine(model, load_tokenizer(args.model), max_batch_size=args.max_batch_size,
                     max_seq_len=min(args.max_seq_len, model.config.text.max_position_embeddings),
                     max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs, decode_chunk=args.decode_chunk,
@@ -181,7 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from nativevl.train.parallel import init_distributed
 
     rank, world, device = init_distributed()
-    model = load_model(args.model, dtype=torch.float32, device=device)
+    model = load_model(args.model, dtype=torch.float32, device=device, adapter=args.adapter)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     tasks = [t for t in args.tasks.split(",") if t]
     previous = None
@@ -194,6 +194,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--resume: {args.out} is not an evaluation report (a JSON object of tasks)")
     # what a resumed task must have been made with: these folders, with these very files in them
     identity = f"model {folder_identity(args.model)}; tokenizer {folder_identity(args.tokenizer or args.model)}"
+    if args.adapter:
+        identity += f"; adapter {folder_identity(args.adapter)}"
 
     title = f"{args.model}, best of {args.best_of_n}, PRM {args.prm}, seed {args.seed}"
 
@@ -436,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on toy-world tasks and benchmark files (accuracy, chance, 95%% interval)")
     e.add_argument("--model", required=True)
     e.add_argument("--tokenizer", default=None, help="default: the model folder")
+    e.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder for --model, merged into its weights on loading")
     e.add_argument("--tasks", default="shapes,reading,charts,arithmetic,multi_image,text",
                    help="comma-separated: toy-world families, and benchmark files (VLMEvalKit .tsv: MMBench, "
                         "MMStar, AI2D, TextVQA, ...; InternVL conversation .jsonl: a custom set)")
@@ -463,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="chat about images: one --prompt, or a multi-turn session (/image PATH, /reset)")
     c.add_argument("--model", required=True, help="checkpoint folder (-hf or original layout) with tokenizer files")
+    c.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder for --model, merged into its weights on loading")
     c.add_argument("--image", action="append", default=None, help="image file, repeatable (omit for text only)")
     c.add_argument("--prompt", default=None, help="answer this and exit (default: interactive, reads stdin)")
     c.add_argument("--system", default=None, help="system message (default: InternVL's; '' for none)")
@@ -483,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
     s.add_argument("--model", required=True, help="checkpoint folder with tokenizer files")
+    s.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder for --model, merged into its weights on loading")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--name", default=None, help="model id clients send (default: the folder name)")
@@ -509,10 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", type=parse_dtype, default=None)
     s.set_defaults(func=cmd_serve)
 
-    v = sub.add_parser("convert", help="convert a checkpoint between the -hf and original InternVL layouts")
+    v = sub.add_parser("convert", help="convert a checkpoint between the -hf and original InternVL layouts "
+                                       "(optionally with a LoRA adapter merged)")
     v.add_argument("src")
     v.add_argument("dst")
     v.add_argument("--to", required=True, choices=["hf", "internvl"])
+    v.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder for src, merged into the weights written")
     v.add_argument("--dtype", type=parse_dtype, default=None, help="cast floating tensors (default: keep)")
     v.add_argument("--max_shard_size", type=parse_size, default=parse_size("5GB"))
     v.set_defaults(func=cmd_convert)

@@ -482,8 +482,11 @@ def _check_and_build(
 
 
 def load_model(
-    path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+    adapter: str | Path | None = None,
 ) -> VisionLanguageModel:
+    """A checkpoint folder (-hf or original layout); `adapter`: a PEFT LoRA adapter folder merged into
+    the weights (io/adapter.py)."""
     path = Path(path)
     cfg, layout = read_config(path)
     raw, raw_origin = read_tensors(path)
@@ -503,6 +506,11 @@ def load_model(
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.language_model.embed_tokens.weight
     model.source_path = path
+    if adapter is not None:
+        from nativevl.io.adapter import merge_adapter
+
+        merge_adapter(model, adapter)
+    model.adapter_path = Path(adapter) if adapter is not None else None
     return model.eval()
 
 

@@ -20,6 +20,7 @@ import torch
 
 from nativevl.data.pipeline import PackedDataset, StreamTracker, iterate_batches, make_loader
 from nativevl.infer.prm import label_token_ids
+from nativevl.io.adapter import FULL_MODULES, save_adapter
 from nativevl.model.attention import resolve_backend
 from nativevl.model.vlm import VisionLanguageModel
 from nativevl.train import checkpoint as ckpt
@@ -339,7 +340,7 @@ def train(
     if last_val:
         summary["val_loss"] = last_val["val_loss"]
     if cfg.export and (step >= cfg.max_steps or (ran_out and step > 0)):  # the data's end is the run's end too
-        export_final(model, tokenizer, out_dir / "final", main)
+        export_final(model, tokenizer, out_dir / "final", main, policy)
     return summary
 
 
@@ -461,12 +462,25 @@ def load_train_state(path: Path, model, optimizer, rank: int, world: int, worker
     return meta, rank_state
 
 
-def export_final(model: VisionLanguageModel, tokenizer, path: Path, main: bool) -> None:
+def export_final(model: VisionLanguageModel, tokenizer, path: Path, main: bool, policy: StagePolicy | None = None) -> None:
     """LoRA merged into the base weights, then the -hf layout with tokenizer and processor files.
+    A LoRA run on a saved base (--init_from) also writes its adapter in PEFT's format beside it
+    (`final_adapter`: the LoRA layers, and the modules trained in full as modules_to_save).
 
     A sharded model is gathered whole on rank 0 and copied into a plain one first."""
-    if parallel.is_sharded(model):
-        full = parallel.full_state_dict(model)  # collective
+    full = parallel.full_state_dict(model) if parallel.is_sharded(model) else None  # collective
+    loras = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if main and loras and policy is not None:
+        base = getattr(model, "source_path", None)
+        if base is None:
+            log.info("no final_adapter: the LoRA run's base is not a saved checkpoint (--init_from); final/ has it merged")
+        else:
+            spec = {name: (m.lora_A.shape[0], m.scale * m.lora_A.shape[0],
+                           m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0) for name, m in loras.items()}
+            whole = [top for m in MODULES if policy.get(m).mode == "full" for top in FULL_MODULES[m]]
+            save_adapter(path.with_name(path.name + "_adapter"), full if full is not None else model.state_dict(),
+                         spec, whole, str(base))
+    if full is not None:
         if main:
             plain = VisionLanguageModel(model.config)
             plain.load_state_dict(merged_lora_state(model, full))

@@ -1,0 +1,183 @@
+"""LoRA adapters in PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+Written by a LoRA training run (DIR/final_adapter) for transformers' InternVLForConditionalGeneration of
+its base checkpoint, so `PeftModel.from_pretrained(base, adapter)` (and servers that read PEFT
+adapters) apply it; whole modules trained in full go in as PEFT's `modules_to_save`. Read from PEFT
+adapters made by anyone (PEFT, LLaMA-Factory, ms-swift, ...) for the -hf module tree or for the original
+InternVLChatModel one (fused ViT qkv, `mlp1`, `language_model.model`), and merged into the weights:
+`load_model(base, adapter=DIR)`, `nativevl convert BASE OUT --adapter DIR`, `--adapter` of chat, serve
+and eval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from nativevl.io import keymap
+
+PEFT_PREFIX = "base_model.model."
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+FULL_MODULES = {"vit": ("vision_tower",), "mlp": ("multi_modal_projector",), "llm": ("language_model", "lm_head")}
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+
+
+def _hf_module(name: str) -> str:
+    """Our module name -> transformers' in-memory InternVLForConditionalGeneration name."""
+    return name if name == "lm_head" or name.startswith("lm_head.") else "model." + name
+
+
+def save_adapter(path: str | Path, state: dict[str, torch.Tensor], loras: dict[str, tuple[int, float, float]],
+                 full_modules: list[str], base: str | None) -> Path:
+    """Write a PEFT LoRA adapter.
+
+    state: the model's state dict (our names; LoRA layers as name.lora_A / name.lora_B / name.base.*);
+    loras: LoRA layer name -> (rank, alpha, dropout); full_modules: our top-level modules trained in full
+    (vision_tower, multi_modal_projector, language_model, lm_head) saved whole; base: the checkpoint the
+    adapter applies to (adapter_config's base_model_name_or_path)."""
+    if not loras:
+        raise ValueError("the model has no LoRA layers: there is no adapter to write")
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in loras:
+        for which in "AB":
+            tensors[f"{PEFT_PREFIX}{_hf_module(name)}.lora_{which}.weight"] = state[f"{name}.lora_{which}"]
+    for module in full_modules:
+        for key, value in state.items():
+            if key.startswith(module + "."):
+                tensors[PEFT_PREFIX + _hf_module(key)] = value
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    ranks = {_hf_module(n): r for n, (r, _, _) in loras.items()}
+    alphas = {_hf_module(n): a for n, (_, a, _) in loras.items()}
+    rank, alpha = max(set(ranks.values()), key=list(ranks.values()).count), max(set(alphas.values()), key=list(alphas.values()).count)
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": max(d for _, _, d in loras.values()),
+        "target_modules": sorted(ranks),
+        # modules of another rank or alpha than the most common one, by their whole name
+        "rank_pattern": {f"^{re.escape(m)}$": r for m, r in ranks.items() if r != rank},
+        "alpha_pattern": {f"^{re.escape(m)}$": a for m, a in alphas.items() if a != alpha},
+        "modules_to_save": [_hf_module(m).removeprefix("model.") for m in full_modules] or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+    from nativevl.io.hf import _replace_dir
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    _replace_dir(tmp, path)
+    return path
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern: the first key that matches the module name (as a whole name
+    or a regex over its dotted suffix)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?(?:{key})$", module) or re.fullmatch(key, module):
+            return value
+    return default
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A PEFT LoRA adapter -> (weight deltas scale * B @ A, tensors that replace the model's (modules_to_save)),
+    both keyed by our parameter names (the ViT's fused qkv delta split into q / k / v as the weights are)."""
+    path = Path(path)
+    try:
+        config = json.loads((path / CONFIG_FILE).read_bytes())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (a PEFT adapter folder holds it)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path / CONFIG_FILE}: not valid JSON ({e})") from None
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r}; only LoRA adapters are read")
+    for key, ok, what in (("use_dora", False, "DoRA"), ("fan_in_fan_out", False, "fan_in_fan_out (Conv1D) layers"),
+                          ("lora_bias", False, "LoRA biases"), ("bias", "none", "trained biases")):
+        if config.get(key, ok) not in (ok, None):
+            raise ValueError(f"{path}: {what} ({key}={config[key]!r}) are not supported; merge with PEFT "
+                             "(merge_and_unload) and load the merged checkpoint")
+    weights = path / WEIGHTS_FILE
+    try:
+        if weights.is_file():
+            raw = load_file(str(weights))
+        elif (path / "adapter_model.bin").is_file():
+            raw = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} or adapter_model.bin")
+    except (SafetensorError, OSError, RuntimeError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: the adapter weights cannot be read ({e})") from None
+    bad = [k for k in raw if not k.startswith(PEFT_PREFIX)]
+    if bad:
+        raise ValueError(f"{path}: tensor names must start with {PEFT_PREFIX!r} (PEFT's); got e.g. {bad[:3]}")
+    names = {k[len(PEFT_PREFIX):]: v for k, v in raw.items()}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    replaced: dict[str, torch.Tensor] = {}
+    for name, value in names.items():
+        if "lora_embedding_" in name or "lora_magnitude" in name:
+            raise ValueError(f"{path}: {name}: LoRA on embeddings / DoRA magnitudes are not supported")
+        m = _LORA_KEY.match(name)
+        if m:
+            pairs.setdefault(m["module"], {})[m["which"]] = value
+        else:
+            replaced[name] = value
+    deltas: dict[str, torch.Tensor] = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{path}: {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        a, b = ab["A"].float(), ab["B"].float()
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{path}: {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not chain")
+        rank = a.shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+        scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        deltas[f"{module}.weight"] = (b @ a) * scale
+    # the module tree's names -> ours: the -hf in-memory tree has a leading "model."; anything else is
+    # the original layout (or -hf on-disk names, which map the same way)
+    hf = any(k.startswith("model.") for k in [*deltas, *replaced])
+    to_ours = keymap.from_hf if hf else keymap.from_internvl
+    return to_ours(deltas), to_ours(replaced)
+
+
+@torch.no_grad()
+def merge_adapter(model, path: str | Path) -> int:
+    """Add a PEFT LoRA adapter's deltas to `model`'s weights (and copy its modules_to_save), in place;
+    returns the number of weights changed. Names or shapes the model lacks are an error naming them."""
+    deltas, replaced = read_adapter(path)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    missing = sorted(k for k in [*deltas, *replaced] if k not in params)
+    if missing:
+        raise ValueError(f"{path}: the adapter changes {len(missing)} weight(s) this model does not have, e.g. "
+                         f"{missing[:4]} (an adapter for another architecture?)")
+    for key, value in [*deltas.items(), *replaced.items()]:
+        if tuple(value.shape) != tuple(params[key].shape):
+            raise ValueError(f"{path}: {key}: adapter shape {tuple(value.shape)}, model {tuple(params[key].shape)}")
+    for key, delta in deltas.items():
+        p = params[key]
+        p.copy_((p.float() + delta.to(p.device)).to(p.dtype))
+    for key, value in replaced.items():
+        params[key].copy_(value.to(params[key].device, params[key].dtype))
+    return len(deltas) + len(replaced)
