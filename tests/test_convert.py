@@ -236,3 +236,76 @@ def test_parquet_with_embedded_image_bytes(tmp_path):
     assert (folder / recs[0]["image"]).read_bytes() == red
     assert [(folder / p).read_bytes() for p in recs[1]["image"]] == [blue, red]
     assert recs[1]["image"][1] == recs[0]["image"]  # the same bytes: one file
+
+
+def test_inputs_found_in_the_wild(tmp_path, media):
+    """Shapes real exports have: parquet nulls in the columns a row does not use, JSON Lines or columns
+    under a .json name, transformers / TRL image parts with the images in their own column, line-wrapped
+    base64, a symlinked image (kept as its link, not the cache blob it points to), several input folders
+    with their own images, and records that once stopped the whole run (a lone surrogate, a history that
+    is not a list, image bytes of the wrong type) now refused one by one."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    red = png_bytes("red")
+    sft = {"messages": [{"role": "user", "content": "<image>colour?"}, {"role": "assistant", "content": "red"}],
+           "images": [{"bytes": red, "path": None}], "rejected_response": None}
+    dpo = {"messages": [{"role": "user", "content": "pick"}, {"role": "assistant", "content": "a"}],
+           "images": None, "rejected_response": "b"}
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([sft, dpo]), folder / "mixed.parquet")  # each row has both columns
+    stats = convert([folder], tmp_path / "o1" / "p.jsonl")
+    assert (stats.written, stats.pairs, stats.bad) == (2, 1, 0)
+
+    other = tmp_path / "other"
+    (other / "imgs").mkdir(parents=True)
+    Image.new("RGB", (30, 30), "white").save(other / "imgs" / "w.png")
+    (other / "blobs").mkdir()
+    Image.new("RGB", (30, 30), "black").save(other / "blobs" / "abc123", "PNG")
+    (other / "imgs" / "link.png").symlink_to(other / "blobs" / "abc123")
+    wrapped = base64.encodebytes(png_bytes("green", (40, 40))).decode()  # 76-column lines
+    conv = lambda q: [{"role": "user", "content": q}, {"role": "assistant", "content": "x"}]
+    (other / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]},
+                      {"role": "assistant", "content": "white"}], "images": ["imgs/w.png"]},  # TRL's image parts
+        {"messages": conv("<image>b64"), "images": [wrapped]},
+        {"messages": conv("<image>link"), "images": ["imgs/link.png"]},
+        {"messages": conv("q\ud83d"), "images": []},  # a lone surrogate (escaped in the file)
+        {"query": "q", "response": "r", "history": "{[1]: 2}"},
+        {"messages": conv("<image>q"), "images": [{"bytes": 5}]},
+        {"messages": conv("<ref-object><bbox>"), "objects": {"ref": ["cat"], "bbox": [[0, 0, 1, 1]]}},
+        {"system": "S", "messages": conv("q"), "rejected_messages": [conv("q")[0], {"role": "assistant", "content": "y"}]},
+    ]))
+    (media / "cols.json").write_text(json.dumps({"query": ["a?", "b?"], "response": ["a", "b"]}))  # columns
+    write_jsonl(media / "own.jsonl", [{"image": "imgs/a.png", "conversations": [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])
+    out = tmp_path / "o2" / "all.jsonl"
+    stats = convert([other / "lines.json", media / "cols.json", media / "own.jsonl"], out, max_bad_fraction=0.5)
+    assert stats.counts == {"malformed": 3, "unsupported": 1}, stats.format()
+    records = read_jsonl(out)
+    assert records[0] == {"image": "../other/imgs/w.png", "conversations": [
+        {"from": "human", "value": "<image>what?"}, {"from": "gpt", "value": "white"}]}
+    assert Image.open(out.parent / records[1]["image"]).size == (40, 40)
+    assert records[2]["image"] == "../other/imgs/link.png"
+    assert records[3] == {"question": "q", "chosen": "x", "rejected": "y", "system": "S"}
+    assert [r["conversations"][0]["value"] for r in records[4:]] == ["a?", "b?", "<image>\nq"]
+    assert records[6]["image"] == "../src/imgs/a.png"  # its own folder's image, not the first input's
+    reasons = [r["error"] for r in read_jsonl(out.with_name("all.rejects.jsonl"))]
+    assert "lone UTF-16 surrogate" in reasons[0] and "history" in reasons[1] and "bytes" in reasons[2]
+    assert "grounding" in reasons[3]
+
+
+def test_a_stopped_run_leaves_no_images_and_a_damaged_meta_is_not_overwritten(tmp_path):
+    ok = {"messages": [{"role": "user", "content": "<image>q"}, {"role": "assistant", "content": "a"}],
+          "images": ["data:image/png;base64," + base64.b64encode(png_bytes("red")).decode()]}
+    bad = {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "a"}]}
+    write_jsonl(tmp_path / "in.jsonl", [ok, bad, bad])
+    with pytest.raises(ConversionAborted):
+        convert([tmp_path / "in.jsonl"], tmp_path / "out" / "d.jsonl")
+    assert not list((tmp_path / "out" / "d_images").iterdir())  # the image of the accepted record is gone too
+    (tmp_path / "out" / "meta.json").write_text('{"mine": {"annotation": "m.jsonl"},}')  # a trailing comma
+    write_jsonl(tmp_path / "in.jsonl", [ok])
+    with pytest.raises(ValueError, match="meta.json: not valid JSON"):
+        convert([tmp_path / "in.jsonl"], tmp_path / "out" / "d.jsonl")
+    assert '"mine"' in (tmp_path / "out" / "meta.json").read_text()

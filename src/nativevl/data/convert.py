@@ -34,6 +34,8 @@ import binascii
 import hashlib
 import io
 import json
+import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -44,9 +46,11 @@ from typing import Any, ClassVar
 from PIL import Image
 from tqdm import tqdm
 
-from nativevl.data.records import DatasetSpec, RecordError, parse_record, write_meta_entry
+from nativevl.data.records import DatasetSpec, RecordError, parse_record, read_meta_entries, write_meta_entry
 from nativevl.data.template import IMAGE_PLACEHOLDER
 from nativevl.data.validate import ValidationReport
+
+log = logging.getLogger(__name__)
 
 VIDEO_PLACEHOLDER = "<video>"
 KINDS = ("malformed", "missing_file", "unreadable_image", "placeholder_mismatch", "no_assistant_turn", "unsupported")
@@ -199,27 +203,42 @@ def _parquet(path: Path):
     return pq.ParquetFile(path)
 
 
+def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            try:
+                raw = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                raw = ConvertError("malformed", f"not valid JSON ({e}): {text[:200]!r}")
+                raw.raw = text  # the rejects file keeps the whole line
+            yield f"{path.name}:{lineno}", raw
+
+
 def read_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(file:line or file:row, raw record or ConvertError) for every record of a file."""
+    """(file:line or file:row, raw record or ConvertError) for every record of a file. A .json file is
+    a list of records, a dict of equal-length columns, or JSON Lines (what `Dataset.to_json` writes)."""
     if path.suffix == ".jsonl":
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path.name}:{lineno}", json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-                    text = line.decode("utf-8", "replace").rstrip("\r\n")
-                    error = ConvertError("malformed", f"not valid JSON ({e}): {text[:200]!r}")
-                    error.raw = text  # the rejects file keeps the whole line
-                    yield f"{path.name}:{lineno}", error
+        yield from _json_lines(path)
     elif path.suffix == ".json":
         try:
             data = json.loads(path.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except json.JSONDecodeError as e:
+            if e.msg == "Extra data":  # JSON Lines under a .json name
+                yield from _json_lines(path)
+                return
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+            lengths = {len(v) for v in data.values()}
+            if len(lengths) != 1:
+                raise ValueError(f"{path}: a dict of columns needs columns of one length, got {sorted(lengths)}")
+            data = [dict(zip(data, row)) for row in zip(*data.values())]
         if not isinstance(data, list):
-            raise ValueError(f"{path}: a .json input must hold a list of records, got {type(data).__name__}")
+            raise ValueError(f"{path}: a .json input must hold a list of records (or columns), got {type(data).__name__}")
         for i, raw in enumerate(data):
             yield f"{path.name}:[{i}]", raw
     else:
@@ -240,7 +259,7 @@ class Media:
     def __init__(self, root: Path, embed_dir: Path) -> None:
         self.root = root
         self.embed_dir = embed_dir
-        self.written = 0
+        self.created: list[Path] = []  # embedded images this run wrote (removed if it stops)
 
     def path(self, value: str, what: str) -> Path:
         if value.startswith(("http://", "https://", "s3://", "oss://")):
@@ -249,15 +268,15 @@ class Media:
         p = Path(value)
         for candidate in ((p,) if p.is_absolute() else (self.root / p, p)):
             try:
-                if candidate.is_file():
-                    return candidate.resolve()
+                if candidate.is_file():  # absolute, symlinks kept: a cache's blob names mean nothing
+                    return Path(os.path.abspath(candidate))
             except OSError:  # a name too long for the file system: an embedded image, or nothing
                 break
         raise ConvertError("missing_file", f"{what} {value[:200]!r} not found (looked under {self.root.resolve()} and the current folder)")
 
     def image(self, value: Any, what: str) -> Path:
         if isinstance(value, dict):
-            if value.get("bytes") is not None:
+            if isinstance(value.get("bytes"), (bytes, bytearray, str)) and value["bytes"]:
                 return self._embedded(value["bytes"], what)
             if isinstance(value.get("path"), str) and value["path"]:
                 return self.image(value["path"], what)
@@ -281,7 +300,7 @@ class Media:
     def _embedded(self, data: bytes | str, what: str) -> Path:
         if isinstance(data, str):
             try:
-                data = base64.b64decode(data, validate=True)
+                data = base64.b64decode("".join(data.split()), validate=True)  # line-wrapped base64 too
             except (binascii.Error, ValueError):
                 raise ConvertError("malformed", f"{what}: neither a file nor valid base64 ({data[:60]!r}...)") from None
         try:
@@ -293,9 +312,9 @@ class Media:
         if not target.exists():
             self.embed_dir.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-            tmp.write_bytes(data)
+            tmp.write_bytes(bytes(data))
             os.replace(tmp, target)
-            self.written += 1
+            self.created.append(target)
         return target
 
 
@@ -331,7 +350,8 @@ def _message(m: Any, layout: Layout, i: int) -> list[tuple[str, Any]]:
     content_keys = (layout.content_tag,) if layout.content_tag else ("content", "value")
     role_key = next((k for k in role_keys if k in m), None)
     if role_key is None and layout.roles is None and not layout.role_tag:  # ms-swift's {"human": q, "assistant": a}
-        pair = [(ROLE_ALIASES[k], m[k]) for k in m if ROLE_ALIASES.get(k) in (USER, ASSISTANT)]
+        pair = sorted(((ROLE_ALIASES[k], m[k]) for k in m if ROLE_ALIASES.get(k) in (USER, ASSISTANT)),
+                      key=lambda turn: turn[0] != USER)  # the question first, whatever the key order
         if pair:
             return pair
     if role_key is None:
@@ -364,7 +384,8 @@ def _content(content: Any, role: str, images: list, i: int) -> str:
             text.append(part["text"])
         elif kind in ("image", "image_url") and role == USER:
             value = part.get(kind)
-            images.append(value.get("url") if kind == "image_url" and isinstance(value, dict) else value)
+            if value is not None:  # {"type": "image"} alone (transformers, TRL): its image is in the images column
+                images.append(value.get("url") if kind == "image_url" and isinstance(value, dict) else value)
             text.append(IMAGE_PLACEHOLDER)
         elif kind in ("image", "image_url", "video", "video_url", "input_audio", "audio"):
             raise ConvertError("unsupported", f"message {i}: a {kind} part in a {role} turn")
@@ -393,7 +414,7 @@ def _history(value: Any) -> list[tuple[str, str]]:
     if isinstance(value, str):  # ms-swift accepts a Python literal
         try:
             value = ast.literal_eval(value) if value.strip() else []
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             raise ConvertError("malformed", f"history {value[:80]!r} is not a list of [question, answer]") from None
     if value is None:
         return []
@@ -471,6 +492,8 @@ def _pair(raw: dict, layout: Layout, conv: _Turns) -> tuple[str, str] | None:
         chosen = conv.turns.pop()[1]
         if raw.get("rejected_messages") is not None:
             other = _conversation(raw["rejected_messages"], layout)
+            if other.system is None and layout.system and isinstance(raw.get(layout.system), str) and raw[layout.system]:
+                other.system = raw[layout.system]  # the top-level system applies to both sides
             if other.turns[:-1] != conv.turns or other.system != conv.system or not other.turns or other.turns[-1][0] != ASSISTANT:
                 raise ConvertError("unsupported", "rejected_messages that differ from the chosen ones before the last answer")
             if any(raw.get(k) not in (None, [], raw.get(k.removeprefix("rejected_"))) for k in ("rejected_images", "rejected_videos")):
@@ -500,38 +523,62 @@ def _message_text(value: Any, layout: Layout, what: str) -> str:
     return turns[0][1]
 
 
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))  # parquet nulls, pandas' NaN
+
+
 def convert_record(raw: Any, layout: Layout, media: Media, out_dir: Path) -> dict:
-    """One record of another format -> one InternVL jsonl record (conversation or preference pair)."""
+    """One record of another format -> one InternVL jsonl record (conversation or preference pair).
+    Every check runs before an embedded image is written."""
     if not isinstance(raw, dict):
         raise ConvertError("malformed", f"a record must be a JSON object, got {type(raw).__name__}")
+    raw = {k: v for k, v in raw.items() if not _is_null(v)}  # a null column is an absent one (parquet rows have all)
     for key in ([layout.kto_tag] if layout.kto_tag else []) + (["label"] if layout.roles is None else []):
         if isinstance(raw.get(key), bool):
             raise ConvertError("unsupported", f"a KTO record ({key!r}: {raw[key]}): nativevl has no KTO objective")
     if layout.tools and raw.get(layout.tools) not in (None, "", [], "[]"):
         raise ConvertError("unsupported", "tool definitions: the internvl2_5 template has no tool format")
+    for key in ("objects", "audios", "audio"):  # ms-swift grounding boxes, audio: nothing to read them into
+        if raw.get(key) not in (None, "", [], {}):
+            raise ConvertError("unsupported", f"{key!r}: grounding objects and audio are not converted")
+    if layout.system and layout.system in raw and not isinstance(raw[layout.system], str):
+        raise ConvertError("malformed", f"the system message ({layout.system!r}) must be a string")
     conv = _record_turns(raw, layout)
     pair = _pair(raw, layout, conv)
     images = conv.content_images + _media_list(_get(raw, layout.images) if layout.images else None)
     videos = _media_list(_get(raw, layout.videos) if layout.videos else None)
+    turns = conv.turns
+    texts = [t for _, t in turns] + list(pair or ())
+    if any(tag in t for t in texts for tag in ("<ref-object>", "<bbox>", "<audio>")):
+        raise ConvertError("unsupported", "ms-swift grounding (<ref-object>, <bbox>) or <audio> tags")
     if len(videos) > 1 or (videos and images):
         raise ConvertError("unsupported", f"{len(videos)} video(s) and {len(images)} image(s): a record holds images or one video")
     if videos and not isinstance(videos[0], str):
         raise ConvertError("unsupported", "a video given as frames: nativevl reads video files")
-    image_paths = [media.image(v, f"image {i + 1}") for i, v in enumerate(images)]
-    video_paths = [media.path(v, "video") for v in videos]
-    turns = conv.turns
     if any(IMAGE_PLACEHOLDER in t or VIDEO_PLACEHOLDER in t for r, t in turns if r == ASSISTANT) or (
             pair and any(IMAGE_PLACEHOLDER in t or VIDEO_PLACEHOLDER in t for t in pair)):
         raise ConvertError("placeholder_mismatch", "an answer holds <image> / <video>: only questions carry images")
     n_image = sum(t.count(IMAGE_PLACEHOLDER) for _, t in turns)
     n_video = sum(t.count(VIDEO_PLACEHOLDER) for _, t in turns)
-    if n_image not in (0, len(image_paths)):
-        raise ConvertError("placeholder_mismatch", f"{n_image} {IMAGE_PLACEHOLDER} placeholder(s) but {len(image_paths)} image(s)")
-    if n_video > len(video_paths):
-        raise ConvertError("placeholder_mismatch", f"{n_video} {VIDEO_PLACEHOLDER} placeholder(s) but {len(video_paths)} video(s)")
+    if n_image not in (0, len(images)):
+        raise ConvertError("placeholder_mismatch", f"{n_image} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
+    if n_video > len(videos):
+        raise ConvertError("placeholder_mismatch", f"{n_video} {VIDEO_PLACEHOLDER} placeholder(s) but {len(videos)} video(s)")
     first_user = next((i for i, (r, _) in enumerate(turns) if r == USER), None)
     if first_user is None:
         raise ConvertError("malformed", "no user turn")
+    if pair is not None:
+        if videos:
+            raise ConvertError("unsupported", "a preference pair on a video (pairs hold images)")
+        if len(turns) != 1:
+            raise ConvertError("unsupported", f"a preference pair after {len(turns) - 1} earlier turn(s): nativevl's "
+                                              "pairs hold one question")
+        if not (pair[0].strip() and pair[1].strip()):
+            raise ConvertError("no_assistant_turn", "an empty chosen or rejected answer")
+    elif not any(r == ASSISTANT and t.strip() for r, t in turns):
+        raise ConvertError("no_assistant_turn", "no non-empty answer to learn")
+    image_paths = [media.image(v, f"image {i + 1}") for i, v in enumerate(images)]
+    video_paths = [media.path(v, "video") for v in videos]
     prefix = (IMAGE_PLACEHOLDER + "\n") * (len(image_paths) if not n_image else 0) + (
         VIDEO_PLACEHOLDER + "\n" if video_paths and not n_video else "")
     if prefix:
@@ -546,11 +593,6 @@ def convert_record(raw: Any, layout: Layout, media: Media, out_dir: Path) -> dic
     if video_paths:
         out["video"] = rel(video_paths[0])
     if pair is not None:
-        if video_paths:
-            raise ConvertError("unsupported", "a preference pair on a video (pairs hold images)")
-        if len(turns) != 1 or turns[0][0] != USER:
-            raise ConvertError("unsupported", f"a preference pair after {len(turns) - 1} earlier turn(s): nativevl's "
-                                              "pairs hold one question")
         out.update(question=turns[0][1], chosen=pair[0], rejected=pair[1])
         if conv.system is not None:
             out["system"] = conv.system
@@ -597,8 +639,9 @@ def convert(
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
     files = [f for p in inputs for f in input_files(Path(p))]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out_dir = out.parent.resolve()
-    media = Media(Path(image_root) if image_root is not None else files[0].parent, out.parent / f"{out.stem}_images")
+    read_meta_entries(out.parent / "meta.json")  # a damaged meta.json beside --out stops us now, not after the work
+    out_dir = Path(os.path.abspath(out.parent))
+    media = Media(Path("."), out.parent / f"{out.stem}_images")
     spec = DatasetSpec(name=out.stem, annotation=out, root=out_dir)
     rejects_path = out.with_name(out.stem + ".rejects.jsonl")
     tmp = out.with_name(out.name + ".tmp")
@@ -612,40 +655,64 @@ def convert(
         seen = stats.records
         return (final or seen >= min_records_before_abort) and stats.bad > max_bad_fraction * seen
 
+    def one(where: str, raw: Any) -> str:
+        """The output line of a record, or ConvertError."""
+        if isinstance(raw, ConvertError):
+            raise raw
+        try:
+            record = convert_record(raw, layout, media, out_dir)
+            parse_record(record, spec, where)  # what nativevl's loader will read: its checks, now, by record
+            line = json.dumps(record, ensure_ascii=False)
+            line.encode("utf-8")
+        except ConvertError:
+            raise
+        except RecordError as e:
+            raise ConvertError(e.kind if e.kind in KINDS else "malformed", str(e)) from None
+        except UnicodeEncodeError:
+            raise ConvertError("malformed", "the text holds a lone UTF-16 surrogate (half of a broken emoji)") from None
+        except Exception as e:  # a record of a shape nothing above foresaw: counted, never the end of the run
+            log.debug("%s: %s", where, e, exc_info=True)
+            raise ConvertError("malformed", f"unreadable record ({type(e).__name__}: {e})") from None
+        stats.pairs += "chosen" in record
+        return line
+
+    def rejected(where: str, raw: Any, error: ConvertError) -> str:
+        entry = {"where": where, "kind": error.kind, "error": str(error)}
+        try:
+            entry["record"] = raw.raw if isinstance(raw, ConvertError) else _jsonable(raw)
+            return json.dumps(entry, default=str)  # ASCII: a lone surrogate cannot break the rejects file
+        except (RecursionError, ValueError, TypeError):
+            entry["record"] = repr(raw)[:100_000]
+            return json.dumps(entry)
+
     try:
         with open(tmp, "w", encoding="utf-8") as f, open(rejects_path, "w", encoding="utf-8") as rejects:
             for path in files:
-                total = count_records(path)
-                for where, raw in tqdm(read_records(path), total=total, desc=path.name, unit="rec"):
+                media.root = Path(image_root) if image_root is not None else path.parent  # each file's own folder
+                for where, raw in tqdm(read_records(path), total=count_records(path), desc=path.name, unit="rec"):
                     stats.records += 1
                     try:
-                        if isinstance(raw, ConvertError):
-                            raise raw
-                        record = convert_record(raw, layout, media, out_dir)
-                        try:  # what nativevl's loader will read: the same checks, now, by record
-                            parse_record(record, spec, where)
-                        except RecordError as e:
-                            raise ConvertError(e.kind if e.kind in KINDS else "malformed", str(e)) from None
+                        line = one(where, raw)
                     except ConvertError as e:
-                        error = ConvertError(e.kind, f"{where}: {e}")
-                        stats.add(error, examples)
-                        rejects.write(json.dumps({"where": where, "kind": e.kind, "error": str(e),
-                                                  "record": raw.raw if isinstance(raw, ConvertError) else _jsonable(raw)},
-                                                 ensure_ascii=False, default=str) + "\n")
+                        stats.add(ConvertError(e.kind, f"{where}: {e}"), examples)
+                        rejects.write(rejected(where, raw, e) + "\n")
                         if over_limit(final=False):
-                            raise ConversionAborted(too_many())
+                            raise ConversionAborted(too_many()) from None
                         continue
                     stats.written += 1
-                    stats.pairs += "chosen" in record
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    f.write(line + "\n")
         if stats.records == 0:
             raise ConversionAborted(f"{', '.join(map(str, files))}: no records")
         if over_limit(final=True):
             raise ConversionAborted(too_many())
     except BaseException:
         tmp.unlink(missing_ok=True)
+        for image in media.created:  # embedded images of a run that wrote nothing
+            image.unlink(missing_ok=True)
+        if not stats.bad:
+            rejects_path.unlink(missing_ok=True)
         raise
-    stats.images_written = media.written
+    stats.images_written = len(media.created)
     os.replace(tmp, out)
     if not stats.bad:
         rejects_path.unlink()

@@ -137,17 +137,24 @@ def load_meta(path: str | Path) -> list[DatasetSpec]:
     return specs
 
 
+def read_meta_entries(path: Path) -> dict:
+    """The datasets a meta.json lists ({} when there is none); a damaged one is an error, never overwritten."""
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); mend or move it: its datasets would be lost") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: a meta file maps dataset names to settings, got {type(meta).__name__}")
+    return meta
+
+
 def write_meta_entry(jsonl: Path, max_dynamic_patch: int = 12, data_augment: bool = False) -> Path:
     """Add (or replace) the dataset of `jsonl` in the meta.json beside it, named by its stem, with
     paths relative to that folder; the other datasets listed there stay. Returns the meta path."""
     path = jsonl.parent / "meta.json"
-    meta = {}
-    if path.is_file():
-        try:
-            meta = json.loads(path.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
-        meta = meta if isinstance(meta, dict) else {}
+    meta = read_meta_entries(path)
     meta[jsonl.stem] = {"root": "", "annotation": jsonl.name, "max_dynamic_patch": max_dynamic_patch,
                         "data_augment": data_augment}
     tmp = path.with_name(path.name + ".tmp")
