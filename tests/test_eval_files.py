@@ -307,3 +307,45 @@ def test_a_toy_task_asked_without_n_resumes_a_report_made_with_n_200():
     assert report["shapes"]["settings"]["n"] == 200
     assert evaluate(None, None, ["shapes"], n=None, predictor=predictor, model_name="m", previous=report) == report
     assert asked == [200]  # the default (200 of a toy task) is the same setting: nothing asked again
+
+
+def test_mmbench_files_are_scored_circularly_as_vlmevalkit_scores_them(tmp_path):
+    """MMBench's TSVs hold each question once more per rotation of its options (index + k * 1,000,000,
+    sharing the image): the question is right only when every rotation is. --n counts questions, each
+    with all its rotations wherever they are in the file; a file of another name scores rows."""
+    img, _ = png_b64(0)
+    opts = ["cat", "dog", "cow"]
+
+    def rotations(index, answer_at, question):
+        rows = []
+        for k in range(3):  # the options rotated k places; the answer's letter moves with them
+            shifted = opts[k:] + opts[:k]
+            rows.append({"index": index + k * 1_000_000, "question": question, "A": shifted[0], "B": shifted[1],
+                         "C": shifted[2], "answer": "ABC"[shifted.index(opts[answer_at])],
+                         "image": img if k == 0 else str(index), "category": "animals"})
+        return rows
+
+    q1, q2, q3 = rotations(1, 2, "Which animal?"), rotations(2, 0, "Which pet?"), rotations(3, 1, "Which one barks?")
+    # as VLMEvalKit sorts them: the questions first, their rotations after; one rotation placed before its question
+    rows = [q1[0], q2[0], q3[1], q3[0], q1[1], q2[1], q1[2], q2[2], q3[2]]
+    write_tsv(tmp_path / "MMBench_DEV_EN.tsv", rows)
+    write_tsv(tmp_path / "plain_mcq.tsv", rows)
+
+    def predictor(task, items):  # right everywhere but the last rotation of question 2
+        return ["Z" if it.index == "2000002" else it.answer for it in items]
+
+    path = str(tmp_path / "MMBench_DEV_EN.tsv")
+    report = evaluate(None, None, [path], n=None, predictor=predictor, model_name="m")[path]
+    assert (report["correct"], report["n"], report["rows"]) == (2, 3, 9)
+    assert report["metric"] == "circular" and report["row_accuracy"] == pytest.approx(8 / 9)
+    assert [r["correct"] for r in report["records"]] == [True, False, True]
+    assert [len(r["rows"]) for r in report["records"]] == [3, 3, 3]
+    assert report["chance"] == pytest.approx((1 / 3) ** 3)
+    items = get_task(path).load(2, seed=0)  # two questions, with all their rotations
+    assert sorted(it.index for it in items) == sorted(["1", "1000001", "1000002", "2", "2000001", "2000002"])
+    assert {it.question.split("\n")[1] for it in items} == {"Which animal?", "Which pet?"}
+    (first,) = [it for it in get_task(path).load(3, seed=0) if it.index == "1000003"]  # read before its question
+    assert np.array_equal(np.asarray(first.images[0]), np.asarray(get_task(path).load(1, seed=0)[0].images[0]))
+    plain = str(tmp_path / "plain_mcq.tsv")
+    rows_report = evaluate(None, None, [plain], n=None, predictor=predictor, model_name="m")[plain]
+    assert (rows_report["correct"], rows_report["n"]) == (8, 9) and "metric" not in rows_report

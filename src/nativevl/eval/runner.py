@@ -234,10 +234,14 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
                                   device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
             torch.distributed.all_reduce(totals)
             k = round(totals[0].item()) if binary else totals[0].item()
-        low, high = wilson(k, len(items))
+        n_scored = len(items)
+        if getattr(task, "circular", False):  # one record per question: right only if every rotation is
+            records = task.group_records(records, items)
+            k, n_scored = sum(r["correct"] for r in records), len(records)
+        low, high = wilson(k, n_scored)
         report[name] = {
-            "accuracy": k / len(items),
-            "n": len(items),
+            "accuracy": k / n_scored,
+            "n": n_scored,
             "correct": k,
             "chance": _chance(task, items, seed),
             "ci95": [low, high],
@@ -248,6 +252,9 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
         }
         if not binary:  # the "accuracy" is the mean of this metric (its interval: Wilson's, as an approximation)
             report[name]["metric"] = task.metric
+        if getattr(task, "circular", False):
+            report[name].update(metric="circular", rows=len(items),
+                                row_accuracy=sum(r["correct"] for g in records for r in g["rows"]) / len(items))
         if on_task is not None:
             on_task(report)
     return report

@@ -15,8 +15,10 @@ exactly one option). Open answers: equal after
 normalisation (case, punctuation, articles, spacing) to the answer or to any answer of a JSON / Python
 list of answers, numbers within 5% for ChartQA files (relaxed accuracy); files named as VLMEvalKit
 names DocVQA / InfoVQA are scored by ANLS and TextVQA / VQAv2 / OK-VQA by VQA accuracy (partial credit,
-see `FileTask.metric`). MMBench's circular evaluation (every rotation of
-the options) is not run: each row is asked once, as written.
+see `FileTask.metric`). Files VLMEvalKit evaluates circularly (names holding MMBench, CCBench,
+"circular" or MMCR) are scored as it scores them: the rows of one question with its options rotated
+(index i + k * 1,000,000 beside the original row i) form a group, right only when every rotation is
+answered right; `--n` counts such questions, each with all its rotations.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import binascii
 import csv
 import io
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -40,6 +43,8 @@ from nativevl.data.template import IMAGE_PLACEHOLDER
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 OPEN_INSTRUCTION = "Answer the question using a single word or phrase."
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+CIRCULAR_NAMES = ("mmbench", "ccbench", "circular", "mmcr")  # VLMEvalKit's rule for circular evaluation
+ROTATION = 1_000_000  # a rotated copy of question i has index i + k * ROTATION
 # what pandas (and so VLMEvalKit) reads as a missing value: an option spelled "None" is missing there too
 _MISSING = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
             "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
@@ -232,10 +237,21 @@ def _names_row(image) -> bool:
     return _present(image) and len(image) <= 64 and not image.lstrip().startswith("[")
 
 
-def read_tsv(path: Path, limit: int | None) -> list[FileItem]:
+def _group(index: str, where: str) -> int:
+    try:
+        return int(float(index)) % ROTATION
+    except ValueError:
+        raise ValueError(f"{where}: circular evaluation needs integer indexes, got {index!r}") from None
+
+
+def read_tsv(path: Path, limit: int | None, circular: bool = False) -> list[FileItem]:
     """The first `limit` rows (all with None), read in one pass that keeps those rows and, of the rows
-    after them, only the images they share (`--n 100` of a 4 GB file holds 100 rows, not the file)."""
+    after them, only the images they share (`--n 100` of a 4 GB file holds 100 rows, not the file).
+    `circular`: the first `limit` questions (rows with index < 1,000,000) and every rotated copy of
+    them, wherever it is in the file (the whole file is read, its other rows dropped)."""
     csv.field_size_limit(sys.maxsize)  # base64 images are longer than csv's default field limit
+    if circular and limit is not None:
+        return _read_circular(path, limit)
     kept: list[tuple[int, dict]] = []
     shared: dict[str, str] = {}  # index -> image of every row read so far or needed later
     wanted: set[str] = set()
@@ -260,6 +276,43 @@ def read_tsv(path: Path, limit: int | None) -> list[FileItem]:
                 break
     if not kept:
         raise ValueError(f"{path}: no rows")
+    return [_tsv_item(path, lineno, row, shared) for lineno, row in kept]
+
+
+def _read_circular(path: Path, limit: int) -> list[FileItem]:
+    mains: set[int] = set()
+    kept: list[tuple[int, dict]] = []
+    pending: dict[int, list[tuple[int, dict]]] = {}  # rotations read before their question's row
+    shared: dict[str, str] = {}
+    wanted: set[str] = set()
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        for lineno, row in enumerate(reader, 2):
+            index, image = str(row.get("index")), row.get("image")
+            group = _group(index, f"{path}:{lineno}")
+            main = int(float(index)) < ROTATION
+            keep = group in mains or (main and len(mains) < limit)
+            if main and keep:
+                mains.add(group)
+                kept += [(lineno, row), *pending.pop(group, [])]
+            elif keep:
+                kept.append((lineno, row))
+            elif not main and len(mains) < limit:
+                pending.setdefault(group, []).append((lineno, row))
+            if _present(image) and not _names_row(image):
+                if keep or index in wanted or (not main and len(mains) < limit):
+                    shared[index] = image  # a kept row's image, or one a kept row may name
+            if keep and _names_row(image):
+                wanted.add(image)
+    missing = wanted - shared.keys()
+    if missing:  # a named image read before it was known to be needed: read the file once more for them
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            for row in csv.DictReader(f, delimiter="\t"):
+                if str(row.get("index")) in missing and _present(row.get("image")):
+                    shared[str(row["index"])] = row["image"]
+    if not kept:
+        raise ValueError(f"{path}: no rows")
+    kept.sort()  # file order
     return [_tsv_item(path, lineno, row, shared) for lineno, row in kept]
 
 
@@ -345,7 +398,7 @@ class FileTask:
         """The file's first n questions, all with None (the seed does not apply: a file is its own order)."""
         if not self.path.is_file():
             raise FileNotFoundError(f"evaluation file {self.path} does not exist")
-        items = read_tsv(self.path, n) if self.path.suffix == ".tsv" else read_jsonl(self.path, n)
+        items = read_tsv(self.path, n, self.circular) if self.path.suffix == ".tsv" else read_jsonl(self.path, n)
         if not items:
             raise ValueError(f"{self.path}: no questions")
         return items
@@ -364,6 +417,32 @@ class FileTask:
             if name.startswith(prefix):
                 return metric
         return "exact"
+
+    @property
+    def circular(self) -> bool:
+        """VLMEvalKit evaluates files with these names circularly (its ImageMCQDataset.evaluate)."""
+        return self.path.suffix == ".tsv" and any(k in self.path.name.lower() for k in CIRCULAR_NAMES)
+
+    def groups(self, items: list[FileItem]) -> list[list[int]]:
+        """Positions of the items of each question, in order of its first row: one item each, or a
+        question and its rotations for a circular file."""
+        if not self.circular:
+            return [[i] for i in range(len(items))]
+        by_group: dict[int, list[int]] = {}
+        for i, it in enumerate(items):
+            by_group.setdefault(_group(it.index, it.where), []).append(i)
+        return list(by_group.values())
+
+    def group_records(self, records: list[dict], items: list[FileItem]) -> list[dict]:
+        """Per-row records -> one per question of a circular file: right only when every rotation is."""
+        out = []
+        for rows in self.groups(items):
+            members = [records[i] for i in rows]
+            main = next((records[i] for i in rows if int(float(items[i].index)) < ROTATION), members[0])
+            out.append({"index": len(out), "question": "+".join(r["question"] for r in members),
+                        "answer": main["answer"], "prediction": main["prediction"],
+                        "correct": all(bool(r["correct"]) for r in members), "rows": members})
+        return out
 
     @property
     def binary(self) -> bool:
@@ -389,6 +468,9 @@ class FileTask:
     def chance(self, items: list[FileItem]) -> float:
         """A uniform guess among the options for multiple choice; for open answers the most frequent
         answer of each category, as for the toy tasks."""
+        if self.circular:  # every rotation right by chance
+            return sum(math.prod(1 / len(items[i].options) if items[i].options else 0.0 for i in rows)
+                       for rows in self.groups(items)) / max(1, len(self.groups(items)))
         by_kind: dict[str, dict[str, int]] = {}
         total = 0.0
         for it in items:
