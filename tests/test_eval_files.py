@@ -349,3 +349,18 @@ def test_mmbench_files_are_scored_circularly_as_vlmevalkit_scores_them(tmp_path)
     plain = str(tmp_path / "plain_mcq.tsv")
     rows_report = evaluate(None, None, [plain], n=None, predictor=predictor, model_name="m")[plain]
     assert (rows_report["correct"], rows_report["n"]) == (8, 9) and "metric" not in rows_report
+
+
+def test_ocrbench_scores_an_answer_found_in_the_prediction():
+    """OCRBench.tsv is scored by its own rule: any answer inside the prediction (case and newlines
+    ignored), handwritten formulas with every space removed and case kept; other files stay exact."""
+    from nativevl.eval.tasks.files import FileItem, FileTask
+
+    task = FileTask("data/OCRBench.tsv")
+    assert task.metric == "ocrbench" and task.binary and FileTask("OCRBench_v2.tsv").metric == "exact"
+    text = FileItem("q", "['CENTRE', 'center']", kind="Regular Text Recognition")
+    formula = FileItem("q", "['x^{2} + 1']", kind="Handwritten Mathematical Expression Recognition")
+    assert task.score("The word is Centre.", text) and task.score("it reads\ncenter", text)
+    assert not task.score("centr", text)
+    assert task.score("$x^{2}\n+1$", formula) and not task.score("X^{2}+1", formula)
+    assert not FileTask("words.tsv").score("The word is Centre.", text)  # exact match elsewhere

@@ -14,9 +14,9 @@ options as `A. ...` lines): the prediction's option letter must equal the answer
 exactly one option). Open answers: equal after
 normalisation (case, punctuation, articles, spacing) to the answer or to any answer of a JSON / Python
 list of answers, numbers within 5% for ChartQA files (relaxed accuracy); files named as VLMEvalKit
-names DocVQA / InfoVQA are scored by ANLS and TextVQA / VQAv2 / OK-VQA by VQA accuracy (partial credit,
-see `FileTask.metric`). Files VLMEvalKit evaluates circularly (names holding MMBench, CCBench,
-"circular" or MMCR) are scored as it scores them: the rows of one question with its options rotated
+names DocVQA / InfoVQA are scored by ANLS, TextVQA / VQAv2 / OK-VQA by VQA accuracy (partial credit)
+and OCRBench by its answer-in-prediction rule, see `FileTask.metric`. Files VLMEvalKit evaluates
+circularly (names holding MMBench, CCBench, "circular" or MMCR) are scored as it scores them: the rows of one question with its options rotated
 (index i + k * 1,000,000 beside the original row i) form a group, right only when every rotation is
 answered right; `--n` counts such questions, each with all its rotations.
 """
@@ -172,6 +172,16 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
         return float(got in refs)
     hits = [r == got for r in refs]
     return sum(min(1.0, (sum(hits) - h) / 3) for h in hits) / len(refs)
+
+
+def ocrbench_correct(prediction: str, answers: list[str], category: str) -> bool:
+    """OCRBench's rule: some answer occurs in the prediction, both lower-cased with newlines as spaces;
+    for handwritten mathematical expressions case is kept and every space and newline removed."""
+    if category == "Handwritten Mathematical Expression Recognition":
+        squash = lambda t: t.strip().replace("\n", " ").replace(" ", "")
+        return any(squash(a) in squash(prediction) for a in answers)
+    squash = lambda t: t.lower().strip().replace("\n", " ")
+    return any(squash(a) in squash(prediction) for a in answers)
 
 
 def _levenshtein(a: str, b: str) -> int:
@@ -410,8 +420,11 @@ class FileTask:
     def metric(self) -> str:
         """How open answers are scored, by VLMEvalKit's file names: "anls" (DocVQA, InfoVQA), "vqa"
         (TextVQA, VQAv2, OK-VQA: partial credit from the annotators' answers), "relaxed" (ChartQA: numbers
-        within 5%), else "exact" (normalised match with any listed answer). Multiple choice: right/wrong."""
+        within 5%), "ocrbench" (OCRBench.tsv: an answer found in the prediction, see `ocrbench_correct`),
+        else "exact" (normalised match with any listed answer). Multiple choice: right/wrong."""
         name = self.path.name.lower()
+        if self.path.stem.lower() == "ocrbench":
+            return "ocrbench"
         for prefix, metric in (("docvqa", "anls"), ("infovqa", "anls"), ("textvqa", "vqa"), ("vqav2", "vqa"),
                                ("okvqa", "vqa"), ("ok-vqa", "vqa"), ("chartqa", "relaxed")):
             if name.startswith(prefix):
@@ -456,6 +469,8 @@ class FileTask:
             return anls(prediction, reference_answers(item.answer))
         if self.metric == "vqa":
             return vqa_accuracy(prediction, reference_answers(item.answer))
+        if self.metric == "ocrbench":
+            return ocrbench_correct(prediction, reference_answers(item.answer), item.kind)
         return open_answer_correct(prediction, item.answer, self.metric == "relaxed")
 
     def vote_key(self, prediction: str, item: FileItem):
