@@ -45,6 +45,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from nativevl.io.quantize import quantize_model
+
+    stats = quantize_model(args.src, args.dst, args.scheme, group_size=args.group_size or None,
+                           max_shard_bytes=args.max_shard_size)
+    group = f"groups of {stats['group_size']}" if stats["group_size"] else "one scale per output channel"
+    print(f"quantized {stats['layers']} LLM linear layers of {args.src} to {stats['bits']} bits ({group}), "
+          f"weights' relative error {stats['rel_error']:.4f}; written {args.dst} (compressed-tensors, -hf layout)")
+    print(f"measure what it costs: nativevl eval --model {args.dst} --tasks ... (loads it dequantized)")
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     """Single-shot with --prompt, else a multi-turn REPL (/image PATH, /reset, /quit); answers stream."""
     from nativevl.data.images import image_to_tiles, tiles_per_image
@@ -523,6 +535,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", type=parse_dtype, default=None, help="cast floating tensors (default: keep)")
     v.add_argument("--max_shard_size", type=parse_size, default=parse_size("5GB"))
     v.set_defaults(func=cmd_convert)
+
+    q = sub.add_parser("quantize", help="weight-only quantization of the LLM (compressed-tensors W4A16 / W8A16, "
+                                        "as llm-compressor writes and vLLM serves)")
+    q.add_argument("src", help="checkpoint folder (either layout)")
+    q.add_argument("dst", help="output folder (-hf layout)")
+    q.add_argument("--scheme", choices=["w4a16", "w8a16"], default="w4a16",
+                   help="w4a16: 4-bit weights in groups; w8a16: 8-bit, one scale per output channel")
+    q.add_argument("--group_size", type=int, default=128, help="input columns per scale for w4a16")
+    q.add_argument("--max_shard_size", type=parse_size, default=parse_size("5GB"))
+    q.set_defaults(func=cmd_quantize)
 
     t = sub.add_parser("train", help="train a recipe; run the same command again to resume",
                        epilog="any field of the recipe can be overridden: --max_steps=100 --stage.vit.mode=frozen --meta=data/meta.json")

@@ -490,6 +490,12 @@ def load_model(
     path = Path(path)
     cfg, layout = read_config(path)
     raw, raw_origin = read_tensors(path)
+    quantization = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if quantization:  # a quantized checkpoint (io/quantize.py, llm-compressor): its weights dequantized
+        from nativevl.io.quantize import dequantize_state
+
+        raw = dequantize_state(raw, quantization, str(path / "config.json"))
+        raw_origin = {k: raw_origin.get(k, raw_origin.get(f"{k}_packed")) for k in raw}
     if layout == "hf":
         sd = keymap.from_hf(raw)
         origin = {k2: raw_origin[k1] for k1, k2 in zip(raw, sd)}

@@ -1,0 +1,81 @@
+"""`nativevl quantize`: W4A16 / W8A16 checkpoints in the compressed-tensors format, checked against the
+format's own library and against transformers loading them; our loader dequantizes them the same way."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import hf_model, image_batch, tiny_config
+
+from nativevl.cli import main
+from nativevl.io.hf import load_model, read_tensors
+from nativevl.io.quantize import pack_int32, quantize_weight, unpack_int32
+
+ct = pytest.importorskip("compressed_tensors")
+
+
+@pytest.mark.parametrize("bits, width", [(4, 64), (4, 40), (8, 64), (8, 30)])
+def test_packing_is_the_formats_own(bits, width):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    g = torch.Generator().manual_seed(bits + width)
+    q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (6, width), generator=g, dtype=torch.int8)
+    packed = pack_int32(q, bits)
+    assert torch.equal(packed, pack_to_int32(q, bits))
+    assert torch.equal(unpack_int32(packed, bits, (6, width)), q)
+    assert torch.equal(unpack_from_int32(packed, bits, torch.Size((6, width))), q)
+
+
+def test_rounding_to_nearest_with_a_min_max_scale():
+    w = torch.tensor([[0.75, -0.3, 0.1, 0.0, 1.5, -1.5, 0.2, 0.7]])
+    q, scale = quantize_weight(w, 4, group_size=4)
+    assert torch.allclose(scale, torch.tensor([[0.75 / 7.5, 1.5 / 7.5]]))
+    assert q.tolist() == [[7, -3, 1, 0, 7, -8, 1, 4]]  # 7.5 rounds to 8, clamped to 7; -7.5 rounds to -8
+
+
+@pytest.mark.parametrize("scheme, group, max_rel", [("w4a16", 16, 0.4), ("w8a16", None, 0.05)])
+def test_quantized_checkpoint_loads_in_transformers_with_our_logits(tmp_path, scheme, group, max_rel):
+    from transformers import InternVLForConditionalGeneration
+
+    cfg = tiny_config()
+    original = hf_model(cfg)
+    original.save_pretrained(tmp_path / "base")
+    args = ["quantize", str(tmp_path / "base"), str(tmp_path / "q"), "--scheme", scheme]
+    assert main(args + ["--group_size", str(group or 0)]) == 0
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"]) == ({"w4a16": 4, "w8a16": 8}[scheme], group)
+    tensors, _ = read_tensors(tmp_path / "q")
+    packed = [k for k in tensors if k.endswith(".weight_packed")]
+    assert len(packed) == 7 * cfg.text.num_hidden_layers and all(k.startswith("language_model.") for k in packed)
+    base, _ = read_tensors(tmp_path / "base")  # the ViT, projector, embeddings and head: bf16 copies
+    assert all(torch.equal(tensors[k], base[k].to(torch.bfloat16)) for k in base if "vision_tower" in k or "lm_head" in k)
+
+    ids, pixels = image_batch(cfg)
+    run = lambda m: m(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).logits
+    with torch.no_grad():
+        theirs = run(InternVLForConditionalGeneration.from_pretrained(tmp_path / "q", dtype=torch.float32).eval())
+        ours = run(load_model(tmp_path / "q", dtype=torch.float32))
+        reference = run(load_model(tmp_path / "base", dtype=torch.bfloat16).float())
+    assert (ours - theirs).abs().max().item() < 1e-4  # the same dequantized model
+    rel = ((ours - reference).norm() / reference.norm()).item()
+    assert 0 < rel < max_rel, rel
+
+
+def test_quantize_refuses_what_it_cannot_write_or_read(tmp_path, capsys):
+    hf_model(tiny_config()).save_pretrained(tmp_path / "base")
+    assert main(["quantize", str(tmp_path / "base"), str(tmp_path / "q"), "--group_size", "48"]) == 2
+    assert "group_size 48 does not divide" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "base"), str(tmp_path / "q"), "--group_size", "32"]) == 0
+    path = tmp_path / "q" / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = False
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="asymmetric"):
+        load_model(tmp_path / "q")
+    config["quantization_config"]["format"] = "float-quantized"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="format 'float-quantized' is not read"):
+        load_model(tmp_path / "q")
