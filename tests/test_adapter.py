@@ -153,3 +153,43 @@ def test_a_lora_run_writes_an_adapter_peft_applies_to_its_base(tmp_path):
         expected = run(merged)
     assert (adapted - expected).abs().max().item() < 1e-4
     assert (adapted - plain).abs().max().item() > 1e-4  # the run changed the model
+
+
+@pytest.mark.parametrize("tied, kwargs", [
+    (True, {"modules_to_save": ["lm_head"]}),  # PEFT's copy of a tied head is untied: so is the merged model
+    (False, {"target_modules": ["lm_head", "q_proj"]}),  # LoRA on the head: PEFT also saves its base weight
+])
+def test_adapters_on_the_head_of_tied_and_untied_models(tmp_path, tied, kwargs):
+    cfg = tiny_config(tied=tied)
+    base = hf_model(cfg)
+    base.save_pretrained(tmp_path / "base")
+    if "target_modules" in kwargs:
+        model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, **kwargs))
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        peft_model = model.eval()
+    else:
+        peft_model = random_peft_model(base, r=4, lora_alpha=8, **kwargs)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = logits_of(peft_model, cfg)
+    ours = load_model(tmp_path / "base", dtype=torch.float32, adapter=tmp_path / "adapter")
+    assert (logits_of(ours, cfg) - expected).abs().max().item() < 1e-4
+    ours.save_pretrained(tmp_path / "merged")  # an untied result is saved untied
+    assert (logits_of(VisionLanguageModel.from_pretrained(tmp_path / "merged"), cfg) - expected).abs().max() < 1e-4
+
+
+def test_a_run_training_the_llm_in_full_exports_without_an_adapter(tmp_path):
+    """LoRA on the ViT with the LLM trained in full: an adapter would hold the whole LLM (and the tied head
+    broke its writing, losing final/ too): final/ is written, no final_adapter."""
+    from nativevl.recipes import apply_overrides, launch, recipe
+
+    small = ["--global_batch=2", "--tensorboard=false", "--max_tokens=256"]
+    launch(apply_overrides(recipe("debug_tiny"), ["--max_steps=1", *small]), tmp_path / "base")
+    launch(apply_overrides(recipe("debug_tiny"), [
+        "--max_steps=2", *small, f"--init_from={tmp_path / 'base' / 'final'}", "--stage.vit.mode=lora",
+        "--stage.llm.mode=full"]), tmp_path / "run")
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert not (tmp_path / "run" / "final_adapter").exists()

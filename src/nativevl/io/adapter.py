@@ -11,6 +11,7 @@ and eval.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -25,7 +26,7 @@ from nativevl.io import keymap
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-FULL_MODULES = {"vit": ("vision_tower",), "mlp": ("multi_modal_projector",), "llm": ("language_model", "lm_head")}
+FULL_MODULES = {"vit": ("vision_tower",), "mlp": ("multi_modal_projector",)}  # an LLM trained in full: no adapter
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 
 
@@ -34,17 +35,16 @@ def _hf_module(name: str) -> str:
     return name if name == "lm_head" or name.startswith("lm_head.") else "model." + name
 
 
-def save_adapter(path: str | Path, state: dict[str, torch.Tensor], loras: dict[str, tuple[int, float, float]],
-                 full_modules: list[str], base: str | None) -> Path:
-    """Write a PEFT LoRA adapter.
+def adapter_contents(state: dict[str, torch.Tensor], loras: dict[str, tuple[int, float, float]],
+                     full_modules: list[str], base: str | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """A PEFT LoRA adapter's (tensors, config), copied out of the model (so it may be merged after).
 
     state: the model's state dict (our names; LoRA layers as name.lora_A / name.lora_B / name.base.*);
     loras: LoRA layer name -> (rank, alpha, dropout); full_modules: our top-level modules trained in full
-    (vision_tower, multi_modal_projector, language_model, lm_head) saved whole; base: the checkpoint the
+    (vision_tower, multi_modal_projector) saved whole as PEFT's modules_to_save; base: the checkpoint the
     adapter applies to (adapter_config's base_model_name_or_path)."""
     if not loras:
         raise ValueError("the model has no LoRA layers: there is no adapter to write")
-    path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     for name in loras:
         for which in "AB":
@@ -53,7 +53,7 @@ def save_adapter(path: str | Path, state: dict[str, torch.Tensor], loras: dict[s
         for key, value in state.items():
             if key.startswith(module + "."):
                 tensors[PEFT_PREFIX + _hf_module(key)] = value
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in tensors.items()}  # owned copies
     ranks = {_hf_module(n): r for n, (r, _, _) in loras.items()}
     alphas = {_hf_module(n): a for n, (_, a, _) in loras.items()}
     rank, alpha = max(set(ranks.values()), key=list(ranks.values()).count), max(set(alphas.values()), key=list(alphas.values()).count)
@@ -79,8 +79,14 @@ def save_adapter(path: str | Path, state: dict[str, torch.Tensor], loras: dict[s
         "layers_pattern": None,
         "revision": None,
     }
+    return tensors, config
+
+
+def write_adapter(path: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """adapter_model.safetensors + adapter_config.json into `path` (a temporary folder renamed into place)."""
     from nativevl.io.hf import _replace_dir
 
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -132,7 +138,8 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, t
     bad = [k for k in raw if not k.startswith(PEFT_PREFIX)]
     if bad:
         raise ValueError(f"{path}: tensor names must start with {PEFT_PREFIX!r} (PEFT's); got e.g. {bad[:3]}")
-    names = {k[len(PEFT_PREFIX):]: v for k, v in raw.items()}
+    # PEFT saves a LoRA-wrapped embedding / lm_head's own weight as X.base_layer.weight: X.weight
+    names = {k[len(PEFT_PREFIX):].replace(".base_layer.", "."): v for k, v in raw.items()}
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     replaced: dict[str, torch.Tensor] = {}
     for name, value in names.items():
@@ -166,6 +173,11 @@ def merge_adapter(model, path: str | Path) -> int:
     """Add a PEFT LoRA adapter's deltas to `model`'s weights (and copy its modules_to_save), in place;
     returns the number of weights changed. Names or shapes the model lacks are an error naming them."""
     deltas, replaced = read_adapter(path)
+    tied = ("lm_head.weight", "language_model.embed_tokens.weight")
+    if model.config.tie_word_embeddings and any(k in tied for k in [*deltas, *replaced]):
+        # the adapter changes the head or the embeddings alone (PEFT's copies are untied): so do we
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     missing = sorted(k for k in [*deltas, *replaced] if k not in params)
@@ -175,9 +187,9 @@ def merge_adapter(model, path: str | Path) -> int:
     for key, value in [*deltas.items(), *replaced.items()]:
         if tuple(value.shape) != tuple(params[key].shape):
             raise ValueError(f"{path}: {key}: adapter shape {tuple(value.shape)}, model {tuple(params[key].shape)}")
+    for key, value in replaced.items():  # first: a delta may apply to a replaced weight (LoRA on a saved head)
+        params[key].copy_(value.to(params[key].device, params[key].dtype))
     for key, delta in deltas.items():
         p = params[key]
         p.copy_((p.float() + delta.to(p.device)).to(p.dtype))
-    for key, value in replaced.items():
-        params[key].copy_(value.to(params[key].device, params[key].dtype))
     return len(deltas) + len(replaced)

@@ -20,7 +20,8 @@ import torch
 
 from nativevl.data.pipeline import PackedDataset, StreamTracker, iterate_batches, make_loader
 from nativevl.infer.prm import label_token_ids
-from nativevl.io.adapter import FULL_MODULES, save_adapter
+from nativevl.io.adapter import FULL_MODULES, adapter_contents, write_adapter
+from nativevl.io.hf import read_config
 from nativevl.model.attention import resolve_backend
 from nativevl.model.vlm import VisionLanguageModel
 from nativevl.train import checkpoint as ckpt
@@ -234,6 +235,8 @@ def train(
     try:
         while step < cfg.max_steps:
             watchdog.arm()  # the step, its logging, validation and checkpoint must end within hang_timeout
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)  # peak_memory_gib: this step's
             started = time.perf_counter()
             micro = []
             for _ in range(accum):
@@ -465,21 +468,27 @@ def load_train_state(path: Path, model, optimizer, rank: int, world: int, worker
 def export_final(model: VisionLanguageModel, tokenizer, path: Path, main: bool, policy: StagePolicy | None = None) -> None:
     """LoRA merged into the base weights, then the -hf layout with tokenizer and processor files.
     A LoRA run on a saved base (--init_from) also writes its adapter in PEFT's format beside it
-    (`final_adapter`: the LoRA layers, and the modules trained in full as modules_to_save).
+    (`final_adapter`: the LoRA layers, and the ViT / MLP when trained in full as modules_to_save),
+    after final/, so that nothing about the adapter can cost the merged model.
 
     A sharded model is gathered whole on rank 0 and copied into a plain one first."""
     full = parallel.full_state_dict(model) if parallel.is_sharded(model) else None  # collective
     loras = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    adapter = None
     if main and loras and policy is not None:
         base = getattr(model, "source_path", None)
         if base is None:
             log.info("no final_adapter: the LoRA run's base is not a saved checkpoint (--init_from); final/ has it merged")
+        elif policy.get("llm").mode == "full":
+            log.info("no final_adapter: the LLM was trained in full (an adapter would hold all of it); final/ has the model")
         else:
             spec = {name: (m.lora_A.shape[0], m.scale * m.lora_A.shape[0],
                            m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0) for name, m in loras.items()}
-            whole = [top for m in MODULES if policy.get(m).mode == "full" for top in FULL_MODULES[m]]
-            save_adapter(path.with_name(path.name + "_adapter"), full if full is not None else model.state_dict(),
-                         spec, whole, str(base))
+            whole = [top for m in ("vit", "mlp") if policy.get(m).mode == "full" for top in FULL_MODULES[m]]
+            adapter = adapter_contents(full if full is not None else model.state_dict(), spec, whole, str(base))
+            if read_config(base)[1] != "hf":
+                log.info("final_adapter names transformers' -hf modules; for PEFT, use it on `nativevl convert %s "
+                         "BASE_HF --to hf` (nativevl's --adapter takes it on either layout)", base)
     if full is not None:
         if main:
             plain = VisionLanguageModel(model.config)
@@ -488,6 +497,11 @@ def export_final(model: VisionLanguageModel, tokenizer, path: Path, main: bool, 
     if main:
         merge_lora(model)
         model.eval().save_pretrained(path, layout="hf", tokenizer=tokenizer, dtype=torch.float32)
+        if adapter is not None:
+            try:
+                write_adapter(path.with_name(path.name + "_adapter"), *adapter)
+            except OSError as e:
+                log.error("final_adapter was not written (%s); final/ holds the merged model", e)
     barrier()
 
 
