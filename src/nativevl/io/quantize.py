@@ -72,10 +72,10 @@ def unpack_int32(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> tor
     return (u - (1 << (bits - 1))).to(torch.int8)
 
 
-def quantization_config(bits: int, group_size: int | None) -> dict:
+def quantization_config(bits: int, group_size: int | None, observer: str = "minmax") -> dict:
     weights = {"num_bits": bits, "type": "int", "symmetric": True, "dynamic": False,
                "strategy": "group" if group_size else "channel", "group_size": group_size,
-               "observer": "minmax", "actorder": None, "block_structure": None, "observer_kwargs": {}}
+               "observer": observer, "actorder": None, "block_structure": None, "observer_kwargs": {}}
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
@@ -89,9 +89,12 @@ def quantization_config(bits: int, group_size: int | None) -> dict:
 
 
 def quantize_model(src: str | Path, dst: str | Path, scheme: str = "w4a16", group_size: int | None = 128,
-                   max_shard_bytes: int = 5 * 2**30) -> dict:
-    """Write `src` with its LLM linear weights quantized to `dst` (-hf layout, compressed-tensors); returns
-    {"layers", "bits", "group_size", "rel_error"} (the weights' relative Frobenius error)."""
+                   max_shard_bytes: int = 5 * 2**30, calib: str | None = None, calib_records: int = 128,
+                   calib_max_tokens: int = 4096, device=None, memory_bytes: int = 8 * 2**30) -> dict:
+    """Write `src` with its LLM linear weights quantized to `dst` (-hf layout, compressed-tensors): by
+    GPTQ on the first `calib_records` records of the InternVL meta json `calib` (io/gptq.py), else by
+    rounding to nearest. Returns {"layers", "bits", "group_size", "method", "rel_error"} (the weights'
+    relative Frobenius error)."""
     from nativevl.io.hf import _replace_dir, load_model, read_tensors, write_tensors
 
     if scheme not in SCHEMES:
@@ -104,6 +107,17 @@ def quantize_model(src: str | Path, dst: str | Path, scheme: str = "w4a16", grou
                          and p.shape[1] % group})
         if narrow:
             raise ValueError(f"group_size {group} does not divide the LLM layers' input widths {narrow}")
+    picked = {}
+    if calib is not None:
+        from nativevl.io.gptq import calibration_batches, gptq_model_weights
+        from nativevl.io.tokenizer import load_tokenizer
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        runner = load_model(src, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+        batches = calibration_batches(runner, load_tokenizer(src), calib, calib_records, calib_max_tokens)
+        weights = {k: v.detach() for k, v in runner.state_dict().items() if LLM_LINEAR.match(k)}
+        picked = gptq_model_weights(runner.eval(), batches, weights, bits, group, device, memory_bytes)
+        del runner, batches
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.quantizing")
     if tmp.exists():
@@ -117,7 +131,7 @@ def quantize_model(src: str | Path, dst: str | Path, scheme: str = "w4a16", grou
     err_num = err_den = 0.0
     for ours, w in original.items():
         (key,) = keymap.to_hf({ours: w})  # the on-disk -hf name
-        q, scale = quantize_weight(w, bits, group)
+        q, scale = picked[ours] if ours in picked else quantize_weight(w, bits, group)
         err_num += float((dequantize_weight(q, scale) - w).pow(2).sum())
         err_den += float(w.pow(2).sum())
         base = key.removesuffix(".weight")
@@ -127,10 +141,10 @@ def quantize_model(src: str | Path, dst: str | Path, scheme: str = "w4a16", grou
         tensors[f"{base}.weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
     write_tensors(tensors, tmp, max_shard_bytes)
     config = json.loads((tmp / "config.json").read_text())
-    config["quantization_config"] = quantization_config(bits, group)
+    config["quantization_config"] = quantization_config(bits, group, "gptq" if picked else "minmax")
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _replace_dir(tmp, dst)
-    return {"layers": len(original), "bits": bits, "group_size": group,
+    return {"layers": len(original), "bits": bits, "group_size": group, "method": "gptq" if picked else "round",
             "rel_error": math.sqrt(err_num / max(err_den, 1e-30))}
 
 

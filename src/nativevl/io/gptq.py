@@ -1,0 +1,173 @@
+"""GPTQ (Frantar et al., 2022) for `nativevl quantize --calib META`: each LLM linear layer's integer
+weights chosen column by column to minimise the error of its outputs on calibration inputs,
+||X W^T - X Q^T||^2, rather than of its weights (round to nearest).
+
+The inputs' second moments H = X^T X are gathered with forward hooks while the full-precision model
+reads calibration records (images and text, through the training data pipeline); layers whose inputs
+are the same tensor (q/k/v, gate/up) share one H. Layers are taken in rounds that fit `memory_bytes` of
+H at a time, one pass over the calibration batches per round. Then, per layer: H + 1% of its mean
+diagonal (damping), the upper Cholesky factor U of H^-1, and for each block of 128 columns, each
+column quantized (a group's scale set from the current weights when the group starts) and its error
+spread over the columns after it by U's row, the block's errors then over the rest (the paper's
+lazy batch updates). Columns no input ever reached are zeroed, as in the reference implementation.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+# our parameter name -> the name of the tensor it reads (layers reading one tensor share its H)
+_SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+
+def input_key(weight_name: str) -> str:
+    module = weight_name.removesuffix(".weight")
+    prefix, leaf = module.rsplit(".", 1)
+    return f"{prefix}.{_SHARED_INPUT.get(leaf, leaf)}"
+
+
+@torch.no_grad()
+def collect_hessians(model, batches: list, modules: list[str], device) -> dict[str, torch.Tensor]:
+    """{module name: sum of x x^T over every calibration token, float64} for the named nn.Linear modules."""
+    named = dict(model.named_modules())
+    hessians: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def accumulate(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+            if name not in hessians:
+                hessians[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+                counts[name] = 0
+            hessians[name].addmm_(x.t(), x)
+            counts[name] += x.shape[0]
+        return accumulate
+
+    handles = [named[name].register_forward_pre_hook(hook(name)) for name in modules]
+    try:
+        for batch in batches:
+            model(**batch.to(device).model_inputs())
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [m for m in modules if m not in hessians]
+    if missing:
+        raise ValueError(f"calibration never reached {missing[:3]}")
+    return {name: (h / counts[name]).cpu() for name, h in hessians.items()}
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None,
+                  block: int = 128, damp: float = 0.01, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) weight and its inputs' (in, in) second moment -> (int8 values, float32 scales (out,
+    groups)), the same symmetric min-max grid as round to nearest (io/quantize.py). Computed on `device`
+    (float32 on a GPU, as the reference; float64 on the CPU)."""
+    device = torch.device(device or "cpu")
+    dtype = torch.float32 if device.type == "cuda" else torch.float64
+    w = weight.detach().to(device, dtype).clone()
+    out_f, in_f = w.shape
+    group = group_size or in_f
+    if in_f % group:
+        raise ValueError(f"in_features {in_f} is not a multiple of group_size {group}")
+    q_max, q_min = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    half_range = (q_max - q_min) / 2
+    h = hessian.to(device, dtype).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(in_f, dtype=dtype, device=device)
+    try:
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise ValueError("the calibration inputs' second moment is not positive definite even damped; "
+                         "use more calibration records") from None
+
+    def scales_of(cols: torch.Tensor) -> torch.Tensor:
+        s = cols.abs().amax(-1) / half_range
+        return torch.where(s > 0, s, torch.ones_like(s))
+
+    q = torch.zeros(out_f, in_f, dtype=torch.int8, device=device)
+    scales = torch.zeros(out_f, in_f // group, dtype=dtype, device=device)
+    if group_size is None:
+        scales[:, 0] = scales_of(w)  # one scale per output channel, from the whole row
+    block = max(block, group) if group_size else block
+    block -= block % group if group_size else 0
+    for start in range(0, in_f, block):
+        end = min(start + block, in_f)
+        w1 = w[:, start:end].clone()
+        err = torch.zeros_like(w1)
+        u1 = u[start:end, start:end]
+        for i in range(end - start):
+            col = start + i
+            if group_size and col % group == 0:
+                scales[:, col // group] = scales_of(w1[:, i:i + group])
+            s = scales[:, col // group]
+            qi = torch.clamp(torch.round(w1[:, i] / s), q_min, q_max)
+            q[:, col] = qi.to(torch.int8)
+            e = (w1[:, i] - qi * s) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err[:, i] = e
+        w[:, end:] -= err @ u[start:end, end:]
+    return q.cpu(), scales.to("cpu", torch.float32)
+
+
+def hessian_rounds(shapes: dict[str, int], memory_bytes: int) -> list[list[str]]:
+    """Input keys (with their widths) cut into rounds whose float64 second moments fit memory_bytes."""
+    rounds: list[list[str]] = [[]]
+    used = 0
+    for key, width in shapes.items():
+        size = width * width * 8
+        if rounds[-1] and used + size > memory_bytes:
+            rounds.append([])
+            used = 0
+        rounds[-1].append(key)
+        used += size
+    return rounds
+
+
+def gptq_model_weights(model, batches: list, weights: dict[str, torch.Tensor], bits: int, group_size: int | None,
+                       device, memory_bytes: int = 8 * 2**30) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{our weight name: (int8 values, scales)} for `weights` (our names -> float weights), by GPTQ on
+    the inputs `model` sees over `batches`."""
+    widths = {}
+    for name, w in weights.items():
+        widths.setdefault(input_key(name), int(w.shape[1]))
+    rounds = hessian_rounds(widths, memory_bytes)
+    if len(rounds) > 1:
+        log.info("GPTQ: %d passes over the calibration data (second moments of %d inputs in %.1f GiB rounds)",
+                 len(rounds), len(widths), memory_bytes / 2**30)
+    out = {}
+    bar = tqdm(total=len(weights), desc="GPTQ", unit="layer")
+    for keys in rounds:
+        hessians = collect_hessians(model, batches, keys, device)
+        for name, w in weights.items():
+            key = input_key(name)
+            if key in hessians:
+                out[name] = gptq_quantize(w, hessians[key], bits, group_size, device=device)
+                bar.update(1)
+        del hessians
+    bar.close()
+    return out
+
+
+def calibration_batches(model, tokenizer, meta: str, records: int, max_tokens: int = 4096) -> list:
+    """The first `records` records of an InternVL meta json, packed as at test time (no augmentation),
+    with the model's image settings; bad records counted and skipped as in training."""
+    from nativevl.data.pipeline import DataConfig, PackedDataset, StreamTracker, iterate_batches, make_loader
+    from nativevl.data.records import load_meta
+
+    cfg = model.config
+    data = DataConfig(max_tokens=max_tokens, image_size=cfg.vision.image_size, image_seq_length=cfg.image_seq_length,
+                      image_token_id=cfg.image_token_id, training=False, max_records=records)
+    dataset = PackedDataset(load_meta(meta), tokenizer, data)
+    tracker = StreamTracker(data.max_reject_fraction, data.min_records_before_abort)
+    batches = list(iterate_batches(make_loader(dataset, 0), tracker))
+    if tracker.total_rejected:
+        log.warning("calibration: %d record(s) skipped (%s)", tracker.total_rejected, tracker.by_kind)
+    if not batches:
+        raise ValueError(f"{meta}: no calibration record could be read")
+    return batches
