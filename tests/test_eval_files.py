@@ -364,3 +364,36 @@ def test_ocrbench_scores_an_answer_found_in_the_prediction():
     assert not task.score("centr", text)
     assert task.score("$x^{2}\n+1$", formula) and not task.score("X^{2}+1", formula)
     assert not FileTask("words.tsv").score("The word is Centre.", text)  # exact match elsewhere
+
+
+def test_circular_files_edge_cases(tmp_path):
+    """A rotation read before its question, naming an image of a later row, still finds it with --n;
+    a rotation whose question the file lacks is not scored (as VLMEvalKit); Best-of-N refuses circular
+    files; a report scored before circular scoring is not reused by --resume."""
+    img, pixels = png_b64(3)
+    base = {"question": "Which?", "A": "x", "B": "y", "answer": "A", "category": "c"}
+    rows = [{**base, "index": 1000002, "image": "9"}, {**base, "index": 2, "image": img},
+            {**base, "index": 9, "image": img}, {**base, "index": 1000077, "image": img}]  # 77: no question row
+    write_tsv(tmp_path / "MMBench_x.tsv", rows)
+    path = str(tmp_path / "MMBench_x.tsv")
+    items = get_task(path).load(1, seed=0)
+    assert sorted(it.index for it in items) == ["1000002", "2"]
+    assert np.array_equal(np.asarray(items[0].images[0]), pixels)
+    assert sorted(it.index for it in get_task(path).load(None, seed=0)) == ["1000002", "2", "9"]
+
+    asked = []
+
+    def predictor(task, items):
+        asked.append(len(items))
+        return ["A"] * len(items)
+
+    report = evaluate(None, None, [path], n=None, predictor=predictor, model_name="m")
+    assert (report[path]["n"], report[path]["correct"]) == (2, 2)
+    old = json.loads(json.dumps(report))
+    del old[path]["settings"]["scoring"]  # as written before circular scoring
+    evaluate(None, None, [path], n=None, predictor=predictor, model_name="m", previous=old)
+    assert asked == [3, 3]  # asked again, not reused
+    from nativevl.eval.runner import evaluate_best_of_n
+
+    with pytest.raises(ValueError, match="circularly"):
+        evaluate_best_of_n(None, None, [path], n=None, samples=2)

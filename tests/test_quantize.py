@@ -31,8 +31,10 @@ def test_packing_is_the_formats_own(bits, width):
 def test_rounding_to_nearest_with_a_min_max_scale():
     w = torch.tensor([[0.75, -0.3, 0.1, 0.0, 1.5, -1.5, 0.2, 0.7]])
     q, scale = quantize_weight(w, 4, group_size=4)
-    assert torch.allclose(scale, torch.tensor([[0.75 / 7.5, 1.5 / 7.5]]))
-    assert q.tolist() == [[7, -3, 1, 0, 7, -8, 1, 4]]  # 7.5 rounds to 8, clamped to 7; -7.5 rounds to -8
+    # the min-max scale on bf16's grid (what is stored): the integers are picked with it
+    assert torch.equal(scale, torch.tensor([[0.75 / 7.5, 1.5 / 7.5]]).to(torch.bfloat16).float())
+    # bf16 rounds 0.2 up to 0.2002: -1.5 / 0.2002 = -7.49 -> -7 (with 0.2 exactly: -7.5 -> -8)
+    assert q.tolist() == [[7, -3, 1, 0, 7, -7, 1, 3]]
 
 
 @pytest.mark.parametrize("scheme, group, max_rel", [("w4a16", 16, 0.4), ("w8a16", None, 0.05)])
@@ -78,4 +80,33 @@ def test_quantize_refuses_what_it_cannot_write_or_read(tmp_path, capsys):
     config["quantization_config"]["format"] = "float-quantized"
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="format 'float-quantized' is not read"):
+        load_model(tmp_path / "q")
+
+
+def test_llm_compressor_variants_read_the_same(tmp_path):
+    """llm-compressor's GPTQ writes actorder "static" (another name for "weight"), or "group" with each
+    column's group in weight_g_idx: both read as the weights they stand for; run-time rotations do not."""
+    from safetensors.torch import load_file, save_file
+
+    hf_model(tiny_config()).save_pretrained(tmp_path / "base")
+    assert main(["quantize", str(tmp_path / "base"), str(tmp_path / "q"), "--group_size", "16"]) == 0
+    plain = load_model(tmp_path / "q", dtype=torch.float32).state_dict()
+    path = tmp_path / "q" / "config.json"
+    config = json.loads(path.read_text())
+    weights = config["quantization_config"]["config_groups"]["group_0"]["weights"]
+    for order in ("static", "group"):
+        weights["actorder"] = order
+        path.write_text(json.dumps(config))
+        if order == "group":  # every column in its own group's order: the same weights
+            file = tmp_path / "q" / "model.safetensors"
+            tensors = load_file(str(file))
+            for key in [k for k in tensors if k.endswith(".weight_packed")]:
+                cols = int(tensors[key.replace("_packed", "_shape")][1])
+                tensors[key.replace("_packed", "_g_idx")] = torch.arange(cols, dtype=torch.int32) // 16
+            save_file(tensors, str(file), metadata={"format": "pt"})
+        loaded = load_model(tmp_path / "q", dtype=torch.float32).state_dict()
+        assert all(torch.equal(loaded[k], plain[k]) for k in plain), order
+    config["quantization_config"]["transform_config"] = {"config_groups": {"u": {"type": "hadamard"}}}
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="transform_config"):
         load_model(tmp_path / "q")

@@ -100,7 +100,11 @@ def _task_settings(name: str, settings: dict, max_num: int) -> dict:
     path = Path(name)
     if path.suffix not in FILE_SUFFIXES:
         return {**settings, "n": settings["n"] if settings["n"] is not None else DEFAULT_N}
-    return {**settings, "max_num": max_num, "file": folder_identity(path) if path.is_file() else None}
+    from nativevl.eval.tasks.files import FileTask
+
+    task = FileTask(name)  # how it is scored: a report scored another way (before circular scoring, say) is not reused
+    scoring = task.metric + ("/circular" if task.circular else "")
+    return {**settings, "max_num": max_num, "file": folder_identity(path) if path.is_file() else None, "scoring": scoring}
 
 
 def _reusable(previous: dict | None, settings: dict, max_num: int = 6) -> dict:
@@ -282,6 +286,10 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 10
     if partial:
         raise ValueError(f"Best-of-N picks right / wrong answers; {partial} are scored with partial credit "
                          "(ANLS, VQA accuracy): evaluate them without --best-of-n")
+    circular = [name for name, t in zip(tasks, resolved) if getattr(t, "circular", False)]
+    if circular:
+        raise ValueError(f"Best-of-N on files scored circularly ({circular}) is not built: its picks would be "
+                         "per row; evaluate them without --best-of-n")
     from nativevl.infer.best_of_n import Candidates, sample_candidates, tiles_in_prompt
     from nativevl.infer.engine import Engine, SamplingParams
     from nativevl.infer.prm import step_scores

@@ -19,6 +19,8 @@ import logging
 import torch
 from tqdm import tqdm
 
+from nativevl.io.quantize import bf16_scale
+
 log = logging.getLogger(__name__)
 
 # our parameter name -> the name of the tensor it reads (layers reading one tensor share its H)
@@ -31,34 +33,47 @@ def input_key(weight_name: str) -> str:
     return f"{prefix}.{_SHARED_INPUT.get(leaf, leaf)}"
 
 
+class _RoundDone(Exception):
+    """Raised by the hook of a round's last layer: the rest of the forward is not needed."""
+
+
 @torch.no_grad()
 def collect_hessians(model, batches: list, modules: list[str], device) -> dict[str, torch.Tensor]:
-    """{module name: sum of x x^T over every calibration token, float64} for the named nn.Linear modules."""
+    """{module name: mean of x x^T over every calibration token} for the named nn.Linear modules (float32
+    on a GPU, float64 on the CPU). Each forward stops after the last of them (in the model's order)."""
     named = dict(model.named_modules())
+    order = {name: i for i, name in enumerate(named)}
+    last = max(modules, key=order.__getitem__)
     hessians: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
     def hook(name):
         def accumulate(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+            x = args[0].reshape(-1, args[0].shape[-1])
+            x = x.to(torch.float32 if x.is_cuda else torch.float64)
             if name not in hessians:
-                hessians[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+                hessians[name] = torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
                 counts[name] = 0
             hessians[name].addmm_(x.t(), x)
             counts[name] += x.shape[0]
+            if name == last:
+                raise _RoundDone
         return accumulate
 
     handles = [named[name].register_forward_pre_hook(hook(name)) for name in modules]
     try:
         for batch in batches:
-            model(**batch.to(device).model_inputs())
+            try:
+                model(**batch.to(device).model_inputs())
+            except _RoundDone:
+                pass
     finally:
         for h in handles:
             h.remove()
     missing = [m for m in modules if m not in hessians]
     if missing:
         raise ValueError(f"calibration never reached {missing[:3]}")
-    return {name: (h / counts[name]).cpu() for name, h in hessians.items()}
+    return {name: (h / counts[name]) for name, h in hessians.items()}
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None,
@@ -87,8 +102,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                          "use more calibration records") from None
 
     def scales_of(cols: torch.Tensor) -> torch.Tensor:
-        s = cols.abs().amax(-1) / half_range
-        return torch.where(s > 0, s, torch.ones_like(s))
+        return bf16_scale(cols.abs().amax(-1) / half_range)
 
     q = torch.zeros(out_f, in_f, dtype=torch.int8, device=device)
     scales = torch.zeros(out_f, in_f // group, dtype=dtype, device=device)
@@ -116,11 +130,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
 
 
 def hessian_rounds(shapes: dict[str, int], memory_bytes: int) -> list[list[str]]:
-    """Input keys (with their widths) cut into rounds whose float64 second moments fit memory_bytes."""
+    """Input keys (with their widths, in the model's order) cut into rounds whose float32 second moments
+    fit memory_bytes (float64 on the CPU takes twice that)."""
     rounds: list[list[str]] = [[]]
     used = 0
     for key, width in shapes.items():
-        size = width * width * 8
+        size = width * width * 4
         if rounds[-1] and used + size > memory_bytes:
             rounds.append([])
             used = 0

@@ -26,6 +26,7 @@ from nativevl.io import keymap
 
 SCHEMES = {"w4a16": 4, "w8a16": 8}
 LLM_LINEAR = re.compile(r"^language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
+HF_LLM_LINEAR = re.compile(LLM_LINEAR.pattern.replace("^language_model", "^language_model\\.model"))  # on disk
 IGNORE = ["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
 
 
@@ -39,10 +40,16 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None) -> tuple
     q_max, q_min = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
     g = w.float().reshape(out_f, in_f // group, group)
     # compressed-tensors' symmetric min-max scale: the largest magnitude over half the integer range
-    scale = g.abs().amax(-1) / ((q_max - q_min) / 2)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = bf16_scale(g.abs().amax(-1) / ((q_max - q_min) / 2))
     q = torch.clamp(torch.round(g / scale[..., None]), q_min, q_max).to(torch.int8)
     return q.reshape(out_f, in_f), scale
+
+
+def bf16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """Scales as stored (bf16; 1 where a group is all zero), in the caller's dtype: the integers are
+    picked with the scale that will be on disk, as llm-compressor does."""
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale.to(torch.bfloat16).to(scale.dtype)
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -72,10 +79,10 @@ def unpack_int32(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> tor
     return (u - (1 << (bits - 1))).to(torch.int8)
 
 
-def quantization_config(bits: int, group_size: int | None, observer: str = "minmax") -> dict:
+def quantization_config(bits: int, group_size: int | None) -> dict:
     weights = {"num_bits": bits, "type": "int", "symmetric": True, "dynamic": False,
                "strategy": "group" if group_size else "channel", "group_size": group_size,
-               "observer": observer, "actorder": None, "block_structure": None, "observer_kwargs": {}}
+               "observer": "minmax", "actorder": None, "block_structure": None, "observer_kwargs": {}}
     return {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",
@@ -101,13 +108,12 @@ def quantize_model(src: str | Path, dst: str | Path, scheme: str = "w4a16", grou
         raise ValueError(f"scheme {scheme!r}: one of {sorted(SCHEMES)}")
     bits = SCHEMES[scheme]
     group = group_size if scheme == "w4a16" else None  # w8a16: one scale per output channel
-    model = load_model(src, dtype=torch.bfloat16)
-    if group is not None:
-        narrow = sorted({int(p.shape[1]) for n, p in model.named_parameters() if LLM_LINEAR.match(n)
-                         and p.shape[1] % group})
-        if narrow:
-            raise ValueError(f"group_size {group} does not divide the LLM layers' input widths {narrow}")
-    picked = {}
+    from nativevl.io.hf import read_config
+
+    widths = {int(x) for x in _llm_input_widths(read_config(src)[0])}
+    if group is not None and any(w % group for w in widths):
+        raise ValueError(f"group_size {group} does not divide the LLM layers' input widths {sorted(widths)}")
+    picked = {}  # GPTQ's choice, by -hf name: computed first, its model freed before the checkpoint is
     if calib is not None:
         from nativevl.io.gptq import calibration_batches, gptq_model_weights
         from nativevl.io.tokenizer import load_tokenizer
@@ -116,36 +122,42 @@ def quantize_model(src: str | Path, dst: str | Path, scheme: str = "w4a16", grou
         runner = load_model(src, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
         batches = calibration_batches(runner, load_tokenizer(src), calib, calib_records, calib_max_tokens)
         weights = {k: v.detach() for k, v in runner.state_dict().items() if LLM_LINEAR.match(k)}
-        picked = gptq_model_weights(runner.eval(), batches, weights, bits, group, device, memory_bytes)
-        del runner, batches
+        chosen = gptq_model_weights(runner.eval(), batches, weights, bits, group, device, memory_bytes)
+        picked = {next(iter(keymap.to_hf({k: v}))): v for k, v in chosen.items()}
+        del runner, batches, weights, chosen
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.quantizing")
     if tmp.exists():
         shutil.rmtree(tmp)
+    model = load_model(src, dtype=torch.bfloat16)
     model.save_pretrained(tmp, layout="hf", dtype=torch.bfloat16, max_shard_bytes=max_shard_bytes)
-    original = {k: v.float() for k, v in model.state_dict().items() if LLM_LINEAR.match(k)}
     del model
-    tensors, _ = read_tensors(tmp)
+    tensors, _ = read_tensors(tmp)  # the bf16 checkpoint: quantized tensor by tensor from it
     for f in [*tmp.glob("*.safetensors"), *tmp.glob("*.safetensors.index.json")]:
         f.unlink()
     err_num = err_den = 0.0
-    for ours, w in original.items():
-        (key,) = keymap.to_hf({ours: w})  # the on-disk -hf name
-        q, scale = picked[ours] if ours in picked else quantize_weight(w, bits, group)
+    keys = [k for k in tensors if HF_LLM_LINEAR.match(k)]
+    for key in keys:
+        w = tensors.pop(key).float()
+        q, scale = picked[key] if key in picked else quantize_weight(w, bits, group)
         err_num += float((dequantize_weight(q, scale) - w).pow(2).sum())
         err_den += float(w.pow(2).sum())
         base = key.removesuffix(".weight")
-        del tensors[key]
         tensors[f"{base}.weight_packed"] = pack_int32(q, bits)
-        tensors[f"{base}.weight_scale"] = scale.to(torch.bfloat16)
+        tensors[f"{base}.weight_scale"] = scale.to(torch.bfloat16)  # exact: scales are picked on bf16's grid
         tensors[f"{base}.weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
     write_tensors(tensors, tmp, max_shard_bytes)
     config = json.loads((tmp / "config.json").read_text())
-    config["quantization_config"] = quantization_config(bits, group, "gptq" if picked else "minmax")
+    config["quantization_config"] = quantization_config(bits, group)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _replace_dir(tmp, dst)
-    return {"layers": len(original), "bits": bits, "group_size": group, "method": "gptq" if picked else "round",
+    return {"layers": len(keys), "bits": bits, "group_size": group, "method": "gptq" if picked else "round",
             "rel_error": math.sqrt(err_num / max(err_den, 1e-30))}
+
+
+def _llm_input_widths(cfg) -> tuple[int, ...]:
+    t = cfg.text
+    return (t.hidden_size, t.num_attention_heads * t.head_dim, t.intermediate_size)
 
 
 def dequantize_state(raw: dict[str, torch.Tensor], config: dict, source: str) -> dict[str, torch.Tensor]:
@@ -161,9 +173,18 @@ def dequantize_state(raw: dict[str, torch.Tensor], config: dict, source: str) ->
     if len(schemes) != 1 or any(g.get("input_activations") for g in groups.values()):
         raise ValueError(f"{source}: only one weight-only scheme (no activation quantization) is read")
     (w,) = schemes
-    if not w.get("symmetric", True) or w.get("type", "int") != "int" or w.get("actorder") not in (None, "weight"):
-        raise ValueError(f"{source}: asymmetric, non-integer or activation-ordered weights are not read ({w})")
+    # actorder "static" is compressed-tensors' other name for "weight" (llm-compressor's GPTQ default);
+    # "group" stores each column's group in weight_g_idx, read below
+    if not w.get("symmetric", True) or w.get("type", "int") != "int" or w.get("actorder") not in (
+            None, "weight", "static", "group"):
+        raise ValueError(f"{source}: asymmetric, non-integer or dynamically ordered weights are not read ({w})")
+    if w.get("strategy", "group") not in ("group", "channel", "tensor"):
+        raise ValueError(f"{source}: weight strategy {w.get('strategy')!r} is not read (group, channel, tensor are)")
+    if config.get("transform_config"):
+        raise ValueError(f"{source}: a transform_config (weight rotations applied at run time) is not read")
     bits = int(w["num_bits"])
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"{source}: {bits}-bit weights are not read (1, 2, 4, 8 bits are)")
     out = {}
     for key, value in raw.items():
         if key.endswith(".weight_packed"):
@@ -174,13 +195,16 @@ def dequantize_state(raw: dict[str, torch.Tensor], config: dict, source: str) ->
             except KeyError as e:
                 raise ValueError(f"{source}: {base} has weight_packed but no {e.args[0]}") from None
             q = unpack_int32(value, bits, shape)
-            if scale.ndim == 1:
-                scale = scale[:, None]
+            scale = scale.float().reshape(scale.shape[0] if scale.numel() > 1 else 1, -1).expand(shape[0], -1)
+            g_idx = raw.get(f"{base}.weight_g_idx")
+            if g_idx is not None:  # activation order: column j belongs to group g_idx[j]
+                out[f"{base}.weight"] = q.float() * scale[:, g_idx.long()]
+                continue
             if shape[1] % scale.shape[1] or scale.shape[0] != shape[0]:
                 raise ValueError(f"{source}: {base}: scale {tuple(scale.shape)} does not fit weight {shape}")
             out[f"{base}.weight"] = dequantize_weight(q, scale)  # float32: q * scale exactly
         elif not key.endswith((".weight_scale", ".weight_shape", ".weight_zero_point", ".weight_g_idx")):
             out[key] = value
-        elif key.endswith((".weight_zero_point", ".weight_g_idx")):
-            raise ValueError(f"{source}: {key}: zero points and activation order are not read")
+        elif key.endswith(".weight_zero_point"):
+            raise ValueError(f"{source}: {key}: zero points (asymmetric weights) are not read")
     return out

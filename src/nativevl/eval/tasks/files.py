@@ -304,7 +304,9 @@ def _read_circular(path: Path, limit: int) -> list[FileItem]:
             keep = group in mains or (main and len(mains) < limit)
             if main and keep:
                 mains.add(group)
-                kept += [(lineno, row), *pending.pop(group, [])]
+                early = pending.pop(group, [])
+                kept += [(lineno, row), *early]
+                wanted.update(r["image"] for _, r in early if _names_row(r.get("image")))
             elif keep:
                 kept.append((lineno, row))
             elif not main and len(mains) < limit:
@@ -409,6 +411,9 @@ class FileTask:
         if not self.path.is_file():
             raise FileNotFoundError(f"evaluation file {self.path} does not exist")
         items = read_tsv(self.path, n, self.circular) if self.path.suffix == ".tsv" else read_jsonl(self.path, n)
+        if self.circular:  # as VLMEvalKit: only rotations of a question the file holds are scored
+            questions = {_group(it.index, it.where) for it in items if int(float(it.index)) < ROTATION}
+            items = [it for it in items if _group(it.index, it.where) in questions]
         if not items:
             raise ValueError(f"{self.path}: no questions")
         return items
