@@ -12,17 +12,20 @@ OUT ?= runs/demo
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
+# Every later install is constrained to the torch in place (pinned in $(VENV)/constraints.txt): no
+# dependency can swap it for another build.
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
-	$(PY) -m pip install -e .
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(PY) -m pip install -c $(VENV)/constraints.txt -e .
 	touch $@
 
 # The quantization tests' oracle, compressed-tensors (>= 0.16 needs torch >= 2.10), is installed where the
-# torch kept in place is recent enough, so that it never pulls another torch; those tests skip otherwise.
+# torch in place is recent enough; the tests that need it skip otherwise.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -c $(VENV)/constraints.txt -e ".[test]"
 	if $(PY) -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 10))"; then \
-		$(PY) -m pip install "compressed-tensors>=0.16"; \
+		$(PY) -m pip install -c $(VENV)/constraints.txt "compressed-tensors>=0.16"; \
 	else echo "torch < 2.10: the compressed-tensors tests will be skipped"; fi
 	touch $@
 

@@ -139,7 +139,7 @@ def test_llamafactory_dataset_info_columns_tags_and_media_dir(tmp_path, media, c
     write_jsonl(media / "kto.jsonl", [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
                                        "label": False}])
     out = tmp_path / "lf"
-    args = ["data", "convert", "--dataset_info", str(media / "dataset_info.json"), "--max_bad_fraction", "0.5"]
+    args = ["data", "convert", "--dataset_info", str(media / "dataset_info.json"), "--max_reject_fraction", "0.5"]
     assert main([*args, "--dataset", "mllm", "--out", str(out / "mllm.jsonl")]) == 0
     assert read_jsonl(out / "mllm.jsonl") == [
         {"image": "../src/imgs/a.png", "conversations": [{"from": "system", "value": "You look at images."},
@@ -155,7 +155,7 @@ def test_llamafactory_dataset_info_columns_tags_and_media_dir(tmp_path, media, c
         {"image": "../src/imgs/b.jpg", "question": "<image>Colour?", "chosen": "blue", "rejected": "red"}]
     (bad,) = read_jsonl(out / "rank.rejects.jsonl")
     assert bad["kind"] == "unsupported" and "one question" in bad["error"]
-    assert main([*args, "--dataset", "kto", "--out", str(out / "kto.jsonl")]) == 2  # all refused: over the limit
+    assert main([*args, "--dataset", "kto", "--out", str(out / "kto.jsonl")]) == 1  # all refused: stopped
     assert "KTO" in capsys.readouterr().err and not (out / "kto.jsonl").exists()
     assert json.loads((out / "meta.json").read_text()).keys() == {"mllm", "rank"}
     assert main([*args, "--dataset", "hub", "--out", str(out / "hub.jsonl")]) == 2
@@ -168,7 +168,7 @@ def test_llamafactory_dataset_info_columns_tags_and_media_dir(tmp_path, media, c
 
 def test_refused_records_are_counted_kept_whole_and_limited(tmp_path, media):
     """Each kind of record nativevl cannot train on is refused by record, written whole (a line that is
-    not JSON as its text) with its kind to OUT.rejects.jsonl; past --max_bad_fraction nothing is
+    not JSON as its text) with its kind to OUT.rejects.jsonl; past --max_reject_fraction nothing is
     written but the rejects, and an existing output is not replaced without overwrite."""
     ok = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
     (media / "clip.mp4").write_bytes(b"\x00" * 16)
@@ -193,7 +193,7 @@ def test_refused_records_are_counted_kept_whole_and_limited(tmp_path, media):
     video = {"conversations": [{"from": "human", "value": "What happens?"}, {"from": "gpt", "value": "x"}], "video": "clip.mp4"}
     write_jsonl(media / "mixed.jsonl", [video] + [ok] * 20 + bad)
     out = tmp_path / "o" / "mixed.jsonl"
-    stats = convert([media / "mixed.jsonl"], out, max_bad_fraction=0.5)
+    stats = convert([media / "mixed.jsonl"], out, max_reject_fraction=0.5)
     assert (stats.records, stats.written) == (35, 21)
     assert stats.counts == {"malformed": 2, "unsupported": 6, "missing_file": 1, "placeholder_mismatch": 2,
                             "no_assistant_turn": 2, "unreadable_image": 1}
@@ -205,11 +205,13 @@ def test_refused_records_are_counted_kept_whole_and_limited(tmp_path, media):
     assert [r["record"] for r in rejects[1:]] == bad[1:]  # every refused record, whole
 
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
-        convert([media / "mixed.jsonl"], out, max_bad_fraction=0.5)
-    before = out.read_text()
-    with pytest.raises(ConversionAborted, match=r"14 of 35 records rejected.*mixed.rejects.jsonl"):
-        convert([media / "mixed.jsonl"], out, max_bad_fraction=0.1, overwrite=True)
+        convert([media / "mixed.jsonl"], out, max_reject_fraction=0.5)
+    before, rejects_before = out.read_text(), out.with_name("mixed.rejects.jsonl").read_text()
+    with pytest.raises(ConversionAborted, match=r"14 of 35 records rejected.*mixed.stopped.rejects.jsonl"):
+        convert([media / "mixed.jsonl"], out, max_reject_fraction=0.1, overwrite=True)
     assert out.read_text() == before and not out.with_name("mixed.jsonl.tmp").exists()  # the old output stays
+    assert out.with_name("mixed.rejects.jsonl").read_text() == rejects_before  # and its rejects
+    assert len(read_jsonl(out.with_name("mixed.stopped.rejects.jsonl"))) == 14
     write_jsonl(media / "long.jsonl", [ok] * 190 + bad[1:2] * 30 + [ok] * 100)  # stops as soon as it is over
     with pytest.raises(ConversionAborted, match="11 of 201 records"):
         convert([media / "long.jsonl"], tmp_path / "o" / "long.jsonl")
@@ -281,7 +283,7 @@ def test_inputs_found_in_the_wild(tmp_path, media):
     write_jsonl(media / "own.jsonl", [{"image": "imgs/a.png", "conversations": [
         {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])
     out = tmp_path / "o2" / "all.jsonl"
-    stats = convert([other / "lines.json", media / "cols.json", media / "own.jsonl"], out, max_bad_fraction=0.5)
+    stats = convert([other / "lines.json", media / "cols.json", media / "own.jsonl"], out, max_reject_fraction=0.5)
     assert stats.counts == {"malformed": 3, "unsupported": 1}, stats.format()
     records = read_jsonl(out)
     assert records[0] == {"image": "../other/imgs/w.png", "conversations": [
@@ -304,6 +306,13 @@ def test_a_stopped_run_leaves_no_images_and_a_damaged_meta_is_not_overwritten(tm
     with pytest.raises(ConversionAborted):
         convert([tmp_path / "in.jsonl"], tmp_path / "out" / "d.jsonl")
     assert not list((tmp_path / "out" / "d_images").iterdir())  # the image of the accepted record is gone too
+    blue = "data:image/png;base64," + base64.b64encode(png_bytes("blue")).decode()
+    half = {"messages": [{"role": "user", "content": "<image><image>q"}, {"role": "assistant", "content": "a"}],
+            "images": [blue, "missing.png"]}  # its first image is written before the second is found missing
+    write_jsonl(tmp_path / "half.jsonl", [ok, half])
+    stats = convert([tmp_path / "half.jsonl"], tmp_path / "out2" / "h.jsonl", max_reject_fraction=0.5)
+    assert (stats.written, stats.images_written) == (1, 1)
+    assert len(list((tmp_path / "out2" / "h_images").iterdir())) == 1  # the refused record's image is gone
     (tmp_path / "out" / "meta.json").write_text('{"mine": {"annotation": "m.jsonl"},}')  # a trailing comma
     write_jsonl(tmp_path / "in.jsonl", [ok])
     with pytest.raises(ValueError, match="meta.json: not valid JSON"):

@@ -556,5 +556,5 @@ def test_each_step_logs_its_data_wait_and_tokens_per_device(tmp_path, monkeypatc
     for r in records:
         assert 0.4 <= r["data_wait_s"] <= r["step_time_s"]  # two batches a step, 0.2 s each
         assert r["data_wait_frac"] == pytest.approx(r["data_wait_s"] / r["step_time_s"])
-        assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"])  # one process
+        assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"])  # one process
         assert r["peak_memory_gib"] is None  # CPU: no device memory to report

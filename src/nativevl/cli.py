@@ -46,8 +46,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    import logging
+
     from nativevl.io.quantize import quantize_model
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stats = quantize_model(args.src, args.dst, args.scheme, group_size=args.group_size or None,
                            max_shard_bytes=args.max_shard_size, calib=args.calib, calib_records=args.calib_records,
                            calib_max_tokens=args.calib_max_tokens, device=args.device,
@@ -306,7 +309,7 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
         raise ValueError("--dataset names an entry of --dataset_info; give that file too")
     if not inputs:
         raise ValueError("give the data file(s) to convert, or --dataset_info FILE --dataset NAME")
-    stats = convert(inputs, Path(args.out), layout, image_root=image_root, max_bad_fraction=args.max_bad_fraction,
+    stats = convert(inputs, Path(args.out), layout, image_root=image_root, max_reject_fraction=args.max_reject_fraction,
                     max_dynamic_patch=args.max_dynamic_patch, data_augment=args.data_augment, overwrite=args.overwrite,
                     examples=args.examples)
     print(stats.format())
@@ -352,8 +355,10 @@ def _progress(args: argparse.Namespace):
 
 
 def cmd_data_preference(args: argparse.Namespace) -> int:
+    from nativevl.data.records import read_meta_entries
     from nativevl.pipelines.preference import PreferenceConfig, build_preference_data
 
+    read_meta_entries(Path(args.out).parent / "meta.json")  # a damaged meta.json: now, not after the sampling
     cfg = PreferenceConfig(n=args.samples, temperature=args.temperature, top_k=args.top_k, max_pairs=args.max_pairs,
                            max_new_tokens=args.max_new_tokens, dropout_ratio=args.dropout_ratio, seed=args.seed)
     model, tokenizer = _policy(args)
@@ -365,8 +370,10 @@ def cmd_data_preference(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prm(args: argparse.Namespace) -> int:
+    from nativevl.data.records import read_meta_entries
     from nativevl.pipelines.prm_labels import PRMDataConfig, build_prm_data
 
+    read_meta_entries(Path(args.out).parent / "meta.json")  # a damaged meta.json: now, not after the sampling
     cfg = PRMDataConfig(solutions=args.solutions, rollouts=args.rollouts, temperature=args.temperature,
                         top_k=args.top_k, max_steps=args.max_steps, max_new_tokens=args.max_new_tokens, seed=args.seed)
     model, tokenizer = _policy(args)
@@ -582,15 +589,16 @@ def build_parser() -> argparse.ArgumentParser:
     dv.set_defaults(func=cmd_data_validate)
     dc = data.add_parser("convert", help="ShareGPT / LLaVA, OpenAI / ms-swift, LLaMA-Factory (alpaca, sharegpt) data "
                                           "-> InternVL jsonl + meta.json; refused records to OUT.rejects.jsonl")
-    dc.add_argument("input", nargs="*", help=".jsonl, .json (a list) or .parquet files, or folders of them")
+    dc.add_argument("input", nargs="*", help=".jsonl, .json (a list, columns or JSON Lines) or .parquet files, "
+                                             "or folders of them")
     dc.add_argument("--out", required=True, help="output .jsonl (meta.json and embedded images go beside it)")
     dc.add_argument("--dataset_info", default=None, help="LLaMA-Factory's dataset_info.json: read --dataset as it declares")
     dc.add_argument("--dataset", default=None, help="the dataset_info.json entry to convert")
     dc.add_argument("--image_root", default=None,
                     help="folder relative image paths start from (default: the input's folder; the dataset_info.json "
                          "folder with --dataset_info); then the current folder")
-    dc.add_argument("--max_bad_fraction", type=float, default=0.05,
-                    help="stop (writing nothing) when more records than this are refused")
+    dc.add_argument("--max_reject_fraction", type=float, default=0.05,
+                    help="stop (writing nothing but the rejects) when more records than this are refused")
     dc.add_argument("--max_dynamic_patch", type=int, default=12, help="the meta entry's tile cap per sample")
     dc.add_argument("--data_augment", action="store_true", help="the meta entry's JPEG re-encoding in training")
     dc.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -638,10 +646,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nativevl {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # a run that stopped itself (non-finite loss, too many bad records): its message
+        from nativevl.data.convert import ConversionAborted
         from nativevl.data.pipeline import TooManyBadRecords
         from nativevl.train.loop import NonFiniteLoss
 
-        if not isinstance(e, (NonFiniteLoss, TooManyBadRecords)):
+        if not isinstance(e, (NonFiniteLoss, TooManyBadRecords, ConversionAborted)):
             raise
         msg = str(e)
         if "Original Traceback" in msg:  # raised in a DataLoader worker: the original message is the last line

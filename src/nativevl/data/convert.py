@@ -78,8 +78,9 @@ class ConvertError(ValueError):
         self.raw: Any = None  # what could not be read as a record (a jsonl line's text)
 
 
-class ConversionAborted(ValueError):
-    """The rejected fraction passed the limit: nothing was written but the rejects file."""
+class ConversionAborted(RuntimeError):
+    """The rejected fraction passed the limit: nothing was written but the rejects file (the CLI says
+    "stopped" and exits 1, as a training run past its limit of bad records)."""
 
 
 @dataclass(frozen=True)
@@ -469,9 +470,15 @@ def _record_turns(raw: dict, layout: Layout) -> _Turns:
                                    f"the answer ({answer_key!r}) must be a string, got {type(answer).__name__}")
             if not is_pair:
                 out.turns.append((ASSISTANT, answer))
-    if out.system is None and layout.system and isinstance(raw.get(layout.system), str) and raw[layout.system]:
-        out.system = raw[layout.system]
+    out.system = _with_top_system(out.system, raw, layout)
     return out
+
+
+def _with_top_system(system: str | None, raw: dict, layout: Layout) -> str | None:
+    """A conversation's own system message, else the record's top-level one (LLaMA-Factory, ms-swift)."""
+    if system is None and layout.system and isinstance(raw.get(layout.system), str) and raw[layout.system]:
+        return raw[layout.system]
+    return system
 
 
 def _pair(raw: dict, layout: Layout, conv: _Turns) -> tuple[str, str] | None:
@@ -492,8 +499,7 @@ def _pair(raw: dict, layout: Layout, conv: _Turns) -> tuple[str, str] | None:
         chosen = conv.turns.pop()[1]
         if raw.get("rejected_messages") is not None:
             other = _conversation(raw["rejected_messages"], layout)
-            if other.system is None and layout.system and isinstance(raw.get(layout.system), str) and raw[layout.system]:
-                other.system = raw[layout.system]  # the top-level system applies to both sides
+            other.system = _with_top_system(other.system, raw, layout)  # the top-level one applies to both sides
             if other.turns[:-1] != conv.turns or other.system != conv.system or not other.turns or other.turns[-1][0] != ASSISTANT:
                 raise ConvertError("unsupported", "rejected_messages that differ from the chosen ones before the last answer")
             if any(raw.get(k) not in (None, [], raw.get(k.removeprefix("rejected_"))) for k in ("rejected_images", "rejected_videos")):
@@ -529,7 +535,7 @@ def _is_null(value: Any) -> bool:
 
 def convert_record(raw: Any, layout: Layout, media: Media, out_dir: Path) -> dict:
     """One record of another format -> one InternVL jsonl record (conversation or preference pair).
-    Every check runs before an embedded image is written."""
+    Its checks run before an embedded image is written (the loader's, after, remove them again)."""
     if not isinstance(raw, dict):
         raise ConvertError("malformed", f"a record must be a JSON object, got {type(raw).__name__}")
     raw = {k: v for k, v in raw.items() if not _is_null(v)}  # a null column is an absent one (parquet rows have all)
@@ -621,7 +627,7 @@ def convert(
     out: Path,
     layout: Layout = Layout(),
     image_root: Path | None = None,
-    max_bad_fraction: float = 0.05,
+    max_reject_fraction: float = 0.05,
     min_records_before_abort: int = 200,
     max_dynamic_patch: int = 12,
     data_augment: bool = False,
@@ -635,8 +641,8 @@ def convert(
         raise ValueError(f"--out must be a .jsonl file, got {out}")
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
-    if not 0 <= max_bad_fraction <= 1:
-        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+    if not 0 <= max_reject_fraction <= 1:
+        raise ValueError(f"max_reject_fraction must be in [0, 1], got {max_reject_fraction}")
     files = [f for p in inputs for f in input_files(Path(p))]
     out.parent.mkdir(parents=True, exist_ok=True)
     read_meta_entries(out.parent / "meta.json")  # a damaged meta.json beside --out stops us now, not after the work
@@ -644,21 +650,34 @@ def convert(
     media = Media(Path("."), out.parent / f"{out.stem}_images")
     spec = DatasetSpec(name=out.stem, annotation=out, root=out_dir)
     rejects_path = out.with_name(out.stem + ".rejects.jsonl")
+    # a run that stops leaves an earlier output as it was, and so its rejects: its own go beside them
+    stopped_path = out.with_name(out.stem + ".stopped.rejects.jsonl") if out.exists() else rejects_path
     tmp = out.with_name(out.name + ".tmp")
+    rejects_tmp = out.with_name(f".{out.stem}.rejects.jsonl.tmp")
     stats = ConvertStats()
 
     def too_many() -> str:
-        return (f"{stats.bad} of {stats.records} records rejected, over --max_bad_fraction {max_bad_fraction:.1%}; "
-                f"each one is in {rejects_path}; nothing else was written\n{stats.format()}")
+        return (f"{stats.bad} of {stats.records} records rejected, over --max_reject_fraction {max_reject_fraction:.1%}; "
+                f"each one is in {stopped_path}; nothing else was written\n{stats.format()}")
 
     def over_limit(final: bool) -> bool:
         seen = stats.records
-        return (final or seen >= min_records_before_abort) and stats.bad > max_bad_fraction * seen
+        return (final or seen >= min_records_before_abort) and stats.bad > max_reject_fraction * seen
 
     def one(where: str, raw: Any) -> str:
-        """The output line of a record, or ConvertError."""
+        """The output line of a record, or ConvertError (the images it embedded removed again)."""
         if isinstance(raw, ConvertError):
             raise raw
+        created = len(media.created)
+        try:
+            return checked(where, raw)
+        except ConvertError:
+            for image in media.created[created:]:  # written by this record alone: content-addressed, new
+                image.unlink(missing_ok=True)
+            del media.created[created:]
+            raise
+
+    def checked(where: str, raw: Any) -> str:
         try:
             record = convert_record(raw, layout, media, out_dir)
             parse_record(record, spec, where)  # what nativevl's loader will read: its checks, now, by record
@@ -686,7 +705,7 @@ def convert(
             return json.dumps(entry)
 
     try:
-        with open(tmp, "w", encoding="utf-8") as f, open(rejects_path, "w", encoding="utf-8") as rejects:
+        with open(tmp, "w", encoding="utf-8") as f, open(rejects_tmp, "w", encoding="utf-8") as rejects:
             for path in files:
                 media.root = Path(image_root) if image_root is not None else path.parent  # each file's own folder
                 for where, raw in tqdm(read_records(path), total=count_records(path), desc=path.name, unit="rec"):
@@ -709,12 +728,17 @@ def convert(
         tmp.unlink(missing_ok=True)
         for image in media.created:  # embedded images of a run that wrote nothing
             image.unlink(missing_ok=True)
-        if not stats.bad:
-            rejects_path.unlink(missing_ok=True)
+        if stats.bad:
+            os.replace(rejects_tmp, stopped_path)
+        else:
+            rejects_tmp.unlink(missing_ok=True)
         raise
     stats.images_written = len(media.created)
     os.replace(tmp, out)
-    if not stats.bad:
-        rejects_path.unlink()
+    if stats.bad:
+        os.replace(rejects_tmp, rejects_path)
+    else:  # this output has no rejects (an earlier output's go with it)
+        rejects_tmp.unlink()
+        rejects_path.unlink(missing_ok=True)
     write_meta_entry(out, max_dynamic_patch=max_dynamic_patch, data_augment=data_augment)
     return stats

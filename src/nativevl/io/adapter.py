@@ -84,16 +84,21 @@ def adapter_contents(state: dict[str, torch.Tensor], loras: dict[str, tuple[int,
 
 def write_adapter(path: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
     """adapter_model.safetensors + adapter_config.json into `path` (a temporary folder renamed into place)."""
-    from nativevl.io.hf import _replace_dir
+    from nativevl.io.hf import _fsync_tree, _replace_dir
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    _replace_dir(tmp, path)
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        _fsync_tree(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
 
 

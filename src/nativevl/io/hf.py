@@ -516,7 +516,6 @@ def load_model(
         from nativevl.io.adapter import merge_adapter
 
         merge_adapter(model, adapter)
-    model.adapter_path = Path(adapter) if adapter is not None else None
     return model.eval()
 
 

@@ -102,7 +102,7 @@ def quantize_model(src: str | Path, dst: str | Path, scheme: str = "w4a16", grou
     GPTQ on the first `calib_records` records of the InternVL meta json `calib` (io/gptq.py), else by
     rounding to nearest. Returns {"layers", "bits", "group_size", "method", "rel_error"} (the weights'
     relative Frobenius error)."""
-    from nativevl.io.hf import _replace_dir, load_model, read_tensors, write_tensors
+    from nativevl.io.hf import _fsync_tree, _replace_dir, load_model, read_tensors, write_tensors
 
     if scheme not in SCHEMES:
         raise ValueError(f"scheme {scheme!r}: one of {sorted(SCHEMES)}")
@@ -129,28 +129,33 @@ def quantize_model(src: str | Path, dst: str | Path, scheme: str = "w4a16", grou
     tmp = dst.with_name(f".{dst.name}.quantizing")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model = load_model(src, dtype=torch.bfloat16)
-    model.save_pretrained(tmp, layout="hf", dtype=torch.bfloat16, max_shard_bytes=max_shard_bytes)
-    del model
-    tensors, _ = read_tensors(tmp)  # the bf16 checkpoint: quantized tensor by tensor from it
-    for f in [*tmp.glob("*.safetensors"), *tmp.glob("*.safetensors.index.json")]:
-        f.unlink()
-    err_num = err_den = 0.0
-    keys = [k for k in tensors if HF_LLM_LINEAR.match(k)]
-    for key in keys:
-        w = tensors.pop(key).float()
-        q, scale = picked[key] if key in picked else quantize_weight(w, bits, group)
-        err_num += float((dequantize_weight(q, scale) - w).pow(2).sum())
-        err_den += float(w.pow(2).sum())
-        base = key.removesuffix(".weight")
-        tensors[f"{base}.weight_packed"] = pack_int32(q, bits)
-        tensors[f"{base}.weight_scale"] = scale.to(torch.bfloat16)  # exact: scales are picked on bf16's grid
-        tensors[f"{base}.weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
-    write_tensors(tensors, tmp, max_shard_bytes)
-    config = json.loads((tmp / "config.json").read_text())
-    config["quantization_config"] = quantization_config(bits, group)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    _replace_dir(tmp, dst)
+    try:
+        model = load_model(src, dtype=torch.bfloat16)
+        model.save_pretrained(tmp, layout="hf", dtype=torch.bfloat16, max_shard_bytes=max_shard_bytes)
+        del model
+        tensors, _ = read_tensors(tmp)  # the bf16 checkpoint: quantized tensor by tensor from it
+        for f in [*tmp.glob("*.safetensors"), *tmp.glob("*.safetensors.index.json")]:
+            f.unlink()
+        err_num = err_den = 0.0
+        keys = [k for k in tensors if HF_LLM_LINEAR.match(k)]
+        for key in keys:
+            w = tensors.pop(key).float()
+            q, scale = picked[key] if key in picked else quantize_weight(w, bits, group)
+            err_num += float((dequantize_weight(q, scale) - w).pow(2).sum())
+            err_den += float(w.pow(2).sum())
+            base = key.removesuffix(".weight")
+            tensors[f"{base}.weight_packed"] = pack_int32(q, bits)
+            tensors[f"{base}.weight_scale"] = scale.to(torch.bfloat16)  # exact: scales are picked on bf16's grid
+            tensors[f"{base}.weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
+        write_tensors(tensors, tmp, max_shard_bytes)
+        config = json.loads((tmp / "config.json").read_text())
+        config["quantization_config"] = quantization_config(bits, group)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _fsync_tree(tmp)
+        _replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint is not left behind
+        raise
     return {"layers": len(keys), "bits": bits, "group_size": group, "method": "gptq" if picked else "round",
             "rel_error": math.sqrt(err_num / max(err_den, 1e-30))}
 

@@ -314,7 +314,7 @@ def train(
                 "tokens": n_tokens,
                 "tokens_total": tokens_total,
                 "tokens_per_s": n_tokens / elapsed,
-                "tokens_per_s_per_gpu": n_tokens / elapsed / world,  # per process: one device each
+                "tokens_per_s_per_device": n_tokens / elapsed / world,  # per process: one device each
                 "mfu": flops / elapsed / (peak * world) if peak else None,
                 "step_time_s": elapsed,
                 "data_wait_s": data_wait,

@@ -254,6 +254,11 @@ def _group(index: str, where: str) -> int:
         raise ValueError(f"{where}: circular evaluation needs integer indexes, got {index!r}") from None
 
 
+def _is_question(index: str) -> bool:
+    """A question's own row, not one of its rotations (index below 1,000,000)."""
+    return int(float(index)) < ROTATION
+
+
 def read_tsv(path: Path, limit: int | None, circular: bool = False) -> list[FileItem]:
     """The first `limit` rows (all with None), read in one pass that keeps those rows and, of the rows
     after them, only the images they share (`--n 100` of a 4 GB file holds 100 rows, not the file).
@@ -300,7 +305,7 @@ def _read_circular(path: Path, limit: int) -> list[FileItem]:
         for lineno, row in enumerate(reader, 2):
             index, image = str(row.get("index")), row.get("image")
             group = _group(index, f"{path}:{lineno}")
-            main = int(float(index)) < ROTATION
+            main = _is_question(index)
             keep = group in mains or (main and len(mains) < limit)
             if main and keep:
                 mains.add(group)
@@ -412,7 +417,7 @@ class FileTask:
             raise FileNotFoundError(f"evaluation file {self.path} does not exist")
         items = read_tsv(self.path, n, self.circular) if self.path.suffix == ".tsv" else read_jsonl(self.path, n)
         if self.circular:  # as VLMEvalKit: only rotations of a question the file holds are scored
-            questions = {_group(it.index, it.where) for it in items if int(float(it.index)) < ROTATION}
+            questions = {_group(it.index, it.where) for it in items if _is_question(it.index)}
             items = [it for it in items if _group(it.index, it.where) in questions]
         if not items:
             raise ValueError(f"{self.path}: no questions")
@@ -456,7 +461,7 @@ class FileTask:
         out = []
         for rows in self.groups(items):
             members = [records[i] for i in rows]
-            main = next((records[i] for i in rows if int(float(items[i].index)) < ROTATION), members[0])
+            main = next((records[i] for i in rows if _is_question(items[i].index)), members[0])
             out.append({"index": len(out), "question": "+".join(r["question"] for r in members),
                         "answer": main["answer"], "prediction": main["prediction"],
                         "correct": all(bool(r["correct"]) for r in members), "rows": members})
