@@ -139,3 +139,28 @@ def test_prm_objective_with_two_processes(tmp_path):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
         assert y["label_loss"] == pytest.approx(x["label_loss"], rel=1e-5)
         assert y["label_accuracy"] == x["label_accuracy"]
+
+
+def test_a_sharded_lora_run_writes_the_adapter_peft_applies(tmp_path):
+    """2 processes (FSDP2) training LoRA on the LLM and the MLP in full from a saved base: the gathered
+    final_adapter, read by PEFT onto transformers' model of the base, gives the merged final/'s logits."""
+    peft = pytest.importorskip("peft")
+    from transformers import InternVLForConditionalGeneration
+
+    launch(apply_overrides(recipe("debug_tiny"), ["--max_steps=1", *ARGS[1:]]), tmp_path / "base")
+    base_dir = tmp_path / "base" / "final"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nativevl",
+           "train", "debug_tiny", "--out", str(tmp_path / "two"), *ARGS, f"--init_from={base_dir}",
+           "--stage.llm.mode=lora", "--stage.llm.lora_rank=4", "--stage.llm.lora_dropout=0", "--stage.mlp.mode=full",
+           "--stage.vit.mode=frozen"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ids = torch.tensor([[3] + [VisionLanguageModel.from_pretrained(base_dir).config.image_token_id] * 4 + [4, 20, 30]])
+    pixels = torch.randn(1, 3, 56, 56)
+    run = lambda m: m(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).logits
+    with torch.no_grad():
+        merged = run(InternVLForConditionalGeneration.from_pretrained(tmp_path / "two" / "final").eval())
+        base = InternVLForConditionalGeneration.from_pretrained(base_dir).eval()
+        adapted = run(peft.PeftModel.from_pretrained(base, tmp_path / "two" / "final_adapter").eval())
+    assert (adapted - merged).abs().max().item() < 1e-4
