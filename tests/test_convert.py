@@ -318,3 +318,25 @@ def test_a_stopped_run_leaves_no_images_and_a_damaged_meta_is_not_overwritten(tm
     with pytest.raises(ValueError, match="meta.json: not valid JSON"):
         convert([tmp_path / "in.jsonl"], tmp_path / "out" / "d.jsonl")
     assert '"mine"' in (tmp_path / "out" / "meta.json").read_text()
+
+
+def test_a_held_out_share_for_validation(tmp_path):
+    """--val_fraction holds out records (the same ones every run) into OUT_val.jsonl, listed in
+    meta_val.json for `train --val_meta`; together with the training file they are every record once."""
+    from nativevl.data.records import load_meta
+
+    records = [{"id": i, "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]}
+               for i in range(400)]
+    write_jsonl(tmp_path / "in.jsonl", records)
+    out = tmp_path / "d" / "train.jsonl"
+    stats = convert([tmp_path / "in.jsonl"], out, val_fraction=0.1, seed=3)
+    train, val = read_jsonl(out), read_jsonl(tmp_path / "d" / "train_val.jsonl")
+    assert stats.held_out == len(val) and 20 < len(val) < 65 and len(train) + len(val) == 400
+    assert sorted(r["id"] for r in train + val) == list(range(400))
+    (spec,) = load_meta(tmp_path / "d" / "meta_val.json")
+    assert spec.name == "train_val" and [s.name for s in load_meta(tmp_path / "d" / "meta.json")] == ["train"]
+    first = (out.read_text(), (tmp_path / "d" / "train_val.jsonl").read_text())
+    convert([tmp_path / "in.jsonl"], out, val_fraction=0.1, seed=3, overwrite=True)
+    assert (out.read_text(), (tmp_path / "d" / "train_val.jsonl").read_text()) == first  # the same split
+    convert([tmp_path / "in.jsonl"], out, val_fraction=0.1, seed=4, overwrite=True)
+    assert out.read_text() != first[0]  # another seed, another split

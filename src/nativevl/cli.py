@@ -311,11 +311,14 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
         raise ValueError("give the data file(s) to convert, or --dataset_info FILE --dataset NAME")
     stats = convert(inputs, Path(args.out), layout, image_root=image_root, max_reject_fraction=args.max_reject_fraction,
                     max_dynamic_patch=args.max_dynamic_patch, data_augment=args.data_augment, overwrite=args.overwrite,
-                    examples=args.examples)
+                    examples=args.examples, val_fraction=args.val_fraction, seed=args.seed)
     print(stats.format())
     out = Path(args.out)
     print(f"written: {out} and {out.parent / 'meta.json'} (dataset {out.stem!r})"
           + (f"; refused records: {out.with_name(out.stem + '.rejects.jsonl')}" if stats.bad else ""))
+    if stats.held_out:
+        print(f"held out: {out.with_name(out.stem + '_val.jsonl')} in {out.parent / 'meta_val.json'} "
+              f"(nativevl train ... --val_meta {out.parent / 'meta_val.json'})")
     print(f"next: nativevl data validate {out.parent / 'meta.json'} --tokenizer MODEL_DIR (decodes every image, counts tokens)")
     return 0
 
@@ -603,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--data_augment", action="store_true", help="the meta entry's JPEG re-encoding in training")
     dc.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     dc.add_argument("--examples", type=int, default=3, help="examples shown per refused kind")
+    dc.add_argument("--val_fraction", type=float, default=0.0,
+                    help="share of the records held out to OUT_val.jsonl, listed in meta_val.json (for --val_meta)")
+    dc.add_argument("--seed", type=int, default=0, help="which records --val_fraction holds out")
     dc.set_defaults(func=cmd_data_convert)
     for name, helptext in (("preference", "sample N responses per question, verify them, write MPO preference pairs"),
                            ("prm", "label solution steps by Monte Carlo rollouts: PRM training conversations")):

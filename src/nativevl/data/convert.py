@@ -29,6 +29,7 @@ the whole file at the end), leaving no output but the rejects.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import logging
 import math
@@ -144,11 +145,13 @@ class ConvertStats(ValidationReport):
 
     kinds: ClassVar[tuple[str, ...]] = KINDS
     written: int = 0
+    held_out: int = 0  # of the written, those in the validation file
     pairs: int = 0
     images_written: int = 0
 
     def headline(self) -> str:
-        return (f"{self.records} records: {self.written} written ({self.pairs} preference pairs), {self.bad} refused "
+        val = f", {self.held_out} of them held out for validation" if self.held_out else ""
+        return (f"{self.records} records: {self.written} written ({self.pairs} preference pairs{val}), {self.bad} refused "
                 f"({self.bad / max(1, self.records):.1%}); {self.images_written} embedded image(s) written")
 
 
@@ -466,10 +469,19 @@ def convert(
     data_augment: bool = False,
     overwrite: bool = False,
     examples: int = 3,
+    val_fraction: float = 0.0,
+    seed: int = 0,
 ) -> ConvertStats:
     """Convert every record of `inputs` into `out` (InternVL jsonl) and add it to out's meta.json.
-    Rejected records go to out.rejects.jsonl (whole, with kind and reason)."""
+    Rejected records go to out.rejects.jsonl (whole, with kind and reason). With `val_fraction`, that
+    share of the written records (drawn by a hash of `seed` and the record's place in the input, so the
+    same every run) goes to OUT_val.jsonl instead, listed in meta_val.json beside it (`--val_meta`)."""
     out = Path(out)
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    val_out = out.with_name(out.stem + "_val.jsonl")
+    if val_fraction and val_out.exists() and not overwrite:
+        raise ValueError(f"{val_out} exists; pass --overwrite to replace it")
     if out.suffix != ".jsonl":
         raise ValueError(f"--out must be a .jsonl file, got {out}")
     if out.exists() and not overwrite:
@@ -486,6 +498,7 @@ def convert(
     # a run that stops leaves an earlier output as it was, and so its rejects: its own go beside them
     stopped_path = out.with_name(out.stem + ".stopped.rejects.jsonl") if out.exists() else rejects_path
     tmp = out.with_name(out.name + ".tmp")
+    val_tmp = val_out.with_name(val_out.name + ".tmp")
     rejects_tmp = out.with_name(f".{out.stem}.rejects.jsonl.tmp")
     stats = ConvertStats()
 
@@ -538,7 +551,8 @@ def convert(
             return json.dumps(entry)
 
     try:
-        with open(tmp, "w", encoding="utf-8") as f, open(rejects_tmp, "w", encoding="utf-8") as rejects:
+        with open(tmp, "w", encoding="utf-8") as f, open(rejects_tmp, "w", encoding="utf-8") as rejects, \
+                open(val_tmp, "w", encoding="utf-8") as fv:
             for path in files:
                 media.root = Path(image_root) if image_root is not None else path.parent  # each file's own folder
                 for where, raw in tqdm(read_records(path), total=count_records(path), desc=path.name, unit="rec"):
@@ -552,13 +566,18 @@ def convert(
                             raise ConversionAborted(too_many()) from None
                         continue
                     stats.written += 1
-                    f.write(line + "\n")
+                    if val_fraction and held_out(seed, stats.records, val_fraction):
+                        stats.held_out += 1
+                        fv.write(line + "\n")
+                    else:
+                        f.write(line + "\n")
         if stats.records == 0:
             raise ConversionAborted(f"{', '.join(map(str, files))}: no records")
         if over_limit(final=True):
             raise ConversionAborted(too_many())
     except BaseException:
         tmp.unlink(missing_ok=True)
+        val_tmp.unlink(missing_ok=True)
         for image in media.created:  # embedded images of a run that wrote nothing
             image.unlink(missing_ok=True)
         if stats.bad:
@@ -574,4 +593,16 @@ def convert(
         rejects_tmp.unlink()
         rejects_path.unlink(missing_ok=True)
     write_meta_entry(out, max_dynamic_patch=max_dynamic_patch, data_augment=data_augment)
+    if val_fraction:
+        os.replace(val_tmp, val_out)
+        write_meta_entry(val_out, max_dynamic_patch=max_dynamic_patch, meta_name="meta_val.json")
+    else:
+        val_tmp.unlink()
     return stats
+
+
+def held_out(seed: int, position: int, fraction: float) -> bool:
+    """Whether the record at `position` of the input goes to the validation set: a hash of (seed,
+    position) below `fraction`, so the split is the same every run and on every machine."""
+    digest = hashlib.sha256(f"{seed}:{position}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction

@@ -150,10 +150,11 @@ def read_meta_entries(path: Path) -> dict:
     return meta
 
 
-def write_meta_entry(jsonl: Path, max_dynamic_patch: int = 12, data_augment: bool = False) -> Path:
-    """Add (or replace) the dataset of `jsonl` in the meta.json beside it, named by its stem, with
-    paths relative to that folder; the other datasets listed there stay. Returns the meta path."""
-    path = jsonl.parent / "meta.json"
+def write_meta_entry(jsonl: Path, max_dynamic_patch: int = 12, data_augment: bool = False,
+                     meta_name: str = "meta.json") -> Path:
+    """Add (or replace) the dataset of `jsonl` in the meta file beside it (`meta_name`), named by its
+    stem, with paths relative to that folder; the other datasets listed there stay. Returns its path."""
+    path = jsonl.parent / meta_name
     meta = read_meta_entries(path)
     meta[jsonl.stem] = {"root": "", "annotation": jsonl.name, "max_dynamic_patch": max_dynamic_patch,
                         "data_augment": data_augment}
