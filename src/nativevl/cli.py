@@ -53,8 +53,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stats = quantize_model(args.src, args.dst, args.scheme, group_size=args.group_size or None,
                            max_shard_bytes=args.max_shard_size, calib=args.calib, calib_records=args.calib_records,
-                           calib_max_tokens=args.calib_max_tokens, device=args.device,
-                           memory_bytes=int(args.gptq_memory_gb * 2**30))
+                           calib_max_tokens=args.calib_max_tokens, device=args.device)
     group = f"groups of {stats['group_size']}" if stats["group_size"] else "one scale per output channel"
     how = "GPTQ on the calibration records" if stats["method"] == "gptq" else "rounded to nearest"
     print(f"quantized {stats['layers']} LLM linear layers of {args.src} to {stats['bits']} bits ({group}, {how}), "
@@ -560,8 +559,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="InternVL meta json of calibration data: GPTQ on its records (default: round to nearest)")
     q.add_argument("--calib_records", type=int, default=128, help="calibration records read from --calib")
     q.add_argument("--calib_max_tokens", type=int, default=4096, help="tokens per calibration pack")
-    q.add_argument("--gptq_memory_gb", type=float, default=8.0,
-                   help="GiB of layer-input statistics held at once (more layers per pass over the calibration data)")
     q.add_argument("--device", default=None, help="where GPTQ runs (default: cuda if available)")
     q.add_argument("--max_shard_size", type=parse_size, default=parse_size("5GB"))
     q.set_defaults(func=cmd_quantize)

@@ -2,10 +2,10 @@
 weights chosen column by column to minimise the error of its outputs on calibration inputs,
 ||X W^T - X Q^T||^2, rather than of its weights (round to nearest).
 
-The inputs' second moments H = X^T X are gathered with forward hooks while the full-precision model
-reads calibration records (images and text, through the training data pipeline); layers whose inputs
-are the same tensor (q/k/v, gate/up) share one H. Layers are taken in rounds that fit `memory_bytes` of
-H at a time, one pass over the calibration batches per round. Then, per layer: H + 1% of its mean
+The inputs' second moments H = X^T X are gathered with forward hooks while the model reads
+calibration records (images and text, through the training data pipeline), one decoder layer at a time
+with every earlier layer already quantized (each forward stops after the layer); layers whose inputs
+are the same tensor (q/k/v, gate/up) share one H. Then, per layer: H + 1% of its mean
 diagonal (damping), the upper Cholesky factor U of H^-1, and for each block of 128 columns, each
 column quantized (a group's scale set from the current weights when the group starts) and its error
 spread over the columns after it by U's row, the block's errors then over the rest (the paper's
@@ -19,7 +19,7 @@ import logging
 import torch
 from tqdm import tqdm
 
-from nativevl.io.quantize import bf16_scale
+from nativevl.io.quantize import bf16_scale, dequantize_weight
 
 log = logging.getLogger(__name__)
 
@@ -129,41 +129,32 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     return q.cpu(), scales.to("cpu", torch.float32)
 
 
-def hessian_rounds(shapes: dict[str, int], memory_bytes: int) -> list[list[str]]:
-    """Input keys (with their widths, in the model's order) cut into rounds whose float32 second moments
-    fit memory_bytes (float64 on the CPU takes twice that)."""
-    rounds: list[list[str]] = [[]]
-    used = 0
-    for key, width in shapes.items():
-        size = width * width * 4
-        if rounds[-1] and used + size > memory_bytes:
-            rounds.append([])
-            used = 0
-        rounds[-1].append(key)
-        used += size
-    return rounds
+def layer_of(weight_name: str) -> int:
+    """The decoder layer of an LLM weight name (language_model.layers.N....)."""
+    return int(weight_name.split(".")[2])
 
 
 def gptq_model_weights(model, batches: list, weights: dict[str, torch.Tensor], bits: int, group_size: int | None,
-                       device, memory_bytes: int = 8 * 2**30) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{our weight name: (int8 values, scales)} for `weights` (our names -> float weights), by GPTQ on
-    the inputs `model` sees over `batches`."""
-    widths = {}
-    for name, w in weights.items():
-        widths.setdefault(input_key(name), int(w.shape[1]))
-    rounds = hessian_rounds(widths, memory_bytes)
-    if len(rounds) > 1:
-        log.info("GPTQ: %d passes over the calibration data (second moments of %d inputs in %.1f GiB rounds)",
-                 len(rounds), len(widths), memory_bytes / 2**30)
+                       device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{our weight name: (int8 values, scales)} for `weights` (our names -> float weights, in the model's
+    order), by GPTQ, decoder layer after decoder layer: a layer's inputs are gathered from `model` with
+    every earlier layer already quantized (its weights replaced, in place, by their dequantized values),
+    as the reference implementation feeds each layer the quantized model's activations."""
+    params = dict(model.named_parameters())
+    by_layer: dict[int, list[str]] = {}
+    for name in weights:
+        by_layer.setdefault(layer_of(name), []).append(name)
     out = {}
     bar = tqdm(total=len(weights), desc="GPTQ", unit="layer")
-    for keys in rounds:
-        hessians = collect_hessians(model, batches, keys, device)
-        for name, w in weights.items():
-            key = input_key(name)
-            if key in hessians:
-                out[name] = gptq_quantize(w, hessians[key], bits, group_size, device=device)
+    for layer in sorted(by_layer):
+        names = by_layer[layer]
+        hessians = collect_hessians(model, batches, sorted({input_key(n) for n in names}), device)
+        chosen = {n: gptq_quantize(weights[n], hessians[input_key(n)], bits, group_size, device=device) for n in names}
+        with torch.no_grad():
+            for name, (q, scale) in chosen.items():
+                params[name].copy_(dequantize_weight(q, scale).to(params[name].device, params[name].dtype))
                 bar.update(1)
+        out.update(chosen)
         del hessians
     bar.close()
     return out

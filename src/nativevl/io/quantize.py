@@ -97,7 +97,7 @@ def quantization_config(bits: int, group_size: int | None) -> dict:
 
 def quantize_model(src: str | Path, dst: str | Path, scheme: str = "w4a16", group_size: int | None = 128,
                    max_shard_bytes: int = 5 * 2**30, calib: str | None = None, calib_records: int = 128,
-                   calib_max_tokens: int = 4096, device=None, memory_bytes: int = 8 * 2**30) -> dict:
+                   calib_max_tokens: int = 4096, device=None) -> dict:
     """Write `src` with its LLM linear weights quantized to `dst` (-hf layout, compressed-tensors): by
     GPTQ on the first `calib_records` records of the InternVL meta json `calib` (io/gptq.py), else by
     rounding to nearest. Returns {"layers", "bits", "group_size", "method", "rel_error"} (the weights'
@@ -122,7 +122,7 @@ def quantize_model(src: str | Path, dst: str | Path, scheme: str = "w4a16", grou
         runner = load_model(src, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
         batches = calibration_batches(runner, load_tokenizer(src), calib, calib_records, calib_max_tokens)
         weights = {k: v.detach() for k, v in runner.state_dict().items() if LLM_LINEAR.match(k)}
-        chosen = gptq_model_weights(runner.eval(), batches, weights, bits, group, device, memory_bytes)
+        chosen = gptq_model_weights(runner.eval(), batches, weights, bits, group, device)
         picked = {next(iter(keymap.to_hf({k: v}))): v for k, v in chosen.items()}
         del runner, batches, weights, chosen
     dst = Path(dst)
