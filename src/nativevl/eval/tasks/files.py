@@ -15,7 +15,8 @@ exactly one option). Open answers: equal after
 normalisation (case, punctuation, articles, spacing) to the answer or to any answer of a JSON / Python
 list of answers, numbers within 5% for ChartQA files (relaxed accuracy); files named as VLMEvalKit
 names DocVQA / InfoVQA are scored by ANLS, TextVQA / VQAv2 / OK-VQA by VQA accuracy (partial credit)
-and OCRBench by its answer-in-prediction rule, see `FileTask.metric`. Files VLMEvalKit evaluates
+OCRBench by its answer-in-prediction rule and MMMU's questions without options by theirs, see
+`FileTask.metric`. Prompts are those InternVL's VLMEvalKit model builds (`internvl_prompt`). Files VLMEvalKit evaluates
 circularly (names holding MMBench, CCBench, "circular" or MMCR) are scored as it scores them: the rows of one question with its options rotated
 (index i + k * 1,000,000 beside the original row i) form a group, right only when every rotation is
 answered right; `--n` counts such questions, each with all its rotations.
@@ -42,6 +43,12 @@ from nativevl.data.template import IMAGE_PLACEHOLDER
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 OPEN_INSTRUCTION = "Answer the question using a single word or phrase."
+# InternVL's VLMEvalKit prompts: Chinese questions get Chinese instructions; an MMMU question without
+# options is asked to be answered directly
+MC_INSTRUCTION_CN = "请直接回答选项字母。"
+DIRECT_INSTRUCTION, DIRECT_INSTRUCTION_CN = "Answer the question directly.", "请直接回答问题。"
+CHINESE = re.compile("[\u4e00-\u9fff]")
+IMAGE_TAG = re.compile(r"<image (\d)>")  # MMMU's references to the row's images, in the text
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 CIRCULAR_NAMES = ("mmbench", "ccbench", "circular", "mmcr")  # VLMEvalKit's rule for circular evaluation
 ROTATION = 1_000_000  # a rotated copy of question i has index i + k * ROTATION
@@ -357,19 +364,55 @@ def _tsv_item(path: Path, lineno: int, row: dict, shared: dict[str, str]) -> Fil
     if not _present(row["answer"]):
         raise ValueError(f"{where}: no answer to score against")
     if options:
-        question += "".join(f"\n{k}. {v}" for k, v in options.items()) + "\n" + MC_INSTRUCTION
+        question += "".join(f"\n{k}. {v}" for k, v in options.items())
+        question += "\n" + (MC_INSTRUCTION_CN if CHINESE.search(question) else MC_INSTRUCTION)
         answer = str(row["answer"]).strip().upper()
         if answer not in options:
             raise ValueError(f"{where}: the answer {row['answer']!r} is not one of the options {sorted(options)}")
     else:
-        question += "\n" + OPEN_INSTRUCTION
+        if "mmmu" in path.name.lower():
+            question += "\n" + (DIRECT_INSTRUCTION_CN if CHINESE.search(question) else DIRECT_INSTRUCTION)
+        else:
+            question += "\n" + OPEN_INSTRUCTION
         answer = str(row["answer"]).strip()
         if not normalize_answer(reference_answers(answer)[0]):
             raise ValueError(f"{where}: the answer {row['answer']!r} is empty once normalised")
     if IMAGE_PLACEHOLDER not in question:
-        question = f"{IMAGE_PLACEHOLDER}\n" * len(sources) + question
+        question, order = internvl_prompt(question, len(sources), where)
+        sources = [sources[i] for i in order]
     kind = next((str(row[c]) for c in ("category", "l2-category", "split") if _present(row.get(c))), "")
     return FileItem(question, answer, sources, kind, options, str(row.get("index", lineno - 2)), where)
+
+
+def internvl_prompt(text: str, n_images: int, where: str = "") -> tuple[str, list[int]]:
+    """The prompt InternVL's VLMEvalKit model builds for a question with its images (its
+    reorganize_prompt after VLMEvalKit's split_MMMU), and the images in the order it shows them.
+
+    One image: `<image>` and a newline before the text (an `<image k>` reference in the text is cut
+    out, the pieces joined by newlines). Several: `Image-1: <image>` ... one line per image before the
+    text, and each `<image k>` reference in the text becomes `<Image-i>` (i: its place among the
+    references, each showing image k); without references every image is shown, in order."""
+    parts = IMAGE_TAG.split(text)
+    texts, refs = parts[0::2], [int(k) - 1 for k in parts[1::2]]
+    if any(k >= n_images for k in refs):
+        raise ValueError(f"{where}: the question refers to <image {max(refs) + 1}> but the row has {n_images} image(s)")
+    order = refs if refs else list(range(n_images))
+    if not order:
+        return text, order
+    if len(order) == 1:
+        return f"{IMAGE_PLACEHOLDER}\n" + "\n".join(texts), order
+    body = texts[0] + "".join(f"<Image-{i + 1}>{t}" for i, t in enumerate(texts[1:])) if refs else (
+        "".join(f"<Image-{i + 1}>" for i in range(len(order))) + text)
+    head = "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(len(order)))
+    return head + body.replace("".join(f"<Image-{i + 1}>" for i in range(len(order))), ""), order
+
+
+def mmmu_open_correct(prediction: str, answer: str) -> bool:
+    """VLMEvalKit's MMMU rule for a question without options: it becomes "A. <answer> / B. Other
+    Answers", right when the answer's text is in the prediction and "Other Answers" is not (both
+    lower-cased)."""
+    text = prediction.lower()
+    return answer.strip().lower() in text and "other answers" not in text
 
 
 def read_jsonl(path: Path, limit: int | None) -> list[FileItem]:
@@ -431,10 +474,13 @@ class FileTask:
         """How open answers are scored, by VLMEvalKit's file names: "anls" (DocVQA, InfoVQA), "vqa"
         (TextVQA, VQAv2, OK-VQA: partial credit from the annotators' answers), "relaxed" (ChartQA: numbers
         within 5%), "ocrbench" (OCRBench.tsv: an answer found in the prediction, see `ocrbench_correct`),
+        "mmmu" (MMMU files' questions without options: `mmmu_open_correct`),
         else "exact" (normalised match with any listed answer). Multiple choice: right/wrong."""
         name = self.path.name.lower()
         if self.path.stem.lower() == "ocrbench":
             return "ocrbench"
+        if "mmmu" in name:
+            return "mmmu"
         for prefix, metric in (("docvqa", "anls"), ("infovqa", "anls"), ("textvqa", "vqa"), ("vqav2", "vqa"),
                                ("okvqa", "vqa"), ("ok-vqa", "vqa"), ("chartqa", "relaxed")):
             if name.startswith(prefix):
@@ -481,6 +527,8 @@ class FileTask:
             return vqa_accuracy(prediction, reference_answers(item.answer))
         if self.metric == "ocrbench":
             return ocrbench_correct(prediction, reference_answers(item.answer), item.kind)
+        if self.metric == "mmmu":
+            return mmmu_open_correct(prediction, item.answer)
         return open_answer_correct(prediction, item.answer, self.metric == "relaxed")
 
     def vote_key(self, prediction: str, item: FileItem):
