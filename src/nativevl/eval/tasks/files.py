@@ -14,11 +14,12 @@ options as `A. ...` lines): the prediction's option letter must equal the answer
 exactly one option). Open answers: equal after
 normalisation (case, punctuation, articles, spacing) to the answer or to any answer of a JSON / Python
 list of answers, numbers within 5% for ChartQA files (relaxed accuracy); files named as VLMEvalKit
-names DocVQA / InfoVQA are scored by ANLS, TextVQA / VQAv2 / OK-VQA by VQA accuracy (partial credit)
+names DocVQA / InfoVQA are scored by ANLS, TextVQA / VQAv2 / OK-VQA by VQA accuracy (partial credit),
 OCRBench by its answer-in-prediction rule and MMMU's questions without options by theirs, see
-`FileTask.metric`. Prompts are those InternVL's VLMEvalKit model builds (`internvl_prompt`). Files VLMEvalKit evaluates
-circularly (names holding MMBench, CCBench, "circular" or MMCR) are scored as it scores them: the rows of one question with its options rotated
-(index i + k * 1,000,000 beside the original row i) form a group, right only when every rotation is
+`FileTask.metric`. Prompts are those InternVL's VLMEvalKit model builds (`internvl_prompt`). Files
+VLMEvalKit evaluates circularly (names holding MMBench, CCBench, "circular" or MMCR) are scored as it
+scores them: the rows of one question with its options rotated (index i + k * 1,000,000 beside the
+original row i) form a group, right only when every rotation is
 answered right; `--n` counts such questions, each with all its rotations.
 """
 
