@@ -2,7 +2,7 @@
 # What weight-only quantization costs the demo's SFT model: W8A16 and W4A16 (groups of 128) rounded to
 # nearest, W4A16 by GPTQ on 128 records of the demo's own SFT data, each evaluated on the demo's held-out
 # questions (200 per family, seed 10000) and compared question by question with the full-precision model
-# (exact McNemar). Needs `make demo` first (DEMO=runs/demo); about 10 minutes on 2 CPU cores.
+# (exact McNemar). Needs `make demo` first (DEMO=runs/demo); about 2 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=${DEMO:-runs/demo}

@@ -340,3 +340,9 @@ def test_a_held_out_share_for_validation(tmp_path):
     assert (out.read_text(), (tmp_path / "d" / "train_val.jsonl").read_text()) == first  # the same split
     convert([tmp_path / "in.jsonl"], out, val_fraction=0.1, seed=4, overwrite=True)
     assert out.read_text() != first[0]  # another seed, another split
+    convert([tmp_path / "in.jsonl"], out, overwrite=True)  # no held-out share now: the old one would overlap
+    assert len(read_jsonl(out)) == 400 and not (tmp_path / "d" / "train_val.jsonl").exists()
+    assert not (tmp_path / "d" / "meta_val.json").exists()
+    write_jsonl(tmp_path / "few.jsonl", records[:3])
+    stats = convert([tmp_path / "few.jsonl"], tmp_path / "d" / "few.jsonl", val_fraction=0.05)
+    assert stats.held_out == 0 and not (tmp_path / "d" / "few_val.jsonl").exists()  # an empty set is not written

@@ -156,7 +156,7 @@ def test_bad_benchmark_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="c.tsv:2: the image is not a readable base64 picture"):
         get_task(str(tmp_path / "c.tsv")).load(5, 0)
     write_tsv(tmp_path / "e.tsv", [{"index": 0, "question": "q", "answer": "y", "image": "[not json"}])
-    with pytest.raises(ValueError, match="e.tsv:2: the image list is not valid JSON"):
+    with pytest.raises(ValueError, match="e.tsv:2: the image list is neither JSON nor a Python list"):
         get_task(str(tmp_path / "e.tsv")).load(5, 0)
     write_tsv(tmp_path / "f.tsv", [{"index": 0, "question": "q", "answer": "y", "image": "7"}])
     with pytest.raises(ValueError, match="f.tsv:2: the image names index 7, which is not a row with an image"):
@@ -400,34 +400,33 @@ def test_circular_files_edge_cases(tmp_path):
 
 
 def test_prompts_as_internvl_is_asked_in_vlmevalkit(tmp_path):
-    """Several images: `Image-k: <image>` lines first; MMMU's `<image k>` references put the images in
-    their order, as `<Image-i>` in the text (one image: cut out, the pieces joined by newlines); Chinese
+    """InternVL's VLMEvalKit model asks with its own prompt: several images as `Image-k: <image>` lines
+    in the row's order before the text, kept as written (MMMU's `<image k>` references too); Chinese
     questions get the Chinese instruction; an MMMU question without options is asked directly and
-    right when its answer is in the prediction."""
-    from nativevl.eval.tasks.files import FileTask, internvl_prompt
+    scored by VLMEvalKit's matching against "A. <answer> / B. Other Answers"."""
+    from nativevl.eval.tasks.files import FileTask, internvl_prompt, vlmevalkit_choice
 
-    assert internvl_prompt("What is it?", 1) == ("<image>\nWhat is it?", [0])
-    assert internvl_prompt("<image 1> What is it?", 1) == ("<image>\n\n What is it?", [0])
-    assert internvl_prompt("Which?", 2) == ("Image-1: <image>\nImage-2: <image>\nWhich?", [0, 1])
-    assert internvl_prompt("Is <image 2> bigger than <image 1>?", 2) == (
-        "Image-1: <image>\nImage-2: <image>\nIs <Image-1> bigger than <Image-2>?", [1, 0])
-    with pytest.raises(ValueError, match="refers to <image 3> but the row has 2"):
-        internvl_prompt("<image 3>", 2)
-
+    assert internvl_prompt("What is it?", 1) == "<image>\nWhat is it?"
+    assert internvl_prompt("Is <image 2> bigger?", 2) == "Image-1: <image>\nImage-2: <image>\nIs <image 2> bigger?"
     a, _ = png_b64(1)
     b, _ = png_b64(2)
     write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", [
         {"index": 1, "question": "Is <image 2> bigger than <image 1>?", "A": "yes", "B": "no", "answer": "A",
-         "image": json.dumps([a, b])},
+         "image": str([a, b])},  # a Python list, as pandas writes one
         {"index": 2, "question": "<image 1> How many degrees?", "A": NAN, "B": NAN, "answer": "14", "image": a},
         {"index": 3, "question": "图中有几只猫？", "A": "一", "B": "两", "answer": "B", "image": a},
     ])
     task = get_task(str(tmp_path / "MMMU_DEV_VAL.tsv"))
     mc, open_, cn = task.load(None, seed=0)
-    assert mc.question.startswith("Image-1: <image>\nImage-2: <image>\nIs <Image-1> bigger than <Image-2>?\nA. yes")
-    assert mc.sources == [b, a]  # shown in the order the text refers to them
-    assert open_.question == "<image>\n\n How many degrees?\nAnswer the question directly."
+    assert mc.question.startswith("Image-1: <image>\nImage-2: <image>\nIs <image 2> bigger than <image 1>?\nA. yes")
+    assert mc.sources == [a, b]
+    assert open_.question == "<image>\n<image 1> How many degrees?\nAnswer the question directly."
     assert cn.question.endswith("B. 两\n请直接回答选项字母。")
-    assert task.metric == "mmmu" and task.score("It is 14 degrees.", open_) and not task.score("13", open_)
-    assert not task.score("14, or other answers", open_) and task.score("(A)", mc)
-    assert isinstance(task, FileTask) and not FileTask("plain.tsv").score("It is 14 degrees.", open_)
+    # VLMEvalKit's matching: a letter among the last words, "answer is X", else the one option text held
+    # by a prediction at most twice the options' length; refusals read as Z
+    options = {"A": "14", "B": "Other Answers"}
+    predictions = ("14", "A", "12 A", "14 B", "The answer is B", "It is 14 degrees.",
+                   "a long explanation that ends by saying fourteen, i.e. 14", "Cannot determine the answer; 14")
+    assert [vlmevalkit_choice(p, options) for p in predictions] == ["A", "A", "A", "B", "B", "A", None, "Z"]
+    assert task.metric == "mmmu" and task.score("14 degrees", open_) and not task.score("13", open_)
+    assert task.score("(A)", mc) and not FileTask("plain.tsv").score("14 degrees", open_)

@@ -593,12 +593,32 @@ def convert(
         rejects_tmp.unlink()
         rejects_path.unlink(missing_ok=True)
     write_meta_entry(out, max_dynamic_patch=max_dynamic_patch, data_augment=data_augment)
-    if val_fraction:
+    if val_fraction and stats.held_out:
         os.replace(val_tmp, val_out)
         write_meta_entry(val_out, max_dynamic_patch=max_dynamic_patch, meta_name="meta_val.json")
+        if stats.held_out == stats.written:
+            log.warning("every record went to %s: %s holds none to train on", val_out, out)
     else:
         val_tmp.unlink()
+        if val_fraction:
+            log.warning("--val_fraction %s held out none of %d records: no validation set written", val_fraction,
+                        stats.written)
+        _drop_held_out(val_out)  # an earlier run's, which would now share records with `out`
     return stats
+
+
+def _drop_held_out(val_out: Path) -> None:
+    """Remove the held-out file an earlier run wrote beside this output (listed in its meta_val.json)."""
+    meta_path = val_out.parent / "meta_val.json"
+    meta = read_meta_entries(meta_path)
+    entry = meta.get(val_out.stem)
+    if isinstance(entry, dict) and entry.get("annotation") == val_out.name:
+        meta.pop(val_out.stem)
+        val_out.unlink(missing_ok=True)
+        if meta:
+            meta_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        else:
+            meta_path.unlink()
 
 
 def held_out(seed: int, position: int, fraction: float) -> bool:

@@ -103,7 +103,7 @@ def _task_settings(name: str, settings: dict, max_num: int) -> dict:
     from nativevl.eval.tasks.files import FileTask
 
     task = FileTask(name)  # how it is scored: a report scored another way (before circular scoring, say) is not reused
-    scoring = task.metric + ("/circular" if task.circular else "")
+    scoring = task.metric + ("/circular" if task.circular else "") + "; prompts v2"  # v2: InternVL's VLMEvalKit prompts
     return {**settings, "max_num": max_num, "file": folder_identity(path) if path.is_file() else None, "scoring": scoring}
 
 

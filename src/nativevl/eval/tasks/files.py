@@ -49,7 +49,6 @@ OPEN_INSTRUCTION = "Answer the question using a single word or phrase."
 MC_INSTRUCTION_CN = "请直接回答选项字母。"
 DIRECT_INSTRUCTION, DIRECT_INSTRUCTION_CN = "Answer the question directly.", "请直接回答问题。"
 CHINESE = re.compile("[\u4e00-\u9fff]")
-IMAGE_TAG = re.compile(r"<image (\d)>")  # MMMU's references to the row's images, in the text
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 CIRCULAR_NAMES = ("mmbench", "ccbench", "circular", "mmcr")  # VLMEvalKit's rule for circular evaluation
 ROTATION = 1_000_000  # a rotated copy of question i has index i + k * ROTATION
@@ -244,9 +243,12 @@ def _image_list(raw: str, where: str) -> list:
     try:
         values = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: the image list is not valid JSON ({e})") from None
+        try:  # VLMEvalKit reads the column with eval: TSVs written from pandas hold Python lists
+            values = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise ValueError(f"{where}: the image list is neither JSON nor a Python list ({e})") from None
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise ValueError(f"{where}: the image list must be a JSON list of strings")
+        raise ValueError(f"{where}: the image list must be a list of strings")
     return values
 
 
@@ -379,41 +381,59 @@ def _tsv_item(path: Path, lineno: int, row: dict, shared: dict[str, str]) -> Fil
         if not normalize_answer(reference_answers(answer)[0]):
             raise ValueError(f"{where}: the answer {row['answer']!r} is empty once normalised")
     if IMAGE_PLACEHOLDER not in question:
-        question, order = internvl_prompt(question, len(sources), where)
-        sources = [sources[i] for i in order]
+        question = internvl_prompt(question, len(sources))
     kind = next((str(row[c]) for c in ("category", "l2-category", "split") if _present(row.get(c))), "")
     return FileItem(question, answer, sources, kind, options, str(row.get("index", lineno - 2)), where)
 
 
-def internvl_prompt(text: str, n_images: int, where: str = "") -> tuple[str, list[int]]:
-    """The prompt InternVL's VLMEvalKit model builds for a question with its images (its
-    reorganize_prompt after VLMEvalKit's split_MMMU), and the images in the order it shows them.
+def internvl_prompt(text: str, n_images: int) -> str:
+    """The prompt InternVL's VLMEvalKit model builds (its own prompt for every multiple-choice and VQA
+    set, then reorganize_prompt): one image, `<image>` and a newline before the text; several,
+    `Image-1: <image>` ... one line per image, in the row's order, before the text, which is kept as
+    written (MMMU's `<image k>` references included)."""
+    if n_images == 0:
+        return text
+    if n_images == 1:
+        return f"{IMAGE_PLACEHOLDER}\n{text}"
+    return "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(n_images)) + text
 
-    One image: `<image>` and a newline before the text (an `<image k>` reference in the text is cut
-    out, the pieces joined by newlines). Several: `Image-1: <image>` ... one line per image before the
-    text, and each `<image k>` reference in the text becomes `<Image-i>` (i: its place among the
-    references, each showing image k); without references every image is shown, in order."""
-    parts = IMAGE_TAG.split(text)
-    texts, refs = parts[0::2], [int(k) - 1 for k in parts[1::2]]
-    if any(k >= n_images for k in refs):
-        raise ValueError(f"{where}: the question refers to <image {max(refs) + 1}> but the row has {n_images} image(s)")
-    order = refs if refs else list(range(n_images))
-    if not order:
-        return text, order
-    if len(order) == 1:
-        return f"{IMAGE_PLACEHOLDER}\n" + "\n".join(texts), order
-    body = texts[0] + "".join(f"<Image-{i + 1}>{t}" for i, t in enumerate(texts[1:])) if refs else (
-        "".join(f"<Image-{i + 1}>" for i in range(len(order))) + text)
-    head = "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(len(order)))
-    return head + body.replace("".join(f"<Image-{i + 1}>" for i in range(len(order))), ""), order
+
+# VLMEvalKit's rule-based answer matching (vlmeval/utils/matching_util.py can_infer, as of e8e78f0)
+_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+             "I'm sorry, but without the image provided", "Cannot determine the answer")
+_VERBOSE_ANSWER = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+
+
+def vlmevalkit_choice(prediction: str, choices: dict[str, str]) -> str | None:
+    """The option VLMEvalKit reads from a prediction without a judge model: one option letter among the
+    last words (punctuation as spaces; "Z" for a refusal), "answer is X", else the one option whose
+    text the prediction holds, if the prediction is at most twice the options' total length."""
+    if "Failed to obtain answer via API" not in prediction:
+        if any(r in prediction for r in _REFUSALS):
+            return "Z"
+        words = prediction
+        for c in ".()[],:;!*#{}":
+            words = words.replace(c, " ")
+        words = words.split()
+        present = [c for c in choices if c in words]
+        if len(present) == 1 and words.index(present[0]) > len(words) - 5:
+            return present[0]
+        if not present and words.count("Z") == 1:
+            return "Z"
+        m = _VERBOSE_ANSWER.search(prediction)
+        if m and m.group(1).upper() in choices:
+            return m.group(1).upper()
+    low = prediction.lower()
+    if len(low) > 2 * sum(len(v) for v in choices.values()):
+        return None
+    found = [k for k, v in choices.items() if v.lower() in low]
+    return found[0] if len(found) == 1 else None
 
 
 def mmmu_open_correct(prediction: str, answer: str) -> bool:
-    """VLMEvalKit's MMMU rule for a question without options: it becomes "A. <answer> / B. Other
-    Answers", right when the answer's text is in the prediction and "Other Answers" is not (both
-    lower-cased)."""
-    text = prediction.lower()
-    return answer.strip().lower() in text and "other answers" not in text
+    """VLMEvalKit's MMMU rule for a question without options: the question becomes "A. <answer>,
+    B. Other Answers" and is right when VLMEvalKit's matching reads A from the prediction."""
+    return vlmevalkit_choice(prediction, {"A": answer, "B": "Other Answers"}) == "A"
 
 
 def read_jsonl(path: Path, limit: int | None) -> list[FileItem]:
