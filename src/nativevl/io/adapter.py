@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -84,22 +83,12 @@ def adapter_contents(state: dict[str, torch.Tensor], loras: dict[str, tuple[int,
 
 def write_adapter(path: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
     """adapter_model.safetensors + adapter_config.json into `path` (a temporary folder renamed into place)."""
-    from nativevl.io.hf import _fsync_tree, _replace_dir
+    from nativevl.io.hf import staged_folder
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        _fsync_tree(tmp)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return Path(path)
 
 
 def _pattern_value(patterns: dict, module: str, default):

@@ -8,6 +8,7 @@ never leaves a half-written checkpoint where a complete one is expected.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -568,12 +569,7 @@ def save_model(
     tensors = keymap.to_hf(sd) if layout == "hf" else keymap.to_internvl(sd)
     config = config_to_hf(cfg) if layout == "hf" else config_to_internvl(cfg)
     config["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes a private folder; a checkpoint is for everyone
+    with staged_folder(path) as tmp:
         write_tensors(tensors, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {"eos_token_id": cfg.text.eos_token_id, "pad_token_id": cfg.text.pad_token_id}
@@ -598,6 +594,21 @@ def save_model(
             for name, content in _processor_files(cfg).items():
                 if not (tmp / name).exists():
                     (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def staged_folder(path: str | Path):
+    """A temporary folder beside `path` to write a checkpoint (or adapter) into: when the block ends
+    it is fsynced and renamed onto `path` (an old folder there removed only after the move); if the
+    block fails it is removed, and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes a private folder; a checkpoint is for everyone
+        yield tmp
         _fsync_tree(tmp)
         _replace_dir(tmp, path)
     except BaseException:

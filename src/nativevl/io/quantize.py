@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -102,7 +101,7 @@ def quantize_model(src: str | Path, dst: str | Path, scheme: str = "w4a16", grou
     GPTQ on the first `calib_records` records of the InternVL meta json `calib` (io/gptq.py), else by
     rounding to nearest. Returns {"layers", "bits", "group_size", "method", "rel_error"} (the weights'
     relative Frobenius error)."""
-    from nativevl.io.hf import _fsync_tree, _replace_dir, load_model, read_tensors, write_tensors
+    from nativevl.io.hf import load_model, read_tensors, staged_folder, write_tensors
 
     if scheme not in SCHEMES:
         raise ValueError(f"scheme {scheme!r}: one of {sorted(SCHEMES)}")
@@ -125,11 +124,7 @@ def quantize_model(src: str | Path, dst: str | Path, scheme: str = "w4a16", grou
         chosen = gptq_model_weights(runner.eval(), batches, weights, bits, group, device)
         picked = {next(iter(keymap.to_hf({k: v}))): v for k, v in chosen.items()}
         del runner, batches, weights, chosen
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.quantizing")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    with staged_folder(dst) as tmp:
         model = load_model(src, dtype=torch.bfloat16)
         model.save_pretrained(tmp, layout="hf", dtype=torch.bfloat16, max_shard_bytes=max_shard_bytes)
         del model
@@ -151,11 +146,6 @@ def quantize_model(src: str | Path, dst: str | Path, scheme: str = "w4a16", grou
         config = json.loads((tmp / "config.json").read_text())
         config["quantization_config"] = quantization_config(bits, group)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _fsync_tree(tmp)
-        _replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint is not left behind
-        raise
     return {"layers": len(keys), "bits": bits, "group_size": group, "method": "gptq" if picked else "round",
             "rel_error": math.sqrt(err_num / max(err_den, 1e-30))}
 
