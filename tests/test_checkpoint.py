@@ -312,13 +312,12 @@ def test_original_processor_file_is_not_carried_into_hf(hf_folder, tmp_path):
 def test_init_from_parts_mean_initialises_new_tokens_inside_a_padded_vocab(tmp_path):
     """Qwen2.5's embedding is padded past its tokenizer (151936 rows, 151665 tokens), so InternVL's nine
     tokens get ids inside it: their rows must still start at the mean of the real tokens' rows."""
+    from conftest import CORPUS
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     from nativevl.io.parts import init_from_parts
     from nativevl.io.tokenizer import INTERNVL_TOKENS
-
-    from conftest import CORPUS
 
     # the LLM folder: weights with padded rows, and its own tokenizer without InternVL's tokens
     base = Tokenizer(models.BPE())
@@ -408,3 +407,29 @@ def test_llm_part_untied_without_lm_head_is_named(tmp_path):
     save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lm_head.weight.*tie_word_embeddings"):
         load_llm(tmp_path)
+
+
+def test_a_save_removes_what_a_killed_save_left_and_keeps_the_old_folder_if_the_swap_fails(tmp_path, monkeypatch):
+    """Folders a process killed mid-save left beside the target (`.name.tmp-*`, `.name.old-*`) go at
+    the next save; if moving the new folder into place fails, the previous one is put back."""
+    import os
+
+    from nativevl.io import hf
+
+    target = tmp_path / "ckpt"
+    (tmp_path / ".ckpt.tmp-deadbeef").mkdir()
+    (tmp_path / ".ckpt.old-cafe").mkdir()
+    with hf.staged_folder(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    real = os.replace
+
+    def failing(src, dst):
+        if str(src).endswith(tuple("0123456789abcdef")) and ".tmp-" in str(src):
+            raise OSError("disk gone")
+        return real(src, dst)
+
+    monkeypatch.setattr(hf.os, "replace", failing)
+    with pytest.raises(OSError, match="disk gone"), hf.staged_folder(target) as tmp:
+        (tmp / "a.txt").write_text("2")
+    assert (target / "a.txt").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

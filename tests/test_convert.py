@@ -346,3 +346,10 @@ def test_a_held_out_share_for_validation(tmp_path):
     write_jsonl(tmp_path / "few.jsonl", records[:3])
     stats = convert([tmp_path / "few.jsonl"], tmp_path / "d" / "few.jsonl", val_fraction=0.05)
     assert stats.held_out == 0 and not (tmp_path / "d" / "few_val.jsonl").exists()  # an empty set is not written
+    # a held-out file of the user's own (listed with another root) is never touched by a fresh conversion
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / "train_val.jsonl").write_text("mine\n")
+    (tmp_path / "u" / "meta_val.json").write_text(json.dumps({"train_val": {"root": "/elsewhere/",
+                                                                           "annotation": "train_val.jsonl"}}))
+    convert([tmp_path / "in.jsonl"], tmp_path / "u" / "train.jsonl")
+    assert (tmp_path / "u" / "train_val.jsonl").read_text() == "mine\n"

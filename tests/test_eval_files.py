@@ -426,7 +426,8 @@ def test_prompts_as_internvl_is_asked_in_vlmevalkit(tmp_path):
     # by a prediction at most twice the options' length; refusals read as Z
     options = {"A": "14", "B": "Other Answers"}
     predictions = ("14", "A", "12 A", "14 B", "The answer is B", "It is 14 degrees.",
-                   "a long explanation that ends by saying fourteen, i.e. 14", "Cannot determine the answer; 14")
-    assert [vlmevalkit_choice(p, options) for p in predictions] == ["A", "A", "A", "B", "B", "A", None, "Z"]
+                   "a long explanation that ends by saying fourteen, i.e. 14", "Cannot determine the answer; 14",
+                   "Z Z 14")
+    assert [vlmevalkit_choice(p, options) for p in predictions] == ["A", "A", "A", "B", "B", "A", None, "Z", "Z"]
     assert task.metric == "mmmu" and task.score("14 degrees", open_) and not task.score("13", open_)
     assert task.score("(A)", mc) and not FileTask("plain.tsv").score("14 degrees", open_)

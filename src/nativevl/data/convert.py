@@ -490,7 +490,9 @@ def convert(
         raise ValueError(f"max_reject_fraction must be in [0, 1], got {max_reject_fraction}")
     files = [f for p in inputs for f in input_files(Path(p))]
     out.parent.mkdir(parents=True, exist_ok=True)
-    read_meta_entries(out.parent / "meta.json")  # a damaged meta.json beside --out stops us now, not after the work
+    for meta_name in ("meta.json", "meta_val.json"):  # a damaged meta file beside --out: now, not after the work
+        read_meta_entries(out.parent / meta_name)
+    replacing = out.exists()  # an earlier output (--overwrite), whose held-out file may have to go
     out_dir = Path(os.path.abspath(out.parent))
     media = Media(Path("."), out.parent / f"{out.stem}_images")
     spec = DatasetSpec(name=out.stem, annotation=out, root=out_dir)
@@ -603,7 +605,8 @@ def convert(
         if val_fraction:
             log.warning("--val_fraction %s held out none of %d records: no validation set written", val_fraction,
                         stats.written)
-        _drop_held_out(val_out)  # an earlier run's, which would now share records with `out`
+        if replacing:
+            _drop_held_out(val_out)  # the earlier run's, which would now share records with `out`
     return stats
 
 
@@ -612,11 +615,13 @@ def _drop_held_out(val_out: Path) -> None:
     meta_path = val_out.parent / "meta_val.json"
     meta = read_meta_entries(meta_path)
     entry = meta.get(val_out.stem)
-    if isinstance(entry, dict) and entry.get("annotation") == val_out.name:
+    if isinstance(entry, dict) and entry.get("annotation") == val_out.name and entry.get("root") == "":
         meta.pop(val_out.stem)
         val_out.unlink(missing_ok=True)
         if meta:
-            meta_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+            tmp = meta_path.with_name(meta_path.name + ".tmp")
+            tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+            os.replace(tmp, meta_path)
         else:
             meta_path.unlink()
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -603,11 +603,12 @@ def staged_folder(path: str | Path):
     block fails it is removed, and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    for stale in (*path.parent.glob(glob.escape(f".{path.name}.tmp-") + "*"),
+                  *path.parent.glob(glob.escape(f".{path.name}.old-") + "*")):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while writing this folder
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()  # the umask's mode, as any folder the user makes (a checkpoint is for everyone)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes a private folder; a checkpoint is for everyone
         yield tmp
         _fsync_tree(tmp)
         _replace_dir(tmp, path)
@@ -668,6 +669,11 @@ def _replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex}")
         os.replace(dst, old)
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:  # the previous folder goes back in place
+            os.replace(old, dst)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

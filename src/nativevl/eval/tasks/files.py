@@ -418,7 +418,7 @@ def vlmevalkit_choice(prediction: str, choices: dict[str, str]) -> str | None:
         present = [c for c in choices if c in words]
         if len(present) == 1 and words.index(present[0]) > len(words) - 5:
             return present[0]
-        if not present and words.count("Z") == 1:
+        if not present and "Z" in words:
             return "Z"
         m = _VERBOSE_ANSWER.search(prediction)
         if m and m.group(1).upper() in choices:
@@ -432,8 +432,10 @@ def vlmevalkit_choice(prediction: str, choices: dict[str, str]) -> str | None:
 
 def mmmu_open_correct(prediction: str, answer: str) -> bool:
     """VLMEvalKit's MMMU rule for a question without options: the question becomes "A. <answer>,
-    B. Other Answers" and is right when VLMEvalKit's matching reads A from the prediction."""
-    return vlmevalkit_choice(prediction, {"A": answer, "B": "Other Answers"}) == "A"
+    B. Other Answers" and is right when VLMEvalKit's matching reads A from the prediction (or reads
+    the answer itself when that is one capital letter: its answer map keeps such answers)."""
+    target = answer if len(answer) == 1 and answer in LETTERS else "A"
+    return vlmevalkit_choice(prediction, {"A": answer, "B": "Other Answers"}) == target
 
 
 def read_jsonl(path: Path, limit: int | None) -> list[FileItem]:
