@@ -431,3 +431,29 @@ def test_prompts_as_internvl_is_asked_in_vlmevalkit(tmp_path):
     assert [vlmevalkit_choice(p, options) for p in predictions] == ["A", "A", "A", "B", "B", "A", None, "Z", "Z"]
     assert task.metric == "mmmu" and task.score("14 degrees", open_) and not task.score("13", open_)
     assert task.score("(A)", mc) and not FileTask("plain.tsv").score("14 degrees", open_)
+
+
+def test_files_are_tiled_as_internvl_tiles_them_in_vlmevalkit(tmp_path):
+    """Without --max_num each image gets InternVL's VLMEvalKit setting for the file (12 for MMMU or
+    ChartQA_TEST, 18 for DocVQA, 24 for InfoVQA or OCRBench, else 6; 64 at most over a question) and
+    MMMU's first image is enlarged twice; --max_num N is N tiles shared by a question's images."""
+    from nativevl.data.images import tiles_per_image
+    from nativevl.eval.runner import _task_settings
+    from nativevl.eval.tasks.files import FileTask
+
+    caps = {name: [FileTask(name).tile_cap(n) for n in (1, 2, 10)]
+            for name in ("MMMU_DEV_VAL.tsv", "DocVQA_VAL.tsv", "OCRBench.tsv", "MMBench_DEV_EN.tsv")}
+    assert caps == {"MMMU_DEV_VAL.tsv": [12, 12, 6], "DocVQA_VAL.tsv": [18, 18, 6], "OCRBench.tsv": [24, 24, 6],
+                    "MMBench_DEV_EN.tsv": [6, 6, 6]}
+    assert [FileTask("MMBench_DEV_EN.tsv", 6).tile_cap(n) for n in (1, 2)] == [6, tiles_per_image(6, 2)]
+    a, _ = png_b64(1, size=(40, 24))
+    b, _ = png_b64(2, size=(30, 20))
+    write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", [{"index": 1, "question": "Same?", "A": "yes", "B": "no", "answer": "A",
+                                               "image": json.dumps([a, b])}])
+    (item,) = get_task(str(tmp_path / "MMMU_DEV_VAL.tsv")).load(None, seed=0)
+    _, images = FileTask(str(tmp_path / "MMMU_DEV_VAL.tsv")).prompt(item)
+    assert [im.size for im in images] == [(80, 48), (30, 20)]
+    _, images = FileTask(str(tmp_path / "MMMU_DEV_VAL.tsv"), max_num=6).prompt(item)
+    assert [im.size for im in images] == [(40, 24), (30, 20)]
+    settings = _task_settings(str(tmp_path / "MMMU_DEV_VAL.tsv"), {}, None)
+    assert settings["max_num"] == "vlmevalkit (12 per image)"

@@ -466,8 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", default="shapes,reading,charts,arithmetic,multi_image,text",
                    help="comma-separated: toy-world families, and benchmark files (VLMEvalKit .tsv: MMBench, "
                         "MMStar, AI2D, TextVQA, ...; InternVL conversation .jsonl: a custom set)")
-    e.add_argument("--max_num", type=int, default=6,
-                   help="tiles per question for benchmark files, shared by its images (as chat/serve); toy tasks use 1")
+    e.add_argument("--max_num", type=int, default=None,
+                   help="tiles per question for benchmark files, shared by its images (as chat/serve); default: as "
+                        "InternVL's VLMEvalKit model tiles each file (6-24 per image by its name, 64 at most); "
+                        "toy tasks use 1")
     # --num_questions: under torchrun, whose own parser takes --n for an abbreviation of its --nnodes ...
     e.add_argument("--n", "--num_questions", dest="n", type=int, default=None,
                    help="questions per task (default: 200 of each toy task, every question of a benchmark file); "

@@ -93,7 +93,7 @@ def folder_identity(path: str | Path) -> str:
     return f"{path} ({h.hexdigest()[:12]})"
 
 
-def _task_settings(name: str, settings: dict, max_num: int) -> dict:
+def _task_settings(name: str, settings: dict, max_num: int | None) -> dict:
     """A task's settings in the report, with the n it was asked (a toy task's 200 when n is None, so a
     report made with `--n 200` resumes without it); an evaluation file's also hold the tiles per question
     and the file's identity (an edited file is another set of questions)."""
@@ -102,12 +102,13 @@ def _task_settings(name: str, settings: dict, max_num: int) -> dict:
         return {**settings, "n": settings["n"] if settings["n"] is not None else DEFAULT_N}
     from nativevl.eval.tasks.files import FileTask
 
-    task = FileTask(name)  # how it is scored: a report scored another way (before circular scoring, say) is not reused
+    task = FileTask(name, max_num)  # how it is scored: a report scored another way (before circular scoring, say) is not reused
     scoring = task.metric + ("/circular" if task.circular else "") + "; prompts v2"  # v2: InternVL's VLMEvalKit prompts
-    return {**settings, "max_num": max_num, "file": folder_identity(path) if path.is_file() else None, "scoring": scoring}
+    tiles = max_num if max_num is not None else f"vlmevalkit ({task.vlmevalkit_max_num} per image)"
+    return {**settings, "max_num": tiles, "file": folder_identity(path) if path.is_file() else None, "scoring": scoring}
 
 
-def _reusable(previous: dict | None, settings: dict, max_num: int = 6) -> dict:
+def _reusable(previous: dict | None, settings: dict, max_num: int | None = None) -> dict:
     """The tasks of an earlier report made with exactly these settings (model and tokenizer identity,
     n, seed, ...), for resuming; none when the model is unnamed (nothing says it is the same one)."""
     if not isinstance(previous, dict) or settings.get("model") is None:
@@ -123,7 +124,7 @@ def _resumed(reusable: dict, tasks: list[str]) -> dict:
     return {name: entry for name, entry in reusable.items() if name not in tasks}
 
 
-def _resolve(tasks: list[str], max_num: int) -> list:
+def _resolve(tasks: list[str], max_num: int | None) -> list:
     """Every task, checked before any runs (an unknown name used to stop the run after the tasks before
     it had been generated for; an empty list wrote an empty report)."""
     if not tasks:
@@ -170,18 +171,23 @@ class LazyPrompts(Sequence):
         return self.task.prompt(self.items[i])
 
 
+def _tiles(max_num, n_images: int) -> int:
+    """Tiles per image: a task's tile_cap(n_images), or max_num tiles shared by the images."""
+    return max_num(n_images) if callable(max_num) else tiles_per_image(max_num, n_images)
+
+
 @torch.no_grad()
 def predict(model, tokenizer, prompts: Sequence[tuple[list[dict], list]], *, max_new_tokens: int, batch_size: int,
-            system_message: str | None, desc: str = "", max_num: int = 1) -> list[str]:
+            system_message: str | None, desc: str = "", max_num=1) -> list[str]:
     """Greedy answers for (messages, images) prompts, `batch_size` at a time (left padding); up to
-    `max_num` tiles per prompt, shared by its images; tiled batch by batch (4,000 questions at 7 tiles
-    would be ~67 GB at once)."""
+    `max_num` tiles per prompt, shared by its images (or `max_num(n_images)` tiles per image, a task's
+    `tile_cap`); tiled batch by batch (4,000 questions at 7 tiles would be ~67 GB at once)."""
     cfg = model.config
     answers: list[str] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         rows = [chat_inputs(tokenizer, messages, images, image_size=cfg.vision.image_size,
                             image_seq_length=cfg.image_seq_length, system_message=system_message,
-                            max_num=tiles_per_image(max_num, len(images)))
+                            max_num=_tiles(max_num, len(images)))
                 for messages, images in prompts[start : start + batch_size]]
         answers += generate_texts(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                   progress=False)
@@ -190,7 +196,8 @@ def predict(model, tokenizer, prompts: Sequence[tuple[list[dict], list]], *, max
 
 def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: int = 10_000, batch_size: int = 16,
              system_message: str | None = None, rank: int = 0, world_size: int = 1, predictor=None,
-             model_name: str | None = None, previous: dict | None = None, on_task=None, max_num: int = 6) -> dict:
+             model_name: str | None = None, previous: dict | None = None, on_task=None,
+             max_num: int | None = None) -> dict:
     """{task: {accuracy, n, correct, chance, ci95, examples, records, settings}}; every rank scores items
     i % world == rank.
 
@@ -221,7 +228,7 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
         else:
             predictions = predict(model, tokenizer, LazyPrompts(task, mine), max_new_tokens=task.max_new_tokens,
                                   batch_size=batch_size, system_message=system_message, desc=name,
-                                  max_num=getattr(task, "max_num", 1))
+                                  max_num=getattr(task, "tile_cap", getattr(task, "max_num", 1)))
         binary = getattr(task, "binary", True)
         # right / wrong, or partial credit in [0, 1] (ANLS, VQA accuracy): the mean is the task's score
         correct = [bool(c) if binary else float(c) for c in (task.score(p, it) for p, it in zip(predictions, mine))]
@@ -272,7 +279,8 @@ def _scored(k: int, n: int) -> dict:
 def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: int = 10_000, samples: int = 8,
                        prm=None, temperature: float = 0.7, top_k: int = 0, system_message: str | None = None,
                        max_batch_size: int = 64, model_name: str | None = None, prm_name: str | None = None,
-                       previous: dict | None = None, on_task=None, prm_max_steps: int = 12, max_num: int = 6) -> dict:
+                       previous: dict | None = None, on_task=None, prm_max_steps: int = 12,
+                       max_num: int | None = None) -> dict:
     """Test-time scaling on each task: greedy pass@1, the mean accuracy of single samples, majority
     vote of `samples`, and (with a PRM) Best-of-N by PRM score and by outcome score. Every question's
     samples come from one prefill (the engine clones it) with seed (seed + question index).
@@ -318,7 +326,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 10
             asked = [task.prompt(it) for it in chunk]
             prompts = [chat_inputs(tokenizer, msgs, images, image_size=cfg.vision.image_size,
                                    image_seq_length=cfg.image_seq_length, system_message=system_message,
-                                   max_num=tiles_per_image(getattr(task, "max_num", 1), len(images)))
+                                   max_num=_tiles(getattr(task, "tile_cap", getattr(task, "max_num", 1)), len(images)))
                        for msgs, images in asked]
             longest = max(len(ids) for ids, _ in prompts) + task.max_new_tokens + 1
             if engine is None or longest > engine.max_seq_len:  # one engine while the prompts fit its cache

@@ -10,16 +10,17 @@ from nativevl.eval.tasks.toyworld import ToyWorldTask
 FILE_SUFFIXES = (".tsv", ".jsonl")
 
 
-def get_task(name: str, max_num: int = 6):
-    """A toy-world family, or an evaluation file (`max_num`: tiles per image for files; the toy tasks
-    are asked with one tile, as they are trained)."""
+def get_task(name: str, max_num: int | None = None):
+    """A toy-world family, or an evaluation file (`max_num`: tiles per question for files, shared by its
+    images; None: as InternVL's VLMEvalKit model tiles that file; the toy tasks are asked with one
+    tile, as they are trained)."""
     if name in FAMILIES:
         return ToyWorldTask(name)
     if Path(name).suffix in FILE_SUFFIXES:
         if not Path(name).is_file():
             raise FileNotFoundError(f"evaluation file {name} does not exist")
-        if max_num < 1:
-            raise ValueError(f"max_num must be >= 1 tile per image, got {max_num}")
+        if max_num is not None and max_num < 1:
+            raise ValueError(f"max_num must be >= 1 tile, got {max_num}")
         return FileTask(name, max_num)
     raise ValueError(f"unknown task {name!r}; known: {sorted(FAMILIES)}, or a benchmark file "
                      f"({', '.join(FILE_SUFFIXES)})")

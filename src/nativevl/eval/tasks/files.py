@@ -39,7 +39,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from nativevl.data.images import load_image
+from nativevl.data.images import load_image, tiles_per_image
 from nativevl.data.template import IMAGE_PLACEHOLDER
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -52,6 +52,13 @@ CHINESE = re.compile("[\u4e00-\u9fff]")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 CIRCULAR_NAMES = ("mmbench", "ccbench", "circular", "mmcr")  # VLMEvalKit's rule for circular evaluation
 ROTATION = 1_000_000  # a rotated copy of question i has index i + k * ROTATION
+# InternVL's VLMEvalKit model: tiles per image by the set's name (else 6), 64 at most over a question
+VLMEVALKIT_MAX_NUM = (
+    (12, ("ChartQA_TEST", "MMMU_DEV_VAL", "MMMU_TEST", "MME-RealWorld", "VCR_EN", "VCR_ZH", "OCRVQA", "BMMR")),
+    (18, ("DocVQA_VAL", "DocVQA_TEST", "DUDE", "MMLongBench_DOC", "SLIDEVQA")),
+    (24, ("InfoVQA_VAL", "InfoVQA_TEST", "OCRBench", "HRBench4K", "HRBench8K")),
+)
+VLMEVALKIT_TOTAL_TILES = 64
 # what pandas (and so VLMEvalKit) reads as a missing value: an option spelled "None" is missing there too
 _MISSING = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
             "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
@@ -461,11 +468,27 @@ def read_jsonl(path: Path, limit: int | None) -> list[FileItem]:
 
 @dataclass(frozen=True)
 class FileTask:
-    """An evaluation set from a file; `max_num` tiles per question (dynamic resolution, shared by its
-    images as InternVL's evaluations and `nativevl chat` share them: 6 by default)."""
+    """An evaluation set from a file, tiled as `tile_cap` says: up to `max_num` tiles per question
+    shared by its images (as `nativevl chat` shares them), or, with max_num None, as InternVL's
+    VLMEvalKit model tiles this file."""
 
     name: str
-    max_num: int = 6
+    max_num: int | None = None
+
+    @property
+    def vlmevalkit_max_num(self) -> int:
+        """InternVL's VLMEvalKit model's tiles per image for this file, by its name (its set_max_num)."""
+        for tiles, names in VLMEVALKIT_MAX_NUM:
+            if any(n in self.path.stem for n in names):
+                return tiles
+        return 6
+
+    def tile_cap(self, n_images: int) -> int:
+        """Tiles per image of a question with `n_images` images: `max_num` shared by them, or without
+        it InternVL's VLMEvalKit setting for this file for each image, at most 64 over all of them."""
+        if self.max_num is not None:
+            return tiles_per_image(self.max_num, n_images)
+        return max(1, min(self.vlmevalkit_max_num, VLMEVALKIT_TOTAL_TILES // max(n_images, 1)))
 
     @property
     def path(self) -> Path:
@@ -490,7 +513,12 @@ class FileTask:
         return items
 
     def prompt(self, item: FileItem) -> tuple[list[dict[str, str]], list]:
-        return [{"role": "user", "content": item.question}], item.images
+        images = item.images
+        if self.max_num is None and "mmmu" in self.path.name.lower() and images:
+            # InternVL's VLMEvalKit model enlarges MMMU's first image twice (bilinear) before tiling it
+            first = images[0]
+            images = [first.resize((first.width * 2, first.height * 2), Image.BILINEAR), *images[1:]]
+        return [{"role": "user", "content": item.question}], images
 
     @property
     def metric(self) -> str:
