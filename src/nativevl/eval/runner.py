@@ -206,7 +206,8 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
     identity of the model and tokenizer that the caller makes, n, seed, system message) are taken as
     they are, those this run does not ask for included; `on_task(report)` is called after every task
     (the CLI writes the report there, so an interrupted run keeps its finished tasks). Tasks are toy-world
-    families or evaluation files (`eval/tasks/files.py`), whose images are tiled into up to `max_num` tiles.
+    families or evaluation files (`eval/tasks/files.py`), tiled as `FileTask.tile_cap` says (`max_num`
+    tiles per question shared by its images, or with None as InternVL's VLMEvalKit model tiles the file).
     """
     if n is not None and n < 1:
         raise ValueError(f"n must be >= 1 question per task, got {n}")
