@@ -276,7 +276,7 @@ def test_inputs_found_in_the_wild(tmp_path, media):
         {"messages": conv("q\ud83d"), "images": []},  # a lone surrogate (escaped in the file)
         {"query": "q", "response": "r", "history": "{[1]: 2}"},
         {"messages": conv("<image>q"), "images": [{"bytes": 5}]},
-        {"messages": conv("<ref-object><bbox>"), "objects": {"ref": ["cat"], "bbox": [[0, 0, 1, 1]]}},
+        {"messages": conv("q"), "audios": ["a.wav"]},
         {"system": "S", "messages": conv("q"), "rejected_messages": [conv("q")[0], {"role": "assistant", "content": "y"}]},
     ]))
     (media / "cols.json").write_text(json.dumps({"query": ["a?", "b?"], "response": ["a", "b"]}))  # columns
@@ -295,7 +295,7 @@ def test_inputs_found_in_the_wild(tmp_path, media):
     assert records[6]["image"] == "../src/imgs/a.png"  # its own folder's image, not the first input's
     reasons = [r["error"] for r in read_jsonl(out.with_name("all.rejects.jsonl"))]
     assert "lone UTF-16 surrogate" in reasons[0] and "history" in reasons[1] and "bytes" in reasons[2]
-    assert "grounding" in reasons[3]
+    assert "audio" in reasons[3]
 
 
 def test_a_stopped_run_leaves_no_images_and_a_damaged_meta_is_not_overwritten(tmp_path):
@@ -353,3 +353,29 @@ def test_a_held_out_share_for_validation(tmp_path):
                                                                            "annotation": "train_val.jsonl"}}))
     convert([tmp_path / "in.jsonl"], tmp_path / "u" / "train.jsonl")
     assert (tmp_path / "u" / "train_val.jsonl").read_text() == "mine\n"
+
+
+def test_ms_swift_grounding_becomes_internvls_ref_and_box(tmp_path, media):
+    """ms-swift's <ref-object> / <bbox> tags with `objects` become InternVL's <ref>name</ref> and
+    <box>[[x1, y1, x2, y2]]</box> on a 0-1000 grid of the box's image, from pixels or from 0-1, in order
+    over every turn, as ms-swift's InternVL template writes them."""
+    Image.new("RGB", (40, 30)).save(media / "imgs" / "c.png")
+    ask = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    write_jsonl(media / "g.jsonl", [
+        {"messages": ask("<image>Find <ref-object>", "<bbox>"), "images": ["imgs/c.png"],
+         "objects": {"ref": ["cat"], "bbox": [[10, 10, 40, 30]]}},
+        {"messages": ask("<image><image>What is at <bbox>?", "<ref-object>"), "images": ["imgs/a.png", "imgs/c.png"],
+         "objects": {"ref": ["dog"], "bbox": [[0.1, 0.2, 0.5, 0.6]], "bbox_type": "norm1", "image_id": [1]}},
+        {"messages": ask("<image>Find <ref-object> and <ref-object>", "<bbox>"), "images": ["imgs/c.png"],
+         "objects": {"ref": ["cat"], "bbox": [[1, 2, 3, 4]]}},  # two names asked, one given
+        {"messages": ask("<image>Find <ref-object>", "<bbox>"), "images": ["imgs/c.png"],
+         "objects": {"ref": ["cat"], "bbox": [[1, 2, 3, 4]], "image_id": [3]}},
+    ])
+    out = tmp_path / "g" / "g.jsonl"
+    stats = convert([media / "g.jsonl"], out, max_reject_fraction=0.9)
+    assert stats.counts == {"placeholder_mismatch": 1, "malformed": 1}
+    first, second = read_jsonl(out)
+    assert [t["value"] for t in first["conversations"]] == ["<image>Find <ref>cat</ref>",
+                                                            "<box>[[250, 333, 1000, 1000]]</box>"]
+    assert [t["value"] for t in second["conversations"]] == ["<image><image>What is at <box>[[100, 200, 500, 600]]</box>?",
+                                                             "<ref>dog</ref>"]

@@ -19,10 +19,10 @@ each (by content hash) beside the output. Placeholders are made explicit: images
 any user turn get `<image>\\n` each before the first one (InternVL's and ms-swift's rule), so the output
 reads the same in InternVL's own trainer; any other count that differs from the images is an error.
 
-What nativevl cannot train on is refused by record, never dropped silently: tool calls and tool
-results, KTO labels, per-turn loss switches, several videos, images beside a video, remote URLs,
-multi-turn preference pairs. Every refused record goes, whole, with its kind and reason, to
-OUT.rejects.jsonl; the run stops past a rejected fraction (default 5%, after 200 records, and over
+ms-swift's grounding tags become InternVL's `<ref>` / `<box>` syntax. What nativevl cannot train on
+is refused by record, never dropped silently: tool calls and tool results, KTO labels, per-turn loss
+switches, audio, several videos, images beside a video, remote URLs, multi-turn preference pairs.
+Every refused record goes, whole, with its kind and reason, to OUT.rejects.jsonl; the run stops past a rejected fraction (default 5%, after 200 records, and over
 the whole file at the end), leaving no output but the rejects.
 """
 
@@ -34,10 +34,12 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from PIL import Image
 from tqdm import tqdm
 
 from nativevl.data.convert_files import KINDS, ConvertError, Media, count_records, input_files, read_records
@@ -365,6 +367,57 @@ def _message_text(value: Any, layout: Layout, what: str) -> str:
     return turns[0][1]
 
 
+GROUNDING_TAGS = ("<ref-object>", "<bbox>")
+
+
+def _grounded(turns: list[tuple[str, str]], objects: Any, images: list[Path]) -> list[tuple[str, str]]:
+    """ms-swift grounding in InternVL's syntax: each `<ref-object>` (in order, over every turn) becomes
+    `<ref>name</ref>` and each `<bbox>` `<box>[[x1, y1, x2, y2]]</box>`, its coordinates scaled to
+    0-1000 of its image (`objects.image_id`, default the first) from pixels (`bbox_type` "real", the
+    default) or from 0-1 ("norm1"), as ms-swift's InternVL template writes them."""
+    if not isinstance(objects, dict):
+        raise ConvertError("malformed", "grounding tags need an 'objects' dict with 'ref' and 'bbox' lists")
+    refs, boxes = objects.get("ref") or [], objects.get("bbox") or []
+    kind = objects.get("bbox_type") or "real"
+    ids = list(objects.get("image_id") or [])
+    if not isinstance(refs, list) or not isinstance(boxes, list) or not isinstance(ids, list) or not all(
+            isinstance(r, str) for r in refs):
+        raise ConvertError("malformed", "objects' ref (strings), bbox and image_id must be lists")
+    if kind not in ("real", "norm1"):
+        raise ConvertError("unsupported", f"objects.bbox_type {kind!r} (real and norm1 are converted)")
+    n_refs = sum(t.count("<ref-object>") for _, t in turns)
+    n_boxes = sum(t.count("<bbox>") for _, t in turns)
+    if n_refs > len(refs) or n_boxes > len(boxes):
+        raise ConvertError("placeholder_mismatch", f"{n_refs} <ref-object> / {n_boxes} <bbox> tag(s) but "
+                                                   f"{len(refs)} ref(s) / {len(boxes)} box(es)")
+    ids += [0] * (len(boxes) - len(ids))
+    sizes: dict[int, tuple[int, int]] = {}
+    scaled = []
+    for box, image_id in zip(boxes[:n_boxes], ids):
+        if not isinstance(box, list) or not box or len(box) % 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+            raise ConvertError("malformed", f"a bbox must be a list of x, y numbers, got {box!r}")
+        if kind == "norm1":
+            width = height = 1
+        else:
+            if not isinstance(image_id, int) or not 0 <= image_id < len(images):
+                raise ConvertError("malformed", f"bbox image_id {image_id!r} but the record has {len(images)} image(s)")
+            if image_id not in sizes:
+                with Image.open(images[image_id]) as im:
+                    sizes[image_id] = im.size
+            width, height = sizes[image_id]
+        scaled.append([round(v / (width if i % 2 == 0 else height) * 1000) for i, v in enumerate(box)])
+    names = iter(refs)
+    coords = iter(scaled)
+    out = []
+    for role, text in turns:
+        pieces = re.split(r"(<ref-object>|<bbox>)", text)
+        text = "".join(f"<ref>{next(names)}</ref>" if p == "<ref-object>" else f"<box>[{next(coords)}]</box>"
+                       if p == "<bbox>" else p for p in pieces)
+        out.append((role, text))
+    return out
+
+
 def _is_null(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))  # parquet nulls, pandas' NaN
 
@@ -380,9 +433,9 @@ def convert_record(raw: Any, layout: Layout, media: Media, out_dir: Path) -> dic
             raise ConvertError("unsupported", f"a KTO record ({key!r}: {raw[key]}): nativevl has no KTO objective")
     if layout.tools and raw.get(layout.tools) not in (None, "", [], "[]"):
         raise ConvertError("unsupported", "tool definitions: the internvl2_5 template has no tool format")
-    for key in ("objects", "audios", "audio"):  # ms-swift grounding boxes, audio: nothing to read them into
+    for key in ("audios", "audio"):  # nothing to read audio into
         if raw.get(key) not in (None, "", [], {}):
-            raise ConvertError("unsupported", f"{key!r}: grounding objects and audio are not converted")
+            raise ConvertError("unsupported", f"{key!r}: audio is not converted")
     if layout.system and layout.system in raw and not isinstance(raw[layout.system], str):
         raise ConvertError("malformed", f"the system message ({layout.system!r}) must be a string")
     conv = _record_turns(raw, layout)
@@ -391,8 +444,12 @@ def convert_record(raw: Any, layout: Layout, media: Media, out_dir: Path) -> dic
     videos = _media_list(_get(raw, layout.videos) if layout.videos else None)
     turns = conv.turns
     texts = [t for _, t in turns] + list(pair or ())
-    if any(tag in t for t in texts for tag in ("<ref-object>", "<bbox>", "<audio>")):
-        raise ConvertError("unsupported", "ms-swift grounding (<ref-object>, <bbox>) or <audio> tags")
+    if any("<audio>" in t for t in texts):
+        raise ConvertError("unsupported", "<audio> tags: audio is not converted")
+    objects = raw.get("objects")
+    grounded = objects not in (None, "", [], {}) or any(tag in t for t in texts for tag in GROUNDING_TAGS)
+    if grounded and (pair is not None or videos):
+        raise ConvertError("unsupported", "grounding (objects, <ref-object>, <bbox>) in a preference pair or on a video")
     if len(videos) > 1 or (videos and images):
         raise ConvertError("unsupported", f"{len(videos)} video(s) and {len(images)} image(s): a record holds images or one video")
     if videos and not isinstance(videos[0], str):
@@ -421,6 +478,8 @@ def convert_record(raw: Any, layout: Layout, media: Media, out_dir: Path) -> dic
         raise ConvertError("no_assistant_turn", "no non-empty answer to learn")
     image_paths = [media.image(v, f"image {i + 1}") for i, v in enumerate(images)]
     video_paths = [media.path(v, "video") for v in videos]
+    if grounded:
+        turns = _grounded(turns, objects, image_paths)
     prefix = (IMAGE_PLACEHOLDER + "\n") * (len(image_paths) if not n_image else 0) + (
         VIDEO_PLACEHOLDER + "\n" if video_paths and not n_video else "")
     if prefix:
