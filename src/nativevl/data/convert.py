@@ -22,8 +22,9 @@ reads the same in InternVL's own trainer; any other count that differs from the 
 ms-swift's grounding tags become InternVL's `<ref>` / `<box>` syntax. What nativevl cannot train on
 is refused by record, never dropped silently: tool calls and tool results, KTO labels, per-turn loss
 switches, audio, several videos, images beside a video, remote URLs, multi-turn preference pairs.
-Every refused record goes, whole, with its kind and reason, to OUT.rejects.jsonl; the run stops past a rejected fraction (default 5%, after 200 records, and over
-the whole file at the end), leaving no output but the rejects.
+Every refused record goes, whole, with its kind and reason, to OUT.rejects.jsonl; the run stops past
+a rejected fraction (default 5%, after 200 records, and over the whole file at the end), leaving no
+output but the rejects.
 """
 
 from __future__ import annotations
