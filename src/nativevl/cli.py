@@ -46,11 +46,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import logging
-
     from nativevl.io.quantize import quantize_model
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_info()
     stats = quantize_model(args.src, args.dst, args.scheme, group_size=args.group_size or None,
                            max_shard_bytes=args.max_shard_size, calib=args.calib, calib_records=args.calib_records,
                            calib_max_tokens=args.calib_max_tokens, device=args.device)
@@ -62,17 +60,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serving_model(args: argparse.Namespace):
+    """--model (with --adapter) for chat and serve: bf16 on CUDA, float32 on the CPU, unless --dtype."""
+    from nativevl.io.hf import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    return load_model(args.model, dtype=dtype, device=device, adapter=args.adapter)
+
+
+def _log_info() -> None:
+    """INFO lines (the server's request timings, GPTQ's progress) with times, as train and serve log."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     """Single-shot with --prompt, else a multi-turn REPL (/image PATH, /reset, /quit); answers stream."""
     from nativevl.data.images import image_to_tiles, tiles_per_image
     from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, render_chat
     from nativevl.infer.engine import Engine, SamplingParams
-    from nativevl.io.hf import load_model
     from nativevl.io.tokenizer import load_tokenizer
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = load_model(args.model, dtype=dtype, device=device, adapter=args.adapter)
+    model = _serving_model(args)
     tokenizer = load_tokenizer(args.model)
     cfg = model.config
     engine = Engine(model, tokenizer, max_batch_size=1,
@@ -145,18 +156,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
-
     from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE
     from nativevl.infer.engine import Engine
     from nativevl.infer.server import ServerConfig, run
-    from nativevl.io.hf import load_model
     from nativevl.io.tokenizer import load_tokenizer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = load_model(args.model, dtype=dtype, device=device, adapter=args.adapter)
+    _log_info()
+    model = _serving_model(args)
     engine = Engine(model, load_tokenizer(args.model), max_batch_size=args.max_batch_size,
                     max_seq_len=min(args.max_seq_len, model.config.text.max_position_embeddings),
                     max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs, decode_chunk=args.decode_chunk,
@@ -396,11 +402,9 @@ def _write_meta(jsonl: Path) -> None:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    import logging
-
     from nativevl.recipes import apply_overrides, check_inputs, launch, recipe
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_info()
     run = apply_overrides(recipe(args.recipe), extra)
     check_inputs(args.recipe, run)
     summary = launch(run, args.out)
@@ -444,6 +448,20 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
     return 0 if not hints else 1
 
 
+ADAPTER_HELP = "a PEFT LoRA adapter folder for --model, merged into its weights on loading"
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    """The inference engine's options, as chat and serve share them."""
+    p.add_argument("--decode-chunk", "--decode_chunk", dest="decode_chunk", type=int, default=1,
+                   help="greedy decode steps per device call and host sync (1: stream every token; more: fewer syncs, "
+                        "text arrives in bursts)")
+    p.add_argument("--decode-attention", "--decode_attention", dest="decode_attention", choices=DECODE_BACKENDS,
+                   default="sdpa", help="the decode step's attention kernel: sdpa, or split (Triton split-key, CUDA)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", type=parse_dtype, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nativevl", description="InternVL3 in plain PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
@@ -462,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on toy-world tasks and benchmark files (accuracy, chance, 95%% interval)")
     e.add_argument("--model", required=True)
     e.add_argument("--tokenizer", default=None, help="default: the model folder")
-    e.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder for --model, merged into its weights on loading")
+    e.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     e.add_argument("--tasks", default="shapes,reading,charts,arithmetic,multi_image,text",
                    help="comma-separated: toy-world families, and benchmark files (VLMEvalKit .tsv: MMBench, "
                         "MMStar, AI2D, TextVQA, ...; InternVL conversation .jsonl: a custom set)")
@@ -492,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="chat about images: one --prompt, or a multi-turn session (/image PATH, /reset)")
     c.add_argument("--model", required=True, help="checkpoint folder (-hf or original layout) with tokenizer files")
-    c.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder for --model, merged into its weights on loading")
+    c.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     c.add_argument("--image", action="append", default=None, help="image file, repeatable (omit for text only)")
     c.add_argument("--prompt", default=None, help="answer this and exit (default: interactive, reads stdin)")
     c.add_argument("--system", default=None, help="system message (default: InternVL's; '' for none)")
@@ -502,18 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--max_num", type=int, default=12, help="max tiles per message (dynamic resolution), shared by its images")
     c.add_argument("--max_seq_len", type=int, default=8192, help="conversation length the KV cache holds")
-    c.add_argument("--decode-chunk", "--decode_chunk", dest="decode_chunk", type=int, default=1,
-                   help="greedy decode steps per device call and host sync (1: stream every token; more: fewer syncs, "
-                        "text arrives in bursts)")
-    c.add_argument("--decode-attention", "--decode_attention", dest="decode_attention", choices=DECODE_BACKENDS,
-                   default="sdpa", help="the decode step's attention kernel: sdpa, or split (Triton split-key, CUDA)")
-    c.add_argument("--device", default=None)
-    c.add_argument("--dtype", type=parse_dtype, default=None)
+    _engine_args(c)
     c.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
     s.add_argument("--model", required=True, help="checkpoint folder with tokenizer files")
-    s.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder for --model, merged into its weights on loading")
+    s.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--name", default=None, help="model id clients send (default: the folder name)")
@@ -531,13 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max_num", type=int, default=12, help="max tiles per request, shared by its images")
     s.add_argument("--system", default=None, help="system message when a request has none (default: InternVL's)")
     s.add_argument("--no-cuda-graphs", dest="no_cuda_graphs", action="store_true")
-    s.add_argument("--decode-chunk", "--decode_chunk", dest="decode_chunk", type=int, default=1,
-                   help="greedy decode steps per device call and host sync (1: stream every token; more: fewer syncs, "
-                        "text arrives in bursts)")
-    s.add_argument("--decode-attention", "--decode_attention", dest="decode_attention", choices=DECODE_BACKENDS,
-                   default="sdpa", help="the decode step's attention kernel: sdpa, or split (Triton split-key, CUDA)")
-    s.add_argument("--device", default=None)
-    s.add_argument("--dtype", type=parse_dtype, default=None)
+    _engine_args(s)
     s.set_defaults(func=cmd_serve)
 
     v = sub.add_parser("convert", help="convert a checkpoint between the -hf and original InternVL layouts "

@@ -44,8 +44,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from nativevl.data.convert_files import KINDS, ConvertError, Media, count_records, input_files, read_records
-from nativevl.data.records import DatasetSpec, RecordError, parse_record, read_meta_entries, write_meta_entry
-from nativevl.data.template import IMAGE_PLACEHOLDER
+from nativevl.data.records import (
+    DatasetSpec,
+    RecordError,
+    parse_record,
+    read_meta_entries,
+    write_meta_entries,
+    write_meta_entry,
+)
+from nativevl.data.template import IMAGE_PLACEHOLDER, ROLES
 from nativevl.data.validate import ValidationReport
 
 log = logging.getLogger(__name__)
@@ -53,10 +60,8 @@ log = logging.getLogger(__name__)
 VIDEO_PLACEHOLDER = "<video>"
 
 USER, ASSISTANT, SYSTEM, TOOL = "user", "assistant", "system", "tool"
-ROLE_ALIASES = {
-    "user": USER, "human": USER,
-    "assistant": ASSISTANT, "gpt": ASSISTANT, "bot": ASSISTANT,
-    "system": SYSTEM,
+ROLE_ALIASES = {  # InternVL's role names (template.ROLES), ms-swift's "bot", and the tool roles refused
+    **ROLES, "bot": ASSISTANT,
     **dict.fromkeys(("tool", "tool_call", "tool_response", "function_call", "function", "function_response",
                      "observation", "observations", "ipython"), TOOL),
 }
@@ -678,12 +683,7 @@ def _drop_held_out(val_out: Path) -> None:
     if isinstance(entry, dict) and entry.get("annotation") == val_out.name and entry.get("root") == "":
         meta.pop(val_out.stem)
         val_out.unlink(missing_ok=True)
-        if meta:
-            tmp = meta_path.with_name(meta_path.name + ".tmp")
-            tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-            os.replace(tmp, meta_path)
-        else:
-            meta_path.unlink()
+        write_meta_entries(meta_path, meta)
 
 
 def held_out(seed: int, position: int, fraction: float) -> bool:

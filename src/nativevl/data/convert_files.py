@@ -4,7 +4,6 @@ Problems are `ConvertError`s with a kind, which the converter counts by record."
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import io
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from nativevl.data.images import decode_base64
 
 KINDS = ("malformed", "missing_file", "unreadable_image", "placeholder_mismatch", "no_assistant_turn", "unsupported")
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -162,7 +163,7 @@ class Media:
     def _embedded(self, data: bytes | str, what: str) -> Path:
         if isinstance(data, str):
             try:
-                data = base64.b64decode("".join(data.split()), validate=True)  # line-wrapped base64 too
+                data = decode_base64(data)
             except (binascii.Error, ValueError):
                 raise ConvertError("malformed", f"{what}: neither a file nor valid base64 ({data[:60]!r}...)") from None
         try:

@@ -9,6 +9,7 @@ A video becomes 8..32 frames, one per equal segment, each a single tile.
 
 from __future__ import annotations
 
+import base64
 import io
 from pathlib import Path
 
@@ -248,3 +249,9 @@ def load_video_frames(
     if not frames:
         raise ValueError(f"video {path} has no decodable frames")
     return [f.convert("RGB") for f in frames]
+
+
+def decode_base64(text: str) -> bytes:
+    """Base64 text -> bytes, line-wrapped base64 (`base64 img.png`, encodebytes) too; ValueError
+    (binascii.Error) if it is not base64."""
+    return base64.b64decode("".join(text.split()), validate=True)

@@ -566,3 +566,13 @@ def iterate_batches(loader: DataLoader, tracker: StreamTracker) -> Iterator[Batc
     for batch in loader:
         tracker.update(batch)
         yield batch
+
+
+def read_all(dataset: PackedDataset, label: str) -> list[Batch]:
+    """Every pack of a finite dataset (a validation or calibration set) in this process, read once, bad
+    records counted and skipped (logged under `label`) as in training."""
+    tracker = StreamTracker(dataset.cfg.max_reject_fraction, dataset.cfg.min_records_before_abort)
+    batches = list(iterate_batches(make_loader(dataset, 0), tracker))
+    if tracker.total_rejected:
+        log.warning("%s: %d record(s) skipped (%s)", label, tracker.total_rejected, tracker.by_kind)
+    return batches

@@ -158,10 +158,19 @@ def write_meta_entry(jsonl: Path, max_dynamic_patch: int = 12, data_augment: boo
     meta = read_meta_entries(path)
     meta[jsonl.stem] = {"root": "", "annotation": jsonl.name, "max_dynamic_patch": max_dynamic_patch,
                         "data_augment": data_augment}
+    write_meta_entries(path, meta)
+    return path
+
+
+def write_meta_entries(path: Path, meta: dict) -> None:
+    """A meta file written whole through a temporary file (a reader never sees half of it); removed
+    when it lists no dataset."""
+    if not meta:
+        path.unlink(missing_ok=True)
+        return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
-    return path
 
 
 def _line_index(path: Path, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,6 @@ penalties); streamed, a token's log-probabilities arrive in a chunk of their own
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import json
 import logging
@@ -74,7 +73,7 @@ def image_source(url: str, cfg: ServerConfig) -> bytes | str:
         if not header.endswith(";base64"):
             raise _bad("image data URLs must be base64 (data:image/...;base64,...)", "invalid_image_url", "messages")
         try:  # line-wrapped base64 (`base64 img.png`, encodebytes) is still base64
-            return base64.b64decode("".join(data.split()), validate=True)
+            return img.decode_base64(data)
         except (binascii.Error, ValueError):
             raise _bad("the image data URL is not valid base64", "invalid_image_url", "messages") from None
     if url.split(":", 1)[0].lower() in ("http", "https", "ftp"):

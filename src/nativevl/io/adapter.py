@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -27,11 +28,6 @@ PEFT_PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 FULL_MODULES = {"vit": ("vision_tower",), "mlp": ("multi_modal_projector",)}  # an LLM trained in full: no adapter
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
-
-
-def _hf_module(name: str) -> str:
-    """Our module name -> transformers' in-memory InternVLForConditionalGeneration name."""
-    return name if name == "lm_head" or name.startswith("lm_head.") else "model." + name
 
 
 def adapter_contents(state: dict[str, torch.Tensor], loras: dict[str, tuple[int, float, float]],
@@ -47,15 +43,15 @@ def adapter_contents(state: dict[str, torch.Tensor], loras: dict[str, tuple[int,
     tensors: dict[str, torch.Tensor] = {}
     for name in loras:
         for which in "AB":
-            tensors[f"{PEFT_PREFIX}{_hf_module(name)}.lora_{which}.weight"] = state[f"{name}.lora_{which}"]
+            tensors[f"{PEFT_PREFIX}{keymap.to_hf_module(name)}.lora_{which}.weight"] = state[f"{name}.lora_{which}"]
     for module in full_modules:
         for key, value in state.items():
             if key.startswith(module + "."):
-                tensors[PEFT_PREFIX + _hf_module(key)] = value
+                tensors[PEFT_PREFIX + keymap.to_hf_module(key)] = value
     tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in tensors.items()}  # owned copies
-    ranks = {_hf_module(n): r for n, (r, _, _) in loras.items()}
-    alphas = {_hf_module(n): a for n, (_, a, _) in loras.items()}
-    rank, alpha = max(set(ranks.values()), key=list(ranks.values()).count), max(set(alphas.values()), key=list(alphas.values()).count)
+    ranks = {keymap.to_hf_module(n): r for n, (r, _, _) in loras.items()}
+    alphas = {keymap.to_hf_module(n): a for n, (_, a, _) in loras.items()}
+    rank, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -67,7 +63,7 @@ def adapter_contents(state: dict[str, torch.Tensor], loras: dict[str, tuple[int,
         # modules of another rank or alpha than the most common one, by their whole name
         "rank_pattern": {f"^{re.escape(m)}$": r for m, r in ranks.items() if r != rank},
         "alpha_pattern": {f"^{re.escape(m)}$": a for m, a in alphas.items() if a != alpha},
-        "modules_to_save": [_hf_module(m).removeprefix("model.") for m in full_modules] or None,
+        "modules_to_save": [keymap.to_hf_module(m).removeprefix("model.") for m in full_modules] or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,

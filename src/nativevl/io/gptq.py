@@ -19,7 +19,7 @@ import logging
 import torch
 from tqdm import tqdm
 
-from nativevl.io.quantize import bf16_scale, dequantize_weight
+from nativevl.io.quantize import dequantize_weight, int_range, minmax_scale
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     group = group_size or in_f
     if in_f % group:
         raise ValueError(f"in_features {in_f} is not a multiple of group_size {group}")
-    q_max, q_min = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
-    half_range = (q_max - q_min) / 2
+    q_min, q_max = int_range(bits)
     h = hessian.to(device, dtype).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -101,13 +100,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         raise ValueError("the calibration inputs' second moment is not positive definite even damped; "
                          "use more calibration records") from None
 
-    def scales_of(cols: torch.Tensor) -> torch.Tensor:
-        return bf16_scale(cols.abs().amax(-1) / half_range)
-
     q = torch.zeros(out_f, in_f, dtype=torch.int8, device=device)
     scales = torch.zeros(out_f, in_f // group, dtype=dtype, device=device)
     if group_size is None:
-        scales[:, 0] = scales_of(w)  # one scale per output channel, from the whole row
+        scales[:, 0] = minmax_scale(w, bits)  # one scale per output channel, from the whole row
     block = max(block, group) if group_size else block
     block -= block % group if group_size else 0
     for start in range(0, in_f, block):
@@ -118,7 +114,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         for i in range(end - start):
             col = start + i
             if group_size and col % group == 0:
-                scales[:, col // group] = scales_of(w1[:, i:i + group])
+                scales[:, col // group] = minmax_scale(w1[:, i:i + group], bits)
             s = scales[:, col // group]
             qi = torch.clamp(torch.round(w1[:, i] / s), q_min, q_max)
             q[:, col] = qi.to(torch.int8)
@@ -163,17 +159,13 @@ def gptq_model_weights(model, batches: list, weights: dict[str, torch.Tensor], b
 def calibration_batches(model, tokenizer, meta: str, records: int, max_tokens: int = 4096) -> list:
     """The first `records` records of an InternVL meta json, packed as at test time (no augmentation),
     with the model's image settings; bad records counted and skipped as in training."""
-    from nativevl.data.pipeline import DataConfig, PackedDataset, StreamTracker, iterate_batches, make_loader
+    from nativevl.data.pipeline import DataConfig, PackedDataset, read_all
     from nativevl.data.records import load_meta
 
     cfg = model.config
     data = DataConfig(max_tokens=max_tokens, image_size=cfg.vision.image_size, image_seq_length=cfg.image_seq_length,
                       image_token_id=cfg.image_token_id, training=False, max_records=records)
-    dataset = PackedDataset(load_meta(meta), tokenizer, data)
-    tracker = StreamTracker(data.max_reject_fraction, data.min_records_before_abort)
-    batches = list(iterate_batches(make_loader(dataset, 0), tracker))
-    if tracker.total_rejected:
-        log.warning("calibration: %d record(s) skipped (%s)", tracker.total_rejected, tracker.by_kind)
+    batches = read_all(PackedDataset(load_meta(meta), tokenizer, data), "calibration")
     if not batches:
         raise ValueError(f"{meta}: no calibration record could be read")
     return batches

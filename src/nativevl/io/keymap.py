@@ -63,6 +63,12 @@ def _rename(key: str, table: list[tuple[str, str]]) -> str | None:
     return None
 
 
+def to_hf_module(name: str) -> str:
+    """Our module (or parameter) name -> transformers' in-memory InternVLForConditionalGeneration name
+    (the inverse of from_hf's in-memory case): `model.` before all but the head."""
+    return name if name == "lm_head" or name.startswith("lm_head.") else "model." + name
+
+
 def from_hf(sd: StateDict) -> StateDict:
     """`-hf` layout (on-disk or in-memory names) -> ours. Unknown keys pass through for the loader to report."""
     out: StateDict = {}

@@ -36,12 +36,23 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None) -> tuple
     group = group_size or in_f
     if in_f % group:
         raise ValueError(f"in_features {in_f} is not a multiple of group_size {group}")
-    q_max, q_min = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    q_min, q_max = int_range(bits)
     g = w.float().reshape(out_f, in_f // group, group)
-    # compressed-tensors' symmetric min-max scale: the largest magnitude over half the integer range
-    scale = bf16_scale(g.abs().amax(-1) / ((q_max - q_min) / 2))
+    scale = minmax_scale(g, bits)
     q = torch.clamp(torch.round(g / scale[..., None]), q_min, q_max).to(torch.int8)
     return q.reshape(out_f, in_f), scale
+
+
+def int_range(bits: int) -> tuple[int, int]:
+    """The symmetric B-bit integers: [-2^(B-1), 2^(B-1) - 1]."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def minmax_scale(cols: torch.Tensor, bits: int) -> torch.Tensor:
+    """compressed-tensors' symmetric min-max scale of each row of `cols` (..., n): the largest magnitude
+    over half the integer range, on bf16's grid (bf16_scale)."""
+    q_min, q_max = int_range(bits)
+    return bf16_scale(cols.abs().amax(-1) / ((q_max - q_min) / 2))
 
 
 def bf16_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -122,7 +133,7 @@ def quantize_model(src: str | Path, dst: str | Path, scheme: str = "w4a16", grou
         batches = calibration_batches(runner, load_tokenizer(src), calib, calib_records, calib_max_tokens)
         weights = {k: v.detach() for k, v in runner.state_dict().items() if LLM_LINEAR.match(k)}
         chosen = gptq_model_weights(runner.eval(), batches, weights, bits, group, device)
-        picked = {next(iter(keymap.to_hf({k: v}))): v for k, v in chosen.items()}
+        picked = keymap.to_hf(chosen)
         del runner, batches, weights, chosen
     with staged_folder(dst) as tmp:
         model = load_model(src, dtype=torch.bfloat16)

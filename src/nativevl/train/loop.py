@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from nativevl.data.pipeline import PackedDataset, StreamTracker, iterate_batches, make_loader
+from nativevl.data.pipeline import PackedDataset, StreamTracker, iterate_batches, make_loader, read_all
 from nativevl.infer.prm import label_token_ids
 from nativevl.io.adapter import FULL_MODULES, adapter_contents, write_adapter
 from nativevl.io.hf import read_config
@@ -383,8 +383,7 @@ def read_val_batches(dataset: PackedDataset, objective, device: torch.device) ->
     """This rank's share of the validation set, read once (bad records counted and skipped as in training)
     and checked against the objective before the first step (preference records for an `lm` stage fail
     here, not at the first validation). A sharded forward is collective: every rank must hold a pack."""
-    tracker = StreamTracker(dataset.cfg.max_reject_fraction, dataset.cfg.min_records_before_abort)
-    batches = list(iterate_batches(make_loader(dataset, 0), tracker))
+    batches = read_all(dataset, "validation set")
     if batches:
         try:
             objective.local_normalizers(batches)
@@ -394,8 +393,6 @@ def read_val_batches(dataset: PackedDataset, objective, device: torch.device) ->
     if fewest < 1:
         raise ValueError(f"the validation set ({dataset.cfg.max_records} records of val_meta) gives some of the "
                          f"{dataset.world_size} process(es) no pack: raise --val_records or give more held-out data")
-    if tracker.total_rejected:
-        log.warning("validation set: %d record(s) skipped (%s)", tracker.total_rejected, tracker.by_kind)
     return batches
 
 
