@@ -17,7 +17,7 @@ $(PY):
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
-	$(PY) -m pip install -c $(VENV)/constraints.txt -e .
+	$(PY) -m pip install -c $(VENV)/constraints.txt -e ".[serve,data]"
 	touch $@
 
 # The quantization tests' oracle, compressed-tensors (>= 0.16 needs torch >= 2.10), is installed where the
