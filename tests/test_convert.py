@@ -379,3 +379,22 @@ def test_ms_swift_grounding_becomes_internvls_ref_and_box(tmp_path, media):
                                                             "<box>[[250, 333, 1000, 1000]]</box>"]
     assert [t["value"] for t in second["conversations"]] == ["<image><image>What is at <box>[[100, 200, 500, 600]]</box>?",
                                                              "<ref>dog</ref>"]
+
+
+def test_bare_image_parts_take_the_column_images_where_they_stand(tmp_path, media):
+    """A message mixing a bare {"type": "image"} part (its image in the images column) with an image_url
+    part: each placeholder gets its own picture (the column's went after the inline ones: mispaired)."""
+    blue = "data:image/png;base64," + base64.b64encode(png_bytes("blue")).decode()
+    parts = [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image_url", "image_url": {"url": blue}}]
+    write_jsonl(media / "mix.jsonl", [
+        {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "red, blue"}],
+         "images": ["imgs/a.png"]},
+        {"messages": [{"role": "user", "content": parts[:1] * 2}, {"role": "assistant", "content": "x"}],
+         "images": ["imgs/a.png"]},  # two bare parts, one image
+    ])
+    out = tmp_path / "o" / "mix.jsonl"
+    stats = convert([media / "mix.jsonl"], out, max_reject_fraction=0.9)
+    (record,) = read_jsonl(out)
+    assert record["image"][0] == "../src/imgs/a.png" and record["image"][1].startswith("mix_images/")
+    assert record["conversations"][0]["value"] == "<image>and<image>"
+    assert stats.counts == {"placeholder_mismatch": 1}

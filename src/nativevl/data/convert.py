@@ -229,8 +229,8 @@ def _content(content: Any, role: str, images: list, i: int) -> str:
             text.append(part["text"])
         elif kind in ("image", "image_url") and role == USER:
             value = part.get(kind)
-            if value is not None:  # {"type": "image"} alone (transformers, TRL): its image is in the images column
-                images.append(value.get("url") if kind == "image_url" and isinstance(value, dict) else value)
+            # {"type": "image"} alone (transformers, TRL): a slot the images column fills, in order
+            images.append(value.get("url") if kind == "image_url" and isinstance(value, dict) else value)
             text.append(IMAGE_PLACEHOLDER)
         elif kind in ("image", "image_url", "video", "video_url", "input_audio", "audio"):
             raise ConvertError("unsupported", f"message {i}: a {kind} part in a {role} turn")
@@ -424,6 +424,17 @@ def _grounded(turns: list[tuple[str, str]], objects: Any, images: list[Path]) ->
     return out
 
 
+def _fill_slots(parts: list, column: list) -> list:
+    """The images of a record, in the order its placeholders stand: content parts with their image in
+    place, bare image parts (None) filled from the images column in order, the column's remaining
+    images after them."""
+    column = iter(column)
+    filled = [next(column, None) if p is None else p for p in parts]
+    if any(p is None for p in filled):
+        raise ConvertError("placeholder_mismatch", "more bare image parts than images in the images column")
+    return filled + list(column)
+
+
 def _is_null(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))  # parquet nulls, pandas' NaN
 
@@ -446,7 +457,7 @@ def convert_record(raw: Any, layout: Layout, media: Media, out_dir: Path) -> dic
         raise ConvertError("malformed", f"the system message ({layout.system!r}) must be a string")
     conv = _record_turns(raw, layout)
     pair = _pair(raw, layout, conv)
-    images = conv.content_images + _media_list(_get(raw, layout.images) if layout.images else None)
+    images = _fill_slots(conv.content_images, _media_list(_get(raw, layout.images) if layout.images else None))
     videos = _media_list(_get(raw, layout.videos) if layout.videos else None)
     turns = conv.turns
     texts = [t for _, t in turns] + list(pair or ())
