@@ -164,3 +164,38 @@ def test_a_sharded_lora_run_writes_the_adapter_peft_applies(tmp_path):
         base = InternVLForConditionalGeneration.from_pretrained(base_dir).eval()
         adapted = run(peft.PeftModel.from_pretrained(base, tmp_path / "two" / "final_adapter").eval())
     assert (adapted - merged).abs().max().item() < 1e-4
+
+
+def test_a_sharded_qlora_run_exports_the_model_it_trained(tmp_path):
+    """2 processes (FSDP2) training LoRA over the LLM stored in NF4 (whose codes are replicated buffers, not
+    sharded parameters): final/ is the 4-bit base, decoded, with the gathered adapter merged."""
+    from nativevl.io.hf import load_model
+    from nativevl.train.qlora import NF4Linear
+    from nativevl.train.stages import quantize_base
+
+    launch(apply_overrides(recipe("debug_tiny"), ["--max_steps=1", *ARGS[1:]]), tmp_path / "base")
+    base_dir = tmp_path / "base" / "final"
+    qlora = ["--stage.llm.mode=qlora", "--stage.llm.lora_rank=4", "--stage.llm.lora_dropout=0",
+             "--stage.mlp.mode=full", "--stage.vit.mode=frozen"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nativevl",
+           "train", "debug_tiny", "--out", str(tmp_path / "two"), *ARGS, f"--init_from={base_dir}", *qlora]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    # the base as the run held it: its LLM layers quantized, then decoded
+    decoded = load_model(base_dir, dtype=torch.float32)
+    quantize_base(decoded, apply_overrides(recipe("debug_tiny"), qlora).stage)
+    for module in list(decoded.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, NF4Linear):
+                setattr(module, name, child.to_linear())
+    decoded.save_pretrained(tmp_path / "decoded")
+    ids = torch.tensor([[3] + [decoded.config.image_token_id] * 4 + [4, 20, 30]])
+    pixels = torch.randn(1, 3, 56, 56)
+    run = lambda m: m(input_ids=ids, pixel_values=pixels).logits
+    with torch.no_grad():
+        exported = run(load_model(tmp_path / "two" / "final", dtype=torch.float32))
+        expected = run(load_model(tmp_path / "decoded", dtype=torch.float32, adapter=tmp_path / "two" / "final_adapter"))
+        plain = run(load_model(base_dir, dtype=torch.float32, adapter=tmp_path / "two" / "final_adapter"))
+    assert (exported - expected).abs().max().item() < 1e-5
+    assert (exported - plain).abs().max().item() > 1e-3  # the 4-bit base is not the full one

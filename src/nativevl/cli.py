@@ -418,6 +418,7 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
     from nativevl.recipes import apply_overrides, recipe
     from nativevl.train.parallel import trainable_by_module
     from nativevl.train.plan import GiB, advice, format_plan, param_counts, plan
+    from nativevl.train.qlora import NF4Linear, nf4_bytes_per_weight
     from nativevl.train.stages import apply_policy
 
     run = apply_overrides(recipe(args.recipe), extra)
@@ -431,8 +432,12 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
         model = VisionLanguageModel(cfg)
         apply_policy(model, run.stage)
         trainable = {m: sum(p.numel() for p in ps) for m, ps in trainable_by_module(model).items()}
+        nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]  # QLoRA's base layers
     kw = {"tokens": run.data.max_tokens, "tiles": run.data.max_tiles, "loss_chunk": run.train.loss_chunk,
-          "gpu_bytes": int(args.gpu_memory * GiB), "reference": run.train.objective == "mpo"}
+          "gpu_bytes": int(args.gpu_memory * GiB), "reference": run.train.objective == "mpo",
+          "quantized": sum(m.weight_numel() for m in nf4),
+          "nf4_bytes": sum(nf4_bytes_per_weight(m.block, m.double_quant) * m.weight_numel() for m in nf4)
+                       / max(sum(m.weight_numel() for m in nf4), 1)}
     counts = param_counts(cfg)
     print(f"{args.recipe}: {sum(counts.values()) / 1e9:.2f}B parameters (ViT {counts['vit'] / 1e6:.0f}M, "
           f"MLP {counts['mlp'] / 1e6:.0f}M, LLM {counts['llm'] / 1e6:.0f}M), {sum(trainable.values()) / 1e9:.2f}B trainable; "
@@ -573,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a recipe; run the same command again to resume",
                        epilog="any field of the recipe can be overridden: --max_steps=100 --stage.vit.mode=frozen --meta=data/meta.json")
-    t.add_argument("recipe", help="debug_tiny, pretrain, sft, sft_lora, internvl3_1b_sft, mpo, prm")
+    t.add_argument("recipe", help="debug_tiny, pretrain, sft, sft_lora, sft_qlora, internvl3_1b_sft, mpo, prm")
     t.add_argument("--out", required=True, help="run folder (checkpoints, metrics, final export)")
     t.set_defaults(func=cmd_train, takes_extra=True)
 

@@ -85,6 +85,13 @@ def sft_lora() -> Run:
                                train=dataclasses.replace(run.train, lr=1e-4))
 
 
+def sft_qlora() -> Run:
+    """sft_lora() over a 4-bit base: the LLM's linear layers stored in NF4 with double quantization
+    (QLoRA, as bitsandbytes stores them), LoRA rank 16 on each; ViT frozen, MLP full."""
+    run = sft_lora()
+    return dataclasses.replace(run, stage=dataclasses.replace(run.stage, llm=ModulePolicy("qlora")))
+
+
 def mpo() -> Run:
     """Mixed Preference Optimization on preference records ({image, question, chosen, rejected}):
     0.8 DPO + 0.2 BCO (reward shift) + 1.0 NLL of the chosen response, beta 0.1, against the frozen
@@ -116,6 +123,7 @@ RECIPES: dict[str, Callable[[], Run]] = {
     "pretrain": pretrain,
     "sft": sft,
     "sft_lora": sft_lora,
+    "sft_qlora": sft_qlora,
     "internvl3_1b_sft": internvl3_1b_sft,
 }
 
@@ -133,6 +141,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "sft": ("meta", "init_from"),
     "internvl3_1b_sft": ("meta", "init_from"),
     "sft_lora": ("meta", "init_from"),
+    "sft_qlora": ("meta", "init_from"),
     "mpo": ("meta", "init_from"),
     "prm": ("meta", "init_from"),
 }

@@ -27,12 +27,13 @@ from nativevl.model.vlm import VisionLanguageModel
 from nativevl.train import checkpoint as ckpt
 from nativevl.train import parallel
 from nativevl.train.lora import LoRALinear, merge_lora
+from nativevl.train.qlora import NF4Linear
 from nativevl.train.losses import MPOWeights
 from nativevl.train.metrics import MetricsLogger, batch_flops, module_sizes, pass_factors, peak_flops
 from nativevl.train.objectives import OBJECTIVES, make_objective
 from nativevl.train.optim import build_optimizer, lr_factor, set_lr
 from nativevl.train.parallel import all_reduce_max, all_reduce_sum, barrier, init_distributed
-from nativevl.train.stages import MODULES, StagePolicy, apply_policy
+from nativevl.train.stages import MODULES, StagePolicy, apply_policy, quantize_base
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ def train(
                     cfg.warmup_steps, cfg.max_steps, cfg.lr * cfg.max_steps / max(cfg.warmup_steps, 1))
     torch.manual_seed(cfg.seed + rank)
 
+    quantize_base(model, policy)  # on the CPU: only QLoRA's 4-bit layers move to the device, and MPO's pi_0 is the quantized base
     model.to(device)
     mpo = MPOWeights(cfg.mpo_preference_weight, cfg.mpo_quality_weight, cfg.mpo_generation_weight, cfg.mpo_beta)
     label_ids = label_token_ids(tokenizer) if cfg.objective == "prm" else None
@@ -507,7 +509,8 @@ def merged_lora_state(model, state: dict[str, torch.Tensor]) -> dict[str, torch.
     out = dict(state)
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            base = out.pop(f"{name}.base.weight")
+            # QLoRA's NF4 base keeps its weight in buffers the state dict leaves out: the replicated copy here
+            base = module.base.dequantized().cpu() if isinstance(module.base, NF4Linear) else out.pop(f"{name}.base.weight")
             a, b = out.pop(f"{name}.lora_A"), out.pop(f"{name}.lora_B")
             out[f"{name}.weight"] = base + (b.float() @ a.float()).to(base.dtype) * module.scale
             if f"{name}.base.bias" in out:

@@ -1,4 +1,4 @@
-"""LoRA adapters for nn.Linear layers, and merging them back into plain weights for export."""
+"""LoRA adapters for nn.Linear layers (or QLoRA's NF4 ones), and merging them back into plain weights for export."""
 
 from __future__ import annotations
 
@@ -7,20 +7,23 @@ import math
 import torch
 from torch import nn
 
+from nativevl.train.qlora import NF4Linear
+
 
 class LoRALinear(nn.Module):
-    """y = base(x) + dropout(x) A^T B^T * (alpha / rank). The base weight is frozen; B starts at 0."""
+    """y = base(x) + dropout(x) A^T B^T * (alpha / rank). The base (nn.Linear, or NF4Linear for QLoRA) is
+    frozen; B starts at 0."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Linear | NF4Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.base = base
-        self.base.weight.requires_grad_(False)
-        if self.base.bias is not None:
-            self.base.bias.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device, dtype=base.weight.dtype))
+        for p in base.parameters():
+            p.requires_grad_(False)
+        device, dtype = (base.device, base.dtype) if isinstance(base, NF4Linear) else (base.weight.device, base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -29,10 +32,11 @@ class LoRALinear(nn.Module):
         return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear holding W + scale * B A."""
+        """A plain nn.Linear holding W + scale * B A (W dequantized for an NF4 base: the weights it trained with)."""
+        base = self.base.to_linear() if isinstance(self.base, NF4Linear) else self.base
         with torch.no_grad():
-            self.base.weight += (self.lora_B @ self.lora_A) * self.scale
-        return self.base
+            base.weight += (self.lora_B @ self.lora_A).to(base.weight.dtype) * self.scale
+        return base
 
 
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -41,10 +45,10 @@ MLP_TARGETS = ("linear_1", "linear_2")
 
 
 def add_lora(module: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, dropout: float) -> int:
-    """Wrap every nn.Linear child named in `targets` (recursively); returns how many were wrapped."""
+    """Wrap every nn.Linear (or NF4Linear) child named in `targets` (recursively); returns how many were wrapped."""
     count = 0
     for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear) and name in targets:
+        if isinstance(child, (nn.Linear, NF4Linear)) and name in targets:
             setattr(module, name, LoRALinear(child, rank, alpha, dropout))
             count += 1
         else:

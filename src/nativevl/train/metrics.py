@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from nativevl.config import ModelConfig
+from nativevl.train.qlora import NF4Linear
 
 # dense bf16 peak FLOP/s by device name (users_and_performance.md B1)
 PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
@@ -28,11 +29,14 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
 
 def module_sizes(model: torch.nn.Module) -> dict[str, int]:
     """Matmul parameters per module: ViT (all), MLP, LLM (layers + lm_head; input embeddings excluded)."""
-    llm = sum(p.numel() for p in model.language_model.layers.parameters()) + model.lm_head.weight.numel()
+    def count(module: torch.nn.Module) -> int:  # QLoRA's NF4 layers hold their weights as buffers
+        return sum(p.numel() for p in module.parameters()) + sum(
+            m.weight_numel() for m in module.modules() if isinstance(m, NF4Linear))
+
     return {
-        "vit": sum(p.numel() for p in model.vision_tower.parameters()),
-        "mlp": sum(p.numel() for p in model.multi_modal_projector.parameters()),
-        "llm": llm,
+        "vit": count(model.vision_tower),
+        "mlp": count(model.multi_modal_projector),
+        "llm": count(model.language_model.layers) + model.lm_head.weight.numel(),
     }
 
 
@@ -45,7 +49,7 @@ def pass_factors(modes: dict[str, str]) -> dict[str, int]:
     for k in ("vit", "mlp", "llm"):
         if modes[k] == "full":
             out[k] = 6
-        elif modes[k] == "lora" or need_input_grad[k]:
+        elif modes[k] in ("lora", "qlora") or need_input_grad[k]:
             out[k] = 4
         else:
             out[k] = 2

@@ -5,6 +5,7 @@ Bytes per GPU under FSDP2 over N GPUs with bf16 compute (train/parallel.py):
   (embeddings, projector, lm_head; kept gathered through the step) and two blocks (the running one
   and the prefetched one); on one GPU (no FSDP: fp32 module, bf16 autocast) the autocast copies of
   all the weights backward goes through (2 B per parameter);
+  QLoRA's NF4 weights instead take about 0.52 B each on every GPU (buffers: not sharded, never gathered);
 - gradients: fp32 shards of the trainable parameters (4 B / N) + one gathered block's bf16 gradients
   and their fp32 reduce-scatter copy (6 B per parameter of the block) + the root's bf16 gradients
   (it stays gathered, so they live through backward);
@@ -104,9 +105,12 @@ def plan(
     loss_chunk: int = 4096,
     gpu_bytes: int = 80 * GiB,
     reference: bool = False,
+    quantized: int = 0,
+    nf4_bytes: float = 0.5,
 ) -> Plan:
     """trainable: trainable parameters per module ("vit", "mlp", "llm"), e.g. 0 for a frozen one.
-    reference: MPO's frozen copy of the initial model, sharded like the policy (fp32, no gradients)."""
+    reference: MPO's frozen copy of the initial model, sharded like the policy (fp32, no gradients).
+    quantized: weights stored in NF4 (QLoRA's base layers), `nf4_bytes` each, on every GPU."""
     if gpus < 1 or tokens < 1 or tiles < 0:
         raise ValueError(f"gpus and tokens must be >= 1 and tiles >= 0, got {gpus}, {tokens}, {tiles}")
     if loss_chunk < 1:
@@ -122,8 +126,9 @@ def plan(
         # one process: the plain fp32 module under bf16 autocast, which caches a bf16 copy of each
         # trainable weight for the whole forward (and backward keeps the copies of the frozen weights it
         # differentiates through); a frozen ViT runs without backward, its casts are transient
-        bf16_copies = 2 * (total - (param_counts(cfg)["vit"] if trainable.get("vit", 0) == 0 else 0))
-    parameters = math.ceil(4 * total / gpus) * (2 if reference else 1) + bf16_copies
+        bf16_copies = 2 * (total - quantized - (param_counts(cfg)["vit"] if trainable.get("vit", 0) == 0 else 0))
+    parameters = ((math.ceil(4 * (total - quantized) / gpus) + math.ceil(nf4_bytes * quantized)) * (2 if reference else 1)
+                  + bf16_copies)
     gradients = math.ceil(4 * n_train / gpus)
     if gpus > 1:
         # reduce_dtype=float32: a block's bf16 gradients are copied into an fp32 reduce-scatter input of
@@ -155,9 +160,11 @@ def plan(
 
 
 def advice(cfg: ModelConfig, trainable: dict[str, int], *, gpus: int, tokens: int, tiles: int,
-           activation_checkpointing: bool, loss_chunk: int, gpu_bytes: int, reference: bool = False) -> list[str]:
+           activation_checkpointing: bool, loss_chunk: int, gpu_bytes: int, reference: bool = False,
+           quantized: int = 0, nf4_bytes: float = 0.5) -> list[str]:
     """What to change, cheapest first, when the plan does not fit; [] when it does."""
-    kw = {"tiles": tiles, "loss_chunk": loss_chunk, "gpu_bytes": gpu_bytes, "reference": reference}
+    kw = {"tiles": tiles, "loss_chunk": loss_chunk, "gpu_bytes": gpu_bytes, "reference": reference,
+          "quantized": quantized, "nf4_bytes": nf4_bytes}
     if plan(cfg, trainable, gpus=gpus, tokens=tokens, activation_checkpointing=activation_checkpointing, **kw).fits:
         return []
     out = []
@@ -172,7 +179,7 @@ def advice(cfg: ModelConfig, trainable: dict[str, int], *, gpus: int, tokens: in
     def fits_packs(n: int) -> bool:
         return plan(cfg, trainable, gpus=gpus, tokens=n, activation_checkpointing=True,
                     tiles=min(tiles, n // max(cfg.image_seq_length, 1)), loss_chunk=loss_chunk,
-                    gpu_bytes=gpu_bytes, reference=reference).fits
+                    gpu_bytes=gpu_bytes, reference=reference, quantized=quantized, nf4_bytes=nf4_bytes).fits
 
     smaller = tokens
     while not fits_packs(smaller) and smaller // 2 >= 256:  # halving down to 256-token packs, 256 included
@@ -181,12 +188,13 @@ def advice(cfg: ModelConfig, trainable: dict[str, int], *, gpus: int, tokens: in
         out.append(f"--max_tokens={smaller} --max_tiles={min(tiles, smaller // max(cfg.image_seq_length, 1))} "
                    "with --activation_checkpointing=true (raise --global_batch to keep the tokens per step)")
     if not out:
-        out.append("does not fit even with checkpointing, 1024 GPUs or 256-token packs: freeze modules or use LoRA")
+        out.append("does not fit even with checkpointing, 1024 GPUs or 256-token packs: freeze modules, or use LoRA "
+                   "(--stage.llm.mode=lora) or QLoRA (--stage.llm.mode=qlora)")
     return out
 
 
 def format_plan(p: Plan, title: str) -> str:
-    rows = [("parameters (fp32 shards + gathered bf16)", p.parameters), ("gradients (fp32 shards)", p.gradients),
+    rows = [("parameters (fp32 shards + gathered bf16, NF4)", p.parameters), ("gradients (fp32 shards)", p.gradients),
             ("optimizer (AdamW moments, fp32 shards)", p.optimizer), ("activations (one pack)", p.activations),
             ("loss chunk (logits)", p.loss), ("overhead (context, slack)", p.overhead), ("total", p.total)]
     lines = [title] + [f"  {name:42s} {b / GiB:8.2f} GiB" for name, b in rows]

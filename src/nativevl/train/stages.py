@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from nativevl.train.lora import LLM_TARGETS, MLP_TARGETS, VIT_TARGETS, add_lora
+from nativevl.train.qlora import BLOCK_SIZES, quantize_linears
 
-MODES = ("frozen", "full", "lora")
+MODES = ("frozen", "full", "lora", "qlora")  # qlora: LoRA over the layers' weights stored in NF4 (train/qlora.py)
 MODULES = ("vit", "mlp", "llm")
+TARGETS = {"vit": VIT_TARGETS, "mlp": MLP_TARGETS, "llm": LLM_TARGETS}
 
 
 @dataclass(frozen=True)
@@ -19,10 +21,19 @@ class ModulePolicy:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
+    nf4_block: int = 64  # qlora: weights per NF4 absmax block
+    double_quant: bool = True  # qlora: the absmaxes in 8 bits (QLoRA's double quantization)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"module mode must be one of {MODES}, got {self.mode!r}")
+        if self.nf4_block not in BLOCK_SIZES:
+            raise ValueError(f"nf4_block must be one of {BLOCK_SIZES}, got {self.nf4_block}")
+
+    @property
+    def adapted(self) -> bool:
+        """LoRA layers train over a frozen base (lora, or qlora's 4-bit one)."""
+        return self.mode in ("lora", "qlora")
 
 
 @dataclass(frozen=True)
@@ -40,11 +51,26 @@ def module_of(model: nn.Module, name: str) -> nn.Module:
     return {"vit": model.vision_tower, "mlp": model.multi_modal_projector, "llm": model.language_model}[name]
 
 
+def quantize_base(model: nn.Module, policy: StagePolicy) -> dict[str, int]:
+    """Store the LoRA target layers of every qlora module in NF4, in place; returns the layers per module.
+    Before the model moves to its device (only the 4-bit copies get there), and before apply_policy."""
+    out = {}
+    for name in MODULES:
+        pol = policy.get(name)
+        if pol.mode == "qlora":
+            out[name] = quantize_linears(module_of(model, name), TARGETS[name], pol.nf4_block, pol.double_quant)
+            if out[name] == 0:
+                raise ValueError(f"no layer of {name} matches the LoRA targets {TARGETS[name]}")
+    return out
+
+
 def apply_policy(model: nn.Module, policy: StagePolicy) -> dict[str, list[nn.Parameter]]:
     """Freeze / unfreeze / add LoRA per module; returns the trainable parameters per module.
 
-    The lm_head belongs to "llm" (tied or not). LoRA modules keep their base weights frozen.
+    The lm_head belongs to "llm" (tied or not). LoRA modules keep their base weights frozen; qlora modules
+    are LoRA over the NF4 layers quantize_base made (quantized here when it was not called).
     """
+    quantize_base(model, policy)
     layers = model.vision_tower.encoder.layer
     n = len(layers)
     for i, layer in enumerate(layers):
@@ -57,10 +83,9 @@ def apply_policy(model: nn.Module, policy: StagePolicy) -> dict[str, list[nn.Par
         for m in [mod, *extra]:
             for p in m.parameters():
                 p.requires_grad_(pol.mode == "full")
-        if pol.mode == "lora":
-            targets = {"vit": VIT_TARGETS, "mlp": MLP_TARGETS, "llm": LLM_TARGETS}[name]
-            if add_lora(mod, targets, pol.lora_rank, pol.lora_alpha, pol.lora_dropout) == 0:
-                raise ValueError(f"no layer of {name} matches the LoRA targets {targets}")
+        if pol.adapted:
+            if add_lora(mod, TARGETS[name], pol.lora_rank, pol.lora_alpha, pol.lora_dropout) == 0:
+                raise ValueError(f"no layer of {name} matches the LoRA targets {TARGETS[name]}")
         seen: set[int] = set()
         params[name] = []
         for m in [mod, *extra]:

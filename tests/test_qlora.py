@@ -1,0 +1,176 @@
+"""QLoRA: the LLM's linear layers stored in NF4 with double quantization, as bitsandbytes stores them, with
+LoRA over them. The storage is bitsandbytes' (oracle: bitsandbytes itself); a layer's forward and backward
+are nn.Linear's on the dequantized weight without keeping it for backward; a QLoRA run exports the model
+it trained, which transformers + bitsandbytes + PEFT compute from the run's final_adapter, and resumes
+exactly; `nativevl plan` counts the 4-bit base."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_train import launch_stopped_at, losses
+
+from nativevl import VisionLanguageModel
+from nativevl.cli import main
+from nativevl.config import preset
+from nativevl.recipes import apply_overrides, build, launch, recipe
+from nativevl.train import loop
+from nativevl.train.lora import LoRALinear
+from nativevl.train.plan import GiB, param_counts, plan
+from nativevl.train.qlora import NF4Linear, dequantize_nf4, nf4_bytes_per_weight, quantize_nf4
+
+SMALL = ["--global_batch=2", "--tensorboard=false", "--max_tokens=256"]
+QLORA = ["--stage.llm.mode=qlora", "--stage.llm.lora_rank=4", "--stage.llm.lora_dropout=0", "--stage.mlp.mode=full",
+         "--stage.vit.mode=frozen"]
+
+
+@pytest.mark.parametrize("shape, block", [((64, 128), 64), ((96, 200), 64), ((33, 17), 64), ((40, 96), 128)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_storage_is_bitsandbytes(shape, block, double_quant):
+    """The same 4-bit codes, packed the same way, and the same weights decoded (by bitsandbytes' torch
+    decoder: its CPU C kernel misplaces blocks when a row is not a whole number of blocks, 40 x 96 in blocks
+    of 64 or 128). bitsandbytes' CPU kernel rounds the 8-bit absmax codes of double quantization to the
+    nearest level except within about 1e-5 of a midpoint between two levels, where it can take the farther
+    one (its torch backend and we take the nearer): those codes may differ by one level."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    reference = pytest.importorskip("bitsandbytes.backends.default.ops")._dequantize_4bit_compute
+    g = torch.Generator().manual_seed(shape[0])
+    w = torch.randn(*shape, generator=g) * 0.02
+    w[0, :5] = 0.0  # a run of zeros, and an outlier that owns its block's scale
+    w[-1, -1] = 0.5
+    q, state = bnb.quantize_4bit(w, blocksize=block, quant_type="nf4", compress_statistics=double_quant)
+    ours = quantize_nf4(w, block, double_quant)
+    assert torch.equal(ours["codes"], q.view(-1))
+    assert ours["codes"].numel() == (w.numel() + 1) // 2
+    if double_quant:
+        assert torch.equal(ours["scale_absmax"], state.state2.absmax) and torch.equal(ours["scale_offset"][0], state.offset)
+        differ = (ours["scale_codes"].int() - state.absmax.int()).abs()
+        assert differ.max() <= 1 and (differ > 0).float().mean() <= 0.05
+        ours = dict(ours, scale_codes=state.absmax)  # decode bitsandbytes' codes
+        absmax = bnb.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    else:
+        assert torch.equal(ours["absmax"], state.absmax)
+        absmax = state.absmax
+    expected = reference(q.view(-1), absmax, state.code, block, shape, torch.float32)
+    decoded = dequantize_nf4(ours, shape, block)
+    assert torch.equal(decoded, expected)
+    assert decoded[-1, -1] == 0.5 and (decoded - w).abs().max() <= 0.5 * 0.17  # NF4's widest half-gap x absmax
+
+
+def test_an_nf4_layer_computes_its_dequantized_linear_and_keeps_no_weight_for_backward():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(192, 128)
+    layer = NF4Linear(linear)
+    plain = layer.to_linear()
+    assert not torch.equal(plain.weight, linear.weight)  # 4 bits are not fp32
+    x = torch.randn(5, 192, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    out.square().sum().backward()
+    plain(x2).square().sum().backward()
+    assert (out - plain(x2)).abs().max() < 1e-5 and (x.grad - x2.grad).abs().max() < 1e-5
+    assert not any(t.numel() >= 128 * 192 for t in saved)  # no dequantized weight kept between the passes
+    assert sum(b.numel() * b.element_size() for b in layer.buffers()) == pytest.approx(
+        128 * 192 * nf4_bytes_per_weight(), abs=8)  # + the offset and a partial last block of absmaxes
+    assert list(layer.state_dict()) == ["bias"]  # the codes are rebuilt from the base, never checkpointed
+    # under bf16 autocast it computes in bf16, as nn.Linear does
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x.detach())
+    assert low.dtype == torch.bfloat16 and (low.float() - plain(x).detach()).abs().max() < 0.05
+    lora = LoRALinear(layer, rank=4, alpha=8)
+    assert [n for n, p in lora.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    launch(apply_overrides(recipe("debug_tiny"), ["--max_steps=2", *SMALL]), out)
+    return out / "final"
+
+
+def test_a_qlora_run_exports_the_model_it_trained(base, tmp_path):
+    """The LLM's LoRA targets are NF4 in training and only the adapters train; final/ is the trained
+    model (LoRA merged into the dequantized base); its final_adapter in PEFT on transformers' model of the
+    base loaded in 4 bits by bitsandbytes (NF4, double quantization) computes final/'s logits, up to
+    bitsandbytes' CPU matmul (bf16 absmaxes): within 10% of what the 4 bits themselves change."""
+    run = apply_overrides(recipe("debug_tiny"), ["--max_steps=3", *SMALL, f"--init_from={base}", *QLORA, "--export=false"])
+    model, tokenizer, dataset, run = build(run, tmp_path)
+    loop.train(model, tokenizer, dataset, run.stage, run.train, tmp_path)
+    nf4 = [n for n, m in model.named_modules() if isinstance(m, NF4Linear)]
+    assert len(nf4) == 7 * model.config.text.num_hidden_layers and all(n.startswith("language_model.") for n in nf4)
+    trains = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or n.startswith("multi_modal_projector.") for n in trains)
+    assert not any(k.endswith("proj.base.weight") and k.startswith("language_model.") for k in model.state_dict())
+    assert all(json.loads(x)["loss"] < 10 for x in (tmp_path / "metrics.jsonl").read_text().splitlines())
+    model.eval()
+    batch = next(iter(dataset))
+    with torch.no_grad():
+        trained = model(**batch.model_inputs()).logits
+        loop.export_final(model, tokenizer, tmp_path / "final", True, run.stage)
+        exported = VisionLanguageModel.from_pretrained(tmp_path / "final")(**batch.model_inputs()).logits
+    assert (trained - exported).abs().max() < 1e-5
+
+    pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    from transformers import BitsAndBytesConfig, InternVLForConditionalGeneration
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32,
+                             llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"])
+    ids = torch.tensor([[3] + [model.config.image_token_id] * 4 + [4, 20, 30, 40]])
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    logits = lambda m: m(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).logits
+    with torch.no_grad():
+        four_bit = InternVLForConditionalGeneration.from_pretrained(base, quantization_config=bnb, dtype=torch.float32)
+        in_4_bits = logits(peft.PeftModel.from_pretrained(four_bit.eval(), tmp_path / "final_adapter").eval())
+        full = InternVLForConditionalGeneration.from_pretrained(base).eval()
+        in_full = logits(peft.PeftModel.from_pretrained(full, tmp_path / "final_adapter").eval())
+        ours = logits(InternVLForConditionalGeneration.from_pretrained(tmp_path / "final").eval())
+    effect = (in_full - ours).abs().max().item()
+    assert effect > 1e-3  # the 4-bit base is not the full one
+    assert (in_4_bits - ours).abs().max().item() < 0.1 * effect
+
+
+def test_a_qlora_run_resumes_exactly(base, tmp_path, monkeypatch):
+    args = ["--max_steps=5", "--save_every=1", *SMALL, f"--init_from={base}", *QLORA, "--export=false"]
+    run = apply_overrides(recipe("debug_tiny"), args)
+    launch(run, tmp_path / "whole")
+    launch_stopped_at(run, tmp_path / "resumed", monkeypatch)
+    launch(run, tmp_path / "resumed")  # re-quantizes the base, reads the adapters and optimizer state
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")
+
+
+def test_plan_counts_the_4_bit_base(capsys):
+    cfg = preset("internvl3_8b")
+    counts = param_counts(cfg)
+    lora = {"vit": 0, "mlp": counts["mlp"], "llm": 40_000_000}
+    kw = {"gpus": 1, "tokens": 4096, "tiles": 12, "activation_checkpointing": True}
+    plain = plan(cfg, lora, **kw)
+    llm_linear = counts["llm"] - cfg.text.vocab_size * cfg.text.hidden_size * 2 - cfg.text.hidden_size * (
+        2 * cfg.text.num_hidden_layers + 1)
+    four = plan(cfg, lora, quantized=llm_linear, nf4_bytes=nf4_bytes_per_weight(), **kw)
+    # fp32 master (4 B) and bf16 copy (2 B) replaced by 0.516 B per quantized weight
+    assert plain.parameters - four.parameters == pytest.approx(llm_linear * (6 - nf4_bytes_per_weight()), rel=1e-6)
+    assert main(["plan", "sft_qlora", "--preset", "internvl3_8b", "--gpus", "1", "--gpu_memory", "24",
+                 "--max_tokens=4096", "--max_tiles=12", "--activation_checkpointing=true"]) == 0
+    out = capsys.readouterr().out
+    assert "fits in 24 GiB" in out
+    assert main(["plan", "sft_lora", "--preset", "internvl3_8b", "--gpus", "1", "--gpu_memory", "24",
+                 "--max_tokens=4096", "--max_tiles=12", "--activation_checkpointing=true"]) == 1
+    assert four.parameters < 12 * GiB < plain.parameters
+
+
+def test_mpo_over_a_4_bit_base_starts_from_it(base, tmp_path):
+    """MPO's frozen reference is the quantized base the policy starts from, so step 1's log-ratios are 0
+    (DPO's loss ln 2), as with a full-precision base."""
+    from test_alignment import MPO_ARGS, preference_meta
+
+    meta = preference_meta(tmp_path)
+    launch(apply_overrides(recipe("debug_tiny"), [*MPO_ARGS, f"--meta={meta}", "--max_steps=2", f"--init_from={base}",
+                                                  *QLORA]), tmp_path / "mpo")
+    first = json.loads((tmp_path / "mpo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["dpo"] == pytest.approx(0.6931472, abs=1e-6)
