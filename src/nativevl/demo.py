@@ -89,20 +89,24 @@ def _sources(stage: str, seed: int) -> list[ToyWorldSource]:
             for f, w in weights.items()]
 
 
-def _stage(name: str, model, tokenizer, cfg: DemoConfig, out: Path, steps: int, text_ratio: float | None) -> dict:
+def _stage(name: str, model, tokenizer, cfg: DemoConfig, out: Path, steps: int, text_ratio: float | None,
+           policy: StagePolicy | None = None, sources: str | None = None) -> dict:
+    """Train `model` on the toy world's `sources` stage mixture ("pretrain" or "sft"; default `name`) into
+    out/name, every module in full unless `policy` says otherwise (scripts/qlora.py)."""
+    sources = sources or name
     mcfg = model.config
     data = DataConfig(max_tokens=cfg.pack_tokens, max_tiles=96, image_size=mcfg.vision.image_size,
                       image_seq_length=mcfg.image_seq_length, image_token_id=mcfg.image_token_id, system_message=None,
                       loss_reduction="square", text_ratio=text_ratio, seed=cfg.train_seed,
                       text_ratio_unit="samples")  # as the committed demo was tuned and measured
-    dataset = PackedDataset(_sources(name, cfg.train_seed), tokenizer, data)
+    dataset = PackedDataset(_sources(sources, cfg.train_seed), tokenizer, data)
     # the stage's own mixture (text share included) on another held-out seed, read as at test time
-    held_out = PackedDataset(_sources(name, cfg.val_seed), tokenizer,
+    held_out = PackedDataset(_sources(sources, cfg.val_seed), tokenizer,
                              dataclasses.replace(data, max_records=cfg.val_records, training=False))
     train_cfg = TrainConfig(max_steps=steps, lr=cfg.lr, warmup_steps=max(1, steps // 20), global_batch=cfg.global_batch,
                             weight_decay=0.0, tensorboard=True, save_every=max(1, steps // 4), seed=cfg.train_seed,
                             val_every=max(1, steps // 10), val_records=cfg.val_records)
-    return train(model, tokenizer, dataset, StagePolicy(), train_cfg, out / name,
+    return train(model, tokenizer, dataset, policy or StagePolicy(), train_cfg, out / name,
                  run_config={"demo": dataclasses.asdict(cfg), "stage": name, "data": dataclasses.asdict(data)},
                  val_dataset=held_out)
 

@@ -86,16 +86,19 @@ def quantize_nf4(weight: torch.Tensor, block: int = 64, double_quant: bool = Tru
 
 def dequantize_nf4(state: dict[str, torch.Tensor], shape: tuple[int, int], block: int,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The weight quantize_nf4 stored, computed in float32 (as bitsandbytes does), returned in `dtype`."""
+    """The weight quantize_nf4 stored, computed in float32 (as bitsandbytes does), returned in `dtype`.
+    The level tables come from the state when it holds them (NF4Linear's buffers: no cache lookup for
+    torch.compile to trace), else from a per-device cache."""
     packed = state["codes"]
+    levels = state["levels"] if "levels" in state else _levels(packed.device)
     n = shape[0] * shape[1]
     codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n].long()
     if "scale_codes" in state:
-        absmax = _expand(_dynamic_levels(packed.device)[state["scale_codes"].long()], state["scale_absmax"],
-                         SCALE_BLOCK) + state["scale_offset"]
+        scale_levels = state["scale_levels"] if "scale_levels" in state else _dynamic_levels(packed.device)
+        absmax = _expand(scale_levels[state["scale_codes"].long()], state["scale_absmax"], SCALE_BLOCK) + state["scale_offset"]
     else:
         absmax = state["absmax"]
-    return _expand(_levels(packed.device)[codes], absmax, block).view(shape).to(dtype)
+    return _expand(levels[codes], absmax, block).view(shape).to(dtype)
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -128,6 +131,10 @@ class NF4Linear(nn.Module):
         self.dtype = linear.weight.dtype  # what the layer computed in: LoRA layers are made in it
         for name, value in quantize_nf4(linear.weight, block, double_quant).items():
             self.register_buffer(name, value, persistent=False)
+        device = linear.weight.device
+        self.register_buffer("levels", _levels(device).clone(), persistent=False)
+        if double_quant:
+            self.register_buffer("scale_levels", _dynamic_levels(device).clone(), persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     @property
