@@ -414,12 +414,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
     from nativevl.config import preset
-    from nativevl.model.vlm import VisionLanguageModel
     from nativevl.recipes import apply_overrides, recipe
-    from nativevl.train.parallel import trainable_by_module
-    from nativevl.train.plan import GiB, advice, format_plan, param_counts, plan
-    from nativevl.train.qlora import NF4Linear, nf4_bytes_per_weight
-    from nativevl.train.stages import apply_policy
+    from nativevl.train.plan import GiB, advice, format_plan, param_counts, plan, stage_counts
 
     run = apply_overrides(recipe(args.recipe), extra)
     if run.model.init_from:
@@ -428,16 +424,10 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
         cfg = read_config(run.model.init_from)[0]
     else:
         cfg = preset(args.preset or run.model.preset)
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        model = VisionLanguageModel(cfg)
-        apply_policy(model, run.stage)
-        trainable = {m: sum(p.numel() for p in ps) for m, ps in trainable_by_module(model).items()}
-        nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]  # QLoRA's base layers
+    trainable, quantized, nf4_bytes = stage_counts(cfg, run.stage)
     kw = {"tokens": run.data.max_tokens, "tiles": run.data.max_tiles, "loss_chunk": run.train.loss_chunk,
           "gpu_bytes": int(args.gpu_memory * GiB), "reference": run.train.objective == "mpo",
-          "quantized": sum(m.weight_numel() for m in nf4),
-          "nf4_bytes": sum(nf4_bytes_per_weight(m.block, m.double_quant) * m.weight_numel() for m in nf4)
-                       / max(sum(m.weight_numel() for m in nf4), 1)}
+          "quantized": quantized, "nf4_bytes": nf4_bytes}
     counts = param_counts(cfg)
     print(f"{args.recipe}: {sum(counts.values()) / 1e9:.2f}B parameters (ViT {counts['vit'] / 1e6:.0f}M, "
           f"MLP {counts['mlp'] / 1e6:.0f}M, LLM {counts['llm'] / 1e6:.0f}M), {sum(trainable.values()) / 1e9:.2f}B trainable; "

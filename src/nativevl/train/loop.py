@@ -27,12 +27,13 @@ from nativevl.model.vlm import VisionLanguageModel
 from nativevl.train import checkpoint as ckpt
 from nativevl.train import parallel
 from nativevl.train.lora import LoRALinear, merge_lora
-from nativevl.train.qlora import NF4Linear
 from nativevl.train.losses import MPOWeights
 from nativevl.train.metrics import MetricsLogger, batch_flops, module_sizes, pass_factors, peak_flops
 from nativevl.train.objectives import OBJECTIVES, make_objective
 from nativevl.train.optim import build_optimizer, lr_factor, set_lr
 from nativevl.train.parallel import all_reduce_max, all_reduce_sum, barrier, init_distributed
+from nativevl.train.plan import preflight
+from nativevl.train.qlora import NF4Linear
 from nativevl.train.stages import MODULES, StagePolicy, apply_policy, quantize_base
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ class TrainConfig:
     # seconds a step may take before every thread's stack goes to DIR/hang-rankN-<time>.txt; 0: off. Below
     # NCCL's 10-minute collective timeout, which ends a rank stuck in a collective before any dump
     hang_timeout: float = 300.0
+    # before anything moves to a GPU, `nativevl plan`'s estimate for this run on the GPU's memory: a run
+    # that would not fit stops with the plan and what would fit (error), or only logs them (warn), or off
+    memory_check: str = "error"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -86,6 +90,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if not math.isfinite(self.hang_timeout) or self.hang_timeout < 0:
             raise ValueError(f"hang_timeout must be a finite number of seconds >= 0, got {self.hang_timeout}")
+        if self.memory_check not in ("error", "warn", "off"):
+            raise ValueError(f"memory_check must be error, warn or off, got {self.memory_check!r}")
         if self.val_records < 1:
             raise ValueError(f"val_records must be >= 1, got {self.val_records}")
         for name in ("warmup_steps", "save_every", "num_workers", "keep_checkpoints", "val_every"):
@@ -174,6 +180,7 @@ def train(
                     cfg.warmup_steps, cfg.max_steps, cfg.lr * cfg.max_steps / max(cfg.warmup_steps, 1))
     torch.manual_seed(cfg.seed + rank)
 
+    check_memory(model, policy, cfg, dataset, world, device, main)
     quantize_base(model, policy)  # on the CPU: only QLoRA's 4-bit layers move to the device, and MPO's pi_0 is the quantized base
     model.to(device)
     mpo = MPOWeights(cfg.mpo_preference_weight, cfg.mpo_quality_weight, cfg.mpo_generation_weight, cfg.mpo_beta)
@@ -462,6 +469,31 @@ def load_train_state(path: Path, model, optimizer, rank: int, world: int, worker
     for group, values in zip(optimizer.param_groups, hyper):
         group.update(values)
     return meta, rank_state
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory of a CUDA device; None for the CPU (no check: the host's memory is not planned)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def check_memory(model, policy: StagePolicy, cfg: TrainConfig, dataset, world: int, device: torch.device,
+                 main: bool) -> None:
+    """`nativevl plan` for this run on this GPU, before the model is on it: ValueError with the plan and
+    what would fit when the estimate exceeds the GPU's memory (memory_check=error), a warning (warn)."""
+    budget = device_memory(device)
+    if budget is None or cfg.memory_check == "off":
+        return
+    fits, report = preflight(model.config, policy, gpus=world, tokens=dataset.cfg.max_tokens, tiles=dataset.cfg.max_tiles,
+                             activation_checkpointing=cfg.activation_checkpointing, loss_chunk=cfg.loss_chunk,
+                             gpu_bytes=budget, reference=cfg.objective == "mpo")
+    if fits:
+        return
+    message = (f"this run is estimated not to fit in the {budget / 1024**3:.1f} GiB of each GPU ({device}):\n{report}\n"
+               "(the estimate is within about 25% of measured peaks; --memory_check=warn runs it anyway)")
+    if cfg.memory_check == "error":
+        raise ValueError(message)
+    if main:
+        log.warning("%s", message)
 
 
 def export_final(model: VisionLanguageModel, tokenizer, path: Path, main: bool, policy: StagePolicy | None = None) -> None:

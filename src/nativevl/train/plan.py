@@ -201,3 +201,39 @@ def format_plan(p: Plan, title: str) -> str:
     verdict = "fits" if p.fits else "does NOT fit"
     lines.append(f"  {verdict} in {p.gpu_bytes / GiB:.0f} GiB per GPU ({p.total / p.gpu_bytes:.0%})")
     return "\n".join(lines)
+
+
+def stage_counts(cfg: ModelConfig, stage) -> tuple[dict[str, int], int, float]:
+    """(trainable parameters per module, weights stored in NF4, bytes per NF4 weight) of a model of `cfg`
+    under a StagePolicy, from a model built on the meta device (shapes only, no memory)."""
+    import torch
+
+    from nativevl.model.vlm import VisionLanguageModel
+    from nativevl.train.parallel import trainable_by_module
+    from nativevl.train.qlora import NF4Linear, nf4_bytes_per_weight
+    from nativevl.train.stages import apply_policy
+
+    with torch.device("meta"):
+        model = VisionLanguageModel(cfg)
+        apply_policy(model, stage)
+        trainable = {m: sum(p.numel() for p in ps) for m, ps in trainable_by_module(model).items()}
+        nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]  # QLoRA's base layers
+    quantized = sum(m.weight_numel() for m in nf4)
+    nf4_bytes = sum(nf4_bytes_per_weight(m.block, m.double_quant) * m.weight_numel() for m in nf4) / max(quantized, 1)
+    return trainable, quantized, nf4_bytes
+
+
+def preflight(cfg: ModelConfig, stage, *, gpus: int, tokens: int, tiles: int, activation_checkpointing: bool,
+              loss_chunk: int, gpu_bytes: int, reference: bool) -> tuple[bool, str]:
+    """Before a training run touches its GPUs: (fits, report), the report holding the plan and, when it
+    does not fit, what would (advice)."""
+    trainable, quantized, nf4_bytes = stage_counts(cfg, stage)
+    kw = {"tokens": tokens, "tiles": tiles, "loss_chunk": loss_chunk, "gpu_bytes": gpu_bytes, "reference": reference,
+          "quantized": quantized, "nf4_bytes": nf4_bytes}
+    p = plan(cfg, trainable, gpus=gpus, activation_checkpointing=activation_checkpointing, **kw)
+    report = format_plan(p, f"memory per GPU ({gpus} GPU(s), packs of {tokens} tokens and {tiles} tiles, "
+                            f"activation checkpointing {'on' if activation_checkpointing else 'off'}):")
+    if not p.fits:
+        hints = advice(cfg, trainable, gpus=gpus, activation_checkpointing=activation_checkpointing, **kw)
+        report += "".join(f"\nto fit: {h}" for h in hints)
+    return p.fits, report

@@ -83,9 +83,8 @@ def apply_policy(model: nn.Module, policy: StagePolicy) -> dict[str, list[nn.Par
         for m in [mod, *extra]:
             for p in m.parameters():
                 p.requires_grad_(pol.mode == "full")
-        if pol.adapted:
-            if add_lora(mod, TARGETS[name], pol.lora_rank, pol.lora_alpha, pol.lora_dropout) == 0:
-                raise ValueError(f"no layer of {name} matches the LoRA targets {TARGETS[name]}")
+        if pol.adapted and add_lora(mod, TARGETS[name], pol.lora_rank, pol.lora_alpha, pol.lora_dropout) == 0:
+            raise ValueError(f"no layer of {name} matches the LoRA targets {TARGETS[name]}")
         seen: set[int] = set()
         params[name] = []
         for m in [mod, *extra]:
