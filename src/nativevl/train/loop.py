@@ -181,7 +181,9 @@ def train(
     torch.manual_seed(cfg.seed + rank)
 
     check_memory(model, policy, cfg, dataset, world, device, main)
-    quantize_base(model, policy)  # on the CPU: only QLoRA's 4-bit layers move to the device, and MPO's pi_0 is the quantized base
+    # QLoRA: each layer quantized on the device, so only the 4-bit copies live there; MPO's pi_0 is this base
+    if quantize_base(model, policy, device) and run_config is not None:
+        run_config = {**run_config, "qlora_base": nf4_fingerprint(model)}  # a resume must quantize the same base
     model.to(device)
     mpo = MPOWeights(cfg.mpo_preference_weight, cfg.mpo_quality_weight, cfg.mpo_generation_weight, cfg.mpo_beta)
     label_ids = label_token_ids(tokenizer) if cfg.objective == "prm" else None
@@ -471,6 +473,17 @@ def load_train_state(path: Path, model, optimizer, rank: int, world: int, worker
     return meta, rank_state
 
 
+def nf4_fingerprint(model) -> str:
+    """One digest of every NF4 layer's codes and scales (QLoRA's base, which checkpoints do not hold)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name, module in model.named_modules():
+        if isinstance(module, NF4Linear):
+            digest.update(f"{name}:{module.fingerprint()};".encode())
+    return digest.hexdigest()
+
+
 def device_memory(device: torch.device) -> int | None:
     """Bytes of memory of a CUDA device; None for the CPU (no check: the host's memory is not planned)."""
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
@@ -532,6 +545,8 @@ def export_final(model: VisionLanguageModel, tokenizer, path: Path, main: bool, 
             plain.load_state_dict(merged_lora_state(model, full))
             model = plain
     if main:
+        if any(isinstance(m, NF4Linear) for m in model.modules()):
+            model.cpu()  # each 4-bit layer merges into a full-precision one: on the host, not on the GPU
         merge_lora(model)
         model.eval().save_pretrained(path, layout="hf", tokenizer=tokenizer, dtype=torch.float32)
         if adapter is not None:

@@ -5,7 +5,9 @@ Bytes per GPU under FSDP2 over N GPUs with bf16 compute (train/parallel.py):
   (embeddings, projector, lm_head; kept gathered through the step) and two blocks (the running one
   and the prefetched one); on one GPU (no FSDP: fp32 module, bf16 autocast) the autocast copies of
   all the weights backward goes through (2 B per parameter);
-  QLoRA's NF4 weights instead take about 0.52 B each on every GPU (buffers: not sharded, never gathered);
+  QLoRA's NF4 weights instead take about 0.52 B each on every GPU (buffers: not sharded, never gathered;
+  with several GPUs the two gathered blocks are still counted whole, which about offsets the one layer
+  decoded at a time and a checkpointed block's recompute, not counted);
 - gradients: fp32 shards of the trainable parameters (4 B / N) + one gathered block's bf16 gradients
   and their fp32 reduce-scatter copy (6 B per parameter of the block) + the root's bf16 gradients
   (it stays gathered, so they live through backward);

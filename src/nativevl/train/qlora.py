@@ -12,6 +12,7 @@ hold the LoRA layers and what trains, and a resumed run re-quantizes its base, w
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import torch
 from torch import nn
@@ -84,58 +85,87 @@ def quantize_nf4(weight: torch.Tensor, block: int = 64, double_quant: bool = Tru
     return state
 
 
+def _pair_table(levels: torch.Tensor) -> torch.Tensor:
+    """The two levels each packed byte stands for, (256, 2): decoding is one lookup per byte."""
+    byte = torch.arange(256, device=levels.device)
+    return torch.stack([levels[byte >> 4], levels[byte & 0xF]], dim=1)
+
+
+def _decode(codes: torch.Tensor, pairs: torch.Tensor, absmax: torch.Tensor | None, scale_codes: torch.Tensor | None,
+            scale_absmax: torch.Tensor | None, scale_offset: torch.Tensor | None, scale_levels: torch.Tensor | None,
+            rows: int, cols: int, block: int, dtype: torch.dtype) -> torch.Tensor:
+    n = rows * cols
+    if absmax is None:
+        absmax = _expand(scale_levels[scale_codes.int()], scale_absmax, SCALE_BLOCK) + scale_offset
+    values = pairs[codes.int()].reshape(-1)[:n]  # int32 indices: 2 B per weight, not int64's 8
+    return _expand(values, absmax, block).view(rows, cols).to(dtype)
+
+
 def dequantize_nf4(state: dict[str, torch.Tensor], shape: tuple[int, int], block: int,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The weight quantize_nf4 stored, computed in float32 (as bitsandbytes does), returned in `dtype`.
-    The level tables come from the state when it holds them (NF4Linear's buffers: no cache lookup for
-    torch.compile to trace), else from a per-device cache."""
-    packed = state["codes"]
-    levels = state["levels"] if "levels" in state else _levels(packed.device)
-    n = shape[0] * shape[1]
-    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n].long()
-    if "scale_codes" in state:
-        scale_levels = state["scale_levels"] if "scale_levels" in state else _dynamic_levels(packed.device)
-        absmax = _expand(scale_levels[state["scale_codes"].long()], state["scale_absmax"], SCALE_BLOCK) + state["scale_offset"]
-    else:
-        absmax = state["absmax"]
-    return _expand(levels[codes], absmax, block).view(shape).to(dtype)
+    """The weight quantize_nf4 stored, computed in float32 (as bitsandbytes does), returned in `dtype`."""
+    device = state["codes"].device
+    dq = "scale_codes" in state
+    return _decode(state["codes"], _pair_table(_levels(device)), state.get("absmax"), state.get("scale_codes"),
+                   state.get("scale_absmax"), state.get("scale_offset"), _dynamic_levels(device) if dq else None,
+                   shape[0], shape[1], block, dtype)
 
 
-class _NF4Matmul(torch.autograd.Function):
-    """x @ W^T with W dequantized in forward and again in backward: autograd keeps no weight copy.
-    Runs in the autocast dtype when autocast is on (as nn.Linear would), else in x's dtype."""
+@torch.library.custom_op("nativevl::nf4_matmul", mutates_args=())
+def nf4_matmul(x: torch.Tensor, codes: torch.Tensor, pairs: torch.Tensor, absmax: torch.Tensor | None,
+               scale_codes: torch.Tensor | None, scale_absmax: torch.Tensor | None, scale_offset: torch.Tensor | None,
+               scale_levels: torch.Tensor | None, rows: int, cols: int, block: int, transpose: bool) -> torch.Tensor:
+    """x @ W^T (transpose: x @ W) for the NF4 weight W (rows x cols), decoded in x's dtype. An opaque
+    operator: torch.compile can neither keep the decoded weight for backward nor move the decode across it."""
+    w = _decode(codes, pairs, absmax, scale_codes, scale_absmax, scale_offset, scale_levels, rows, cols, block, x.dtype)
+    return x @ w if transpose else x @ w.t()
 
-    @staticmethod
-    def forward(ctx, x, layer):
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        ctx.layer, ctx.dtype, ctx.in_dtype = layer, dtype, x.dtype
-        with torch.autocast(x.device.type, enabled=False):
-            return x.to(dtype) @ layer.dequantized(dtype).t()
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        with torch.autocast(grad_out.device.type, enabled=False):
-            grad_in = grad_out.to(ctx.dtype) @ ctx.layer.dequantized(ctx.dtype)
-        return grad_in.to(ctx.in_dtype), None
+@nf4_matmul.register_fake
+def _(x, codes, pairs, absmax, scale_codes, scale_absmax, scale_offset, scale_levels, rows, cols, block, transpose):
+    return x.new_empty(*x.shape[:-1], cols if transpose else rows)
+
+
+def _setup(ctx, inputs, output) -> None:  # the signature torch.library asks for
+    _, *state, rows, cols, block, transpose = inputs
+    ctx.save_for_backward(*state)  # the codes and scales (buffers, not copies): never the decoded weight
+    ctx.shape = (rows, cols, block, transpose)
+
+
+def _backward(ctx, grad):
+    rows, cols, block, transpose = ctx.shape
+    grad_x = nf4_matmul(grad, *ctx.saved_tensors, rows, cols, block, not transpose)  # decoded again
+    return (grad_x,) + (None,) * 11
+
+
+nf4_matmul.register_autograd(_backward, setup_context=_setup)
+
+FLOAT_BUFFERS = ("pairs", "absmax", "scale_absmax", "scale_offset", "scale_levels")
 
 
 class NF4Linear(nn.Module):
-    """A frozen nn.Linear stored as NF4 (QLoRA's base layer); the bias, if any, is kept as it was."""
+    """A frozen nn.Linear stored as NF4 (QLoRA's base layer); the bias, if any, is kept as it was.
 
-    def __init__(self, linear: nn.Linear, block: int = 64, double_quant: bool = True) -> None:
+    The float buffers (level tables, scales) are stored as their int32 bit patterns, so that casting the
+    module (`.to(torch.bfloat16)`, `.half()`) leaves the quantized weight as it is."""
+
+    def __init__(self, linear: nn.Linear, block: int = 64, double_quant: bool = True,
+                 device: torch.device | str | None = None) -> None:
+        """device: where to quantize and keep the codes (default: the layer's own device)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.block, self.double_quant = block, double_quant
         self.dtype = linear.weight.dtype  # what the layer computed in: LoRA layers are made in it
-        for name, value in quantize_nf4(linear.weight, block, double_quant).items():
-            self.register_buffer(name, value, persistent=False)
-        device = linear.weight.device
-        self.register_buffer("levels", _levels(device).clone(), persistent=False)
+        weight = linear.weight.detach().to(device) if device is not None else linear.weight.detach()
+        state = quantize_nf4(weight, block, double_quant)
+        state["pairs"] = _pair_table(_levels(weight.device))
         if double_quant:
-            self.register_buffer("scale_levels", _dynamic_levels(device).clone(), persistent=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            state["scale_levels"] = _dynamic_levels(weight.device)
+        for name, value in state.items():
+            self.register_buffer(name, value.clone().view(torch.int32) if name in FLOAT_BUFFERS else value,
+                                 persistent=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(weight.device).clone(),
+                                                                  requires_grad=False)
 
     @property
     def device(self) -> torch.device:
@@ -144,40 +174,61 @@ class NF4Linear(nn.Module):
     def weight_numel(self) -> int:
         return self.in_features * self.out_features
 
+    def _state(self) -> list[torch.Tensor | None]:
+        """The operator's tensor arguments after x, in its order, the float ones as floats again."""
+        get = lambda name: None if getattr(self, name, None) is None else (
+            getattr(self, name).view(torch.float32) if name in FLOAT_BUFFERS else getattr(self, name))
+        return [get(n) for n in ("codes", "pairs", "absmax", "scale_codes", "scale_absmax", "scale_offset", "scale_levels")]
+
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        state = {name: buf for name, buf in self.named_buffers(recurse=False)}
-        return dequantize_nf4(state, (self.out_features, self.in_features), self.block, dtype or self.dtype)
+        codes, pairs, absmax, scale_codes, scale_absmax, scale_offset, scale_levels = self._state()
+        return _decode(codes, pairs, absmax, scale_codes, scale_absmax, scale_offset, scale_levels,
+                       self.out_features, self.in_features, self.block, dtype or self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _NF4Matmul.apply(x, self)
+        # the autocast dtype when autocast is on (as nn.Linear would compute), else x's own
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        out = nf4_matmul(x, *self._state(), self.out_features, self.in_features, self.block, False)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
-    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A plain nn.Linear holding the dequantized weight (and the bias)."""
+    def to_linear(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> nn.Linear:
+        """A plain nn.Linear holding the dequantized weight (and the bias), on `device` (default: the codes')."""
         dtype = dtype or self.dtype
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.device, dtype=dtype)
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=device or self.device,
+                        dtype=dtype)
         with torch.no_grad():
             out.weight.copy_(self.dequantized(dtype))
             if self.bias is not None:
                 out.bias.copy_(self.bias)
         return out
 
+    def fingerprint(self) -> str:
+        """A digest of the stored codes and scales: a resumed run checks that its base quantized the same."""
+        digest = hashlib.blake2b(digest_size=16)
+        for t in self._state():
+            if t is not None:
+                digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"nf4 block={self.block}, double_quant={self.double_quant}")
 
 
-def quantize_linears(module: nn.Module, targets: tuple[str, ...], block: int = 64, double_quant: bool = True) -> int:
-    """Replace every nn.Linear child named in `targets` (recursively) by its NF4Linear; returns how many
-    target layers are NF4 now (those quantized before included: calling it twice changes nothing)."""
+def quantize_linears(module: nn.Module, targets: tuple[str, ...], block: int = 64, double_quant: bool = True,
+                     device: torch.device | str | None = None) -> int:
+    """Replace every nn.Linear child named in `targets` (recursively) by its NF4Linear, quantized and kept
+    on `device` (default: where it is); returns how many target layers are NF4 now (those quantized before
+    included: calling it twice changes nothing)."""
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, (nn.Linear, NF4Linear)) and name in targets:
             if isinstance(child, nn.Linear):
-                setattr(module, name, NF4Linear(child, block, double_quant))
+                setattr(module, name, NF4Linear(child, block, double_quant, device))
             count += 1
         else:
-            count += quantize_linears(child, targets, block, double_quant)
+            count += quantize_linears(child, targets, block, double_quant, device)
     return count
 
 

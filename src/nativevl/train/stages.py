@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from nativevl.train.lora import LLM_TARGETS, MLP_TARGETS, VIT_TARGETS, add_lora
@@ -51,14 +52,15 @@ def module_of(model: nn.Module, name: str) -> nn.Module:
     return {"vit": model.vision_tower, "mlp": model.multi_modal_projector, "llm": model.language_model}[name]
 
 
-def quantize_base(model: nn.Module, policy: StagePolicy) -> dict[str, int]:
-    """Store the LoRA target layers of every qlora module in NF4, in place; returns the layers per module.
-    Before the model moves to its device (only the 4-bit copies get there), and before apply_policy."""
+def quantize_base(model: nn.Module, policy: StagePolicy, device: torch.device | str | None = None) -> dict[str, int]:
+    """Store the LoRA target layers of every qlora module in NF4, in place, each quantized on `device` and
+    kept there (default: where it is); returns the layers per module. Before the model moves to its device
+    (only the 4-bit copies get there: one layer at a time in full precision), and before apply_policy."""
     out = {}
     for name in MODULES:
         pol = policy.get(name)
         if pol.mode == "qlora":
-            out[name] = quantize_linears(module_of(model, name), TARGETS[name], pol.nf4_block, pol.double_quant)
+            out[name] = quantize_linears(module_of(model, name), TARGETS[name], pol.nf4_block, pol.double_quant, device)
             if out[name] == 0:
                 raise ValueError(f"no layer of {name} matches the LoRA targets {TARGETS[name]}")
     return out
