@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/demo
 
-.PHONY: install demo test clean
+.PHONY: install demo test compat clean
 
 $(PY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -29,6 +29,27 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	else echo "torch < 2.10: the compressed-tensors tests will be skipped"; fi
 	touch $@
 
+# The oldest transformers nativevl supports (pyproject: >= 4.52), in a venv of its own: the tests whose
+# oracle or runtime is transformers (tokenizers, chat templates, the processor, InternVL classes, PEFT).
+COMPAT_TRANSFORMERS ?= 4.52.4
+COMPAT_VENV ?= .venv-compat
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_TESTS := tests/test_parity.py tests/test_checkpoint.py tests/test_model.py tests/test_generate.py \
+	tests/test_data.py tests/test_pipeline.py tests/test_config.py tests/test_engine.py tests/test_server.py \
+	tests/test_adapter.py tests/test_cli.py
+
+$(COMPAT_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv --system-site-packages $(COMPAT_VENV)
+	$(COMPAT_PY) -c "import torch" 2>/dev/null || $(COMPAT_PY) -m pip install "torch==2.13.0"
+	$(COMPAT_PY) -c "import torch; print('torch==' + torch.__version__)" > $(COMPAT_VENV)/constraints.txt
+	$(COMPAT_PY) -m pip install -c $(COMPAT_VENV)/constraints.txt -e ".[serve,data]" "transformers==$(COMPAT_TRANSFORMERS)" \
+		"pytest>=8" "peft>=0.15" "openai>=1.40" "httpx>=0.27"
+	touch $@
+
+compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_PY) -c "import transformers; print('transformers', transformers.__version__)"
+	$(COMPAT_PY) -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -38,4 +59,4 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(COMPAT_VENV) runs

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import re
 
-from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
+from transformers import InternVLProcessor
+
+try:  # transformers 5: the PIL processor has its own name; in 4.x the (slow) default one is PIL's
+    from transformers import GotOcr2ImageProcessorPil
+except ImportError:
+    from transformers import GotOcr2ImageProcessor as GotOcr2ImageProcessorPil
 
 from nativevl.data.images import IMAGENET_MEAN, IMAGENET_STD
 

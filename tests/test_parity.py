@@ -148,8 +148,8 @@ def test_dynamic_rope_beyond_trained_length_matches_transformers(tmp_path):
 def test_tiles_match_transformers_pil_image_processor(size):
     """Dynamic tiling + thumbnail + normalisation equal GotOcr2ImageProcessorPil (the -hf checkpoints' processor)."""
     import numpy as np
+    from oracle import GotOcr2ImageProcessorPil
     from PIL import Image
-    from transformers import GotOcr2ImageProcessorPil
 
     from nativevl.data.images import IMAGENET_MEAN, IMAGENET_STD, image_to_tiles
 
