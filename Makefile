@@ -29,24 +29,27 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	else echo "torch < 2.10: the compressed-tensors tests will be skipped"; fi
 	touch $@
 
-# The oldest transformers nativevl supports (pyproject: >= 4.52), in a venv of its own: the tests whose
-# oracle or runtime is transformers (tokenizers, chat templates, the processor, InternVL classes, PEFT).
+# The oldest transformers nativevl supports (pyproject: >= 4.52), in a venv of its own: the test files
+# whose oracle or run-time code is transformers (tokenizers, chat templates, the processor, InternVL
+# classes, PEFT on them). Reinstalled when pyproject, this file or COMPAT_TRANSFORMERS change.
 COMPAT_TRANSFORMERS ?= 4.52.4
 COMPAT_VENV ?= .venv-compat
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 COMPAT_TESTS := tests/test_parity.py tests/test_checkpoint.py tests/test_model.py tests/test_generate.py \
 	tests/test_data.py tests/test_pipeline.py tests/test_config.py tests/test_engine.py tests/test_server.py \
-	tests/test_adapter.py tests/test_cli.py
+	tests/test_adapter.py tests/test_cli.py tests/test_train.py tests/test_review_images.py
+COMPAT_STAMP := $(COMPAT_VENV)/.installed-transformers-$(COMPAT_TRANSFORMERS)
 
-$(COMPAT_VENV)/.installed: pyproject.toml
+$(COMPAT_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(COMPAT_VENV)
 	$(COMPAT_PY) -c "import torch" 2>/dev/null || $(COMPAT_PY) -m pip install "torch==2.13.0"
 	$(COMPAT_PY) -c "import torch; print('torch==' + torch.__version__)" > $(COMPAT_VENV)/constraints.txt
 	$(COMPAT_PY) -m pip install -c $(COMPAT_VENV)/constraints.txt -e ".[serve,data]" "transformers==$(COMPAT_TRANSFORMERS)" \
 		"pytest>=8" "peft>=0.15" "openai>=1.40" "httpx>=0.27"
+	rm -f $(COMPAT_VENV)/.installed-transformers-*
 	touch $@
 
-compat: $(COMPAT_VENV)/.installed
+compat: $(COMPAT_STAMP)
 	$(COMPAT_PY) -c "import transformers; print('transformers', transformers.__version__)"
 	$(COMPAT_PY) -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
 

@@ -8,6 +8,7 @@ warmup + cosine. Resumes exactly from DIR/checkpoints; exports the -hf layout to
 from __future__ import annotations
 
 import faulthandler
+import hashlib
 import json
 import logging
 import math
@@ -112,7 +113,8 @@ RESUMABLE_CHANGES = {
     "train." + k for k in ("max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
                            "eps", "grad_clip", "num_workers", "loss_chunk", "save_every", "keep_checkpoints",
                            "peak_tflops", "tensorboard", "export", "attn_implementation",
-                           "activation_checkpointing", "compile", "dtype", "val_every", "val_records", "hang_timeout")
+                           "activation_checkpointing", "compile", "dtype", "val_every", "val_records", "hang_timeout",
+                           "memory_check")
 } | {"data.max_reject_fraction", "data.min_records_before_abort", "val_meta"}
 
 
@@ -145,6 +147,11 @@ def check_resume_config(out_dir: Path, run_config: dict, step: int, main: bool) 
                if old[k] != new[k] and not _same_file(old[k], new[k])}
     refused = {k: v for k, v in changed.items()
                if k not in RESUMABLE_CHANGES and not (k.startswith("stage.") and k.endswith(".lr"))}
+    if "qlora_base" in refused:
+        raise ValueError(f"{out_dir} holds a QLoRA run at step {step} whose 4-bit base quantized otherwise than "
+                         f"{run_config['model']['init_from']} does now (the folder was re-written since, or the "
+                         "quantization changed): its adapters belong to the other base. Resume with that base, or "
+                         "start a new --out")
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise ValueError(f"{out_dir} holds a run at step {step} made with other settings ({listed}). Resuming with "
@@ -475,8 +482,6 @@ def load_train_state(path: Path, model, optimizer, rank: int, world: int, worker
 
 def nf4_fingerprint(model) -> str:
     """One digest of every NF4 layer's codes and scales (QLoRA's base, which checkpoints do not hold)."""
-    import hashlib
-
     digest = hashlib.blake2b(digest_size=16)
     for name, module in model.named_modules():
         if isinstance(module, NF4Linear):
@@ -489,27 +494,28 @@ def device_memory(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
-ESTIMATE_MARGIN = 1.25  # the plan is within about 25% of measured peaks: only a run beyond that surely does not fit
-
-
 def check_memory(model, policy: StagePolicy, cfg: TrainConfig, dataset, world: int, device: torch.device,
                  main: bool) -> None:
-    """`nativevl plan` for this run on this GPU, before the model is on it. An estimate over the GPU's
-    memory by more than the plan's margin (25%) is a ValueError with the plan and what would fit
-    (memory_check=error; a warning with warn); one over it by less, a warning."""
+    """`nativevl plan` for this run on this GPU, before the model is on it. When even the plan's lower
+    bound (its exact terms, the activations 25% under their estimate, the overhead's flat part) exceeds
+    the GPU's memory: a ValueError with the plan and what would fit (memory_check=error; a warning with
+    warn). When only the estimate does, a warning. The plan assumes bf16 compute (--dtype=float32 on a
+    GPU needs more) and the GPU's whole memory."""
     budget = device_memory(device)
     if budget is None or cfg.memory_check == "off":
         return
-    fits, report, total = preflight(model.config, policy, gpus=world, tokens=dataset.cfg.max_tokens,
-                                    tiles=dataset.cfg.max_tiles, activation_checkpointing=cfg.activation_checkpointing,
-                                    loss_chunk=cfg.loss_chunk, gpu_bytes=budget, reference=cfg.objective == "mpo")
-    if fits:
+    p, report = preflight(model.config, policy, gpus=world, tokens=dataset.cfg.max_tokens, tiles=dataset.cfg.max_tiles,
+                          activation_checkpointing=cfg.activation_checkpointing, loss_chunk=cfg.loss_chunk,
+                          gpu_bytes=budget, reference=cfg.objective == "mpo")
+    if p.fits:
         return
-    surely = total > ESTIMATE_MARGIN * budget
+    surely = p.lower_bound > budget
+    stop = surely and cfg.memory_check == "error"
     message = (f"this run is estimated {'not to fit' if surely else 'to be at the limit of'} the "
-               f"{budget / 1024**3:.1f} GiB of each GPU ({device}):\n{report}\n(the estimate is within about 25% "
-               f"of measured peaks{'; --memory_check=warn runs it anyway' if surely else ''})")
-    if surely and cfg.memory_check == "error":
+               f"{budget / 1024**3:.1f} GiB of each GPU ({device}): at least {p.lower_bound / 1024**3:.1f} GiB, "
+               f"about {p.total / 1024**3:.1f} GiB\n{report}"
+               + ("\n(--memory_check=warn runs it anyway)" if stop else ""))
+    if stop:
         raise ValueError(message)
     if main:
         log.warning("%s", message)

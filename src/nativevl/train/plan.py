@@ -95,6 +95,12 @@ class Plan:
     def fits(self) -> bool:
         return self.total <= self.gpu_bytes
 
+    @property
+    def lower_bound(self) -> int:
+        """The least this run can take: the exact terms, the activations 25% under their estimate, the
+        overhead's flat 3 GiB."""
+        return self.parameters + self.gradients + self.optimizer + self.loss + int(self.activations / 1.25) + 3 * GiB
+
 
 def plan(
     cfg: ModelConfig,
@@ -226,9 +232,9 @@ def stage_counts(cfg: ModelConfig, stage) -> tuple[dict[str, int], int, float]:
 
 
 def preflight(cfg: ModelConfig, stage, *, gpus: int, tokens: int, tiles: int, activation_checkpointing: bool,
-              loss_chunk: int, gpu_bytes: int, reference: bool) -> tuple[bool, str, int]:
-    """Before a training run touches its GPUs: (fits, report, total bytes), the report holding the plan
-    and, when it does not fit, what would (advice)."""
+              loss_chunk: int, gpu_bytes: int, reference: bool) -> tuple[Plan, str]:
+    """Before a training run touches its GPUs: (the plan, a report of it and, when it does not fit, of what
+    would: advice)."""
     trainable, quantized, nf4_bytes = stage_counts(cfg, stage)
     kw = {"tokens": tokens, "tiles": tiles, "loss_chunk": loss_chunk, "gpu_bytes": gpu_bytes, "reference": reference,
           "quantized": quantized, "nf4_bytes": nf4_bytes}
@@ -238,4 +244,4 @@ def preflight(cfg: ModelConfig, stage, *, gpus: int, tokens: int, tiles: int, ac
     if not p.fits:
         hints = advice(cfg, trainable, gpus=gpus, activation_checkpointing=activation_checkpointing, **kw)
         report += "".join(f"\nto fit: {h}" for h in hints)
-    return p.fits, report, p.total
+    return p, report

@@ -57,12 +57,15 @@ def _blockwise(flat: torch.Tensor, block: int, levels: torch.Tensor) -> tuple[to
     absmax = padded.abs().amax(dim=1)
     scaled = (padded * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)[:n]
     bounds = (levels[:-1] + levels[1:]) / 2
-    return torch.bucketize(scaled, bounds).to(torch.uint8), absmax
+    return torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8), absmax
 
 
 def _expand(values: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    """values (flat) times their block's scale, without a per-value copy of the scales."""
     n = values.numel()
-    return values * scales.repeat_interleave(block)[:n]
+    full = n - n % block
+    out = (values[:full].view(-1, block) * scales[: full // block, None]).view(-1)
+    return out if full == n else torch.cat([out, values[full:] * scales[-1]])
 
 
 def quantize_nf4(weight: torch.Tensor, block: int = 64, double_quant: bool = True) -> dict[str, torch.Tensor]:
@@ -77,7 +80,9 @@ def quantize_nf4(weight: torch.Tensor, block: int = 64, double_quant: bool = Tru
         codes = torch.cat([codes, codes.new_full((1,), NF4_LEVELS.index(0.0))])  # a 0 pads the last byte
     state = {"codes": (codes[0::2] << 4) | codes[1::2]}
     if double_quant:
-        offset = absmax.mean()
+        # the mean in float64, rounded once: the same on every device and thread count (a float32 sum's
+        # order changes its last bits, and with them a few codes; bitsandbytes takes the float32 mean)
+        offset = absmax.double().mean().float()
         state["scale_codes"], state["scale_absmax"] = _blockwise(absmax - offset, SCALE_BLOCK, _dynamic_levels(weight.device))
         state["scale_offset"] = offset.reshape(1)
     else:
@@ -96,8 +101,8 @@ def _decode(codes: torch.Tensor, pairs: torch.Tensor, absmax: torch.Tensor | Non
             rows: int, cols: int, block: int, dtype: torch.dtype) -> torch.Tensor:
     n = rows * cols
     if absmax is None:
-        absmax = _expand(scale_levels[scale_codes.int()], scale_absmax, SCALE_BLOCK) + scale_offset
-    values = pairs[codes.int()].reshape(-1)[:n]  # int32 indices: 2 B per weight, not int64's 8
+        absmax = _expand(scale_levels.index_select(0, scale_codes.int()), scale_absmax, SCALE_BLOCK) + scale_offset
+    values = pairs.index_select(0, codes.int()).reshape(-1)[:n]  # int32 indices: 2 B per weight, not int64's 8
     return _expand(values, absmax, block).view(rows, cols).to(dtype)
 
 
@@ -111,7 +116,9 @@ def dequantize_nf4(state: dict[str, torch.Tensor], shape: tuple[int, int], block
                    shape[0], shape[1], block, dtype)
 
 
-@torch.library.custom_op("nativevl::nf4_matmul", mutates_args=())
+@torch.library.custom_op("nativevl::nf4_matmul", mutates_args=(), schema=(
+    "(Tensor x, Tensor codes, Tensor pairs, Tensor? absmax, Tensor? scale_codes, Tensor? scale_absmax, "
+    "Tensor? scale_offset, Tensor? scale_levels, int rows, int cols, int block, bool transpose) -> Tensor"))
 def nf4_matmul(x: torch.Tensor, codes: torch.Tensor, pairs: torch.Tensor, absmax: torch.Tensor | None,
                scale_codes: torch.Tensor | None, scale_absmax: torch.Tensor | None, scale_offset: torch.Tensor | None,
                scale_levels: torch.Tensor | None, rows: int, cols: int, block: int, transpose: bool) -> torch.Tensor:
