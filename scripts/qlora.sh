@@ -3,7 +3,7 @@
 # SFT mixture (scripts/qlora.py), then each is evaluated on the demo's held-out questions (200 per family,
 # seed 10000) and compared question by question (exact McNemar): LoRA's merged model against QLoRA's, and
 # QLoRA's export (the adapter merged into the decoded 4-bit base it trained on) against its adapter merged
-# into the full-precision base. Needs `make demo` first (DEMO=runs/demo); about 25 minutes on 2 CPU cores.
+# into the full-precision base. Needs `make demo` first (DEMO=runs/demo); 25 to 40 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=${DEMO:-runs/demo}

@@ -193,9 +193,14 @@ def test_a_sharded_qlora_run_exports_the_model_it_trained(tmp_path):
     ids = torch.tensor([[3] + [decoded.config.image_token_id] * 4 + [4, 20, 30]])
     pixels = torch.randn(1, 3, 56, 56)
     run = lambda m: m(input_ids=ids, pixel_values=pixels).logits
+    # the adapter as PEFT reads it: without nativevl's note that the base is to be decoded from 4 bits
+    shutil.copytree(tmp_path / "two" / "final_adapter", tmp_path / "peft_adapter")
+    (tmp_path / "peft_adapter" / "nativevl_qlora.json").unlink()
     with torch.no_grad():
         exported = run(load_model(tmp_path / "two" / "final", dtype=torch.float32))
-        expected = run(load_model(tmp_path / "decoded", dtype=torch.float32, adapter=tmp_path / "two" / "final_adapter"))
-        plain = run(load_model(base_dir, dtype=torch.float32, adapter=tmp_path / "two" / "final_adapter"))
+        expected = run(load_model(tmp_path / "decoded", dtype=torch.float32, adapter=tmp_path / "peft_adapter"))
+        as_noted = run(load_model(base_dir, dtype=torch.float32, adapter=tmp_path / "two" / "final_adapter"))
+        plain = run(load_model(base_dir, dtype=torch.float32, adapter=tmp_path / "peft_adapter"))
     assert (exported - expected).abs().max().item() < 1e-5
+    assert (exported - as_noted).abs().max().item() < 1e-5  # --adapter decodes the base as the note says
     assert (exported - plain).abs().max().item() > 1e-3  # the 4-bit base is not the full one

@@ -159,6 +159,12 @@ def test_a_qlora_run_exports_the_model_it_trained(base, tmp_path):
         loop.export_final(model, tokenizer, tmp_path / "final", True, run.stage)
         exported = VisionLanguageModel.from_pretrained(tmp_path / "final")(**batch.model_inputs()).logits
     assert (trained - exported).abs().max() < 1e-5
+    # nativevl's --adapter merges a QLoRA adapter into the decoded 4-bit base too (the note beside it)
+    assert json.loads((tmp_path / "final_adapter" / "nativevl_qlora.json").read_text())["modules"] == {
+        "llm": {"nf4_block": 64, "double_quant": True}}
+    with torch.no_grad():
+        adapted = load_model(base, dtype=torch.float32, adapter=tmp_path / "final_adapter")(**batch.model_inputs()).logits
+    assert (adapted - exported).abs().max() < 1e-5
 
     pytest.importorskip("bitsandbytes")
     peft = pytest.importorskip("peft")

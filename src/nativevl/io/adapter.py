@@ -26,6 +26,9 @@ from nativevl.io import keymap
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+# beside a QLoRA run's adapter (PEFT reads neither): which modules' layers it trained over in 4 bits, so
+# that merging it decodes those weights from NF4 first, as in training (and as the run's final/ holds)
+QLORA_FILE = "nativevl_qlora.json"
 FULL_MODULES = {"vit": ("vision_tower",), "mlp": ("multi_modal_projector",)}  # an LLM trained in full: no adapter
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 
@@ -77,14 +80,43 @@ def adapter_contents(state: dict[str, torch.Tensor], loras: dict[str, tuple[int,
     return tensors, config
 
 
-def write_adapter(path: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    """adapter_model.safetensors + adapter_config.json into `path` (a temporary folder renamed into place)."""
+def write_adapter(path: str | Path, tensors: dict[str, torch.Tensor], config: dict, qlora: dict | None = None) -> Path:
+    """adapter_model.safetensors + adapter_config.json (+ QLORA_FILE: {module: {"nf4_block", "double_quant"}}
+    for a QLoRA run) into `path` (a temporary folder renamed into place)."""
     from nativevl.io.hf import staged_folder
 
     with staged_folder(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if qlora:
+            (tmp / QLORA_FILE).write_text(json.dumps({"modules": qlora}, indent=2) + "\n")
     return Path(path)
+
+
+def decode_qlora_base(state: dict[str, torch.Tensor], path: str | Path) -> int:
+    """For a QLoRA adapter (QLORA_FILE beside it), the base's LoRA target weights in those modules of a
+    state dict (our names, as read: before any cast) replaced by their NF4 round trip, the weights the
+    adapter was trained over; returns how many. 0 for any other adapter."""
+    from nativevl.train.qlora import dequantize_nf4, quantize_nf4
+    from nativevl.train.stages import TARGETS
+
+    note = Path(path) / QLORA_FILE
+    if not note.is_file():
+        return 0
+    prefixes = {"vit": "vision_tower.", "mlp": "multi_modal_projector.", "llm": "language_model."}
+    try:
+        modules = json.loads(note.read_text())["modules"]
+        specs = {prefixes[m]: (TARGETS[m], int(spec["nf4_block"]), bool(spec["double_quant"])) for m, spec in modules.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{note}: not a QLoRA note this version reads ({e!r})") from None
+    count = 0
+    for key, w in state.items():
+        for prefix, (targets, block, double_quant) in specs.items():
+            if key.startswith(prefix) and key.endswith(".weight") and key.rsplit(".", 2)[-2] in targets and w.dim() == 2:
+                decoded = dequantize_nf4(quantize_nf4(w.float(), block, double_quant), tuple(w.shape), block)
+                state[key] = decoded.to(w.dtype)
+                count += 1
+    return count
 
 
 def _pattern_value(patterns: dict, module: str, default):

@@ -506,6 +506,12 @@ def load_model(
     cfg, sd = _check_and_build(cfg, sd, origin, path)
     if dtype is None:
         dtype = sd["language_model.embed_tokens.weight"].dtype
+    if adapter is not None:
+        from nativevl.io.adapter import decode_qlora_base
+
+        if decoded := decode_qlora_base(sd, adapter):  # before any cast: from the weights training quantized
+            log.info("%s was trained by QLoRA: %d base layers decoded from NF4 first, as in training (PEFT on a "
+                     "full-precision base merges it into those weights as they are)", adapter, decoded)
     with torch.device("meta"):
         model = VisionLanguageModel(cfg)
     sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}

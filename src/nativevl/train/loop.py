@@ -557,7 +557,9 @@ def export_final(model: VisionLanguageModel, tokenizer, path: Path, main: bool, 
         model.eval().save_pretrained(path, layout="hf", tokenizer=tokenizer, dtype=torch.float32)
         if adapter is not None:
             try:
-                write_adapter(path.with_name(path.name + "_adapter"), *adapter)
+                qlora = {m: {"nf4_block": policy.get(m).nf4_block, "double_quant": policy.get(m).double_quant}
+                         for m in MODULES if policy.get(m).mode == "qlora"}
+                write_adapter(path.with_name(path.name + "_adapter"), *adapter, qlora=qlora)
             except OSError as e:
                 log.error("final_adapter was not written (%s); final/ holds the merged model", e)
     barrier()
