@@ -238,3 +238,40 @@ def test_mpo_over_a_4_bit_base_starts_from_it(base, tmp_path):
                                                   *QLORA]), tmp_path / "mpo")
     first = json.loads((tmp_path / "mpo" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["dpo"] == pytest.approx(0.6931472, abs=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_4_bit_base_takes_what_plan_counts_and_compiles():
+    """InternVL3-1B's shape quantized layer by layer onto the GPU holds what `plan` counts (fp32 for the
+    rest, NF4 for the LLM's linear layers); a LoRA layer over NF4 compiled by inductor under bf16 autocast
+    computes what it computes eagerly, forward and backward."""
+    from nativevl.train.stages import apply_policy, quantize_base
+
+    cfg = preset("internvl3_1b")
+    stage = recipe("sft_qlora").stage
+    model = VisionLanguageModel(cfg)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    quantize_base(model, stage, "cuda")
+    model.to("cuda")
+    used = torch.cuda.memory_allocated() - before
+    _, quantized, nf4_bytes = stage_counts(cfg, stage)
+    assert used == pytest.approx((sum(param_counts(cfg).values()) - quantized) * 4 + quantized * nf4_bytes, rel=0.02)
+    apply_policy(model, stage)
+    layer = model.language_model.layers[0].mlp.down_proj
+    assert isinstance(layer, LoRALinear) and isinstance(layer.base, NF4Linear)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.02)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(4, 256, layer.base.in_features, device="cuda")
+    outs, grads = [], []
+    for module in (layer, compiled):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = module(xi)
+        out.float().square().mean().backward()
+        outs.append(out.float())
+        grads.append(xi.grad)
+    assert (outs[0] - outs[1]).abs().max() < 2e-2 * outs[0].abs().max()
+    assert (grads[0] - grads[1]).abs().max() < 2e-2 * grads[0].abs().max()
