@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from nativevl.data.toyworld import FAMILIES, ToyWorldSource, example, final_answer, verify, write_dataset
-from nativevl.eval.runner import chance_level, evaluate, wilson
+from nativevl.eval.runner import evaluate, wilson
 from nativevl.eval.tasks import get_task
+from nativevl.eval.tasks.toyworld import chance_level
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import math
-from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tqdm import tqdm
 from nativevl.data.images import tiles_per_image
 from nativevl.data.processor import chat_inputs
 from nativevl.eval.tasks import FILE_SUFFIXES, get_task
+from nativevl.eval.tasks.base import EvalTask
 from nativevl.infer.generate import generate_texts
 
 log = logging.getLogger(__name__)
@@ -132,27 +132,12 @@ def _resolve(tasks: list[str], max_num: int | None) -> list:
     return [get_task(name, max_num) for name in tasks]
 
 
-DEFAULT_N = 200  # questions per toy task when n is None
+DEFAULT_N = EvalTask.default_n  # questions per toy task when n is None
 
 
 def _count(task, n: int | None) -> int | None:
     """Questions to ask of a task: n, or without one 200 of a toy task and all of a file's."""
-    return n if n is not None else getattr(task, "default_n", DEFAULT_N)
-
-
-def _chance(task, items: list, seed: int) -> float:
-    """A file task's chance on its own questions; a toy task's on 2,000 generated ones."""
-    return task.chance(items) if hasattr(task, "chance") else chance_level(task, seed)
-
-
-def chance_level(task, seed: int, n: int = 2000) -> float:
-    """Accuracy of always giving the most frequent answer of each question kind, measured on `n`
-    generated questions (more than an evaluation holds, so that the estimate is not inflated)."""
-    items = task.load(n, seed)
-    by_kind = defaultdict(Counter)
-    for item in items:
-        by_kind[item.kind][task.answer_key(item)] += 1
-    return sum(c.most_common(1)[0][1] for c in by_kind.values()) / max(1, len(items))
+    return n if n is not None else task.default_n
 
 
 class LazyPrompts(Sequence):
@@ -229,8 +214,8 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
         else:
             predictions = predict(model, tokenizer, LazyPrompts(task, mine), max_new_tokens=task.max_new_tokens,
                                   batch_size=batch_size, system_message=system_message, desc=name,
-                                  max_num=getattr(task, "tile_cap", getattr(task, "max_num", 1)))
-        binary = getattr(task, "binary", True)
+                                  max_num=task.tile_cap)
+        binary = task.binary
         # right / wrong, or partial credit in [0, 1] (ANLS, VQA accuracy): the mean is the task's score
         correct = [bool(c) if binary else float(c) for c in (task.score(p, it) for p, it in zip(predictions, mine))]
         k = sum(correct)
@@ -247,7 +232,7 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
             torch.distributed.all_reduce(totals)
             k = round(totals[0].item()) if binary else totals[0].item()
         n_scored = len(items)
-        if getattr(task, "circular", False):  # one record per question: right only if every rotation is
+        if task.circular:  # one record per question: right only if every rotation is
             records = task.group_records(records, items)
             k, n_scored = sum(r["correct"] for r in records), len(records)
         low, high = wilson(k, n_scored)
@@ -255,7 +240,7 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
             "accuracy": k / n_scored,
             "n": n_scored,
             "correct": k,
-            "chance": _chance(task, items, seed),
+            "chance": task.chance(items, seed),
             "ci95": [low, high],
             "examples": [{"question": it.question[-80:], "answer": it.answer, "prediction": p, "correct": c}
                          for it, p, c in list(zip(mine, predictions, correct))[:3]],
@@ -264,7 +249,7 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
         }
         if not binary:  # the "accuracy" is the mean of this metric (its interval: Wilson's, as an approximation)
             report[name]["metric"] = task.metric
-        if getattr(task, "circular", False):
+        if task.circular:
             report[name].update(metric="circular", rows=len(items),
                                 row_accuracy=sum(r["correct"] for g in records for r in g["rows"]) / len(items))
         if on_task is not None:
@@ -291,11 +276,11 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 10
     if (n is not None and n < 1) or samples < 1:
         raise ValueError(f"n must be >= 1 question per task and samples >= 1, got n={n}, samples={samples}")
     resolved = _resolve(tasks, max_num)
-    partial = [name for name, t in zip(tasks, resolved) if not getattr(t, "binary", True)]
+    partial = [name for name, t in zip(tasks, resolved) if not t.binary]
     if partial:
         raise ValueError(f"Best-of-N picks right / wrong answers; {partial} are scored with partial credit "
                          "(ANLS, VQA accuracy): evaluate them without --best-of-n")
-    circular = [name for name, t in zip(tasks, resolved) if getattr(t, "circular", False)]
+    circular = [name for name, t in zip(tasks, resolved) if t.circular]
     if circular:
         raise ValueError(f"Best-of-N on files scored circularly ({circular}) is not built: its picks would be "
                          "per row; evaluate them without --best-of-n")
@@ -327,7 +312,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 10
             asked = [task.prompt(it) for it in chunk]
             prompts = [chat_inputs(tokenizer, msgs, images, image_size=cfg.vision.image_size,
                                    image_seq_length=cfg.image_seq_length, system_message=system_message,
-                                   max_num=_tiles(getattr(task, "tile_cap", getattr(task, "max_num", 1)), len(images)))
+                                   max_num=task.tile_cap(len(images)))
                        for msgs, images in asked]
             longest = max(len(ids) for ids, _ in prompts) + task.max_new_tokens + 1
             if engine is None or longest > engine.max_seq_len:  # one engine while the prompts fit its cache
@@ -345,7 +330,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 10
                 ok = [bool(task.score(t, it)) for t in texts]
                 # a file task votes by its reading of an answer (the option letter); the toy tasks by final answer
                 cands = Candidates(texts, vote_key=(lambda t, it=it, task=task: task.vote_key(t, it))
-                                   if hasattr(task, "vote_key") else None)
+                                   if task.vote_key is not None else None)
                 record = {"index": i, "question": question_key(it), "answer": it.answer,
                           "pass1": bool(task.score(g[0].text, it)),
                           "samples_correct": sum(ok), f"majority{samples}": ok[cands.pick("majority")]}
@@ -366,7 +351,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 10
         entry = {key: _scored(round(v) if key != "sample_mean" else 0, total) for key, v in counts.items()}
         entry["sample_mean"] = {"accuracy": counts["sample_mean"] / total, "n": total}
         entry.update({"samples": samples, "temperature": temperature, "top_k": top_k, "seed": seed,
-                      "chance": _chance(task, items, seed), "prefills": prefills})
+                      "chance": task.chance(items, seed), "prefills": prefills})
         entry["paired"] = {  # the PRM's pick against greedy and against the vote, on the same questions
             f"{b} vs {a}": paired_test([r[a] for r in records], [r[b] for r in records])
             for a, b in (("pass1", f"prm_best{samples}"), (f"majority{samples}", f"prm_best{samples}"),

@@ -41,6 +41,7 @@ from PIL import Image
 
 from nativevl.data.images import load_image, tiles_per_image
 from nativevl.data.template import IMAGE_PLACEHOLDER
+from nativevl.eval.tasks.base import EvalTask
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 OPEN_INSTRUCTION = "Answer the question using a single word or phrase."
@@ -467,7 +468,7 @@ def read_jsonl(path: Path, limit: int | None) -> list[FileItem]:
 
 
 @dataclass(frozen=True)
-class FileTask:
+class FileTask(EvalTask):
     """An evaluation set from a file, tiled as `tile_cap` says: up to `max_num` tiles per question
     shared by its images (as `nativevl chat` shares them), or, with max_num None, as InternVL's
     VLMEvalKit model tiles this file."""
@@ -589,7 +590,7 @@ class FileTask:
             return ("option", letter) if letter is not None else ("unread", normalize_answer(prediction))
         return ("text", _first_line(prediction))
 
-    def chance(self, items: list[FileItem]) -> float:
+    def chance(self, items: list[FileItem], seed: int = 0) -> float:  # a file is its own questions: no seed
         """A uniform guess among the options for multiple choice; for open answers the most frequent
         answer of each category, as for the toy tasks."""
         if self.circular:  # every rotation right by chance

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from nativevl.data.toyworld.tasks import Example, example, final_answer, normalize, verify
+from nativevl.eval.tasks.base import EvalTask
 
 
 @dataclass(frozen=True)
-class ToyWorldTask:
+class ToyWorldTask(EvalTask):
     name: str
     size: int = 96
 
@@ -33,3 +35,17 @@ class ToyWorldTask:
         if self.name == "multi_image":
             return normalize(item.answer).split()[-1]
         return normalize(item.answer)
+
+    def chance(self, items: list[Example], seed: int) -> float:  # measured on more questions than asked
+        """chance_level on 2,000 generated questions of the evaluation's seed."""
+        return chance_level(self, seed)
+
+
+def chance_level(task: ToyWorldTask, seed: int, n: int = 2000) -> float:
+    """Accuracy of always giving the most frequent answer of each question kind, measured on `n`
+    generated questions (more than an evaluation holds, so that the estimate is not inflated)."""
+    items = task.load(n, seed)
+    by_kind: defaultdict[str, Counter] = defaultdict(Counter)
+    for item in items:
+        by_kind[item.kind][task.answer_key(item)] += 1
+    return sum(c.most_common(1)[0][1] for c in by_kind.values()) / max(1, len(items))
