@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from nativevl.demo import DemoConfig, _stage
+from nativevl.demo import DemoConfig, train_stage
 from nativevl.io.hf import load_model
 from nativevl.io.tokenizer import load_tokenizer
 from nativevl.train.stages import ModulePolicy, StagePolicy
@@ -39,7 +39,7 @@ def main() -> None:
         model = load_model(demo / "pretrain" / "final", dtype=torch.float32)  # its source_path: the adapter's base
         print(f"[qlora] {mode}: {args.steps} steps from {demo / 'pretrain' / 'final'} -> {out / mode}")
         started = time.perf_counter()
-        _stage(mode, model, tokenizer, cfg, out, args.steps, text_ratio=None, policy=policy, sources="sft")
+        train_stage(mode, model, tokenizer, cfg, out, args.steps, text_ratio=None, policy=policy, sources="sft")
         times[mode] = round(time.perf_counter() - started, 1)
     if times:
         path = out / "times.json"

@@ -126,10 +126,10 @@ def test_256_token_packs_are_suggested_when_they_are_what_fits():
 
 
 def test_a_training_run_that_would_not_fit_its_gpu_stops_before_it_starts(tmp_path, monkeypatch, caplog):
-    """On a GPU, train checks the plan first: a run estimated over the GPU's memory by more than the plan's
-    25% stops with the plan and what would fit (no checkpoint, nothing trained), unless --memory_check=warn;
-    one over it by less is warned about and trains; a GPU with the room trains without a word. The CPU is
-    never checked (here the device's memory is pretended)."""
+    """On a GPU, train checks the plan first: a run whose lower bound is over the GPU's memory stops with
+    the plan and what would fit (no checkpoint, nothing trained); with --memory_check=warn it is warned
+    about and trains; a GPU with the room trains without a word. The CPU is never checked (here the
+    device's memory is pretended)."""
     import logging
 
     from nativevl.recipes import apply_overrides, launch, recipe

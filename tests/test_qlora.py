@@ -187,6 +187,22 @@ def test_a_qlora_run_exports_the_model_it_trained(base, tmp_path):
     assert (in_4_bits - ours).abs().max().item() < 0.1 * effect
 
 
+def test_a_bf16_base_gives_the_model_its_qlora_run_trained(base, tmp_path):
+    """Released checkpoints are bf16: training quantizes their weights read into float32, and so does
+    `--adapter` (the decoded weights are not rounded to bf16 on the way)."""
+    load_model(base, dtype=torch.float32).save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    launch(apply_overrides(recipe("debug_tiny"), ["--max_steps=2", *SMALL, f"--init_from={tmp_path / 'bf16'}",
+                                                  *QLORA]), tmp_path / "run")
+    cfg = VisionLanguageModel.from_pretrained(tmp_path / "run" / "final").config
+    ids = torch.tensor([[3] + [cfg.image_token_id] * 4 + [4, 20, 30, 40]])
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exported = load_model(tmp_path / "run" / "final", dtype=torch.float32)(input_ids=ids, pixel_values=pixels).logits
+        adapted = load_model(tmp_path / "bf16", dtype=torch.float32, adapter=tmp_path / "run" / "final_adapter")(
+            input_ids=ids, pixel_values=pixels).logits
+    assert (adapted - exported).abs().max() < 1e-5
+
+
 def test_a_qlora_run_resumes_exactly_and_only_on_its_own_base(base, tmp_path, monkeypatch):
     """Checkpoints hold no 4-bit codes: a resume quantizes the base again, and refuses a base (the same
     folder, re-written) that quantizes otherwise."""

@@ -89,7 +89,7 @@ def _sources(stage: str, seed: int) -> list[ToyWorldSource]:
             for f, w in weights.items()]
 
 
-def _stage(name: str, model, tokenizer, cfg: DemoConfig, out: Path, steps: int, text_ratio: float | None,
+def train_stage(name: str, model, tokenizer, cfg: DemoConfig, out: Path, steps: int, text_ratio: float | None,
            policy: StagePolicy | None = None, sources: str | None = None) -> dict:
     """Train `model` on the toy world's `sources` stage mixture ("pretrain" or "sft"; default `name`) into
     out/name, every module in full unless `policy` says otherwise (scripts/qlora.py)."""
@@ -201,7 +201,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict:
     else:
         model = VisionLanguageModel(model_config(tokenizer))
         model.init_weights(std=cfg.init_std)
-        _stage("pretrain", model, tokenizer, cfg, out, cfg.pretrain_steps, text_ratio=0.25)
+        train_stage("pretrain", model, tokenizer, cfg, out, cfg.pretrain_steps, text_ratio=0.25)
     report["parameters"] = sum(p.numel() for p in model.parameters())
     report["stages"]["pretrain"] = evaluate(model, tokenizer, list(FAMILIES), n=cfg.eval_n, seed=cfg.eval_seed,
                                             batch_size=cfg.eval_batch)
@@ -210,7 +210,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict:
     print("[demo] stage 2: supervised fine-tuning on the task questions")
     if not (out / "sft" / "final").is_dir():
         model = load_model(out / "pretrain" / "final", dtype=torch.float32)
-        _stage("sft", model, tokenizer, cfg, out, cfg.sft_steps, text_ratio=None)
+        train_stage("sft", model, tokenizer, cfg, out, cfg.sft_steps, text_ratio=None)
     model = load_model(out / "sft" / "final", dtype=torch.float32)
     report["stages"]["sft"] = evaluate(model, tokenizer, list(FAMILIES), n=cfg.eval_n, seed=cfg.eval_seed,
                                        batch_size=cfg.eval_batch)

@@ -6,7 +6,8 @@ adapters) apply it; whole modules trained in full go in as PEFT's `modules_to_sa
 adapters made by anyone (PEFT, LLaMA-Factory, ms-swift, ...) for the -hf module tree or for the original
 InternVLChatModel one (fused ViT qkv, `mlp1`, `language_model.model`), and merged into the weights:
 `load_model(base, adapter=DIR)`, `nativevl convert BASE OUT --adapter DIR`, `--adapter` of chat, serve
-and eval.
+and eval. A QLoRA run's adapter carries a note (QLORA_FILE) that has the loader decode the base's layers
+from 4 bits first, as the run trained them.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def decode_qlora_base(state: dict[str, torch.Tensor], path: str | Path) -> int:
     """For a QLoRA adapter (QLORA_FILE beside it), the base's LoRA target weights in those modules of a
     state dict (our names, as read: before any cast) replaced by their NF4 round trip, the weights the
     adapter was trained over; returns how many. 0 for any other adapter."""
-    from nativevl.train.qlora import dequantize_nf4, quantize_nf4
+    from nativevl.train.qlora import nf4_round_trip
     from nativevl.train.stages import TARGETS
 
     note = Path(path) / QLORA_FILE
@@ -113,8 +114,7 @@ def decode_qlora_base(state: dict[str, torch.Tensor], path: str | Path) -> int:
     for key, w in state.items():
         for prefix, (targets, block, double_quant) in specs.items():
             if key.startswith(prefix) and key.endswith(".weight") and key.rsplit(".", 2)[-2] in targets and w.dim() == 2:
-                decoded = dequantize_nf4(quantize_nf4(w.float(), block, double_quant), tuple(w.shape), block)
-                state[key] = decoded.to(w.dtype)
+                state[key] = nf4_round_trip(w, block, double_quant)  # float32, as training computed: load_model casts
                 count += 1
     return count
 

@@ -8,7 +8,6 @@ warmup + cosine. Resumes exactly from DIR/checkpoints; exports the -hf layout to
 from __future__ import annotations
 
 import faulthandler
-import hashlib
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from nativevl.train.objectives import OBJECTIVES, make_objective
 from nativevl.train.optim import build_optimizer, lr_factor, set_lr
 from nativevl.train.parallel import all_reduce_max, all_reduce_sum, barrier, init_distributed
 from nativevl.train.plan import preflight
+from nativevl.train import qlora
 from nativevl.train.qlora import NF4Linear
 from nativevl.train.stages import MODULES, StagePolicy, apply_policy, quantize_base
 
@@ -149,7 +149,8 @@ def check_resume_config(out_dir: Path, run_config: dict, step: int, main: bool) 
                if k not in RESUMABLE_CHANGES and not (k.startswith("stage.") and k.endswith(".lr"))}
     if "qlora_base" in refused:
         raise ValueError(f"{out_dir} holds a QLoRA run at step {step} whose 4-bit base quantized otherwise than "
-                         f"{run_config['model']['init_from']} does now (the folder was re-written since, or the "
+                         f"{(run_config.get('model') or {}).get('init_from') or 'its base'} does now (the folder "
+                         "was re-written since, or the "
                          "quantization changed): its adapters belong to the other base. Resume with that base, or "
                          "start a new --out")
     if refused:
@@ -190,7 +191,7 @@ def train(
     check_memory(model, policy, cfg, dataset, world, device, main)
     # QLoRA: each layer quantized on the device, so only the 4-bit copies live there; MPO's pi_0 is this base
     if quantize_base(model, policy, device) and run_config is not None:
-        run_config = {**run_config, "qlora_base": nf4_fingerprint(model)}  # a resume must quantize the same base
+        run_config = {**run_config, "qlora_base": qlora.fingerprint(model)}  # a resume must quantize the same base
     model.to(device)
     mpo = MPOWeights(cfg.mpo_preference_weight, cfg.mpo_quality_weight, cfg.mpo_generation_weight, cfg.mpo_beta)
     label_ids = label_token_ids(tokenizer) if cfg.objective == "prm" else None
@@ -480,15 +481,6 @@ def load_train_state(path: Path, model, optimizer, rank: int, world: int, worker
     return meta, rank_state
 
 
-def nf4_fingerprint(model) -> str:
-    """One digest of every NF4 layer's codes and scales (QLoRA's base, which checkpoints do not hold)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, module in model.named_modules():
-        if isinstance(module, NF4Linear):
-            digest.update(f"{name}:{module.fingerprint()};".encode())
-    return digest.hexdigest()
-
-
 def device_memory(device: torch.device) -> int | None:
     """Bytes of memory of a CUDA device; None for the CPU (no check: the host's memory is not planned)."""
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
@@ -497,7 +489,7 @@ def device_memory(device: torch.device) -> int | None:
 def check_memory(model, policy: StagePolicy, cfg: TrainConfig, dataset, world: int, device: torch.device,
                  main: bool) -> None:
     """`nativevl plan` for this run on this GPU, before the model is on it. When even the plan's lower
-    bound (its exact terms, the activations 25% under their estimate, the overhead's flat part) exceeds
+    bound (its exact terms, the activations' estimate taken as 25% high, the overhead's flat part) exceeds
     the GPU's memory: a ValueError with the plan and what would fit (memory_check=error; a warning with
     warn). When only the estimate does, a warning. The plan assumes bf16 compute (--dtype=float32 on a
     GPU needs more) and the GPU's whole memory."""
@@ -525,7 +517,9 @@ def export_final(model: VisionLanguageModel, tokenizer, path: Path, main: bool, 
     """LoRA merged into the base weights, then the -hf layout with tokenizer and processor files.
     A LoRA run on a saved base (--init_from) also writes its adapter in PEFT's format beside it
     (`final_adapter`: the LoRA layers, and the ViT / MLP when trained in full as modules_to_save),
-    after final/, so that nothing about the adapter can cost the merged model.
+    after final/, so that nothing about the adapter can cost the merged model. QLoRA: final/ is the
+    adapter merged into the decoded 4-bit base (on the host), and the adapter carries the note that
+    has nativevl's loader decode the base the same way (io/adapter.py QLORA_FILE).
 
     A sharded model is gathered whole on rank 0 and copied into a plain one first."""
     full = parallel.full_state_dict(model) if parallel.is_sharded(model) else None  # collective

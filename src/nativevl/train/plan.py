@@ -26,7 +26,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from nativevl.config import ModelConfig
+from nativevl.model.vlm import VisionLanguageModel
+from nativevl.train.parallel import trainable_by_module
+from nativevl.train.qlora import NF4Linear, nf4_bytes_per_weight
+from nativevl.train.stages import apply_policy
 
 GiB = 1024**3
 
@@ -97,8 +103,8 @@ class Plan:
 
     @property
     def lower_bound(self) -> int:
-        """The least this run can take: the exact terms, the activations 25% under their estimate, the
-        overhead's flat 3 GiB."""
+        """The least this run can take: the exact terms, the activations with their estimate taken as 25%
+        high (divided by 1.25), the overhead's flat 3 GiB."""
         return self.parameters + self.gradients + self.optimizer + self.loss + int(self.activations / 1.25) + 3 * GiB
 
 
@@ -205,7 +211,8 @@ def format_plan(p: Plan, title: str) -> str:
     rows = [("parameters (fp32 shards + gathered bf16, NF4)", p.parameters), ("gradients (fp32 shards)", p.gradients),
             ("optimizer (AdamW moments, fp32 shards)", p.optimizer), ("activations (one pack)", p.activations),
             ("loss chunk (logits)", p.loss), ("overhead (context, slack)", p.overhead), ("total", p.total)]
-    lines = [title] + [f"  {name:42s} {b / GiB:8.2f} GiB" for name, b in rows]
+    width = max(len(name) for name, _ in rows)
+    lines = [title] + [f"  {name:{width}s} {b / GiB:8.2f} GiB" for name, b in rows]
     verdict = "fits" if p.fits else "does NOT fit"
     lines.append(f"  {verdict} in {p.gpu_bytes / GiB:.0f} GiB per GPU ({p.total / p.gpu_bytes:.0%})")
     return "\n".join(lines)
@@ -214,13 +221,6 @@ def format_plan(p: Plan, title: str) -> str:
 def stage_counts(cfg: ModelConfig, stage) -> tuple[dict[str, int], int, float]:
     """(trainable parameters per module, weights stored in NF4, bytes per NF4 weight) of a model of `cfg`
     under a StagePolicy, from a model built on the meta device (shapes only, no memory)."""
-    import torch
-
-    from nativevl.model.vlm import VisionLanguageModel
-    from nativevl.train.parallel import trainable_by_module
-    from nativevl.train.qlora import NF4Linear, nf4_bytes_per_weight
-    from nativevl.train.stages import apply_policy
-
     with torch.device("meta"):
         model = VisionLanguageModel(cfg)
         apply_policy(model, stage)

@@ -199,11 +199,10 @@ class NF4Linear(nn.Module):
         out = nf4_matmul(x, *self._state(), self.out_features, self.in_features, self.block, False)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
-    def to_linear(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> nn.Linear:
-        """A plain nn.Linear holding the dequantized weight (and the bias), on `device` (default: the codes')."""
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain nn.Linear holding the dequantized weight (and the bias), where the codes are."""
         dtype = dtype or self.dtype
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=device or self.device,
-                        dtype=dtype)
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.device, dtype=dtype)
         with torch.no_grad():
             out.weight.copy_(self.dequantized(dtype))
             if self.bias is not None:
@@ -237,6 +236,20 @@ def quantize_linears(module: nn.Module, targets: tuple[str, ...], block: int = 6
         else:
             count += quantize_linears(child, targets, block, double_quant, device)
     return count
+
+
+def nf4_round_trip(weight: torch.Tensor, block: int = 64, double_quant: bool = True) -> torch.Tensor:
+    """The float32 weight an NF4Linear of `weight` computes with (quantized, then decoded)."""
+    return dequantize_nf4(quantize_nf4(weight.float(), block, double_quant), tuple(weight.shape), block)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """One digest of every NF4 layer's codes and scales (QLoRA's base, which checkpoints do not hold)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, module in model.named_modules():
+        if isinstance(module, NF4Linear):
+            digest.update(f"{name}:{module.fingerprint()};".encode())
+    return digest.hexdigest()
 
 
 def nf4_bytes_per_weight(block: int = 64, double_quant: bool = True) -> float:
