@@ -25,7 +25,7 @@ from nativevl.io.hf import read_config
 from nativevl.model.attention import resolve_backend
 from nativevl.model.vlm import VisionLanguageModel
 from nativevl.train import checkpoint as ckpt
-from nativevl.train import parallel
+from nativevl.train import parallel, qlora
 from nativevl.train.lora import LoRALinear, merge_lora
 from nativevl.train.losses import MPOWeights
 from nativevl.train.metrics import MetricsLogger, batch_flops, module_sizes, pass_factors, peak_flops
@@ -33,7 +33,6 @@ from nativevl.train.objectives import OBJECTIVES, make_objective
 from nativevl.train.optim import build_optimizer, lr_factor, set_lr
 from nativevl.train.parallel import all_reduce_max, all_reduce_sum, barrier, init_distributed
 from nativevl.train.plan import preflight
-from nativevl.train import qlora
 from nativevl.train.qlora import NF4Linear
 from nativevl.train.stages import MODULES, StagePolicy, apply_policy, quantize_base
 
