@@ -231,13 +231,21 @@ def stage_counts(cfg: ModelConfig, stage) -> tuple[dict[str, int], int, float]:
     return trainable, quantized, nf4_bytes
 
 
+def run_inputs(cfg: ModelConfig, stage, *, tokens: int, tiles: int, loss_chunk: int, gpu_bytes: int,
+               reference: bool) -> tuple[dict[str, int], dict]:
+    """(trainable parameters per module, the keyword arguments of plan() and advice() but gpus and
+    checkpointing) of a run: its module policies, packs, loss chunk, GPU memory, MPO's reference."""
+    trainable, quantized, nf4_bytes = stage_counts(cfg, stage)
+    return trainable, {"tokens": tokens, "tiles": tiles, "loss_chunk": loss_chunk, "gpu_bytes": gpu_bytes,
+                       "reference": reference, "quantized": quantized, "nf4_bytes": nf4_bytes}
+
+
 def preflight(cfg: ModelConfig, stage, *, gpus: int, tokens: int, tiles: int, activation_checkpointing: bool,
               loss_chunk: int, gpu_bytes: int, reference: bool) -> tuple[Plan, str]:
     """Before a training run touches its GPUs: (the plan, a report of it and, when it does not fit, of what
     would: advice)."""
-    trainable, quantized, nf4_bytes = stage_counts(cfg, stage)
-    kw = {"tokens": tokens, "tiles": tiles, "loss_chunk": loss_chunk, "gpu_bytes": gpu_bytes, "reference": reference,
-          "quantized": quantized, "nf4_bytes": nf4_bytes}
+    trainable, kw = run_inputs(cfg, stage, tokens=tokens, tiles=tiles, loss_chunk=loss_chunk, gpu_bytes=gpu_bytes,
+                               reference=reference)
     p = plan(cfg, trainable, gpus=gpus, activation_checkpointing=activation_checkpointing, **kw)
     report = format_plan(p, f"memory per GPU ({gpus} GPU(s), packs of {tokens} tokens and {tiles} tiles, "
                             f"activation checkpointing {'on' if activation_checkpointing else 'off'}):")
