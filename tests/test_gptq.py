@@ -91,7 +91,10 @@ def test_quantize_with_calibration_data_end_to_end(tmp_path, tokenizer):
     assert err["gptq"] < 0.8 * err["rtn"], err
 
 
-def test_each_layer_is_calibrated_on_the_model_with_earlier_layers_quantized(monkeypatch, tokenizer, tmp_path):
+def test_each_layer_is_calibrated_on_the_model_with_earlier_layers_quantized(tokenizer, tmp_path):
+    """GPTQ carries each layer's inputs from the one before (one pass of the model in all); it chooses
+    exactly the weights of the reference procedure, which gathers every layer's statistics from whole
+    forwards of the model with the earlier layers already quantized."""
     from nativevl.data import synthetic
     from nativevl.io import gptq
     from nativevl.io.hf import load_model
@@ -101,16 +104,21 @@ def test_each_layer_is_calibrated_on_the_model_with_earlier_layers_quantized(mon
     model = load_model(tmp_path / "hf", dtype=torch.float32)
     meta = synthetic.write_dataset(tmp_path / "calib", n_images=4, n_texts=2, seed=1, size=model.config.vision.image_size)
     batches = gptq.calibration_batches(model, tokenizer, str(meta), 6)
-    weights = {k: v.detach() for k, v in model.state_dict().items() if LLM_LINEAR.match(k)}
-    seen, original = [], gptq.collect_hessians
-
-    def spy(m, *args):  # layer 0's q_proj weight as each layer's statistics are gathered
-        seen.append(m.language_model.layers[0].self_attn.q_proj.weight.detach().clone())
-        return original(m, *args)
-
-    monkeypatch.setattr(gptq, "collect_hessians", spy)
-    before = weights["language_model.layers.0.self_attn.q_proj.weight"].clone()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items() if LLM_LINEAR.match(k)}
+    reference = load_model(tmp_path / "hf", dtype=torch.float32)
+    params = dict(reference.named_parameters())
+    expected = {}
+    for layer in range(tiny_config().text.num_hidden_layers):
+        names = [n for n in weights if gptq.layer_of(n) == layer]
+        hessians = gptq.collect_hessians(reference, batches, sorted({input_key(n) for n in names}), "cpu")
+        for n in names:
+            expected[n] = gptq_quantize(weights[n], hessians[input_key(n)], 4, 16, device="cpu")
+            with torch.no_grad():
+                params[n].copy_(dequantize_weight(*expected[n]))
     out = gptq.gptq_model_weights(model, batches, weights, 4, 16, "cpu")
-    assert len(seen) == tiny_config().text.num_hidden_layers and torch.equal(seen[0], before)
-    quantized = dequantize_weight(*out["language_model.layers.0.self_attn.q_proj.weight"])
-    assert torch.equal(seen[1], quantized) and not torch.equal(quantized, before)
+    assert out.keys() == expected.keys()
+    for n, (q, scale) in out.items():
+        assert torch.equal(q, expected[n][0]) and torch.allclose(scale, expected[n][1], rtol=1e-6, atol=0), n
+    layer0 = "language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(dequantize_weight(*out[layer0]), weights[layer0])  # the model now holds the 4-bit layer 0
+    assert torch.equal(dict(model.named_parameters())[layer0], dequantize_weight(*out[layer0]))

@@ -2,10 +2,12 @@
 weights chosen column by column to minimise the error of its outputs on calibration inputs,
 ||X W^T - X Q^T||^2, rather than of its weights (round to nearest).
 
-The inputs' second moments H = X^T X are gathered with forward hooks while the model reads
-calibration records (images and text, through the training data pipeline), one decoder layer at a time
-with every earlier layer already quantized (each forward stops after the layer); layers whose inputs
-are the same tensor (q/k/v, gate/up) share one H. Then, per layer: H + 1% of its mean
+The inputs' second moments H = X^T X are gathered with forward hooks, one decoder layer at a time with
+every earlier layer already quantized: the model reads the calibration records (images and text,
+through the training data pipeline) once, up to the first decoder layer, whose inputs are kept; each
+layer then runs on its inputs (its hooks gathering H), is quantized, and runs again to give the next
+layer's inputs (one pass of the model in all, not one per layer); layers whose inputs are the same
+tensor (q/k/v, gate/up) share one H. Then, per layer: H + 1% of its mean
 diagonal (damping), the upper Cholesky factor U of H^-1, and for each block of 128 columns, each
 column quantized (a group's scale set from the current weights when the group starts) and its error
 spread over the columns after it by U's row, the block's errors then over the rest (the paper's
@@ -40,7 +42,13 @@ class _RoundDone(Exception):
 @torch.no_grad()
 def collect_hessians(model, batches: list, modules: list[str], device) -> dict[str, torch.Tensor]:
     """{module name: mean of x x^T over every calibration token} for the named nn.Linear modules (float32
-    on a GPU, float64 on the CPU). Each forward stops after the last of them (in the model's order)."""
+    on a GPU, float64 on the CPU), from whole forwards of `model`, each stopped after the last of them."""
+    return _second_moments(model, modules, [lambda b=b: model(**b.to(device).model_inputs()) for b in batches])
+
+
+@torch.no_grad()
+def _second_moments(model, modules: list[str], forwards: list) -> dict[str, torch.Tensor]:
+    """collect_hessians' statistics over the calls in `forwards` (each stopped after the last module)."""
     named = dict(model.named_modules())
     order = {name: i for i, name in enumerate(named)}
     last = max(modules, key=order.__getitem__)
@@ -62,9 +70,9 @@ def collect_hessians(model, batches: list, modules: list[str], device) -> dict[s
 
     handles = [named[name].register_forward_pre_hook(hook(name)) for name in modules]
     try:
-        for batch in batches:
+        for forward in forwards:
             try:
-                model(**batch.to(device).model_inputs())
+                forward()
             except _RoundDone:
                 pass
     finally:
@@ -130,28 +138,61 @@ def layer_of(weight_name: str) -> int:
     return int(weight_name.split(".")[2])
 
 
+class _Captured(Exception):
+    """Raised once the first decoder layer's inputs are kept: the rest of the forward is not needed."""
+
+
+@torch.no_grad()
+def first_layer_inputs(model, batches: list, device) -> list[tuple[tuple, dict]]:
+    """Each calibration batch's inputs to the first decoder layer (hidden states, rotary cos / sin, and
+    the attention's keyword arguments: document boundaries, padding mask, kernel), from one forward
+    of the model per batch, stopped there."""
+    kept: list[tuple[tuple, dict]] = []
+
+    def keep(_module, args, kwargs):
+        kept.append((args, kwargs))
+        raise _Captured
+
+    handle = model.language_model.layers[0].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(**batch.to(device).model_inputs())
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return kept
+
+
 def gptq_model_weights(model, batches: list, weights: dict[str, torch.Tensor], bits: int, group_size: int | None,
                        device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{our weight name: (int8 values, scales)} for `weights` (our names -> float weights, in the model's
-    order), by GPTQ, decoder layer after decoder layer: a layer's inputs are gathered from `model` with
-    every earlier layer already quantized (its weights replaced, in place, by their dequantized values),
-    as the reference implementation feeds each layer the quantized model's activations."""
+    order), by GPTQ, decoder layer after decoder layer: each layer's inputs are its input from the model
+    with every earlier layer already quantized (their weights replaced, in place, by their dequantized
+    values), as the reference implementation feeds each layer the quantized model's activations; they
+    are carried from layer to layer (first_layer_inputs, then each quantized layer's outputs)."""
     params = dict(model.named_parameters())
     by_layer: dict[int, list[str]] = {}
     for name in weights:
         by_layer.setdefault(layer_of(name), []).append(name)
     out = {}
     bar = tqdm(total=len(weights), desc="GPTQ", unit="layer")
-    for layer in sorted(by_layer):
-        names = by_layer[layer]
-        hessians = collect_hessians(model, batches, sorted({input_key(n) for n in names}), device)
-        chosen = {n: gptq_quantize(weights[n], hessians[input_key(n)], bits, group_size, device=device) for n in names}
-        with torch.no_grad():
-            for name, (q, scale) in chosen.items():
-                params[name].copy_(dequantize_weight(q, scale).to(params[name].device, params[name].dtype))
-                bar.update(1)
-        out.update(chosen)
-        del hessians
+    inputs = first_layer_inputs(model, batches, device)
+    for i, block in enumerate(model.language_model.layers[: max(by_layer, default=-1) + 1]):
+        names = by_layer.get(i, [])
+        if names:
+            forwards = [lambda a=args, k=kwargs, b=block: b(*a, **k) for args, kwargs in inputs]
+            hessians = _second_moments(model, sorted({input_key(n) for n in names}), forwards)
+            chosen = {n: gptq_quantize(weights[n], hessians[input_key(n)], bits, group_size, device=device) for n in names}
+            with torch.no_grad():
+                for name, (q, scale) in chosen.items():
+                    params[name].copy_(dequantize_weight(q, scale).to(params[name].device, params[name].dtype))
+                    bar.update(1)
+            out.update(chosen)
+            del hessians
+        with torch.no_grad():  # the quantized layer's outputs: the next layer's inputs
+            inputs = [((block(*args, **kwargs), *args[1:]), kwargs) for args, kwargs in inputs]
     bar.close()
     return out
 
