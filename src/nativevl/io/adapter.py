@@ -99,15 +99,15 @@ def decode_qlora_base(state: dict[str, torch.Tensor], path: str | Path) -> int:
     state dict (our names, as read: before any cast) replaced by their NF4 round trip, the weights the
     adapter was trained over; returns how many. 0 for any other adapter."""
     from nativevl.train.qlora import nf4_round_trip
-    from nativevl.train.stages import TARGETS
+    from nativevl.train.stages import MODULE_ATTRS, TARGETS
 
     note = Path(path) / QLORA_FILE
     if not note.is_file():
         return 0
-    prefixes = {"vit": "vision_tower.", "mlp": "multi_modal_projector.", "llm": "language_model."}
     try:
         modules = json.loads(note.read_text())["modules"]
-        specs = {prefixes[m]: (TARGETS[m], int(spec["nf4_block"]), bool(spec["double_quant"])) for m, spec in modules.items()}
+        specs = {MODULE_ATTRS[m] + ".": (TARGETS[m], int(spec["nf4_block"]), bool(spec["double_quant"]))
+                 for m, spec in modules.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{note}: not a QLoRA note this version reads ({e!r})") from None
     count = 0

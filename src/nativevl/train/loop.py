@@ -147,11 +147,10 @@ def check_resume_config(out_dir: Path, run_config: dict, step: int, main: bool) 
     refused = {k: v for k, v in changed.items()
                if k not in RESUMABLE_CHANGES and not (k.startswith("stage.") and k.endswith(".lr"))}
     if "qlora_base" in refused:
-        raise ValueError(f"{out_dir} holds a QLoRA run at step {step} whose 4-bit base quantized otherwise than "
-                         f"{(run_config.get('model') or {}).get('init_from') or 'its base'} does now (the folder "
-                         "was re-written since, or the "
-                         "quantization changed): its adapters belong to the other base. Resume with that base, or "
-                         "start a new --out")
+        base = (run_config.get("model") or {}).get("init_from") or "its base"
+        raise ValueError(f"{out_dir} holds a QLoRA run at step {step} whose 4-bit base quantized otherwise than {base} "
+                         "does now (the folder was re-written since, or the quantization changed): its adapters belong "
+                         "to the other base. Resume with that base, or start a new --out")
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise ValueError(f"{out_dir} holds a run at step {step} made with other settings ({listed}). Resuming with "

@@ -1,7 +1,8 @@
 """QLoRA's frozen base (Dettmers et al., 2023): linear layers held in 4-bit NormalFloat (NF4), in blocks of
 64 weights with one absmax each, the absmaxes themselves quantized to 8 bits in blocks of 256 ("double
-quantization"), exactly as bitsandbytes stores them (`quantize_4bit(quant_type="nf4",
-compress_statistics=True)`): about 4.13 bits per weight instead of 32 (fp32 masters) or 16 (bf16).
+quantization"), as bitsandbytes stores them (`quantize_4bit(quant_type="nf4", compress_statistics=True)`;
+the scales' offset is a float64 mean, which bitsandbytes takes in float32): about 4.13 bits per weight
+instead of 32 (fp32 masters) or 16 (bf16).
 
 A layer's weight is dequantized in its forward and again in its backward (only the 4-bit codes are kept
 between them), so a whole forward holds one layer's dequantized weight at a time. The base is frozen; LoRA
@@ -52,8 +53,7 @@ def _blockwise(flat: torch.Tensor, block: int, levels: torch.Tensor) -> tuple[to
     indices as uint8, absmax per block as float32). A last partial block has its own absmax."""
     flat = flat.float()
     n = flat.numel()
-    starts = torch.arange(0, n, block, device=flat.device)
-    padded = torch.nn.functional.pad(flat, (0, len(starts) * block - n)).view(-1, block)
+    padded = torch.nn.functional.pad(flat, (0, -n % block)).view(-1, block)
     absmax = padded.abs().amax(dim=1)
     scaled = (padded * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)[:n]
     bounds = (levels[:-1] + levels[1:]) / 2

@@ -13,6 +13,7 @@ from nativevl.train.qlora import BLOCK_SIZES, quantize_linears
 MODES = ("frozen", "full", "lora", "qlora")  # qlora: LoRA over the layers' weights stored in NF4 (train/qlora.py)
 MODULES = ("vit", "mlp", "llm")
 TARGETS = {"vit": VIT_TARGETS, "mlp": MLP_TARGETS, "llm": LLM_TARGETS}
+MODULE_ATTRS = {"vit": "vision_tower", "mlp": "multi_modal_projector", "llm": "language_model"}  # in the model
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class StagePolicy:
 
 
 def module_of(model: nn.Module, name: str) -> nn.Module:
-    return {"vit": model.vision_tower, "mlp": model.multi_modal_projector, "llm": model.language_model}[name]
+    return getattr(model, MODULE_ATTRS[name])
 
 
 def quantize_base(model: nn.Module, policy: StagePolicy, device: torch.device | str | None = None) -> dict[str, int]:

@@ -1,5 +1,5 @@
-"""Evaluation tasks: each has `name`, `max_new_tokens`, `load(n, seed)`, `prompt(item)`, `score(prediction, item)`;
-toy-world families by name, benchmark and custom sets by file (`.tsv`, `.jsonl`: tasks/files.py)."""
+"""Evaluation tasks (each an EvalTask: tasks/base.py): toy-world families by name, benchmark and custom sets
+by file (`.tsv`, `.jsonl`: tasks/files.py)."""
 
 from pathlib import Path
 
