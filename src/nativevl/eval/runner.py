@@ -163,28 +163,44 @@ def _tiles(max_num, n_images: int) -> int:
 
 @torch.no_grad()
 def predict(model, tokenizer, prompts: Sequence[tuple[list[dict], list]], *, max_new_tokens: int, batch_size: int,
-            system_message: str | None, desc: str = "", max_num=1) -> list[str]:
+            system_message: str | None, desc: str = "", max_num=1, synced: bool = False, filler=None,
+            heartbeat=None) -> list[str]:
     """Greedy answers for (messages, images) prompts, `batch_size` at a time (left padding); up to
     `max_num` tiles per prompt, shared by its images (or `max_num(n_images)` tiles per image, a task's
-    `tile_cap`); tiled batch by batch (4,000 questions at 7 tiles would be ~67 GB at once)."""
+    `tile_cap`); tiled batch by batch (4,000 questions at 7 tiles would be ~67 GB at once).
+
+    `synced`: every process calls this together with its own prompts and a model whose forwards are
+    collective (FSDP): each runs as many batches as the process with the most, the missing ones on the
+    prompt `filler()` gives, whose answers are dropped. `heartbeat()` is called after every batch."""
     cfg = model.config
+    rounds = -(-len(prompts) // batch_size)
+    if synced and torch.distributed.is_initialized():
+        most = torch.tensor([float(rounds)], device=model.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        rounds = int(most.item())
     answers: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
+    for r in tqdm(range(rounds), desc=desc, unit="batch", leave=False):
+        chunk = prompts[r * batch_size : (r + 1) * batch_size]
+        asked = chunk or [filler()]  # nothing left here: a stand-in that keeps this process in step
         rows = [chat_inputs(tokenizer, messages, images, image_size=cfg.vision.image_size,
                             image_seq_length=cfg.image_seq_length, system_message=system_message,
                             max_num=_tiles(max_num, len(images)))
-                for messages, images in prompts[start : start + batch_size]]
-        answers += generate_texts(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                  progress=False)
+                for messages, images in asked]
+        texts = generate_texts(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                               progress=False, synced=synced)
+        answers += texts[: len(chunk)]
+        if heartbeat is not None:
+            heartbeat()
     return answers
 
 
 def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: int = 10_000, batch_size: int = 16,
              system_message: str | None = None, rank: int = 0, world_size: int = 1, predictor=None,
              model_name: str | None = None, previous: dict | None = None, on_task=None,
-             max_num: int | None = None) -> dict:
+             max_num: int | None = None, synced: bool = False, heartbeat=None) -> dict:
     """{task: {accuracy, n, correct, chance, ci95, examples, records, settings}}; every rank scores items
-    i % world == rank.
+    i % world == rank. `synced`: the model's forwards are collective (FSDP, in training): the ranks
+    generate in step (`predict`); `heartbeat()` is called after every batch.
 
     `predictor(task, items) -> answers` replaces the model (the tests check the scoring with it).
     Resuming: the tasks of `previous` (an earlier report) made with the same settings (`model_name`, an
@@ -214,7 +230,8 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
         else:
             predictions = predict(model, tokenizer, LazyPrompts(task, mine), max_new_tokens=task.max_new_tokens,
                                   batch_size=batch_size, system_message=system_message, desc=name,
-                                  max_num=task.tile_cap)
+                                  max_num=task.tile_cap, synced=synced,
+                                  filler=lambda task=task, first=items[0]: task.prompt(first), heartbeat=heartbeat)
         binary = task.binary
         # right / wrong, or partial credit in [0, 1] (ANLS, VQA accuracy): the mean is the task's score
         correct = [bool(c) if binary else float(c) for c in (task.score(p, it) for p, it in zip(predictions, mine))]

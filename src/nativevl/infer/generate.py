@@ -42,6 +42,15 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def _all_done(done: torch.Tensor, synced: bool) -> bool:
+    """Whether every row is done: this process's, or with `synced` every process's (one all-reduce)."""
+    if not (synced and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return bool(done.all())
+    left = (~done).sum().to(torch.float32).reshape(1)
+    torch.distributed.all_reduce(left)  # the rows still going, over all processes
+    return left.item() == 0
+
+
 @torch.no_grad()
 def generate(
     model: VisionLanguageModel,
@@ -60,12 +69,16 @@ def generate(
     generator: torch.Generator | None = None,
     streamer=None,
     suppress_tokens: list[int] | None = None,
+    synced: bool = False,
 ) -> torch.Tensor:
     """input_ids (B, T) -> (B, T + n) with n <= max_new_tokens new tokens.
 
     `eos_token_id` defaults to the config's; `streamer(tokens (B,))` is called after every step.
     `suppress_tokens` are never generated (e.g. the image placeholder, which a small or badly trained
     model may emit and which cannot be fed back without an image).
+    `synced`: every process of the process group calls this together (a model sharded by FSDP, whose
+    every forward is collective): decoding goes on until every process's rows are done, so that all
+    run the same number of forwards (the rows done early are padded, as within a batch).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -102,7 +115,7 @@ def generate(
         if streamer is not None:
             streamer(token)
         done = done | torch.isin(token, eos_ids)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or _all_done(done, synced):
             break
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)

@@ -26,6 +26,7 @@ from nativevl.model.attention import resolve_backend
 from nativevl.model.vlm import VisionLanguageModel
 from nativevl.train import checkpoint as ckpt
 from nativevl.train import parallel, qlora
+from nativevl.train.evaluation import TrainingEval
 from nativevl.train.lora import LoRALinear, merge_lora
 from nativevl.train.losses import MPOWeights
 from nativevl.train.metrics import MetricsLogger, batch_flops, module_sizes, pass_factors, peak_flops
@@ -70,6 +71,12 @@ class TrainConfig:
     mpo_generation_weight: float = 1.0  # w_g, NLL of the chosen response
     val_every: int = 0  # steps between validations on the run's val_meta; 0: once, at the end
     val_records: int = 256  # records of val_meta in the validation set (the same ones every time)
+    # `nativevl eval`'s tasks on the model in training (toy families, .tsv / .jsonl files; comma-separated),
+    # every eval_every steps (0: once, at the end), eval_n questions each, DIR/evals/step-N.json
+    eval_tasks: str = ""
+    eval_every: int = 0
+    eval_n: int = 100
+    eval_batch_size: int = 16
     # seconds a step may take before every thread's stack goes to DIR/hang-rankN-<time>.txt; 0: off. Below
     # NCCL's 10-minute collective timeout, which ends a rank stuck in a collective before any dump
     hang_timeout: float = 300.0
@@ -92,9 +99,10 @@ class TrainConfig:
             raise ValueError(f"hang_timeout must be a finite number of seconds >= 0, got {self.hang_timeout}")
         if self.memory_check not in ("error", "warn", "off"):
             raise ValueError(f"memory_check must be error, warn or off, got {self.memory_check!r}")
-        if self.val_records < 1:
-            raise ValueError(f"val_records must be >= 1, got {self.val_records}")
-        for name in ("warmup_steps", "save_every", "num_workers", "keep_checkpoints", "val_every"):
+        for name in ("val_records", "eval_n", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_every", "num_workers", "keep_checkpoints", "val_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -113,7 +121,7 @@ RESUMABLE_CHANGES = {
                            "eps", "grad_clip", "num_workers", "loss_chunk", "save_every", "keep_checkpoints",
                            "peak_tflops", "tensorboard", "export", "attn_implementation",
                            "activation_checkpointing", "compile", "dtype", "val_every", "val_records", "hang_timeout",
-                           "memory_check")
+                           "memory_check", "eval_tasks", "eval_every", "eval_n", "eval_batch_size")
 } | {"data.max_reject_fraction", "data.min_records_before_abort", "val_meta"}
 
 
@@ -185,6 +193,9 @@ def train(
         log.warning("warmup_steps (%d) >= max_steps (%d): the learning rate never reaches --lr (it ends at %.3g)",
                     cfg.warmup_steps, cfg.max_steps, cfg.lr * cfg.max_steps / max(cfg.warmup_steps, 1))
     torch.manual_seed(cfg.seed + rank)
+    evaluator = TrainingEval(cfg.eval_tasks, every=cfg.eval_every, n=cfg.eval_n, batch_size=cfg.eval_batch_size,
+                             tokenizer=tokenizer, out_dir=out_dir, rank=rank, world=world,
+                             system_message=dataset.cfg.system_message) if cfg.eval_tasks else None
 
     check_memory(model, policy, cfg, dataset, world, device, main)
     # QLoRA: each layer quantized on the device, so only the 4-bit copies live there; MPO's pi_0 is this base
@@ -240,6 +251,7 @@ def train(
     batches = iterate_batches(make_loader(dataset, cfg.num_workers), tracker)
     val_batches = read_val_batches(val_dataset, objective, device) if val_dataset is not None else None
     last_val: dict = {}
+    last_eval: dict = {}
     factors = pass_factors({m: policy.get(m).mode for m in MODULES})
     peak = peak_flops(device, cfg.peak_tflops)
     logger = MetricsLogger(out_dir, cfg.max_steps, step, enabled=main, tensorboard=cfg.tensorboard)
@@ -249,7 +261,16 @@ def train(
     last_loss = float("nan")
     saved_step = step  # a resumed run's checkpoint holds its step already
     ran_out = False
+
+    def evaluate_now() -> dict:
+        watchdog.arm()  # each batch of questions re-arms it: an evaluation may take longer than a step
+        record = evaluator(model, step, autocast, heartbeat=watchdog.arm)
+        logger.log_eval(record)
+        return record
+
     try:
+        if evaluator is not None and step > 0 and evaluator.missing(step, cfg.max_steps):
+            last_eval = evaluate_now()  # stopped after this step's checkpoint, before its evaluation
         while step < cfg.max_steps:
             watchdog.arm()  # the step, its logging, validation and checkpoint must end within hang_timeout
             if device.type == "cuda":
@@ -347,9 +368,13 @@ def train(
             if val_batches is not None and ((cfg.val_every and step % cfg.val_every == 0) or step == cfg.max_steps):
                 last_val = validate(model, objective, val_batches, device, use_bf16, autocast, step)
                 logger.log_val(last_val)
+            if evaluator is not None and evaluator.due(step, cfg.max_steps):
+                last_eval = evaluate_now()
         if ran_out and val_batches is not None and step > started_at and last_val.get("step") != step:
             last_val = validate(model, objective, val_batches, device, use_bf16, autocast, step)
             logger.log_val(last_val)
+        if ran_out and evaluator is not None and step > started_at and last_eval.get("step") != step:
+            last_eval = evaluate_now()
         if ran_out and step > saved_step:  # the steps since the last checkpoint are kept, not lost
             save_train_state(out_dir, model, optimizer, step, tokens_total, tracker, cfg, rank, world,
                              objective.state_dict())
@@ -359,6 +384,8 @@ def train(
     summary = {"step": step, "tokens": tokens_total, "loss": last_loss, "rejected": tracker.by_kind, "records": tracker.seen}
     if last_val:
         summary["val_loss"] = last_val["val_loss"]
+    if last_eval:
+        summary["eval"] = {k: v for k, v in last_eval.items() if k != "step"}
     if cfg.export and (step >= cfg.max_steps or (ran_out and step > 0)):  # the data's end is the run's end too
         export_final(model, tokenizer, out_dir / "final", main, policy)
     return summary

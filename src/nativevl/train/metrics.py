@@ -146,6 +146,15 @@ class MetricsLogger:
         self.bar.write(f"step {record['step']}: " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "step"))
 
+    def log_eval(self, record: dict) -> None:
+        """An in-training evaluation ({"step": ..., "eval_<task>": score, ...}): metrics.jsonl, tensorboard's
+        eval/ tags, and a line above the progress bar."""
+        if not self.enabled:
+            return
+        self._write(record, lambda key: f"eval/{key.removeprefix('eval_')}")
+        self.bar.write(f"step {record['step']}: " + ", ".join(
+            f"{k.removeprefix('eval_')} {v:.3f}" for k, v in record.items() if k != "step"))
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()

@@ -1,0 +1,163 @@
+"""Evaluation inside training (`--eval_tasks`): the report of `nativevl eval` on the model being trained,
+every eval_every steps and at the end, without changing the training run; across a stop and resume, and
+with the model sharded over 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from test_parallel import one_and_two_processes
+from test_train import SMALL, launch_stopped_at, losses
+
+from nativevl import VisionLanguageModel
+from nativevl.eval.runner import LazyPrompts, compare, evaluate, predict
+from nativevl.eval.tasks import get_task
+from nativevl.io.tokenizer import load_tokenizer
+from nativevl.recipes import apply_overrides, launch, recipe
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def evals(out) -> list[dict]:
+    return [r for r in metrics(out) if any(k.startswith("eval_") for k in r)]
+
+
+def test_evaluation_in_training_is_nativevl_eval_and_leaves_training_unchanged(tmp_path, monkeypatch):
+    """Every eval_every steps and at the end: DIR/evals/step-N.json, the report `nativevl eval` writes for
+    the model of that step (the same questions and answers as evaluating the exported model), its scores
+    in metrics.jsonl and the summary; the training losses are a run's without evaluation. A run stopped
+    after a step's checkpoint but before its evaluation evaluates that step first when it resumes."""
+    plain = tmp_path / "plain"
+    launch(apply_overrides(recipe("debug_tiny"), SMALL + ["--export=false"]), plain)
+    args = SMALL + ["--eval_tasks=shapes, arithmetic", "--eval_every=3", "--eval_n=4", "--eval_batch_size=2"]
+    run = apply_overrides(recipe("debug_tiny"), args)
+    out = tmp_path / "run"
+    launch_stopped_at(run, out, monkeypatch, stop=3)  # killed after step 3's checkpoint, before its evaluation
+    assert not (out / "evals" / "step-000003.json").exists()
+    summary = launch(run, out)
+    assert losses(out) == losses(plain)
+    logged = evals(out)
+    assert [r["step"] for r in logged] == [3, 6] and set(logged[0]) == {"step", "eval_shapes", "eval_arithmetic"}
+    assert summary["eval"] == {k: v for k, v in logged[-1].items() if k != "step"}
+
+    last = json.loads((out / "evals" / "step-000006.json").read_text())
+    assert (out / "evals" / "step-000006.md").is_file()
+    model = VisionLanguageModel.from_pretrained(out / "final")
+    tokenizer = load_tokenizer(out / "data" / "tokenizer")
+    standalone = evaluate(model, tokenizer, ["shapes", "arithmetic"], n=4, batch_size=2)
+    for task, entry in standalone.items():
+        assert [r["prediction"] for r in last[task]["records"]] == [r["prediction"] for r in entry["records"]]
+        assert last[task]["accuracy"] == entry["accuracy"] == logged[-1][f"eval_{task}"]
+        assert last[task]["records"] and all(r["prediction"] for r in last[task]["records"])
+    first = json.loads((out / "evals" / "step-000003.json").read_text())
+    assert compare(first, last, "shapes")["n"] == 4  # two steps compare question by question
+
+
+@pytest.mark.parametrize("tasks, message", [("shapes,colours", "eval_tasks: colours: unknown task"),
+                                            ("shapes,missing.jsonl", "eval_tasks: missing.jsonl: .*does not exist"),
+                                            (" , ", "names no task")])
+def test_a_bad_evaluation_task_stops_the_run_before_its_first_step(tmp_path, tasks, message):
+    with pytest.raises(ValueError, match=message):
+        launch(apply_overrides(recipe("debug_tiny"), SMALL + [f"--eval_tasks={tasks}"]), tmp_path)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def custom_set(folder) -> str:
+    """An InternVL-format jsonl of 5 questions, 3 on a picture and 2 text-only: with one question per batch
+    the ranks' first rounds are a picture's (rank 0) and a text's (rank 1), which then runs the ViT on a
+    blank tile to take part in its collectives."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, colour in enumerate(["red", "blue", "green", "yellow", "blue"]):
+        if i in (1, 3):
+            turns = [{"from": "human", "value": "one two three"}, {"from": "gpt", "value": "four"}]
+            lines.append(json.dumps({"conversations": turns}))
+            continue
+        Image.new("RGB", (56, 56), colour).save(folder / f"{i}.png")
+        turns = [{"from": "human", "value": "<image>\nwhat colour is the square?"},
+                 {"from": "gpt", "value": f"the square is {colour}"}]
+        lines.append(json.dumps({"image": f"{i}.png", "conversations": turns}))
+    path = folder / "custom.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_two_processes_evaluate_the_sharded_model_as_one_process_does(tmp_path):
+    """2 processes (FSDP2) evaluate their shares of the questions in step (3 and 2 batches of one question)
+    and the report is the one a plain process writes from the same weights (lr 0: both hold the random
+    initial model, whose answers differ from question to question), which is what the model answers
+    question by question outside training."""
+    custom = custom_set(tmp_path / "custom")
+    args = ["--max_steps=1", "--lr=0", "--global_batch=2", "--max_buffers=0", "--max_tokens=256", "--tensorboard=false",
+            f"--eval_tasks=shapes,{custom}", "--eval_n=5", "--eval_batch_size=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_and_two_processes(args, one, two)
+    a = json.loads((one / "evals" / "step-000001.json").read_text())
+    b = json.loads((two / "evals" / "step-000001.json").read_text())
+    for task in ("shapes", custom):
+        answers = [r["prediction"] for r in a[task]["records"]]
+        assert [r["index"] for r in b[task]["records"]] == list(range(5))
+        assert [r["prediction"] for r in b[task]["records"]] == answers
+        assert b[task]["accuracy"] == a[task]["accuracy"]
+        assert len(set(answers)) > 1, answers
+    assert evals(one) == evals(two)
+
+    model = VisionLanguageModel.from_pretrained(one / "final").eval()
+    tokenizer = load_tokenizer(one / "final")
+    for name in ("shapes", custom):
+        task = get_task(name)
+        direct = predict(model, tokenizer, LazyPrompts(task, task.load(5, 10_000)), max_new_tokens=task.max_new_tokens,
+                         batch_size=1, system_message=None, max_num=task.tile_cap)
+        assert direct == [r["prediction"] for r in a[name]["records"]]
+
+
+SYNCED = """
+import sys
+import torch
+from nativevl.config import preset
+from nativevl.infer.generate import generate
+from nativevl.model.vlm import VisionLanguageModel
+from nativevl.train.parallel import init_distributed, parallelize
+
+rank, world, _ = init_distributed()
+torch.manual_seed(0)
+model = VisionLanguageModel(preset("tiny")).eval()
+model.init_weights()
+prompts = [torch.tensor([[15, 17, 9, 33]]), torch.tensor([[8, 20, 41, 7, 12]])]  # no image or end token
+# rank 0's answer ends at its 3rd token (made its end token); rank 1's runs to max_new_tokens
+free = [generate(model, p, max_new_tokens=8, eos_token_id=[])[0, p.shape[1]:].tolist() for p in prompts]
+eos = free[0][2]
+assert eos not in free[1], free
+plain = generate(model, prompts[rank], max_new_tokens=8, eos_token_id=eos)
+parallelize(model, world=world, mixed_precision=False, activation_checkpointing=False, compile=False)
+sharded = generate(model, prompts[rank], max_new_tokens=8, eos_token_id=eos, synced=sys.argv[1] == "synced")
+n = plain.shape[1]
+pad = model.config.text.pad_token_id if model.config.text.pad_token_id is not None else eos
+assert torch.equal(sharded[:, :n], plain) and bool((sharded[:, n:] == pad).all()), (sharded, plain)
+print("rank", rank, "answer", n - prompts[rank].shape[1], "steps", sharded.shape[1] - prompts[rank].shape[1], flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["synced", "alone"])
+def test_synced_generation_keeps_the_sharded_ranks_in_step(tmp_path, mode):
+    """generate(synced=True) on a model sharded over 2 processes: one rank's answer ends at its 3rd token,
+    the other's runs on; both get what the unsharded model generates, the finished rank padded (it keeps
+    taking part in the forwards). Without synced, the collectives of the two ranks no longer match."""
+    script = tmp_path / "synced.py"
+    script.write_text(SYNCED)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), mode], env=env, capture_output=True, text=True, timeout=300)
+    if mode == "synced":
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        # rank 0 answered in 3 tokens and padded on while rank 1 needed all 8
+        assert "rank 0 answer 3 steps 8" in proc.stdout and "rank 1 answer 8 steps 8" in proc.stdout, proc.stdout
+    else:  # rank 0 stops alone at its end token; rank 1's next forward waits for it in vain
+        assert "rank 0 answer 3 steps 3" in proc.stdout and proc.returncode != 0, proc.stdout
