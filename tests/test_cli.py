@@ -81,6 +81,11 @@ def test_quick_demo_runs_end_to_end_via_python_m(tmp_path):
     assert (tmp_path / "data" / "meta.json").is_file()
     assert "nativevl chat --model" in proc.stdout and report["resumed"] == []
     assert set(report["validation_loss"]) == {"pretrain", "sft"} and "held-out records" in (tmp_path / "report.md").read_text()
+    # SFT evaluated inside its run (every fifth of its steps; a 6-step run at its end), on half the questions
+    by_step = report["sft_scores_by_step"]
+    assert list(by_step) == ["6"] and set(by_step["6"]) == set(report["stages"]["sft"])
+    assert json.loads((tmp_path / "sft" / "evals" / "step-000006.json").read_text())["shapes"]["n"] == 3
+    assert (tmp_path / "scores.png").stat().st_size > 1000 and "### During SFT" in (tmp_path / "report.md").read_text()
     # run again in the same folder: both stages are reused, and the report says so
     from nativevl.demo import DemoConfig, run_demo
 

@@ -33,7 +33,8 @@ def test_evaluation_in_training_is_nativevl_eval_and_leaves_training_unchanged(t
     """Every eval_every steps and at the end: DIR/evals/step-N.json, the report `nativevl eval` writes for
     the model of that step (the same questions and answers as evaluating the exported model), its scores
     in metrics.jsonl and the summary; the training losses are a run's without evaluation. A run stopped
-    after a step's checkpoint but before its evaluation evaluates that step first when it resumes."""
+    after a step's checkpoint but before its evaluation evaluates that step first when it resumes, and the
+    reports of steps after its checkpoint (trained again) go. evals/scores.png plots the scores by step."""
     plain = tmp_path / "plain"
     launch(apply_overrides(recipe("debug_tiny"), SMALL + ["--export=false"]), plain)
     args = SMALL + ["--eval_tasks=shapes, arithmetic", "--eval_every=3", "--eval_n=4", "--eval_batch_size=2"]
@@ -41,7 +42,11 @@ def test_evaluation_in_training_is_nativevl_eval_and_leaves_training_unchanged(t
     out = tmp_path / "run"
     launch_stopped_at(run, out, monkeypatch, stop=3)  # killed after step 3's checkpoint, before its evaluation
     assert not (out / "evals" / "step-000003.json").exists()
+    (out / "evals").mkdir()
+    (out / "evals" / "step-000004.json").write_text("{}")  # as left by a run that died after step 4's evaluation
     summary = launch(run, out)
+    assert sorted(p.name for p in (out / "evals").glob("*.json")) == ["step-000003.json", "step-000006.json"]
+    assert (out / "evals" / "scores.png").stat().st_size > 10_000
     assert losses(out) == losses(plain)
     logged = evals(out)
     assert [r["step"] for r in logged] == [3, 6] and set(logged[0]) == {"step", "eval_shapes", "eval_arithmetic"}

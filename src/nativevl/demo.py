@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,9 +91,11 @@ def _sources(stage: str, seed: int) -> list[ToyWorldSource]:
 
 
 def train_stage(name: str, model, tokenizer, cfg: DemoConfig, out: Path, steps: int, text_ratio: float | None,
-           policy: StagePolicy | None = None, sources: str | None = None) -> dict:
+           policy: StagePolicy | None = None, sources: str | None = None, eval_tasks: str = "") -> dict:
     """Train `model` on the toy world's `sources` stage mixture ("pretrain" or "sft"; default `name`) into
-    out/name, every module in full unless `policy` says otherwise (scripts/qlora.py)."""
+    out/name, every module in full unless `policy` says otherwise (scripts/qlora.py). `eval_tasks`: evaluated
+    every fifth of the stage (only at its end in a run under 25 steps) on the first half of the held-out
+    questions (out/name/evals)."""
     sources = sources or name
     mcfg = model.config
     data = DataConfig(max_tokens=cfg.pack_tokens, max_tiles=96, image_size=mcfg.vision.image_size,
@@ -105,7 +108,8 @@ def train_stage(name: str, model, tokenizer, cfg: DemoConfig, out: Path, steps: 
                              dataclasses.replace(data, max_records=cfg.val_records, training=False))
     train_cfg = TrainConfig(max_steps=steps, lr=cfg.lr, warmup_steps=max(1, steps // 20), global_batch=cfg.global_batch,
                             weight_decay=0.0, tensorboard=True, save_every=max(1, steps // 4), seed=cfg.train_seed,
-                            val_every=max(1, steps // 10), val_records=cfg.val_records)
+                            val_every=max(1, steps // 10), val_records=cfg.val_records, eval_tasks=eval_tasks,
+                            eval_every=steps // 5 if steps >= 25 else 0, eval_n=max(1, cfg.eval_n // 2), eval_batch_size=cfg.eval_batch)
     return train(model, tokenizer, dataset, policy or StagePolicy(), train_cfg, out / name,
                  run_config={"demo": dataclasses.asdict(cfg), "stage": name, "data": dataclasses.asdict(data)},
                  val_dataset=held_out)
@@ -210,7 +214,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict:
     print("[demo] stage 2: supervised fine-tuning on the task questions")
     if not (out / "sft" / "final").is_dir():
         model = load_model(out / "pretrain" / "final", dtype=torch.float32)
-        train_stage("sft", model, tokenizer, cfg, out, cfg.sft_steps, text_ratio=None)
+        train_stage("sft", model, tokenizer, cfg, out, cfg.sft_steps, text_ratio=None, eval_tasks=",".join(FAMILIES))
     model = load_model(out / "sft" / "final", dtype=torch.float32)
     report["stages"]["sft"] = evaluate(model, tokenizer, list(FAMILIES), n=cfg.eval_n, seed=cfg.eval_seed,
                                        batch_size=cfg.eval_batch)
@@ -225,6 +229,9 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict:
     val = {s: _curve(out / s / "metrics.jsonl", "val_loss") for s in curves}
     report["validation_loss"] = {s: v[-1]["val_loss"] for s, v in val.items() if v}
     plot_losses(curves, out / "loss.png", val)
+    report["sft_scores_by_step"] = scores_by_step(out / "sft" / "evals")
+    if (out / "sft" / "evals" / "scores.png").is_file():
+        shutil.copyfile(out / "sft" / "evals" / "scores.png", out / "scores.png")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(report))
     print(f"[demo] report: {out / 'report.md'} ({report['wall_time_s']} s)")
@@ -254,4 +261,22 @@ def report_markdown(report: dict) -> str:
               "At least 3x chance (or 0.90) after SFT: "
               + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["above_3x_chance"].items()) + ".", "",
               "![training loss](loss.png)", ""]
+    by_step = report.get("sft_scores_by_step") or {}
+    if by_step:
+        tasks = list(next(iter(by_step.values())))
+        lines += ["### During SFT", "",
+                  "The first half of the same held-out questions, evaluated inside the training run every fifth of "
+                  "its steps (`--eval_tasks`, sft/evals/step-N.json):", "",
+                  "| step | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        lines += [f"| {step} | " + " | ".join(f"{scores[t]:.3f}" for t in tasks) + " |" for step, scores in by_step.items()]
+        lines += ["", "![held-out scores during SFT](scores.png)", ""]
     return "\n".join(lines)
+
+
+def scores_by_step(folder: Path) -> dict[str, dict[str, float]]:
+    """{step: {task: accuracy}} of a training run's evaluation reports (out/stage/evals/step-N.json)."""
+    out = {}
+    for path in sorted(folder.glob("step-*.json")):
+        report = json.loads(path.read_text())
+        out[str(int(path.stem.removeprefix("step-")))] = {task: entry["accuracy"] for task, entry in report.items()}
+    return out

@@ -11,6 +11,7 @@ with the sharded model, in step with the others (eval/runner.py `predict`).
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import nullcontext
 from pathlib import Path
@@ -64,10 +65,21 @@ class TrainingEval:
     def report_path(self, step: int) -> Path:
         return self.out_dir / "evals" / f"step-{step:06d}.json"
 
-    def missing(self, step: int, max_steps: int) -> bool:
-        """An evaluation due at `step` whose report is not there (the run stopped after that step's
-        checkpoint, before its evaluation ended): a resume runs it first. Rank 0 looks; all agree."""
-        return self.due(step, max_steps) and bool(broadcast_object(not self.report_path(step).is_file()))
+    def resume(self, step: int, max_steps: int) -> bool:
+        """A run starting at `step` (a checkpoint's): the reports of later steps, made by a run that stopped
+        before its next checkpoint, go (those steps are trained again, as metrics.jsonl drops their lines);
+        True when an evaluation due at `step` has no report (the run stopped after that step's checkpoint,
+        before its evaluation ended), for the caller to run it first. Rank 0 looks; all agree."""
+        if self.rank == 0 and step > 0:
+            stale = [p for p in (self.out_dir / "evals").glob("step-*.json") if _step_of(p) > step]
+            for path in stale:
+                path.unlink()
+                path.with_suffix(".md").unlink(missing_ok=True)
+            if stale:
+                log.info("removed %d evaluation report(s) of steps after %d (trained again from its checkpoint)",
+                         len(stale), step)
+                plot_scores(self.out_dir / "evals")
+        return step > 0 and self.due(step, max_steps) and bool(broadcast_object(not self.report_path(step).is_file()))
 
     @torch.no_grad()
     def __call__(self, model, step: int, autocast, heartbeat=None) -> dict:
@@ -87,4 +99,55 @@ class TrainingEval:
             ckpt.set_rng_state(rng)
         if self.rank == 0:
             write_report(report, self.report_path(step), markdown_table(report, f"{self.out_dir.name}, step {step}"))
+            plot_scores(self.out_dir / "evals")
         return {"step": step, **{metric_key(name): report[name]["accuracy"] for name in self.tasks}}
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.stem.removeprefix("step-"))
+    except ValueError:
+        return -1
+
+
+def plot_scores(folder: Path) -> Path | None:
+    """folder/scores.png: each task's score at every evaluated step (the folder's step-N.json reports),
+    its 95% interval shaded and its chance level dotted. None when there is nothing to plot."""
+    reports = sorted((p for p in folder.glob("step-*.json") if _step_of(p) >= 0), key=_step_of)
+    series: dict[str, list[tuple[int, dict]]] = {}
+    for path in reports:
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a report being written by someone else, or damaged: the next plot has it
+        for task, entry in report.items():
+            if isinstance(entry, dict) and "accuracy" in entry:
+                series.setdefault(task, []).append((_step_of(path), entry))
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for task, points in series.items():
+        steps = [s for s, _ in points]
+        label = Path(task).stem if Path(task).suffix in FILE_SUFFIXES else task
+        line, = ax.plot(steps, [e["accuracy"] for _, e in points], "o-", markersize=3, linewidth=1.2, label=label)
+        ax.fill_between(steps, [e["ci95"][0] for _, e in points], [e["ci95"][1] for _, e in points],
+                        color=line.get_color(), alpha=0.12, linewidth=0)
+        ax.axhline(points[-1][1]["chance"], color=line.get_color(), linestyle=":", linewidth=0.8)
+    ax.set_ylim(0, 1)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("score (95% interval shaded; dotted: chance)")
+    ax.set_title(f"evaluation during training: {folder.parent.name}")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = folder / "scores.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

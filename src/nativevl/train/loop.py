@@ -269,7 +269,7 @@ def train(
         return record
 
     try:
-        if evaluator is not None and step > 0 and evaluator.missing(step, cfg.max_steps):
+        if evaluator is not None and evaluator.resume(step, cfg.max_steps):
             last_eval = evaluate_now()  # stopped after this step's checkpoint, before its evaluation
         while step < cfg.max_steps:
             watchdog.arm()  # the step, its logging, validation and checkpoint must end within hang_timeout
