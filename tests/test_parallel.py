@@ -42,7 +42,8 @@ def one_and_two_processes(args: list[str], one, two) -> tuple[list[dict], list[d
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     launch(apply_overrides(recipe("debug_tiny"), args), one)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-4000:]
+    # what went wrong, without the progress bars that fill the output
+    assert proc.returncode == 0, "\n".join(x for x in out.replace("\r", "\n").splitlines() if "/s]" not in x)[-6000:]
     read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     return read(one), read(two)
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 from test_parallel import one_and_two_processes
 from test_train import SMALL, launch_stopped_at, losses
@@ -98,10 +99,10 @@ def test_two_processes_evaluate_the_sharded_model_as_one_process_does(tmp_path):
     """2 processes (FSDP2) evaluate their shares of the questions in step (3 and 2 batches of one question)
     and the report is the one a plain process writes from the same weights (lr 0: both hold the random
     initial model, whose answers differ from question to question), which is what the model answers
-    question by question outside training."""
+    question by question outside training. --best_metric's copy of the sharded model is 1 process's."""
     custom = custom_set(tmp_path / "custom")
     args = ["--max_steps=1", "--lr=0", "--global_batch=2", "--max_buffers=0", "--max_tokens=256", "--tensorboard=false",
-            f"--eval_tasks=shapes,{custom}", "--eval_n=5", "--eval_batch_size=1"]
+            f"--eval_tasks=shapes,{custom}", "--eval_n=5", "--eval_batch_size=1", "--best_metric=eval_mean"]
     one, two = tmp_path / "one", tmp_path / "two"
     one_and_two_processes(args, one, two)
     a = json.loads((one / "evals" / "step-000001.json").read_text())
@@ -113,6 +114,9 @@ def test_two_processes_evaluate_the_sharded_model_as_one_process_does(tmp_path):
         assert b[task]["accuracy"] == a[task]["accuracy"]
         assert len(set(answers)) > 1, answers
     assert evals(one) == evals(two)
+    # --best_metric: the sharded model gathered into best/, as 1 process writes it
+    ours, theirs = (VisionLanguageModel.from_pretrained(d / "best").state_dict() for d in (one, two))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
     model = VisionLanguageModel.from_pretrained(one / "final").eval()
     tokenizer = load_tokenizer(one / "final")
@@ -166,3 +170,66 @@ def test_synced_generation_keeps_the_sharded_ranks_in_step(tmp_path, mode):
         assert "rank 0 answer 3 steps 8" in proc.stdout and "rank 1 answer 8 steps 8" in proc.stdout, proc.stdout
     else:  # rank 0 stops alone at its end token; rank 1's next forward waits for it in vain
         assert "rank 0 answer 3 steps 3" in proc.stdout and proc.returncode != 0, proc.stdout
+
+
+def scripted_scores(monkeypatch, scores: dict[int, float]) -> None:
+    """In-training evaluations that report `scores[step]` for shapes (the choice of the best is under test)."""
+    from nativevl.train.evaluation import TrainingEval
+
+    monkeypatch.setattr(TrainingEval, "__call__",
+                        lambda self, model, step, autocast, heartbeat=None: {"step": step, "eval_shapes": scores[step]})
+
+
+def test_best_metric_keeps_the_model_of_the_best_step_across_a_resume(tmp_path, monkeypatch):
+    """--best_metric=eval_shapes: DIR/best is the model of the step with the highest score (0.2, 0.5, 0.3 at
+    steps 2, 4, 6: step 4's weights, exactly), and a run stopped after step 5 and resumed keeps it (its step-6
+    score is lower than the step-4 best it reads back); the training losses are a run's without it."""
+    from nativevl.train import loop
+
+    plain = tmp_path / "plain"
+    launch(apply_overrides(recipe("debug_tiny"), SMALL + ["--export=false"]), plain)
+    scripted_scores(monkeypatch, {2: 0.2, 4: 0.5, 6: 0.3})
+    weights = {}
+    original = loop.save_train_state
+
+    def keep(out_dir, model, optimizer, step, *args):
+        weights[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        original(out_dir, model, optimizer, step, *args)
+
+    monkeypatch.setattr(loop, "save_train_state", keep)
+    run = apply_overrides(recipe("debug_tiny"), SMALL + ["--eval_tasks=shapes", "--eval_every=2",
+                                                         "--best_metric=eval_shapes"])
+    out = tmp_path / "run"
+    launch_stopped_at(run, out, monkeypatch, stop=5)
+    assert json.loads((out / "best" / "nativevl_best.json").read_text()) == {"metric": "eval_shapes", "value": 0.5, "step": 4}
+    summary = launch(run, out)
+    assert summary["best"] == {"metric": "eval_shapes", "value": 0.5, "step": 4}
+    assert losses(out) == losses(plain)
+    best = VisionLanguageModel.from_pretrained(out / "best").state_dict()
+    assert best.keys() == weights[4].keys()
+    assert all(torch.equal(best[k], weights[4][k]) for k in best)
+    assert not all(torch.equal(best[k], weights[6][k]) for k in best)
+
+
+def test_best_metric_of_a_lora_run_is_the_merged_model(tmp_path, monkeypatch):
+    """A LoRA run whose best step is its last: best/ is final/ (the adapters merged), while the adapters
+    kept training after every earlier best (the losses are a run's without --best_metric)."""
+    args = SMALL + ["--stage.llm.mode=lora", "--eval_tasks=shapes", "--eval_every=2"]
+    plain = tmp_path / "plain"
+    scripted_scores(monkeypatch, {2: 0.2, 4: 0.3, 6: 0.5})
+    launch(apply_overrides(recipe("debug_tiny"), args), plain)
+    out = tmp_path / "run"
+    summary = launch(apply_overrides(recipe("debug_tiny"), args + ["--best_metric=eval_mean"]), out)
+    assert summary["best"]["step"] == 6 and losses(out) == losses(plain)
+    best = VisionLanguageModel.from_pretrained(out / "best").state_dict()
+    final = VisionLanguageModel.from_pretrained(out / "final").state_dict()
+    assert not any("lora" in k for k in best) and best.keys() == final.keys()
+    assert all(torch.equal(best[k], final[k]) for k in best)
+
+
+@pytest.mark.parametrize("extra, message", [([], "best_metric 'val_loss' is not measured by this run"),
+                                            (["--eval_tasks=shapes"], "measures \\['eval_mean', 'eval_shapes'\\]")])
+def test_a_best_metric_the_run_does_not_measure_is_refused(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        launch(apply_overrides(recipe("debug_tiny"), SMALL + extra + ["--best_metric=val_loss"]), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()

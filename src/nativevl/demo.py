@@ -265,8 +265,8 @@ def report_markdown(report: dict) -> str:
     if by_step:
         tasks = list(next(iter(by_step.values())))
         lines += ["### During SFT", "",
-                  "The first half of the same held-out questions, evaluated inside the training run every fifth of "
-                  "its steps (`--eval_tasks`, sft/evals/step-N.json):", "",
+                  ("The first half of the same held-out questions, evaluated inside the training run every fifth of "
+                   "its steps (`--eval_tasks`, sft/evals/step-N.json):"), "",
                   "| step | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
         lines += [f"| {step} | " + " | ".join(f"{scores[t]:.3f}" for t in tasks) + " |" for step, scores in by_step.items()]
         lines += ["", "![held-out scores during SFT](scores.png)", ""]

@@ -20,21 +20,18 @@ import torch
 
 from nativevl.data.pipeline import PackedDataset, StreamTracker, iterate_batches, make_loader, read_all
 from nativevl.infer.prm import label_token_ids
-from nativevl.io.adapter import FULL_MODULES, adapter_contents, write_adapter
-from nativevl.io.hf import read_config
 from nativevl.model.attention import resolve_backend
 from nativevl.model.vlm import VisionLanguageModel
 from nativevl.train import checkpoint as ckpt
 from nativevl.train import parallel, qlora
-from nativevl.train.evaluation import TrainingEval
-from nativevl.train.lora import LoRALinear, merge_lora
+from nativevl.train.evaluation import TrainingEval, metric_key
+from nativevl.train.export import BestModel, export_final
 from nativevl.train.losses import MPOWeights
 from nativevl.train.metrics import MetricsLogger, batch_flops, module_sizes, pass_factors, peak_flops
 from nativevl.train.objectives import OBJECTIVES, make_objective
 from nativevl.train.optim import build_optimizer, lr_factor, set_lr
-from nativevl.train.parallel import all_reduce_max, all_reduce_sum, barrier, init_distributed
+from nativevl.train.parallel import all_reduce_max, all_reduce_sum, init_distributed
 from nativevl.train.plan import preflight
-from nativevl.train.qlora import NF4Linear
 from nativevl.train.stages import MODULES, StagePolicy, apply_policy, quantize_base
 
 log = logging.getLogger(__name__)
@@ -77,6 +74,8 @@ class TrainConfig:
     eval_every: int = 0
     eval_n: int = 100
     eval_batch_size: int = 16
+    # DIR/best: the model of the step with the best val_loss (lowest) or eval_<task> / eval_mean (highest)
+    best_metric: str = ""
     # seconds a step may take before every thread's stack goes to DIR/hang-rankN-<time>.txt; 0: off. Below
     # NCCL's 10-minute collective timeout, which ends a rank stuck in a collective before any dump
     hang_timeout: float = 300.0
@@ -121,7 +120,7 @@ RESUMABLE_CHANGES = {
                            "eps", "grad_clip", "num_workers", "loss_chunk", "save_every", "keep_checkpoints",
                            "peak_tflops", "tensorboard", "export", "attn_implementation",
                            "activation_checkpointing", "compile", "dtype", "val_every", "val_records", "hang_timeout",
-                           "memory_check", "eval_tasks", "eval_every", "eval_n", "eval_batch_size")
+                           "memory_check", "eval_tasks", "eval_every", "eval_n", "eval_batch_size", "best_metric")
 } | {"data.max_reject_fraction", "data.min_records_before_abort", "val_meta"}
 
 
@@ -196,6 +195,9 @@ def train(
     evaluator = TrainingEval(cfg.eval_tasks, every=cfg.eval_every, n=cfg.eval_n, batch_size=cfg.eval_batch_size,
                              tokenizer=tokenizer, out_dir=out_dir, rank=rank, world=world,
                              system_message=dataset.cfg.system_message) if cfg.eval_tasks else None
+    measured = ({"val_loss"} if val_dataset is not None else set()) | (
+        {*map(metric_key, evaluator.tasks), "eval_mean"} if evaluator is not None else set())
+    best = BestModel(cfg.best_metric, measured, out_dir, tokenizer, main) if cfg.best_metric else None
 
     check_memory(model, policy, cfg, dataset, world, device, main)
     # QLoRA: each layer quantized on the device, so only the 4-bit copies live there; MPO's pi_0 is this base
@@ -266,6 +268,15 @@ def train(
         watchdog.arm()  # each batch of questions re-arms it: an evaluation may take longer than a step
         record = evaluator(model, step, autocast, heartbeat=watchdog.arm)
         logger.log_eval(record)
+        if best is not None:
+            best.offer(record, model, step)
+        return record
+
+    def validate_now() -> dict:
+        record = validate(model, objective, val_batches, device, use_bf16, autocast, step)
+        logger.log_val(record)
+        if best is not None:
+            best.offer(record, model, step)
         return record
 
     try:
@@ -366,13 +377,11 @@ def train(
                                  objective.state_dict())
                 saved_step = step
             if val_batches is not None and ((cfg.val_every and step % cfg.val_every == 0) or step == cfg.max_steps):
-                last_val = validate(model, objective, val_batches, device, use_bf16, autocast, step)
-                logger.log_val(last_val)
+                last_val = validate_now()
             if evaluator is not None and evaluator.due(step, cfg.max_steps):
                 last_eval = evaluate_now()
         if ran_out and val_batches is not None and step > started_at and last_val.get("step") != step:
-            last_val = validate(model, objective, val_batches, device, use_bf16, autocast, step)
-            logger.log_val(last_val)
+            last_val = validate_now()
         if ran_out and evaluator is not None and step > started_at and last_eval.get("step") != step:
             last_eval = evaluate_now()
         if ran_out and step > saved_step:  # the steps since the last checkpoint are kept, not lost
@@ -386,6 +395,8 @@ def train(
         summary["val_loss"] = last_val["val_loss"]
     if last_eval:
         summary["eval"] = {k: v for k, v in last_eval.items() if k != "step"}
+    if best is not None and best.step is not None:
+        summary["best"] = best.summary()
     if cfg.export and (step >= cfg.max_steps or (ran_out and step > 0)):  # the data's end is the run's end too
         export_final(model, tokenizer, out_dir / "final", main, policy)
     return summary
@@ -536,63 +547,3 @@ def check_memory(model, policy: StagePolicy, cfg: TrainConfig, dataset, world: i
         raise ValueError(message)
     if main:
         log.warning("%s", message)
-
-
-def export_final(model: VisionLanguageModel, tokenizer, path: Path, main: bool, policy: StagePolicy | None = None) -> None:
-    """LoRA merged into the base weights, then the -hf layout with tokenizer and processor files.
-    A LoRA run on a saved base (--init_from) also writes its adapter in PEFT's format beside it
-    (`final_adapter`: the LoRA layers, and the ViT / MLP when trained in full as modules_to_save),
-    after final/, so that nothing about the adapter can cost the merged model. QLoRA: final/ is the
-    adapter merged into the decoded 4-bit base (on the host), and the adapter carries the note that
-    has nativevl's loader decode the base the same way (io/adapter.py QLORA_FILE).
-
-    A sharded model is gathered whole on rank 0 and copied into a plain one first."""
-    full = parallel.full_state_dict(model) if parallel.is_sharded(model) else None  # collective
-    loras = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-    adapter = None
-    if main and loras and policy is not None:
-        base = getattr(model, "source_path", None)
-        if base is None:
-            log.info("no final_adapter: the LoRA run's base is not a saved checkpoint (--init_from); final/ has it merged")
-        elif policy.get("llm").mode == "full":
-            log.info("no final_adapter: the LLM was trained in full (an adapter would hold all of it); final/ has the model")
-        else:
-            spec = {name: (m.lora_A.shape[0], m.scale * m.lora_A.shape[0],
-                           m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0) for name, m in loras.items()}
-            whole = [top for m in ("vit", "mlp") if policy.get(m).mode == "full" for top in FULL_MODULES[m]]
-            adapter = adapter_contents(full if full is not None else model.state_dict(), spec, whole, str(base))
-            if read_config(base)[1] != "hf":
-                log.info("final_adapter names transformers' -hf modules; for PEFT, use it on `nativevl convert %s "
-                         "BASE_HF --to hf` (nativevl's --adapter takes it on either layout)", base)
-    if full is not None:
-        if main:
-            plain = VisionLanguageModel(model.config)
-            plain.load_state_dict(merged_lora_state(model, full))
-            model = plain
-    if main:
-        if any(isinstance(m, NF4Linear) for m in model.modules()):
-            model.cpu()  # each 4-bit layer merges into a full-precision one: on the host, not on the GPU
-        merge_lora(model)
-        model.eval().save_pretrained(path, layout="hf", tokenizer=tokenizer, dtype=torch.float32)
-        if adapter is not None:
-            try:
-                qlora = {m: {"nf4_block": policy.get(m).nf4_block, "double_quant": policy.get(m).double_quant}
-                         for m in MODULES if policy.get(m).mode == "qlora"}
-                write_adapter(path.with_name(path.name + "_adapter"), *adapter, qlora=qlora)
-            except OSError as e:
-                log.error("final_adapter was not written (%s); final/ holds the merged model", e)
-    barrier()
-
-
-def merged_lora_state(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict of LoRA-wrapped layers (name.base.weight, name.lora_A, name.lora_B) as plain ones."""
-    out = dict(state)
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            # QLoRA's NF4 base keeps its weight in buffers the state dict leaves out: the replicated copy here
-            base = module.base.dequantized().cpu() if isinstance(module.base, NF4Linear) else out.pop(f"{name}.base.weight")
-            a, b = out.pop(f"{name}.lora_A"), out.pop(f"{name}.lora_B")
-            out[f"{name}.weight"] = base + (b.float() @ a.float()).to(base.dtype) * module.scale
-            if f"{name}.base.bias" in out:
-                out[f"{name}.bias"] = out.pop(f"{name}.base.bias")
-    return out

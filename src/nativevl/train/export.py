@@ -1,0 +1,161 @@
+"""What a training run leaves behind: DIR/final (the model the run trained, LoRA merged, in the -hf layout,
+with DIR/final_adapter in PEFT's format where there is an adapter) and DIR/best (the model of the step
+with the best validation loss or evaluation score so far, `--best_metric`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from nativevl.io.adapter import FULL_MODULES, adapter_contents, write_adapter
+from nativevl.io.hf import read_config
+from nativevl.model.vlm import VisionLanguageModel
+from nativevl.train import checkpoint as ckpt
+from nativevl.train import parallel
+from nativevl.train.lora import LoRALinear, merge_lora
+from nativevl.train.parallel import barrier, broadcast_object
+from nativevl.train.qlora import NF4Linear
+from nativevl.train.stages import MODULES, StagePolicy
+
+log = logging.getLogger(__name__)
+
+
+def export_final(model: VisionLanguageModel, tokenizer, path: Path, main: bool, policy: StagePolicy | None = None) -> None:
+    """LoRA merged into the base weights, then the -hf layout with tokenizer and processor files.
+    A LoRA run on a saved base (--init_from) also writes its adapter in PEFT's format beside it
+    (`final_adapter`: the LoRA layers, and the ViT / MLP when trained in full as modules_to_save),
+    after final/, so that nothing about the adapter can cost the merged model. QLoRA: final/ is the
+    adapter merged into the decoded 4-bit base (on the host), and the adapter carries the note that
+    has nativevl's loader decode the base the same way (io/adapter.py QLORA_FILE).
+
+    A sharded model is gathered whole on rank 0 and copied into a plain one first."""
+    full = parallel.full_state_dict(model) if parallel.is_sharded(model) else None  # collective
+    loras = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    adapter = None
+    if main and loras and policy is not None:
+        base = getattr(model, "source_path", None)
+        if base is None:
+            log.info("no final_adapter: the LoRA run's base is not a saved checkpoint (--init_from); final/ has it merged")
+        elif policy.get("llm").mode == "full":
+            log.info("no final_adapter: the LLM was trained in full (an adapter would hold all of it); final/ has the model")
+        else:
+            spec = {name: (m.lora_A.shape[0], m.scale * m.lora_A.shape[0],
+                           m.dropout.p if isinstance(m.dropout, torch.nn.Dropout) else 0.0) for name, m in loras.items()}
+            whole = [top for m in ("vit", "mlp") if policy.get(m).mode == "full" for top in FULL_MODULES[m]]
+            adapter = adapter_contents(full if full is not None else model.state_dict(), spec, whole, str(base))
+            if read_config(base)[1] != "hf":
+                log.info("final_adapter names transformers' -hf modules; for PEFT, use it on `nativevl convert %s "
+                         "BASE_HF --to hf` (nativevl's --adapter takes it on either layout)", base)
+    if full is not None:
+        if main:
+            plain = VisionLanguageModel(model.config)
+            plain.load_state_dict(merged_lora_state(model, full))
+            model = plain
+    if main:
+        if any(isinstance(m, NF4Linear) for m in model.modules()):
+            model.cpu()  # each 4-bit layer merges into a full-precision one: on the host, not on the GPU
+        merge_lora(model)
+        model.eval().save_pretrained(path, layout="hf", tokenizer=tokenizer, dtype=torch.float32)
+        if adapter is not None:
+            try:
+                qlora = {m: {"nf4_block": policy.get(m).nf4_block, "double_quant": policy.get(m).double_quant}
+                         for m in MODULES if policy.get(m).mode == "qlora"}
+                write_adapter(path.with_name(path.name + "_adapter"), *adapter, qlora=qlora)
+            except OSError as e:
+                log.error("final_adapter was not written (%s); final/ holds the merged model", e)
+    barrier()
+
+
+def merged_lora_state(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of LoRA-wrapped layers (name.base.weight, name.lora_A, name.lora_B) as plain ones."""
+    out = dict(state)
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            # QLoRA's NF4 base keeps its weight in buffers the state dict leaves out: the replicated copy here
+            base = module.base.dequantized().cpu() if isinstance(module.base, NF4Linear) else out.pop(f"{name}.base.weight")
+            a, b = out.pop(f"{name}.lora_A"), out.pop(f"{name}.lora_B")
+            out[f"{name}.weight"] = base + (b.float() @ a.float()).to(base.dtype) * module.scale
+            if f"{name}.base.bias" in out:
+                out[f"{name}.bias"] = out.pop(f"{name}.base.bias")
+    return out
+
+
+def export_snapshot(model: VisionLanguageModel, tokenizer, path: Path, main: bool) -> None:
+    """The model as it is now, with LoRA merged (into QLoRA's decoded 4-bit base), written to `path` in the
+    -hf layout by rank 0, leaving the training run as it is (the copy's initialisation does not draw from
+    the RNG that LoRA dropout and drop-path use). A sharded model is gathered whole on rank 0 (collective);
+    either way a float32 copy is made on the host."""
+    if parallel.is_sharded(model):
+        state = parallel.full_state_dict(model)
+    else:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if main else {}
+    if main:
+        rng = ckpt.rng_state()
+        try:
+            plain = VisionLanguageModel(model.config)
+        finally:
+            ckpt.set_rng_state(rng)
+        plain.load_state_dict(merged_lora_state(model, state))
+        plain.eval().save_pretrained(path, layout="hf", tokenizer=tokenizer, dtype=torch.float32)
+    barrier()
+
+
+BEST_FILE = "nativevl_best.json"
+
+
+class BestModel:
+    """`--best_metric`: DIR/best holds the model of the step with the best value so far of a validation or
+    evaluation metric (val_loss: the lowest; eval_<task> or eval_mean, the tasks' mean: the highest; a tie
+    keeps the earlier step), and DIR/best/nativevl_best.json its metric, value and step. A resumed run reads
+    that file and goes on from its value."""
+
+    def __init__(self, metric: str, measured: set[str], out_dir: Path, tokenizer, main: bool) -> None:
+        if metric not in measured:
+            raise ValueError(f"best_metric {metric!r} is not measured by this run, which measures "
+                             f"{sorted(measured) or 'nothing'} (val_loss needs --val_meta; eval_<task> and "
+                             "eval_mean need --eval_tasks)")
+        self.metric, self.path, self.tokenizer, self.main = metric, Path(out_dir) / "best", tokenizer, main
+        self.lowest = metric.startswith("val_")
+        self.value: float | None = None
+        self.step: int | None = None
+        found = None
+        if main and (self.path / BEST_FILE).is_file():
+            try:
+                found = json.loads((self.path / BEST_FILE).read_text())
+            except (OSError, ValueError) as e:
+                log.warning("%s is unreadable (%s): the next %s measured makes a new best", self.path / BEST_FILE, e,
+                            metric)
+        found = broadcast_object(found)
+        if isinstance(found, dict) and found.get("metric") == metric:
+            self.value, self.step = float(found["value"]), int(found["step"])
+        elif found is not None and main:
+            log.info("%s holds the best %s; this run keeps the best %s there instead", self.path, found.get("metric"),
+                     metric)
+
+    def value_of(self, record: dict) -> float | None:
+        if self.metric == "eval_mean":
+            scores = [v for k, v in record.items() if k.startswith("eval_")]
+            return sum(scores) / len(scores) if scores else None
+        return record.get(self.metric)
+
+    def offer(self, record: dict, model, step: int) -> bool:
+        """Export `model` as the best when `record` (a validation or evaluation line of `step`) beats the best
+        so far; collective when the model is sharded (every rank sees the same reduced values)."""
+        value = self.value_of(record)
+        if value is None or not math.isfinite(value):
+            return False
+        if self.value is not None and (value >= self.value if self.lowest else value <= self.value):
+            return False
+        export_snapshot(model, self.tokenizer, self.path, self.main)
+        self.value, self.step = value, step
+        if self.main:
+            (self.path / BEST_FILE).write_text(json.dumps(self.summary(), indent=2) + "\n")
+            log.info("step %d: best %s so far (%.4f): %s", step, self.metric, value, self.path)
+        return True
+
+    def summary(self) -> dict:
+        return {"metric": self.metric, "value": self.value, "step": self.step}
