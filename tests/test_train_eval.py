@@ -68,7 +68,8 @@ def test_evaluation_in_training_is_nativevl_eval_and_leaves_training_unchanged(t
 
 @pytest.mark.parametrize("tasks, message", [("shapes,colours", "eval_tasks: colours: unknown task"),
                                             ("shapes,missing.jsonl", "eval_tasks: missing.jsonl: .*does not exist"),
-                                            (" , ", "names no task")])
+                                            (" , ", "names no task"),
+                                            ("shapes,data/mean.jsonl", "would read as the mean of the tasks")])
 def test_a_bad_evaluation_task_stops_the_run_before_its_first_step(tmp_path, tasks, message):
     with pytest.raises(ValueError, match=message):
         launch(apply_overrides(recipe("debug_tiny"), SMALL + [f"--eval_tasks={tasks}"]), tmp_path)
@@ -177,7 +178,7 @@ def scripted_scores(monkeypatch, scores: dict[int, float]) -> None:
     from nativevl.train.evaluation import TrainingEval
 
     monkeypatch.setattr(TrainingEval, "__call__",
-                        lambda self, model, step, autocast, heartbeat=None: {"step": step, "eval_shapes": scores[step]})
+                        lambda self, model, step, autocast, heartbeat=None: ({"step": step, "eval_shapes": scores[step]}, {}))
 
 
 def test_best_metric_keeps_the_model_of_the_best_step_across_a_resume(tmp_path, monkeypatch):
@@ -201,9 +202,11 @@ def test_best_metric_keeps_the_model_of_the_best_step_across_a_resume(tmp_path, 
                                                          "--best_metric=eval_shapes"])
     out = tmp_path / "run"
     launch_stopped_at(run, out, monkeypatch, stop=5)
-    assert json.loads((out / "best" / "nativevl_best.json").read_text()) == {"metric": "eval_shapes", "value": 0.5, "step": 4}
+    written = json.loads((out / "best" / "nativevl_best.json").read_text())
+    assert {k: written[k] for k in ("metric", "value", "step")} == {"metric": "eval_shapes", "value": 0.5, "step": 4}
+    assert written["basis"] == {"tasks": ["shapes"], "n": 100, "seed": 10_000, "system": None}
     summary = launch(run, out)
-    assert summary["best"] == {"metric": "eval_shapes", "value": 0.5, "step": 4}
+    assert summary["best"] == written
     assert losses(out) == losses(plain)
     best = VisionLanguageModel.from_pretrained(out / "best").state_dict()
     assert best.keys() == weights[4].keys()
@@ -233,3 +236,61 @@ def test_a_best_metric_the_run_does_not_measure_is_refused(tmp_path, extra, mess
     with pytest.raises(ValueError, match=message):
         launch(apply_overrides(recipe("debug_tiny"), SMALL + extra + ["--best_metric=val_loss"]), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_evaluation_in_training_runs_eagerly_under_autocast(tmp_path):
+    """On CUDA (bf16 autocast, blocks compiled for training and run eagerly by the evaluation): the last
+    step's report gives the answers of the exported model evaluated under the same autocast, and best/ is
+    written."""
+    out = tmp_path / "run"
+    launch(apply_overrides(recipe("debug_tiny"), ["--max_steps=4", "--global_batch=2", "--tensorboard=false",
+                                                  "--eval_tasks=shapes,arithmetic", "--eval_n=8", "--eval_batch_size=4",
+                                                  "--best_metric=eval_mean"]), out)
+    report = json.loads((out / "evals" / "step-000004.json").read_text())
+    model = VisionLanguageModel.from_pretrained(out / "final", device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        plain = evaluate(model, load_tokenizer(out / "data" / "tokenizer"), ["shapes", "arithmetic"], n=8, batch_size=4)
+    for task, entry in plain.items():
+        assert [r["prediction"] for r in report[task]["records"]] == [r["prediction"] for r in entry["records"]]
+    assert json.loads((out / "best" / "nativevl_best.json").read_text())["metric"] == "eval_mean"
+
+
+def test_evaluating_leaves_a_lora_run_with_dropout_unchanged(tmp_path):
+    """A real evaluation (not scripted) in a LoRA run, whose adapters use dropout: the model is back in
+    training mode afterwards, so the losses are those of the run without evaluation."""
+    args = SMALL + ["--export=false", "--stage.llm.mode=lora", "--stage.llm.lora_dropout=0.3"]
+    launch(apply_overrides(recipe("debug_tiny"), args), tmp_path / "plain")
+    launch(apply_overrides(recipe("debug_tiny"), args + ["--eval_tasks=shapes", "--eval_every=2", "--eval_n=2"]),
+           tmp_path / "run")
+    assert [r["step"] for r in evals(tmp_path / "run")] == [2, 4, 6]
+    assert losses(tmp_path / "run") == losses(tmp_path / "plain")
+
+
+def test_the_best_so_far_is_read_back_only_when_it_counts(tmp_path, monkeypatch, caplog):
+    """BestModel: lower val_loss / higher scores win, a tie keeps the earlier step and NaN never wins; the
+    file best/ holds is taken back by a resumed run, but not when it was measured on another basis, at a
+    step after the run's start (trained again), for another metric, or is unreadable."""
+    from nativevl.train import export
+
+    exported = []
+    monkeypatch.setattr(export, "export_snapshot", lambda model, tok, path, main, extra_files: (
+        exported.append(json.loads(extra_files[export.BEST_FILE])), path.mkdir(exist_ok=True),
+        (path / export.BEST_FILE).write_text(extra_files[export.BEST_FILE])))
+    basis = {"val_meta": "held_out.json", "val_records": 256}
+    best = export.BestModel("val_loss", basis, tmp_path, None, True, start_step=0)
+    for step, value in [(2, 0.9), (4, 0.7), (6, 0.7), (8, float("nan")), (10, 0.8), (12, 0.6)]:
+        best.offer({"step": step, "val_loss": value}, None, step)
+    assert [(e["step"], e["value"]) for e in exported] == [(2, 0.9), (4, 0.7), (12, 0.6)]
+    assert export.BestModel("val_loss", basis, tmp_path, None, True, start_step=12).summary()["step"] == 12
+    for other, start, reason in [({**basis, "val_records": 64}, 12, "measured on"), (basis, 10, "after step 10"),
+                                 ("eval_mean", 12, "this run keeps the best eval_mean")]:
+        metric, b = (other, basis) if other == "eval_mean" else ("val_loss", other)
+        assert export.BestModel(metric, b, tmp_path, None, True, start_step=start).value is None
+        assert reason in caplog.text
+    scores = export.BestModel("eval_mean", {}, tmp_path / "scores", None, True, start_step=0)
+    assert scores.value_of({"step": 1, "eval_a": 0.5, "eval_b": 1.0}) == 0.75 and not scores.lowest
+    (tmp_path / "best" / export.BEST_FILE).write_text('{"metric": "val_loss", "value": null, "step": 3}')
+    assert export.BestModel("val_loss", basis, tmp_path, None, True, start_step=12).value is None
+    assert "unreadable" in caplog.text

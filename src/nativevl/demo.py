@@ -26,6 +26,7 @@ from nativevl.eval.runner import evaluate, markdown_table
 from nativevl.io.hf import load_model
 from nativevl.io.tokenizer import load_tokenizer, train_tokenizer
 from nativevl.model.vlm import VisionLanguageModel
+from nativevl.train.evaluation import step_of
 from nativevl.train.loop import TrainConfig, train
 from nativevl.train.stages import StagePolicy
 
@@ -109,7 +110,8 @@ def train_stage(name: str, model, tokenizer, cfg: DemoConfig, out: Path, steps: 
     train_cfg = TrainConfig(max_steps=steps, lr=cfg.lr, warmup_steps=max(1, steps // 20), global_batch=cfg.global_batch,
                             weight_decay=0.0, tensorboard=True, save_every=max(1, steps // 4), seed=cfg.train_seed,
                             val_every=max(1, steps // 10), val_records=cfg.val_records, eval_tasks=eval_tasks,
-                            eval_every=steps // 5 if steps >= 25 else 0, eval_n=max(1, cfg.eval_n // 2), eval_batch_size=cfg.eval_batch)
+                            eval_every=steps // 5 if steps >= 25 else 0, eval_n=max(1, cfg.eval_n // 2), eval_batch_size=cfg.eval_batch,
+                            eval_seed=cfg.eval_seed)
     return train(model, tokenizer, dataset, policy or StagePolicy(), train_cfg, out / name,
                  run_config={"demo": dataclasses.asdict(cfg), "stage": name, "data": dataclasses.asdict(data)},
                  val_dataset=held_out)
@@ -263,12 +265,13 @@ def report_markdown(report: dict) -> str:
               "![training loss](loss.png)", ""]
     by_step = report.get("sft_scores_by_step") or {}
     if by_step:
-        tasks = list(next(iter(by_step.values())))
+        tasks = list(dict.fromkeys(t for scores in by_step.values() for t in scores))
         lines += ["### During SFT", "",
                   ("The first half of the same held-out questions, evaluated inside the training run every fifth of "
                    "its steps (`--eval_tasks`, sft/evals/step-N.json):"), "",
                   "| step | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-        lines += [f"| {step} | " + " | ".join(f"{scores[t]:.3f}" for t in tasks) + " |" for step, scores in by_step.items()]
+        lines += [f"| {step} | " + " | ".join(f"{scores[t]:.3f}" if t in scores else "-" for t in tasks) + " |"
+                  for step, scores in by_step.items()]
         lines += ["", "![held-out scores during SFT](scores.png)", ""]
     return "\n".join(lines)
 
@@ -276,7 +279,7 @@ def report_markdown(report: dict) -> str:
 def scores_by_step(folder: Path) -> dict[str, dict[str, float]]:
     """{step: {task: accuracy}} of a training run's evaluation reports (out/stage/evals/step-N.json)."""
     out = {}
-    for path in sorted(folder.glob("step-*.json")):
+    for path in sorted((p for p in folder.glob("step-*.json") if step_of(p) >= 0), key=step_of):
         report = json.loads(path.read_text())
-        out[str(int(path.stem.removeprefix("step-")))] = {task: entry["accuracy"] for task, entry in report.items()}
+        out[str(step_of(path))] = {task: entry["accuracy"] for task, entry in report.items()}
     return out

@@ -164,7 +164,7 @@ def _tiles(max_num, n_images: int) -> int:
 @torch.no_grad()
 def predict(model, tokenizer, prompts: Sequence[tuple[list[dict], list]], *, max_new_tokens: int, batch_size: int,
             system_message: str | None, desc: str = "", max_num=1, synced: bool = False, filler=None,
-            heartbeat=None) -> list[str]:
+            heartbeat=None, progress: bool = True) -> list[str]:
     """Greedy answers for (messages, images) prompts, `batch_size` at a time (left padding); up to
     `max_num` tiles per prompt, shared by its images (or `max_num(n_images)` tiles per image, a task's
     `tile_cap`); tiled batch by batch (4,000 questions at 7 tiles would be ~67 GB at once).
@@ -179,7 +179,7 @@ def predict(model, tokenizer, prompts: Sequence[tuple[list[dict], list]], *, max
         torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
         rounds = int(most.item())
     answers: list[str] = []
-    for r in tqdm(range(rounds), desc=desc, unit="batch", leave=False):
+    for r in tqdm(range(rounds), desc=desc, unit="batch", leave=False, disable=not progress):
         chunk = prompts[r * batch_size : (r + 1) * batch_size]
         asked = chunk or [filler()]  # nothing left here: a stand-in that keeps this process in step
         rows = [chat_inputs(tokenizer, messages, images, image_size=cfg.vision.image_size,
@@ -231,7 +231,8 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
             predictions = predict(model, tokenizer, LazyPrompts(task, mine), max_new_tokens=task.max_new_tokens,
                                   batch_size=batch_size, system_message=system_message, desc=name,
                                   max_num=task.tile_cap, synced=synced,
-                                  filler=lambda task=task, first=items[0]: task.prompt(first), heartbeat=heartbeat)
+                                  filler=lambda task=task, first=items[0]: task.prompt(first), heartbeat=heartbeat,
+                                  progress=rank == 0)
         binary = task.binary
         # right / wrong, or partial credit in [0, 1] (ANLS, VQA accuracy): the mean is the task's score
         correct = [bool(c) if binary else float(c) for c in (task.score(p, it) for p, it in zip(predictions, mine))]

@@ -563,8 +563,10 @@ def save_model(
     tokenizer=None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     dtype: torch.dtype | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> None:
-    """Write a complete checkpoint folder; replaces `path` atomically if it exists."""
+    """Write a complete checkpoint folder; replaces `path` atomically if it exists. `extra_files`: {name:
+    text} written into the folder too (so they are there exactly when the weights are)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     path = Path(path)
@@ -600,6 +602,8 @@ def save_model(
             for name, content in _processor_files(cfg).items():
                 if not (tmp / name).exists():
                     (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
 
 
 @contextlib.contextmanager

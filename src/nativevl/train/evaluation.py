@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from nativevl.eval.runner import evaluate, markdown_table, write_report
+from nativevl.eval.runner import evaluate, folder_identity, markdown_table, write_report
 from nativevl.eval.tasks import FILE_SUFFIXES, get_task
 from nativevl.train import checkpoint as ckpt
 from nativevl.train.parallel import broadcast_object, is_distributed
@@ -43,19 +42,22 @@ class TrainingEval:
     wrong name or a missing file stops the run before its first step rather than at its first evaluation."""
 
     def __init__(self, spec: str, *, every: int, n: int, batch_size: int, tokenizer, out_dir: str | Path,
-                 rank: int, world: int, system_message: str | None = None) -> None:
+                 rank: int, world: int, system_message: str | None = None, seed: int = EVAL_SEED) -> None:
         self.tasks = task_names(spec)
         if not self.tasks:
             raise ValueError(f"eval_tasks {spec!r} names no task")
         keys = [metric_key(t) for t in self.tasks]
         if len(set(keys)) < len(keys):
             raise ValueError(f"eval_tasks {spec!r} holds two tasks of the same name: {sorted(keys)}")
+        if "eval_mean" in keys:  # the name of the tasks' mean (--best_metric=eval_mean)
+            raise ValueError(f"eval_tasks: a task named 'mean' ({self.tasks[keys.index('eval_mean')]}) would read as "
+                             "the mean of the tasks: rename the file")
         for name in self.tasks:
             try:
-                get_task(name).load(n, EVAL_SEED)
+                get_task(name).load(n, seed)
             except (OSError, ValueError) as e:
                 raise ValueError(f"eval_tasks: {name}: {e}") from None
-        self.every, self.n, self.batch_size = every, n, batch_size
+        self.every, self.n, self.batch_size, self.seed = every, n, batch_size, seed
         self.tokenizer, self.out_dir, self.rank, self.world = tokenizer, Path(out_dir), rank, world
         self.system_message = system_message  # the training data's: the model is asked as it is taught
 
@@ -65,31 +67,35 @@ class TrainingEval:
     def report_path(self, step: int) -> Path:
         return self.out_dir / "evals" / f"step-{step:06d}.json"
 
+    @property
+    def basis(self) -> dict:
+        """What the scores are measured on (files by path and a fingerprint of their contents' stamps)."""
+        return {"tasks": [folder_identity(t) if Path(t).suffix in FILE_SUFFIXES else t for t in self.tasks],
+                "n": self.n, "seed": self.seed, "system": self.system_message}
+
     def resume(self, step: int, max_steps: int) -> bool:
-        """A run starting at `step` (a checkpoint's): the reports of later steps, made by a run that stopped
-        before its next checkpoint, go (those steps are trained again, as metrics.jsonl drops their lines);
-        True when an evaluation due at `step` has no report (the run stopped after that step's checkpoint,
-        before its evaluation ended), for the caller to run it first. Rank 0 looks; all agree."""
-        if self.rank == 0 and step > 0:
-            stale = [p for p in (self.out_dir / "evals").glob("step-*.json") if _step_of(p) > step]
+        """A run starting at `step` (a checkpoint's, or 0): the reports of later steps, made by a run that
+        stopped before its next checkpoint, go (those steps are trained again, as metrics.jsonl drops their
+        lines); True when an evaluation due at `step` has no report (the run stopped after that step's
+        checkpoint, before its evaluation ended), for the caller to run it first. Rank 0 looks; all agree."""
+        if self.rank == 0:
+            stale = [p for p in (self.out_dir / "evals").glob("step-*.json") if step_of(p) > step]
             for path in stale:
                 path.unlink()
                 path.with_suffix(".md").unlink(missing_ok=True)
             if stale:
-                log.info("removed %d evaluation report(s) of steps after %d (trained again from its checkpoint)",
-                         len(stale), step)
+                log.info("removed %d evaluation report(s) of steps after %d (trained again)", len(stale), step)
                 plot_scores(self.out_dir / "evals")
         return step > 0 and self.due(step, max_steps) and bool(broadcast_object(not self.report_path(step).is_file()))
 
     @torch.no_grad()
-    def __call__(self, model, step: int, autocast, heartbeat=None) -> dict:
-        """Every task on the model as it is at `step`: {"step", "eval_<task>": score, ...}; the report is
-        written by rank 0. Compiled blocks run eagerly here (decoding's shapes would recompile them)."""
+    def __call__(self, model, step: int, autocast, heartbeat=None) -> tuple[dict, dict]:
+        """Every task on the model as it is at `step`: ({"step", "eval_<task>": score, ...}, the report).
+        Compiled blocks run eagerly here (decoding's shapes would recompile them)."""
         rng = ckpt.rng_state()
-        stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
         try:
-            with (stance("force_eager") if stance is not None else nullcontext()), autocast():
-                report = evaluate(model, self.tokenizer, self.tasks, n=self.n, seed=EVAL_SEED,
+            with _eager(), autocast():
+                report = evaluate(model, self.tokenizer, self.tasks, n=self.n, seed=self.seed,
                                   batch_size=self.batch_size, system_message=self.system_message,
                                   rank=self.rank, world_size=self.world,
                                   model_name=f"{self.out_dir} at step {step}", synced=is_distributed(),
@@ -97,13 +103,27 @@ class TrainingEval:
         finally:
             model.train()
             ckpt.set_rng_state(rng)
+        return {"step": step, **{metric_key(name): report[name]["accuracy"] for name in self.tasks}}, report
+
+    def write(self, report: dict, step: int) -> None:
+        """Rank 0: evals/step-N.json (+ .md) and the plot of every step so far."""
         if self.rank == 0:
             write_report(report, self.report_path(step), markdown_table(report, f"{self.out_dir.name}, step {step}"))
             plot_scores(self.out_dir / "evals")
-        return {"step": step, **{metric_key(name): report[name]["accuracy"] for name in self.tasks}}
 
 
-def _step_of(path: Path) -> int:
+def _eager():
+    """Compiled functions run eagerly inside: torch.compiler.set_stance (torch >= 2.6), or dynamo disabled."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    if stance is not None:
+        return stance("force_eager")
+    from torch import _dynamo
+
+    return _dynamo.config.patch(disable=True)
+
+
+def step_of(path: Path) -> int:
+    """The step of an evaluation report's name (step-000500.json: 500; -1 for another name)."""
     try:
         return int(path.stem.removeprefix("step-"))
     except ValueError:
@@ -113,7 +133,7 @@ def _step_of(path: Path) -> int:
 def plot_scores(folder: Path) -> Path | None:
     """folder/scores.png: each task's score at every evaluated step (the folder's step-N.json reports),
     its 95% interval shaded and its chance level dotted. None when there is nothing to plot."""
-    reports = sorted((p for p in folder.glob("step-*.json") if _step_of(p) >= 0), key=_step_of)
+    reports = sorted((p for p in folder.glob("step-*.json") if step_of(p) >= 0), key=step_of)
     series: dict[str, list[tuple[int, dict]]] = {}
     for path in reports:
         try:
@@ -122,7 +142,7 @@ def plot_scores(folder: Path) -> Path | None:
             continue  # a report being written by someone else, or damaged: the next plot has it
         for task, entry in report.items():
             if isinstance(entry, dict) and "accuracy" in entry:
-                series.setdefault(task, []).append((_step_of(path), entry))
+                series.setdefault(task, []).append((step_of(path), entry))
     if not series:
         return None
     import matplotlib

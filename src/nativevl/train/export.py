@@ -14,7 +14,6 @@ import torch
 from nativevl.io.adapter import FULL_MODULES, adapter_contents, write_adapter
 from nativevl.io.hf import read_config
 from nativevl.model.vlm import VisionLanguageModel
-from nativevl.train import checkpoint as ckpt
 from nativevl.train import parallel
 from nativevl.train.lora import LoRALinear, merge_lora
 from nativevl.train.parallel import barrier, broadcast_object
@@ -84,23 +83,22 @@ def merged_lora_state(model, state: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def export_snapshot(model: VisionLanguageModel, tokenizer, path: Path, main: bool) -> None:
+def export_snapshot(model: VisionLanguageModel, tokenizer, path: Path, main: bool,
+                    extra_files: dict[str, str] | None = None) -> None:
     """The model as it is now, with LoRA merged (into QLoRA's decoded 4-bit base), written to `path` in the
-    -hf layout by rank 0, leaving the training run as it is (the copy's initialisation does not draw from
-    the RNG that LoRA dropout and drop-path use). A sharded model is gathered whole on rank 0 (collective);
-    either way a float32 copy is made on the host."""
+    -hf layout by rank 0 (with `extra_files` inside), leaving the training run as it is. A sharded model is
+    gathered whole on rank 0 (collective); either way one float32 copy is made on the host, and the model
+    written is built around it (no second copy, no initialisation drawing from the training RNG)."""
     if parallel.is_sharded(model):
         state = parallel.full_state_dict(model)
     else:
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if main else {}
     if main:
-        rng = ckpt.rng_state()
-        try:
+        with torch.device("meta"):
             plain = VisionLanguageModel(model.config)
-        finally:
-            ckpt.set_rng_state(rng)
-        plain.load_state_dict(merged_lora_state(model, state))
-        plain.eval().save_pretrained(path, layout="hf", tokenizer=tokenizer, dtype=torch.float32)
+        plain.load_state_dict(merged_lora_state(model, state), assign=True)
+        plain.eval().save_pretrained(path, layout="hf", tokenizer=tokenizer, dtype=torch.float32,
+                                     extra_files=extra_files)
     barrier()
 
 
@@ -110,31 +108,48 @@ BEST_FILE = "nativevl_best.json"
 class BestModel:
     """`--best_metric`: DIR/best holds the model of the step with the best value so far of a validation or
     evaluation metric (val_loss: the lowest; eval_<task> or eval_mean, the tasks' mean: the highest; a tie
-    keeps the earlier step), and DIR/best/nativevl_best.json its metric, value and step. A resumed run reads
-    that file and goes on from its value."""
+    keeps the earlier step; NaN never wins), with DIR/best/nativevl_best.json: the metric, value, step and
+    what it was measured on (`basis`: the held-out set, or the tasks, n and seed). A resumed run reads it
+    back and goes on from its value, unless it was measured on something else or at a step after the one
+    the run resumes from (a step trained again: its model is replaced by the next one measured)."""
 
-    def __init__(self, metric: str, measured: set[str], out_dir: Path, tokenizer, main: bool) -> None:
-        if metric not in measured:
+    @staticmethod
+    def check(metric: str, measured: set[str]) -> None:
+        if metric and metric not in measured:
             raise ValueError(f"best_metric {metric!r} is not measured by this run, which measures "
                              f"{sorted(measured) or 'nothing'} (val_loss needs --val_meta; eval_<task> and "
                              "eval_mean need --eval_tasks)")
-        self.metric, self.path, self.tokenizer, self.main = metric, Path(out_dir) / "best", tokenizer, main
+
+    def __init__(self, metric: str, basis: dict, out_dir: Path, tokenizer, main: bool, start_step: int) -> None:
+        self.metric, self.basis, self.tokenizer, self.main = metric, basis, tokenizer, main
+        self.path = Path(out_dir) / "best"
         self.lowest = metric.startswith("val_")
         self.value: float | None = None
         self.step: int | None = None
-        found = None
-        if main and (self.path / BEST_FILE).is_file():
-            try:
-                found = json.loads((self.path / BEST_FILE).read_text())
-            except (OSError, ValueError) as e:
-                log.warning("%s is unreadable (%s): the next %s measured makes a new best", self.path / BEST_FILE, e,
-                            metric)
-        found = broadcast_object(found)
-        if isinstance(found, dict) and found.get("metric") == metric:
-            self.value, self.step = float(found["value"]), int(found["step"])
-        elif found is not None and main:
-            log.info("%s holds the best %s; this run keeps the best %s there instead", self.path, found.get("metric"),
-                     metric)
+        found = broadcast_object(self._read(start_step) if main else None)
+        if found is not None:
+            self.value, self.step = found
+
+    def _read(self, start_step: int) -> tuple[float, int] | None:
+        """The best so far from best/'s file, if it counts for this run (a reason is logged if not)."""
+        file = self.path / BEST_FILE
+        if not file.is_file():
+            return None
+        try:
+            found = json.loads(file.read_text())
+            value, step = float(found["value"]), int(found["step"])
+            metric, basis = found["metric"], found.get("basis")
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            log.warning("%s is unreadable (%s): the next %s measured replaces best/", file, e, self.metric)
+            return None
+        reason = (f"it holds the best {metric}, this run keeps the best {self.metric}" if metric != self.metric
+                  else f"its {metric} was measured on {basis}, this run's on {self.basis}" if basis != self.basis
+                  else f"its step {step} is after step {start_step}, where this run starts" if step > start_step
+                  else None)
+        if reason is not None:
+            log.warning("best/ will be replaced by the next %s measured: %s", self.metric, reason)
+            return None
+        return value, step
 
     def value_of(self, record: dict) -> float | None:
         if self.metric == "eval_mean":
@@ -142,20 +157,23 @@ class BestModel:
             return sum(scores) / len(scores) if scores else None
         return record.get(self.metric)
 
+    def better(self, value: float | None) -> bool:
+        if value is None or not math.isfinite(value):
+            return False
+        return self.value is None or (value < self.value if self.lowest else value > self.value)
+
     def offer(self, record: dict, model, step: int) -> bool:
         """Export `model` as the best when `record` (a validation or evaluation line of `step`) beats the best
         so far; collective when the model is sharded (every rank sees the same reduced values)."""
         value = self.value_of(record)
-        if value is None or not math.isfinite(value):
+        if not self.better(value):
             return False
-        if self.value is not None and (value >= self.value if self.lowest else value <= self.value):
-            return False
-        export_snapshot(model, self.tokenizer, self.path, self.main)
         self.value, self.step = value, step
+        export_snapshot(model, self.tokenizer, self.path, self.main,
+                        extra_files={BEST_FILE: json.dumps(self.summary(), indent=2) + "\n"})
         if self.main:
-            (self.path / BEST_FILE).write_text(json.dumps(self.summary(), indent=2) + "\n")
             log.info("step %d: best %s so far (%.4f): %s", step, self.metric, value, self.path)
         return True
 
     def summary(self) -> dict:
-        return {"metric": self.metric, "value": self.value, "step": self.step}
+        return {"metric": self.metric, "value": self.value, "step": self.step, "basis": self.basis}

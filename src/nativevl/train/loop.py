@@ -74,6 +74,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_n: int = 100
     eval_batch_size: int = 16
+    eval_seed: int = 10_000  # the toy tasks' question generator (`nativevl eval --seed`'s default)
     # DIR/best: the model of the step with the best val_loss (lowest) or eval_<task> / eval_mean (highest)
     best_metric: str = ""
     # seconds a step may take before every thread's stack goes to DIR/hang-rankN-<time>.txt; 0: off. Below
@@ -120,7 +121,8 @@ RESUMABLE_CHANGES = {
                            "eps", "grad_clip", "num_workers", "loss_chunk", "save_every", "keep_checkpoints",
                            "peak_tflops", "tensorboard", "export", "attn_implementation",
                            "activation_checkpointing", "compile", "dtype", "val_every", "val_records", "hang_timeout",
-                           "memory_check", "eval_tasks", "eval_every", "eval_n", "eval_batch_size", "best_metric")
+                           "memory_check", "eval_tasks", "eval_every", "eval_n", "eval_batch_size", "eval_seed",
+                           "best_metric")
 } | {"data.max_reject_fraction", "data.min_records_before_abort", "val_meta"}
 
 
@@ -193,11 +195,11 @@ def train(
                     cfg.warmup_steps, cfg.max_steps, cfg.lr * cfg.max_steps / max(cfg.warmup_steps, 1))
     torch.manual_seed(cfg.seed + rank)
     evaluator = TrainingEval(cfg.eval_tasks, every=cfg.eval_every, n=cfg.eval_n, batch_size=cfg.eval_batch_size,
-                             tokenizer=tokenizer, out_dir=out_dir, rank=rank, world=world,
+                             seed=cfg.eval_seed, tokenizer=tokenizer, out_dir=out_dir, rank=rank, world=world,
                              system_message=dataset.cfg.system_message) if cfg.eval_tasks else None
     measured = ({"val_loss"} if val_dataset is not None else set()) | (
         {*map(metric_key, evaluator.tasks), "eval_mean"} if evaluator is not None else set())
-    best = BestModel(cfg.best_metric, measured, out_dir, tokenizer, main) if cfg.best_metric else None
+    BestModel.check(cfg.best_metric, measured)  # before anything runs
 
     check_memory(model, policy, cfg, dataset, world, device, main)
     # QLoRA: each layer quantized on the device, so only the 4-bit copies live there; MPO's pi_0 is this base
@@ -247,6 +249,11 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
 
+    best = None
+    if cfg.best_metric:  # what the value is measured on: a best measured otherwise is not compared with
+        basis = ({"val_meta": (run_config or {}).get("val_meta"), "val_records": cfg.val_records}
+                 if cfg.best_metric == "val_loss" else evaluator.basis)
+        best = BestModel(cfg.best_metric, basis, out_dir, tokenizer, main, start_step=step)
     tracker = StreamTracker(dataset.cfg.max_reject_fraction, dataset.cfg.min_records_before_abort)
     if rank_state is not None:
         tracker.load_state_dict(rank_state["data"])
@@ -266,16 +273,20 @@ def train(
 
     def evaluate_now() -> dict:
         watchdog.arm()  # each batch of questions re-arms it: an evaluation may take longer than a step
-        record = evaluator(model, step, autocast, heartbeat=watchdog.arm)
-        logger.log_eval(record)
+        record, report = evaluator(model, step, autocast, heartbeat=watchdog.arm)
         if best is not None:
+            watchdog.arm()  # a copy of the model to the host and to disk
             best.offer(record, model, step)
+        # the report last: a run stopped before it evaluates (and offers) this step again when it resumes
+        evaluator.write(report, step)
+        logger.log_eval(record)
         return record
 
     def validate_now() -> dict:
         record = validate(model, objective, val_batches, device, use_bf16, autocast, step)
         logger.log_val(record)
         if best is not None:
+            watchdog.arm()
             best.offer(record, model, step)
         return record
 
