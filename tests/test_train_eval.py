@@ -294,3 +294,18 @@ def test_the_best_so_far_is_read_back_only_when_it_counts(tmp_path, monkeypatch,
     (tmp_path / "best" / export.BEST_FILE).write_text('{"metric": "val_loss", "value": null, "step": 3}')
     assert export.BestModel("val_loss", basis, tmp_path, None, True, start_step=12).value is None
     assert "unreadable" in caplog.text
+
+
+def test_a_validation_cut_off_after_its_checkpoint_runs_when_the_run_resumes(tmp_path, monkeypatch):
+    """--val_every=3, the run stopped after step 3's checkpoint but before its validation: the resumed run
+    validates step 3 first (the value an uninterrupted run logs), then goes on; each step validated once."""
+    from nativevl.data import synthetic
+
+    meta = synthetic.write_dataset(tmp_path / "held_out", n_images=6, n_texts=2, seed=7, size=56)
+    args = SMALL + ["--export=false", f"--val_meta={meta}", "--val_every=3", "--val_records=8"]
+    launch(apply_overrides(recipe("debug_tiny"), args), tmp_path / "plain")
+    run = apply_overrides(recipe("debug_tiny"), args)
+    launch_stopped_at(run, tmp_path / "run", monkeypatch, stop=3)
+    launch(run, tmp_path / "run")
+    val = lambda out: [(r["step"], r["val_loss"]) for r in metrics(out) if "val_loss" in r]  # noqa: E731
+    assert [s for s, _ in val(tmp_path / "run")] == [3, 6] and val(tmp_path / "run") == val(tmp_path / "plain")

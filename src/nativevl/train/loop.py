@@ -30,7 +30,7 @@ from nativevl.train.losses import MPOWeights
 from nativevl.train.metrics import MetricsLogger, batch_flops, module_sizes, pass_factors, peak_flops
 from nativevl.train.objectives import OBJECTIVES, make_objective
 from nativevl.train.optim import build_optimizer, lr_factor, set_lr
-from nativevl.train.parallel import all_reduce_max, all_reduce_sum, init_distributed
+from nativevl.train.parallel import all_reduce_max, all_reduce_sum, broadcast_object, init_distributed
 from nativevl.train.plan import preflight
 from nativevl.train.stages import MODULES, StagePolicy, apply_policy, quantize_base
 
@@ -291,8 +291,12 @@ def train(
         return record
 
     try:
+        # stopped after this step's checkpoint, before its validation or evaluation ended: they run first
+        if val_batches is not None and step > 0 and ((cfg.val_every and step % cfg.val_every == 0) or step == cfg.max_steps) \
+                and not broadcast_object("val_loss" in logger.logged_at_start):
+            last_val = validate_now()
         if evaluator is not None and evaluator.resume(step, cfg.max_steps):
-            last_eval = evaluate_now()  # stopped after this step's checkpoint, before its evaluation
+            last_eval = evaluate_now()
         while step < cfg.max_steps:
             watchdog.arm()  # the step, its logging, validation and checkpoint must end within hang_timeout
             if device.type == "cuda":

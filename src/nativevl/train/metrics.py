@@ -86,6 +86,13 @@ def _step_of(line: str) -> int:
         return 0  # a torn last line: kept only if nothing says it is later
 
 
+def _keys_of(line: str) -> list[str]:
+    try:
+        return list(json.loads(line))
+    except (ValueError, TypeError):
+        return []
+
+
 class MetricsLogger:
     def __init__(self, out_dir: Path, max_steps: int, start_step: int, enabled: bool = True, tensorboard: bool = True) -> None:
         self.enabled = enabled
@@ -94,6 +101,7 @@ class MetricsLogger:
         self.writer = None
         self.bar = None
         self.tokens_per_step: list[float] = []
+        self.logged_at_start: set[str] = set()  # the keys of the lines already logged at start_step (a resume)
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +112,8 @@ class MetricsLogger:
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and _step_of(line) <= start_step]
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            self.logged_at_start = {key for line in kept if _step_of(line) == start_step
+                                    for key in _keys_of(line)}
         self.file = open(path, "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
