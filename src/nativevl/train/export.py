@@ -49,11 +49,8 @@ def export_final(model: VisionLanguageModel, tokenizer, path: Path, main: bool, 
             if read_config(base)[1] != "hf":
                 log.info("final_adapter names transformers' -hf modules; for PEFT, use it on `nativevl convert %s "
                          "BASE_HF --to hf` (nativevl's --adapter takes it on either layout)", base)
-    if full is not None:
-        if main:
-            plain = VisionLanguageModel(model.config)
-            plain.load_state_dict(merged_lora_state(model, full))
-            model = plain
+    if full is not None and main:
+        model = plain_copy(model, full)
     if main:
         if any(isinstance(m, NF4Linear) for m in model.modules()):
             model.cpu()  # each 4-bit layer merges into a full-precision one: on the host, not on the GPU
@@ -83,6 +80,19 @@ def merged_lora_state(model, state: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
+def plain_copy(model: VisionLanguageModel, state: dict[str, torch.Tensor]) -> VisionLanguageModel:
+    """A plain model (no LoRA, not sharded) made of `state`'s tensors (a state dict of `model`, LoRA merged
+    here), built on the meta device: no initialisation (which would take minutes for a large model on the
+    host, and draw from the training RNG) and no second copy. It keeps the source folder `model` was loaded
+    from, whose extra files a save copies."""
+    with torch.device("meta"):
+        plain = VisionLanguageModel(model.config)
+    plain.load_state_dict(merged_lora_state(model, state), assign=True)
+    if getattr(model, "source_path", None) is not None:
+        plain.source_path = model.source_path
+    return plain
+
+
 def export_snapshot(model: VisionLanguageModel, tokenizer, path: Path, main: bool,
                     extra_files: dict[str, str] | None = None) -> None:
     """The model as it is now, with LoRA merged (into QLoRA's decoded 4-bit base), written to `path` in the
@@ -94,11 +104,8 @@ def export_snapshot(model: VisionLanguageModel, tokenizer, path: Path, main: boo
     else:
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if main else {}
     if main:
-        with torch.device("meta"):
-            plain = VisionLanguageModel(model.config)
-        plain.load_state_dict(merged_lora_state(model, state), assign=True)
-        plain.eval().save_pretrained(path, layout="hf", tokenizer=tokenizer, dtype=torch.float32,
-                                     extra_files=extra_files)
+        plain_copy(model, state).eval().save_pretrained(path, layout="hf", tokenizer=tokenizer, dtype=torch.float32,
+                                                        extra_files=extra_files)
     barrier()
 
 
