@@ -33,6 +33,11 @@ def test_cached_decoding_equals_full_forward():
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
 
 
+def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
+    """Equal up to float32 rounding: the largest difference within `rel` of b's largest magnitude."""
+    return (a - b).abs().max().item() <= rel * b.abs().max().item()
+
+
 @torch.no_grad()
 def test_packed_equals_unpacked_with_integer_and_v2pe_positions():
     model = make_model("rms_norm")
@@ -44,7 +49,8 @@ def test_packed_equals_unpacked_with_integer_and_v2pe_positions():
     sep_a = model(input_ids=a[None], pixel_values=pixel_values[:1]).logits[0]
     sep_b = model(input_ids=b[None], pixel_values=pixel_values[1:]).logits[0]
     assert out.shape == (packed.numel(), model.config.text.vocab_size)
-    assert (out - torch.cat([sep_a, sep_b])).abs().max().item() < 1e-5
+    # float32 rounding: within 1e-5 of the logits' scale (a document seeing the other would be ~1e-2 off)
+    assert close(out, torch.cat([sep_a, sep_b]))
 
     # V2PE: image tokens advance by a fraction; positions restart at 0 in every document
     def v2pe(ids: torch.Tensor, delta: float) -> torch.Tensor:
@@ -55,7 +61,7 @@ def test_packed_equals_unpacked_with_integer_and_v2pe_positions():
     out = model(input_ids=packed, pixel_values=pixel_values, cu_seqlens=cu, position_ids=pos).logits
     sep_a = model(input_ids=a[None], pixel_values=pixel_values[:1], position_ids=v2pe(a, 0.25)[None]).logits[0]
     sep_b = model(input_ids=b[None], pixel_values=pixel_values[1:], position_ids=v2pe(b, 0.0625)[None]).logits[0]
-    assert (out - torch.cat([sep_a, sep_b])).abs().max().item() < 1e-5
+    assert close(out, torch.cat([sep_a, sep_b]))
     integer = model(input_ids=a[None], pixel_values=pixel_values[:1]).logits[0]
     assert (integer - sep_a).abs().max().item() > 1e-3  # fractional positions really change the result
 
