@@ -64,6 +64,9 @@ def test_evaluation_in_training_is_nativevl_eval_and_leaves_training_unchanged(t
         assert last[task]["records"] and all(r["prediction"] for r in last[task]["records"])
     first = json.loads((out / "evals" / "step-000003.json").read_text())
     assert compare(first, last, "shapes")["n"] == 4  # two steps compare question by question
+    other = evaluate(model, tokenizer, ["shapes"], n=4, batch_size=2, system_message="Answer briefly.")
+    with pytest.raises(ValueError, match="different system messages"):  # the same questions, asked otherwise
+        compare(last, other, "shapes")
 
 
 @pytest.mark.parametrize("tasks, message", [("shapes,colours", "eval_tasks: colours: unknown task"),
@@ -257,9 +260,16 @@ def test_on_a_gpu_evaluation_in_training_runs_eagerly_under_autocast(tmp_path):
     assert json.loads((out / "best" / "nativevl_best.json").read_text())["metric"] == "eval_mean"
 
 
-def test_evaluating_leaves_a_lora_run_with_dropout_unchanged(tmp_path):
-    """A real evaluation (not scripted) in a LoRA run, whose adapters use dropout: the model is back in
-    training mode afterwards, so the losses are those of the run without evaluation."""
+def test_evaluating_leaves_a_lora_run_with_dropout_unchanged(tmp_path, monkeypatch):
+    """A real evaluation (not scripted) in a LoRA run, whose adapters use dropout, here also drawing from the
+    RNGs (as a sampled task might): the model is back in training mode and the RNGs are restored
+    afterwards, so the losses are those of the run without evaluation."""
+    import random
+
+    from nativevl.train import evaluation
+
+    real = evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: (torch.rand(100), random.random(), real(*a, **k))[2])
     args = SMALL + ["--export=false", "--stage.llm.mode=lora", "--stage.llm.lora_dropout=0.3"]
     launch(apply_overrides(recipe("debug_tiny"), args), tmp_path / "plain")
     launch(apply_overrides(recipe("debug_tiny"), args + ["--eval_tasks=shapes", "--eval_every=2", "--eval_n=2"]),
@@ -270,23 +280,33 @@ def test_evaluating_leaves_a_lora_run_with_dropout_unchanged(tmp_path):
 
 def test_the_best_so_far_is_read_back_only_when_it_counts(tmp_path, monkeypatch, caplog):
     """BestModel: lower val_loss / higher scores win, a tie keeps the earlier step and NaN never wins; the
-    file best/ holds is taken back by a resumed run, but not when it was measured on another basis, at a
-    step after the run's start (trained again), for another metric, or is unreadable."""
+    file best/ holds is taken back by a resumed run (also from a step after the resumed one: that model was
+    measured), but not when it was measured on another basis, for another metric, by a run starting at
+    step 0, or is unreadable; a copy that cannot be written keeps the previous best and the run going."""
     from nativevl.train import export
 
     exported = []
-    monkeypatch.setattr(export, "export_snapshot", lambda model, tok, path, main, extra_files: (
-        exported.append(json.loads(extra_files[export.BEST_FILE])), path.mkdir(exist_ok=True),
-        (path / export.BEST_FILE).write_text(extra_files[export.BEST_FILE])))
-    basis = {"val_meta": "held_out.json", "val_records": 256}
+
+    def snapshot(model, tok, path, main, extra_files):
+        if model == "disk full":
+            raise OSError(28, "No space left on device")
+        exported.append(json.loads(extra_files[export.BEST_FILE]))
+        path.mkdir(exist_ok=True)
+        (path / export.BEST_FILE).write_text(extra_files[export.BEST_FILE])
+
+    monkeypatch.setattr(export, "export_snapshot", snapshot)
+    basis = {"val_sets": [["held_out", 40]], "val_records": 256}
     best = export.BestModel("val_loss", basis, tmp_path, None, True, start_step=0)
     for step, value in [(2, 0.9), (4, 0.7), (6, 0.7), (8, float("nan")), (10, 0.8), (12, 0.6)]:
         best.offer({"step": step, "val_loss": value}, None, step)
     assert [(e["step"], e["value"]) for e in exported] == [(2, 0.9), (4, 0.7), (12, 0.6)]
+    assert not best.offer({"step": 14, "val_loss": 0.5}, "disk full", 14) and best.summary()["step"] == 12
+    assert "best/ was not written" in caplog.text
     assert export.BestModel("val_loss", basis, tmp_path, None, True, start_step=12).summary()["step"] == 12
-    for other, start, reason in [({**basis, "val_records": 64}, 12, "measured on"), (basis, 10, "after step 10"),
-                                 ("eval_mean", 12, "this run keeps the best eval_mean")]:
-        metric, b = (other, basis) if other == "eval_mean" else ("val_loss", other)
+    assert export.BestModel("val_loss", basis, tmp_path, None, True, start_step=10).summary()["step"] == 12
+    for metric, b, start, reason in [("val_loss", {**basis, "val_records": 64}, 12, "measured on"),
+                                     ("eval_mean", basis, 12, "this run keeps the best eval_mean"),
+                                     ("val_loss", basis, 0, "starts from step 0")]:
         assert export.BestModel(metric, b, tmp_path, None, True, start_step=start).value is None
         assert reason in caplog.text
     scores = export.BestModel("eval_mean", {}, tmp_path / "scores", None, True, start_step=0)
@@ -294,6 +314,35 @@ def test_the_best_so_far_is_read_back_only_when_it_counts(tmp_path, monkeypatch,
     (tmp_path / "best" / export.BEST_FILE).write_text('{"metric": "val_loss", "value": null, "step": 3}')
     assert export.BestModel("val_loss", basis, tmp_path, None, True, start_step=12).value is None
     assert "unreadable" in caplog.text
+
+
+def test_a_resume_does_not_repeat_a_validation_or_evaluation_that_ended(tmp_path, monkeypatch):
+    """Checkpoints every 3 steps, the run stopped at step 5 (after step 3's validation and evaluation):
+    the resumed run starts from step 3 and validates and evaluates it no second time."""
+    from nativevl.data import synthetic
+    from nativevl.train import loop
+
+    meta = synthetic.write_dataset(tmp_path / "held_out", n_images=6, n_texts=2, seed=7, size=56)
+    run = apply_overrides(recipe("debug_tiny"), SMALL + ["--save_every=3", f"--val_meta={meta}", "--val_every=3",
+                                                         "--val_records=8", "--eval_tasks=shapes", "--eval_every=3",
+                                                         "--eval_n=2"])
+    out = tmp_path / "run"
+    original = loop.MetricsLogger.log
+
+    def stop_at_5(self, record):
+        original(self, record)
+        if record["step"] == 5:
+            raise KeyboardInterrupt("stopped")
+
+    monkeypatch.setattr(loop.MetricsLogger, "log", stop_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        launch(run, out)
+    monkeypatch.setattr(loop.MetricsLogger, "log", original)
+    assert [r["step"] for r in metrics(out) if "val_loss" in r] == [3] and [r["step"] for r in evals(out)] == [3]
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-00000003"]  # the resume starts at 3
+    launch(run, out)
+    assert [r["step"] for r in metrics(out) if "val_loss" in r] == [3, 6]
+    assert [r["step"] for r in evals(out)] == [3, 6]
 
 
 def test_a_validation_cut_off_after_its_checkpoint_runs_when_the_run_resumes(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ from nativevl.eval.runner import evaluate, markdown_table
 from nativevl.io.hf import load_model
 from nativevl.io.tokenizer import load_tokenizer, train_tokenizer
 from nativevl.model.vlm import VisionLanguageModel
-from nativevl.train.evaluation import step_of
+from nativevl.train.evaluation import read_reports
 from nativevl.train.loop import TrainConfig, train
 from nativevl.train.stages import StagePolicy
 
@@ -278,8 +278,6 @@ def report_markdown(report: dict) -> str:
 
 def scores_by_step(folder: Path) -> dict[str, dict[str, float]]:
     """{step: {task: accuracy}} of a training run's evaluation reports (out/stage/evals/step-N.json)."""
-    out = {}
-    for path in sorted((p for p in folder.glob("step-*.json") if step_of(p) >= 0), key=step_of):
-        report = json.loads(path.read_text())
-        out[str(step_of(path))] = {task: entry["accuracy"] for task, entry in report.items()}
-    return out
+    return {str(step): {task: entry["accuracy"] for task, entry in report.items()
+                        if isinstance(entry, dict) and "accuracy" in entry}
+            for step, report in read_reports(folder)}

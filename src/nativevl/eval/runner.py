@@ -68,9 +68,13 @@ def question_key(item) -> str:
 def compare(a: dict, b: dict, task: str, method_a: str | None = None, method_b: str | None = None) -> dict:
     """Paired test of report a's method against report b's (the same report may be both) on `task`:
     the questions must be the same ones, in the same order (checked on their fingerprints, and on the
-    reports' n and seed)."""
+    reports' n and seed), asked with the same system message."""
     ra, rb = records_of(a, task, method_a), records_of(b, task, method_b)
     sa, sb = a[task].get("settings") or {}, b[task].get("settings") or {}
+    if "system" in sa and "system" in sb and sa["system"] != sb["system"]:
+        shown = [repr(x[:40] + "..." if isinstance(x, str) and len(x) > 40 else x) for x in (sa["system"], sb["system"])]
+        raise ValueError(f"the two reports asked {task!r} with different system messages ({shown[0]} and {shown[1]}); "
+                         "a training run's evaluations use its data's: `nativevl eval --system '...'` asks the same way")
     same = all(sa.get(k) == sb.get(k) for k in ("n", "seed") if k in sa and k in sb)
     key = "question" if all("question" in r for r in ra + rb) else "answer"
     if not same or [r[key] for r in ra] != [r[key] for r in rb]:

@@ -2,8 +2,9 @@
 files) on the model being trained, every `eval_every` steps and at the end.
 
 Each evaluation writes DIR/evals/step-NNNNNN.json (+ .md), the report `nativevl eval` writes, so two
-steps (or a step and any other model's report with the same n and seed) compare question by question
-with `nativevl compare`; its accuracies go to metrics.jsonl (`eval_<task>`) and tensorboard's eval/.
+steps (or a step and another model's report with the same n, seed and system message: the training
+data's) compare question by question with `nativevl compare`; its accuracies go to metrics.jsonl
+(`eval_<task>`) and tensorboard's eval/.
 Evaluating changes nothing in the training run: dropout is off, the RNG is restored, the model goes back
 to training mode. Several processes evaluate together: each generates for its share of the questions
 with the sharded model, in step with the others (eval/runner.py `predict`).
@@ -32,9 +33,14 @@ def task_names(spec: str) -> list[str]:
     return [name.strip() for name in spec.split(",") if name.strip()]
 
 
+def label(task: str) -> str:
+    """A task's short name: a toy family's, or a file's name without its folder and suffix."""
+    return Path(task).stem if Path(task).suffix in FILE_SUFFIXES else task
+
+
 def metric_key(task: str) -> str:
-    """`eval_<task>` in metrics.jsonl: a toy family by name, a file by its name without the folder and suffix."""
-    return "eval_" + (Path(task).stem if Path(task).suffix in FILE_SUFFIXES else task)
+    """`eval_<task>` in metrics.jsonl."""
+    return "eval_" + label(task)
 
 
 class TrainingEval:
@@ -130,19 +136,28 @@ def step_of(path: Path) -> int:
         return -1
 
 
-def plot_scores(folder: Path) -> Path | None:
-    """folder/scores.png: each task's score at every evaluated step (the folder's step-N.json reports),
-    its 95% interval shaded and its chance level dotted. None when there is nothing to plot."""
-    reports = sorted((p for p in folder.glob("step-*.json") if step_of(p) >= 0), key=step_of)
-    series: dict[str, list[tuple[int, dict]]] = {}
-    for path in reports:
+def read_reports(folder: Path) -> list[tuple[int, dict]]:
+    """(step, report) of every evaluation report in `folder`, by step; a damaged one (being written by
+    someone else, say) is left out."""
+    out = []
+    for path in sorted((p for p in folder.glob("step-*.json") if step_of(p) >= 0), key=step_of):
         try:
             report = json.loads(path.read_text())
         except (OSError, ValueError):
-            continue  # a report being written by someone else, or damaged: the next plot has it
+            continue
+        if isinstance(report, dict):
+            out.append((step_of(path), report))
+    return out
+
+
+def plot_scores(folder: Path) -> Path | None:
+    """folder/scores.png: each task's score at every evaluated step (the folder's step-N.json reports),
+    its 95% interval shaded and its chance level dotted. None when there is nothing to plot."""
+    series: dict[str, list[tuple[int, dict]]] = {}
+    for step, report in read_reports(folder):
         for task, entry in report.items():
             if isinstance(entry, dict) and "accuracy" in entry:
-                series.setdefault(task, []).append((step_of(path), entry))
+                series.setdefault(task, []).append((step, entry))
     if not series:
         return None
     import matplotlib
@@ -154,8 +169,8 @@ def plot_scores(folder: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for task, points in series.items():
         steps = [s for s, _ in points]
-        label = Path(task).stem if Path(task).suffix in FILE_SUFFIXES else task
-        line, = ax.plot(steps, [e["accuracy"] for _, e in points], "o-", markersize=3, linewidth=1.2, label=label)
+        line, = ax.plot(steps, [e["accuracy"] for _, e in points], "o-", markersize=3, linewidth=1.2,
+                        label=label(task))
         ax.fill_between(steps, [e["ci95"][0] for _, e in points], [e["ci95"][1] for _, e in points],
                         color=line.get_color(), alpha=0.12, linewidth=0)
         ax.axhline(points[-1][1]["chance"], color=line.get_color(), linestyle=":", linewidth=0.8)

@@ -103,10 +103,12 @@ def export_snapshot(model: VisionLanguageModel, tokenizer, path: Path, main: boo
         state = parallel.full_state_dict(model)
     else:
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if main else {}
-    if main:
-        plain_copy(model, state).eval().save_pretrained(path, layout="hf", tokenizer=tokenizer, dtype=torch.float32,
-                                                        extra_files=extra_files)
-    barrier()
+    try:
+        if main:
+            plain_copy(model, state).eval().save_pretrained(path, layout="hf", tokenizer=tokenizer,
+                                                            dtype=torch.float32, extra_files=extra_files)
+    finally:
+        barrier()
 
 
 BEST_FILE = "nativevl_best.json"
@@ -116,9 +118,10 @@ class BestModel:
     """`--best_metric`: DIR/best holds the model of the step with the best value so far of a validation or
     evaluation metric (val_loss: the lowest; eval_<task> or eval_mean, the tasks' mean: the highest; a tie
     keeps the earlier step; NaN never wins), with DIR/best/nativevl_best.json: the metric, value, step and
-    what it was measured on (`basis`: the held-out set, or the tasks, n and seed). A resumed run reads it
-    back and goes on from its value, unless it was measured on something else or at a step after the one
-    the run resumes from (a step trained again: its model is replaced by the next one measured)."""
+    what it was measured on (`basis`: the held-out sets, or the tasks, n, seed and system message). A
+    resumed run reads it back and goes on from its value (also when it came from a step after the resumed
+    checkpoint: that model was measured, and is still the best seen), unless it was measured on something
+    else or for another metric, or the run starts from step 0."""
 
     @staticmethod
     def check(metric: str, measured: set[str]) -> None:
@@ -151,11 +154,14 @@ class BestModel:
             return None
         reason = (f"it holds the best {metric}, this run keeps the best {self.metric}" if metric != self.metric
                   else f"its {metric} was measured on {basis}, this run's on {self.basis}" if basis != self.basis
-                  else f"its step {step} is after step {start_step}, where this run starts" if step > start_step
+                  else "this run starts from step 0 (without a checkpoint of the run that made it)" if start_step == 0
                   else None)
         if reason is not None:
             log.warning("best/ will be replaced by the next %s measured: %s", self.metric, reason)
             return None
+        if step > start_step:  # measured on the model of a step trained again: still the best model measured
+            log.info("best/ holds step %d (%s %.4f), after step %d where this run goes on: kept as the best so far",
+                     step, metric, value, start_step)
         return value, step
 
     def value_of(self, record: dict) -> float | None:
@@ -171,13 +177,22 @@ class BestModel:
 
     def offer(self, record: dict, model, step: int) -> bool:
         """Export `model` as the best when `record` (a validation or evaluation line of `step`) beats the best
-        so far; collective when the model is sharded (every rank sees the same reduced values)."""
+        so far; collective when the model is sharded (every rank sees the same reduced values). A copy that
+        cannot be written (disk full, say) is logged and the run goes on with the previous best."""
         value = self.value_of(record)
         if not self.better(value):
             return False
+        note = json.dumps({"metric": self.metric, "value": value, "step": step, "basis": self.basis}, indent=2,
+                          default=str)
+        written = True
+        try:
+            export_snapshot(model, self.tokenizer, self.path, self.main, extra_files={BEST_FILE: note + "\n"})
+        except OSError as e:  # rank 0's write; the gather and the barrier were reached by every rank
+            log.error("step %d: best/ was not written (%s); it keeps step %s", step, e, self.step)
+            written = False
+        if not broadcast_object(written):
+            return False
         self.value, self.step = value, step
-        export_snapshot(model, self.tokenizer, self.path, self.main,
-                        extra_files={BEST_FILE: json.dumps(self.summary(), indent=2) + "\n"})
         if self.main:
             log.info("step %d: best %s so far (%.4f): %s", step, self.metric, value, self.path)
         return True

@@ -251,7 +251,7 @@ def train(
 
     best = None
     if cfg.best_metric:  # what the value is measured on: a best measured otherwise is not compared with
-        basis = ({"val_meta": (run_config or {}).get("val_meta"), "val_records": cfg.val_records}
+        basis = ({"val_records": cfg.val_records, "val_sets": [[src.name, len(src)] for src in val_dataset.sources]}
                  if cfg.best_metric == "val_loss" else evaluator.basis)
         best = BestModel(cfg.best_metric, basis, out_dir, tokenizer, main, start_step=step)
     tracker = StreamTracker(dataset.cfg.max_reject_fraction, dataset.cfg.min_records_before_abort)
@@ -284,16 +284,19 @@ def train(
 
     def validate_now() -> dict:
         record = validate(model, objective, val_batches, device, use_bf16, autocast, step)
-        logger.log_val(record)
         if best is not None:
             watchdog.arm()
             best.offer(record, model, step)
+        # logged last: a run stopped before it validates (and offers) this step again when it resumes
+        logger.log_val(record)
         return record
+
+    def val_due() -> bool:
+        return val_batches is not None and ((cfg.val_every and step % cfg.val_every == 0) or step == cfg.max_steps)
 
     try:
         # stopped after this step's checkpoint, before its validation or evaluation ended: they run first
-        if val_batches is not None and step > 0 and ((cfg.val_every and step % cfg.val_every == 0) or step == cfg.max_steps) \
-                and not broadcast_object("val_loss" in logger.logged_at_start):
+        if step > 0 and val_due() and not broadcast_object("val_loss" in logger.logged_at_start):
             last_val = validate_now()
         if evaluator is not None and evaluator.resume(step, cfg.max_steps):
             last_eval = evaluate_now()
@@ -391,7 +394,7 @@ def train(
                 save_train_state(out_dir, model, optimizer, step, tokens_total, tracker, cfg, rank, world,
                                  objective.state_dict())
                 saved_step = step
-            if val_batches is not None and ((cfg.val_every and step % cfg.val_every == 0) or step == cfg.max_steps):
+            if val_due():
                 last_val = validate_now()
             if evaluator is not None and evaluator.due(step, cfg.max_steps):
                 last_eval = evaluate_now()
