@@ -154,7 +154,9 @@ sharded = generate(model, prompts[rank], max_new_tokens=8, eos_token_id=eos, syn
 n = plain.shape[1]
 pad = model.config.text.pad_token_id if model.config.text.pad_token_id is not None else eos
 assert torch.equal(sharded[:, :n], plain) and bool((sharded[:, n:] == pad).all()), (sharded, plain)
-print("rank", rank, "answer", n - prompts[rank].shape[1], "steps", sharded.shape[1] - prompts[rank].shape[1], flush=True)
+# one write per line: the two processes share the output
+print(f"rank {rank} answer {n - prompts[rank].shape[1]} steps {sharded.shape[1] - prompts[rank].shape[1]}", flush=True)
+torch.distributed.destroy_process_group()
 """
 
 

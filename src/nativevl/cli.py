@@ -662,6 +662,16 @@ def main(argv: list[str] | None = None) -> int:
             msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
         print(f"nativevl {args.command}: stopped: {msg}", file=sys.stderr)
         return 1
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Under torchrun: the process group ends with the command. A process that exits with the group's
+    threads (gloo, NCCL) still running can abort at exit and turn a finished run into a failed one."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
