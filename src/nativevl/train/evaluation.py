@@ -112,10 +112,19 @@ class TrainingEval:
         return {"step": step, **{metric_key(name): report[name]["accuracy"] for name in self.tasks}}, report
 
     def write(self, report: dict, step: int) -> None:
-        """Rank 0: evals/step-N.json (+ .md) and the plot of every step so far."""
-        if self.rank == 0:
+        """Rank 0: evals/step-N.json (+ .md) and the plot of every step so far. A report or plot that cannot
+        be written (disk full, say) is logged; the training run goes on (its scores are in metrics.jsonl)."""
+        if self.rank != 0:
+            return
+        try:
             write_report(report, self.report_path(step), markdown_table(report, f"{self.out_dir.name}, step {step}"))
+        except OSError as e:
+            log.error("step %d: the evaluation report %s was not written (%s)", step, self.report_path(step), e)
+            return
+        try:
             plot_scores(self.out_dir / "evals")
+        except Exception as e:  # noqa: BLE001 - a plot is never worth stopping a training run for
+            log.warning("step %d: evals/scores.png was not drawn (%s: %s)", step, type(e).__name__, e)
 
 
 def _eager():
