@@ -358,5 +358,5 @@ def test_a_validation_cut_off_after_its_checkpoint_runs_when_the_run_resumes(tmp
     run = apply_overrides(recipe("debug_tiny"), args)
     launch_stopped_at(run, tmp_path / "run", monkeypatch, stop=3)
     launch(run, tmp_path / "run")
-    val = lambda out: [(r["step"], r["val_loss"]) for r in metrics(out) if "val_loss" in r]  # noqa: E731
+    val = lambda out: [(r["step"], r["val_loss"]) for r in metrics(out) if "val_loss" in r]
     assert [s for s, _ in val(tmp_path / "run")] == [3, 6] and val(tmp_path / "run") == val(tmp_path / "plain")
