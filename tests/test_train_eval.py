@@ -183,7 +183,8 @@ def scripted_scores(monkeypatch, scores: dict[int, float]) -> None:
     from nativevl.train.evaluation import TrainingEval
 
     monkeypatch.setattr(TrainingEval, "__call__",
-                        lambda self, model, step, autocast, heartbeat=None: ({"step": step, "eval_shapes": scores[step]}, {}))
+                        lambda self, model, step, autocast, heartbeat=None:
+                        ({"step": step, "eval_shapes": scores[step]}, {}))
 
 
 def test_best_metric_keeps_the_model_of_the_best_step_across_a_resume(tmp_path, monkeypatch):

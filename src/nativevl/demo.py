@@ -92,7 +92,7 @@ def _sources(stage: str, seed: int) -> list[ToyWorldSource]:
 
 
 def train_stage(name: str, model, tokenizer, cfg: DemoConfig, out: Path, steps: int, text_ratio: float | None,
-           policy: StagePolicy | None = None, sources: str | None = None, eval_tasks: str = "") -> dict:
+                policy: StagePolicy | None = None, sources: str | None = None, eval_tasks: str = "") -> dict:
     """Train `model` on the toy world's `sources` stage mixture ("pretrain" or "sft"; default `name`) into
     out/name, every module in full unless `policy` says otherwise (scripts/qlora.py). `eval_tasks`: evaluated
     every fifth of the stage (only at its end in a run under 25 steps) on the first half of the held-out
@@ -110,8 +110,8 @@ def train_stage(name: str, model, tokenizer, cfg: DemoConfig, out: Path, steps: 
     train_cfg = TrainConfig(max_steps=steps, lr=cfg.lr, warmup_steps=max(1, steps // 20), global_batch=cfg.global_batch,
                             weight_decay=0.0, tensorboard=True, save_every=max(1, steps // 4), seed=cfg.train_seed,
                             val_every=max(1, steps // 10), val_records=cfg.val_records, eval_tasks=eval_tasks,
-                            eval_every=steps // 5 if steps >= 25 else 0, eval_n=max(1, cfg.eval_n // 2), eval_batch_size=cfg.eval_batch,
-                            eval_seed=cfg.eval_seed)
+                            eval_every=steps // 5 if steps >= 25 else 0, eval_n=max(1, cfg.eval_n // 2),
+                            eval_batch_size=cfg.eval_batch, eval_seed=cfg.eval_seed)
     return train(model, tokenizer, dataset, policy or StagePolicy(), train_cfg, out / name,
                  run_config={"demo": dataclasses.asdict(cfg), "stage": name, "data": dataclasses.asdict(data)},
                  val_dataset=held_out)

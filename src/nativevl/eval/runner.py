@@ -72,9 +72,11 @@ def compare(a: dict, b: dict, task: str, method_a: str | None = None, method_b: 
     ra, rb = records_of(a, task, method_a), records_of(b, task, method_b)
     sa, sb = a[task].get("settings") or {}, b[task].get("settings") or {}
     if "system" in sa and "system" in sb and sa["system"] != sb["system"]:
-        shown = [repr(x[:40] + "..." if isinstance(x, str) and len(x) > 40 else x) for x in (sa["system"], sb["system"])]
-        raise ValueError(f"the two reports asked {task!r} with different system messages ({shown[0]} and {shown[1]}); "
-                         "a training run's evaluations use its data's: `nativevl eval --system '...'` asks the same way")
+        shown = [repr(x[:40] + "..." if isinstance(x, str) and len(x) > 40 else x)
+                 for x in (sa["system"], sb["system"])]
+        raise ValueError(f"the two reports asked {task!r} with different system messages ({shown[0]} and "
+                         f"{shown[1]}); a training run's evaluations use its data's: `nativevl eval --system '...'` "
+                         "asks the same way")
     same = all(sa.get(k) == sb.get(k) for k in ("n", "seed") if k in sa and k in sb)
     key = "question" if all("question" in r for r in ra + rb) else "answer"
     if not same or [r[key] for r in ra] != [r[key] for r in rb]:

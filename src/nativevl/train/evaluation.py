@@ -25,9 +25,6 @@ from nativevl.train.parallel import broadcast_object, is_distributed
 
 log = logging.getLogger(__name__)
 
-EVAL_SEED = 10_000  # the questions `nativevl eval` asks by default: in-training reports compare with its reports
-
-
 def task_names(spec: str) -> list[str]:
     """The comma-separated task list of --eval_tasks."""
     return [name.strip() for name in spec.split(",") if name.strip()]
@@ -48,7 +45,7 @@ class TrainingEval:
     wrong name or a missing file stops the run before its first step rather than at its first evaluation."""
 
     def __init__(self, spec: str, *, every: int, n: int, batch_size: int, tokenizer, out_dir: str | Path,
-                 rank: int, world: int, system_message: str | None = None, seed: int = EVAL_SEED) -> None:
+                 rank: int, world: int, seed: int, system_message: str | None = None) -> None:
         self.tasks = task_names(spec)
         if not self.tasks:
             raise ValueError(f"eval_tasks {spec!r} names no task")
