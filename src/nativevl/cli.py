@@ -77,9 +77,9 @@ def _log_info() -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """Single-shot with --prompt, else a multi-turn REPL (/image PATH, /reset, /quit); answers stream."""
-    from nativevl.data.images import image_to_tiles, tiles_per_image
-    from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, render_chat
+    """Single-shot with --prompt, else a multi-turn REPL (/image PATH, /video PATH, /reset, /quit); answers stream."""
+    from nativevl.data.images import frame_tiles, image_to_tiles, load_video_frames, normalize, tiles_per_image
+    from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, render_chat, video_prefix
     from nativevl.infer.engine import Engine, SamplingParams
     from nativevl.io.tokenizer import load_tokenizer
 
@@ -95,10 +95,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     history: list[dict[str, str]] = []
     tiles: list[torch.Tensor] = []  # every image of the conversation, in order
 
-    def answer(text: str, images: list[str]) -> None:
+    def answer(text: str, images: list[str], video: str | None = None) -> None:
         max_num = tiles_per_image(args.max_num, len(images)) if len(images) > 1 else args.max_num
-        new = [image_to_tiles(path, image_size=cfg.vision.image_size, max_num=max_num) for path in images]
-        history.append({"role": "user", "content": "<image>\n" * len(new) + text})
+        new = []  # the message's tiles: the video's frames (one tile each) first, then each image's
+        prefix = ""
+        if video is not None:
+            frames = frame_tiles(load_video_frames(video, num_frames=args.num_frames), cfg.vision.image_size)
+            new += [normalize(t[None]) for t in frames]
+            prefix = video_prefix(len(frames))
+        new += [image_to_tiles(path, image_size=cfg.vision.image_size, max_num=max_num) for path in images]
+        history.append({"role": "user", "content": prefix + "<image>\n" * len(images) + text})
         tiles.extend(new)
         prompt = render_chat(history, tiles_per_image=[t.shape[0] for t in tiles],
                              image_seq_length=cfg.image_seq_length, system_message=system)
@@ -120,12 +126,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
               f"prompt {len(ids)} tokens]", file=sys.stderr)
 
     if args.prompt is not None:
-        answer(args.prompt, args.image or [])
+        answer(args.prompt, args.image or [], args.video)
         return 0
-    pending = list(args.image or [])
+    pending, pending_video = list(args.image or []), args.video
     interactive = sys.stdin.isatty()
     if interactive:
-        print("multi-turn chat: /image PATH attaches an image to your next message, /reset, /quit", file=sys.stderr)
+        print("multi-turn chat: /image PATH (or /video PATH) attaches an image (a video) to your next message, "
+              "/reset, /quit", file=sys.stderr)
     while True:
         if interactive:
             sys.stderr.write("> ")
@@ -139,20 +146,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if line == "/reset":
             history.clear()
             tiles.clear()
-            pending.clear()
+            pending, pending_video = [], None
         elif line.startswith("/image "):
             path = line[len("/image "):].strip()
             if not Path(path).is_file():
                 print(f"no such image file: {path}", file=sys.stderr)
             else:
                 pending.append(path)
+        elif line.startswith("/video "):
+            path = line[len("/video "):].strip()
+            if not Path(path).is_file():
+                print(f"no such video file: {path}", file=sys.stderr)
+            else:
+                pending_video = path  # one video a message: a later /video replaces it
         elif line:
+            n_tiles = len(tiles)
             try:
-                answer(line, pending)
-            except ValueError as e:  # a bad image or an over-long conversation: say so, keep chatting
+                answer(line, pending, pending_video)
+            except ValueError as e:  # a bad image or video, an over-long conversation: say so, keep chatting
                 print(f"error: {e}", file=sys.stderr)
-                history.pop()
-            pending = []
+                if history and history[-1]["role"] == "user":
+                    history.pop()
+                del tiles[n_tiles:]
+            pending, pending_video = [], None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -177,8 +193,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_tiles=args.max_num,
         max_prompt_tokens=args.max_prompt_tokens,
         allowed_local_media=args.allowed_local_media,
+        max_videos=args.max_videos,
+        video_frames=args.num_frames,
+        max_video_frames=args.max_video_frames,
         system_message=DEFAULT_SYSTEM_MESSAGE if args.system is None else (args.system or None),
     )
+    if not 1 <= cfg.video_frames <= cfg.max_video_frames:
+        raise ValueError(f"--num_frames {cfg.video_frames} must be in [1, --max-video-frames {cfg.max_video_frames}]")
     run(engine, cfg, host=args.host, port=args.port)
     return 0
 
@@ -234,14 +255,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                     temperature=args.temperature, top_k=args.top_k, system_message=args.system or None,
                                     model_name=identity, prm_name=folder_identity(args.prm) if args.prm else None,
                                     previous=previous, on_task=on_task, prm_max_steps=args.prm_max_steps,
-                                    max_num=args.max_num)
+                                    max_num=args.max_num, num_frames=args.num_frames)
         table = best_of_n_table(report, title)
         write_report(report, args.out, table)
         print(table)
         return 0
     report = evaluate(model, tokenizer, tasks, n=args.n, seed=args.seed, batch_size=args.batch_size,
                       system_message=args.system or None, rank=rank, world_size=world,
-                      model_name=identity, previous=previous, on_task=on_task, max_num=args.max_num)
+                      model_name=identity, previous=previous, on_task=on_task, max_num=args.max_num,
+                      num_frames=args.num_frames)
     if rank == 0:
         write_report(report, args.out)
         print(markdown_table(report, f"{args.model}, seed {args.seed}"))
@@ -482,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiles per question for benchmark files, shared by its images (as chat/serve); default: as "
                         "InternVL's VLMEvalKit model tiles each file (6-24 per image by its name, 64 at most); "
                         "toy tasks use 1")
+    e.add_argument("--num_frames", type=int, default=8,
+                   help="frames of a .jsonl file's video questions (segment centres, one tile each; default 8)")
     # --num_questions: under torchrun, whose own parser takes --n for an abbreviation of its --nnodes ...
     e.add_argument("--n", "--num_questions", dest="n", type=int, default=None,
                    help="questions per task (default: 200 of each toy task, every question of a benchmark file); "
@@ -502,10 +526,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the PRM scores at most this many steps per solution, as its data (nativevl data prm --max_steps)")
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("chat", help="chat about images: one --prompt, or a multi-turn session (/image PATH, /reset)")
+    c = sub.add_parser("chat", help="chat about images and videos: one --prompt, or a multi-turn session (/image PATH, "
+                                     "/video PATH, /reset)")
     c.add_argument("--model", required=True, help="checkpoint folder (-hf or original layout) with tokenizer files")
     c.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     c.add_argument("--image", action="append", default=None, help="image file, repeatable (omit for text only)")
+    c.add_argument("--video", default=None, help="video file: --num_frames frames at segment centres, one tile each")
+    c.add_argument("--num_frames", type=int, default=8, help="frames taken from a video (default 8, as InternVL's "
+                                                             "chat examples)")
     c.add_argument("--prompt", default=None, help="answer this and exit (default: interactive, reads stdin)")
     c.add_argument("--system", default=None, help="system message (default: InternVL's; '' for none)")
     c.add_argument("--max_new_tokens", type=int, default=256)
@@ -535,6 +563,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-image-pixels", "--max_image_pixels", dest="max_image_pixels", type=int, default=4096 * 4096)
     s.add_argument("--max-body-bytes", "--max_body_bytes", dest="max_body_bytes", type=parse_size, default="32MB")
     s.add_argument("--max_num", type=int, default=12, help="max tiles per request, shared by its images")
+    s.add_argument("--max-videos", "--max_videos", dest="max_videos", type=int, default=1,
+                   help="video_url parts a request may hold")
+    s.add_argument("--num_frames", "--num-frames", dest="num_frames", type=int, default=8,
+                   help="frames taken from a video (segment centres, one tile each) unless its part asks otherwise")
+    s.add_argument("--max-video-frames", "--max_video_frames", dest="max_video_frames", type=int, default=32,
+                   help="the most frames a video_url part's num_frames may ask")
     s.add_argument("--system", default=None, help="system message when a request has none (default: InternVL's)")
     s.add_argument("--no-cuda-graphs", dest="no_cuda_graphs", action="store_true")
     _engine_args(s)

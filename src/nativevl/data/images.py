@@ -4,13 +4,15 @@ An image becomes 1..max_num tiles of image_size^2 on the grid whose aspect ratio
 image's (ties go to the larger grid when the image has enough pixels), plus a thumbnail of the
 whole image last when there is more than one tile; bicubic resizing, ImageNet normalisation.
 Training data marked for augmentation re-encodes every tile as JPEG at a random quality 75-100.
-A video becomes 8..32 frames, one per equal segment, each a single tile.
+A video becomes 8..32 frames in training (a random one per equal segment), or N segment centres at
+inference (as transformers' InternVLVideoProcessor samples them), each frame a single tile.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -189,41 +191,60 @@ def image_to_tiles(
 # ---------------------------------------------------------------- video
 
 
+class FramesTooLarge(ValueError):
+    """A video whose frames have more pixels than allowed (refused before decoding any)."""
+
+
 def frame_indices(n_total: int, n_frames: int, *, rng: np.random.Generator | None) -> list[int]:
-    """One frame per equal segment: a random one in training (rng given), the segment's middle otherwise."""
+    """One frame per equal segment: a random one in training (rng given); otherwise each segment's centre,
+    floor(n_total / n_frames * (k + 1/2)) for k < n_frames, computed as transformers' InternVLVideoProcessor
+    computes it (sample_frames with initial_shift=True: a float32 arange, so that a centre that falls
+    on a whole number rounds the same way and the frames are the same)."""
     n_frames = max(1, min(n_frames, n_total))
-    edges = np.linspace(0, n_total, n_frames + 1).astype(int)
     if rng is None:
-        return [int((a + b) // 2) for a, b in zip(edges[:-1], edges[1:])]
+        step = n_total / n_frames
+        centres = torch.arange(step / 2, n_total, step).int().tolist()[:n_frames]
+        return [min(i, n_total - 1) for i in centres]
+    edges = np.linspace(0, n_total, n_frames + 1).astype(int)
     return [int(rng.integers(a, max(a + 1, b))) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def load_video_frames(
-    path: str | Path,
+    path: str | Path | bytes,
     *,
     rng: np.random.Generator | None = None,
     min_frames: int = 8,
     max_frames: int = 32,
     num_frames: int | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> list[Image.Image]:
     """Decode a video with PyAV and pick frames by segment.
 
     Training (rng given): the frame count is uniform in [min_frames, max_frames] and each segment
-    contributes a random frame. Inference: `num_frames` (default max_frames) segment centres.
+    contributes a random frame. Inference: `num_frames` (default max_frames) segment centres. `path` may
+    also be the file's bytes (a video sent in a request). ValueError for what does not decode.
     """
     try:
         import av
     except ImportError as e:  # pragma: no cover - av is a declared dependency
         raise ImportError("video records need PyAV: pip install av") from e
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"video file {path} does not exist")
+    if isinstance(path, bytes):
+        name, path = "in the request", io.BytesIO(path)
+    else:
+        name = str(path)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"video file {path} does not exist")
     if rng is not None:
         count = int(rng.integers(min_frames, max_frames + 1))
     else:
         count = num_frames or max_frames
     try:
-        with av.open(str(path)) as container:
+        with av.open(path if isinstance(path, io.BytesIO) else str(path)) as container:
             stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if width * height > max_pixels:
+                raise FramesTooLarge(f"the video {name}'s frames are {width}x{height}, over the limit of "
+                                     f"{max_pixels} pixels")
             n_total = stream.frames  # 0 when the container does not say (MKV, WebM)
             if n_total <= 0 and stream.duration and stream.average_rate:
                 n_total = int(float(stream.duration * stream.time_base) * float(stream.average_rate))
@@ -244,11 +265,27 @@ def load_video_frames(
             else:
                 every = [f.to_image() for f in container.decode(video=0)]
                 frames = [every[i] for i in frame_indices(len(every), count, rng=rng)] if every else []
+    except FramesTooLarge:
+        raise
     except (av.error.FFmpegError, ValueError, IndexError) as e:
-        raise ValueError(f"cannot decode video {path}: {e}") from None
+        raise ValueError(f"cannot decode the video {name}: {e}") from None
     if not frames:
-        raise ValueError(f"video {path} has no decodable frames")
+        raise ValueError(f"the video {name} has no decodable frames")
     return [f.convert("RGB") for f in frames]
+
+
+def frame_tiles(frames: list[Image.Image], image_size: int = 448) -> np.ndarray:
+    """Video frames -> uint8 (F, 3, S, S): each frame one tile (resized whole, no thumbnail), as InternVL
+    tiles a video's frames (max_num=1)."""
+    return np.concatenate([tile_array(f, image_size=image_size, max_num=1) for f in frames])
+
+
+@dataclass(frozen=True)
+class VideoClip:
+    """A video's chosen frames among a prompt's images (`processor.chat_inputs`): one tile per frame
+    whatever the prompt's tile budget, each frame standing for one `<image>` of the text (template.video_prefix)."""
+
+    frames: tuple[Image.Image, ...]
 
 
 def decode_base64(text: str) -> bytes:

@@ -29,7 +29,13 @@ from nativevl.data.mixture import Mixture, mixture_weights, sample_share_for_tok
 from nativevl.data.packing import LOSS_REDUCTIONS, Batch, Packer, Sample, collate
 from nativevl.data.positions import document_positions
 from nativevl.data.records import PROBLEMS, Annotation, DatasetSpec, PreferenceRecord, Record, RecordError, parse_record
-from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, IGNORE_INDEX, IMAGE_PLACEHOLDER, encode_conversation
+from nativevl.data.template import (
+    DEFAULT_SYSTEM_MESSAGE,
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    encode_conversation,
+    video_prefix,
+)
 
 log = logging.getLogger(__name__)
 _SAMPLE_SALT = 7_919
@@ -103,9 +109,9 @@ def load_visuals(record: Record, cfg: DataConfig, rng: np.random.Generator) -> t
             raise RecordError("missing_file", f"{record.source}: {e}") from None
         except ValueError as e:
             raise RecordError("unreadable_image", f"{record.source}: {e}") from None
-        tiles = np.stack([np.asarray(f.resize((cfg.image_size, cfg.image_size), img.Image.BICUBIC)) for f in frames])
-        prefix = "\n".join(f"Frame-{i + 1}: {IMAGE_PLACEHOLDER}" for i in range(len(tiles))) + "\n"
-        return _pixels(tiles.transpose(0, 3, 1, 2), cfg), [1] * len(tiles), prefix  # no JPEG augmentation for video
+        tiles = img.frame_tiles(frames, cfg.image_size)
+        prefix = video_prefix(len(tiles), training=True)
+        return _pixels(tiles, cfg), [1] * len(tiles), prefix  # no JPEG augmentation for video
     if not record.images:
         return None, [], None
     cap = img.tiles_per_image(record.max_dynamic_patch, len(record.images))

@@ -45,8 +45,14 @@ def chat_inputs(
     system_message: str | None = None,
     add_generation_prompt: bool = True,
 ) -> tuple[list[int], torch.Tensor | None]:
-    """Chat messages + images -> (token ids, tiles (N, 3, S, S) normalised, or None): one prompt."""
-    tiles = [img.image_to_tiles(im, image_size=image_size, max_num=max_num) for im in images]
+    """Chat messages + images -> (token ids, tiles (N, 3, S, S) normalised, or None): one prompt. An
+    `images.VideoClip` among the images gives one tile per frame, each frame one `<image>` of the text."""
+    tiles = []
+    for im in images:
+        if isinstance(im, img.VideoClip):
+            tiles += [img.normalize(t[None]) for t in img.frame_tiles(list(im.frames), image_size)]
+        else:
+            tiles.append(img.image_to_tiles(im, image_size=image_size, max_num=max_num))
     text = render_chat(messages, tiles_per_image=[t.shape[0] for t in tiles], image_seq_length=image_seq_length,
                        system_message=system_message, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False).input_ids, (torch.cat(tiles) if tiles else None)

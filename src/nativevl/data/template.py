@@ -25,6 +25,15 @@ def image_span(num_tiles: int, image_seq_length: int) -> str:
     return "<img>" + "<IMG_CONTEXT>" * (image_seq_length * num_tiles) + "</img>"
 
 
+def video_prefix(n_frames: int, *, training: bool = False) -> str:
+    """The text a video's frames stand for, each an `<image>` (one tile) on a line of its own, before the
+    question. InternVL's two forms: "Frame-1: <image>\n..." as its fine-tuning loader writes a video
+    record's frames (training), "Frame1: <image>\n..." as its chat examples and transformers'
+    InternVLProcessor ask about a video (inference)."""
+    label = "Frame-{}: " if training else "Frame{}: "
+    return "".join(label.format(i + 1) + IMAGE_PLACEHOLDER + "\n" for i in range(n_frames))
+
+
 def expand_images(text: str, tiles_per_image: list[int], image_seq_length: int) -> str:
     """Replace each `<image>` with its token span; the counts must agree."""
     parts = text.split(IMAGE_PLACEHOLDER)

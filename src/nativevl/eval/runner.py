@@ -17,6 +17,7 @@ from nativevl.data.images import tiles_per_image
 from nativevl.data.processor import chat_inputs
 from nativevl.eval.tasks import FILE_SUFFIXES, get_task
 from nativevl.eval.tasks.base import EvalTask
+from nativevl.eval.tasks.files import DEFAULT_FRAMES
 from nativevl.infer.generate import generate_texts
 
 log = logging.getLogger(__name__)
@@ -99,28 +100,33 @@ def folder_identity(path: str | Path) -> str:
     return f"{path} ({h.hexdigest()[:12]})"
 
 
-def _task_settings(name: str, settings: dict, max_num: int | None) -> dict:
+def _task_settings(name: str, settings: dict, max_num: int | None, num_frames: int = DEFAULT_FRAMES) -> dict:
     """A task's settings in the report, with the n it was asked (a toy task's 200 when n is None, so a
     report made with `--n 200` resumes without it); an evaluation file's also hold the tiles per question
-    and the file's identity (an edited file is another set of questions)."""
+    and the file's identity (an edited file is another set of questions), and the frames of its video
+    questions when not the default 8 (so reports from before videos were asked still resume)."""
     path = Path(name)
     if path.suffix not in FILE_SUFFIXES:
         return {**settings, "n": settings["n"] if settings["n"] is not None else DEFAULT_N}
     from nativevl.eval.tasks.files import FileTask
 
-    task = FileTask(name, max_num)  # how it is scored: a report scored another way (before circular scoring, say) is not reused
+    # how it is scored: a report scored another way (before circular scoring, say) is not reused
+    task = FileTask(name, max_num, num_frames)
     scoring = task.metric + ("/circular" if task.circular else "") + "; prompts v2"  # v2: InternVL's VLMEvalKit prompts
     tiles = max_num if max_num is not None else f"vlmevalkit ({task.vlmevalkit_max_num} per image)"
-    return {**settings, "max_num": tiles, "file": folder_identity(path) if path.is_file() else None, "scoring": scoring}
+    frames = {"num_frames": num_frames} if num_frames != DEFAULT_FRAMES else {}
+    return {**settings, "max_num": tiles, **frames, "file": folder_identity(path) if path.is_file() else None,
+            "scoring": scoring}
 
 
-def _reusable(previous: dict | None, settings: dict, max_num: int | None = None) -> dict:
+def _reusable(previous: dict | None, settings: dict, max_num: int | None = None,
+              num_frames: int = DEFAULT_FRAMES) -> dict:
     """The tasks of an earlier report made with exactly these settings (model and tokenizer identity,
     n, seed, ...), for resuming; none when the model is unnamed (nothing says it is the same one)."""
     if not isinstance(previous, dict) or settings.get("model") is None:
         return {}
     return {name: old for name, old in previous.items()
-            if isinstance(old, dict) and old.get("settings") == _task_settings(name, settings, max_num)
+            if isinstance(old, dict) and old.get("settings") == _task_settings(name, settings, max_num, num_frames)
             and "records" in old}
 
 
@@ -130,12 +136,12 @@ def _resumed(reusable: dict, tasks: list[str]) -> dict:
     return {name: entry for name, entry in reusable.items() if name not in tasks}
 
 
-def _resolve(tasks: list[str], max_num: int | None) -> list:
+def _resolve(tasks: list[str], max_num: int | None, num_frames: int = DEFAULT_FRAMES) -> list:
     """Every task, checked before any runs (an unknown name used to stop the run after the tasks before
     it had been generated for; an empty list wrote an empty report)."""
     if not tasks:
         raise ValueError("no tasks to evaluate")
-    return [get_task(name, max_num) for name in tasks]
+    return [get_task(name, max_num, num_frames) for name in tasks]
 
 
 DEFAULT_N = EvalTask.default_n  # questions per toy task when n is None
@@ -203,7 +209,8 @@ def predict(model, tokenizer, prompts: Sequence[tuple[list[dict], list]], *, max
 def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: int = 10_000, batch_size: int = 16,
              system_message: str | None = None, rank: int = 0, world_size: int = 1, predictor=None,
              model_name: str | None = None, previous: dict | None = None, on_task=None,
-             max_num: int | None = None, synced: bool = False, heartbeat=None) -> dict:
+             max_num: int | None = None, synced: bool = False, heartbeat=None,
+             num_frames: int = DEFAULT_FRAMES) -> dict:
     """{task: {accuracy, n, correct, chance, ci95, examples, records, settings}}; every rank scores items
     i % world == rank. `synced`: the model's forwards are collective (FSDP, in training): the ranks
     generate in step (`predict`); `heartbeat()` is called after every batch.
@@ -214,15 +221,16 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
     they are, those this run does not ask for included; `on_task(report)` is called after every task
     (the CLI writes the report there, so an interrupted run keeps its finished tasks). Tasks are toy-world
     families or evaluation files (`eval/tasks/files.py`), tiled as `FileTask.tile_cap` says (`max_num`
-    tiles per question shared by its images, or with None as InternVL's VLMEvalKit model tiles the file).
+    tiles per question shared by its images, or with None as InternVL's VLMEvalKit model tiles the file);
+    a file's video questions are asked with `num_frames` frames.
     """
     if n is not None and n < 1:
         raise ValueError(f"n must be >= 1 question per task, got {n}")
-    resolved = _resolve(tasks, max_num)
+    resolved = _resolve(tasks, max_num, num_frames)
     if model is not None:
         model.eval()
     settings = {"model": model_name, "n": n, "seed": seed, "system": system_message}
-    reusable = _reusable(previous, settings, max_num)
+    reusable = _reusable(previous, settings, max_num, num_frames)
     report = _resumed(reusable, tasks)
     for name, task in zip(tasks, resolved):
         if name in reusable:
@@ -269,7 +277,7 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
             "examples": [{"question": it.question[-80:], "answer": it.answer, "prediction": p, "correct": c}
                          for it, p, c in list(zip(mine, predictions, correct))[:3]],
             "records": records,  # every question: for paired tests between models (`nativevl compare`)
-            "settings": _task_settings(name, settings, max_num),
+            "settings": _task_settings(name, settings, max_num, num_frames),
         }
         if not binary:  # the "accuracy" is the mean of this metric (its interval: Wilson's, as an approximation)
             report[name]["metric"] = task.metric
@@ -290,7 +298,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 10
                        prm=None, temperature: float = 0.7, top_k: int = 0, system_message: str | None = None,
                        max_batch_size: int = 64, model_name: str | None = None, prm_name: str | None = None,
                        previous: dict | None = None, on_task=None, prm_max_steps: int = 12,
-                       max_num: int | None = None) -> dict:
+                       max_num: int | None = None, num_frames: int = DEFAULT_FRAMES) -> dict:
     """Test-time scaling on each task: greedy pass@1, the mean accuracy of single samples, majority
     vote of `samples`, and (with a PRM) Best-of-N by PRM score and by outcome score. Every question's
     samples come from one prefill (the engine clones it) with seed (seed + question index).
@@ -299,7 +307,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 10
     (`nativevl data prm --max_steps`)."""
     if (n is not None and n < 1) or samples < 1:
         raise ValueError(f"n must be >= 1 question per task and samples >= 1, got n={n}, samples={samples}")
-    resolved = _resolve(tasks, max_num)
+    resolved = _resolve(tasks, max_num, num_frames)
     partial = [name for name, t in zip(tasks, resolved) if not t.binary]
     if partial:
         raise ValueError(f"Best-of-N picks right / wrong answers; {partial} are scored with partial credit "
@@ -316,7 +324,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 10
     cfg = model.config
     settings = {"model": model_name, "prm": prm_name, "n": n, "seed": seed, "samples": samples,
                 "temperature": temperature, "top_k": top_k, "system": system_message, "prm_max_steps": prm_max_steps}
-    reusable = _reusable(previous, settings, max_num)
+    reusable = _reusable(previous, settings, max_num, num_frames)
     report = _resumed(reusable, tasks)
     for name, task in zip(tasks, resolved):
         if name in reusable:
@@ -383,7 +391,7 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 10
             if b in records[0] and a in records[0]
         }
         entry["records"] = records
-        entry["settings"] = _task_settings(name, settings, max_num)
+        entry["settings"] = _task_settings(name, settings, max_num, num_frames)
         report[name] = entry
         if on_task is not None:
             on_task(report)

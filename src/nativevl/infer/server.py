@@ -1,8 +1,11 @@
 """An OpenAI-compatible HTTP API over the engine: /v1/chat/completions, /v1/models, /health.
 
-Images come as base64 data URLs, or as local files (file:// or a path) under the one folder the
-operator allows; the server never fetches a URL. Every limit (body bytes, images, pixels, prompt
-tokens, samples, waiting requests) answers with an OpenAI-style JSON error and the server goes on.
+Images (`image_url` parts) and videos (`video_url` parts, as vLLM takes them) come as base64 data URLs,
+or as local files (file:// or a path) under the one folder the operator allows; the server never
+fetches a URL. A video is asked as InternVL asks one: N frames at the centres of N equal segments, each
+one tile, written "Frame1: <image>\nFrame2: <image>\n..." where the video part stands (N: the part's
+"num_frames", or the server's). Every limit (body bytes, images, videos, frames, pixels, prompt tokens,
+samples, waiting requests) answers with an OpenAI-style JSON error and the server goes on.
 `logprobs` / `top_logprobs` give each token's log-probability under the model (before temperature and
 penalties); streamed, a token's log-probabilities arrive in a chunk of their own, ahead of its text.
 """
@@ -29,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nativevl.data import images as img
-from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, IMAGE, encode_prompt
+from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, IMAGE, IMAGE_PLACEHOLDER, encode_prompt, video_prefix
 from nativevl.infer.engine import MAX_LOGPROBS, Completion, Engine, QueueFull, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,9 @@ class ServerConfig:
     max_n: int = 16
     default_max_tokens: int = 512
     allowed_local_media: str | None = None  # folder whose files requests may name; None: no local files
+    max_videos: int = 1
+    video_frames: int = 8  # frames of a video whose part does not say (InternVL's chat examples: 8 segments)
+    max_video_frames: int = 32  # the most a video_url part's "num_frames" may ask
     system_message: str | None = DEFAULT_SYSTEM_MESSAGE
 
 
@@ -66,37 +72,59 @@ def _bad(message: str, code: str = "invalid_value", param: str | None = None) ->
 # ---------------------------------------------------------------------- request -> prompt
 
 
-def image_source(url: str, cfg: ServerConfig) -> bytes | str:
-    """An image_url's url -> raw bytes (data URL) or a checked local path."""
+def media_source(url: str, cfg: ServerConfig, kind: str = "image") -> bytes | str:
+    """An image_url's or video_url's url -> raw bytes (data URL) or a checked local path."""
+    code = f"invalid_{kind}_url"
     if url.startswith("data:"):
         header, _, data = url.partition(",")
         if not header.endswith(";base64"):
-            raise _bad("image data URLs must be base64 (data:image/...;base64,...)", "invalid_image_url", "messages")
+            raise _bad(f"{kind} data URLs must be base64 (data:{kind}/...;base64,...)", code, "messages")
         try:  # line-wrapped base64 (`base64 img.png`, encodebytes) is still base64
             return img.decode_base64(data)
         except (binascii.Error, ValueError):
-            raise _bad("the image data URL is not valid base64", "invalid_image_url", "messages") from None
+            raise _bad(f"the {kind} data URL is not valid base64", code, "messages") from None
     if url.split(":", 1)[0].lower() in ("http", "https", "ftp"):
-        raise _bad("this server does not fetch URLs; send the image as a base64 data URL", "invalid_image_url",
-                   "messages")
+        raise _bad(f"this server does not fetch URLs; send the {kind} as a base64 data URL", code, "messages")
     if cfg.allowed_local_media is None:
-        raise _bad("local image files are disabled (start the server with --allowed-local-media DIR)",
-                   "invalid_image_url", "messages")
+        raise _bad(f"local {kind} files are disabled (start the server with --allowed-local-media DIR)", code,
+                   "messages")
     if url.lower().startswith("file:"):  # file:///a%20b.png, file://localhost/...
         parsed = urllib.parse.urlparse(url)
         if parsed.netloc not in ("", "localhost"):
-            raise _bad(f"image file URL {url!r} names another host", "invalid_image_url", "messages")
+            raise _bad(f"{kind} file URL {url!r} names another host", code, "messages")
         url = urllib.parse.unquote(parsed.path)
     path = Path(url).resolve()
     root = Path(cfg.allowed_local_media).resolve()
     if not path.is_relative_to(root) or not path.is_file():
-        raise _bad(f"image file {url!r} is not a file under the allowed folder", "invalid_image_url", "messages")
+        raise _bad(f"{kind} file {url!r} is not a file under the allowed folder", code, "messages")
     return str(path)
 
 
-def parse_messages(messages, cfg: ServerConfig) -> tuple[list[dict], list[bytes | str]]:
-    """OpenAI messages -> ([{"role", "content": [str | IMAGE, ...]}], image sources). A message's text is
-    only text: `<image>` or a special token's string typed by a client stays text (template.encode_prompt)."""
+@dataclass(eq=False)
+class Video:
+    """A video_url part: where its bytes are and how many frames to take. The object itself stands where
+    the video is in its message's content pieces, until `prepare` knows how many frames it gave."""
+
+    source: bytes | str
+    num_frames: int
+
+
+def _video(part: dict, where: str, cfg: ServerConfig) -> Video:
+    ref = part.get("video_url")
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    if not isinstance(url, str):
+        raise _bad(f"{where}.video_url needs a url string", param="messages")
+    frames = ref.get("num_frames", cfg.video_frames) if isinstance(ref, dict) else cfg.video_frames
+    if not isinstance(frames, int) or isinstance(frames, bool) or not 1 <= frames <= cfg.max_video_frames:
+        raise _bad(f"{where}.video_url.num_frames must be an integer in [1, {cfg.max_video_frames}], got {frames!r}",
+                   param="messages")
+    return Video(media_source(url, cfg, "video"), frames)
+
+
+def parse_messages(messages, cfg: ServerConfig) -> tuple[list[dict], list[bytes | str | Video]]:
+    """OpenAI messages -> ([{"role", "content": [str | IMAGE | Video, ...]}], image sources and videos in
+    order). A message's text is only text: `<image>` or a special token's string typed by a client stays
+    text (template.encode_prompt)."""
 
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list", param="messages")
@@ -121,23 +149,32 @@ def parse_messages(messages, cfg: ServerConfig) -> tuple[list[dict], list[bytes 
                     if last == "text":  # consecutive text parts joined by a newline, as vLLM does
                         pieces.append("\n")
                     pieces.append(part["text"])
-                elif kind == "image_url":
+                elif kind in ("image_url", "video_url"):
                     if role != "user":
-                        raise _bad(f"messages[{i}]: images are only allowed in user messages", param="messages")
+                        raise _bad(f"messages[{i}]: images and videos are only allowed in user messages",
+                                   param="messages")
+                    if kind == "video_url":
+                        sources.append(_video(part, f"messages[{i}].content[{j}]", cfg))
+                        pieces.append(sources[-1])  # becomes "Frame1: <image>\n..." once decoded
+                        continue
                     ref = part.get("image_url")
                     url = ref.get("url") if isinstance(ref, dict) else ref
                     if not isinstance(url, str):
                         raise _bad(f"messages[{i}].content[{j}].image_url needs a url string", param="messages")
-                    sources.append(image_source(url, cfg))
+                    sources.append(media_source(url, cfg))
                     pieces += [IMAGE, "\n"]  # InternVL's "<image>\n" before the text it belongs to
                 else:
-                    raise _bad(f"messages[{i}].content[{j}] must be a text or image_url part", param="messages")
+                    raise _bad(f"messages[{i}].content[{j}] must be a text, image_url or video_url part",
+                               param="messages")
                 last = kind
             content = pieces
         else:
             raise _bad(f"messages[{i}].content must be a string or a list of parts", param="messages")
-        if len(sources) > cfg.max_images:
+        n_videos = sum(isinstance(s, Video) for s in sources)
+        if len(sources) - n_videos > cfg.max_images:
             raise _bad(f"a request may hold at most {cfg.max_images} images", "too_many_images", "messages")
+        if n_videos > cfg.max_videos:
+            raise _bad(f"a request may hold at most {cfg.max_videos} video(s)", "too_many_videos", "messages")
         turns.append({"role": role, "content": content})
     return turns, sources
 
@@ -204,21 +241,37 @@ def prepare(body: dict, engine: Engine, cfg: ServerConfig) -> tuple[list[int], o
         raise _bad(f"'n' = {params.n} is over this server's {engine.max_batch_size} sequences at a time "
                    "(--max-batch-size)", param="n")
     vision = engine.model.config.vision
-    max_num = img.tiles_per_image(cfg.max_tiles, len(sources))
-    tiles = []
+    max_num = img.tiles_per_image(cfg.max_tiles, sum(not isinstance(s, Video) for s in sources))
+    tiles, frames = [], {}  # frames: each video's frame count
     for source in sources:
         try:
-            image = img.load_image(source, max_pixels=cfg.max_image_pixels)
+            if isinstance(source, Video):
+                clip = img.load_video_frames(source.source, num_frames=source.num_frames,
+                                             max_pixels=cfg.max_image_pixels)
+                frames[source] = len(clip)
+                tiles += [img.normalize(t[None]) for t in img.frame_tiles(clip, vision.image_size)]
+            else:
+                image = img.load_image(source, max_pixels=cfg.max_image_pixels)
+                tiles.append(img.normalize(img.tile_array(image, image_size=vision.image_size, max_num=max_num)))
         except ValueError as e:
-            code = "image_too_large" if "over the limit" in str(e) else "invalid_image"
+            kind = "video" if isinstance(source, Video) else "image"
+            code = f"{kind}_too_large" if "over the limit" in str(e) else f"invalid_{kind}"
             raise _bad(str(e), code, "messages") from None
-        tiles.append(img.normalize(img.tile_array(image, image_size=vision.image_size, max_num=max_num)))
+    for turn in turns:  # each video -> "Frame1: ", IMAGE, "\n", "Frame2: ", ... (template.video_prefix's form)
+        turn["content"] = [q for p in turn["content"]
+                           for q in (_frame_pieces(frames[p]) if isinstance(p, Video) else [p])]
     ids = encode_prompt(engine.tokenizer, turns, [t.shape[0] for t in tiles], engine.model.config.image_seq_length,
                         cfg.system_message)
     limit = min(cfg.max_prompt_tokens, engine.max_seq_len - 1)
     if len(ids) > limit:
         raise _bad(f"the prompt has {len(ids)} tokens, over the limit of {limit}", "context_length_exceeded", "messages")
     return ids, (torch.cat(tiles) if tiles else None), params
+
+
+def _frame_pieces(n_frames: int) -> list:
+    """video_prefix(n) as content pieces: its text, and an IMAGE marker for each `<image>`."""
+    texts = video_prefix(n_frames).split(IMAGE_PLACEHOLDER)
+    return [texts[0]] + [q for text in texts[1:] for q in (IMAGE, text)]
 
 
 # ---------------------------------------------------------------------- the app

@@ -32,6 +32,7 @@ class Question:
     answer: str | None = None  # ground truth (a reference response or just the answer)
     family: str = ""  # a toy-world family: its verifier; "" = answer matching
     image_paths: list[str] = field(default_factory=list)  # where the images already live, if on disk
+    video: str | None = None  # a video record's file (jsonl_questions with videos=True); its frames are read when asked
 
     def is_correct(self, response: str) -> bool:
         """Toy verifier, else the final answer (or the whole text) after normalisation."""
@@ -56,7 +57,7 @@ def toyworld_questions(family: str, seed: int, n: int, size: int = 96) -> list[Q
 
 
 def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int | None = None,
-                    max_bad_images: float = 0.05) -> list[Question]:
+                    max_bad_images: float = 0.05, videos: bool = False) -> list[Question]:
     """InternVL conversation records: the first human turn is the question, the gpt turn that answers it
     (if any) the ground truth; image paths are relative to `root` (default: the file's folder). Records are
     read (and their images loaded) until `limit` questions are kept.
@@ -64,7 +65,9 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int
     A question is asked without history (MMPR's format holds one question), so the later exchanges of a
     multi-turn record are not used, and a record's system turn gives way to the pipeline's system message;
     both are counted and logged. A record whose image is missing or unreadable is skipped, counted and
-    named in the log; more than `max_bad_images` of the records read so is an error."""
+    named in the log; more than `max_bad_images` of the records read so is an error. A video record
+    (`"video": file`, `<video>` in its question) is an error unless `videos` (`nativevl eval` asks them: the
+    question keeps its `<video>`, Question.video names the file, checked to exist but decoded when asked)."""
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     out = []
@@ -96,6 +99,23 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int
         more_turns, has_system = any(role == "user" for role, _ in turns[first + 1 :]), system is not None
         image, more = rec.get("image"), rec.get("images")  # either key, as the training loader reads them
         names = image if image not in (None, []) else (more or [])
+        if rec.get("video") not in (None, "", []):
+            video = rec["video"]
+            if not videos:
+                raise ValueError(f"{path}:{lineno}: a video record; this pipeline asks image and text questions only "
+                                 "(`nativevl eval` asks video questions)")
+            if names:
+                raise ValueError(f"{path}:{lineno}: a record holds images or a video, not both")
+            if not isinstance(video, str) or not video.strip():
+                raise ValueError(f"{path}:{lineno}: 'video' must be a file name, got {video!r}")
+            video = str((root / video).resolve())
+            if not Path(video).is_file():
+                bad_images.append(f"{path}:{lineno}: video file {video} does not exist")
+                continue
+            out.append(Question(question, [], reply, "", [], video=video))
+            later_turns += more_turns
+            with_system += has_system
+            continue
         names = [names] if isinstance(names, str) else names
         # a number or an object (iterated: its keys) would become a path; "" would be the folder itself
         if not isinstance(names, list) or not all(isinstance(x, str) and x.strip() for x in names):

@@ -6,7 +6,10 @@
   row whose image it shares; a JSON list of base64 strings for several images) or `image_path`, and an
   optional `category`.
 - `.jsonl`: InternVL conversation records, a custom set: the first human turn is the question (with
-  `<image>` placeholders), the gpt turn after it the answer; images relative to the file's folder.
+  `<image>` placeholders), the gpt turn after it the answer; images relative to the file's folder. A
+  video record (`"video": file`, `<video>` in the question) is asked as InternVL asks a video: `num_frames`
+  frames (default 8) at the centres of equal segments, one tile each, "Frame1: <image>\n..." in place of
+  `<video>` (before the question when it has none).
 
 Multiple choice (option columns, or an answer that is one option letter of a question listing its
 options as `A. ...` lines): the prediction's option letter must equal the answer's (a bare letter,
@@ -39,8 +42,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from nativevl.data.images import load_image, tiles_per_image
-from nativevl.data.template import IMAGE_PLACEHOLDER
+from nativevl.data.images import VideoClip, load_image, load_video_frames, tiles_per_image
+from nativevl.data.template import IMAGE_PLACEHOLDER, video_prefix
 from nativevl.eval.tasks.base import EvalTask
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -60,6 +63,7 @@ VLMEVALKIT_MAX_NUM = (
     (24, ("InfoVQA_VAL", "InfoVQA_TEST", "OCRBench", "HRBench4K", "HRBench8K")),
 )
 VLMEVALKIT_TOTAL_TILES = 64
+DEFAULT_FRAMES = 8  # frames of a video question, as InternVL's chat examples take them
 # what pandas (and so VLMEvalKit) reads as a missing value: an option spelled "None" is missing there too
 _MISSING = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
             "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
@@ -74,6 +78,7 @@ class FileItem:
     options: dict[str, str] = field(default_factory=dict)  # letter -> option text; {} for open answers
     index: str = ""
     where: str = ""  # file:line, for errors
+    video: str | None = None  # a video question's file (its frames are read when it is asked)
 
     @property
     def images(self) -> list:
@@ -451,7 +456,7 @@ def read_jsonl(path: Path, limit: int | None) -> list[FileItem]:
 
     items = []
     # every question counts: an unreadable image is an error here, not a skipped question
-    for i, q in enumerate(jsonl_questions(path, limit=limit, max_bad_images=0)):
+    for i, q in enumerate(jsonl_questions(path, limit=limit, max_bad_images=0, videos=True)):
         if q.answer is None or not q.answer.strip():
             raise ValueError(f"{path}: question {i + 1} has no answer (a gpt turn after the human turn) to score against")
         options = _options_in_text(q.question)
@@ -463,7 +468,7 @@ def read_jsonl(path: Path, limit: int | None) -> list[FileItem]:
             options = {}
         # the images again from their files when the question is asked (the ones read here are dropped)
         items.append(FileItem(q.question, answer, [Path(p) for p in q.image_paths], "", options, str(i),
-                              f"{path}: question {i + 1}"))
+                              f"{path}: question {i + 1}", q.video))
     return items
 
 
@@ -475,6 +480,7 @@ class FileTask(EvalTask):
 
     name: str
     max_num: int | None = None
+    num_frames: int = DEFAULT_FRAMES  # a video question's frames
 
     @property
     def vlmevalkit_max_num(self) -> int:
@@ -514,6 +520,15 @@ class FileTask(EvalTask):
         return items
 
     def prompt(self, item: FileItem) -> tuple[list[dict[str, str]], list]:
+        if item.video is not None:
+            try:
+                frames = load_video_frames(item.video, num_frames=self.num_frames)
+            except ValueError as e:
+                raise ValueError(f"{item.where}: {e}") from None
+            prefix = video_prefix(len(frames))
+            question, mark = item.question, "<video>\n" if "<video>\n" in item.question else "<video>"
+            question = question.replace(mark, prefix, 1) if mark in question else prefix + question
+            return [{"role": "user", "content": question}], [VideoClip(tuple(frames))]
         images = item.images
         if self.max_num is None and "mmmu" in self.path.name.lower() and images:
             # InternVL's VLMEvalKit model enlarges MMMU's first image twice (bilinear) before tiling it

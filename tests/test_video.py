@@ -1,0 +1,239 @@
+"""Videos at inference (server, chat): the frames transformers' InternVL video processor would pick, each one
+tile as its image processor makes it, in the prompt its processor writes, through the official openai client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import sys
+
+import numpy as np
+import pytest
+import torch
+from oracle import internvl_image_processor, internvl_processor
+from PIL import Image
+from test_model import make_model
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+av = pytest.importorskip("av")
+
+from nativevl.cli import main
+from nativevl.data.images import frame_indices, load_video_frames
+from nativevl.infer.engine import Engine
+from nativevl.infer.generate import generate
+from nativevl.infer.server import ServerConfig, create_app, start_in_thread
+
+N_FRAMES = 40  # the clip's length; frame k is a picture of its own (a bar at x = k, grey level 6k)
+
+
+def write_clip(path, n: int = N_FRAMES, size: tuple[int, int] = (64, 48)) -> bytes:
+    w, h = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for k in range(n):
+            pixels = np.full((h, w, 3), 6 * k, np.uint8)
+            pixels[:, k % w] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path.read_bytes()
+
+
+def every_frame(path) -> list[Image.Image]:
+    with av.open(str(path)) as container:
+        return [f.to_image().convert("RGB") for f in container.decode(video=0)]
+
+
+def oracle_prompt(tokenizer, cfg, n_frames: int, question: str, image_tiles: int | None = None):
+    """(ids, transformers' text) of a question about a video (after an image of `image_tiles` tiles, if
+    given) with no system turn: the checkpoint's chat template (an image part -> <IMG_CONTEXT>, a video part
+    -> <video>) and transformers' InternVLProcessor's replacements of those by their spans."""
+    proc = internvl_processor(tokenizer, cfg.image_seq_length, cfg.vision.image_size)
+    parts = [{"type": "image"}] * (image_tiles is not None) + [{"type": "video"}, {"type": "text", "text": question}]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": parts}], tokenize=False,
+                                         add_generation_prompt=True)
+    if image_tiles is not None:
+        text = text.replace(proc.image_token, proc.replace_image_token({"num_patches": [image_tiles]}, 0), 1)
+    frames_text = proc.replace_video_token({"pixel_values_videos": [torch.zeros(n_frames, 1)]}, 0)
+    text = text.replace(proc.video_token, frames_text)
+    return tokenizer(text, add_special_tokens=False).input_ids, text
+
+
+def oracle_pixels(frames: list[Image.Image], image_size: int) -> torch.Tensor:
+    """Each frame one tile: transformers' GotOcr2 image processor with at most one patch (InternVL's max_num=1)."""
+    ip = internvl_image_processor(image_size, max_patches=1)
+    return torch.cat([torch.as_tensor(np.asarray(ip(images=f, return_tensors="pt")["pixel_values"])) for f in frames])
+
+
+def greedy(model, ids, pixels, tokenizer, max_new_tokens: int, **kwargs) -> str:
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    out = generate(model, torch.tensor([ids]), pixels, max_new_tokens=max_new_tokens, eos_token_id=eos, **kwargs)
+    new = out[0, len(ids):].tolist()
+    new = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_frames_are_the_segment_centres_transformers_picks(tmp_path):
+    # transformers' InternVLVideoProcessor.sample_frames (initial_shift=True): int(arange(n/2k, n, n/k)) in float32
+    assert frame_indices(40, 8, rng=None) == [2, 7, 12, 17, 22, 27, 32, 37]
+    assert frame_indices(10, 4, rng=None) == [1, 3, 6, 8]
+    assert frame_indices(30, 11, rng=None) == [1, 4, 6, 9, 12, 15, 17, 20, 23, 25, 28]  # 15.0 in exact arithmetic
+    assert frame_indices(3, 8, rng=None) == [0, 1, 2]  # a clip shorter than asked: every frame once
+    # training: one random frame inside each segment
+    picks = frame_indices(40, 8, rng=np.random.default_rng(0))
+    assert all(5 * k <= i < 5 * (k + 1) for k, i in enumerate(picks))
+    # decoded from a file or from the bytes a request carries: the same frames, the ones picked
+    data = write_clip(tmp_path / "clip.mp4")
+    chosen = [np.asarray(f) for f in every_frame(tmp_path / "clip.mp4")]
+    for source in (tmp_path / "clip.mp4", data):
+        frames = load_video_frames(source, num_frames=8)
+        assert [next(k for k, c in enumerate(chosen) if np.array_equal(c, np.asarray(f))) for f in frames] == \
+            [2, 7, 12, 17, 22, 27, 32, 37]
+    with pytest.raises(ValueError, match="over the limit"):
+        load_video_frames(data, num_frames=8, max_pixels=64 * 47)
+    with pytest.raises(ValueError, match="cannot decode the video in the request"):
+        load_video_frames(b"not a video at all" * 50, num_frames=8)
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer, tmp_path_factory):
+    media = tmp_path_factory.mktemp("media")
+    model = make_model()
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=512, max_queue=16)
+    cfg = ServerConfig(model_name="tiny", system_message="", allowed_local_media=str(media), max_video_frames=16,
+                       max_image_pixels=64 * 64, max_body_bytes=400_000)
+    engine.start()
+    server, url = start_in_thread(create_app(engine, cfg))
+    yield engine, url, media
+    server.should_exit = True
+    engine.shutdown()
+
+
+def client(url: str):
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+
+def video_url(data: bytes) -> str:
+    return "data:video/mp4;base64," + base64.b64encode(data).decode()
+
+
+def test_a_served_video_question_equals_transformers_prompt_and_pixels(served, tokenizer):
+    engine, url, media = served
+    data = write_clip(media / "clip.mp4")
+    all_frames = every_frame(media / "clip.mp4")
+    model, cfg = engine.model, engine.model.config
+    for num_frames, part in ((None, {"url": video_url(data)}),  # the server's default: 8 frames
+                             (5, {"url": f"file://{media / 'clip.mp4'}", "num_frames": 5})):
+        n = num_frames or 8
+        ids, text = oracle_prompt(tokenizer, cfg, n, "what happens?")
+        assert text.count("Frame") == n and "Frame1: <img>" in text
+        picks = [int(i) for i in torch.arange(N_FRAMES / n / 2, N_FRAMES, N_FRAMES / n).int()]
+        want = greedy(model, ids, oracle_pixels([all_frames[i] for i in picks], cfg.vision.image_size), tokenizer, 12)
+        messages = [{"role": "user", "content": [{"type": "video_url", "video_url": part},
+                                                 {"type": "text", "text": "what happens?"}]}]
+        r = client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+        assert r.usage.prompt_tokens == len(ids)
+        assert r.choices[0].message.content == want
+        stream = client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                                     stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
+    # a picture beside the video: the frames where the video part stands, then "<image>\n" as for any image
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+    mixed = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}},
+        {"type": "video_url", "video_url": {"url": video_url(data), "num_frames": 2}},
+        {"type": "text", "text": "and now?"}]}]
+    r = client(url).chat.completions.create(model="tiny", messages=mixed, max_tokens=4, temperature=0)
+    assert r.usage.prompt_tokens == len(oracle_prompt(tokenizer, cfg, 2, "and now?", image_tiles=1)[0])
+
+
+@pytest.mark.parametrize("part, message", [
+    ({"url": "data:video/mp4;base64,bm90IGEgdmlkZW8="}, "cannot decode the video"),
+    ({"url": "data:video/mp4;base64,###"}, "not valid base64"),
+    ({"url": "https://example.com/v.mp4"}, "does not fetch URLs"),
+    ({"url": "/etc/passwd"}, "not a file under the allowed folder"),
+    ("clip", "num_frames must be an integer in \\[1, 16\\]"),
+    ("big", "over the limit"),
+    ("two", "at most 1 video"),
+])
+def test_bad_videos_are_400s_and_the_server_keeps_serving(served, part, message, tmp_path):
+    url = served[1]
+    data = write_clip(tmp_path / "c.mp4", n=6)
+    content = [{"type": "video_url", "video_url": part}]
+    if part == "clip":
+        content = [{"type": "video_url", "video_url": {"url": video_url(data), "num_frames": 17}}]
+    elif part == "big":
+        content = [{"type": "video_url", "video_url": {"url": video_url(write_clip(tmp_path / "b.mp4", 3, (96, 64)))}}]
+    elif part == "two":
+        content = [{"type": "video_url", "video_url": {"url": video_url(data)}}] * 2
+    with pytest.raises(openai.BadRequestError, match=message) as e:
+        client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}], max_tokens=2)
+    assert e.value.status_code == 400
+    assert_video = [{"role": "assistant", "content": [{"type": "video_url", "video_url": {"url": video_url(data)}}]}]
+    with pytest.raises(openai.BadRequestError, match="only allowed in user messages"):
+        client(url).chat.completions.create(model="tiny", messages=assert_video, max_tokens=2)
+    ok = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video_url(data), "num_frames": 2}}]}]
+    assert client(url).chat.completions.create(model="tiny", messages=ok, max_tokens=2).choices[0].finish_reason
+
+
+def test_chat_answers_about_a_video_as_transformers_would_ask(tmp_path, tokenizer, capsys, monkeypatch):
+    model = make_model()
+    model.save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    write_clip(tmp_path / "clip.mp4")
+    frames = every_frame(tmp_path / "clip.mp4")
+    cfg = model.config
+    ids, _ = oracle_prompt(tokenizer, cfg, 4, "what happens?")
+    want = greedy(model, ids, oracle_pixels([frames[i] for i in (5, 15, 25, 35)], cfg.vision.image_size), tokenizer, 8)
+    base = ["chat", "--model", str(tmp_path / "m"), "--system", "", "--max_new_tokens", "8", "--num_frames", "4"]
+    assert main(base + ["--video", str(tmp_path / "clip.mp4"), "--prompt", "what happens?"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == want.strip() and "4 tile(s)" in err
+    # a session: a file that is not a video is an error that loses nothing: the conversation goes on as
+    # one in which it was never typed
+    (tmp_path / "bad.mp4").write_bytes(b"\x00" * 300)
+    clip = f"/video {tmp_path / 'clip.mp4'}\nwhat happens?\n"
+    outs = []
+    for session in (clip + f"/video {tmp_path / 'bad.mp4'}\nwhat now?\nand then?\n", clip + "and then?\n"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(session))
+        assert main(base) == 0
+        outs.append(capsys.readouterr())
+    assert "error: cannot decode the video" in outs[0].err and outs[0].err.count("tile(s)") == 2
+    assert outs[0].out == outs[1].out and outs[0].out.startswith(want.strip())
+
+
+def test_eval_asks_a_jsonl_sets_video_questions_as_transformers_would(tmp_path, tokenizer):
+    import json
+
+    from nativevl.eval.runner import evaluate
+    from nativevl.pipelines.questions import jsonl_questions
+
+    model = make_model()
+    write_clip(tmp_path / "clip.mp4")
+    frames = every_frame(tmp_path / "clip.mp4")
+    rows = [{"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\nwhat happens?"},
+                                                     {"from": "gpt", "value": "a bar moves"}]},
+            {"video": "clip.mp4", "conversations": [{"from": "human", "value": "what happens?"},  # no placeholder
+                                                     {"from": "gpt", "value": "it gets brighter"}]}]
+    (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = evaluate(model, tokenizer, [str(tmp_path / "set.jsonl")], n=None, system_message=None, batch_size=2,
+                      num_frames=4, model_name="tiny")
+    entry = report[str(tmp_path / "set.jsonl")]
+    ids, _ = oracle_prompt(tokenizer, model.config, 4, "what happens?")
+    want = greedy(model, ids, oracle_pixels([frames[i] for i in (5, 15, 25, 35)], model.config.vision.image_size),
+                  tokenizer, 64, suppress_tokens=[model.config.image_token_id])  # evaluation never writes <IMG_CONTEXT>
+    assert [r["prediction"] for r in entry["records"]] == [want, want]
+    assert entry["settings"]["num_frames"] == 4
+    default = evaluate(None, tokenizer, [str(tmp_path / "set.jsonl")], n=None, model_name="tiny",
+                       predictor=lambda task, items: ["x"] * len(items))
+    assert "num_frames" not in default[str(tmp_path / "set.jsonl")]["settings"]  # 8: as reports before videos
+    # the data pipelines (preference pairs, PRM labels) take image and text questions only: said, not dropped
+    with pytest.raises(ValueError, match="a video record"):
+        jsonl_questions(tmp_path / "set.jsonl")
+    # a video file that is not there stops the evaluation, naming it
+    (tmp_path / "gone.jsonl").write_text(json.dumps({**rows[0], "video": "gone.mp4"}) + "\n")
+    with pytest.raises(ValueError, match="gone.mp4 does not exist"):
+        evaluate(model, tokenizer, [str(tmp_path / "gone.jsonl")], n=None)
