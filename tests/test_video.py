@@ -196,13 +196,19 @@ def test_chat_answers_about_a_video_as_transformers_would_ask(tmp_path, tokenize
     # one in which it was never typed
     (tmp_path / "bad.mp4").write_bytes(b"\x00" * 300)
     clip = f"/video {tmp_path / 'clip.mp4'}\nwhat happens?\n"
-    outs = []
+    outs, engines = [], []
+    import nativevl.infer.engine as engine_module
+
+    real = engine_module.Engine
+    monkeypatch.setattr(engine_module, "Engine", lambda *a, **k: engines.append(real(*a, **k)) or engines[-1])
     for session in (clip + f"/video {tmp_path / 'bad.mp4'}\nwhat now?\nand then?\n", clip + "and then?\n"):
         monkeypatch.setattr(sys, "stdin", io.StringIO(session))
         assert main(base) == 0
         outs.append(capsys.readouterr())
     assert "error: cannot decode the video" in outs[0].err and outs[0].err.count("tile(s)") == 2
     assert outs[0].out == outs[1].out and outs[0].out.startswith(want.strip())
+    # the second question about the clip takes its 4 frames' features from the vision cache
+    assert [(e.vision_cache.hits, e.vision_cache.misses) for e in engines] == [(4, 4), (4, 4)]
 
 
 def test_eval_asks_a_jsonl_sets_video_questions_as_transformers_would(tmp_path, tokenizer):

@@ -81,6 +81,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from nativevl.data.images import frame_tiles, image_to_tiles, load_video_frames, normalize, tiles_per_image
     from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, render_chat, video_prefix
     from nativevl.infer.engine import Engine, SamplingParams
+    from nativevl.infer.vision_cache import file_key
     from nativevl.io.tokenizer import load_tokenizer
 
     model = _serving_model(args)
@@ -88,24 +89,30 @@ def cmd_chat(args: argparse.Namespace) -> int:
     cfg = model.config
     engine = Engine(model, tokenizer, max_batch_size=1,
                     max_seq_len=min(args.max_seq_len, cfg.text.max_position_embeddings), decode_chunk=args.decode_chunk,
-                    decode_attention=args.decode_attention)
+                    decode_attention=args.decode_attention, vision_cache_mb=args.vision_cache_mb)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     system = DEFAULT_SYSTEM_MESSAGE if args.system is None else args.system
     history: list[dict[str, str]] = []
-    tiles: list[torch.Tensor] = []  # every image of the conversation, in order
+    tiles: list[torch.Tensor] = []  # every image of the conversation, in order (a video: each frame)
+    keys: list[str] = []  # their vision cache keys: later turns do not run the ViT on them again
 
     def answer(text: str, images: list[str], video: str | None = None) -> None:
         max_num = tiles_per_image(args.max_num, len(images)) if len(images) > 1 else args.max_num
-        new = []  # the message's tiles: the video's frames (one tile each) first, then each image's
+        new, new_keys = [], []  # the message's tiles: the video's frames (one tile each) first, then each image's
         prefix = ""
+        size = cfg.vision.image_size
         if video is not None:
-            frames = frame_tiles(load_video_frames(video, num_frames=args.num_frames), cfg.vision.image_size)
+            frames = frame_tiles(load_video_frames(video, num_frames=args.num_frames), size)
             new += [normalize(t[None]) for t in frames]
+            new_keys += [file_key(video, "video", args.num_frames, k, size) for k in range(len(frames))]
             prefix = video_prefix(len(frames))
-        new += [image_to_tiles(path, image_size=cfg.vision.image_size, max_num=max_num) for path in images]
+        for path in images:
+            new.append(image_to_tiles(path, image_size=size, max_num=max_num))
+            new_keys.append(file_key(path, "image", max_num, size))
         history.append({"role": "user", "content": prefix + "<image>\n" * len(images) + text})
         tiles.extend(new)
+        keys.extend(new_keys)
         prompt = render_chat(history, tiles_per_image=[t.shape[0] for t in tiles],
                              image_seq_length=cfg.image_seq_length, system_message=system)
         ids = tokenizer(prompt, add_special_tokens=False).input_ids
@@ -116,7 +123,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 sys.stdout.write(payload)
                 sys.stdout.flush()
 
-        req = engine.submit(ids, params, torch.cat(tiles) if tiles else None, on_event=show)
+        req = engine.submit(ids, params, torch.cat(tiles) if tiles else None, on_event=show,
+                            image_keys=keys or None, tiles_per_image=[t.shape[0] for t in tiles] or None)
         while not req.done:
             engine.step()
         done = req.result()[0]
@@ -146,6 +154,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if line == "/reset":
             history.clear()
             tiles.clear()
+            keys.clear()
             pending, pending_video = [], None
         elif line.startswith("/image "):
             path = line[len("/image "):].strip()
@@ -167,7 +176,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 if history and history[-1]["role"] == "user":
                     history.pop()
-                del tiles[n_tiles:]
+                del tiles[n_tiles:], keys[n_tiles:]
             pending, pending_video = [], None
 
 
@@ -182,7 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = Engine(model, load_tokenizer(args.model), max_batch_size=args.max_batch_size,
                     max_seq_len=min(args.max_seq_len, model.config.text.max_position_embeddings),
                     max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs, decode_chunk=args.decode_chunk,
-                    decode_attention=args.decode_attention)
+                    decode_attention=args.decode_attention, vision_cache_mb=args.vision_cache_mb)
     if args.allowed_local_media is not None and not Path(args.allowed_local_media).is_dir():
         raise ValueError(f"--allowed-local-media {args.allowed_local_media} is not a folder")
     cfg = ServerConfig(
@@ -474,6 +483,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "text arrives in bursts)")
     p.add_argument("--decode-attention", "--decode_attention", dest="decode_attention", choices=DECODE_BACKENDS,
                    default="sdpa", help="the decode step's attention kernel: sdpa, or split (Triton split-key, CUDA)")
+    p.add_argument("--vision-cache-mb", "--vision_cache_mb", dest="vision_cache_mb", type=float, default=256,
+                   help="MiB of image features kept on the device, so that an image asked about again (a later "
+                        "turn, another request with the same bytes or file) skips the ViT; 0: none")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", type=parse_dtype, default=None)
 

@@ -45,6 +45,7 @@ from nativevl.infer.sampling import (  # re-exported: callers import the engine'
     streamable,
     token_logprobs,
 )
+from nativevl.infer.vision_cache import VisionCache
 from nativevl.model import decode_kernel
 from nativevl.model.attention import DECODE_BACKENDS, decode_attention
 from nativevl.model.text import KVCache, RotaryEmbedding, rotate_half
@@ -80,6 +81,7 @@ class Engine:
         decode_chunk: int = 1,
         compile_mode: str | None = None,
         decode_attention: str = "sdpa",
+        vision_cache_mb: float = 256,
     ) -> None:
         """`dtype`/`device` move the model (in place) when given. `compile` (default: with CUDA graphs
         on CUDA) compiles the decode step before capture. `length_quantum`: the key window grows in
@@ -99,7 +101,8 @@ class Engine:
         arriving meanwhile waits for the chunk to end. `compile_mode` is torch.compile's mode for the
         decode step (e.g. "max-autotune-no-cudagraphs"; this engine captures its own graphs).
         `decode_attention`: the fused step's attention kernel, "sdpa" or "split" (the Triton split-key
-        kernel, CUDA only: see `model/decode_kernel.py`)."""
+        kernel, CUDA only: see `model/decode_kernel.py`). `vision_cache_mb`: the budget of the image
+        features kept for requests that name their images (`submit(image_keys=...)`; 0: none kept)."""
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
         if decode_chunk < 1:
@@ -151,8 +154,7 @@ class Engine:
         self._key_index = torch.arange(self._cache_len, device=self.device)
         self.fused_decode = bool(fused_decode)
         self._fused: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
-        if self.fused_decode:
-            self.refresh_weights()
+        self.refresh_weights()
         self.slots: list[Sequence | None] = [None] * max_batch_size
         self.lengths = [0] * max_batch_size  # host copies: cached entries per slot
         self.positions = [0.0] * max_batch_size
@@ -176,6 +178,7 @@ class Engine:
                 if hasattr(torch._dynamo.config, name):
                     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), n_buckets))
             self._body = torch.compile(self._eager_body, dynamic=False, mode=compile_mode)
+        self.vision_cache = VisionCache(int(vision_cache_mb * 2**20)) if vision_cache_mb > 0 else None
         self.stats = {"prefills": 0, "prefill_batches": 0, "decode_steps": 0, "decode_calls": 0, "decode_tokens": 0,
                       "graph_captures": 0, "decode_mode": self.decode_mode}
 
@@ -189,7 +192,12 @@ class Engine:
     @torch.no_grad()
     def refresh_weights(self) -> None:
         """(Re)build the fused decode weights from the model's: [q; k; v] (and bias) and [gate; up] per
-        layer. Copied in place once built, so captured CUDA graphs stay valid."""
+        layer. Copied in place once built, so captured CUDA graphs stay valid. The vision cache's
+        features, made by the old weights, are dropped."""
+        if getattr(self, "vision_cache", None) is not None:
+            self.vision_cache.clear()
+        if not self.fused_decode:
+            return
         fused = []
         for layer in self.model.language_model.layers:
             a, m = layer.self_attn, layer.mlp
@@ -215,10 +223,15 @@ class Engine:
         *,
         on_event: Callable[[str, int, object], None] | None = None,
         preprocess_s: float = 0.0,
+        image_keys: list | None = None,
+        tiles_per_image: list[int] | None = None,
     ) -> Request:
         """Queue one tokenised prompt. on_event(kind, index, payload) is called from the engine's
         thread (or from cancel()'s caller for a request cancelled while waiting): ("delta", i, text), ("finish", i, Completion), then ("done", -1, completions) or
-        ("error", -1, exception). preprocess_s (image decoding, tokenising) goes into the timing log."""
+        ("error", -1, exception). preprocess_s (image decoding, tokenising) goes into the timing log.
+        image_keys: one key per image of the prompt, naming its pixels (`vision_cache.image_key`: a hash of
+        the image file and its tiling), with `tiles_per_image`: an image whose features the vision cache
+        holds does not run through the ViT again."""
         prompt = [int(t) for t in input_ids]
         vocab = self.model.config.text.vocab_size
         if not prompt:
@@ -229,7 +242,13 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab}), got {min(prompt)}..{max(prompt)}")
         if params.n > self.max_batch_size:
             raise ValueError(f"n = {params.n} samples exceed max_batch_size {self.max_batch_size}")
+        if image_keys is not None:
+            tiles = 0 if pixel_values is None else pixel_values.shape[0]
+            if tiles_per_image is None or len(tiles_per_image) != len(image_keys) or sum(tiles_per_image) != tiles:
+                raise ValueError(f"{len(image_keys)} image keys with tiles per image {tiles_per_image} do not match "
+                                 f"the {tiles} tiles given")
         req = Request(prompt, params, pixel_values, on_event)
+        req.image_keys, req.tiles_per_image = image_keys, tiles_per_image
         req.timings["preprocess_s"] = preprocess_s
         with self._lock:
             if len(self._waiting) >= self.max_queue:
@@ -425,7 +444,12 @@ class Engine:
                 ids = torch.tensor(req.prompt, device=self.device)
                 pv = req.pixel_values.to(self.device) if req.pixel_values is not None else None
                 tv = time.perf_counter()
-                embeds.append(model.embed(ids, pv))  # (T, C); the ViT runs here
+                if pv is not None and req.image_keys and self.vision_cache is not None:
+                    feats, req.timings["images_cached"] = self.vision_cache.features(
+                        req.image_keys, req.tiles_per_image, pv, model.encode_images)
+                    embeds.append(model.embed(ids, None, image_features=feats))  # the ViT runs on the others
+                else:
+                    embeds.append(model.embed(ids, pv))  # (T, C); the ViT runs here
                 if pv is not None:
                     self._sync()
                 req.timings["vision_s"] = time.perf_counter() - tv if pv is not None else 0.0

@@ -122,10 +122,12 @@ class Request:
         t.update(queue_s=t["admitted"] - t["submitted"], prefill_s=t["first_token"] - t["admitted"],
                  ttft_s=t["first_token"] - t["submitted"], decode_s=now - t["first_token"], output_tokens=n_out)
         t["tpot_s"] = t["decode_s"] / steps
+        keys = getattr(self, "image_keys", None)
+        cached = f" ({t.get('images_cached', 0)} of {len(keys)} images from the vision cache)" if keys else ""
         log.info(
-            "request %d: preprocess %.1f ms, queue %.1f ms, vision %.1f ms, prefill %.1f ms (ttft %.1f ms), "
+            "request %d: preprocess %.1f ms, queue %.1f ms, vision %.1f ms%s, prefill %.1f ms (ttft %.1f ms), "
             "decode %.2f ms/token, %d prompt + %d output tokens",
-            self.id, 1e3 * t.get("preprocess_s", 0.0), 1e3 * t["queue_s"], 1e3 * t.get("vision_s", 0.0),
+            self.id, 1e3 * t.get("preprocess_s", 0.0), 1e3 * t["queue_s"], 1e3 * t.get("vision_s", 0.0), cached,
             1e3 * t["prefill_s"], 1e3 * t["ttft_s"], 1e3 * t["tpot_s"], len(self.prompt), n_out,
         )
 

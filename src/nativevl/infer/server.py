@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from fastapi import FastAPI, Request
@@ -34,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nativevl.data import images as img
 from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, IMAGE, IMAGE_PLACEHOLDER, encode_prompt, video_prefix
 from nativevl.infer.engine import MAX_LOGPROBS, Completion, Engine, QueueFull, SamplingParams
+from nativevl.infer.vision_cache import file_key, image_key
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +236,17 @@ def sampling_params(body: dict, cfg: ServerConfig) -> SamplingParams:
     )
 
 
-def prepare(body: dict, engine: Engine, cfg: ServerConfig) -> tuple[list[int], object, SamplingParams]:
-    """A parsed request body -> (prompt ids, pixel values or None, sampling params); runs in a worker thread."""
+class Prepared(NamedTuple):
+    ids: list[int]
+    pixel_values: torch.Tensor | None
+    params: SamplingParams
+    image_keys: list[str]  # one per image (a video: one per frame), for the engine's vision cache
+    tiles_per_image: list[int]
+
+
+def prepare(body: dict, engine: Engine, cfg: ServerConfig) -> Prepared:
+    """A parsed request body -> (prompt ids, pixel values or None, sampling params, image keys, tiles per
+    image); runs in a worker thread."""
     turns, sources = parse_messages(body.get("messages"), cfg)
     params = sampling_params(body, cfg)
     if params.n > engine.max_batch_size:
@@ -242,30 +254,34 @@ def prepare(body: dict, engine: Engine, cfg: ServerConfig) -> tuple[list[int], o
                    "(--max-batch-size)", param="n")
     vision = engine.model.config.vision
     max_num = img.tiles_per_image(cfg.max_tiles, sum(not isinstance(s, Video) for s in sources))
-    tiles, frames = [], {}  # frames: each video's frame count
+    tiles, keys, frames = [], [], {}  # frames: each video's frame count
     for source in sources:
+        data = source.source if isinstance(source, Video) else source  # bytes, or a checked local path
+        # the vision cache's key: a hash of the bytes sent, or a local file's path, size and time
+        key = functools.partial(image_key, data) if isinstance(data, bytes) else functools.partial(file_key, data)
         try:
             if isinstance(source, Video):
-                clip = img.load_video_frames(source.source, num_frames=source.num_frames,
-                                             max_pixels=cfg.max_image_pixels)
+                clip = img.load_video_frames(data, num_frames=source.num_frames, max_pixels=cfg.max_image_pixels)
                 frames[source] = len(clip)
                 tiles += [img.normalize(t[None]) for t in img.frame_tiles(clip, vision.image_size)]
+                keys += [key("video", source.num_frames, k, vision.image_size) for k in range(len(clip))]
             else:
-                image = img.load_image(source, max_pixels=cfg.max_image_pixels)
+                image = img.load_image(data, max_pixels=cfg.max_image_pixels)
                 tiles.append(img.normalize(img.tile_array(image, image_size=vision.image_size, max_num=max_num)))
-        except ValueError as e:
+                keys.append(key("image", max_num, vision.image_size))
+        except (OSError, ValueError) as e:
             kind = "video" if isinstance(source, Video) else "image"
             code = f"{kind}_too_large" if "over the limit" in str(e) else f"invalid_{kind}"
             raise _bad(str(e), code, "messages") from None
     for turn in turns:  # each video -> "Frame1: ", IMAGE, "\n", "Frame2: ", ... (template.video_prefix's form)
         turn["content"] = [q for p in turn["content"]
                            for q in (_frame_pieces(frames[p]) if isinstance(p, Video) else [p])]
-    ids = encode_prompt(engine.tokenizer, turns, [t.shape[0] for t in tiles], engine.model.config.image_seq_length,
-                        cfg.system_message)
+    per_image = [t.shape[0] for t in tiles]
+    ids = encode_prompt(engine.tokenizer, turns, per_image, engine.model.config.image_seq_length, cfg.system_message)
     limit = min(cfg.max_prompt_tokens, engine.max_seq_len - 1)
     if len(ids) > limit:
         raise _bad(f"the prompt has {len(ids)} tokens, over the limit of {limit}", "context_length_exceeded", "messages")
-    return ids, (torch.cat(tiles) if tiles else None), params
+    return Prepared(ids, torch.cat(tiles) if tiles else None, params, keys, per_image)
 
 
 def _frame_pieces(n_frames: int) -> list:
@@ -337,7 +353,7 @@ def create_app(engine: Engine, cfg: ServerConfig = ServerConfig()) -> FastAPI:
         if not isinstance(stream, bool) or not isinstance(options, dict):
             raise _bad("'stream' must be a boolean and 'stream_options' an object", "invalid_type", "stream")
         include_usage = bool(options.get("include_usage", False))
-        ids, pixel_values, params = await run_in_threadpool(prepare, body, engine, cfg)
+        ids, pixel_values, params, keys, per_image = await run_in_threadpool(prepare, body, engine, cfg)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -345,7 +361,8 @@ def create_app(engine: Engine, cfg: ServerConfig = ServerConfig()) -> FastAPI:
             loop.call_soon_threadsafe(events.put_nowait, (kind, index, payload))
 
         try:
-            req = engine.submit(ids, params, pixel_values, on_event=on_event, preprocess_s=time.perf_counter() - t0)
+            req = engine.submit(ids, params, pixel_values, on_event=on_event, preprocess_s=time.perf_counter() - t0,
+                                image_keys=keys or None, tiles_per_image=per_image or None)
         except QueueFull as e:
             raise APIError(429, f"server busy: {e}", "queue_full", "rate_limit_exceeded") from None
         except ValueError as e:

@@ -110,16 +110,24 @@ class VisionLanguageModel(nn.Module):
         return feats.reshape(-1, feats.shape[-1])
 
     def embed(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, tile_index: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, tile_index: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image features scattered, in order, at the <IMG_CONTEXT> slots.
 
         tile_index (K,): the tile filling each of the text's K tile slots, so that documents sharing
         an image (a preference pair) run the ViT on it once; None means tile k fills slot k.
+        image_features: `encode_images`' output already at hand (the engine's vision cache), used
+        instead of running the ViT on pixel_values.
         """
         embeds = self.language_model.embed_tokens(input_ids)  # (..., C)
         slots = input_ids == self.config.image_token_id
         n_slots = int(slots.sum())
+        if image_features is not None:
+            if n_slots != image_features.shape[0]:
+                raise ValueError(f"input_ids hold {n_slots} image tokens but {image_features.shape[0]} image "
+                                 "features were given")
+            return embeds.masked_scatter(slots[..., None], image_features.to(embeds.dtype))
         if pixel_values is None or pixel_values.numel() == 0:
             if n_slots:
                 raise ValueError(f"input_ids hold {n_slots} image token(s) but no pixel_values were given")
