@@ -267,7 +267,8 @@ def test_partial_credit_metrics_for_files_named_as_vlmevalkit_names_them(tmp_pat
 
 def test_eval_under_torchrun_equals_one_process(tmp_path, tokenizer):
     """2 gloo processes split the questions (each its share, images decoded there) and gather every
-    record: the report equals 1 process's, for a benchmark file (partial credit) and a toy task."""
+    record: the report equals 1 process's, for a benchmark file (partial credit), a circular one and a toy
+    task."""
     import os
     import subprocess
     import sys
@@ -278,9 +279,14 @@ def test_eval_under_torchrun_equals_one_process(tmp_path, tokenizer):
     img, _ = png_b64(1)
     write_tsv(tmp_path / "TextVQA_VAL.tsv", [
         {"index": i, "question": f"What does it say {i}?", "answer": "['a', 'b', 'c']", "image": img} for i in range(5)])
+    # a circular file: each rank takes whole questions, each with its rotations (one picture per question)
+    write_tsv(tmp_path / "MMBench_DEV_EN.tsv", [
+        {"index": q + k * 1_000_000, "question": f"Which {q}?", "A": "xy"[k], "B": "yx"[k], "answer": "AB"[k],
+         "image": png_b64(q)[0] if k == 0 else str(q)} for k in range(2) for q in range(5)])
     # --num_questions: torchrun's own parser would read --n as an abbreviation of its options
-    args = ["eval", "--model", str(tmp_path / "m"), "--tasks", f"{tmp_path / 'TextVQA_VAL.tsv'},shapes",
-            "--num_questions", "5", "--max_num", "2"]
+    args = ["eval", "--model", str(tmp_path / "m"), "--tasks",
+            f"{tmp_path / 'TextVQA_VAL.tsv'},{tmp_path / 'MMBench_DEV_EN.tsv'},shapes", "--num_questions", "5",
+            "--max_num", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "nativevl", *args, "--out", str(tmp_path / "two.json")],
@@ -291,9 +297,11 @@ def test_eval_under_torchrun_equals_one_process(tmp_path, tokenizer):
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     for task in a:
-        assert [r["prediction"] for r in a[task]["records"]] == [r["prediction"] for r in b[task]["records"]]
+        rows = [r for g in a[task]["records"] for r in g.get("rows", [g])]
+        assert rows == [r for g in b[task]["records"] for r in g.get("rows", [g])]
         assert a[task]["accuracy"] == pytest.approx(b[task]["accuracy"]) and a[task]["n"] == b[task]["n"] == 5
-        assert isinstance(b[task]["correct"], int) == (task.endswith("shapes"))  # partial credit stays a float
+        assert len(rows) == (10 if "MMBench" in task else 5)
+        assert isinstance(b[task]["correct"], int) == (not task.endswith("VAL.tsv"))  # partial credit stays a float
 
 
 def test_a_toy_task_asked_without_n_resumes_a_report_made_with_n_200():
@@ -457,3 +465,46 @@ def test_files_are_tiled_as_internvl_tiles_them_in_vlmevalkit(tmp_path):
     assert [im.size for im in images] == [(40, 24), (30, 20)]
     settings = _task_settings(str(tmp_path / "MMMU_DEV_VAL.tsv"), {}, None)
     assert settings["max_num"] == "vlmevalkit (12 per image)"
+
+
+def test_rotations_of_a_question_share_one_vit_run_and_answer_as_asked_alone(tmp_path, tokenizer):
+    """An MMBench question's rotations show one picture: evaluation keeps a question's rows in one batch
+    where it can, tiles the picture once and runs the ViT on it once per batch; every row's answer is the
+    one its prompt gets with its own copy of the tiles."""
+    import torch
+    from test_model import make_model
+
+    from nativevl.data.images import image_to_tiles
+    from nativevl.data.processor import chat_inputs
+    from nativevl.infer.generate import generate_texts
+
+    pictures = [png_b64(20 + q, size=(96, 24) if q == 1 else (24, 24)) for q in range(3)]  # q 1: several tiles
+    rows = []
+    for k in range(3):  # as VLMEvalKit sorts them: the questions first, then each rotation of them all
+        for q in range(3):
+            opts = ["cat", "dog", "cow"][k:] + ["cat", "dog", "cow"][:k]
+            rows.append({"index": q + 1 + k * 1_000_000, "question": f"Which animal is {q}?", "A": opts[0],
+                         "B": opts[1], "C": opts[2], "answer": "ABC"[opts.index("dog")],
+                         "image": pictures[q][0] if k == 0 else str(q + 1)})
+    path = tmp_path / "MMBench_DEV_EN.tsv"
+    write_tsv(path, rows)
+    model = make_model()
+    task = get_task(str(path), max_num=2)
+    size = model.config.vision.image_size
+    tiles = [image_to_tiles(Image.fromarray(p), image_size=size, max_num=2).shape[0] for _, p in pictures]
+    assert tiles[1] > 1 and tiles[0] == tiles[2] == 1
+    seen = []
+    hook = model.vision_tower.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    report = evaluate(model, tokenizer, [str(path)], n=None, batch_size=4, max_num=2, model_name="m")[str(path)]
+    hook.remove()
+    # rows in question order (q1 x3, q2 x3, q3 x3) by four: {q1, q2}, {q2, q3}, {q3}; in file order, 3 + 3 + 1
+    assert seen == [tiles[0] + tiles[1], tiles[1] + tiles[2], tiles[2]]
+    assert sum(seen) < 3 * sum(tiles)  # without sharing: every row's own tiles
+    items = task.load(None, 0)
+    order = [i for group in task.groups(items) for i in group]
+    alone = [chat_inputs(tokenizer, *task.prompt(items[i]), image_size=size, image_seq_length=model.config.image_seq_length,
+                         max_num=2) for i in order]
+    answers = generate_texts(model, tokenizer, alone, batch_size=4, max_new_tokens=task.max_new_tokens, progress=False)
+    by_index = {r["index"]: r["prediction"] for g in report["records"] for r in g["rows"]}
+    assert [by_index[i] for i in order] == answers
+    assert [r["index"] for g in report["records"] for r in g["rows"]] == order  # each question with its rotations

@@ -11,6 +11,7 @@ inference (as transformers' InternVLVideoProcessor samples them), each frame a s
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +287,27 @@ class VideoClip:
     whatever the prompt's tile budget, each frame standing for one `<image>` of the text (template.video_prefix)."""
 
     frames: tuple[Image.Image, ...]
+
+
+def pixel_digest(image) -> str | None:
+    """A hash of a decoded image's pixels (PIL image, array, every frame of a clip) or of an image file's
+    bytes: equal pictures from different rows (a benchmark's rotated copies of a question) get the same
+    digest. None for what is neither (a path: not read here)."""
+    h = hashlib.blake2b(digest_size=16)
+    frames = image.frames if isinstance(image, VideoClip) else (image,)
+    for frame in frames:
+        if isinstance(frame, Image.Image):
+            h.update(f"image {frame.mode} {frame.width}x{frame.height};".encode())
+            h.update(frame.tobytes())
+        elif isinstance(frame, np.ndarray):
+            h.update(f"array {frame.dtype} {frame.shape};".encode())
+            h.update(np.ascontiguousarray(frame).tobytes())
+        elif isinstance(frame, bytes | bytearray):
+            h.update(b"file;")
+            h.update(frame)
+        else:
+            return None
+    return h.hexdigest()
 
 
 def decode_base64(text: str) -> bytes:

@@ -34,6 +34,26 @@ def pad_batch(ids: list[list[int]], pad_id: int, side: str = "left") -> tuple[to
     return input_ids, mask
 
 
+def image_tiles(images: list, *, image_size: int, max_num: int = 1) -> list[torch.Tensor]:
+    """Each image's tiles (n, 3, S, S) normalised, in order; an `images.VideoClip` gives one entry of one
+    tile per frame (each frame is one `<image>` of the text)."""
+    tiles = []
+    for im in images:
+        if isinstance(im, img.VideoClip):
+            tiles += [img.normalize(t[None]) for t in img.frame_tiles(list(im.frames), image_size)]
+        else:
+            tiles.append(img.image_to_tiles(im, image_size=image_size, max_num=max_num))
+    return tiles
+
+
+def chat_ids(tokenizer, messages: list[dict[str, str]], tiles_per_image: list[int], *, image_seq_length: int,
+             system_message: str | None = None, add_generation_prompt: bool = True) -> list[int]:
+    """The token ids of a chat whose `<image>` marks stand for images of these tile counts, in order."""
+    text = render_chat(messages, tiles_per_image=tiles_per_image, image_seq_length=image_seq_length,
+                       system_message=system_message, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 def chat_inputs(
     tokenizer,
     messages: list[dict[str, str]],
@@ -47,15 +67,10 @@ def chat_inputs(
 ) -> tuple[list[int], torch.Tensor | None]:
     """Chat messages + images -> (token ids, tiles (N, 3, S, S) normalised, or None): one prompt. An
     `images.VideoClip` among the images gives one tile per frame, each frame one `<image>` of the text."""
-    tiles = []
-    for im in images:
-        if isinstance(im, img.VideoClip):
-            tiles += [img.normalize(t[None]) for t in img.frame_tiles(list(im.frames), image_size)]
-        else:
-            tiles.append(img.image_to_tiles(im, image_size=image_size, max_num=max_num))
-    text = render_chat(messages, tiles_per_image=[t.shape[0] for t in tiles], image_seq_length=image_seq_length,
-                       system_message=system_message, add_generation_prompt=add_generation_prompt)
-    return tokenizer(text, add_special_tokens=False).input_ids, (torch.cat(tiles) if tiles else None)
+    tiles = image_tiles(images, image_size=image_size, max_num=max_num)
+    ids = chat_ids(tokenizer, messages, [t.shape[0] for t in tiles], image_seq_length=image_seq_length,
+                   system_message=system_message, add_generation_prompt=add_generation_prompt)
+    return ids, (torch.cat(tiles) if tiles else None)
 
 
 class Processor:

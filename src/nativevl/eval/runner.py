@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nativevl.data.images import tiles_per_image
-from nativevl.data.processor import chat_inputs
+from nativevl.data.images import pixel_digest, tiles_per_image
+from nativevl.data.processor import chat_ids, chat_inputs, image_tiles
 from nativevl.eval.tasks import FILE_SUFFIXES, get_task
 from nativevl.eval.tasks.base import EvalTask
 from nativevl.eval.tasks.files import DEFAULT_FRAMES
@@ -179,7 +179,8 @@ def predict(model, tokenizer, prompts: Sequence[tuple[list[dict], list]], *, max
             heartbeat=None, progress: bool = True) -> list[str]:
     """Greedy answers for (messages, images) prompts, `batch_size` at a time (left padding); up to
     `max_num` tiles per prompt, shared by its images (or `max_num(n_images)` tiles per image, a task's
-    `tile_cap`); tiled batch by batch (4,000 questions at 7 tiles would be ~67 GB at once).
+    `tile_cap`); tiled batch by batch (4,000 questions at 7 tiles would be ~67 GB at once). A picture
+    that several prompts of a batch show (the same pixels) is tiled once and runs through the ViT once.
 
     `synced`: every process calls this together with its own prompts and a model whose forwards are
     collective (FSDP): each runs as many batches as the process with the most, the missing ones on the
@@ -194,10 +195,18 @@ def predict(model, tokenizer, prompts: Sequence[tuple[list[dict], list]], *, max
     for r in tqdm(range(rounds), desc=desc, unit="batch", leave=False, disable=not progress):
         chunk = prompts[r * batch_size : (r + 1) * batch_size]
         asked = chunk or [filler()]  # nothing left here: a stand-in that keeps this process in step
-        rows = [chat_inputs(tokenizer, messages, images, image_size=cfg.vision.image_size,
-                            image_seq_length=cfg.image_seq_length, system_message=system_message,
-                            max_num=_tiles(max_num, len(images)))
-                for messages, images in asked]
+        tiled: dict[tuple[str, int], list[torch.Tensor]] = {}  # the batch's pictures, by pixels and tile cap
+        rows = []
+        for messages, images in asked:
+            cap = _tiles(max_num, len(images))
+            tiles = []
+            for im in images:  # a picture asked about again (a rotated question) is tiled and encoded once
+                key = (pixel_digest(im) or f"object {id(im)}", cap)
+                if key not in tiled:
+                    tiled[key] = image_tiles([im], image_size=cfg.vision.image_size, max_num=cap)
+                tiles += tiled[key]
+            rows.append((chat_ids(tokenizer, messages, [t.shape[0] for t in tiles],
+                                  image_seq_length=cfg.image_seq_length, system_message=system_message), tiles))
         texts = generate_texts(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                progress=False, synced=synced)
         answers += texts[: len(chunk)]
@@ -212,7 +221,7 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
              max_num: int | None = None, synced: bool = False, heartbeat=None,
              num_frames: int = DEFAULT_FRAMES) -> dict:
     """{task: {accuracy, n, correct, chance, ci95, examples, records, settings}}; every rank scores items
-    i % world == rank. `synced`: the model's forwards are collective (FSDP, in training): the ranks
+    i % world == rank (of a circular file, questions: each with all its rotations). `synced`: the model's forwards are collective (FSDP, in training): the ranks
     generate in step (`predict`); `heartbeat()` is called after every batch.
 
     `predictor(task, items) -> answers` replaces the model (the tests check the scoring with it).
@@ -238,7 +247,11 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
             report[name] = reusable[name]
             continue
         items = task.load(_count(task, n), seed)
-        mine = items[rank::world_size]
+        # whole questions to each rank, their rows together: a circular file's rotations of a question (the
+        # same picture) share a batch and one ViT run
+        order = ([i for group in task.groups(items)[rank::world_size] for i in group] if task.circular
+                 else list(range(rank, len(items), world_size)))
+        mine = [items[i] for i in order]
         if predictor is not None:
             predictions = predictor(task, mine)
         else:
@@ -252,17 +265,18 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
         correct = [bool(c) if binary else float(c) for c in (task.score(p, it) for p, it in zip(predictions, mine))]
         k = sum(correct)
         records = [{"index": i, "question": question_key(it), "answer": it.answer, "prediction": p, "correct": c}
-                   for i, it, p, c in zip(range(rank, len(items), world_size), mine, predictions, correct)]
+                   for i, it, p, c in zip(order, mine, predictions, correct)]
         if world_size > 1:
             gathered: list = [None] * world_size
             torch.distributed.all_gather_object(gathered, records)
-            records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+            records = [r for part in gathered for r in part]
             # NCCL (the process group on GPUs) reduces CUDA tensors only
             on_gpu = torch.distributed.get_backend() == "nccl"
             totals = torch.tensor([k, len(mine)], dtype=torch.float64,
                                   device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
             torch.distributed.all_reduce(totals)
             k = round(totals[0].item()) if binary else totals[0].item()
+        records.sort(key=lambda r: r["index"])
         n_scored = len(items)
         if task.circular:  # one record per question: right only if every rotation is
             records = task.group_records(records, items)

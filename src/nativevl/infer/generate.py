@@ -57,6 +57,7 @@ def generate(
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor | None = None,
     *,
+    tile_index: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     max_new_tokens: int = 32,
@@ -73,6 +74,8 @@ def generate(
 ) -> torch.Tensor:
     """input_ids (B, T) -> (B, T + n) with n <= max_new_tokens new tokens.
 
+    `tile_index` (K,): the tile of pixel_values filling each of the prompts' K tile slots (rows asking
+    about the same image share its tiles: the ViT runs on them once); None: tile k fills slot k.
     `eos_token_id` defaults to the config's; `streamer(tokens (B,))` is called after every step.
     `suppress_tokens` are never generated (e.g. the image placeholder, which a small or badly trained
     model may emit and which cannot be fed back without an image).
@@ -94,6 +97,7 @@ def generate(
     out = model(
         input_ids,
         pixel_values,
+        tile_index=tile_index,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=True,
@@ -127,11 +131,32 @@ def generate(
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
 
 
+def batch_tiles(tiles: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Rows' tiles -> (the batch's tiles, each once; tile_index or None). A row's tiles are None, a tensor,
+    or a list of tensors (one per image); the same tensor object in several rows (or twice in one) is
+    kept once, and tile_index says which of the kept tiles fills each slot of the rows, in order."""
+    kept: list[torch.Tensor] = []
+    first: dict[int, int] = {}  # id(tensor) -> position of its first tile among the kept ones
+    index: list[int] = []
+    size = 0
+    for row in tiles:
+        for part in () if row is None else (row,) if isinstance(row, torch.Tensor) else row:
+            if id(part) not in first:
+                first[id(part)] = size
+                kept.append(part)
+                size += part.shape[0]
+            index += range(first[id(part)], first[id(part)] + part.shape[0])
+    if not kept:
+        return None, None
+    pixels = torch.cat(kept)
+    return pixels, (None if len(index) == size else torch.tensor(index))
+
+
 @torch.no_grad()
 def generate_texts(
     model: VisionLanguageModel,
     tokenizer,
-    rows: list[tuple[list[int], torch.Tensor | None]],
+    rows: list[tuple[list[int], torch.Tensor | list[torch.Tensor] | None]],
     *,
     batch_size: int,
     max_new_tokens: int,
@@ -139,16 +164,19 @@ def generate_texts(
     progress: bool = True,
     **sampling,
 ) -> list[str]:
-    """Decoded new text for each (prompt ids, tiles or None) row, `batch_size` rows at a time, left
-    padded. The image placeholder is never generated; `sampling` goes to `generate` (do_sample,
-    temperature, top_k, eos_token_id, generator, ...). `progress`: a progress bar over the batches."""
+    """Decoded new text for each (prompt ids, tiles) row, `batch_size` rows at a time, left padded. A row's
+    tiles are None, a tensor, or a list of per-image tensors, of which a tensor given to several rows of a
+    batch runs through the ViT once (`batch_tiles`). The image placeholder is never generated; `sampling`
+    goes to `generate` (do_sample, temperature, top_k, eos_token_id, generator, ...). `progress`: a
+    progress bar over the batches."""
     device = model.device
     texts: list[str] = []
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
         chunk = rows[start : start + batch_size]
         input_ids, mask = pad_batch([ids for ids, _ in chunk], tokenizer.pad_token_id or 0, side="left")
-        tiles = [t for _, t in chunk if t is not None]
-        out = generate(model, input_ids.to(device), torch.cat(tiles).to(device) if tiles else None,
+        pixels, tile_index = batch_tiles([t for _, t in chunk])
+        out = generate(model, input_ids.to(device), None if pixels is None else pixels.to(device),
+                       tile_index=None if tile_index is None else tile_index.to(device),
                        attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                        suppress_tokens=[model.config.image_token_id], **sampling)
         width = input_ids.shape[1]
