@@ -64,11 +64,13 @@ def tiny_shape():
     return dataclasses.replace(cfg, vision=vision, text=text, image_token_id=15999)
 
 
-def build(shape: str, device: str, dtype: torch.dtype):
-    """transformers' model with random weights, and ours loaded from its saved copy."""
+def build(shape: str, device: str, dtype: torch.dtype, **overrides):
+    """transformers' model with random weights, and ours loaded from its saved copy; `overrides` replace
+    fields of the shape's ModelConfig (e.g. image_token_id, to match a tokenizer)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     cfg = tiny_shape() if shape == "tiny" else preset(shape)
+    cfg = dataclasses.replace(cfg, **overrides)
     torch.manual_seed(0)
     theirs = InternVLForConditionalGeneration(InternVLConfig(**config_to_hf(cfg))).eval().to(dtype)
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,18 +3,19 @@
 # with torch, transformers and triton installed: PYTHONPATH=src, no install step.
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
 #   PARTS="decode" DECODE_VARIANTS="base,chunk8,chunk8+autotune" OUT=/tmp/gpu bash benchmarks/gpu_check.sh
-# PARTS picks among tests, decode, train and followup (default all four, in that order); each part has its own
+# PARTS picks among tests, decode, train, followup and evalcirc (default all five, in that order); each part has its own
 # time limit and writes its whole log and its JSON as it goes (the terminal shows their tails), so a
 # part cut short keeps what it measured. Limits: tests 240 s + decode 330 s fit one 600-s device call
-# (PARTS="tests decode"); train (175 s) and followup (120 s: multi-turn TTFT with and without the vision
-# cache) go in a second call.
+# (PARTS="tests decode"); train (175 s), followup (120 s: multi-turn TTFT with and without the vision
+# cache) and evalcirc (90 s: an MMBench-layout file, a picture through the ViT once per batch or per row)
+# go in a second call.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 OUT=${OUT:-/tmp/nativevl-gpu}
-PARTS=${PARTS:-tests decode train followup}
+PARTS=${PARTS:-tests decode train followup evalcirc}
 DECODE_VARIANTS=${DECODE_VARIANTS:-base,chunk8,split,chunk8+split}
 for part in $PARTS; do
-  case "$part" in tests|decode|train|followup) ;; *) echo "PARTS: unknown part '$part' (tests, decode, train, followup; space-separated)"; exit 2 ;; esac
+  case "$part" in tests|decode|train|followup|evalcirc) ;; *) echo "PARTS: unknown part '$part' (tests, decode, train, followup, evalcirc; space-separated)"; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/card.txt"
@@ -35,4 +36,8 @@ esac
 case " $PARTS " in *" followup "*)
   timeout 120 python3 benchmarks/follow_up.py --shape internvl3_1b --device cuda --tiles 13 --turns 4 \
     --json "$OUT/follow_up.json" 2>&1 | tee "$OUT/follow_up.log" | tail -12 ;;
+esac
+case " $PARTS " in *" evalcirc "*)
+  timeout 90 python3 benchmarks/eval_circular.py --shape internvl3_1b --device cuda --questions 32 --max-num 6 \
+    --batch-size 32 --new-tokens 16 --json "$OUT/eval_circular.json" 2>&1 | tee "$OUT/eval_circular.log" | tail -6 ;;
 esac

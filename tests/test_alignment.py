@@ -737,6 +737,33 @@ def test_sampling_resumes_exactly_and_refuses_mismatched_progress(tmp_path, monk
     assert resumed.files() == []
 
 
+def test_samples_and_step_prefixes_of_a_question_share_its_vit_run(monkeypatch, tokenizer):
+    """sample_responses' n rows of a prompt and a question's step prefixes (PRM rollouts) hold one tiling
+    of its images: the ViT runs on it once per batch, not once per row, and the samples are those of rows
+    that each carry their own copy of the tiles."""
+    import numpy as np
+
+    from nativevl.pipelines import questions as qmod
+    from nativevl.pipelines.questions import sample_responses
+    from test_model import make_model
+
+    model = make_model().eval()
+    images = [np.random.default_rng(1).integers(0, 255, (40, 64, 3), dtype=np.uint8)]
+    prompts = [("<image>\nwhat is shown?", images, prefix) for prefix in ("", "A", "A square")]
+    kw = dict(n=4, max_new_tokens=5, seed=3, batch_rows=12, temperature=1.0)  # one group: 12 rows, one batch
+    seen = []
+    hook = model.vision_tower.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    shared = sample_responses(model, tokenizer, prompts, **kw)
+    tiles = list(seen)
+    seen.clear()
+    real = qmod.generate_texts
+    monkeypatch.setattr(qmod, "generate_texts", lambda m, t, rows, **k: real(m, t, [(i, x.clone()) for i, x in rows], **k))
+    copies = sample_responses(model, tokenizer, prompts, **kw)
+    hook.remove()
+    assert len(tiles) == 1 and seen == [12 * tiles[0]]  # the pipelines tile each image as one tile
+    assert shared == copies and len({s for row in shared for s in row}) > 1
+
+
 def test_data_preference_cli_resumes_to_the_uninterrupted_output(tmp_path, monkeypatch, tokenizer, capsys):
     from nativevl.cli import main
     from nativevl.pipelines import questions as qmod

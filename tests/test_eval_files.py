@@ -471,7 +471,6 @@ def test_rotations_of_a_question_share_one_vit_run_and_answer_as_asked_alone(tmp
     """An MMBench question's rotations show one picture: evaluation keeps a question's rows in one batch
     where it can, tiles the picture once and runs the ViT on it once per batch; every row's answer is the
     one its prompt gets with its own copy of the tiles."""
-    import torch
     from test_model import make_model
 
     from nativevl.data.images import image_to_tiles
