@@ -196,6 +196,30 @@ def test_a_failing_prefill_fails_its_requests_instead_of_hanging(model, tokenize
         req.result(timeout=1)
 
 
+@pytest.mark.parametrize("fused,chunk", [(True, 1), (False, 1), (True, 4)])
+def test_suppressed_tokens_are_never_generated(model, tokenizer, fused, chunk):
+    """As generate's suppress_tokens: the tokens the engine would pick first are never picked, greedy (in
+    the decode step, chunked or not, and at the prefill) or sampled; the rest of the output is
+    plain generate's with the same tokens suppressed."""
+    p = prompts(tokenizer)[1]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    kw = {"max_batch_size": 4, "max_seq_len": 256, "fused_decode": fused}
+    free = Engine(model, tokenizer, **kw).generate([p], params)[0][0].token_ids
+    # the first token (the prefill's pick), then the 4th token picked with the first one suppressed: the
+    # run with both suppressed needs its decode step to suppress too, from the 4th token on at the latest
+    then = Engine(model, tokenizer, suppress_token_ids=(free[0],), **kw).generate([p], params)[0][0].token_ids
+    banned = sorted({free[0], then[3]})
+    engine = Engine(model, tokenizer, decode_chunk=chunk, suppress_token_ids=tuple(banned), **kw)
+    got = engine.generate([p], params)[0][0].token_ids
+    vocab = model.config.text.vocab_size
+    want = generate(model, torch.tensor([p]), max_new_tokens=12, eos_token_id=vocab, suppress_tokens=banned)
+    assert got == want[0, len(p):].tolist() and not set(got) & set(banned)
+    top1 = SamplingParams(max_tokens=12, ignore_eos=True, temperature=1.0, top_k=1, seed=0)  # sampled, from the same logits
+    assert engine.generate([p], top1)[0][0].token_ids == got
+    with pytest.raises(ValueError, match="suppress_token_ids"):
+        Engine(model, tokenizer, suppress_token_ids=(vocab,), **kw)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile,chunk,attention", [(False, 1, "sdpa"), (True, 1, "sdpa"), (True, 8, "sdpa"),

@@ -507,3 +507,28 @@ def test_rotations_of_a_question_share_one_vit_run_and_answer_as_asked_alone(tmp
     by_index = {r["index"]: r["prediction"] for g in report["records"] for r in g["rows"]}
     assert [by_index[i] for i in order] == answers
     assert [r["index"] for g in report["records"] for r in g["rows"]] == order  # each question with its rotations
+
+
+def test_pixel_digests_tell_apart_what_tiles_apart():
+    """The evaluation's key for a picture asked again: equal for the same pixels from other bytes, other for
+    what load_image or the tiling would make differently (a clip's frame, a palette, an EXIF rotation)."""
+    from nativevl.data.images import VideoClip, pixel_digest
+
+    pixels = np.random.default_rng(3).integers(0, 255, (6, 9, 3), dtype=np.uint8)
+    a = Image.fromarray(pixels)
+    assert pixel_digest(a) == pixel_digest(Image.fromarray(pixels.copy())) == pixel_digest(a.convert("RGB"))
+    assert pixel_digest(a) != pixel_digest(VideoClip((a,)))  # a frame is one tile whatever the cap
+    assert pixel_digest(pixels) != pixel_digest(pixels[:, ::-1])
+    p = a.convert("P")
+    q = p.copy()
+    q.putpalette([255, 0, 0] * 256)
+    assert pixel_digest(p) != pixel_digest(q)  # the same indices, other colours
+    jpeg = io.BytesIO()
+    exif = a.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees when shown
+    a.save(jpeg, format="JPEG", exif=exif.tobytes())
+    plain = io.BytesIO()
+    a.save(plain, format="JPEG")
+    rotated, upright = Image.open(jpeg), Image.open(plain)
+    assert np.array_equal(np.asarray(rotated), np.asarray(upright)) and pixel_digest(rotated) != pixel_digest(upright)
+    assert pixel_digest("/some/file.png") is None  # not read: not compared

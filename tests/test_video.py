@@ -151,6 +151,26 @@ def test_a_served_video_question_equals_transformers_prompt_and_pixels(served, t
     assert r.usage.prompt_tokens == len(oracle_prompt(tokenizer, cfg, 2, "and now?", image_tiles=1)[0])
 
 
+def test_text_after_a_video_part_follows_it_as_text_follows_an_image(tmp_path):
+    """A video's prefix ends in a newline as an image's "<image>\\n" does: the text part after either is
+    not joined by another newline (consecutive text parts are)."""
+    from nativevl.infer.server import IMAGE, Video, parse_messages
+
+    data = write_clip(tmp_path / "clip.mp4")
+    png = "data:image/png;base64," + base64.b64encode(b"\x89PNG").decode()
+
+    def content(media: dict) -> list:
+        turns, _ = parse_messages([{"role": "user", "content": [
+            {"type": "text", "text": "A"}, media, {"type": "text", "text": "B"}, {"type": "text", "text": "C"}]}],
+            ServerConfig())
+        return turns[0]["content"]
+
+    video = content({"type": "video_url", "video_url": {"url": video_url(data)}})
+    image = content({"type": "image_url", "image_url": {"url": png}})
+    assert image == ["A", IMAGE, "\n", "B", "\n", "C"]
+    assert video[0] == "A" and isinstance(video[1], Video) and video[2:] == ["B", "\n", "C"]
+
+
 @pytest.mark.parametrize("part, message", [
     ({"url": "data:video/mp4;base64,bm90IGEgdmlkZW8="}, "cannot decode the video"),
     ({"url": "data:video/mp4;base64,###"}, "not valid base64"),
@@ -209,6 +229,8 @@ def test_chat_answers_about_a_video_as_transformers_would_ask(tmp_path, tokenize
     assert outs[0].out == outs[1].out and outs[0].out.startswith(want.strip())
     # the second question about the clip takes its 4 frames' features from the vision cache
     assert [(e.vision_cache.hits, e.vision_cache.misses) for e in engines] == [(4, 4), (4, 4)]
+    assert main(base[:-1] + ["0", "--video", str(tmp_path / "clip.mp4"), "--prompt", "x"]) != 0
+    assert "--num_frames must be >= 1" in capsys.readouterr().err
 
 
 def test_eval_asks_a_jsonl_sets_video_questions_as_transformers_would(tmp_path, tokenizer):

@@ -10,7 +10,7 @@ from test_model import make_model
 
 from nativevl.infer.engine import Engine, SamplingParams
 from nativevl.infer.generate import generate
-from nativevl.infer.vision_cache import VisionCache, file_key, image_key
+from nativevl.infer.vision_cache import VisionCache, derived_key, file_key, image_key
 
 
 def vit_calls(model) -> list[int]:
@@ -117,6 +117,12 @@ def test_the_budget_is_bytes_least_recently_used_out():
     big = VisionCache(max_bytes=100)
     big.features(["x"], [1], tiles(5), encode)
     assert len(big) == 0 and big.bytes == 0
+    # a key given again for another number of tiles is not a hit: encoded, and it replaces the entry
+    roomy = VisionCache(max_bytes=10_000)
+    roomy.features(["k"], [1], tiles(7), encode)
+    out, hits = roomy.features(["k"], [2], tiles(8, 9), encode)
+    assert hits == 0 and torch.equal(out, torch.cat([feats(8), feats(9)])) and roomy.bytes == 256
+    assert roomy.features(["k"], [2], tiles(0, 0), encode)[1] == 1
     with pytest.raises(ValueError, match="budget"):
         VisionCache(-1)
 
@@ -131,3 +137,6 @@ def test_keys_name_the_bytes_and_the_tiling(tmp_path):
     assert file_key(f, "image", 12) == k
     f.write_bytes(b"three")  # written again: another size (and time): another key
     assert file_key(f, "image", 12) != k
+    base = image_key(b"mp4")  # a video's frames: keys derived from the file's, one per frame
+    assert derived_key(base, "video", 8, 0) != derived_key(base, "video", 8, 1) == derived_key(base, "video", 8, 1)
+    assert derived_key(base, "video", 8, 0) != derived_key(image_key(b"mkv"), "video", 8, 0)

@@ -81,9 +81,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from nativevl.data.images import frame_tiles, image_to_tiles, load_video_frames, normalize, tiles_per_image
     from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, render_chat, video_prefix
     from nativevl.infer.engine import Engine, SamplingParams
-    from nativevl.infer.vision_cache import file_key
+    from nativevl.infer.vision_cache import derived_key, file_key, image_key
     from nativevl.io.tokenizer import load_tokenizer
 
+    if args.num_frames < 1:
+        raise ValueError(f"--num_frames must be >= 1, got {args.num_frames}")
     model = _serving_model(args)
     tokenizer = load_tokenizer(args.model)
     cfg = model.config
@@ -103,13 +105,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         prefix = ""
         size = cfg.vision.image_size
         if video is not None:
+            base = file_key(video)  # before reading it: a file rewritten meanwhile gets a key of its own
             frames = frame_tiles(load_video_frames(video, num_frames=args.num_frames), size)
             new += [normalize(t[None]) for t in frames]
-            new_keys += [file_key(video, "video", args.num_frames, k, size) for k in range(len(frames))]
+            new_keys += [derived_key(base, "video", args.num_frames, k, size) for k in range(len(frames))]
             prefix = video_prefix(len(frames))
         for path in images:
-            new.append(image_to_tiles(path, image_size=size, max_num=max_num))
-            new_keys.append(file_key(path, "image", max_num, size))
+            data = Path(path).read_bytes()  # keyed by its bytes: an image edited between turns is asked anew
+            new.append(image_to_tiles(data, image_size=size, max_num=max_num))
+            new_keys.append(image_key(data, "image", max_num, size))
         history.append({"role": "user", "content": prefix + "<image>\n" * len(images) + text})
         tiles.extend(new)
         keys.extend(new_keys)
@@ -172,7 +176,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             n_tiles = len(tiles)
             try:
                 answer(line, pending, pending_video)
-            except ValueError as e:  # a bad image or video, an over-long conversation: say so, keep chatting
+            except (ValueError, OSError) as e:  # a bad or vanished file, an over-long conversation: keep chatting
                 print(f"error: {e}", file=sys.stderr)
                 if history and history[-1]["role"] == "user":
                     history.pop()
@@ -574,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-images", "--max_images", dest="max_images", type=int, default=8)
     s.add_argument("--max-image-pixels", "--max_image_pixels", dest="max_image_pixels", type=int, default=4096 * 4096)
     s.add_argument("--max-body-bytes", "--max_body_bytes", dest="max_body_bytes", type=parse_size, default="32MB")
-    s.add_argument("--max_num", type=int, default=12, help="max tiles per request, shared by its images")
+    s.add_argument("--max_num", type=int, default=12, help="max tiles per request, shared by its images (a "
+                   "video's frames, one tile each, are not counted: --max-video-frames bounds them)")
     s.add_argument("--max-videos", "--max_videos", dest="max_videos", type=int, default=1,
                    help="video_url parts a request may hold")
     s.add_argument("--num_frames", "--num-frames", dest="num_frames", type=int, default=8,

@@ -294,10 +294,16 @@ def pixel_digest(image) -> str | None:
     bytes: equal pictures from different rows (a benchmark's rotated copies of a question) get the same
     digest. None for what is neither (a path: not read here)."""
     h = hashlib.blake2b(digest_size=16)
-    frames = image.frames if isinstance(image, VideoClip) else (image,)
+    clip = isinstance(image, VideoClip)
+    frames = image.frames if clip else (image,)
+    h.update(b"clip;" if clip else b"picture;")  # a clip's frame is one tile whatever the tile cap
     for frame in frames:
         if isinstance(frame, Image.Image):
-            h.update(f"image {frame.mode} {frame.width}x{frame.height};".encode())
+            # what load_image reads besides the pixels: the EXIF orientation it applies, a palette's colours
+            orientation = frame.getexif().get(0x0112, 1)
+            h.update(f"image {frame.mode} {frame.width}x{frame.height} {orientation};".encode())
+            if frame.mode in ("P", "PA"):
+                h.update(bytes(frame.getpalette() or ()))
             h.update(frame.tobytes())
         elif isinstance(frame, np.ndarray):
             h.update(f"array {frame.dtype} {frame.shape};".encode())

@@ -103,8 +103,8 @@ def folder_identity(path: str | Path) -> str:
 def _task_settings(name: str, settings: dict, max_num: int | None, num_frames: int = DEFAULT_FRAMES) -> dict:
     """A task's settings in the report, with the n it was asked (a toy task's 200 when n is None, so a
     report made with `--n 200` resumes without it); an evaluation file's also hold the tiles per question
-    and the file's identity (an edited file is another set of questions), and the frames of its video
-    questions when not the default 8 (so reports from before videos were asked still resume)."""
+    and the file's identity (an edited file is another set of questions), and for a jsonl set the frames
+    of its video questions when not the default 8 (so reports from before videos were asked still resume)."""
     path = Path(name)
     if path.suffix not in FILE_SUFFIXES:
         return {**settings, "n": settings["n"] if settings["n"] is not None else DEFAULT_N}
@@ -114,7 +114,8 @@ def _task_settings(name: str, settings: dict, max_num: int | None, num_frames: i
     task = FileTask(name, max_num, num_frames)
     scoring = task.metric + ("/circular" if task.circular else "") + "; prompts v2"  # v2: InternVL's VLMEvalKit prompts
     tiles = max_num if max_num is not None else f"vlmevalkit ({task.vlmevalkit_max_num} per image)"
-    frames = {"num_frames": num_frames} if num_frames != DEFAULT_FRAMES else {}
+    # only a jsonl set can hold video questions: a benchmark TSV's report does not depend on the frames
+    frames = {"num_frames": num_frames} if num_frames != DEFAULT_FRAMES and path.suffix == ".jsonl" else {}
     return {**settings, "max_num": tiles, **frames, "file": folder_identity(path) if path.is_file() else None,
             "scoring": scoring}
 

@@ -82,6 +82,7 @@ class Engine:
         compile_mode: str | None = None,
         decode_attention: str = "sdpa",
         vision_cache_mb: float = 256,
+        suppress_token_ids: tuple[int, ...] = (),
     ) -> None:
         """`dtype`/`device` move the model (in place) when given. `compile` (default: with CUDA graphs
         on CUDA) compiles the decode step before capture. `length_quantum`: the key window grows in
@@ -102,7 +103,9 @@ class Engine:
         decode step (e.g. "max-autotune-no-cudagraphs"; this engine captures its own graphs).
         `decode_attention`: the fused step's attention kernel, "sdpa" or "split" (the Triton split-key
         kernel, CUDA only: see `model/decode_kernel.py`). `vision_cache_mb`: the budget of the image
-        features kept for requests that name their images (`submit(image_keys=...)`; 0: none kept)."""
+        features kept for requests that name their images (`submit(image_keys=...)`; 0: none kept).
+        `suppress_token_ids`: tokens never generated, greedy or sampled (as `generate`'s suppress_tokens:
+        evaluation suppresses the image placeholder, which a small or badly trained model may emit)."""
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
         if decode_chunk < 1:
@@ -179,6 +182,11 @@ class Engine:
                     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), n_buckets))
             self._body = torch.compile(self._eager_body, dynamic=False, mode=compile_mode)
         self.vision_cache = VisionCache(int(vision_cache_mb * 2**20)) if vision_cache_mb > 0 else None
+        vocab = model.config.text.vocab_size
+        if any(not 0 <= t < vocab for t in suppress_token_ids):
+            raise ValueError(f"suppress_token_ids must be in [0, {vocab}), got {sorted(suppress_token_ids)}")
+        self._suppress = (torch.tensor(sorted(set(suppress_token_ids)), device=self.device)
+                          if suppress_token_ids else None)
         self.stats = {"prefills": 0, "prefill_batches": 0, "decode_steps": 0, "decode_calls": 0, "decode_tokens": 0,
                       "graph_captures": 0, "decode_mode": self.decode_mode}
 
@@ -491,6 +499,7 @@ class Engine:
                 rows.append(row)
         self.stats["prefills"] += len(ok)
         self.stats["prefill_batches"] += 1
+        logits = self._suppressed(logits)
         tokens = sample_tokens(logits[rows], seqs)
         scored = [i for i, s in enumerate(seqs) if s.logprobs is not None]
         entries = (token_logprobs(logits[[rows[i] for i in scored]], [tokens[i] for i in scored],
@@ -533,6 +542,10 @@ class Engine:
 
     # ------------------------------------------------------------------ the decode step
 
+    def _suppressed(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (R, V) with the suppressed tokens at -inf (inside the decode step's graph too)."""
+        return logits if self._suppress is None else logits.index_fill(-1, self._suppress, float("-inf"))
+
     def _decode_steps(self, batch: int, window: int, steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """`steps` static-shape decode steps over slots [0, batch) and keys [0, window), the greedy token
         of each step the input of the next (positions and lengths advancing by one): the last step's
@@ -558,7 +571,7 @@ class Engine:
         x = lm.embed_tokens(tokens[:, None])  # (B, 1, C)
         for layer in lm.layers:
             x = layer(x, cos, sin, cu_seqlens=None, key_padding_mask=mask, cache=cache, backend=self.model.attn_backend)
-        logits = self.model.lm_head(lm.norm(x)[:, 0])  # (B, V)
+        logits = self._suppressed(self.model.lm_head(lm.norm(x)[:, 0]))  # (B, V)
         return logits, logits.argmax(-1)
 
     def _decode_fused(self, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
@@ -592,7 +605,7 @@ class Engine:
             x = x + attn.o_proj(out.reshape(batch, n_q * hd))
             gate, up = F.linear(layer.post_attention_layernorm(x), w_gate_up).chunk(2, dim=-1)
             x = x + mlp.down_proj(mlp.act(gate) * up)
-        logits = self.model.lm_head(lm.norm(x))  # (B, V)
+        logits = self._suppressed(self.model.lm_head(lm.norm(x)))  # (B, V)
         return logits, logits.argmax(-1)
 
     def _run_step(self, batch: int, window: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:

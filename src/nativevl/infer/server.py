@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-import functools
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nativevl.data import images as img
 from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, IMAGE, IMAGE_PLACEHOLDER, encode_prompt, video_prefix
 from nativevl.infer.engine import MAX_LOGPROBS, Completion, Engine, QueueFull, SamplingParams
-from nativevl.infer.vision_cache import file_key, image_key
+from nativevl.infer.vision_cache import derived_key, file_key, image_key
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +158,7 @@ def parse_messages(messages, cfg: ServerConfig) -> tuple[list[dict], list[bytes 
                     if kind == "video_url":
                         sources.append(_video(part, f"messages[{i}].content[{j}]", cfg))
                         pieces.append(sources[-1])  # becomes "Frame1: <image>\n..." once decoded
+                        last = kind  # its prefix ends in a newline, as an image's "<image>\n" does
                         continue
                     ref = part.get("image_url")
                     url = ref.get("url") if isinstance(ref, dict) else ref
@@ -257,18 +257,20 @@ def prepare(body: dict, engine: Engine, cfg: ServerConfig) -> Prepared:
     tiles, keys, frames = [], [], {}  # frames: each video's frame count
     for source in sources:
         data = source.source if isinstance(source, Video) else source  # bytes, or a checked local path
-        # the vision cache's key: a hash of the bytes sent, or a local file's path, size and time
-        key = functools.partial(image_key, data) if isinstance(data, bytes) else functools.partial(file_key, data)
         try:
+            if not isinstance(source, Video) and not isinstance(data, bytes):
+                data = Path(data).read_bytes()  # a local image: read whole anyway, keyed by its bytes
+            # the vision cache's key: a hash of the bytes, or a local video's path, size and time (before reading it)
+            base = image_key(data) if isinstance(data, bytes) else file_key(data)
             if isinstance(source, Video):
                 clip = img.load_video_frames(data, num_frames=source.num_frames, max_pixels=cfg.max_image_pixels)
                 frames[source] = len(clip)
                 tiles += [img.normalize(t[None]) for t in img.frame_tiles(clip, vision.image_size)]
-                keys += [key("video", source.num_frames, k, vision.image_size) for k in range(len(clip))]
+                keys += [derived_key(base, "video", source.num_frames, k, vision.image_size) for k in range(len(clip))]
             else:
                 image = img.load_image(data, max_pixels=cfg.max_image_pixels)
                 tiles.append(img.normalize(img.tile_array(image, image_size=vision.image_size, max_num=max_num)))
-                keys.append(key("image", max_num, vision.image_size))
+                keys.append(derived_key(base, "image", max_num, vision.image_size))
         except (OSError, ValueError) as e:
             kind = "video" if isinstance(source, Video) else "image"
             code = f"{kind}_too_large" if "over the limit" in str(e) else f"invalid_{kind}"

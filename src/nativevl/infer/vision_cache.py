@@ -27,10 +27,18 @@ def image_key(data: bytes, *settings) -> str:
 
 
 def file_key(path: str | Path, *settings) -> str:
-    """A cache key for an image or video file known by its path, size and modification time (a long video is
-    not read whole to hash it; a file written again gets another key)."""
+    """A cache key for a video file known by its path, size and modification time (a long video is not read
+    whole to hash it; a file written again gets another key). Take it before reading the file: a file
+    rewritten while it is read then gets a key its new contents never had, never its old pixels the new
+    file's key. Images, read whole anyway, are keyed by their bytes (`image_key`)."""
     stat = Path(path).stat()
     return image_key(f"{Path(path).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode(), *settings)
+
+
+def derived_key(base: str, *settings) -> str:
+    """The key of one image of a source already keyed (`image_key` / `file_key` without settings): a video's
+    frame k, say, without hashing the whole file once per frame."""
+    return image_key(base.encode(), *settings)
 
 
 class VisionCache:
@@ -38,7 +46,7 @@ class VisionCache:
         if max_bytes < 0:
             raise ValueError(f"the vision cache's budget must be >= 0 bytes, got {max_bytes}")
         self.max_bytes = int(max_bytes)
-        self._entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[torch.Tensor, int]] = OrderedDict()  # key -> (features, tiles)
         self.bytes = 0
         self.hits = self.misses = 0
 
@@ -57,7 +65,9 @@ class VisionCache:
             raise ValueError(f"{len(keys)} image keys and tiles per image {tiles_per_image} do not match "
                              f"{pixel_values.shape[0]} tiles")
         starts = [sum(tiles_per_image[:i]) for i in range(len(keys))]
-        found = [self._entries.get(k) for k in keys]
+        # an entry made of another number of tiles is not this image's (a key reused for other pixels)
+        found = [e[0] if (e := self._entries.get(k)) is not None and e[1] == n else None
+                 for k, n in zip(keys, tiles_per_image)]
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
             tiles = torch.cat([pixel_values[starts[i]: starts[i] + tiles_per_image[i]] for i in missing])
@@ -68,7 +78,7 @@ class VisionCache:
                 rows = tiles_per_image[i] * per_tile
                 found[i] = new[at: at + rows]
                 at += rows
-                self._store(keys[i], found[i])
+                self._store(keys[i], found[i], tiles_per_image[i])
         for i, key in enumerate(keys):
             if i not in missing and key in self._entries:
                 self._entries.move_to_end(key)
@@ -76,13 +86,16 @@ class VisionCache:
         self.misses += len(missing)
         return torch.cat(found), len(keys) - len(missing)
 
-    def _store(self, key: Hashable, feats: torch.Tensor) -> None:
+    def _store(self, key: Hashable, feats: torch.Tensor, tiles: int) -> None:
         size = feats.numel() * feats.element_size()
-        if size > self.max_bytes or key in self._entries:
+        if size > self.max_bytes:
             return
+        old = self._entries.pop(key, None)  # a key seen again with other tiles: the new features replace it
+        if old is not None:
+            self.bytes -= old[0].numel() * old[0].element_size()
         # a view of the batch's features would keep the whole batch alive: store its own copy
-        self._entries[key] = feats.clone()
+        self._entries[key] = (feats.clone(), tiles)
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+            _, (gone, _) = self._entries.popitem(last=False)
+            self.bytes -= gone.numel() * gone.element_size()
