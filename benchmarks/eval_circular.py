@@ -1,8 +1,9 @@
 """Evaluation of a circular benchmark file (MMBench's format: every question once more per rotation of its
 options, the rotations showing the question's picture): nativevl's `predict`, which tiles a picture and
-runs the ViT on it once per batch, against the same prompts each with its own tiles (nativevl's
-generate_texts, the path before sharing) and transformers' generate on those batches; same random
-weights, same prompts and batches, one run.
+runs the ViT on it once per batch, and `predict_engine` (`nativevl eval --engine`: continuous batching,
+CUDA graphs on a GPU, the vision cache across batches), against the same prompts each with its own tiles
+(nativevl's generate_texts, the path before sharing) and transformers' generate on those batches; same
+random weights, same prompts and batch size, one run.
 
 A TSV in MMBench's layout is written to a temporary folder (--questions questions, --rotations rows each,
 random pictures of --picture px, tiled with --max-num as `nativevl eval --max_num`), read by nativevl's
@@ -31,7 +32,7 @@ from decode import build  # benchmarks/decode.py, beside this script
 from PIL import Image
 
 from nativevl.data.processor import chat_inputs, pad_batch
-from nativevl.eval.runner import predict
+from nativevl.eval.runner import predict, predict_engine
 from nativevl.eval.tasks import get_task
 from nativevl.infer.generate import generate_texts
 from nativevl.io.tokenizer import IMG_CONTEXT, train_tokenizer
@@ -48,6 +49,9 @@ class IdsTokenizer:
 
     def __call__(self, *args, **kwargs):
         return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):  # the rest (the engine's end tokens) as the tokenizer has them
+        return getattr(self.tokenizer, name)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return " ".join(map(str, ids))
@@ -113,6 +117,10 @@ def main() -> None:
         return predict(ours, ids_tok, asked, max_new_tokens=args.new_tokens, batch_size=args.batch_size,
                        system_message=None, max_num=task.tile_cap, progress=False)
 
+    def engine(asked):
+        return predict_engine(ours, ids_tok, asked, max_new_tokens=args.new_tokens, batch_size=args.batch_size,
+                              system_message=None, max_num=task.tile_cap, progress=False)
+
     def own_rows(asked):
         return [chat_inputs(tokenizer, m, ims, image_size=size, image_seq_length=seq, max_num=task.tile_cap(len(ims)))
                 for m, ims in asked]
@@ -134,7 +142,7 @@ def main() -> None:
             answers += [" ".join(map(str, r[x.shape[1]:].tolist())) for r in out]
         return answers
 
-    sides = {"shared": shared, "unshared": unshared, "transformers": transformers_side}
+    sides = {"shared": shared, "engine": engine, "unshared": unshared, "transformers": transformers_side}
     for fn in sides.values():  # first-call costs on every side
         fn(prompts[:2])
     times, answers = {}, {}
@@ -147,14 +155,13 @@ def main() -> None:
     tiles = sum(chat_inputs(tokenizer, m, ims, image_size=size, image_seq_length=seq,
                             max_num=task.tile_cap(len(ims)))[1].shape[0] for m, ims in prompts[: args.rotations])
     same = sum(a == b for a, b in zip(answers["shared"], answers["unshared"]))
+    same_e = sum(a == b for a, b in zip(answers["engine"], answers["unshared"]))
     same_t = sum(a.split()[:1] == b.split()[:1] for a, b in zip(answers["unshared"], answers["transformers"]))
-    print(f"tiles per question: {tiles // args.rotations}; rows/s: shared {len(prompts) / times['shared']:.2f}, "
-          f"unshared {len(prompts) / times['unshared']:.2f}, transformers {len(prompts) / times['transformers']:.2f}")
-    print(f"wall: shared {times['shared']:.1f} s, unshared {times['unshared']:.1f} s "
-          f"({times['unshared'] / times['shared']:.2f}x), transformers {times['transformers']:.1f} s "
-          f"({times['transformers'] / times['shared']:.2f}x)")
-    print(f"same answers shared / unshared: {same} of {len(prompts)}; same first token unshared / transformers: "
-          f"{same_t} of {len(prompts)}")
+    print(f"tiles per question: {tiles // args.rotations}; rows/s: "
+          + ", ".join(f"{k} {len(prompts) / t:.2f}" for k, t in times.items()))
+    print("wall: " + ", ".join(f"{k} {t:.1f} s ({t / times['shared']:.2f}x shared's)" for k, t in times.items()))
+    print(f"same answers as unshared: shared {same}, engine {same_e} of {len(prompts)}; same first token unshared / "
+          f"transformers: {same_t} of {len(prompts)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
@@ -162,7 +169,8 @@ def main() -> None:
                        "max_num": args.max_num, "picture": args.picture, "batch_size": args.batch_size,
                        "new_tokens": args.new_tokens, "torch": torch.__version__,
                        "transformers": transformers.__version__, "seconds": times,
-                       "same_answers": same, "same_first_token_as_transformers": same_t}, f, indent=2)
+                       "same_answers": same, "engine_same_answers": same_e,
+                       "same_first_token_as_transformers": same_t}, f, indent=2)
 
 
 if __name__ == "__main__":

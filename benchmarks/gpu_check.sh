@@ -7,7 +7,8 @@
 # time limit and writes its whole log and its JSON as it goes (the terminal shows their tails), so a
 # part cut short keeps what it measured. Limits: tests 240 s + decode 330 s fit one 600-s device call
 # (PARTS="tests decode"); train (175 s), followup (120 s: multi-turn TTFT with and without the vision
-# cache) and evalcirc (90 s: an MMBench-layout file, a picture through the ViT once per batch or per row)
+# cache) and evalcirc (180 s: an MMBench-layout file, a picture through the ViT once per batch or per row,
+# and eval --engine)
 # go in a second call.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
@@ -38,6 +39,6 @@ case " $PARTS " in *" followup "*)
     --json "$OUT/follow_up.json" 2>&1 | tee "$OUT/follow_up.log" | tail -12 ;;
 esac
 case " $PARTS " in *" evalcirc "*)
-  timeout 90 python3 benchmarks/eval_circular.py --shape internvl3_1b --device cuda --questions 32 --max-num 6 \
+  timeout 180 python3 benchmarks/eval_circular.py --shape internvl3_1b --device cuda --questions 32 --max-num 6 \
     --batch-size 32 --new-tokens 16 --json "$OUT/eval_circular.json" 2>&1 | tee "$OUT/eval_circular.log" | tail -6 ;;
 esac

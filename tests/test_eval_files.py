@@ -509,6 +509,53 @@ def test_rotations_of_a_question_share_one_vit_run_and_answer_as_asked_alone(tmp
     assert [r["index"] for g in report["records"] for r in g["rows"]] == order  # each question with its rotations
 
 
+def test_the_engine_path_answers_as_plain_batches_and_encodes_each_picture_once(tmp_path, tokenizer, monkeypatch):
+    """`nativevl eval --engine`: the records of plain batched generation, for a circular file (rotations
+    sharing pictures, prompts of several lengths: the engine grows its cache) and a toy task, with the
+    image placeholder (made the model's favourite) never generated; each picture runs through the ViT
+    once in the whole run (the vision cache spans batches), and a sharded (synced) evaluation refuses it."""
+    import torch
+    from test_model import make_model
+
+    import nativevl.infer.engine as engine_module
+    from nativevl.cli import main
+    from nativevl.data.images import image_to_tiles
+
+    pictures = [png_b64(30 + q, size=(96, 24) if q == 1 else (24, 24)) for q in range(3)]
+    rows = [{"index": q + 1 + k * 1_000_000, "question": f"Which shape is {q}?", "A": "ab"[k], "B": "ba"[k],
+             "answer": "AB"[k], "image": pictures[q][0] if k == 0 else str(q + 1)} for k in range(2) for q in range(3)]
+    path = str(tmp_path / "MMBench_DEV_EN.tsv")
+    write_tsv(path, rows)
+    model = make_model()
+    size = model.config.vision.image_size
+    favourite = torch.zeros(model.config.text.vocab_size)
+    favourite[model.config.image_token_id] = 1e4
+    model.lm_head.register_forward_hook(lambda mod, args, out: out + favourite.to(out.dtype))
+    tiles = [image_to_tiles(Image.fromarray(p), image_size=size, max_num=2).shape[0] for _, p in pictures]
+    seen, sizes = [], []
+    hook = model.vision_tower.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    real = engine_module.Engine
+    monkeypatch.setattr(engine_module, "Engine", lambda *a, **k: sizes.append(k["max_seq_len"]) or real(*a, **k))
+    kw = {"n": 4, "batch_size": 3, "max_num": 2, "model_name": "m"}  # plain: q2's rotations in two batches
+    plain = evaluate(model, tokenizer, [path, "shapes"], **kw)
+    plain_tiles = sum(seen)
+    seen.clear()
+    fast = evaluate(model, tokenizer, [path, "shapes"], engine=True, **kw)
+    hook.remove()
+    for task in (path, "shapes"):
+        assert fast[task]["records"] == plain[task]["records"]
+    assert sum(seen) == sum(tiles) + 4 < plain_tiles == sum(tiles) + tiles[1] + 4  # each picture once; 4 toy tiles
+    assert len(sizes) >= 2 and sizes[1] > sizes[0]  # the 3-tile question came after a 1-tile one: a bigger cache
+    assert all(r["prediction"] for r in plain["shapes"]["records"])  # answers of other tokens than the favourite
+    with pytest.raises(ValueError, match="synced"):
+        evaluate(model, tokenizer, [path], engine=True, synced=True, **kw)
+    model.save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    args = ["eval", "--model", str(tmp_path / "m"), "--tasks", path, "--max_num", "2", "--batch_size", "2"]
+    for extra, out in (([], "plain.json"), (["--engine"], "engine.json")):
+        assert main([*args, *extra, "--out", str(tmp_path / out)]) == 0
+    a, b = (json.loads((tmp_path / f).read_text())[path]["records"] for f in ("plain.json", "engine.json"))
+    assert a == b
+
 def test_pixel_digests_tell_apart_what_tiles_apart():
     """The evaluation's key for a picture asked again: equal for the same pixels from other bytes, other for
     what load_image or the tiling would make differently (a clip's frame, a palette, an EXIF rotation)."""

@@ -78,7 +78,14 @@ def _log_info() -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Single-shot with --prompt, else a multi-turn REPL (/image PATH, /video PATH, /reset, /quit); answers stream."""
-    from nativevl.data.images import frame_tiles, image_to_tiles, load_video_frames, normalize, tiles_per_image
+    from nativevl.data.images import (
+        frame_tiles,
+        image_to_tiles,
+        load_video_frames,
+        normalize,
+        read_file,
+        tiles_per_image,
+    )
     from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, render_chat, video_prefix
     from nativevl.infer.engine import Engine, SamplingParams
     from nativevl.infer.vision_cache import derived_key, file_key, image_key
@@ -105,14 +112,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
         prefix = ""
         size = cfg.vision.image_size
         if video is not None:
+            if not Path(video).is_file():
+                raise FileNotFoundError(f"video file {video} does not exist")
             base = file_key(video)  # before reading it: a file rewritten meanwhile gets a key of its own
             frames = frame_tiles(load_video_frames(video, num_frames=args.num_frames), size)
             new += [normalize(t[None]) for t in frames]
             new_keys += [derived_key(base, "video", args.num_frames, k, size) for k in range(len(frames))]
             prefix = video_prefix(len(frames))
         for path in images:
-            data = Path(path).read_bytes()  # keyed by its bytes: an image edited between turns is asked anew
-            new.append(image_to_tiles(data, image_size=size, max_num=max_num))
+            data = read_file(path)  # keyed by its bytes: an image edited between turns is asked anew
+            try:
+                new.append(image_to_tiles(data, image_size=size, max_num=max_num))
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
             new_keys.append(image_key(data, "image", max_num, size))
         history.append({"role": "user", "content": prefix + "<image>\n" * len(images) + text})
         tiles.extend(new)
@@ -276,7 +288,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(model, tokenizer, tasks, n=args.n, seed=args.seed, batch_size=args.batch_size,
                       system_message=args.system or None, rank=rank, world_size=world,
                       model_name=identity, previous=previous, on_task=on_task, max_num=args.max_num,
-                      num_frames=args.num_frames)
+                      num_frames=args.num_frames, engine=args.engine)
     if rank == 0:
         write_report(report, args.out)
         print(markdown_table(report, f"{args.model}, seed {args.seed}"))
@@ -528,6 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "under torchrun spell it --num_questions")
     e.add_argument("--seed", type=int, default=10_000, help="held-out generator seed")
     e.add_argument("--batch_size", type=int, default=32)
+    e.add_argument("--engine", action="store_true",
+                   help="decode with the inference engine (as serve: continuous batching of --batch_size rows, CUDA "
+                        "graphs on a GPU, a picture asked again taken from its vision cache) instead of plain "
+                        "batched generate; the same greedy answers")
     e.add_argument("--system", default="", help="system message ('' for none, as the demo trains)")
     e.add_argument("--out", default="eval.json")
     e.add_argument("--resume", action="store_true",

@@ -118,6 +118,16 @@ def choose_grid(width: int, height: int, *, min_num: int = 1, max_num: int = 12,
     return best
 
 
+def read_file(path: str | Path, kind: str = "image") -> bytes:
+    """A local image's (or video's) bytes, read once: callers that key a cache by them decode the same
+    bytes they hashed. FileNotFoundError naming the path when it is missing or a folder."""
+    if Path(path).is_dir():
+        raise FileNotFoundError(f"{kind} path {path} is a directory, not a file")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{kind} file {path} does not exist")
+    return Path(path).read_bytes()
+
+
 def tile_image(
     image: Image.Image, *, image_size: int = 448, min_num: int = 1, max_num: int = 12, use_thumbnail: bool = True
 ) -> list[Image.Image]:

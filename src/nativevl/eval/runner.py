@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -174,6 +175,82 @@ def _tiles(max_num, n_images: int) -> int:
     return max_num(n_images) if callable(max_num) else tiles_per_image(max_num, n_images)
 
 
+def _prompt_row(tokenizer, cfg, prompt: tuple[list[dict], list], max_num, system_message: str | None,
+                tiled: dict) -> tuple[list[int], list[torch.Tensor], list[str] | None]:
+    """(ids, each image's tiles, each image's vision cache key or None) of one prompt; `tiled` holds the
+    tiles of the pictures seen so far by pixels and tile cap (a picture asked about again, a rotated
+    question's, is tiled once and its tiles are the same tensor: generate_texts encodes it once)."""
+    messages, images = prompt
+    cap = _tiles(max_num, len(images))
+    tiles, keys = [], []
+    for im in images:
+        digest = pixel_digest(im)
+        key = (digest or f"object {id(im)}", cap)
+        if key not in tiled:
+            tiled[key] = image_tiles([im], image_size=cfg.vision.image_size, max_num=cap)
+        tiles += tiled[key]
+        # a picture not read here (a path) has no key: then the prompt's images are not cached
+        mine = [f"{digest}/{cap}/{j}" for j in range(len(tiled[key]))]  # a clip: one per frame
+        keys = None if keys is None or digest is None else keys + mine
+    ids = chat_ids(tokenizer, messages, [t.shape[0] for t in tiles], image_seq_length=cfg.image_seq_length,
+                   system_message=system_message)
+    return ids, tiles, keys
+
+
+@torch.no_grad()
+def predict_engine(model, tokenizer, prompts: Sequence[tuple[list[dict], list]], *, max_new_tokens: int,
+                   batch_size: int, system_message: str | None, desc: str = "", max_num=1, heartbeat=None,
+                   progress: bool = True) -> list[str]:
+    """`predict`'s greedy answers through the inference engine (`nativevl eval --engine`): up to
+    `batch_size` rows decode together and a finished row's slot goes to the next prompt at once
+    (continuous batching; on a GPU the decode step replays as a CUDA graph). A picture asked about again
+    is taken from the engine's vision cache while it is there, in the same batch or a later one. Decoding
+    stops at the model's end tokens only and never emits the image placeholder, as `predict`'s. The
+    engine's KV cache is sized to the longest prompt so far (doubled when a longer one comes, after the
+    running rows finish). One process's own model: not for collective (FSDP) forwards. `heartbeat()` is
+    called after every `batch_size` answers."""
+    from nativevl.infer.engine import Engine, SamplingParams
+
+    cfg = model.config
+    eos = cfg.text.eos_token_id
+    params = SamplingParams(max_tokens=max_new_tokens, ignore_eos=True,
+                            stop_token_ids=tuple(eos) if isinstance(eos, list | tuple) else (eos,))
+    answers: list[str] = [""] * len(prompts)
+    running: dict = {}  # prompt index -> its request
+    engine, row, ahead, done = None, None, 0, 0
+    tiled: OrderedDict = OrderedDict()  # the latest pictures' tiles (a question's rotations follow each other)
+    bar = tqdm(total=len(prompts), desc=desc, unit="question", leave=False, disable=not progress)
+    while ahead < len(prompts) or running:
+        while ahead < len(prompts) and len(running) < batch_size:
+            if row is None:
+                row = _prompt_row(tokenizer, cfg, prompts[ahead], max_num, system_message, tiled)
+                while len(tiled) > 4 * batch_size:
+                    tiled.popitem(last=False)
+            ids, tiles, keys = row
+            need = len(ids) + max_new_tokens + 1
+            if engine is None or need > engine.max_seq_len:
+                if running:  # a longer prompt: the running rows finish in the engine they started in
+                    break
+                size = max(need, 2 * engine.max_seq_len) if engine is not None else need
+                if need <= cfg.text.max_position_embeddings:
+                    size = min(size, cfg.text.max_position_embeddings)
+                engine = None  # the old KV cache goes before the new one is made
+                engine = Engine(model, tokenizer, max_batch_size=batch_size, max_seq_len=size, max_queue=batch_size,
+                                suppress_token_ids=(cfg.image_token_id,))
+            running[ahead] = engine.submit(ids, params, torch.cat(tiles) if tiles else None, image_keys=keys,
+                                           tiles_per_image=[t.shape[0] for t in tiles] if keys else None)
+            ahead, row = ahead + 1, None
+        engine.step()
+        for i in [i for i, req in running.items() if req.done]:
+            answers[i] = running.pop(i).result()[0].text
+            done += 1
+            bar.update(1)
+            if heartbeat is not None and done % batch_size == 0:
+                heartbeat()
+    bar.close()
+    return answers
+
+
 @torch.no_grad()
 def predict(model, tokenizer, prompts: Sequence[tuple[list[dict], list]], *, max_new_tokens: int, batch_size: int,
             system_message: str | None, desc: str = "", max_num=1, synced: bool = False, filler=None,
@@ -196,18 +273,8 @@ def predict(model, tokenizer, prompts: Sequence[tuple[list[dict], list]], *, max
     for r in tqdm(range(rounds), desc=desc, unit="batch", leave=False, disable=not progress):
         chunk = prompts[r * batch_size : (r + 1) * batch_size]
         asked = chunk or [filler()]  # nothing left here: a stand-in that keeps this process in step
-        tiled: dict[tuple[str, int], list[torch.Tensor]] = {}  # the batch's pictures, by pixels and tile cap
-        rows = []
-        for messages, images in asked:
-            cap = _tiles(max_num, len(images))
-            tiles = []
-            for im in images:  # a picture asked about again (a rotated question) is tiled and encoded once
-                key = (pixel_digest(im) or f"object {id(im)}", cap)
-                if key not in tiled:
-                    tiled[key] = image_tiles([im], image_size=cfg.vision.image_size, max_num=cap)
-                tiles += tiled[key]
-            rows.append((chat_ids(tokenizer, messages, [t.shape[0] for t in tiles],
-                                  image_seq_length=cfg.image_seq_length, system_message=system_message), tiles))
+        tiled: dict = {}  # the batch's pictures, by pixels and tile cap
+        rows = [_prompt_row(tokenizer, cfg, prompt, max_num, system_message, tiled)[:2] for prompt in asked]
         texts = generate_texts(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                progress=False, synced=synced)
         answers += texts[: len(chunk)]
@@ -220,10 +287,12 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
              system_message: str | None = None, rank: int = 0, world_size: int = 1, predictor=None,
              model_name: str | None = None, previous: dict | None = None, on_task=None,
              max_num: int | None = None, synced: bool = False, heartbeat=None,
-             num_frames: int = DEFAULT_FRAMES) -> dict:
+             num_frames: int = DEFAULT_FRAMES, engine: bool = False) -> dict:
     """{task: {accuracy, n, correct, chance, ci95, examples, records, settings}}; every rank scores items
-    i % world == rank (of a circular file, questions: each with all its rotations). `synced`: the model's forwards are collective (FSDP, in training): the ranks
-    generate in step (`predict`); `heartbeat()` is called after every batch.
+    i % world == rank (of a circular file, questions: each with all its rotations). `synced`: the model's
+    forwards are collective (FSDP, in training): the ranks generate in step (`predict`); `heartbeat()` is
+    called after every batch. `engine`: decode with the inference engine (`predict_engine`: continuous
+    batching, CUDA graphs on a GPU, the vision cache) instead of plain batched generation; not with `synced`.
 
     `predictor(task, items) -> answers` replaces the model (the tests check the scoring with it).
     Resuming: the tasks of `previous` (an earlier report) made with the same settings (`model_name`, an
@@ -236,6 +305,9 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
     """
     if n is not None and n < 1:
         raise ValueError(f"n must be >= 1 question per task, got {n}")
+    if engine and synced:
+        raise ValueError("the inference engine runs one process's own model; a sharded (synced) evaluation "
+                         "generates with plain batches")
     resolved = _resolve(tasks, max_num, num_frames)
     if model is not None:
         model.eval()
@@ -255,6 +327,10 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
         mine = [items[i] for i in order]
         if predictor is not None:
             predictions = predictor(task, mine)
+        elif engine:
+            predictions = predict_engine(model, tokenizer, LazyPrompts(task, mine), max_new_tokens=task.max_new_tokens,
+                                         batch_size=batch_size, system_message=system_message, desc=name,
+                                         max_num=task.tile_cap, heartbeat=heartbeat, progress=rank == 0)
         else:
             predictions = predict(model, tokenizer, LazyPrompts(task, mine), max_new_tokens=task.max_new_tokens,
                                   batch_size=batch_size, system_message=system_message, desc=name,

@@ -259,7 +259,7 @@ def prepare(body: dict, engine: Engine, cfg: ServerConfig) -> Prepared:
         data = source.source if isinstance(source, Video) else source  # bytes, or a checked local path
         try:
             if not isinstance(source, Video) and not isinstance(data, bytes):
-                data = Path(data).read_bytes()  # a local image: read whole anyway, keyed by its bytes
+                data = img.read_file(data)  # a local image: read whole anyway, keyed by its bytes
             # the vision cache's key: a hash of the bytes, or a local video's path, size and time (before reading it)
             base = image_key(data) if isinstance(data, bytes) else file_key(data)
             if isinstance(source, Video):
