@@ -545,7 +545,8 @@ def test_the_engine_path_answers_as_plain_batches_and_encodes_each_picture_once(
     for task in (path, "shapes"):
         assert fast[task]["records"] == plain[task]["records"]
     assert sum(seen) == sum(tiles) + 4 < plain_tiles == sum(tiles) + tiles[1] + 4  # each picture once; 4 toy tiles
-    assert len(sizes) >= 2 and sizes[1] > sizes[0]  # the 3-tile question came after a 1-tile one: a bigger cache
+    # the 3-tile question came after a 1-tile one: a bigger cache; the toy task reused the file's engine
+    assert len(sizes) >= 2 and all(a < b for a, b in zip(sizes, sizes[1:]))
     assert all(r["prediction"] for r in plain["shapes"]["records"])  # answers of other tokens than the favourite
     with pytest.raises(ValueError, match="synced"):
         evaluate(model, tokenizer, [path], engine=True, synced=True, **kw)

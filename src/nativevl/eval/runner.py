@@ -200,7 +200,7 @@ def _prompt_row(tokenizer, cfg, prompt: tuple[list[dict], list], max_num, system
 @torch.no_grad()
 def predict_engine(model, tokenizer, prompts: Sequence[tuple[list[dict], list]], *, max_new_tokens: int,
                    batch_size: int, system_message: str | None, desc: str = "", max_num=1, heartbeat=None,
-                   progress: bool = True) -> list[str]:
+                   progress: bool = True, reuse: dict | None = None) -> list[str]:
     """`predict`'s greedy answers through the inference engine (`nativevl eval --engine`): up to
     `batch_size` rows decode together and a finished row's slot goes to the next prompt at once
     (continuous batching; on a GPU the decode step replays as a CUDA graph). A picture asked about again
@@ -208,7 +208,8 @@ def predict_engine(model, tokenizer, prompts: Sequence[tuple[list[dict], list]],
     stops at the model's end tokens only and never emits the image placeholder, as `predict`'s. The
     engine's KV cache is sized to the longest prompt so far (doubled when a longer one comes, after the
     running rows finish). One process's own model: not for collective (FSDP) forwards. `heartbeat()` is
-    called after every `batch_size` answers."""
+    called after every `batch_size` answers. `reuse`: a dict whose "engine" is taken up and left for the
+    next call (an evaluation's tasks share one engine: its compiled step, graphs and vision cache)."""
     from nativevl.infer.engine import Engine, SamplingParams
 
     cfg = model.config
@@ -217,7 +218,10 @@ def predict_engine(model, tokenizer, prompts: Sequence[tuple[list[dict], list]],
                             stop_token_ids=tuple(eos) if isinstance(eos, list | tuple) else (eos,))
     answers: list[str] = [""] * len(prompts)
     running: dict = {}  # prompt index -> its request
-    engine, row, ahead, done = None, None, 0, 0
+    reuse = {} if reuse is None else reuse
+    engine, row, ahead, done = reuse.pop("engine", None), None, 0, 0
+    if engine is not None and (engine.model is not model or engine.max_batch_size != batch_size):
+        engine = None
     tiled: OrderedDict = OrderedDict()  # the latest pictures' tiles (a question's rotations follow each other)
     bar = tqdm(total=len(prompts), desc=desc, unit="question", leave=False, disable=not progress)
     while ahead < len(prompts) or running:
@@ -248,6 +252,8 @@ def predict_engine(model, tokenizer, prompts: Sequence[tuple[list[dict], list]],
             if heartbeat is not None and done % batch_size == 0:
                 heartbeat()
     bar.close()
+    if engine is not None:
+        reuse["engine"] = engine
     return answers
 
 
@@ -314,6 +320,7 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
     settings = {"model": model_name, "n": n, "seed": seed, "system": system_message}
     reusable = _reusable(previous, settings, max_num, num_frames)
     report = _resumed(reusable, tasks)
+    engines: dict = {}  # with `engine`: the one the tasks share
     for name, task in zip(tasks, resolved):
         if name in reusable:
             log.info("task %s: reusing its result from the earlier report (same model and settings)", name)
@@ -330,7 +337,8 @@ def evaluate(model, tokenizer, tasks: list[str], *, n: int | None = 100, seed: i
         elif engine:
             predictions = predict_engine(model, tokenizer, LazyPrompts(task, mine), max_new_tokens=task.max_new_tokens,
                                          batch_size=batch_size, system_message=system_message, desc=name,
-                                         max_num=task.tile_cap, heartbeat=heartbeat, progress=rank == 0)
+                                         max_num=task.tile_cap, heartbeat=heartbeat, progress=rank == 0,
+                                         reuse=engines)
         else:
             predictions = predict(model, tokenizer, LazyPrompts(task, mine), max_new_tokens=task.max_new_tokens,
                                   batch_size=batch_size, system_message=system_message, desc=name,
