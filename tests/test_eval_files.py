@@ -376,8 +376,8 @@ def test_ocrbench_scores_an_answer_found_in_the_prediction():
 
 def test_circular_files_edge_cases(tmp_path):
     """A rotation read before its question, naming an image of a later row, still finds it with --n;
-    a rotation whose question the file lacks is not scored (as VLMEvalKit); Best-of-N refuses circular
-    files; a report scored before circular scoring is not reused by --resume."""
+    a rotation whose question the file lacks is not scored (as VLMEvalKit); a report scored before
+    circular scoring is not reused by --resume."""
     img, pixels = png_b64(3)
     base = {"question": "Which?", "A": "x", "B": "y", "answer": "A", "category": "c"}
     rows = [{**base, "index": 1000002, "image": "9"}, {**base, "index": 2, "image": img},
@@ -401,10 +401,39 @@ def test_circular_files_edge_cases(tmp_path):
     del old[path]["settings"]["scoring"]  # as written before circular scoring
     evaluate(None, None, [path], n=None, predictor=predictor, model_name="m", previous=old)
     assert asked == [3, 3]  # asked again, not reused
-    from nativevl.eval.runner import evaluate_best_of_n
 
-    with pytest.raises(ValueError, match="circularly"):
-        evaluate_best_of_n(None, None, [path], n=None, samples=2)
+
+def test_best_of_n_on_a_circular_file_scores_whole_questions_and_encodes_each_picture_once(tmp_path, tokenizer,
+                                                                                          monkeypatch):
+    """Best-of-N on an MMBench file: each method's pick counts for a question only when it is right on every
+    rotation, a single sample's accuracy is the product over the rotations; each picture runs through the
+    ViT once (its rotations, and the samples after the greedy answers, take it from the vision cache)."""
+    from test_model import make_model
+
+    from nativevl.data.images import image_to_tiles
+    from nativevl.eval.runner import evaluate_best_of_n
+    from nativevl.eval.tasks.files import FileTask
+
+    pictures = [png_b64(40 + q, size=(96, 24) if q else (24, 24)) for q in range(2)]
+    rows = [{"index": q + 1 + k * 1_000_000, "question": f"Which {q}?", "A": "xy"[k], "B": "yx"[k], "answer": "AB"[k],
+             "image": pictures[q][0] if k == 0 else str(q + 1)} for k in range(2) for q in range(2)]
+    path = str(tmp_path / "MMBench_DEV_EN.tsv")
+    write_tsv(path, rows)
+    right = {"1", "1000001", "2"}  # question 1 right on both rotations, question 2 on its first only
+    monkeypatch.setattr(FileTask, "score", lambda self, prediction, item: item.index in right)
+    model = make_model()
+    size = model.config.vision.image_size
+    tiles = [image_to_tiles(Image.fromarray(p), image_size=size, max_num=2).shape[0] for _, p in pictures]
+    seen = []
+    model.vision_tower.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    entry = evaluate_best_of_n(model, tokenizer, [path], n=None, samples=3, max_num=2)[path]
+    assert entry["metric"] == "circular" and entry["rows"] == 4 and entry["pass1"]["n"] == 2
+    assert [g["pass1"] for g in entry["records"]] == [True, False] and entry["pass1"]["correct"] == 1
+    assert [g["majority3"] for g in entry["records"]] == [True, False]
+    assert [g["sample_accuracy"] for g in entry["records"]] == [1.0, 0.0]
+    assert entry["sample_mean"]["accuracy"] == 0.5
+    assert [len(g["rows"]) for g in entry["records"]] == [2, 2]
+    assert sum(seen) == sum(tiles)
 
 
 def test_prompts_as_internvl_is_asked_in_vlmevalkit(tmp_path):

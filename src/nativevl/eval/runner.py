@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from nativevl.data.images import pixel_digest, tiles_per_image
-from nativevl.data.processor import chat_ids, chat_inputs, image_tiles
+from nativevl.data.processor import chat_ids, image_tiles
 from nativevl.eval.tasks import FILE_SUFFIXES, get_task
 from nativevl.eval.tasks.base import EvalTask
 from nativevl.eval.tasks.files import DEFAULT_FRAMES
@@ -411,10 +411,6 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 10
     if partial:
         raise ValueError(f"Best-of-N picks right / wrong answers; {partial} are scored with partial credit "
                          "(ANLS, VQA accuracy): evaluate them without --best-of-n")
-    circular = [name for name, t in zip(tasks, resolved) if t.circular]
-    if circular:
-        raise ValueError(f"Best-of-N on files scored circularly ({circular}) is not built: its picks would be "
-                         "per row; evaluate them without --best-of-n")
     from nativevl.infer.best_of_n import Candidates, sample_candidates, tiles_in_prompt
     from nativevl.infer.engine import Engine, SamplingParams
     from nativevl.infer.prm import step_scores
@@ -434,30 +430,36 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 10
         counts = {"pass1": 0, "sample_mean": 0.0, f"majority{samples}": 0}
         if prm is not None:
             counts.update({f"prm_best{samples}": 0, f"outcome_best{samples}": 0, f"oracle{samples}": 0})
+        # a circular file's rows question by question (a picture's rotations in one chunk); others in order
+        order = [i for group in task.groups(items) for i in group] if task.circular else list(range(len(items)))
         records, prefills, engine = [], 0, None
         bar = tqdm(total=len(items), desc=f"{name} best-of-{samples}", leave=False)
         # questions go QUESTIONS_AT_ONCE at a time: their tiles (up to 7 per image at 448 px: 17 MB) and
-        # an engine sized for their longest prompt; question i samples with seed + i whatever its chunk
-        for c0 in range(0, len(items), QUESTIONS_AT_ONCE):
-            chunk = items[c0 : c0 + QUESTIONS_AT_ONCE]
+        # an engine sized for their longest prompt; the question asked j-th samples with seed + j whatever
+        # its chunk. Its pictures, keyed by pixels, run through the ViT once: the samples take them from
+        # the engine's vision cache
+        for c0 in range(0, len(order), QUESTIONS_AT_ONCE):
+            chunk = [items[i] for i in order[c0 : c0 + QUESTIONS_AT_ONCE]]
             asked = [task.prompt(it) for it in chunk]
-            prompts = [chat_inputs(tokenizer, msgs, images, image_size=cfg.vision.image_size,
-                                   image_seq_length=cfg.image_seq_length, system_message=system_message,
-                                   max_num=task.tile_cap(len(images)))
-                       for msgs, images in asked]
-            longest = max(len(ids) for ids, _ in prompts) + task.max_new_tokens + 1
+            tiled: dict = {}
+            rows = [_prompt_row(tokenizer, cfg, prompt, task.tile_cap, system_message, tiled) for prompt in asked]
+            longest = max(len(ids) for ids, _, _ in rows) + task.max_new_tokens + 1
             if engine is None or longest > engine.max_seq_len:  # one engine while the prompts fit its cache
                 engine = Engine(model, tokenizer, max_batch_size=max(max_batch_size, samples),
                                 max_seq_len=longest,
                                 max_queue=QUESTIONS_AT_ONCE + 1)
             before = engine.stats["prefills"]
-            ids, pixels = [p[0] for p in prompts], [p[1] for p in prompts]
-            greedy = engine.generate(ids, SamplingParams(max_tokens=task.max_new_tokens), pixels)
+            ids, pixels = [r[0] for r in rows], [torch.cat(r[1]) if r[1] else None for r in rows]
+            keys = [r[2] if r[1] else None for r in rows]
+            counts_per_image = [[t.shape[0] for t in r[1]] if r[2] and r[1] else None for r in rows]
+            greedy = engine.generate(ids, SamplingParams(max_tokens=task.max_new_tokens), pixels, keys,
+                                     counts_per_image)
             sampled = sample_candidates(engine, ids, pixels, n=samples, temperature=temperature, top_k=top_k,
-                                        max_tokens=task.max_new_tokens, seed=seed + c0)
+                                        max_tokens=task.max_new_tokens, seed=seed + c0, image_keys=keys,
+                                        tiles_per_image=counts_per_image)
             prefills += engine.stats["prefills"] - before
-            for i, (it, (msgs, _), g, texts, (prompt_ids, tiles)) in enumerate(
-                    zip(chunk, asked, greedy, sampled, prompts, strict=True), start=c0):
+            for i, it, (msgs, _), g, texts, prompt_ids, tiles in zip(
+                    order[c0 : c0 + QUESTIONS_AT_ONCE], chunk, asked, greedy, sampled, ids, pixels, strict=True):
                 ok = [bool(task.score(t, it)) for t in texts]
                 # a file task votes by its reading of an answer (the option letter); the toy tasks by final answer
                 cands = Candidates(texts, vote_key=(lambda t, it=it, task=task: task.vote_key(t, it))
@@ -479,8 +481,19 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 10
                 bar.update(1)
         bar.close()
         total = len(items)
+        if task.circular:  # one record per question: a method's pick right only if it is on every rotation
+            records.sort(key=lambda r: r["index"])
+            methods = tuple(key for key in counts if key != "sample_mean")
+            grouped = task.group_records(records, items, keys=methods)
+            for g in grouped:  # a single sample right on every rotation (rotations sampled independently)
+                g["sample_accuracy"] = math.prod(r["samples_correct"] / samples for r in g["rows"])
+            counts = {key: sum(g[key] for g in grouped) for key in methods}
+            counts["sample_mean"] = sum(g["sample_accuracy"] for g in grouped)
+            records, total = grouped, len(grouped)
         entry = {key: _scored(round(v) if key != "sample_mean" else 0, total) for key, v in counts.items()}
         entry["sample_mean"] = {"accuracy": counts["sample_mean"] / total, "n": total}
+        if task.circular:
+            entry.update(metric="circular", rows=len(items))
         entry.update({"samples": samples, "temperature": temperature, "top_k": top_k, "seed": seed,
                       "chance": task.chance(items, seed), "prefills": prefills})
         entry["paired"] = {  # the PRM's pick against greedy and against the vote, on the same questions

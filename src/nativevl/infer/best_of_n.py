@@ -51,11 +51,13 @@ class Candidates:
 
 
 def sample_candidates(engine: Engine, input_ids: list[list[int]], pixel_values: list[torch.Tensor | None], *, n: int = 8,
-                      temperature: float = 0.7, top_k: int = 0, max_tokens: int = 256, seed: int = 0) -> list[list[str]]:
-    """n samples per prompt; the engine prefills each prompt once and clones its cache n times."""
+                      temperature: float = 0.7, top_k: int = 0, max_tokens: int = 256, seed: int = 0,
+                      image_keys: list | None = None, tiles_per_image: list | None = None) -> list[list[str]]:
+    """n samples per prompt; the engine prefills each prompt once and clones its cache n times (its images
+    from the vision cache when `image_keys` name them, as `Engine.generate` takes them)."""
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, n=n, seed=seed + i)
               for i in range(len(input_ids))]
-    results: list[list[Completion]] = engine.generate(input_ids, params, pixel_values)
+    results: list[list[Completion]] = engine.generate(input_ids, params, pixel_values, image_keys, tiles_per_image)
     return [[c.text for c in r] for r in results]
 
 

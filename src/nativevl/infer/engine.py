@@ -289,16 +289,22 @@ class Engine:
         input_ids: list[list[int]],
         params: SamplingParams | list[SamplingParams] = SamplingParams(),
         pixel_values: list[torch.Tensor | None] | None = None,
+        image_keys: list[list | None] | None = None,
+        tiles_per_image: list[list[int] | None] | None = None,
     ) -> list[list[Completion]]:
-        """One list of n completions per prompt; runs the steps itself unless `start()` was called."""
+        """One list of n completions per prompt; runs the steps itself unless `start()` was called.
+        `image_keys` / `tiles_per_image`: each prompt's (or None), as `submit` takes them."""
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(input_ids)
         pvs = list(pixel_values) if pixel_values is not None else [None] * len(input_ids)
-        if len(plist) != len(input_ids) or len(pvs) != len(input_ids):
-            raise ValueError(f"{len(input_ids)} prompts but {len(plist)} params and {len(pvs)} pixel_values")
+        keys = list(image_keys) if image_keys is not None else [None] * len(input_ids)
+        counts = list(tiles_per_image) if tiles_per_image is not None else [None] * len(input_ids)
+        if not len(plist) == len(pvs) == len(keys) == len(counts) == len(input_ids):
+            raise ValueError(f"{len(input_ids)} prompts but {len(plist)} params, {len(pvs)} pixel_values, "
+                             f"{len(keys)} image_keys and {len(counts)} tiles_per_image")
         reqs: list[Request] = []
         try:
-            for ids, p, pv in zip(input_ids, plist, pvs):
-                reqs.append(self.submit(ids, p, pv))
+            for ids, p, pv, k, c in zip(input_ids, plist, pvs, keys, counts):
+                reqs.append(self.submit(ids, p, pv, image_keys=k, tiles_per_image=c))
         except BaseException:  # a bad prompt or a full queue: no one would read the others' results
             for r in reqs:
                 self.cancel(r)

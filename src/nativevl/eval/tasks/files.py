@@ -569,15 +569,18 @@ class FileTask(EvalTask):
             by_group.setdefault(_group(it.index, it.where), []).append(i)
         return list(by_group.values())
 
-    def group_records(self, records: list[dict], items: list[FileItem]) -> list[dict]:
-        """Per-row records -> one per question of a circular file: right only when every rotation is."""
+    def group_records(self, records: list[dict], items: list[FileItem], keys: tuple[str, ...] = ("correct",)) -> list[dict]:
+        """Per-row records (in the order of `items`) -> one per question of a circular file: right (each of
+        `keys`: a Best-of-N record's methods) only when every rotation is."""
         out = []
         for rows in self.groups(items):
             members = [records[i] for i in rows]
             main = next((records[i] for i in rows if _is_question(items[i].index)), members[0])
-            out.append({"index": len(out), "question": "+".join(r["question"] for r in members),
-                        "answer": main["answer"], "prediction": main["prediction"],
-                        "correct": all(bool(r["correct"]) for r in members), "rows": members})
+            record = {"index": len(out), "question": "+".join(r["question"] for r in members), "answer": main["answer"]}
+            if "prediction" in main:
+                record["prediction"] = main["prediction"]
+            record.update({key: all(bool(r[key]) for r in members) for key in keys})
+            out.append({**record, "rows": members})
         return out
 
     @property
