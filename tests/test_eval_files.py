@@ -419,7 +419,7 @@ def test_best_of_n_on_a_circular_file_scores_whole_questions_and_encodes_each_pi
              "image": pictures[q][0] if k == 0 else str(q + 1)} for k in range(2) for q in range(2)]
     path = str(tmp_path / "MMBench_DEV_EN.tsv")
     write_tsv(path, rows)
-    right = {"1", "1000001", "2"}  # question 1 right on both rotations, question 2 on its first only
+    right = {"1", "1000001", "1000002"}  # question 1 right on both rotations, question 2 on its rotation only
     monkeypatch.setattr(FileTask, "score", lambda self, prediction, item: item.index in right)
     model = make_model()
     size = model.config.vision.image_size
@@ -432,7 +432,7 @@ def test_best_of_n_on_a_circular_file_scores_whole_questions_and_encodes_each_pi
     assert [g["majority3"] for g in entry["records"]] == [True, False]
     assert [g["sample_accuracy"] for g in entry["records"]] == [1.0, 0.0]
     assert entry["sample_mean"]["accuracy"] == 0.5
-    assert [len(g["rows"]) for g in entry["records"]] == [2, 2]
+    assert [[r["index"] for r in g["rows"]] for g in entry["records"]] == [[0, 2], [1, 3]]  # the file's rows
     assert sum(seen) == sum(tiles)
 
 
@@ -543,6 +543,9 @@ def test_the_engine_path_answers_as_plain_batches_and_encodes_each_picture_once(
     sharing pictures, prompts of several lengths: the engine grows its cache) and a toy task, with the
     image placeholder (made the model's favourite) never generated; each picture runs through the ViT
     once in the whole run (the vision cache spans batches), and a sharded (synced) evaluation refuses it."""
+    import gc
+    import weakref
+
     import torch
     from test_model import make_model
 
@@ -563,19 +566,31 @@ def test_the_engine_path_answers_as_plain_batches_and_encodes_each_picture_once(
     tiles = [image_to_tiles(Image.fromarray(p), image_size=size, max_num=2).shape[0] for _, p in pictures]
     seen, sizes = [], []
     hook = model.vision_tower.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
-    real = engine_module.Engine
-    monkeypatch.setattr(engine_module, "Engine", lambda *a, **k: sizes.append(k["max_seq_len"]) or real(*a, **k))
+    real, made = engine_module.Engine, []
+
+    def engine(*a, **k):
+        sizes.append(k["max_seq_len"])
+        made.append(weakref.ref(real(*a, **k)))
+        return made[-1]()
+
+    monkeypatch.setattr(engine_module, "Engine", engine)
     kw = {"n": 4, "batch_size": 3, "max_num": 2, "model_name": "m"}  # plain: q2's rotations in two batches
-    plain = evaluate(model, tokenizer, [path, "shapes"], **kw)
+    plain = evaluate(model, tokenizer, [path, "shapes", "text"], **kw)  # text: questions without an image
     plain_tiles = sum(seen)
     seen.clear()
-    fast = evaluate(model, tokenizer, [path, "shapes"], engine=True, **kw)
+    gc.disable()  # only the evaluation's own collection may free an outgrown engine (it holds a cycle)
+    try:
+        fast = evaluate(model, tokenizer, [path, "shapes", "text"], engine=True, **kw)
+    finally:
+        gc.enable()
     hook.remove()
-    for task in (path, "shapes"):
+    for task in (path, "shapes", "text"):
         assert fast[task]["records"] == plain[task]["records"]
     assert sum(seen) == sum(tiles) + 4 < plain_tiles == sum(tiles) + tiles[1] + 4  # each picture once; 4 toy tiles
-    # the 3-tile question came after a 1-tile one: a bigger cache; the toy task reused the file's engine
+    # the 3-tile question came after a 1-tile one: a bigger cache; the toy task reused the file's engine; the
+    # engines outgrown were freed (their KV caches) before the next was made
     assert len(sizes) >= 2 and all(a < b for a, b in zip(sizes, sizes[1:]))
+    assert all(ref() is None for ref in made[:-1])
     assert all(r["prediction"] for r in plain["shapes"]["records"])  # answers of other tokens than the favourite
     with pytest.raises(ValueError, match="synced"):
         evaluate(model, tokenizer, [path], engine=True, synced=True, **kw)
@@ -609,3 +624,20 @@ def test_pixel_digests_tell_apart_what_tiles_apart():
     rotated, upright = Image.open(jpeg), Image.open(plain)
     assert np.array_equal(np.asarray(rotated), np.asarray(upright)) and pixel_digest(rotated) != pixel_digest(upright)
     assert pixel_digest("/some/file.png") is None  # not read: not compared
+
+
+def test_the_engine_path_answers_a_prompt_past_the_model_positions_as_plain_generate(tokenizer):
+    """With dynamic RoPE a prompt past max_position_embeddings is rescaled, which the engine's static step
+    does not do: that prompt is answered by plain generate, the others by the engine, in order."""
+    from test_model import make_model
+
+    from nativevl.eval.runner import predict, predict_engine
+
+    model = make_model()
+    long = [{"role": "user", "content": "one two three " * 1500}]
+    assert model.config.text.rope_type == "dynamic"
+    assert len(tokenizer(long[0]["content"]).input_ids) > model.config.text.max_position_embeddings
+    prompts = [([{"role": "user", "content": "hi there"}], []), (long, []), ([{"role": "user", "content": "a b"}], [])]
+    kw = {"max_new_tokens": 4, "batch_size": 2, "system_message": None, "progress": False}
+    assert predict_engine(model, tokenizer, prompts, **kw) == predict(model, tokenizer, prompts, **kw)
+    assert predict_engine(model, tokenizer, prompts[1:2], **kw) == predict(model, tokenizer, prompts[1:2], **kw)

@@ -3,6 +3,7 @@ per-task accuracy with its number of questions, chance level and a 95% (Wilson) 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -177,7 +178,7 @@ def _tiles(max_num, n_images: int) -> int:
 
 def _prompt_row(tokenizer, cfg, prompt: tuple[list[dict], list], max_num, system_message: str | None,
                 tiled: dict) -> tuple[list[int], list[torch.Tensor], list[str] | None]:
-    """(ids, each image's tiles, each image's vision cache key or None) of one prompt; `tiled` holds the
+    """(ids, each image's tiles, each image's vision cache key, or None) of one prompt; `tiled` holds the
     tiles of the pictures seen so far by pixels and tile cap (a picture asked about again, a rotated
     question's, is tiled once and its tiles are the same tensor: generate_texts encodes it once)."""
     messages, images = prompt
@@ -185,13 +186,15 @@ def _prompt_row(tokenizer, cfg, prompt: tuple[list[dict], list], max_num, system
     tiles, keys = [], []
     for im in images:
         digest = pixel_digest(im)
-        key = (digest or f"object {id(im)}", cap)
-        if key not in tiled:
-            tiled[key] = image_tiles([im], image_size=cfg.vision.image_size, max_num=cap)
-        tiles += tiled[key]
-        # a picture not read here (a path) has no key: then the prompt's images are not cached
-        mine = [f"{digest}/{cap}/{j}" for j in range(len(tiled[key]))]  # a clip: one per frame
-        keys = None if keys is None or digest is None else keys + mine
+        if digest is None:  # not read here (a path): tiled for this prompt, and the prompt's images not cached
+            tiles += image_tiles([im], image_size=cfg.vision.image_size, max_num=cap)
+            keys = None
+            continue
+        if (digest, cap) not in tiled:
+            tiled[digest, cap] = image_tiles([im], image_size=cfg.vision.image_size, max_num=cap)
+        tiles += tiled[digest, cap]
+        if keys is not None:
+            keys += [f"{digest}/{cap}/{j}" for j in range(len(tiled[digest, cap]))]  # a clip: one per frame
     ids = chat_ids(tokenizer, messages, [t.shape[0] for t in tiles], image_seq_length=cfg.image_seq_length,
                    system_message=system_message)
     return ids, tiles, keys
@@ -207,7 +210,9 @@ def predict_engine(model, tokenizer, prompts: Sequence[tuple[list[dict], list]],
     is taken from the engine's vision cache while it is there, in the same batch or a later one. Decoding
     stops at the model's end tokens only and never emits the image placeholder, as `predict`'s. The
     engine's KV cache is sized to the longest prompt so far (doubled when a longer one comes, after the
-    running rows finish). One process's own model: not for collective (FSDP) forwards. `heartbeat()` is
+    running rows finish); a prompt past the model's positions with dynamic RoPE (which the engine's static
+    step does not rescale) is answered by plain generate. One process's own model: not for collective
+    (FSDP) forwards. `heartbeat()` is
     called after every `batch_size` answers. `reuse`: a dict whose "engine" is taken up and left for the
     next call (an evaluation's tasks share one engine: its compiled step, graphs and vision cache)."""
     from nativevl.infer.engine import Engine, SamplingParams
@@ -223,28 +228,37 @@ def predict_engine(model, tokenizer, prompts: Sequence[tuple[list[dict], list]],
     if engine is not None and (engine.model is not model or engine.max_batch_size != batch_size):
         engine = None
     tiled: OrderedDict = OrderedDict()  # the latest pictures' tiles (a question's rotations follow each other)
+    dynamic = cfg.text.rope_type == "dynamic"
     bar = tqdm(total=len(prompts), desc=desc, unit="question", leave=False, disable=not progress)
     while ahead < len(prompts) or running:
         while ahead < len(prompts) and len(running) < batch_size:
             if row is None:
                 row = _prompt_row(tokenizer, cfg, prompts[ahead], max_num, system_message, tiled)
-                while len(tiled) > 4 * batch_size:
+                while len(tiled) > 8:
                     tiled.popitem(last=False)
             ids, tiles, keys = row
             need = len(ids) + max_new_tokens + 1
+            if dynamic and need > cfg.text.max_position_embeddings:  # rescaled RoPE: plain generate's
+                answers[ahead] = generate_texts(model, tokenizer, [(ids, tiles)], batch_size=1,
+                                                max_new_tokens=max_new_tokens, progress=False)[0]
+                ahead, row, done = ahead + 1, None, done + 1
+                bar.update(1)
+                continue
             if engine is None or need > engine.max_seq_len:
                 if running:  # a longer prompt: the running rows finish in the engine they started in
                     break
                 size = max(need, 2 * engine.max_seq_len) if engine is not None else need
                 if need <= cfg.text.max_position_embeddings:
                     size = min(size, cfg.text.max_position_embeddings)
-                engine = None  # the old KV cache goes before the new one is made
+                engine = None  # the old KV cache goes before the new one is made (the engine holds a
+                gc.collect()  # reference cycle: its decode body is its own bound method)
                 engine = Engine(model, tokenizer, max_batch_size=batch_size, max_seq_len=size, max_queue=batch_size,
                                 suppress_token_ids=(cfg.image_token_id,))
-            running[ahead] = engine.submit(ids, params, torch.cat(tiles) if tiles else None, image_keys=keys,
+            running[ahead] = engine.submit(ids, params, torch.cat(tiles) if tiles else None, image_keys=keys or None,
                                            tiles_per_image=[t.shape[0] for t in tiles] if keys else None)
             ahead, row = ahead + 1, None
-        engine.step()
+        if running:
+            engine.step()
         for i in [i for i, req in running.items() if req.done]:
             answers[i] = running.pop(i).result()[0].text
             done += 1
@@ -445,9 +459,12 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 10
             rows = [_prompt_row(tokenizer, cfg, prompt, task.tile_cap, system_message, tiled) for prompt in asked]
             longest = max(len(ids) for ids, _, _ in rows) + task.max_new_tokens + 1
             if engine is None or longest > engine.max_seq_len:  # one engine while the prompts fit its cache
+                engine = None
+                gc.collect()  # the old engine's KV cache goes first (it holds a reference cycle)
+                # the image placeholder is never generated, as in `evaluate` and the data pipelines
                 engine = Engine(model, tokenizer, max_batch_size=max(max_batch_size, samples),
-                                max_seq_len=longest,
-                                max_queue=QUESTIONS_AT_ONCE + 1)
+                                max_seq_len=longest, max_queue=QUESTIONS_AT_ONCE + 1,
+                                suppress_token_ids=(cfg.image_token_id,))
             before = engine.stats["prefills"]
             ids, pixels = [r[0] for r in rows], [torch.cat(r[1]) if r[1] else None for r in rows]
             keys = [r[2] if r[1] else None for r in rows]
