@@ -544,6 +544,7 @@ def test_the_engine_path_answers_as_plain_batches_and_encodes_each_picture_once(
     image placeholder (made the model's favourite) never generated; each picture runs through the ViT
     once in the whole run (the vision cache spans batches), and a sharded (synced) evaluation refuses it."""
     import gc
+    import itertools
     import weakref
 
     import torch
@@ -589,7 +590,7 @@ def test_the_engine_path_answers_as_plain_batches_and_encodes_each_picture_once(
     assert sum(seen) == sum(tiles) + 4 < plain_tiles == sum(tiles) + tiles[1] + 4  # each picture once; 4 toy tiles
     # the 3-tile question came after a 1-tile one: a bigger cache; the toy task reused the file's engine; the
     # engines outgrown were freed (their KV caches) before the next was made
-    assert len(sizes) >= 2 and all(a < b for a, b in zip(sizes, sizes[1:]))
+    assert len(sizes) >= 2 and all(a < b for a, b in itertools.pairwise(sizes))
     assert all(ref() is None for ref in made[:-1])
     assert all(r["prediction"] for r in plain["shapes"]["records"])  # answers of other tokens than the favourite
     with pytest.raises(ValueError, match="synced"):
