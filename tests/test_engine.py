@@ -244,6 +244,23 @@ def test_cuda_graph_decode_equals_eager(tokenizer, compile, chunk, attention):
     assert all(len(c[0].token_ids) == 24 for c in out)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile,chunk", [(False, 1), (True, 8)])
+def test_suppression_inside_cuda_graphs_equals_eager(tokenizer, compile, chunk):
+    """The suppressed tokens' -inf is applied inside the captured (and compiled) decode step as in eager."""
+    ps = prompts(tokenizer)
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    kw = {"max_batch_size": 8, "max_seq_len": 256, "device": "cuda"}
+    free = Engine(make_model(), tokenizer, cuda_graphs=False, **kw).generate(ps, params)
+    banned = tuple(sorted({c[0].token_ids[2] for c in free}))  # tokens the decode step picks unsuppressed
+    eager = Engine(make_model(), tokenizer, cuda_graphs=False, suppress_token_ids=banned, **kw)
+    graphs = Engine(make_model(), tokenizer, compile=compile, decode_chunk=chunk, suppress_token_ids=banned, **kw)
+    want = [c[0].token_ids for c in eager.generate(ps, params)]
+    assert [c[0].token_ids for c in graphs.generate(ps, params)] == want
+    assert not any(set(w) & set(banned) for w in want) and graphs.stats["graph_captures"] >= 1
+
+
 def test_chat_repl_multi_turn_with_images(tmp_path, tokenizer, monkeypatch, capsys):
     import io
 
