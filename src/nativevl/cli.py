@@ -79,6 +79,7 @@ def _log_info() -> None:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Single-shot with --prompt, else a multi-turn REPL (/image PATH, /video PATH, /reset, /quit); answers stream."""
     from nativevl.data.images import (
+        existing_file,
         frame_tiles,
         image_to_tiles,
         load_video_frames,
@@ -112,9 +113,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         prefix = ""
         size = cfg.vision.image_size
         if video is not None:
-            if not Path(video).is_file():
-                raise FileNotFoundError(f"video file {video} does not exist")
-            base = file_key(video)  # before reading it: a file rewritten meanwhile gets a key of its own
+            base = file_key(existing_file(video, "video"))  # before reading it: a file rewritten meanwhile gets its own key
             frames = frame_tiles(load_video_frames(video, num_frames=args.num_frames), size)
             new += [normalize(t[None]) for t in frames]
             new_keys += [derived_key(base, "video", args.num_frames, k, size) for k in range(len(frames))]

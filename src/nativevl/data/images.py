@@ -53,11 +53,8 @@ def load_image(
     else:
         name = f"{len(source)} bytes" if isinstance(source, bytes) else str(source)
         data = io.BytesIO(source) if isinstance(source, bytes) else source
-        if not isinstance(source, bytes) and Path(source).is_dir():
-            # FileNotFoundError as for a missing file: every caller reports the record / request that named it
-            raise FileNotFoundError(f"image path {source} is a directory, not an image file")
-        if not isinstance(source, bytes) and not Path(source).is_file():
-            raise FileNotFoundError(f"image file {source} does not exist")
+        if not isinstance(source, bytes):
+            existing_file(source)
         try:
             image = Image.open(data)
             if image.width * image.height > max_pixels:
@@ -118,14 +115,21 @@ def choose_grid(width: int, height: int, *, min_num: int = 1, max_num: int = 12,
     return best
 
 
-def read_file(path: str | Path, kind: str = "image") -> bytes:
-    """A local image's (or video's) bytes, read once: callers that key a cache by them decode the same
-    bytes they hashed. FileNotFoundError naming the path when it is missing or a folder."""
+def existing_file(path: str | Path, kind: str = "image") -> Path:
+    """`path`, a file that is there; else FileNotFoundError naming it (a folder too, as a missing file:
+    every caller reports the record / request that named it)."""
     if Path(path).is_dir():
-        raise FileNotFoundError(f"{kind} path {path} is a directory, not a file")
+        raise FileNotFoundError(f"{kind} path {path} is a directory, not {'an' if kind[0] in 'aeiou' else 'a'} "
+                                f"{kind} file")
     if not Path(path).is_file():
         raise FileNotFoundError(f"{kind} file {path} does not exist")
-    return Path(path).read_bytes()
+    return Path(path)
+
+
+def read_file(path: str | Path, kind: str = "image") -> bytes:
+    """A local image's (or video's) bytes, read once: callers that key a cache by them decode the same
+    bytes they hashed."""
+    return existing_file(path, kind).read_bytes()
 
 
 def tile_image(
@@ -242,9 +246,7 @@ def load_video_frames(
     if isinstance(path, bytes):
         name, path = "in the request", io.BytesIO(path)
     else:
-        name = str(path)
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"video file {path} does not exist")
+        name = str(existing_file(path, "video"))
     if rng is not None:
         count = int(rng.integers(min_frames, max_frames + 1))
     else:

@@ -212,9 +212,9 @@ def predict_engine(model, tokenizer, prompts: Sequence[tuple[list[dict], list]],
     engine's KV cache is sized to the longest prompt so far (doubled when a longer one comes, after the
     running rows finish); a prompt past the model's positions with dynamic RoPE (which the engine's static
     step does not rescale) is answered by plain generate. One process's own model: not for collective
-    (FSDP) forwards. `heartbeat()` is
-    called after every `batch_size` answers. `reuse`: a dict whose "engine" is taken up and left for the
-    next call (an evaluation's tasks share one engine: its compiled step, graphs and vision cache)."""
+    (FSDP) forwards. `heartbeat()` is called after every `batch_size` answers. `reuse`: a dict whose
+    "engine" is taken up and left for the next call (an evaluation's tasks share one engine: its compiled
+    step, graphs and vision cache)."""
     from nativevl.infer.engine import Engine, SamplingParams
 
     cfg = model.config
@@ -467,8 +467,8 @@ def evaluate_best_of_n(model, tokenizer, tasks: list[str], *, n: int | None = 10
                                 suppress_token_ids=(cfg.image_token_id,))
             before = engine.stats["prefills"]
             ids, pixels = [r[0] for r in rows], [torch.cat(r[1]) if r[1] else None for r in rows]
-            keys = [r[2] if r[1] else None for r in rows]
-            counts_per_image = [[t.shape[0] for t in r[1]] if r[2] and r[1] else None for r in rows]
+            keys = [r[2] or None for r in rows]  # none for a prompt without images (or with one not keyed)
+            counts_per_image = [[t.shape[0] for t in r[1]] if r[2] else None for r in rows]
             greedy = engine.generate(ids, SamplingParams(max_tokens=task.max_new_tokens), pixels, keys,
                                      counts_per_image)
             sampled = sample_candidates(engine, ids, pixels, n=samples, temperature=temperature, top_k=top_k,

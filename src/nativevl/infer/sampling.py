@@ -81,6 +81,9 @@ class Request:
         self.cancelled = False
         self.callback_error: BaseException | None = None  # what on_event raised, if it did
         self.timings = {"submitted": time.perf_counter()}
+        # the vision cache's keys of the prompt's images and their tile counts (Engine.submit), or None
+        self.image_keys: list | None = None
+        self.tiles_per_image: list[int] | None = None
         self._done = threading.Event()
 
     @property
@@ -122,7 +125,7 @@ class Request:
         t.update(queue_s=t["admitted"] - t["submitted"], prefill_s=t["first_token"] - t["admitted"],
                  ttft_s=t["first_token"] - t["submitted"], decode_s=now - t["first_token"], output_tokens=n_out)
         t["tpot_s"] = t["decode_s"] / steps
-        keys = getattr(self, "image_keys", None)
+        keys = self.image_keys
         cached = f" ({t.get('images_cached', 0)} of {len(keys)} images from the vision cache)" if keys else ""
         log.info(
             "request %d: preprocess %.1f ms, queue %.1f ms, vision %.1f ms%s, prefill %.1f ms (ttft %.1f ms), "
