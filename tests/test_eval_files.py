@@ -571,8 +571,9 @@ def test_the_engine_path_answers_as_plain_batches_and_encodes_each_picture_once(
 
     def engine(*a, **k):
         sizes.append(k["max_seq_len"])
-        made.append(weakref.ref(real(*a, **k)))
-        return made[-1]()
+        new = real(*a, **k)
+        made.append(weakref.ref(new.decoder))  # the decoder holds the KV cache
+        return new
 
     monkeypatch.setattr(engine_module, "Engine", engine)
     kw = {"n": 4, "batch_size": 3, "max_num": 2, "model_name": "m"}  # plain: q2's rotations in two batches

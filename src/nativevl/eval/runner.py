@@ -250,8 +250,8 @@ def predict_engine(model, tokenizer, prompts: Sequence[tuple[list[dict], list]],
                 size = max(need, 2 * engine.max_seq_len) if engine is not None else need
                 if need <= cfg.text.max_position_embeddings:
                     size = min(size, cfg.text.max_position_embeddings)
-                engine = None  # the old KV cache goes before the new one is made (the engine holds a
-                gc.collect()  # reference cycle: its decode body is its own bound method)
+                engine = None  # the old KV cache goes before the new one is made (the engine's decoder
+                gc.collect()  # holds a reference cycle: its decode body is its own bound method)
                 engine = Engine(model, tokenizer, max_batch_size=batch_size, max_seq_len=size, max_queue=batch_size,
                                 suppress_token_ids=(cfg.image_token_id,))
             running[ahead] = engine.submit(ids, params, torch.cat(tiles) if tiles else None, image_keys=keys or None,

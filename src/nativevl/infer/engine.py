@@ -1,19 +1,16 @@
-"""The inference engine: a preallocated KV cache in slots, batched prefill, continuous batching.
+"""The inference engine: continuous batching over a static KV cache in slots.
 
-Each running sequence owns one slot of a static cache (slots, kv_heads, max_seq_len, head_dim) per
-layer. A `step()` admits waiting requests (one left-padded prefill for all of them; a request for n
-samples is prefilled once and its cache rows copied into n slots), then runs one decode step over
-slots [0, B) with B a power of two, attending to a key window [0, L) with L rounded up: the step's
-shapes depend on (B, L) only, so on CUDA it is captured once per bucket as a CUDA graph (after
-torch.compile when available) and replayed. Free slots inside the bucket compute garbage that no one
-reads. The CPU runs the same static-shape step eagerly.
+Each running sequence owns one slot of a static cache (`slot_decoder.SlotDecoder`, which also runs
+the decode step). A `step()` admits waiting requests (one left-padded prefill for all of them; a
+request for n samples is prefilled once and its cache rows copied into n slots), then runs one decode
+call over slots [0, B) with B a power of two, attending to a key window [0, L) with L rounded up to
+`length_quantum`: the call's shapes depend on (B, L, steps) only, so on CUDA each such bucket is
+captured once as a CUDA graph (after torch.compile when available) and replayed. Free slots inside
+the bucket compute garbage that no one reads. The CPU runs the same static-shape step eagerly.
 
-The default step (`fused_decode`) is trimmed for one token per row: q/k/v and gate/up matmuls fused
-(weights concatenated once), the new key/value written into the cache and attention read from the
-cache window in place with GQA heads unexpanded (`decode_attention`), the mask and RoPE computed once
-per step, the greedy argmax inside the step (one device->host sync per step; with decode_chunk N,
-up to N greedy steps per call and one sync per call), and the step's inputs
-uploaded in one copy. An unpadded prefill runs the same fused layers and writes the slots directly.
+A decode call reads the tokens back once (one device->host sync per step; with decode_chunk N, up
+to N greedy steps per call and one sync per call); this module then samples (when a request asks
+for it), checks stop tokens, stop strings and budgets, streams text and finishes requests.
 
 Threads: `submit()` may be called from any thread; `step()` from one thread only (the caller's, in
 `generate()`, or the background loop started by `start()`, which the server uses).
@@ -30,7 +27,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from nativevl.data.processor import pad_batch
 from nativevl.infer.sampling import (  # re-exported: callers import the engine's types from here
@@ -45,10 +41,11 @@ from nativevl.infer.sampling import (  # re-exported: callers import the engine'
     streamable,
     token_logprobs,
 )
+from nativevl.infer.slot_decoder import SlotDecoder
 from nativevl.infer.vision_cache import VisionCache
 from nativevl.model import decode_kernel
-from nativevl.model.attention import DECODE_BACKENDS, decode_attention
-from nativevl.model.text import KVCache, RotaryEmbedding, rotate_half
+from nativevl.model.attention import DECODE_BACKENDS
+from nativevl.model.text import KVCache, RotaryEmbedding
 from nativevl.model.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -132,9 +129,6 @@ class Engine:
         on_cuda = self.device.type == "cuda"
         if decode_attention == "split" and (why := decode_kernel.available(self.device)):
             raise ValueError(why)
-        self.decode_attention = decode_attention
-        self.use_graphs = bool(cuda_graphs and on_cuda)
-        self.use_compile = self.use_graphs if compile is None else bool(compile and on_cuda)
         self.length_quantum = length_quantum or (256 if on_cuda else 16)
         eos = {cfg.eos_token_id}
         if tokenizer is not None:  # None (benchmarks): token ids only, completions have empty text
@@ -144,20 +138,6 @@ class Engine:
             if tokenizer.eos_token_id is not None:
                 eos.add(tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
-        # the cache is a multiple of 16 positions long, so that every key window is too (sdpa's
-        # memory-efficient kernel pads a mask whose length is not aligned, an extra copy per layer)
-        self._cache_len = -(-max_seq_len // 16) * 16
-        shape = (max_batch_size, cfg.num_key_value_heads, self._cache_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
-        # static input of the decode step (a CUDA graph reads it in place): rows tokens, positions,
-        # lengths, float32 (exact for token ids and lengths below 2**24), uploaded in one copy per step
-        self._state = torch.zeros(3, max_batch_size, dtype=torch.float32, device=self.device)
-        self._rows = torch.arange(max_batch_size, device=self.device)
-        self._key_index = torch.arange(self._cache_len, device=self.device)
-        self.fused_decode = bool(fused_decode)
-        self._fused: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
-        self.refresh_weights()
         self.slots: list[Sequence | None] = [None] * max_batch_size
         self.lengths = [0] * max_batch_size  # host copies: cached entries per slot
         self.positions = [0.0] * max_batch_size
@@ -168,58 +148,33 @@ class Engine:
         self._stop = False
         self._prefill_error: BaseException | None = None
         self.decode_chunk = int(decode_chunk)
-        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._graph_pool = None
-        # one decode step (compiled on CUDA); a call runs it `steps` times, all captured in one graph
-        self._eager_body = self._decode_fused if self.fused_decode else self._decode_layers
-        self._body = self._eager_body
-        if self.use_compile:
-            # one compiled graph per (batch, window) bucket: allow them all rather than fall back to
-            # eager past dynamo's default limit of 8 recompiles
-            n_buckets = (max_batch_size.bit_length() + 1) * (-(-self._cache_len // self.length_quantum))
-            for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
-                if hasattr(torch._dynamo.config, name):
-                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), n_buckets))
-            self._body = torch.compile(self._eager_body, dynamic=False, mode=compile_mode)
         self.vision_cache = VisionCache(int(vision_cache_mb * 2**20)) if vision_cache_mb > 0 else None
         vocab = model.config.text.vocab_size
         if any(not 0 <= t < vocab for t in suppress_token_ids):
             raise ValueError(f"suppress_token_ids must be in [0, {vocab}), got {sorted(suppress_token_ids)}")
-        self._suppress = (torch.tensor(sorted(set(suppress_token_ids)), device=self.device)
-                          if suppress_token_ids else None)
-        self.stats = {"prefills": 0, "prefill_batches": 0, "decode_steps": 0, "decode_calls": 0, "decode_tokens": 0,
-                      "graph_captures": 0, "decode_mode": self.decode_mode}
+        suppress = (torch.tensor(sorted(set(suppress_token_ids)), device=self.device) if suppress_token_ids else None)
+        self.stats: dict = {"prefills": 0, "prefill_batches": 0, "decode_steps": 0, "decode_calls": 0,
+                            "decode_tokens": 0, "graph_captures": 0}
+        # the cache is a multiple of 16 positions long, so that every key window is too (sdpa's
+        # memory-efficient kernel pads a mask whose length is not aligned, an extra copy per layer)
+        self.decoder = SlotDecoder(
+            model, self.rope, max_batch_size=max_batch_size, cache_len=-(-max_seq_len // 16) * 16,
+            fused=fused_decode, attention=decode_attention, graphs=bool(cuda_graphs and on_cuda),
+            compile=bool(cuda_graphs and on_cuda) if compile is None else bool(compile and on_cuda),
+            compile_mode=compile_mode, length_quantum=self.length_quantum, chunk=self.decode_chunk,
+            suppress=suppress, stats=self.stats)
+        self.stats["decode_mode"] = self.decode_mode
 
     @property
     def decode_mode(self) -> str:
-        return (("fused+" if self.fused_decode else "") + ("compile+" if self.use_compile else "")
-                + ("cuda_graph" if self.use_graphs else "eager")
-                + (f"+chunk{self.decode_chunk}" if self.decode_chunk > 1 else "")
-                + (f"+{self.decode_attention}" if self.decode_attention != "sdpa" else ""))
+        return self.decoder.mode
 
-    @torch.no_grad()
     def refresh_weights(self) -> None:
-        """(Re)build the fused decode weights from the model's: [q; k; v] (and bias) and [gate; up] per
-        layer. Copied in place once built, so captured CUDA graphs stay valid. The vision cache's
-        features, made by the old weights, are dropped."""
-        if getattr(self, "vision_cache", None) is not None:
+        """Rebuild the fused decode weights from the model's (call it after changing them; captured CUDA
+        graphs stay valid). The vision cache's features, made by the old weights, are dropped."""
+        if self.vision_cache is not None:
             self.vision_cache.clear()
-        if not self.fused_decode:
-            return
-        fused = []
-        for layer in self.model.language_model.layers:
-            a, m = layer.self_attn, layer.mlp
-            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-            bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
-            fused.append((qkv, bias, gate_up))
-        if not self._fused:
-            self._fused = fused
-            return
-        for old, new in zip(self._fused, fused):
-            for o, n in zip(old, new):
-                if o is not None:
-                    o.copy_(n)
+        self.decoder.refresh_weights()
 
     # ------------------------------------------------------------------ public API
 
@@ -480,9 +435,9 @@ class Engine:
             batch[row, width - e.shape[0]:] = e  # left padding
         free = iter([i for i, s in enumerate(self.slots) if s is None])
         slots = [[next(free) for _ in range(req.params.n)] for req in ok]  # one prefill per request, n slots
-        if self.fused_decode and min(lengths) == width:
+        if self.decoder.fused and min(lengths) == width:
             # no padding (one prompt, or equal lengths): the trimmed forward writes straight into the slots
-            logits = self._prefill_fused(batch, slots).float()  # (R, V)
+            logits = self.decoder.prefill(batch, slots).float()  # (R, V)
             next_pos = [float(width)] * len(ok)
         else:
             mask = mask.to(self.device) if min(lengths) < width else None  # none needed without padding
@@ -490,11 +445,7 @@ class Engine:
             cache: KVCache = out.cache
             next_pos = cache.next_position.tolist()
             logits = out.logits[:, -1].float()  # (R, V)
-            for row, n in enumerate(lengths):
-                for slot in slots[row]:
-                    for layer in range(len(self.k)):  # one prefill, copied into every sample's slot
-                        self.k[layer][slot, :, :n] = cache.keys[layer][row, :, width - n:]
-                        self.v[layer][slot, :, :n] = cache.values[layer][row, :, width - n:]
+            self.decoder.write_prefill(cache, lengths, width, slots)  # one prefill, copied into every sample's slot
         seqs, rows = [], []
         for row, req in enumerate(ok):
             for j, slot in enumerate(slots[row]):
@@ -505,7 +456,7 @@ class Engine:
                 rows.append(row)
         self.stats["prefills"] += len(ok)
         self.stats["prefill_batches"] += 1
-        logits = self._suppressed(logits)
+        logits = self.decoder.suppressed(logits)
         tokens = sample_tokens(logits[rows], seqs)
         scored = [i for i, s in enumerate(seqs) if s.logprobs is not None]
         entries = (token_logprobs(logits[[rows[i] for i in scored]], [tokens[i] for i in scored],
@@ -515,141 +466,6 @@ class Engine:
             req.timings["first_token"] = now
         for seq, tok in zip(seqs, tokens):
             self._append(seq, tok, entries.get(id(seq)))
-
-    def _prefill_fused(self, x: torch.Tensor, slots: list[list[int]]) -> torch.Tensor:
-        """Unpadded prompts x (R, T, C) at positions 0..T-1 through the decoder with the fused weights,
-        each layer's keys/values written straight into the slots of their row; the last position's
-        logits (R, V). The same computation as the model's forward without a mask (causal sdpa)."""
-        lm = self.model.language_model
-        cfg = self.model.config.text
-        n_q, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        rows, t = x.shape[:2]
-        positions = torch.arange(t, device=self.device, dtype=torch.float32)[None].expand(rows, t)
-        cos, sin = self.rope(positions, self.dtype)
-        cos, sin = cos[:, None], sin[:, None]  # (R, 1, T, hd)
-        for i, layer in enumerate(lm.layers):
-            w_qkv, b_qkv, w_gate_up = self._fused[i]
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv = F.linear(layer.input_layernorm(x), w_qkv, b_qkv).view(rows, t, n_q + 2 * n_kv, hd).transpose(1, 2)
-            q, k, v = qkv.split((n_q, n_kv, n_kv), dim=1)  # (R, H, T, hd)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            for row, row_slots in enumerate(slots):
-                for slot in row_slots:
-                    self.k[i][slot, :, :t] = k[row]
-                    self.v[i][slot, :, :t] = v[row]
-            if n_q != n_kv:  # expanded once here (flash kernels); the decode step reads the cache unexpanded
-                k, v = k.repeat_interleave(n_q // n_kv, dim=1), v.repeat_interleave(n_q // n_kv, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(rows, t, n_q * hd))
-            gate, up = F.linear(layer.post_attention_layernorm(x), w_gate_up).chunk(2, dim=-1)
-            x = x + mlp.down_proj(mlp.act(gate) * up)
-        return self.model.lm_head(lm.norm(x[:, -1]))
-
-    # ------------------------------------------------------------------ the decode step
-
-    def _suppressed(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits (R, V) with the suppressed tokens at -inf (inside the decode step's graph too)."""
-        return logits if self._suppress is None else logits.index_fill(-1, self._suppress, float("-inf"))
-
-    def _decode_steps(self, batch: int, window: int, steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """`steps` static-shape decode steps over slots [0, batch) and keys [0, window), the greedy token
-        of each step the input of the next (positions and lengths advancing by one): the last step's
-        logits (batch, V) and every step's argmax (steps, batch). Needs window >= length + steps."""
-        state = self._state[:, :batch]
-        tokens, positions, lengths = state[0].long(), state[1], state[2].long()
-        picked = []
-        for j in range(steps):
-            logits, tokens = self._body(tokens, positions + j if j else positions, lengths + j if j else lengths, window)
-            picked.append(tokens)
-        return logits, torch.stack(picked)
-
-    def _decode_layers(self, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
-                       window: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step of tokens (B,) at positions (B,) after lengths (B,) cached keys, keys [0, window),
-        through the model's own decoder layers: logits (B, V) and their argmax (B,)."""
-        lm = self.model.language_model
-        batch = tokens.shape[0]
-        valid = self._key_index[:window][None] < lengths[:, None]  # (B, L) cached keys of each slot
-        mask = torch.cat([valid, valid.new_ones(batch, 1)], dim=1)  # (B, L+1): the new key comes last
-        cache = _SlotView(self.k, self.v, self._rows[:batch], lengths, window)
-        cos, sin = self.rope(positions[:, None], self.dtype)
-        x = lm.embed_tokens(tokens[:, None])  # (B, 1, C)
-        for layer in lm.layers:
-            x = layer(x, cos, sin, cu_seqlens=None, key_padding_mask=mask, cache=cache, backend=self.model.attn_backend)
-        logits = self._suppressed(self.model.lm_head(lm.norm(x)[:, 0]))  # (B, V)
-        return logits, logits.argmax(-1)
-
-    def _decode_fused(self, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
-                      window: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same step as `_decode_layers`, trimmed for one token per row: fused q/k/v and gate/up
-        matmuls, the new key/value written into the cache first and attention read from the cache
-        window in place (GQA unexpanded), one additive mask and one cos/sin for all layers, and the
-        greedy argmax computed here (inside the CUDA graph) from the model-dtype logits."""
-        lm = self.model.language_model
-        cfg = self.model.config.text
-        n_q, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        split = (n_q * hd, n_kv * hd, n_kv * hd)
-        batch = tokens.shape[0]
-        rows = self._rows[:batch]
-        # keys [0, length] of each slot: its cache and the new key, written at index `length` below
-        valid = self._key_index[:window][None] <= lengths[:, None]  # (B, L)
-        bias = torch.zeros(batch, window, device=self.device, dtype=self.dtype).masked_fill(~valid, float("-inf"))
-        cos, sin = self.rope(positions[:, None], self.dtype)  # (B, 1, hd): broadcast over heads
-        x = lm.embed_tokens(tokens)  # (B, C)
-        for i, layer in enumerate(lm.layers):
-            w_qkv, b_qkv, w_gate_up = self._fused[i]
-            attn, mlp = layer.self_attn, layer.mlp
-            q, k, v = F.linear(layer.input_layernorm(x), w_qkv, b_qkv).split(split, dim=-1)
-            q, k, v = q.view(batch, n_q, hd), k.view(batch, n_kv, hd), v.view(batch, n_kv, hd)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            self.k[i][rows, :, lengths] = k
-            self.v[i][rows, :, lengths] = v
-            out = decode_attention(q, self.k[i][:batch, :, :window], self.v[i][:batch, :, :window], bias,
-                                   backend=self.decode_attention)
-            x = x + attn.o_proj(out.reshape(batch, n_q * hd))
-            gate, up = F.linear(layer.post_attention_layernorm(x), w_gate_up).chunk(2, dim=-1)
-            x = x + mlp.down_proj(mlp.act(gate) * up)
-        logits = self._suppressed(self.model.lm_head(lm.norm(x)))  # (B, V)
-        return logits, logits.argmax(-1)
-
-    def _run_step(self, batch: int, window: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.use_graphs:
-            return self._decode_steps(batch, window, steps)
-        key = (batch, window, steps)
-        if key not in self._graphs:
-            try:
-                self._capture(key)
-            except Exception:
-                if not self.use_compile:
-                    raise
-                # compile failed or cannot be captured: keep CUDA graphs of the eager step
-                log.exception("compiled decode step failed; falling back to the eager step in CUDA graphs")
-                self.use_compile, self._body = False, self._eager_body
-                self._graphs.clear()
-                self.stats["decode_mode"] = self.decode_mode
-                self._capture(key)
-        graph, out = self._graphs[key]
-        graph.replay()
-        return out
-
-    def _capture(self, key: tuple[int, int, int]) -> None:
-        # warm-up on a side stream (compiles, initialises cuBLAS workspaces); writes are idempotent:
-        # each run stores the same tokens' keys at the same indices
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._decode_steps(*key)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            out = self._decode_steps(*key)
-        self._graphs[key] = (graph, out)
-        self.stats["graph_captures"] += 1
 
     def _chunk_steps(self, active: list[Sequence], batch: int) -> int:
         """Decode steps for this call: 1 unless decode_chunk > 1 and every active sample is greedy; then
@@ -661,7 +477,7 @@ class Engine:
         # tokens each sample may still produce: its max_tokens, and what max_seq_len leaves it
         budget = max(min(s.req.params.max_tokens, self.max_seq_len + 1 - len(s.req.prompt)) - len(s.tokens)
                      for s in active)
-        room = self._cache_len - max(self.lengths[:batch])
+        room = self.decoder.cache_len - max(self.lengths[:batch])
         limit = max(1, min(self.decode_chunk, budget, room))
         return 1 << (limit.bit_length() - 1)
 
@@ -671,10 +487,8 @@ class Engine:
         steps = self._chunk_steps(active, batch)
         longest = max(self.lengths[s.slot] for s in active)
         q = self.length_quantum
-        window = min(-(-(longest + steps) // q) * q, self._cache_len)
-        # one host->device copy of every slot's token, position and length
-        self._state.copy_(torch.tensor([self.next_tokens, self.positions, self.lengths], dtype=torch.float32))
-        logits, greedy = self._run_step(batch, window, steps)
+        window = min(-(-(longest + steps) // q) * q, self.decoder.cache_len)
+        logits, greedy = self.decoder.run([self.next_tokens, self.positions, self.lengths], batch, window, steps)
         if steps == 1 and any(s.generator is not None or s.seen is not None for s in active):
             tokens = sample_tokens(logits[[s.slot for s in active]].float(), active)
             picked = [[0] * batch]  # one row indexed by slot, as the greedy path's
@@ -743,25 +557,3 @@ class Engine:
         if all(c is not None for c in req.completions):
             req.log_timings()
             req._finish(req.callback_error)  # a consumer that failed on the last events still fails
-
-class _SlotView:
-    """The KVCache interface over slots [0, B) of the static cache, for one decode step.
-
-    update() writes the new key/value at each slot's length and returns the window [0, L) followed by
-    the new key: the attention mask hides the window's unused entries, and a query always sees the
-    last key (itself).
-    """
-
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], rows: torch.Tensor, lengths: torch.Tensor,
-                 window: int) -> None:
-        self.k, self.v, self.rows, self.lengths, self.window = k, v, rows, lengths, window
-        self.next_position = None
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k/v (B, Hkv, 1, hd) -> (B, Hkv, L+1, hd)."""
-        batch = k.shape[0]
-        self.k[layer][self.rows, :, self.lengths] = k[:, :, 0]
-        self.v[layer][self.rows, :, self.lengths] = v[:, :, 0]
-        keys = torch.cat([self.k[layer][:batch, :, : self.window], k], dim=2)
-        values = torch.cat([self.v[layer][:batch, :, : self.window], v], dim=2)
-        return keys, values
