@@ -288,6 +288,26 @@ def test_chat_repl_multi_turn_with_images(tmp_path, tokenizer, monkeypatch, caps
     assert answers[0] == answers[1] and answers[0].strip()
 
 
+
+def test_a_turn_past_the_engines_length_leaves_the_conversation_as_it_was(tmp_path, model, tokenizer):
+    import numpy as np
+    from PIL import Image
+
+    from nativevl.infer.chat import Conversation
+
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (60, 60, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=160)
+    chat = Conversation(engine, tokenizer, SamplingParams(max_tokens=4), system_message="", max_num=1, num_frames=4)
+    chat.ask("what is shown", [str(tmp_path / "x.png")])
+    state = ([dict(m) for m in chat.history], len(chat.tiles), list(chat.keys))
+    with pytest.raises(ValueError, match="holds at most"):
+        chat.ask("tell me more " * 40, [str(tmp_path / "x.png")])  # a second picture and a long question
+    assert ([dict(m) for m in chat.history], len(chat.tiles), list(chat.keys)) == state
+    _, took = chat.ask("and now")
+    fresh = Conversation(engine, tokenizer, SamplingParams(max_tokens=4), system_message="", max_num=1, num_frames=4)
+    fresh.ask("what is shown", [str(tmp_path / "x.png")])
+    assert took["prompt_tokens"] == fresh.ask("and now")[1]["prompt_tokens"]  # as if never asked
+
 def test_a_cancelled_waiting_request_leaves_the_queue_at_once(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=256, max_queue=2)  # no step runs
     p = prompts(tokenizer)[0]

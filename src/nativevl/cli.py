@@ -7,7 +7,6 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -77,122 +76,28 @@ def _log_info() -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """Single-shot with --prompt, else a multi-turn REPL (/image PATH, /video PATH, /reset, /quit); answers stream."""
-    from nativevl.data.images import (
-        existing_file,
-        frame_tiles,
-        image_to_tiles,
-        load_video_frames,
-        normalize,
-        read_file,
-        tiles_per_image,
-    )
-    from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE, render_chat, video_prefix
+    """Single-shot with --prompt, else a multi-turn session (/image PATH, /video PATH, /reset, /quit); answers stream."""
+    from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE
+    from nativevl.infer.chat import Conversation, answer, session
     from nativevl.infer.engine import Engine, SamplingParams
-    from nativevl.infer.vision_cache import derived_key, file_key, image_key
     from nativevl.io.tokenizer import load_tokenizer
 
-    if args.num_frames < 1:
+    if args.num_frames < 1:  # before loading the model
         raise ValueError(f"--num_frames must be >= 1, got {args.num_frames}")
     model = _serving_model(args)
     tokenizer = load_tokenizer(args.model)
-    cfg = model.config
     engine = Engine(model, tokenizer, max_batch_size=1,
-                    max_seq_len=min(args.max_seq_len, cfg.text.max_position_embeddings), decode_chunk=args.decode_chunk,
-                    decode_attention=args.decode_attention, vision_cache_mb=args.vision_cache_mb)
+                    max_seq_len=min(args.max_seq_len, model.config.text.max_position_embeddings),
+                    decode_chunk=args.decode_chunk, decode_attention=args.decode_attention,
+                    vision_cache_mb=args.vision_cache_mb)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
-    system = DEFAULT_SYSTEM_MESSAGE if args.system is None else args.system
-    history: list[dict[str, str]] = []
-    tiles: list[torch.Tensor] = []  # every image of the conversation, in order (a video: each frame)
-    keys: list[str] = []  # their vision cache keys: later turns do not run the ViT on them again
-
-    def answer(text: str, images: list[str], video: str | None = None) -> None:
-        max_num = tiles_per_image(args.max_num, len(images)) if len(images) > 1 else args.max_num
-        new, new_keys = [], []  # the message's tiles: the video's frames (one tile each) first, then each image's
-        prefix = ""
-        size = cfg.vision.image_size
-        if video is not None:
-            base = file_key(existing_file(video, "video"))  # before reading it: a file rewritten meanwhile gets its own key
-            frames = frame_tiles(load_video_frames(video, num_frames=args.num_frames), size)
-            new += [normalize(t[None]) for t in frames]
-            new_keys += [derived_key(base, "video", args.num_frames, k, size) for k in range(len(frames))]
-            prefix = video_prefix(len(frames))
-        for path in images:
-            data = read_file(path)  # keyed by its bytes: an image edited between turns is asked anew
-            try:
-                new.append(image_to_tiles(data, image_size=size, max_num=max_num))
-            except ValueError as e:
-                raise ValueError(f"{path}: {e}") from None
-            new_keys.append(image_key(data, "image", max_num, size))
-        history.append({"role": "user", "content": prefix + "<image>\n" * len(images) + text})
-        tiles.extend(new)
-        keys.extend(new_keys)
-        prompt = render_chat(history, tiles_per_image=[t.shape[0] for t in tiles],
-                             image_seq_length=cfg.image_seq_length, system_message=system)
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        start = time.perf_counter()
-
-        def show(kind: str, index: int, payload) -> None:
-            if kind == "delta":
-                sys.stdout.write(payload)
-                sys.stdout.flush()
-
-        req = engine.submit(ids, params, torch.cat(tiles) if tiles else None, on_event=show,
-                            image_keys=keys or None, tiles_per_image=[t.shape[0] for t in tiles] or None)
-        while not req.done:
-            engine.step()
-        done = req.result()[0]
-        history.append({"role": "assistant", "content": done.text})
-        n_tiles = sum(t.shape[0] for t in new)
-        print(f"\n[{len(done.token_ids)} tokens in {time.perf_counter() - start:.2f}s, {n_tiles} tile(s), "
-              f"prompt {len(ids)} tokens]", file=sys.stderr)
-
+    conversation = Conversation(engine, tokenizer, params, system_message=DEFAULT_SYSTEM_MESSAGE if args.system is None
+                                else args.system, max_num=args.max_num, num_frames=args.num_frames)
     if args.prompt is not None:
-        answer(args.prompt, args.image or [], args.video)
+        answer(conversation, args.prompt, args.image or [], args.video)
         return 0
-    pending, pending_video = list(args.image or []), args.video
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("multi-turn chat: /image PATH (or /video PATH) attaches an image (a video) to your next message, "
-              "/reset, /quit", file=sys.stderr)
-    while True:
-        if interactive:
-            sys.stderr.write("> ")
-            sys.stderr.flush()
-        line = sys.stdin.readline()
-        if not line:
-            return 0
-        line = line.strip()
-        if line in ("/quit", "/exit"):
-            return 0
-        if line == "/reset":
-            history.clear()
-            tiles.clear()
-            keys.clear()
-            pending, pending_video = [], None
-        elif line.startswith("/image "):
-            path = line[len("/image "):].strip()
-            if not Path(path).is_file():
-                print(f"no such image file: {path}", file=sys.stderr)
-            else:
-                pending.append(path)
-        elif line.startswith("/video "):
-            path = line[len("/video "):].strip()
-            if not Path(path).is_file():
-                print(f"no such video file: {path}", file=sys.stderr)
-            else:
-                pending_video = path  # one video a message: a later /video replaces it
-        elif line:
-            n_tiles = len(tiles)
-            try:
-                answer(line, pending, pending_video)
-            except (ValueError, OSError) as e:  # a bad or vanished file, an over-long conversation: keep chatting
-                print(f"error: {e}", file=sys.stderr)
-                if history and history[-1]["role"] == "user":
-                    history.pop()
-                del tiles[n_tiles:], keys[n_tiles:]
-            pending, pending_video = [], None
+    return session(conversation, args.image or [], args.video)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
