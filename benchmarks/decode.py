@@ -33,7 +33,7 @@ from profiling import profile_call  # benchmarks/profiling.py, beside this scrip
 from nativevl import VisionLanguageModel
 from nativevl.config import preset
 from nativevl.infer.engine import Engine, SamplingParams
-from nativevl.io.hf import config_to_hf
+from nativevl.io.hf_config import config_to_hf
 
 
 def variant_options(name: str) -> dict:

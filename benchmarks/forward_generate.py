@@ -17,7 +17,7 @@ import torch
 from nativevl import VisionLanguageModel
 from nativevl.config import preset
 from nativevl.infer.generate import generate
-from nativevl.io.hf import config_to_hf
+from nativevl.io.hf_config import config_to_hf
 
 
 def small_config():

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from profiling import profile_call  # benchmarks/profiling.py, beside this script
 
 from nativevl.config import preset
-from nativevl.io.hf import config_to_hf
+from nativevl.io.hf_config import config_to_hf
 from nativevl.model.vlm import VisionLanguageModel
 from nativevl.train import parallel
 from nativevl.train.losses import labelled_lm_loss

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nativevl.config import ModelConfig, preset
-from nativevl.io.hf import config_to_hf
+from nativevl.io.hf_config import config_to_hf
 from nativevl.io.tokenizer import train_tokenizer
 
 CORPUS = [
@@ -70,7 +70,7 @@ def write_vit_folder(folder):
 
     from nativevl import VisionLanguageModel
     from nativevl.io import keymap
-    from nativevl.io.hf import config_to_internvl
+    from nativevl.io.hf_config import config_to_internvl
 
     model = VisionLanguageModel(preset("tiny"))
     sd = {k.removeprefix("vision_model."): v.contiguous() for k, v in keymap.to_internvl(model.state_dict()).items()

@@ -15,6 +15,7 @@ from nativevl import VisionLanguageModel
 from nativevl.cli import main as cli_main
 from nativevl.config import PRESETS, preset
 from nativevl.io import hf as hfio
+from nativevl.io import hf_config
 from nativevl.io.tokenizer import load_tokenizer
 
 
@@ -161,8 +162,8 @@ def test_not_a_checkpoint_folder(tmp_path):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_config_json_round_trip(name):
     cfg = preset(name)
-    assert hfio.config_from_hf(hfio.config_to_hf(cfg)) == cfg
-    back = hfio.config_from_internvl(hfio.config_to_internvl(cfg))
+    assert hf_config.config_from_hf(hf_config.config_to_hf(cfg)) == cfg
+    back = hf_config.config_from_internvl(hf_config.config_to_internvl(cfg))
     assert back == cfg
 
 
@@ -190,7 +191,7 @@ def test_config_without_default_values_reads_the_same(name, tmp_path):
     from transformers import InternVLConfig
 
     cfg = preset(name)
-    InternVLConfig(**hfio.config_to_hf(cfg)).save_pretrained(tmp_path / "full")
+    InternVLConfig(**hf_config.config_to_hf(cfg)).save_pretrained(tmp_path / "full")
     full = json.loads((tmp_path / "full" / "config.json").read_text())
     diff = _without_defaults(full)
     (tmp_path / "config.json").write_text(json.dumps(diff))
@@ -200,8 +201,8 @@ def test_config_without_default_values_reads_the_same(name, tmp_path):
                        "internvl3_9b": {"hidden_size", "num_attention_heads", "vision.hidden_size",
                                         "vision.num_hidden_layers"},
                        "internvl3_78b": set()}[name]
-    ours, layout = hfio.read_config(tmp_path)
-    assert layout == "hf" and ours == hfio.read_config(tmp_path / "full")[0] == cfg
+    ours, layout = hf_config.read_config(tmp_path)
+    assert layout == "hf" and ours == hf_config.read_config(tmp_path / "full")[0] == cfg
     # transformers reads the diff file to the same shapes (the oracle for the defaults filled in)
     theirs = InternVLConfig.from_pretrained(tmp_path).text_config
     assert (theirs.hidden_size, theirs.num_attention_heads, theirs.num_key_value_heads, theirs.vocab_size) == (
@@ -213,56 +214,56 @@ def test_internvl3_9b_hf_as_transformers_4_wrote_it_stops_at_im_end_and_is_untie
     bos 1 of LlamaConfig, tie_word_embeddings False) and no top-level tie_word_embeddings; the converter puts
     the chat's stop token <|im_end|> (128131) in generation_config.json only. Ours reads eos 128131 and an
     untied head, as transformers' generate and 4.x's tying do."""
-    d = hfio.config_to_hf(preset("internvl3_9b"))
+    d = hf_config.config_to_hf(preset("internvl3_9b"))
     del d["tie_word_embeddings"]
     for key in ("eos_token_id", "bos_token_id", "tie_word_embeddings", "pad_token_id"):
         d["text_config"].pop(key, None)
     (tmp_path / "config.json").write_text(json.dumps(d))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128131, 2], "bos_token_id": 1}))
-    cfg, layout = hfio.read_config(tmp_path)
+    cfg, layout = hf_config.read_config(tmp_path)
     assert layout == "hf" and cfg.text.eos_token_id == 128131 and not cfg.tie_word_embeddings
     # without generation_config.json: the tokenizer's <|im_end|>
     (tmp_path / "generation_config.json").unlink()
     (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 128131}))
-    assert hfio.read_config(tmp_path)[0].text.eos_token_id == 128131
+    assert hf_config.read_config(tmp_path)[0].text.eos_token_id == 128131
     # a text_config that names its eos keeps it when there is no generation_config.json
     d["text_config"]["eos_token_id"] = 7
     (tmp_path / "config.json").write_text(json.dumps(d))
-    assert hfio.read_config(tmp_path)[0].text.eos_token_id == 7
+    assert hf_config.read_config(tmp_path)[0].text.eos_token_id == 7
     # both rope keys: transformers 5.x takes the legacy rope_scaling
     t = dict(d["text_config"], rope_scaling={"rope_type": "dynamic", "factor": 3.0},
              rope_parameters={"rope_type": "default", "rope_theta": 5e7})
-    assert hfio.text_from_dict(t, source="x").rope_factor == 3.0
+    assert hf_config.text_from_dict(t, source="x").rope_factor == 3.0
 
 
 def test_original_config_without_llm_shape_names_the_file_once(tmp_path):
-    d = hfio.config_to_internvl(preset("internvl3_9b"))
+    d = hf_config.config_to_internvl(preset("internvl3_9b"))
     d["llm_config"]["model_type"] = "internlm3"  # remote code: no class defaults to fill in
     del d["llm_config"]["hidden_size"]
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match="lacks num_attention_heads / hidden_size") as e:
-        hfio.read_config(tmp_path)
+        hf_config.read_config(tmp_path)
     assert str(e.value).count("config.json") == 1
 
 
 def test_original_layout_reads_like_internvl(tmp_path):
     """Hub InternVL3 original configs say eos <|endoftext|> in llm_config, but chat() stops at <|im_end|>."""
-    d = hfio.config_to_internvl(preset("internvl3_1b"))
+    d = hf_config.config_to_internvl(preset("internvl3_1b"))
     d["llm_config"]["eos_token_id"] = 151643
     d["llm_config"]["tie_word_embeddings"] = True
     d["tie_word_embeddings"] = False  # the LLM is built from llm_config: that value decides
     del d["image_token_id"]
     (tmp_path / "config.json").write_text(json.dumps(d))
-    cfg, layout = hfio.read_config(tmp_path)
+    cfg, layout = hf_config.read_config(tmp_path)
     assert layout == "internvl" and cfg.text.eos_token_id == 151645 and cfg.tie_word_embeddings
     assert cfg.image_token_id == 151667
 
 
 def test_unsupported_feature_strategy_is_an_error():
-    d = hfio.config_to_hf(preset("tiny"))
+    d = hf_config.config_to_hf(preset("tiny"))
     d["vision_feature_select_strategy"] = "full"
     with pytest.raises(ValueError, match="vision_feature_select_strategy 'full'"):
-        hfio.config_from_hf(d)
+        hf_config.config_from_hf(d)
 
 
 def test_resave_in_place_keeps_tokenizer_and_permissions(hf_folder, tmp_path, tokenizer):

@@ -7,7 +7,7 @@ import torch
 
 from nativevl import VisionLanguageModel
 from nativevl.config import PRESETS, TextConfig, preset, replace
-from nativevl.io.hf import config_to_hf
+from nativevl.io.hf_config import config_to_hf
 
 # InternVL3 paper, Table 1 (#Param, rounded to 0.1B; the 8B entry reads 8.1B for 7.94B of weights).
 PAPER_BILLIONS = {

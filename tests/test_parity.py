@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from nativevl import VisionLanguageModel
 from nativevl.infer.generate import generate
-from nativevl.io.hf import config_to_hf
+from nativevl.io.hf_config import config_to_hf
 
 VARIANTS = [("layer_norm", False), ("layer_norm", True), ("rms_norm", False), ("rms_norm", True)]
 

@@ -13,7 +13,7 @@ import torch
 
 from nativevl.config import ModelConfig, TextConfig, VisionConfig
 from nativevl.io import hf as hfio
-from nativevl.io import keymap
+from nativevl.io import hf_config, keymap
 from nativevl.model.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -34,15 +34,15 @@ def load_vit(path: str | Path) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
     raw, _ = hfio.read_tensors(path)
     model_type = d.get("model_type")
     if model_type in ("internvl", "internvl_chat"):
-        cfg, layout = hfio.read_config(path)
+        cfg, layout = hf_config.read_config(path)
         sd = keymap.from_hf(raw) if layout == "hf" else keymap.from_internvl(raw)
         vision = cfg.vision
     elif model_type == "intern_vit_6b":
         sd = keymap.from_internvl({f"vision_model.{k}": v for k, v in raw.items()})
-        vision = hfio.vision_from_dict(d, "internvl")
+        vision = hf_config.vision_from_dict(d, "internvl")
     elif model_type == "internvl_vision":
         sd = {f"vision_tower.{k.removeprefix('model.')}": v for k, v in raw.items()}
-        vision = hfio.vision_from_dict(d, "hf")
+        vision = hf_config.vision_from_dict(d, "hf")
     else:
         raise ValueError(f"{path}: model_type {model_type!r} is not an InternViT or InternVL checkpoint")
     sd = {k: v for k, v in sd.items() if k.startswith("vision_tower.")}
@@ -55,7 +55,7 @@ def load_llm(path: str | Path) -> tuple[TextConfig, bool, dict[str, torch.Tensor
     """(config, tied, weights as ours) from a Qwen2ForCausalLM / LlamaForCausalLM folder."""
     path = Path(path)
     d = _config(path)
-    text = hfio.text_from_dict(d, source=str(path / "config.json"))
+    text = hf_config.text_from_dict(d, source=str(path / "config.json"))
     raw, _ = hfio.read_tensors(path)
     sd = {}
     for k, v in raw.items():
