@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import itertools
 import json
+import logging
 import math
 from importlib.util import find_spec
 from pathlib import Path
@@ -793,3 +794,20 @@ def test_data_preference_cli_resumes_to_the_uninterrupted_output(tmp_path, monke
     assert main(args + ["--out", str(out), "--resume"]) == 0
     assert out.read_text() == (tmp_path / "a" / "pref.jsonl").read_text()
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(p.name for p in (tmp_path / "a").iterdir())
+
+
+def test_mpo_keeps_its_reference_in_bf16_and_starts_from_log_ratios_of_0(tmp_path, caplog):
+    """bf16 compute: the frozen reference's linear layers are kept in bf16 (what autocast computes with), so
+    step 1's log-ratios are still exactly 0 and the run equals one with a float32 reference."""
+    meta = preference_meta(tmp_path)
+    steps = {}
+    for frozen in ("float32", "auto"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="nativevl.train.loop"):
+            launch(apply_overrides(recipe("debug_tiny"), [*MPO_ARGS, f"--meta={meta}", "--max_steps=2",
+                                                          "--dtype=bfloat16", f"--frozen_dtype={frozen}"]), tmp_path / frozen)
+        kept = [r.getMessage() for r in caplog.records if "frozen linear layers kept" in r.getMessage()]
+        assert bool(kept) == (frozen == "auto"), kept  # the policy trains every layer: the reference's
+        steps[frozen] = [{k: m[k] for k in ("loss", "dpo", "bco", "nll")} for m in metrics(tmp_path / frozen) if "loss" in m]
+    assert steps["auto"] == steps["float32"] and len(steps["auto"]) == 2
+    assert steps["auto"][0]["dpo"] == pytest.approx(math.log(2), abs=1e-6)

@@ -205,3 +205,22 @@ def test_a_sharded_qlora_run_exports_the_model_it_trained(tmp_path):
     assert (exported - expected).abs().max().item() < 1e-5
     assert (exported - as_noted).abs().max().item() < 1e-5  # --adapter decodes the base as the note says
     assert (exported - plain).abs().max().item() > 1e-3  # the 4-bit base is not the full one
+
+
+def test_a_sharded_bf16_run_keeps_its_frozen_layers_in_bf16_and_trains_as_with_fp32_ones(tmp_path):
+    """FSDP2 over 2 processes with bf16 compute (its gathers in bf16): the frozen ViT and LoRA base kept in
+    bf16 (trainable shards stay fp32, as FSDP2 needs one dtype among them) give the float32-kept run's losses
+    and gradient norms exactly."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    lora = ["--dtype=bfloat16", "--stage.llm.mode=lora", "--stage.llm.lora_rank=4", "--stage.llm.lora_dropout=0",
+            "--stage.vit.mode=frozen", "--export=false"]
+    seen = {}
+    for frozen in ("float32", "auto"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nativevl",
+               "train", "debug_tiny", "--out", str(tmp_path / frozen), *ARGS, *lora, f"--frozen_dtype={frozen}"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        assert ("frozen linear layers kept in torch.bfloat16" in proc.stdout + proc.stderr) == (frozen == "auto")
+        lines = [json.loads(x) for x in (tmp_path / frozen / "metrics.jsonl").read_text().splitlines()]
+        seen[frozen] = [(m["loss"], m["grad_norm"]) for m in lines if "loss" in m]
+    assert seen["auto"] == seen["float32"] and len(seen["auto"]) == 3

@@ -3,6 +3,8 @@ losses, the chunked loss, export, learning, initialisation from parts, overrides
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from nativevl import VisionLanguageModel
 from nativevl.config import preset
 from nativevl.recipes import apply_overrides, build, launch, recipe
 from nativevl.train import loop
+from nativevl.train.export import export_snapshot
 from nativevl.train.losses import labelled_lm_loss, weighted_cross_entropy
 from nativevl.train.metrics import batch_flops, module_sizes, pass_factors
 
@@ -558,3 +561,62 @@ def test_each_step_logs_its_data_wait_and_tokens_per_device(tmp_path, monkeypatc
         assert r["data_wait_frac"] == pytest.approx(r["data_wait_s"] / r["step_time_s"])
         assert r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"])  # one process
         assert r["peak_memory_gib"] is None  # CPU: no device memory to report
+
+
+LORA_BF16 = ["--max_steps=3", "--global_batch=2", "--tensorboard=false", "--dtype=bfloat16", "--stage.vit.mode=frozen",
+             "--stage.llm.mode=lora", "--stage.llm.lora_rank=4", "--stage.llm.lora_dropout=0", "--export=false"]
+
+
+def test_frozen_linear_layers_kept_in_bf16_train_as_fp32_ones_do_under_autocast(tmp_path):
+    """bf16 compute (here on the CPU): --frozen_dtype=auto keeps the LoRA base, the frozen ViT's linear layers
+    and the lm_head in bf16, which autocast would cast them to at every use anyway: the same losses bit for
+    bit as --frozen_dtype=float32, in less memory; the export merges the adapters in float32."""
+    runs = {}
+    for frozen in ("float32", "auto"):
+        run = apply_overrides(recipe("debug_tiny"), [*LORA_BF16, f"--frozen_dtype={frozen}"])
+        model, tokenizer, dataset, run = build(run, tmp_path / frozen)
+        loop.train(model, tokenizer, dataset, run.stage, run.train, tmp_path / frozen)
+        runs[frozen] = (losses(tmp_path / frozen), model)
+    (want, full), (got, half) = runs["float32"], runs["auto"]
+    assert got == want and len(got) == 3
+    params = dict(half.named_parameters())
+    kept = {k for k, p in params.items() if p.dtype == torch.bfloat16}
+    assert "language_model.layers.0.self_attn.q_proj.base.weight" in kept and "lm_head.weight" in kept
+    assert "vision_tower.encoder.layer.0.attention.projection_layer.weight" in kept
+    assert "vision_tower.embeddings.patch_embeddings.projection.weight" in kept  # a Conv2d
+    trained = {k for k, p in params.items() if p.requires_grad}
+    assert trained and not trained & kept  # adapters and the projector stay fp32
+    assert not any(k.endswith(("norm.weight", "embed_tokens.weight", "position_embeddings")) for k in kept)
+    assert all(p.dtype == torch.float32 for p in full.parameters())
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
+    assert size(half) < 0.7 * size(full)
+    batch = next(iter(dataset))
+    with torch.no_grad():
+        reference = copy.deepcopy(half).float().eval()(**batch.model_inputs()).logits  # unmerged, float32
+        export_snapshot(half, tokenizer, tmp_path / "best", True)  # DIR/best/'s way: from a state dict
+        loop.export_final(half, tokenizer, tmp_path / "final", True)
+        for folder in ("best", "final"):
+            merged = VisionLanguageModel.from_pretrained(tmp_path / folder)(**batch.model_inputs()).logits
+            assert (reference - merged).abs().max().item() < 1e-5, folder
+
+
+def test_frozen_linear_params_leave_a_tied_head_and_trained_layers_alone():
+    from nativevl.train.stages import frozen_linear_params
+
+    cfg = preset("tiny")
+    model = VisionLanguageModel(dataclasses.replace(cfg, tie_word_embeddings=True)).requires_grad_(False)
+    model.language_model.layers[0].mlp.up_proj.weight.requires_grad_(True)  # its bias-free layer trains
+    picked = {id(p) for p in frozen_linear_params(model)}
+    assert id(model.lm_head.weight) not in picked  # the embedding table, which autocast does not cast
+    assert id(model.language_model.layers[0].mlp.up_proj.weight) not in picked
+    assert id(model.language_model.layers[0].mlp.down_proj.weight) in picked
+    assert not any(id(p) in picked for p in model.language_model.norm.parameters())
+
+
+def test_frozen_dtype_bfloat16_needs_bf16_compute(tmp_path):
+    with pytest.raises(ValueError, match="frozen_dtype=bfloat16"):
+        apply_overrides(recipe("debug_tiny"), ["--dtype=float32", "--frozen_dtype=bfloat16"])
+    run = apply_overrides(recipe("debug_tiny"), ["--max_steps=1", "--tensorboard=false", "--frozen_dtype=bfloat16"])
+    model, tokenizer, dataset, run = build(run, tmp_path)
+    with pytest.raises(ValueError, match="computes in float32"):  # dtype=auto on the CPU
+        loop.train(model, tokenizer, dataset, run.stage, run.train, tmp_path)

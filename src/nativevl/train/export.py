@@ -74,7 +74,8 @@ def merged_lora_state(model, state: dict[str, torch.Tensor]) -> dict[str, torch.
             # QLoRA's NF4 base keeps its weight in buffers the state dict leaves out: the replicated copy here
             base = module.base.dequantized().cpu() if isinstance(module.base, NF4Linear) else out.pop(f"{name}.base.weight")
             a, b = out.pop(f"{name}.lora_A"), out.pop(f"{name}.lora_B")
-            out[f"{name}.weight"] = base + (b.float() @ a.float()).to(base.dtype) * module.scale
+            dtype = torch.promote_types(base.dtype, a.dtype)  # a bf16 frozen base: merged in the adapter's fp32
+            out[f"{name}.weight"] = base.to(dtype) + (b.float() @ a.float()).to(dtype) * module.scale
             if f"{name}.base.bias" in out:
                 out[f"{name}.bias"] = out.pop(f"{name}.base.bias")
     return out

@@ -32,7 +32,7 @@ from nativevl.train.objectives import OBJECTIVES, make_objective
 from nativevl.train.optim import build_optimizer, lr_factor, set_lr
 from nativevl.train.parallel import all_reduce_max, all_reduce_sum, broadcast_object, init_distributed
 from nativevl.train.plan import preflight
-from nativevl.train.stages import MODULES, StagePolicy, apply_policy, quantize_base
+from nativevl.train.stages import MODULES, StagePolicy, apply_policy, quantize_base, store_frozen
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+    # the frozen linear layers' weights (a LoRA base, a frozen ViT, MPO's reference): auto keeps them in bf16
+    # when the run computes in bf16 (autocast would cast them at each use anyway: the same products, half
+    # the bytes, no copies), float32 keeps them as loaded
+    frozen_dtype: str = "auto"
     peak_tflops: float | None = None  # for MFU where the device is not known
     tensorboard: bool = True
     export: bool = True
@@ -87,6 +91,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.frozen_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"frozen_dtype must be auto, float32 or bfloat16, got {self.frozen_dtype!r}")
+        if self.frozen_dtype == "bfloat16" and self.dtype == "float32":
+            raise ValueError("frozen_dtype=bfloat16 keeps frozen layers for bf16 autocast; dtype=float32 computes in "
+                             "float32 (use dtype=bfloat16, or frozen_dtype=auto)")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.max_steps < 1 or self.global_batch < 1:
@@ -120,7 +129,7 @@ RESUMABLE_CHANGES = {
     "train." + k for k in ("max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
                            "eps", "grad_clip", "num_workers", "loss_chunk", "save_every", "keep_checkpoints",
                            "peak_tflops", "tensorboard", "export", "attn_implementation",
-                           "activation_checkpointing", "compile", "dtype", "val_every", "val_records", "hang_timeout",
+                           "activation_checkpointing", "compile", "dtype", "frozen_dtype", "val_every", "val_records", "hang_timeout",
                            "memory_check", "eval_tasks", "eval_every", "eval_n", "eval_batch_size", "eval_seed",
                            "best_metric")
 } | {"data.max_reject_fraction", "data.min_records_before_abort", "val_meta"}
@@ -208,10 +217,16 @@ def train(
     model.to(device)
     mpo = MPOWeights(cfg.mpo_preference_weight, cfg.mpo_quality_weight, cfg.mpo_generation_weight, cfg.mpo_beta)
     label_ids = label_token_ids(tokenizer) if cfg.objective == "prm" else None
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    frozen = frozen_storage(cfg.frozen_dtype, use_bf16)
     objective = make_objective(cfg.objective, model, cfg.loss_chunk, mpo, label_ids)  # before LoRA: the reference is pi_0
+    freed = store_frozen(objective.reference, frozen) if frozen and hasattr(objective, "reference") else 0
     apply_policy(model, policy)
     model.to(device)  # LoRA adapters were made on the CPU
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    freed += store_frozen(model, frozen) if frozen else 0
+    if main and freed:
+        log.info("frozen linear layers kept in %s (--frozen_dtype=%s): %.2f GiB less", frozen, cfg.frozen_dtype,
+                 freed / 2**30)
     sizes = module_sizes(model)  # whole counts, before sharding
     model.attn_backend = resolve_backend(cfg.attn_implementation, device)
     if hasattr(objective, "reference"):  # pi_0 must run the same kernels, or step 1's log-ratios are not 0
@@ -504,6 +519,18 @@ def validate(model, objective, batches: list, device, use_bf16: bool, autocast, 
     return record
 
 
+def frozen_storage(frozen_dtype: str, use_bf16: bool) -> torch.dtype | None:
+    """The dtype the frozen linear layers are kept in (`stages.store_frozen`), None: as loaded."""
+    if frozen_dtype == "float32":
+        return None
+    if not use_bf16:
+        if frozen_dtype == "bfloat16":
+            raise ValueError("frozen_dtype=bfloat16 keeps frozen layers for bf16 autocast, but this run computes in "
+                             "float32 (dtype=auto on a CPU): use dtype=bfloat16, or frozen_dtype=auto")
+        return None
+    return torch.bfloat16
+
+
 def save_train_state(out_dir, model, optimizer, step, tokens, tracker, cfg, rank, world, objective_state=None) -> None:
     """Collective: model and optimiser shards through DCP, each rank's data position and RNG beside them."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -552,7 +579,8 @@ def check_memory(model, policy: StagePolicy, cfg: TrainConfig, dataset, world: i
         return
     p, report = preflight(model.config, policy, gpus=world, tokens=dataset.cfg.max_tokens, tiles=dataset.cfg.max_tiles,
                           activation_checkpointing=cfg.activation_checkpointing, loss_chunk=cfg.loss_chunk,
-                          gpu_bytes=budget, reference=cfg.objective == "mpo")
+                          gpu_bytes=budget, reference=cfg.objective == "mpo",
+                          frozen_bf16=cfg.frozen_dtype != "float32" and cfg.dtype != "float32")
     if p.fits:
         return
     surely = p.lower_bound > budget

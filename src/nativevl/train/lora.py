@@ -32,10 +32,14 @@ class LoRALinear(nn.Module):
         return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear holding W + scale * B A (W dequantized for an NF4 base: the weights it trained with)."""
+        """A plain nn.Linear holding W + scale * B A (W dequantized for an NF4 base: the weights it trained with),
+        in the adapter's precision when the base is kept in less (a bf16 frozen base under fp32 adapters)."""
         base = self.base.to_linear() if isinstance(self.base, NF4Linear) else self.base
+        dtype = torch.promote_types(base.weight.dtype, self.lora_A.dtype)
         with torch.no_grad():
-            base.weight += (self.lora_B @ self.lora_A).to(base.weight.dtype) * self.scale
+            for p in base.parameters():
+                p.data = p.data.to(dtype)
+            base.weight += (self.lora_B @ self.lora_A).to(dtype) * self.scale
         return base
 
 

@@ -4,7 +4,8 @@ Bytes per GPU under FSDP2 over N GPUs with bf16 compute (train/parallel.py):
 - parameters: fp32 master shards (4 B / N per parameter) + the bf16 copies gathered at once: the root
   (embeddings, projector, lm_head; kept gathered through the step) and two blocks (the running one
   and the prefetched one); on one GPU (no FSDP: fp32 module, bf16 autocast) the autocast copies of
-  all the weights backward goes through (2 B per parameter);
+  all the weights backward goes through (2 B per parameter); frozen linear layers (a LoRA base, a
+  frozen ViT, all of MPO's reference) kept in bf16 (--frozen_dtype=auto) take 2 B / N and no copy;
   QLoRA's NF4 weights instead take about 0.52 B each on every GPU (buffers: not sharded, never gathered;
   with several GPUs the two gathered blocks are still counted whole, which about offsets the one layer
   decoded at a time and a checkpointed block's recompute, not counted);
@@ -32,7 +33,7 @@ from nativevl.config import ModelConfig
 from nativevl.model.vlm import VisionLanguageModel
 from nativevl.train.parallel import trainable_by_module
 from nativevl.train.qlora import NF4Linear, nf4_bytes_per_weight
-from nativevl.train.stages import apply_policy
+from nativevl.train.stages import MODULE_ATTRS, apply_policy, frozen_linear_params, quantize_base
 
 GiB = 1024**3
 
@@ -121,10 +122,14 @@ def plan(
     reference: bool = False,
     quantized: int = 0,
     nf4_bytes: float = 0.5,
+    frozen_bf16: dict[str, int] | None = None,
+    reference_bf16: int = 0,
 ) -> Plan:
     """trainable: trainable parameters per module ("vit", "mlp", "llm"), e.g. 0 for a frozen one.
-    reference: MPO's frozen copy of the initial model, sharded like the policy (fp32, no gradients).
-    quantized: weights stored in NF4 (QLoRA's base layers), `nf4_bytes` each, on every GPU."""
+    reference: MPO's frozen copy of the initial model, sharded like the policy (no gradients).
+    quantized: weights stored in NF4 (QLoRA's base layers), `nf4_bytes` each, on every GPU.
+    frozen_bf16: parameters per module kept in bf16 (frozen linear layers), reference_bf16: the
+    reference's; the others are fp32."""
     if gpus < 1 or tokens < 1 or tiles < 0:
         raise ValueError(f"gpus and tokens must be >= 1 and tiles >= 0, got {gpus}, {tokens}, {tiles}")
     if loss_chunk < 1:
@@ -134,15 +139,21 @@ def plan(
     vit, llm = vit_params(cfg), llm_params(cfg)
     total = sum(param_counts(cfg).values())
     n_train = sum(trainable.values())
+    frozen_bf16 = frozen_bf16 or {}
+    half = sum(frozen_bf16.values())
     if gpus > 1:
         bf16_copies = 2 * (vit["root"] + mlp_params(cfg) + llm["root"]) + 2 * 2 * max(vit["block"], llm["block"])
     else:
-        # one process: the plain fp32 module under bf16 autocast, which caches a bf16 copy of each
-        # trainable weight for the whole forward (and backward keeps the copies of the frozen weights it
-        # differentiates through); a frozen ViT runs without backward, its casts are transient
-        bf16_copies = 2 * (total - quantized - (param_counts(cfg)["vit"] if trainable.get("vit", 0) == 0 else 0))
-    parameters = ((math.ceil(4 * (total - quantized) / gpus) + math.ceil(nf4_bytes * quantized)) * (2 if reference else 1)
-                  + bf16_copies)
+        # one process: the plain module under bf16 autocast, which caches a bf16 copy of each fp32
+        # trainable weight for the whole forward (and backward keeps the copies of the frozen fp32 weights
+        # it differentiates through; weights kept in bf16 need none); a frozen ViT runs without backward,
+        # its casts are transient
+        frozen_vit = param_counts(cfg)["vit"] - frozen_bf16.get("vit", 0) if trainable.get("vit", 0) == 0 else 0
+        bf16_copies = 2 * (total - quantized - half - frozen_vit)
+    nf4 = math.ceil(nf4_bytes * quantized)
+    parameters = math.ceil((4 * (total - quantized - half) + 2 * half) / gpus) + nf4 + bf16_copies
+    if reference:
+        parameters += math.ceil((4 * (total - quantized - reference_bf16) + 2 * reference_bf16) / gpus) + nf4
     gradients = math.ceil(4 * n_train / gpus)
     if gpus > 1:
         # reduce_dtype=float32: a block's bf16 gradients are copied into an fp32 reduce-scatter input of
@@ -175,10 +186,11 @@ def plan(
 
 def advice(cfg: ModelConfig, trainable: dict[str, int], *, gpus: int, tokens: int, tiles: int,
            activation_checkpointing: bool, loss_chunk: int, gpu_bytes: int, reference: bool = False,
-           quantized: int = 0, nf4_bytes: float = 0.5) -> list[str]:
+           quantized: int = 0, nf4_bytes: float = 0.5, frozen_bf16: dict[str, int] | None = None,
+           reference_bf16: int = 0) -> list[str]:
     """What to change, cheapest first, when the plan does not fit; [] when it does."""
     kw = {"tiles": tiles, "loss_chunk": loss_chunk, "gpu_bytes": gpu_bytes, "reference": reference,
-          "quantized": quantized, "nf4_bytes": nf4_bytes}
+          "quantized": quantized, "nf4_bytes": nf4_bytes, "frozen_bf16": frozen_bf16, "reference_bf16": reference_bf16}
     if plan(cfg, trainable, gpus=gpus, tokens=tokens, activation_checkpointing=activation_checkpointing, **kw).fits:
         return []
     out = []
@@ -192,8 +204,7 @@ def advice(cfg: ModelConfig, trainable: dict[str, int], *, gpus: int, tokens: in
             break
     def fits_packs(n: int) -> bool:
         return plan(cfg, trainable, gpus=gpus, tokens=n, activation_checkpointing=True,
-                    tiles=min(tiles, n // max(cfg.image_seq_length, 1)), loss_chunk=loss_chunk,
-                    gpu_bytes=gpu_bytes, reference=reference, quantized=quantized, nf4_bytes=nf4_bytes).fits
+                    **{**kw, "tiles": min(tiles, n // max(cfg.image_seq_length, 1))}).fits
 
     smaller = tokens
     while not fits_packs(smaller) and smaller // 2 >= 256:  # halving down to 256-token packs, 256 included
@@ -208,7 +219,7 @@ def advice(cfg: ModelConfig, trainable: dict[str, int], *, gpus: int, tokens: in
 
 
 def format_plan(p: Plan, title: str) -> str:
-    rows = [("parameters (fp32 shards + gathered bf16, NF4)", p.parameters), ("gradients (fp32 shards)", p.gradients),
+    rows = [("parameters (fp32 / bf16 shards, gathered bf16, NF4)", p.parameters), ("gradients (fp32 shards)", p.gradients),
             ("optimizer (AdamW moments, fp32 shards)", p.optimizer), ("activations (one pack)", p.activations),
             ("loss chunk (logits)", p.loss), ("overhead (context, slack)", p.overhead), ("total", p.total)]
     width = max(len(name) for name, _ in rows)
@@ -231,21 +242,41 @@ def stage_counts(cfg: ModelConfig, stage) -> tuple[dict[str, int], int, float]:
     return trainable, quantized, nf4_bytes
 
 
+def bf16_counts(cfg: ModelConfig, stage) -> tuple[dict[str, int], int]:
+    """(parameters per module, MPO reference's parameters) that --frozen_dtype=auto keeps in bf16 under a
+    StagePolicy: `stages.frozen_linear_params` of a meta-device model (the reference: of the model as it
+    is before LoRA, every layer frozen; QLoRA's NF4 layers are neither)."""
+    with torch.device("meta"):
+        model = VisionLanguageModel(cfg)
+        quantize_base(model, stage)
+        model.requires_grad_(False)
+        reference = sum(p.numel() for p in frozen_linear_params(model))
+        apply_policy(model, stage)
+        ids = {id(p) for p in frozen_linear_params(model)}
+        per_module = {m: sum(p.numel() for p in getattr(model, attr).parameters() if id(p) in ids)
+                      for m, attr in MODULE_ATTRS.items()}
+        per_module["llm"] += model.lm_head.weight.numel() if id(model.lm_head.weight) in ids else 0
+    return per_module, reference
+
+
 def run_inputs(cfg: ModelConfig, stage, *, tokens: int, tiles: int, loss_chunk: int, gpu_bytes: int,
-               reference: bool) -> tuple[dict[str, int], dict]:
+               reference: bool, frozen_bf16: bool = True) -> tuple[dict[str, int], dict]:
     """(trainable parameters per module, the keyword arguments of plan() and advice() but gpus and
-    checkpointing) of a run: its module policies, packs, loss chunk, GPU memory, MPO's reference."""
+    checkpointing) of a run: its module policies, packs, loss chunk, GPU memory, MPO's reference, and
+    whether its frozen linear layers are kept in bf16."""
     trainable, quantized, nf4_bytes = stage_counts(cfg, stage)
+    half, ref_half = bf16_counts(cfg, stage) if frozen_bf16 else ({}, 0)
     return trainable, {"tokens": tokens, "tiles": tiles, "loss_chunk": loss_chunk, "gpu_bytes": gpu_bytes,
-                       "reference": reference, "quantized": quantized, "nf4_bytes": nf4_bytes}
+                       "reference": reference, "quantized": quantized, "nf4_bytes": nf4_bytes,
+                       "frozen_bf16": half, "reference_bf16": ref_half if reference else 0}
 
 
 def preflight(cfg: ModelConfig, stage, *, gpus: int, tokens: int, tiles: int, activation_checkpointing: bool,
-              loss_chunk: int, gpu_bytes: int, reference: bool) -> tuple[Plan, str]:
+              loss_chunk: int, gpu_bytes: int, reference: bool, frozen_bf16: bool = True) -> tuple[Plan, str]:
     """Before a training run touches its GPUs: (the plan, a report of it and, when it does not fit, of what
     would: advice)."""
     trainable, kw = run_inputs(cfg, stage, tokens=tokens, tiles=tiles, loss_chunk=loss_chunk, gpu_bytes=gpu_bytes,
-                               reference=reference)
+                               reference=reference, frozen_bf16=frozen_bf16)
     p = plan(cfg, trainable, gpus=gpus, activation_checkpointing=activation_checkpointing, **kw)
     report = format_plan(p, f"memory per GPU ({gpus} GPU(s), packs of {tokens} tokens and {tiles} tiles, "
                             f"activation checkpointing {'on' if activation_checkpointing else 'off'}):")

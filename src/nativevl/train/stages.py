@@ -96,3 +96,32 @@ def apply_policy(model: nn.Module, policy: StagePolicy) -> dict[str, list[nn.Par
                     seen.add(id(p))
                     params[name].append(p)
     return params
+
+
+def frozen_linear_params(model: nn.Module) -> list[nn.Parameter]:
+    """The frozen parameters that bf16 storage leaves exactly as bf16 autocast computes with them: the
+    weights and biases of nn.Linear and nn.Conv2d layers none of whose parameters train (autocast casts
+    those to bf16 at every use, so a bf16 copy kept instead gives the same products bit for bit), unless
+    another kind of module holds them too (a tied lm_head is the embedding's table, which autocast does
+    not cast). Norms, embeddings, position embeddings and layer scales keep their dtype."""
+    elsewhere = {id(p) for m in model.modules() if not isinstance(m, (nn.Linear, nn.Conv2d))
+                 for p in m.parameters(recurse=False)}
+    out: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            own = list(m.parameters(recurse=False))
+            if not any(p.requires_grad for p in own):
+                out.update((id(p), p) for p in own if id(p) not in elsewhere and p.is_floating_point())
+    return list(out.values())
+
+
+def store_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Keep the frozen linear layers' parameters (`frozen_linear_params`) in `dtype`, in place (the same
+    Parameter objects); returns the bytes this frees. For a LoRA run over a bf16-trained base the frozen
+    base takes 2 bytes per weight instead of 4, and autocast makes no copy of it."""
+    freed = 0
+    for p in frozen_linear_params(model):
+        if p.dtype != dtype:
+            freed += p.numel() * (p.element_size() - torch.empty((), dtype=dtype).element_size())
+            p.data = p.data.to(dtype)
+    return freed
