@@ -265,3 +265,100 @@ def test_eval_asks_a_jsonl_sets_video_questions_as_transformers_would(tmp_path, 
     (tmp_path / "gone.jsonl").write_text(json.dumps({**rows[0], "video": "gone.mp4"}) + "\n")
     with pytest.raises(ValueError, match="gone.mp4 does not exist"):
         evaluate(model, tokenizer, [str(tmp_path / "gone.jsonl")], n=None)
+
+
+def test_preference_pairs_about_a_video_ask_it_as_eval_does_and_train_on_its_frames(tmp_path, tokenizer, monkeypatch,
+                                                                                    capsys):
+    """`data preference` on video questions: each is sampled with the frames and the prompt transformers'
+    processor would give (one tile per frame), DropoutNTP continues without the video, the pairs name the
+    video, and the MPO loader makes both sides of a pair from the same frames."""
+    import json
+
+    from nativevl.data.pipeline import DataConfig, build_sample
+    from nativevl.data.records import DatasetSpec, parse_record
+    from nativevl.pipelines import questions as qmod
+
+    model = make_model()
+    model.save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    cfg = model.config
+    write_clip(tmp_path / "clip.mp4")
+    frames = every_frame(tmp_path / "clip.mp4")
+    rows = [{"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\nwhat happens?"}]},  # no answer
+            {"video": "clip.mp4", "conversations": [{"from": "human", "value": "what happens?"},
+                                                     {"from": "gpt", "value": "a bar moves"}]}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    real, asked = qmod.generate_texts, []
+    monkeypatch.setattr(qmod, "generate_texts", lambda m, t, r, **k: asked.append(list(r)) or real(m, t, r, **k))
+    out = tmp_path / "pref.jsonl"
+    args = ["data", "preference", "--model", str(tmp_path / "m"), "--input", str(tmp_path / "q.jsonl"), "--samples", "4",
+            "--max_new_tokens", "6", "--num_frames", "4", "--out", str(out)]
+    assert main(args) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    want_ids, _ = oracle_prompt(tokenizer, cfg, 4, "what happens?")
+    want_pixels = oracle_pixels([frames[i] for i in (5, 15, 25, 35)], cfg.vision.image_size)
+    responses, continuations = asked[0], asked[1]
+    assert len(responses) == 2 * 4
+    for ids, tiles in responses:  # both questions (with and without the placeholder) are the same prompt
+        assert ids == want_ids
+        assert torch.allclose(tiles, want_pixels, atol=1e-5)
+    for ids, tiles in continuations:  # DropoutNTP: the question without its video
+        assert (tiles is None or tiles.numel() == 0) and cfg.image_token_id not in ids
+        assert "video" not in tokenizer.decode(ids) and "Frame" not in tokenizer.decode(ids)
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert records and stats["dropout_ntp_pairs"] >= 1 and all(r["video"] == "clip.mp4" for r in records)
+    spec = DatasetSpec("pref", out, tmp_path)
+    data = DataConfig(max_tokens=2000, max_tiles=64, image_size=cfg.vision.image_size,
+                      image_seq_length=cfg.image_seq_length, image_token_id=cfg.image_token_id, system_message=None)
+    pair = build_sample(parse_record(records[0], spec, "pref:1"), tokenizer, data, index=3)
+    n_frames = pair.num_tiles
+    assert 8 <= n_frames <= 32  # training draws its own frames, as InternVL's loader does
+    chosen_ids, rejected_ids = pair.input_ids, pair.rejected[0]
+    for ids in (chosen_ids, rejected_ids):
+        text = tokenizer.decode(ids)
+        assert (ids == cfg.image_token_id).sum() == n_frames * cfg.image_seq_length and "<video>" not in text
+        assert f"Frame-{n_frames}: <img>" in text
+    # a video that cannot be decoded is left out and named; past 5% of the video questions, an error
+    (tmp_path / "bad.mp4").write_bytes(b"\x00" * 300)
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({**r, "video": "bad.mp4"}) + "\n" for r in rows[:1])
+                                      + "".join(json.dumps(r) + "\n" for r in rows))
+    assert main([*args[:-1], str(tmp_path / "pref2.jsonl")]) != 0
+    assert "1 of 3 videos cannot be decoded" in capsys.readouterr().err
+    # what the loader refuses in a video preference record, by name
+    from nativevl.data.records import RecordError
+
+    Image.new("RGB", (20, 20)).save(tmp_path / "x.png")
+    pair = {"question": "<video>\nwhat happens?", "chosen": "a", "rejected": "b"}
+    for bad, kind in (({**pair, "video": "clip.mp4", "image": "x.png"}, "malformed"),
+                      ({**pair, "video": ["clip.mp4", "clip.mp4"]}, "malformed"),
+                      (pair, "placeholder_mismatch")):  # <video> but no video
+        with pytest.raises(RecordError) as e:
+            parse_record(bad, spec, "pref:x")
+        assert e.value.kind == kind
+
+
+def test_a_preference_pair_on_a_video_converts_and_loads(tmp_path, tokenizer):
+    """ms-swift's DPO record on a video (`videos`, `rejected_response`) -> nativevl's preference record
+    naming the video, with `<video>` before its question; the loader makes both sides from its frames."""
+    import json
+
+    from nativevl.data.convert import convert
+    from nativevl.data.pipeline import DataConfig, build_sample
+    from nativevl.data.records import load_meta, parse_record
+
+    write_clip(tmp_path / "clip.mp4")
+    raw = {"messages": [{"role": "user", "content": "what happens?"}, {"role": "assistant", "content": "a bar moves"}],
+           "rejected_response": "nothing", "videos": ["clip.mp4"]}
+    (tmp_path / "in.jsonl").write_text(json.dumps(raw) + "\n")
+    stats = convert([tmp_path / "in.jsonl"], tmp_path / "out" / "pairs.jsonl")
+    assert (stats.written, stats.pairs) == (1, 1)
+    record = json.loads((tmp_path / "out" / "pairs.jsonl").read_text())
+    assert record == {"video": "../clip.mp4", "question": "<video>\nwhat happens?", "chosen": "a bar moves",
+                      "rejected": "nothing"}
+    (spec,) = load_meta(tmp_path / "out" / "meta.json")
+    image_token = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    cfg = DataConfig(max_tokens=4096, max_tiles=64, image_seq_length=2, image_token_id=image_token,
+                     system_message=None, training=False)
+    pair = build_sample(parse_record(record, spec, "pairs:1"), tokenizer, cfg)
+    assert pair.num_tiles == 32  # InternVL's loader outside training: 32 frames
+    for ids in (pair.input_ids, pair.rejected[0]):
+        assert (ids == image_token).sum() == 32 * 2 and "<video>" not in tokenizer.decode(ids)

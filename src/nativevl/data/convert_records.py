@@ -39,9 +39,7 @@ from typing import Any
 from PIL import Image
 
 from nativevl.data.convert_files import ConvertError, Media
-from nativevl.data.template import IMAGE_PLACEHOLDER, ROLES
-
-VIDEO_PLACEHOLDER = "<video>"
+from nativevl.data.template import IMAGE_PLACEHOLDER, ROLES, VIDEO_PLACEHOLDER
 
 USER, ASSISTANT, SYSTEM, TOOL = "user", "assistant", "system", "tool"
 ROLE_ALIASES = {  # InternVL's role names (template.ROLES), ms-swift's "bot", and the tool roles refused
@@ -447,8 +445,6 @@ def convert_record(raw: Any, layout: Layout, media: Media, out_dir: Path) -> dic
     if first_user is None:
         raise ConvertError("malformed", "no user turn")
     if pair is not None:
-        if videos:
-            raise ConvertError("unsupported", "a preference pair on a video (pairs hold images)")
         if len(turns) != 1:
             raise ConvertError("unsupported", f"a preference pair after {len(turns) - 1} earlier turn(s): nativevl's "
                                               "pairs hold one question")

@@ -250,7 +250,8 @@ def _checked(sample: Sample, cfg: DataConfig) -> Sample:
 
 
 def _preference_sample(record: PreferenceRecord, tokenizer, cfg: DataConfig, index: int) -> Sample:
-    """question + chosen and question + rejected as one pair sample sharing the image tiles."""
+    """question + chosen and question + rejected as one pair sample sharing the image tiles (a video's
+    frames: the same record index draws the same frames for both)."""
     question = record.question
     if record.images and IMAGE_PLACEHOLDER not in question:
         question = "\n".join([IMAGE_PLACEHOLDER] * len(record.images)) + "\n" + question
@@ -258,7 +259,8 @@ def _preference_sample(record: PreferenceRecord, tokenizer, cfg: DataConfig, ind
     docs = []
     for response in (record.chosen, record.rejected):
         conv = Record([*system, {"from": "human", "value": question}, {"from": "gpt", "value": response}], record.images,
-                      source=record.source, max_dynamic_patch=record.max_dynamic_patch, data_augment=record.data_augment)
+                      video=record.video, source=record.source, max_dynamic_patch=record.max_dynamic_patch,
+                      data_augment=record.data_augment)
         docs.append(build_sample(conv, tokenizer, cfg, index))  # same index: same tiles, same V2PE strides
     chosen, rejected = docs
     pair = Sample(chosen.input_ids, chosen.labels, chosen.position_ids, chosen.pixel_values, record.source, index,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from nativevl.data.template import IMAGE_PLACEHOLDER, normalize_turns
+from nativevl.data.template import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, normalize_turns
 
 PROBLEMS = (
     "malformed",  # not JSON, wrong types, unknown roles
@@ -74,6 +74,7 @@ class PreferenceRecord:
     max_dynamic_patch: int = 12
     data_augment: bool = False
     system: str | None = None  # the pair's system message (None: the run's default)
+    video: Path | None = None  # instead of images: its frames replace <video> (or lead the question)
 
 
 def _bool(value: Any, what: str) -> bool:
@@ -295,11 +296,19 @@ def parse_record(raw: Any, spec: DatasetSpec, where: str) -> Record | Preference
         system = raw.get("system")
         if system is not None and not isinstance(system, str):
             raise RecordError("malformed", f"{where}: a preference record's 'system' must be a string")
+        video = _paths(raw.get("video"), spec.root, where, "video")
+        if video and images:
+            raise RecordError("malformed", f"{where}: a record holds images or a video, not both")
+        if len(video) > 1:
+            raise RecordError("malformed", f"{where}: a preference record holds one video, got {len(video)}")
         n = raw["question"].count(IMAGE_PLACEHOLDER)
         if n and n != len(images):
             raise RecordError("placeholder_mismatch", f"{where}: {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
+        if raw["question"].count(VIDEO_PLACEHOLDER) > (1 if video else 0):
+            raise RecordError("placeholder_mismatch", f"{where}: {raw['question'].count(VIDEO_PLACEHOLDER)} "
+                              f"{VIDEO_PLACEHOLDER} placeholder(s) but {len(video)} video(s)")
         return PreferenceRecord(raw["question"], raw["chosen"], raw["rejected"], images, where, spec.max_dynamic_patch,
-                                spec.data_augment, system)
+                                spec.data_augment, system, video[0] if video else None)
     if "text" in raw and "conversations" not in raw:  # a plain document (text corpus for pre-training)
         if not isinstance(raw["text"], str) or not raw["text"].strip():
             raise RecordError("malformed", f"{where}: 'text' must be a non-empty string")

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 IMAGE_MARKUP = ("<IMG_CONTEXT>", "<img>", "</img>", IMAGE_PLACEHOLDER)
 IMAGE = object()  # where an image stands in a message's content pieces (encode_prompt); never text
 
@@ -32,6 +33,15 @@ def video_prefix(n_frames: int, *, training: bool = False) -> str:
     InternVLProcessor ask about a video (inference)."""
     label = "Frame-{}: " if training else "Frame{}: "
     return "".join(label.format(i + 1) + IMAGE_PLACEHOLDER + "\n" for i in range(n_frames))
+
+
+def with_video(text: str, prefix: str) -> str:
+    """`text` with its `<video>` (the first; with its newline) replaced by the frames' `prefix`
+    (`video_prefix`), or the prefix before it when it holds none, as InternVL's chat puts a video first."""
+    for mark in (VIDEO_PLACEHOLDER + "\n", VIDEO_PLACEHOLDER):
+        if mark in text:
+            return text.replace(mark, prefix, 1)
+    return prefix + text
 
 
 def expand_images(text: str, tiles_per_image: list[int], image_seq_length: int) -> str:

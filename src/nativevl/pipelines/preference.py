@@ -3,6 +3,8 @@
 Correctness: sample N responses per question, verify each; correct ones are chosen, wrong or
 unparseable ones rejected; at most K pairs per question. DropoutNTP (no ground truth): a sampled
 response is chosen; its first half, continued by the same model *without the image*, is rejected.
+A video question is asked with `num_frames` frames (as `nativevl eval` asks it); its pairs name the video,
+and DropoutNTP continues without it.
 """
 
 from __future__ import annotations
@@ -13,8 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from nativevl.data.template import IMAGE_PLACEHOLDER
-from nativevl.pipelines.questions import Progress, Question, has_image_markup, sample_responses, write_records
+from nativevl.data.template import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from nativevl.pipelines.questions import (
+    Progress,
+    Question,
+    has_image_markup,
+    sample_responses,
+    visual_prompts,
+    write_records,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +37,15 @@ class PreferenceConfig:
     max_new_tokens: int = 256
     dropout_ratio: float = 0.5  # DropoutNTP: where the chosen response is cut
     seed: int = 0
+    num_frames: int = 8  # a video question's frames
 
     def __post_init__(self) -> None:
         if self.n < 2 or self.max_pairs < 1:
             raise ValueError(f"need n >= 2 responses and max_pairs >= 1, got n={self.n}, max_pairs={self.max_pairs}")
         if not 0 < self.dropout_ratio < 1:
             raise ValueError(f"dropout_ratio must be in (0, 1), got {self.dropout_ratio}")
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
 
 
 def correctness_pairs(responses: list[str], correct: list[bool], max_pairs: int, rng: np.random.Generator) -> list[tuple[str, str]]:
@@ -48,7 +60,9 @@ def correctness_pairs(responses: list[str], correct: list[bool], max_pairs: int,
 
 
 def _without_images(question: str) -> str:
-    return question.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip()
+    for mark in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
+        question = question.replace(mark + "\n", "").replace(mark, "")
+    return question.strip()
 
 
 def build_preference_data(model, tokenizer, questions: list[Question], cfg: PreferenceConfig, out: str | Path,
@@ -60,14 +74,19 @@ def build_preference_data(model, tokenizer, questions: list[Question], cfg: Pref
     if progress is not None:
         progress.check()
     rng = np.random.default_rng(cfg.seed)
-    samples = sample_responses(model, tokenizer, [(q.question, q.images, "") for q in questions], cfg.n,
+    prompts = visual_prompts(questions, cfg.num_frames)  # by question index; an undecodable video's left out
+    asked = sorted(prompts)
+    samples = sample_responses(model, tokenizer, [(*prompts[qi], "") for qi in asked], cfg.n,
                                temperature=cfg.temperature, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
                                seed=cfg.seed, system_message=system_message, desc="responses", progress=progress)
     lines, stats = [], {"questions": len(questions), "pairs": 0, "correctness_pairs": 0, "dropout_ntp_pairs": 0,
                         "all_correct": 0, "all_wrong": 0, "sampled_accuracy": 0.0}
+    if len(asked) < len(questions):
+        stats["unreadable_videos"] = len(questions) - len(asked)
     ntp_prompts, ntp_owner = [], []
     n_correct = 0
-    for qi, (q, responses) in enumerate(zip(questions, samples, strict=True)):
+    for qi, responses in zip(asked, samples, strict=True):
+        q = questions[qi]
         # an empty or whitespace-only response (the model ended at once) cannot be a side of a pair:
         # the preference loader rejects such records
         kept = [r for r in responses if r.strip() and not has_image_markup(r)]
@@ -101,7 +120,7 @@ def build_preference_data(model, tokenizer, questions: list[Question], cfg: Pref
     if progress is not None:
         progress.clear()
     stats["pairs"] = len(lines)
-    verified = [q for q in questions if q.answer is not None]
+    verified = [qi for qi in asked if questions[qi].answer is not None]
     stats["sampled_accuracy"] = n_correct / max(1, len(verified) * cfg.n)  # dropped responses count as wrong
     log.info("preference data: %s -> %s", stats, out)
     return stats

@@ -16,9 +16,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from nativevl.data.images import load_image
+from nativevl.data.images import VideoClip, load_image, load_video_frames, pixel_digest
 from nativevl.data.processor import chat_inputs
-from nativevl.data.template import IMAGE_PLACEHOLDER, has_image_markup, normalize_turns  # noqa: F401 (re-export)
+from nativevl.data.template import (  # noqa: F401 (has_image_markup: re-exported)
+    IMAGE_PLACEHOLDER,
+    has_image_markup,
+    normalize_turns,
+    video_prefix,
+    with_video,
+)
 from nativevl.data.toyworld.tasks import example, final_answer, normalize, verify
 from nativevl.infer.generate import generate_texts
 
@@ -103,7 +109,7 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int
             video = rec["video"]
             if not videos:
                 raise ValueError(f"{path}:{lineno}: a video record; this pipeline asks image and text questions only "
-                                 "(`nativevl eval` asks video questions)")
+                                 "(`nativevl eval` and `nativevl data preference` ask video questions)")
             if names:
                 raise ValueError(f"{path}:{lineno}: a record holds images or a video, not both")
             if not isinstance(video, str) or not video.strip():
@@ -240,10 +246,37 @@ class Progress:
 def _image_fingerprint(images: list) -> str:
     h = hashlib.sha1()
     for im in images:
+        if isinstance(im, VideoClip):  # its frames' pixels
+            h.update(f"clip{pixel_digest(im)}".encode())
+            continue
         arr = np.asarray(im)
         h.update(f"{arr.shape}{arr.dtype}".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
+
+
+def visual_prompts(questions: list[Question], num_frames: int, max_bad: float = 0.05) -> dict[int, tuple[str, list]]:
+    """Each question's (text, images) as the model is asked it, by question index: a video question's
+    `num_frames` frames (those `nativevl eval` and transformers' video processor pick), one tile each,
+    standing for its `<video>` (or before its text). A question whose video cannot be decoded is left
+    out and named in the log; more than `max_bad` of the video questions so is an error."""
+    out, bad = {}, []
+    for qi, q in enumerate(questions):
+        if q.video is None:
+            out[qi] = (q.question, q.images)
+            continue
+        try:
+            frames = load_video_frames(q.video, num_frames=num_frames)
+        except ValueError as e:
+            log.warning("question %d: %s; left out", qi, e)
+            bad.append(qi)
+            continue
+        out[qi] = (with_video(q.question, video_prefix(len(frames))), [VideoClip(tuple(frames))])
+    videos = sum(q.video is not None for q in questions)
+    if len(bad) > max_bad * videos:
+        raise ValueError(f"{len(bad)} of {videos} videos cannot be decoded (more than {max_bad:.0%}; questions "
+                         f"{bad[:10]}); the log names each")
+    return out
 
 
 def group_seed(seed: int, group: int) -> int:
@@ -342,6 +375,11 @@ def write_records(out: Path, questions: list[Question], records) -> None:
     images: dict[int, list[str]] = {}
 
     def with_images(qi: int, rec: dict) -> dict:
+        if questions[qi].video is not None:  # named where it is (under --out's folder: relative to it)
+            video = Path(questions[qi].video)
+            rec["video"] = str(video.relative_to(out.parent.resolve()) if video.is_relative_to(out.parent.resolve())
+                               else video)
+            return rec
         if qi not in images:
             images[qi] = save_images(questions[qi], out.parent, f"{out.stem}-q{qi}")
         if images[qi]:

@@ -43,7 +43,7 @@ from pathlib import Path
 from PIL import Image
 
 from nativevl.data.images import VideoClip, load_image, load_video_frames, tiles_per_image
-from nativevl.data.template import IMAGE_PLACEHOLDER, video_prefix
+from nativevl.data.template import IMAGE_PLACEHOLDER, video_prefix, with_video
 from nativevl.eval.tasks.base import EvalTask
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -525,9 +525,7 @@ class FileTask(EvalTask):
                 frames = load_video_frames(item.video, num_frames=self.num_frames)
             except ValueError as e:
                 raise ValueError(f"{item.where}: {e}") from None
-            prefix = video_prefix(len(frames))
-            question, mark = item.question, "<video>\n" if "<video>\n" in item.question else "<video>"
-            question = question.replace(mark, prefix, 1) if mark in question else prefix + question
+            question = with_video(item.question, video_prefix(len(frames)))
             return [{"role": "user", "content": question}], [VideoClip(tuple(frames))]
         images = item.images
         if self.max_num is None and "mmmu" in self.path.name.lower() and images:
