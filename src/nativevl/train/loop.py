@@ -192,7 +192,8 @@ def train(
 ) -> dict:
     """Train (or resume) into out_dir; returns a summary. The dataset must already know its rank.
     With `val_dataset` (a finite held-out stream for this rank), the validation loss is measured every
-    `cfg.val_every` steps and at the end."""
+    `cfg.val_every` steps and at the end. In a bf16 run (`cfg.frozen_dtype` auto or bfloat16) the model's
+    frozen linear layers are bf16 when this returns: use it under bf16 autocast (its exports are float32)."""
     out_dir = Path(out_dir)
     rank, world, device = init_distributed()
     if cfg.global_batch % world:
