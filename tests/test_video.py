@@ -258,7 +258,7 @@ def test_eval_asks_a_jsonl_sets_video_questions_as_transformers_would(tmp_path, 
     default = evaluate(None, tokenizer, [str(tmp_path / "set.jsonl")], n=None, model_name="tiny",
                        predictor=lambda task, items: ["x"] * len(items))
     assert "num_frames" not in default[str(tmp_path / "set.jsonl")]["settings"]  # 8: as reports before videos
-    # the data pipelines (preference pairs, PRM labels) take image and text questions only: said, not dropped
+    # read without videos=True (an API caller that asks images only), a video record is said, not dropped
     with pytest.raises(ValueError, match="a video record"):
         jsonl_questions(tmp_path / "set.jsonl")
     # a video file that is not there stops the evaluation, naming it
@@ -362,3 +362,48 @@ def test_a_preference_pair_on_a_video_converts_and_loads(tmp_path, tokenizer):
     assert pair.num_tiles == 32  # InternVL's loader outside training: 32 frames
     for ids in (pair.input_ids, pair.rejected[0]):
         assert (ids == image_token).sum() == 32 * 2 and "<video>" not in tokenizer.decode(ids)
+
+
+def test_prm_labels_for_a_video_question_ask_it_with_its_frames(tmp_path, tokenizer, monkeypatch, capsys):
+    """`data prm` on a video question: solutions and step-prefix rollouts are asked with the frames and the
+    prompt transformers' processor gives; the PRM conversation names the video, whose frames replace the
+    `<video>` of its question when it trains."""
+    import json
+
+    from nativevl.data.pipeline import DataConfig, build_sample
+    from nativevl.data.records import DatasetSpec, parse_record
+    from nativevl.pipelines import questions as qmod
+
+    model = make_model()
+    model.save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    cfg = model.config
+    write_clip(tmp_path / "clip.mp4")
+    frames = every_frame(tmp_path / "clip.mp4")
+    row = {"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\nwhat happens?"},
+                                                   {"from": "gpt", "value": "a bar moves"}]}
+    (tmp_path / "q.jsonl").write_text(json.dumps(row) + "\n")
+    asked = []
+
+    def fake_sampler(m, t, rows, **kw):  # solutions of two steps, then rollouts
+        asked.append(list(rows))
+        return ["it moves\n\nto the right"] * len(rows) if len(asked) == 1 else ["a bar moves"] * len(rows)
+
+    monkeypatch.setattr(qmod, "generate_texts", fake_sampler)
+    out = tmp_path / "prm.jsonl"
+    assert main(["data", "prm", "--model", str(tmp_path / "m"), "--input", str(tmp_path / "q.jsonl"), "--solutions", "2",
+                 "--rollouts", "2", "--num_frames", "4", "--out", str(out)]) == 0
+    want_ids, _ = oracle_prompt(tokenizer, cfg, 4, "what happens?")
+    want_pixels = oracle_pixels([frames[i] for i in (5, 15, 25, 35)], cfg.vision.image_size)
+    solutions, rollouts = asked
+    step = tokenizer("it moves\n\n", add_special_tokens=False).input_ids
+    for rows, extra in ((solutions, []), (rollouts, step)):
+        assert rows and all(ids == want_ids + extra for ids, _ in rows)
+        assert all(torch.allclose(tiles, want_pixels, atol=1e-5) for _, tiles in rows)
+    (record,) = [json.loads(x) for x in out.read_text().splitlines()]  # the same solution twice: one record
+    assert record["video"] == "clip.mp4" and record["conversations"][1]["value"].startswith("### Question:\n<video>")
+    data = DataConfig(max_tokens=2000, max_tiles=64, image_size=cfg.vision.image_size,
+                      image_seq_length=cfg.image_seq_length, image_token_id=cfg.image_token_id, system_message=None)
+    sample = build_sample(parse_record(record, DatasetSpec("prm", out, tmp_path), "prm:1"), tokenizer, data, index=0)
+    text = tokenizer.decode(sample.input_ids)
+    assert "### Question:\nFrame-1: <img>" in text and "<video>" not in text
+    assert (sample.input_ids == cfg.image_token_id).sum() == sample.num_tiles * cfg.image_seq_length

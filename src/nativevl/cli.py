@@ -279,14 +279,14 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _questions(args: argparse.Namespace, videos: bool = False):
+def _questions(args: argparse.Namespace):
     from nativevl.pipelines.questions import jsonl_questions, toyworld_questions
 
     if bool(args.toyworld) == bool(args.input):
         raise ValueError("give exactly one of --toyworld FAMILY and --input FILE.jsonl")
     if args.toyworld:
         return toyworld_questions(args.toyworld, args.seed, args.n)
-    questions = jsonl_questions(args.input, args.root, limit=args.n, videos=videos)
+    questions = jsonl_questions(args.input, args.root, limit=args.n, videos=True)
     if len(questions) < args.n:
         print(f"{args.input}: {len(questions)} question(s), fewer than --n {args.n}: using all of them", file=sys.stderr)
     return questions
@@ -321,7 +321,7 @@ def cmd_data_preference(args: argparse.Namespace) -> int:
     cfg = PreferenceConfig(n=args.samples, temperature=args.temperature, top_k=args.top_k, max_pairs=args.max_pairs,
                            max_new_tokens=args.max_new_tokens, dropout_ratio=args.dropout_ratio, seed=args.seed,
                            num_frames=args.num_frames)
-    questions = _questions(args, videos=True)  # a bad --input fails before the model loads
+    questions = _questions(args)  # a bad --input fails before the model loads
     model, tokenizer = _policy(args)
     stats = build_preference_data(model, tokenizer, questions, cfg, args.out, system_message=args.system or None,
                                   progress=_progress(args))
@@ -336,9 +336,11 @@ def cmd_data_prm(args: argparse.Namespace) -> int:
 
     read_meta_entries(Path(args.out).parent / "meta.json")  # a damaged meta.json: now, not after the sampling
     cfg = PRMDataConfig(solutions=args.solutions, rollouts=args.rollouts, temperature=args.temperature,
-                        top_k=args.top_k, max_steps=args.max_steps, max_new_tokens=args.max_new_tokens, seed=args.seed)
+                        top_k=args.top_k, max_steps=args.max_steps, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                        num_frames=args.num_frames)
+    questions = _questions(args)  # a bad --input fails before the model loads
     model, tokenizer = _policy(args)
-    stats = build_prm_data(model, tokenizer, _questions(args), cfg, args.out, system_message=args.system or None,
+    stats = build_prm_data(model, tokenizer, questions, cfg, args.out, system_message=args.system or None,
                            progress=_progress(args))
     _write_meta(Path(args.out))
     print(json.dumps(stats))
@@ -596,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
         dp.add_argument("--max_new_tokens", type=int, default=256)
         dp.add_argument("--system", default="", help="system message ('' for none, as the toy world trains)")
         dp.add_argument("--out", required=True, help="output .jsonl (images and meta.json go beside it)")
+        dp.add_argument("--num_frames", type=int, default=8, help="frames a video question is asked with")
         dp.add_argument("--resume", action="store_true",
                         help="continue an interrupted run: reuse the sampling it kept beside --out (same model and "
                              "settings); without it, such progress is an error rather than overwritten")
@@ -604,7 +607,6 @@ def build_parser() -> argparse.ArgumentParser:
     dpp.add_argument("--temperature", type=float, default=0.7)
     dpp.add_argument("--max_pairs", type=int, default=15, help="pairs per question")
     dpp.add_argument("--dropout_ratio", type=float, default=0.5, help="DropoutNTP cut for questions without ground truth")
-    dpp.add_argument("--num_frames", type=int, default=8, help="frames a video question is asked with")
     dpp.set_defaults(func=cmd_data_preference)
     dpr = data.choices["prm"]
     dpr.add_argument("--solutions", type=int, default=4, help="sampled solutions per question")

@@ -4,7 +4,8 @@ For each question, sample a few solutions; for each step prefix of a solution, s
 and score mc = #correct / #sampled; the step is '+' iff mc > 0 (the last step: iff the solution
 itself is right). Every step is supervised, not only those before the first error. The output is
 InternVL conversation jsonl in the multi-turn PRM format of infer/prm.py, so the PRM trains as an
-ordinary SFT stage of the one loop.
+ordinary SFT stage of the one loop. A video question is asked with `num_frames` frames (as `nativevl
+eval` asks it); its records name the video, whose frames take the place of its `<video>`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nativevl.infer.prm import BAD, GOOD, prm_conversation, scorable, split_steps
-from nativevl.pipelines.questions import Progress, Question, sample_responses, write_records
+from nativevl.pipelines.questions import Progress, Question, sample_responses, visual_prompts, write_records
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,10 @@ class PRMDataConfig:
     max_new_tokens: int = 256
     mc_threshold: float = 0.0  # '+' iff mc > threshold
     seed: int = 0
+    num_frames: int = 8  # a video question's frames
 
     def __post_init__(self) -> None:  # checked before hours of sampling, not after
-        for name in ("solutions", "rollouts", "max_steps", "max_new_tokens"):
+        for name in ("solutions", "rollouts", "max_steps", "max_new_tokens", "num_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature < 0 or self.solution_temperature < 0 or self.top_k < 0:
@@ -51,13 +53,15 @@ def build_prm_data(model, tokenizer, questions: list[Question], cfg: PRMDataConf
         raise ValueError("PRM labels need a ground truth for every question")
     if progress is not None:
         progress.check()
-    solutions = sample_responses(model, tokenizer, [(q.question, q.images, "") for q in questions], cfg.solutions,
+    asked = visual_prompts(questions, cfg.num_frames)  # by question index; an undecodable video's left out
+    solutions = sample_responses(model, tokenizer, [(*asked[qi], "") for qi in sorted(asked)], cfg.solutions,
                                  temperature=cfg.solution_temperature, top_k=cfg.top_k,
                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, system_message=system_message,
                                  desc="solutions", progress=progress)
     items, prompts = [], []  # items: (question index, steps); prompts: one per non-final step prefix
     dropped = duplicates = 0
-    for qi, (q, sols) in enumerate(zip(questions, solutions, strict=True)):
+    for qi, sols in zip(sorted(asked), solutions, strict=True):
+        q = questions[qi]
         seen: set[tuple[str, ...]] = set()
         for sol in sols:
             steps = split_steps(sol, cfg.max_steps)
@@ -70,13 +74,15 @@ def build_prm_data(model, tokenizer, questions: list[Question], cfg: PRMDataConf
             seen.add(tuple(steps))
             items.append((qi, steps, q.is_correct(sol)))
             for i in range(len(steps) - 1):
-                prompts.append((q.question, q.images, "\n\n".join(steps[: i + 1]) + "\n\n"))
+                prompts.append((*asked[qi], "\n\n".join(steps[: i + 1]) + "\n\n"))
     rollouts = sample_responses(model, tokenizer, prompts, cfg.rollouts, temperature=cfg.temperature, top_k=cfg.top_k,
                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1, system_message=system_message,
                                 desc="rollouts", progress=progress)
     it = iter(zip(prompts, rollouts, strict=True))
     stats = {"questions": len(questions), "solutions": len(items), "dropped_solutions": dropped,
              "duplicate_solutions": duplicates, "steps": 0, "negative_steps": 0, "correct_solutions": 0}
+    if len(asked) < len(questions):
+        stats["unreadable_videos"] = len(questions) - len(asked)
     def records():
         for qi, steps, solved in items:
             q = questions[qi]

@@ -108,8 +108,8 @@ def jsonl_questions(path: str | Path, root: str | Path | None = None, limit: int
         if rec.get("video") not in (None, "", []):
             video = rec["video"]
             if not videos:
-                raise ValueError(f"{path}:{lineno}: a video record; this pipeline asks image and text questions only "
-                                 "(`nativevl eval` and `nativevl data preference` ask video questions)")
+                raise ValueError(f"{path}:{lineno}: a video record, read without videos=True (`nativevl eval` and "
+                                 "the data pipelines ask video questions)")
             if names:
                 raise ValueError(f"{path}:{lineno}: a record holds images or a video, not both")
             if not isinstance(video, str) or not video.strip():
