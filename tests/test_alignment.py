@@ -797,17 +797,18 @@ def test_data_preference_cli_resumes_to_the_uninterrupted_output(tmp_path, monke
 
 
 def test_mpo_keeps_its_reference_in_bf16_and_starts_from_log_ratios_of_0(tmp_path, caplog):
-    """bf16 compute: the frozen reference's linear layers are kept in bf16 (what autocast computes with), so
-    step 1's log-ratios are still exactly 0 and the run equals one with a float32 reference."""
+    """bf16 compute: the frozen reference's linear layers are kept in bf16 (what autocast computes with; this
+    random initialisation is rounded, so --frozen_dtype=bfloat16), so step 1's log-ratios are still exactly 0
+    and the run equals one with a float32 reference."""
     meta = preference_meta(tmp_path)
     steps = {}
-    for frozen in ("float32", "auto"):
+    for frozen in ("float32", "bfloat16"):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="nativevl.train.loop"):
             launch(apply_overrides(recipe("debug_tiny"), [*MPO_ARGS, f"--meta={meta}", "--max_steps=2",
                                                           "--dtype=bfloat16", f"--frozen_dtype={frozen}"]), tmp_path / frozen)
         kept = [r.getMessage() for r in caplog.records if "frozen linear layers kept" in r.getMessage()]
-        assert bool(kept) == (frozen == "auto"), kept  # the policy trains every layer: the reference's
+        assert bool(kept) == (frozen == "bfloat16"), kept  # the policy trains every layer: the reference's
         steps[frozen] = [{k: m[k] for k in ("loss", "dpo", "bco", "nll")} for m in metrics(tmp_path / frozen) if "loss" in m]
-    assert steps["auto"] == steps["float32"] and len(steps["auto"]) == 2
-    assert steps["auto"][0]["dpo"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps["bfloat16"] == steps["float32"] and len(steps["bfloat16"]) == 2
+    assert steps["bfloat16"][0]["dpo"] == pytest.approx(math.log(2), abs=1e-6)

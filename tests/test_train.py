@@ -567,14 +567,23 @@ LORA_BF16 = ["--max_steps=3", "--global_batch=2", "--tensorboard=false", "--dtyp
              "--stage.llm.mode=lora", "--stage.llm.lora_rank=4", "--stage.llm.lora_dropout=0", "--export=false"]
 
 
+def as_bf16_checkpoint(model) -> None:
+    """The model's weights rounded to bf16 and held in float32: a released (bf16) checkpoint loaded in float32."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+
+
 def test_frozen_linear_layers_kept_in_bf16_train_as_fp32_ones_do_under_autocast(tmp_path):
-    """bf16 compute (here on the CPU): --frozen_dtype=auto keeps the LoRA base, the frozen ViT's linear layers
-    and the lm_head in bf16, which autocast would cast them to at every use anyway: the same losses bit for
-    bit as --frozen_dtype=float32, in less memory; the export merges the adapters in float32."""
+    """bf16 compute (here on the CPU) over a bf16 base: --frozen_dtype=auto keeps the LoRA base, the frozen
+    ViT's linear layers and the lm_head in bf16, which autocast would cast them to at every use anyway: the
+    same losses bit for bit as --frozen_dtype=float32, in less memory; the export merges the adapters in
+    float32."""
     runs = {}
     for frozen in ("float32", "auto"):
         run = apply_overrides(recipe("debug_tiny"), [*LORA_BF16, f"--frozen_dtype={frozen}"])
         model, tokenizer, dataset, run = build(run, tmp_path / frozen)
+        as_bf16_checkpoint(model)
         loop.train(model, tokenizer, dataset, run.stage, run.train, tmp_path / frozen)
         runs[frozen] = (losses(tmp_path / frozen), model)
     (want, full), (got, half) = runs["float32"], runs["auto"]
@@ -598,6 +607,9 @@ def test_frozen_linear_layers_kept_in_bf16_train_as_fp32_ones_do_under_autocast(
         for folder in ("best", "final"):
             merged = VisionLanguageModel.from_pretrained(tmp_path / folder)(**batch.model_inputs()).logits
             assert (reference - merged).abs().max().item() < 1e-5, folder
+    # the frozen ViT exported as it was loaded (a bf16 base loses nothing in bf16)
+    exported = VisionLanguageModel.from_pretrained(tmp_path / "final").vision_tower.state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in full.vision_tower.state_dict().items())
 
 
 def test_frozen_linear_params_leave_a_tied_head_and_trained_layers_alone():
@@ -611,6 +623,28 @@ def test_frozen_linear_params_leave_a_tied_head_and_trained_layers_alone():
     assert id(model.language_model.layers[0].mlp.up_proj.weight) not in picked
     assert id(model.language_model.layers[0].mlp.down_proj.weight) in picked
     assert not any(id(p) in picked for p in model.language_model.norm.parameters())
+
+
+def test_auto_rounds_no_float32_base_and_bfloat16_says_it_rounds_one(tmp_path, caplog):
+    """A base bf16 does not hold exactly (nativevl's own float32 exports, a random initialisation): auto
+    leaves its frozen layers float32, so the exports keep its weights; --frozen_dtype=bfloat16 rounds them
+    (as autocast computes with them) and says so."""
+    import logging
+
+    dtypes = {}
+    for frozen in ("auto", "bfloat16"):
+        caplog.clear()
+        run = apply_overrides(recipe("debug_tiny"), [*LORA_BF16, "--max_steps=1", f"--frozen_dtype={frozen}"])
+        model, tokenizer, dataset, run = build(run, tmp_path / frozen)
+        frozen_weight = model.language_model.layers[0].mlp.down_proj.weight.detach().clone()
+        with caplog.at_level(logging.INFO, logger="nativevl.train.loop"):
+            loop.train(model, tokenizer, dataset, run.stage, run.train, tmp_path / frozen)
+        base = model.language_model.layers[0].mlp.down_proj.base.weight
+        dtypes[frozen] = base.dtype
+        assert ("kept in float32" in caplog.text) == (frozen == "auto")
+        assert ("final/ and best/ hold them rounded" in caplog.text) == (frozen == "bfloat16")
+        assert torch.equal(base.float(), frozen_weight if frozen == "auto" else frozen_weight.bfloat16().float())
+    assert dtypes == {"auto": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def test_frozen_dtype_bfloat16_needs_bf16_compute(tmp_path):
@@ -632,6 +666,7 @@ def test_on_a_gpu_frozen_layers_in_bf16_train_as_fp32_ones_with_compiled_blocks(
     for frozen in ("float32", "auto"):
         run = apply_overrides(recipe("debug_tiny"), [*LORA_BF16, f"--frozen_dtype={frozen}", "--compile=true"])
         model, tokenizer, dataset, run = build(run, tmp_path / frozen)
+        as_bf16_checkpoint(model)
         loop.train(model, tokenizer, dataset, run.stage, run.train, tmp_path / frozen)
         runs[frozen] = (losses(tmp_path / frozen), sum(p.numel() * p.element_size() for p in model.parameters()))
     (want, full), (got, half) = runs["float32"], runs["auto"]

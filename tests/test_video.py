@@ -306,6 +306,7 @@ def test_preference_pairs_about_a_video_ask_it_as_eval_does_and_train_on_its_fra
         assert "video" not in tokenizer.decode(ids) and "Frame" not in tokenizer.decode(ids)
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert records and stats["dropout_ntp_pairs"] >= 1 and all(r["video"] == "clip.mp4" for r in records)
+    assert all(r["question"] == "<video>\nwhat happens?" for r in records)  # its frames' place, said
     spec = DatasetSpec("pref", out, tmp_path)
     data = DataConfig(max_tokens=2000, max_tiles=64, image_size=cfg.vision.image_size,
                       image_seq_length=cfg.image_seq_length, image_token_id=cfg.image_token_id, system_message=None)
@@ -330,7 +331,8 @@ def test_preference_pairs_about_a_video_ask_it_as_eval_does_and_train_on_its_fra
     pair = {"question": "<video>\nwhat happens?", "chosen": "a", "rejected": "b"}
     for bad, kind in (({**pair, "video": "clip.mp4", "image": "x.png"}, "malformed"),
                       ({**pair, "video": ["clip.mp4", "clip.mp4"]}, "malformed"),
-                      (pair, "placeholder_mismatch")):  # <video> but no video
+                      (pair, "placeholder_mismatch"),  # <video> but no video
+                      ({**pair, "video": "clip.mp4", "chosen": "it shows <video>"}, "placeholder_mismatch")):
         with pytest.raises(RecordError) as e:
             parse_record(bad, spec, "pref:x")
         assert e.value.kind == kind

@@ -33,6 +33,8 @@ from nativevl.data.template import (
     DEFAULT_SYSTEM_MESSAGE,
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
+    ROLES,
+    VIDEO_PLACEHOLDER,
     encode_conversation,
     video_prefix,
 )
@@ -150,12 +152,12 @@ def build_sample(record: Record | PreferenceRecord, tokenizer, cfg: DataConfig, 
     else:
         pixel_values, counts, prefix = load_visuals(record, cfg, rng)
         conversations = record.conversations
-        if prefix is not None:  # video: the frames replace <video> (or lead the first user turn)
+        if prefix is not None:  # video: the frames replace <video> in a user turn (or lead the first one)
             conversations = [dict(t) for t in conversations]
             for turn in conversations:
                 key = "value" if "value" in turn else "content"
-                if "<video>" in turn[key]:
-                    turn[key] = turn[key].replace("<video>\n", prefix).replace("<video>", prefix)
+                if ROLES.get(turn.get("from", turn.get("role"))) == "user" and VIDEO_PLACEHOLDER in turn[key]:
+                    turn[key] = turn[key].replace(VIDEO_PLACEHOLDER + "\n", prefix).replace(VIDEO_PLACEHOLDER, prefix)
                     prefix = None
                     break
         try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from nativevl.data.template import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, normalize_turns
+from nativevl.data.template import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, has_image_markup, normalize_turns
 
 PROBLEMS = (
     "malformed",  # not JSON, wrong types, unknown roles
@@ -296,6 +296,9 @@ def parse_record(raw: Any, spec: DatasetSpec, where: str) -> Record | Preference
         system = raw.get("system")
         if system is not None and not isinstance(system, str):
             raise RecordError("malformed", f"{where}: a preference record's 'system' must be a string")
+        if any(has_image_markup(raw[key]) for key in ("chosen", "rejected")):
+            raise RecordError("placeholder_mismatch", f"{where}: an answer holds image or video markup "
+                              f"({IMAGE_PLACEHOLDER}, {VIDEO_PLACEHOLDER}, <IMG_CONTEXT>): only the question carries images")
         video = _paths(raw.get("video"), spec.root, where, "video")
         if video and images:
             raise RecordError("malformed", f"{where}: a record holds images or a video, not both")

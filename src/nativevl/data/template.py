@@ -12,9 +12,9 @@ IMAGE = object()  # where an image stands in a message's content pieces (encode_
 
 
 def has_image_markup(text: str) -> bool:
-    """A model's output that holds image markup cannot be fed back as text: its placeholders would ask
-    for images that are not there."""
-    return any(m in text for m in IMAGE_MARKUP)
+    """A model's output that holds image (or video) markup cannot be fed back as text: its placeholders
+    would ask for images that are not there."""
+    return any(m in text for m in IMAGE_MARKUP) or VIDEO_PLACEHOLDER in text
 
 
 # internvl2_5's default system message ("I am InternVL, developed by Shanghai AI Lab, Tsinghua University and partners").

@@ -23,6 +23,7 @@ from nativevl.pipelines.questions import (
     sample_responses,
     visual_prompts,
     write_records,
+    written_question,
 )
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ def build_preference_data(model, tokenizer, questions: list[Question], cfg: Pref
     if progress is not None:
         progress.check()
     rng = np.random.default_rng(cfg.seed)
-    prompts = visual_prompts(questions, cfg.num_frames)  # by question index; an undecodable video's left out
+    size = model.config.vision.image_size if any(q.video is not None for q in questions) else 0
+    prompts = visual_prompts(questions, cfg.num_frames, size)  # by question index; an undecodable video's left out
     asked = sorted(prompts)
     samples = sample_responses(model, tokenizer, [(*prompts[qi], "") for qi in asked], cfg.n,
                                temperature=cfg.temperature, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
@@ -115,8 +117,8 @@ def build_preference_data(model, tokenizer, questions: list[Question], cfg: Pref
             if (cut + cont).strip() and (cut + cont).strip() != chosen.strip() and not has_image_markup(cont):
                 lines.append((qi, chosen, cut + cont))
                 stats["dropout_ntp_pairs"] += 1
-    write_records(out, questions, ((qi, {"question": questions[qi].question, "chosen": chosen, "rejected": rejected})
-                                   for qi, chosen, rejected in lines))
+    write_records(out, questions, ((qi, {"question": written_question(questions[qi]), "chosen": chosen,
+                                         "rejected": rejected}) for qi, chosen, rejected in lines))
     if progress is not None:
         progress.clear()
     stats["pairs"] = len(lines)

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nativevl.infer.prm import BAD, GOOD, prm_conversation, scorable, split_steps
-from nativevl.pipelines.questions import Progress, Question, sample_responses, visual_prompts, write_records
+from nativevl.pipelines.questions import (
+    Progress,
+    Question,
+    sample_responses,
+    visual_prompts,
+    write_records,
+    written_question,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +60,8 @@ def build_prm_data(model, tokenizer, questions: list[Question], cfg: PRMDataConf
         raise ValueError("PRM labels need a ground truth for every question")
     if progress is not None:
         progress.check()
-    asked = visual_prompts(questions, cfg.num_frames)  # by question index; an undecodable video's left out
+    size = model.config.vision.image_size if any(q.video is not None for q in questions) else 0
+    asked = visual_prompts(questions, cfg.num_frames, size)  # by question index; an undecodable video's left out
     solutions = sample_responses(model, tokenizer, [(*asked[qi], "") for qi in sorted(asked)], cfg.solutions,
                                  temperature=cfg.solution_temperature, top_k=cfg.top_k,
                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, system_message=system_message,
@@ -95,7 +103,7 @@ def build_prm_data(model, tokenizer, questions: list[Question], cfg: PRMDataConf
             stats["steps"] += len(labels)
             stats["negative_steps"] += labels.count(BAD)
             stats["correct_solutions"] += solved
-            yield qi, {"conversations": prm_conversation(q.question, steps, labels)}
+            yield qi, {"conversations": prm_conversation(written_question(q), steps, labels)}
 
     write_records(out, questions, records())
     if progress is not None:

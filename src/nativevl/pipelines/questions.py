@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from nativevl.data.images import VideoClip, load_image, load_video_frames, pixel_digest
+from nativevl.data.images import VideoClip, frame_tiles, load_image, load_video_frames, pixel_digest
 from nativevl.data.processor import chat_inputs
 from nativevl.data.template import (  # noqa: F401 (has_image_markup: re-exported)
     IMAGE_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
     has_image_markup,
     normalize_turns,
     video_prefix,
@@ -255,11 +256,13 @@ def _image_fingerprint(images: list) -> str:
     return h.hexdigest()
 
 
-def visual_prompts(questions: list[Question], num_frames: int, max_bad: float = 0.05) -> dict[int, tuple[str, list]]:
+def visual_prompts(questions: list[Question], num_frames: int, image_size: int,
+                   max_bad: float = 0.05) -> dict[int, tuple[str, list]]:
     """Each question's (text, images) as the model is asked it, by question index: a video question's
     `num_frames` frames (those `nativevl eval` and transformers' video processor pick), one tile each,
-    standing for its `<video>` (or before its text). A question whose video cannot be decoded is left
-    out and named in the log; more than `max_bad` of the video questions so is an error."""
+    standing for its `<video>` (or before its text). The frames are kept as their tiles (image_size
+    square: what the model sees, not the decoded frames' size). A question whose video cannot be decoded
+    (or is gone) is left out and named in the log; more than `max_bad` of the video questions so is an error."""
     out, bad = {}, []
     for qi, q in enumerate(questions):
         if q.video is None:
@@ -267,11 +270,12 @@ def visual_prompts(questions: list[Question], num_frames: int, max_bad: float = 
             continue
         try:
             frames = load_video_frames(q.video, num_frames=num_frames)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             log.warning("question %d: %s; left out", qi, e)
             bad.append(qi)
             continue
-        out[qi] = (with_video(q.question, video_prefix(len(frames))), [VideoClip(tuple(frames))])
+        tiles = tuple(Image.fromarray(t.transpose(1, 2, 0)) for t in frame_tiles(frames, image_size))
+        out[qi] = (with_video(q.question, video_prefix(len(tiles))), [VideoClip(tiles)])
     videos = sum(q.video is not None for q in questions)
     if len(bad) > max_bad * videos:
         raise ValueError(f"{len(bad)} of {videos} videos cannot be decoded (more than {max_bad:.0%}; questions "
@@ -338,8 +342,8 @@ def sample_responses(
         k = key(members) if progress is not None else ""
         if g in done:
             if done[g][0] != k:
-                raise ValueError(f"{progress.path(desc)}: group {g} was sampled for other prompts (the questions "
-                                 "changed); delete it to start over")
+                raise ValueError(f"{progress.path(desc)}: group {g} was sampled for other prompts (the questions, "
+                                 "their images or a video's frames, --num_frames, changed); delete it to start over")
             texts += done[g][1]
             reused += 1
             continue
@@ -366,6 +370,13 @@ def sample_responses(
     if reused:
         log.info("%s: %d of %d groups reused from %s", desc, reused, len(groups), progress.path(desc))
     return texts
+
+
+def written_question(q: Question) -> str:
+    """The question as a written record holds it: a video question with its `<video>` placeholder
+    (put first when it had none, where the frames were asked), so that the loader puts the frames there
+    and nowhere else."""
+    return q.question if q.video is None else with_video(q.question, VIDEO_PLACEHOLDER + "\n")
 
 
 def write_records(out: Path, questions: list[Question], records) -> None:

@@ -52,8 +52,11 @@ def export_final(model: VisionLanguageModel, tokenizer, path: Path, main: bool, 
     if full is not None and main:
         model = plain_copy(model, full)
     if main:
-        if any(isinstance(m, NF4Linear) for m in model.modules()):
-            model.cpu()  # each 4-bit layer merges into a full-precision one: on the host, not on the GPU
+        if any(isinstance(m, NF4Linear) for m in model.modules()) or any(p.dtype != torch.float32
+                                                                          for p in model.parameters()):
+            # each 4-bit layer merges into a full-precision one, each bf16 frozen layer widens to float32 for
+            # the merge and the save: on the host, not on the GPU the run was sized for
+            model.cpu()
         merge_lora(model)
         model.eval().save_pretrained(path, layout="hf", tokenizer=tokenizer, dtype=torch.float32)
         if adapter is not None:

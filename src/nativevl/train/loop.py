@@ -55,9 +55,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
-    # the frozen linear layers' weights (a LoRA base, a frozen ViT, MPO's reference): auto keeps them in bf16
-    # when the run computes in bf16 (autocast would cast them at each use anyway: the same products, half
-    # the bytes, no copies), float32 keeps them as loaded
+    # the frozen linear layers' weights (a LoRA base, a frozen ViT, MPO's reference) when the run computes in
+    # bf16, which autocast casts them to at each use anyway (the same products, half the bytes, no copies):
+    # auto keeps in bf16 those bf16 holds exactly (a bf16 checkpoint, as InternVL3's releases are), bfloat16
+    # all of them (rounding a float32 base's, in the exports too), float32 none
     frozen_dtype: str = "auto"
     peak_tflops: float | None = None  # for MFU where the device is not known
     tensorboard: bool = True
@@ -220,14 +221,23 @@ def train(
     label_ids = label_token_ids(tokenizer) if cfg.objective == "prm" else None
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     frozen = frozen_storage(cfg.frozen_dtype, use_bf16)
+    exact_only = cfg.frozen_dtype == "auto"  # auto rounds nothing; bfloat16 rounds a float32 base's layers
     objective = make_objective(cfg.objective, model, cfg.loss_chunk, mpo, label_ids)  # before LoRA: the reference is pi_0
-    freed = store_frozen(objective.reference, frozen) if frozen and hasattr(objective, "reference") else 0
+    freed, inexact = (store_frozen(objective.reference, frozen, exact_only=exact_only)
+                      if frozen and hasattr(objective, "reference") else (0, 0))
     apply_policy(model, policy)
     model.to(device)  # LoRA adapters were made on the CPU
-    freed += store_frozen(model, frozen) if frozen else 0
+    if frozen:
+        more = store_frozen(model, frozen, exact_only=exact_only)
+        freed, inexact = freed + more[0], inexact + more[1]
     if main and freed:
         log.info("frozen linear layers kept in %s (--frozen_dtype=%s): %.2f GiB less", frozen, cfg.frozen_dtype,
                  freed / 2**30)
+    if main and inexact:
+        log.warning("%d frozen linear tensors hold values bf16 does not (a float32 base): %s", inexact,
+                    "kept in float32 (--frozen_dtype=bfloat16 rounds them, as bf16 autocast computes with them "
+                    "anyway, for half their memory)" if exact_only else
+                    "rounded to bf16 (as autocast computes with them); final/ and best/ hold them rounded")
     sizes = module_sizes(model)  # whole counts, before sharding
     model.attn_backend = resolve_backend(cfg.attn_implementation, device)
     if hasattr(objective, "reference"):  # pi_0 must run the same kernels, or step 1's log-ratios are not 0

@@ -115,13 +115,23 @@ def frozen_linear_params(model: nn.Module) -> list[nn.Parameter]:
     return list(out.values())
 
 
-def store_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+def store_frozen(model: nn.Module, dtype: torch.dtype, *, exact_only: bool) -> tuple[int, int]:
     """Keep the frozen linear layers' parameters (`frozen_linear_params`) in `dtype`, in place (the same
-    Parameter objects); returns the bytes this frees. For a LoRA run over a bf16-trained base the frozen
-    base takes 2 bytes per weight instead of 4, and autocast makes no copy of it."""
-    freed = 0
+    Parameter objects). exact_only: only those whose values `dtype` holds exactly (a bf16 checkpoint
+    loaded in float32, as InternVL3's releases are), so that nothing is rounded, not even in the exports;
+    else all of them, rounding the others. Returns (bytes freed, parameters rounded or, with exact_only,
+    left as they were for not fitting). For a LoRA run over a bf16 base the frozen base takes 2 bytes per
+    weight instead of 4, and autocast makes no copy of it."""
+    freed = inexact = 0
+    size = torch.empty((), dtype=dtype).element_size()
     for p in frozen_linear_params(model):
-        if p.dtype != dtype:
-            freed += p.numel() * (p.element_size() - torch.empty((), dtype=dtype).element_size())
-            p.data = p.data.to(dtype)
-    return freed
+        if p.dtype == dtype:
+            continue
+        cast = p.data.to(dtype)
+        if not p.is_meta and not torch.equal(cast.to(p.dtype), p.data):  # (a meta model, for `plan`: shapes only)
+            inexact += 1
+            if exact_only:
+                continue
+        freed += p.numel() * (p.element_size() - size)
+        p.data = cast
+    return freed, inexact
