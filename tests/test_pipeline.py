@@ -369,3 +369,31 @@ def test_text_ratio_is_a_share_of_tokens_by_default(tmp_path, tokenizer):
     assert shares["samples"][1] == pytest.approx(0.25, abs=0.03) and shares["samples"][0] > 0.5
     with pytest.raises(ValueError, match="text_ratio_unit"):
         data_config(text_ratio_unit="bytes")
+
+
+def test_a_preference_pair_loads_its_images_once_and_each_side_as_a_record_of_its_own(tmp_path, tokenizer,
+                                                                                     monkeypatch):
+    """A pair's image is decoded, tiled and JPEG-augmented once for both sides; each side is what the
+    conversation record of that side alone gives at the same index (tiles, V2PE strides drawn after them)."""
+    from nativevl.data import pipeline
+    from nativevl.data.records import Record
+
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 255, (90, 150, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    pair = PreferenceRecord("<image>\nwhat is shown?", "a red circle", "a blue square", [tmp_path / "a.png"],
+                            "p:1", max_dynamic_patch=4, data_augment=True)
+    cfg = data_config(max_tokens=400, max_tiles=12, v2pe="random")
+    real, calls = pipeline.load_visuals, []
+    monkeypatch.setattr(pipeline, "load_visuals", lambda *a: calls.append(1) or real(*a))
+    sample = build_sample(pair, tokenizer, cfg, index=2)
+    assert len(calls) == 1 and sample.num_tiles > 1
+    for side, (ids, labels, positions) in ((pair.chosen, (sample.input_ids, sample.labels, sample.position_ids)),
+                                           (pair.rejected, sample.rejected)):
+        alone = build_sample(Record([{"from": "human", "value": pair.question}, {"from": "gpt", "value": side}],
+                                    pair.images, source="p:1", max_dynamic_patch=4, data_augment=True),
+                             tokenizer, cfg, index=2)
+        assert np.array_equal(alone.input_ids, ids) and np.array_equal(alone.labels, labels)
+        assert np.array_equal(np.asarray(alone.position_ids), np.asarray(positions))
+        assert torch.equal(alone.pixel_values, sample.pixel_values)
+    strides = np.diff(np.asarray(sample.position_ids))
+    assert len(np.unique(strides)) > 1  # V2PE drew a stride below 1 for the image tokens

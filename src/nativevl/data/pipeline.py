@@ -140,17 +140,23 @@ def _pixels(tiles: np.ndarray, cfg: DataConfig) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(tiles)) if cfg.uint8_pixels else img.normalize(tiles)
 
 
-def build_sample(record: Record | PreferenceRecord, tokenizer, cfg: DataConfig, index: int = -1) -> Sample:
-    """One record -> one Sample (document; a preference record gives a chosen/rejected pair), or RecordError."""
+def build_sample(record: Record | PreferenceRecord, tokenizer, cfg: DataConfig, index: int = -1,
+                 visuals: tuple | None = None) -> Sample:
+    """One record -> one Sample (document; a preference record gives a chosen/rejected pair), or RecordError.
+    visuals: (load_visuals' result, the record's rng after it), when already loaded (a pair's second side)."""
     if isinstance(record, PreferenceRecord):
         return _preference_sample(record, tokenizer, cfg, index)
-    rng = record_rng(cfg.seed, index)
+    if visuals is not None:
+        (pixel_values, counts, prefix), rng = visuals
+    else:
+        rng = record_rng(cfg.seed, index)
     if record.text is not None:
         # a plain document longer than a pack keeps its first max_tokens tokens (text only: no image is cut)
         ids = (tokenizer(record.text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])[: cfg.max_tokens]
         input_ids, labels, pixel_values = ids, list(ids), None
     else:
-        pixel_values, counts, prefix = load_visuals(record, cfg, rng)
+        if visuals is None:
+            pixel_values, counts, prefix = load_visuals(record, cfg, rng)
         conversations = record.conversations
         if prefix is not None:  # video: the frames replace <video> in a user turn (or lead the first one)
             conversations = [dict(t) for t in conversations]
@@ -252,18 +258,25 @@ def _checked(sample: Sample, cfg: DataConfig) -> Sample:
 
 
 def _preference_sample(record: PreferenceRecord, tokenizer, cfg: DataConfig, index: int) -> Sample:
-    """question + chosen and question + rejected as one pair sample sharing the image tiles (a video's
-    frames: the same record index draws the same frames for both)."""
+    """question + chosen and question + rejected as one pair sample sharing the image tiles (or a video's
+    frames), loaded once; each side then draws from the same randomness (V2PE strides), as two records
+    of the same index would."""
     question = record.question
     if record.images and IMAGE_PLACEHOLDER not in question:
         question = "\n".join([IMAGE_PLACEHOLDER] * len(record.images)) + "\n" + question
     system = [] if record.system is None else [{"from": "system", "value": record.system}]
-    docs = []
+    docs, loaded = [], None
     for response in (record.chosen, record.rejected):
         conv = Record([*system, {"from": "human", "value": question}, {"from": "gpt", "value": response}], record.images,
                       video=record.video, source=record.source, max_dynamic_patch=record.max_dynamic_patch,
                       data_augment=record.data_augment)
-        docs.append(build_sample(conv, tokenizer, cfg, index))  # same index: same tiles, same V2PE strides
+        if loaded is None:
+            rng = record_rng(cfg.seed, index)
+            loaded = (load_visuals(conv, cfg, rng), rng.bit_generator.state)
+        visuals, state = loaded
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state  # where the randomness stood after the visuals, for each side
+        docs.append(build_sample(conv, tokenizer, cfg, index, visuals=(visuals, rng)))
     chosen, rejected = docs
     pair = Sample(chosen.input_ids, chosen.labels, chosen.position_ids, chosen.pixel_values, record.source, index,
                   rejected=(rejected.input_ids, rejected.labels, rejected.position_ids))
