@@ -164,7 +164,8 @@ def test_the_memory_check_stops_only_what_cannot_fit(gib, outcome, monkeypatch, 
 
     run = recipe("sft_lora")
     cfg = dataclasses.replace(run.train, activation_checkpointing=True)
-    model = SimpleNamespace(config=preset("internvl3_8b"))
+    with torch.device("meta"):  # shapes only: a released (bf16) checkpoint of this shape
+        model = VisionLanguageModel(preset("internvl3_8b"))
     dataset = SimpleNamespace(cfg=DataConfig(max_tokens=4096, max_tiles=12))
     monkeypatch.setattr(loop, "device_memory", lambda device: gib * GiB)
     check = lambda: loop.check_memory(model, run.stage, cfg, dataset, 1, torch.device("cpu"), True)
@@ -232,3 +233,25 @@ def test_frozen_linear_layers_in_bf16_take_what_the_model_holds():
     _, off = run_inputs(big, stage, reference=False, frozen_bf16=False, **kw)
     one = {name: plan(big, trainable, gpus=1, activation_checkpointing=True, **k).parameters for name, k in (("on", on), ("off", off))}
     assert one["on"] < 18 * GiB and one["off"] > 40 * GiB
+
+
+def test_frozen_layers_count_as_bf16_over_a_bf16_base_only(tmp_path):
+    """--frozen_dtype=auto keeps frozen layers in bf16 only where bf16 holds them exactly: `plan --init_from`
+    reads the checkpoint's stored dtypes, the memory check the loaded weights."""
+    from nativevl.io.hf import load_model
+    from nativevl.recipes import apply_overrides, recipe
+    from nativevl.train.plan import frozen_in_bf16
+    from nativevl.train.stages import bf16_base
+
+    model = VisionLanguageModel(preset("tiny"))
+    model.init_weights()
+    model.save_pretrained(tmp_path / "f32")
+    model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert not bf16_base(load_model(tmp_path / "f32", dtype=torch.float32))
+    assert bf16_base(load_model(tmp_path / "bf16", dtype=torch.float32))
+    run = lambda *a: apply_overrides(recipe("sft_lora"), list(a))
+    assert frozen_in_bf16(run(f"--init_from={tmp_path / 'bf16'}"))
+    assert not frozen_in_bf16(run(f"--init_from={tmp_path / 'f32'}"))
+    assert frozen_in_bf16(run(f"--init_from={tmp_path / 'f32'}", "--frozen_dtype=bfloat16"))
+    assert not frozen_in_bf16(run(f"--init_from={tmp_path / 'bf16'}", "--frozen_dtype=float32"))
+    assert frozen_in_bf16(run()) and not frozen_in_bf16(run("--dtype=float32"))

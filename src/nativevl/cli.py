@@ -370,7 +370,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
     from nativevl.config import preset
     from nativevl.recipes import apply_overrides, recipe
-    from nativevl.train.plan import GiB, advice, format_plan, param_counts, plan, run_inputs
+    from nativevl.train.plan import GiB, advice, format_plan, frozen_in_bf16, param_counts, plan, run_inputs
 
     run = apply_overrides(recipe(args.recipe), extra)
     if run.model.init_from:
@@ -381,8 +381,7 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
         cfg = preset(args.preset or run.model.preset)
     trainable, kw = run_inputs(cfg, run.stage, tokens=run.data.max_tokens, tiles=run.data.max_tiles,
                                loss_chunk=run.train.loss_chunk, gpu_bytes=int(args.gpu_memory * GiB),
-                               reference=run.train.objective == "mpo",
-                               frozen_bf16=run.train.frozen_dtype != "float32" and run.train.dtype != "float32")
+                               reference=run.train.objective == "mpo", frozen_bf16=frozen_in_bf16(run))
     counts = param_counts(cfg)
     print(f"{args.recipe}: {sum(counts.values()) / 1e9:.2f}B parameters (ViT {counts['vit'] / 1e6:.0f}M, "
           f"MLP {counts['mlp'] / 1e6:.0f}M, LLM {counts['llm'] / 1e6:.0f}M), {sum(trainable.values()) / 1e9:.2f}B trainable; "

@@ -74,6 +74,16 @@ def weight_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
+def stored_dtypes(path: str | Path) -> set[str]:
+    """The dtypes a checkpoint folder's weights are stored in ("BF16", "F32", ...), read from the
+    safetensors headers (no tensor is loaded)."""
+    out = set()
+    for f in weight_files(Path(path)):
+        with safe_open(str(f), "pt") as st:
+            out.update(st.get_slice(k).get_dtype() for k in st.keys())  # noqa: SIM118 - a safe_open handle
+    return out
+
+
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
     """All tensors of a checkpoint folder, and the file each came from."""
     tensors: dict[str, torch.Tensor] = {}

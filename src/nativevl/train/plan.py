@@ -259,6 +259,20 @@ def bf16_counts(cfg: ModelConfig, stage) -> tuple[dict[str, int], int]:
     return per_module, reference
 
 
+def frozen_in_bf16(run) -> bool:
+    """Whether a run (recipes.Run) keeps its frozen linear layers in bf16: --frozen_dtype=bfloat16, or auto
+    over a checkpoint stored in bf16 (--init_from; a preset's shape stands for a released checkpoint, which
+    is bf16), in a bf16 run (`plan` assumes bf16 compute unless --dtype=float32)."""
+    train = run.train
+    if train.dtype == "float32" or train.frozen_dtype == "float32":
+        return False
+    if train.frozen_dtype == "bfloat16" or not run.model.init_from:
+        return True
+    from nativevl.io.hf import stored_dtypes
+
+    return stored_dtypes(run.model.init_from) <= {"BF16"}
+
+
 def run_inputs(cfg: ModelConfig, stage, *, tokens: int, tiles: int, loss_chunk: int, gpu_bytes: int,
                reference: bool, frozen_bf16: bool = True) -> tuple[dict[str, int], dict]:
     """(trainable parameters per module, the keyword arguments of plan() and advice() but gpus and

@@ -115,6 +115,18 @@ def frozen_linear_params(model: nn.Module) -> list[nn.Parameter]:
     return list(out.values())
 
 
+def bf16_base(model: nn.Module, sample: int = 65536) -> bool:
+    """Whether bf16 holds the model's linear layers' weights exactly, judged on the first `sample` values
+    of each: a bf16 checkpoint (InternVL3's releases) loaded in float32. A model without values (meta
+    device: `plan`'s shapes) counts as one."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not m.weight.is_meta:
+            w = m.weight.detach().reshape(-1)[:sample]
+            if not torch.equal(w.to(torch.bfloat16).to(w.dtype), w):
+                return False
+    return True
+
+
 def store_frozen(model: nn.Module, dtype: torch.dtype, *, exact_only: bool) -> tuple[int, int]:
     """Keep the frozen linear layers' parameters (`frozen_linear_params`) in `dtype`, in place (the same
     Parameter objects). exact_only: only those whose values `dtype` holds exactly (a bf16 checkpoint
