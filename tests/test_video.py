@@ -409,3 +409,35 @@ def test_prm_labels_for_a_video_question_ask_it_with_its_frames(tmp_path, tokeni
     text = tokenizer.decode(sample.input_ids)
     assert "### Question:\nFrame-1: <img>" in text and "<video>" not in text
     assert (sample.input_ids == cfg.image_token_id).sum() == sample.num_tiles * cfg.image_seq_length
+
+
+def test_best_of_n_scores_a_video_questions_samples_with_its_frames(tmp_path, tokenizer, monkeypatch):
+    """`eval --best-of-n --prm` on a jsonl set's video question: the PRM reads the question as the policy was
+    asked it (its frames, one tile each, in transformers' pixels) and scores every sample."""
+    import json
+
+    from nativevl.eval.runner import evaluate_best_of_n
+    from nativevl.infer import prm as prm_module
+
+    model = make_model()
+    write_clip(tmp_path / "clip.mp4")
+    frames = every_frame(tmp_path / "clip.mp4")
+    row = {"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\nwhat happens?"},
+                                                   {"from": "gpt", "value": "a bar moves"}]}
+    (tmp_path / "set.jsonl").write_text(json.dumps(row) + "\n")
+    real, seen = prm_module.step_scores, []
+
+    def spy(prm, tok, question, responses, pixel_values=None, tiles_per_image=None, **kw):
+        seen.append((question, pixel_values, tiles_per_image, len(responses)))
+        return real(prm, tok, question, responses, pixel_values, tiles_per_image, **kw)
+
+    monkeypatch.setattr(prm_module, "step_scores", spy)
+    report = evaluate_best_of_n(model, tokenizer, [str(tmp_path / "set.jsonl")], n=None, samples=3, prm=model,
+                                num_frames=4, seed=1, system_message=None)
+    (question, pixels, per_image, n), = seen
+    assert n == 3 and per_image == [1, 1, 1, 1] and question.endswith("what happens?")
+    assert question.count("<image>") == 4 and "<video>" not in question
+    want = oracle_pixels([frames[i] for i in (5, 15, 25, 35)], model.config.vision.image_size)
+    assert torch.allclose(pixels.cpu(), want, atol=1e-5)
+    entry = report[str(tmp_path / "set.jsonl")]
+    assert entry["prm_best3"]["n"] == 1 and len(entry["records"]) == 1
