@@ -430,7 +430,7 @@ def test_jsonl_questions_read_only_the_first_limit_records(tmp_path, capsys):
     with pytest.raises(ValueError, match="1 of 3 records name images that cannot be read"):
         jsonl_questions(tmp_path / "q.jsonl")
     # a file with fewer records than --n: all of them, and the command says so
-    from nativevl.cli import _questions
+    from nativevl.cli_data import _questions
 
     (tmp_path / "two.jsonl").write_text("".join(json.dumps(good) + "\n" for _ in range(2)), encoding="utf-8")
     args = SimpleNamespace(toyworld=None, input=str(tmp_path / "two.jsonl"), root=None, n=1000, seed=0)
@@ -606,7 +606,7 @@ def test_prm_data_dedupes_solutions_writes_atomically_and_names_images_by_file(t
     turn-forging candidate got a real PRM score."""
     import numpy as np
 
-    from nativevl.cli import _write_meta
+    from nativevl.cli_data import _write_meta
     from nativevl.infer.prm import step_scores
     from nativevl.pipelines import prm_labels
     from nativevl.pipelines.questions import Question
