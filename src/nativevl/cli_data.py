@@ -99,38 +99,37 @@ def _progress(args: argparse.Namespace):
     return Progress(args.out, folder_identity(args.model), resume=args.resume)
 
 
-def cmd_data_preference(args: argparse.Namespace) -> int:
+def _run_pipeline(args: argparse.Namespace, build, cfg) -> int:
+    """A pipeline's run: a damaged meta.json beside --out and a bad --input fail before the model loads
+    and the sampling starts; the output is listed in that meta.json."""
     from nativevl.data.records import read_meta_entries
+
+    read_meta_entries(Path(args.out).parent / "meta.json")
+    questions = _questions(args)
+    model, tokenizer = _policy(args)
+    stats = build(model, tokenizer, questions, cfg, args.out, system_message=args.system or None,
+                  progress=_progress(args))
+    _write_meta(Path(args.out))
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_data_preference(args: argparse.Namespace) -> int:
     from nativevl.pipelines.preference import PreferenceConfig, build_preference_data
 
-    read_meta_entries(Path(args.out).parent / "meta.json")  # a damaged meta.json: now, not after the sampling
     cfg = PreferenceConfig(n=args.samples, temperature=args.temperature, top_k=args.top_k, max_pairs=args.max_pairs,
                            max_new_tokens=args.max_new_tokens, dropout_ratio=args.dropout_ratio, seed=args.seed,
                            num_frames=args.num_frames)
-    questions = _questions(args)  # a bad --input fails before the model loads
-    model, tokenizer = _policy(args)
-    stats = build_preference_data(model, tokenizer, questions, cfg, args.out, system_message=args.system or None,
-                                  progress=_progress(args))
-    _write_meta(Path(args.out))
-    print(json.dumps(stats))
-    return 0
+    return _run_pipeline(args, build_preference_data, cfg)
 
 
 def cmd_data_prm(args: argparse.Namespace) -> int:
-    from nativevl.data.records import read_meta_entries
     from nativevl.pipelines.prm_labels import PRMDataConfig, build_prm_data
 
-    read_meta_entries(Path(args.out).parent / "meta.json")  # a damaged meta.json: now, not after the sampling
     cfg = PRMDataConfig(solutions=args.solutions, rollouts=args.rollouts, temperature=args.temperature,
                         top_k=args.top_k, max_steps=args.max_steps, max_new_tokens=args.max_new_tokens, seed=args.seed,
                         num_frames=args.num_frames)
-    questions = _questions(args)  # a bad --input fails before the model loads
-    model, tokenizer = _policy(args)
-    stats = build_prm_data(model, tokenizer, questions, cfg, args.out, system_message=args.system or None,
-                           progress=_progress(args))
-    _write_meta(Path(args.out))
-    print(json.dumps(stats))
-    return 0
+    return _run_pipeline(args, build_prm_data, cfg)
 
 
 def _write_meta(jsonl: Path) -> None:
