@@ -31,7 +31,7 @@ from nativevl.train.metrics import MetricsLogger, batch_flops, module_sizes, pas
 from nativevl.train.objectives import OBJECTIVES, make_objective
 from nativevl.train.optim import build_optimizer, lr_factor, set_lr
 from nativevl.train.parallel import all_reduce_max, all_reduce_sum, broadcast_object, init_distributed
-from nativevl.train.plan import preflight
+from nativevl.train.plan import keeps_frozen_bf16, preflight
 from nativevl.train.stages import MODULES, StagePolicy, apply_policy, bf16_base, quantize_base, store_frozen
 
 log = logging.getLogger(__name__)
@@ -591,8 +591,7 @@ def check_memory(model, policy: StagePolicy, cfg: TrainConfig, dataset, world: i
     p, report = preflight(model.config, policy, gpus=world, tokens=dataset.cfg.max_tokens, tiles=dataset.cfg.max_tiles,
                           activation_checkpointing=cfg.activation_checkpointing, loss_chunk=cfg.loss_chunk,
                           gpu_bytes=budget, reference=cfg.objective == "mpo",
-                          frozen_bf16=cfg.dtype != "float32" and (cfg.frozen_dtype == "bfloat16" or (
-                              cfg.frozen_dtype == "auto" and bf16_base(model))))
+                          frozen_bf16=keeps_frozen_bf16(cfg, lambda: bf16_base(model)))
     if p.fits:
         return
     surely = p.lower_bound > budget

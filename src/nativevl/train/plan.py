@@ -259,18 +259,21 @@ def bf16_counts(cfg: ModelConfig, stage) -> tuple[dict[str, int], int]:
     return per_module, reference
 
 
-def frozen_in_bf16(run) -> bool:
-    """Whether a run (recipes.Run) keeps its frozen linear layers in bf16: --frozen_dtype=bfloat16, or auto
-    over a checkpoint stored in bf16 (--init_from; a preset's shape stands for a released checkpoint, which
-    is bf16), in a bf16 run (`plan` assumes bf16 compute unless --dtype=float32)."""
-    train = run.train
+def keeps_frozen_bf16(train, base_is_bf16) -> bool:
+    """Whether a run of TrainConfig `train` keeps its frozen linear layers in bf16: a bf16 run (`plan`
+    assumes bf16 compute unless --dtype=float32) with --frozen_dtype=bfloat16, or auto over a base bf16
+    holds exactly (`base_is_bf16()`, asked only then)."""
     if train.dtype == "float32" or train.frozen_dtype == "float32":
         return False
-    if train.frozen_dtype == "bfloat16" or not run.model.init_from:
-        return True
+    return train.frozen_dtype == "bfloat16" or base_is_bf16()
+
+
+def frozen_in_bf16(run) -> bool:
+    """`keeps_frozen_bf16` for a run (recipes.Run): its --init_from checkpoint's stored dtypes tell whether
+    the base is bf16; a preset's shape stands for a released checkpoint, which is."""
     from nativevl.io.hf import stored_dtypes
 
-    return stored_dtypes(run.model.init_from) <= {"BF16"}
+    return keeps_frozen_bf16(run.train, lambda: not run.model.init_from or stored_dtypes(run.model.init_from) <= {"BF16"})
 
 
 def run_inputs(cfg: ModelConfig, stage, *, tokens: int, tiles: int, loss_chunk: int, gpu_bytes: int,
