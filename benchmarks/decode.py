@@ -6,13 +6,15 @@ batch size, and the ratio. The engine's decode-only rate (first token to last) i
     PYTHONPATH=src python3 benchmarks/decode.py [--shape tiny|internvl3_1b] [--device cpu|cuda]
         [--dtype float32|bfloat16] [--prompt-len 512] [--new-tokens N] [--batch-sizes 1,32] [--json OUT]
         [--no-fused-decode] (the engine's reference decode step and prefill, for comparison)
-        [--variants base,chunk8,split,chunk8+split,chunk8+autotune] [--profile chunk8]
+        [--variants base,chunk8,split,chunk8+split,chunk8+gemv,chunk8+autotune] [--profile chunk8]
 --variants times several engine configurations in the one run (each its own Engine on the same
 weights), each against the same transformers figure: `base` is the default engine; `chunkN` runs up
 to N greedy decode steps per graph replay and host sync (Engine's decode_chunk); `autotune` compiles
 the decode step with mode "max-autotune-no-cudagraphs" (Inductor tries Triton kernels against
 cuBLAS for every matmul shape; slow to compile); `split` runs the decode step's attention with the
-Triton split-key kernel (decode_attention="split"). --profile VARIANTS adds a torch.profiler breakdown
+Triton split-key kernel (decode_attention="split"); `gemv` compiles it with Inductor's
+coordinate-descent tuning (slot_decoder.GEMV_OPTIONS, `--decode-gemv`: batch-1 matrix products as
+Triton reductions fused with the ops around them; not with `autotune`). --profile VARIANTS adds a torch.profiler breakdown
 of one more batch-1 request per variant: GPU kernel time and kernels run against wall time.
 One side failing (an exception) is reported and does not lose the other side's numbers.
 """
@@ -33,11 +35,12 @@ from profiling import profile_call  # benchmarks/profiling.py, beside this scrip
 from nativevl import VisionLanguageModel
 from nativevl.config import preset
 from nativevl.infer.engine import Engine, SamplingParams
+from nativevl.infer.slot_decoder import GEMV_OPTIONS
 from nativevl.io.hf_config import config_to_hf
 
 
 def variant_options(name: str) -> dict:
-    """Engine keyword arguments of a variant name: base, chunkN, autotune, split, joined by '+'."""
+    """Engine keyword arguments of a variant name: base, chunkN, autotune, split, gemv, joined by '+'."""
     opts: dict = {}
     for part in name.split("+"):
         if part == "base":
@@ -48,8 +51,10 @@ def variant_options(name: str) -> dict:
             opts["compile_mode"] = "max-autotune-no-cudagraphs"
         elif part == "split":
             opts["decode_attention"] = "split"
+        elif part == "gemv":
+            opts["compile_options"] = GEMV_OPTIONS
         else:
-            raise SystemExit(f"unknown variant part {part!r} in {name!r} (base, chunkN, autotune, split, joined by '+')")
+            raise SystemExit(f"unknown variant part {part!r} in {name!r} (base, chunkN, autotune, split, gemv, joined by '+')")
     return opts
 
 

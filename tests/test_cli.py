@@ -29,6 +29,19 @@ def test_chat_answers_about_an_image(tmp_path, tokenizer, capsys):
     assert "tokens in" in err and "3 tile(s)" in err  # 150x80 -> 2x1 grid + thumbnail
 
 
+def test_serve_and_chat_pass_the_decode_options_to_the_engine():
+    from nativevl.cli import _engine_options, build_parser
+    from nativevl.infer.slot_decoder import GEMV_OPTIONS
+
+    for command in ("serve", "chat"):
+        args = build_parser().parse_args([command, "--model", "m", "--decode-gemv", "--decode-chunk", "8",
+                                          "--decode-attention", "split", "--vision-cache-mb", "0"])
+        assert _engine_options(args) == {"decode_chunk": 8, "decode_attention": "split", "vision_cache_mb": 0,
+                                         "compile_options": GEMV_OPTIONS}
+        plain = _engine_options(build_parser().parse_args([command, "--model", "m"]))
+        assert plain["compile_options"] is None and plain["decode_chunk"] == 1
+
+
 def test_chat_reports_a_missing_image(tmp_path, tokenizer, capsys):
     make_model().save_pretrained(tmp_path / "m", tokenizer=tokenizer)
     code = main(["chat", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "nope.png"), "--prompt", "hi"])

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
+from collections import Counter
 
 import pytest
 import torch
+import torch._inductor.config as inductor_config
 from conftest import image_batch
 from test_model import make_model
+from torch._inductor.decomposition import select_decomp_table
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from nativevl.infer.engine import Engine, QueueFull, SamplingParams
 from nativevl.infer.generate import generate
+from nativevl.infer.slot_decoder import GEMV_OPTIONS, SlotDecoder
 
 
 @pytest.fixture(scope="module")
@@ -220,11 +226,55 @@ def test_suppressed_tokens_are_never_generated(model, tokenizer, fused, chunk):
         Engine(model, tokenizer, suppress_token_ids=(vocab,), **kw)
 
 
+def _decode_step_matmuls(model, batch: int, options: dict) -> Counter:
+    """The aten operators of the fused decode step at `batch` rows after Inductor's decompositions with
+    `options`, traced on the meta device, which those decompositions treat as they treat CUDA (they keep
+    CPU matmuls as they are whatever the options)."""
+    meta = copy.deepcopy(model).to("meta")
+    hd = meta.config.text.head_dim
+
+    def rope(positions, dtype):  # the model's RoPE turns autocast off, which the meta device does not have
+        return (torch.ones(*positions.shape, hd, device="meta", dtype=dtype),) * 2
+
+    decoder = SlotDecoder(meta, rope, max_batch_size=4, cache_len=64, fused=True, attention="sdpa", graphs=False,
+                          compile=False, compile_mode=None, compile_options=None, length_quantum=16, chunk=1,
+                          suppress=None, stats={})
+    inputs = (torch.zeros(batch, dtype=torch.long, device="meta"), torch.zeros(batch, device="meta"),
+              torch.zeros(batch, dtype=torch.long, device="meta"))
+    with inductor_config.patch(options):
+        graph = make_fx(lambda t, p, n: decoder._fused_step(t, p, n, 32), decomposition_table=select_decomp_table())(*inputs)
+    return Counter(str(n.target) for n in graph.graph.nodes if n.op == "call_function")
+
+
+def test_decode_gemv_turns_batch_one_matrix_products_into_fusable_reductions(model, tokenizer):
+    """`--decode-gemv` (GEMV_OPTIONS) is what lets Inductor fuse a batch-1 decode step's matrix products
+    with the norms, activations and residual adds around them: at batch 1 every one of them (q/k/v with
+    its bias, o, gate/up, down, lm_head) becomes a reduction, none is left to cuBLAS; at batch 2 the
+    step keeps its matrix products. Without the option nothing changes."""
+    per_step = 4 * model.config.text.num_hidden_layers + 1
+    plain = _decode_step_matmuls(model, 1, {})
+    assert plain["aten.mm.default"] + plain["aten.addmm.default"] == per_step
+    gemv = _decode_step_matmuls(model, 1, GEMV_OPTIONS)
+    assert gemv["aten.mm.default"] + gemv["aten.addmm.default"] == 0
+    assert gemv["aten.sum.dim_IntList"] == plain["aten.sum.dim_IntList"] + per_step
+    batch2 = _decode_step_matmuls(model, 2, GEMV_OPTIONS)
+    assert batch2["aten.mm.default"] + batch2["aten.addmm.default"] == per_step
+    with pytest.raises(ValueError, match="not both"):
+        Engine(model, tokenizer, compile_mode="max-autotune-no-cudagraphs", compile_options=GEMV_OPTIONS)
+    # on the CPU the step is not compiled: the option changes nothing there, and says so in decode_mode
+    engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=128, compile_options=GEMV_OPTIONS)
+    assert "gemv" not in engine.decode_mode
+    p = prompts(tokenizer)[0]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    assert engine.generate([p], params)[0][0].token_ids == reference(model, engine, p, 8)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compile,chunk,attention", [(False, 1, "sdpa"), (True, 1, "sdpa"), (True, 8, "sdpa"),
-                                                     (False, 1, "split"), (True, 8, "split")])
-def test_cuda_graph_decode_equals_eager(tokenizer, compile, chunk, attention):
+@pytest.mark.parametrize("compile,chunk,attention,gemv", [
+    (False, 1, "sdpa", False), (True, 1, "sdpa", False), (True, 8, "sdpa", False), (False, 1, "split", False),
+    (True, 8, "split", False), (True, 1, "sdpa", True), (True, 8, "split", True)])
+def test_cuda_graph_decode_equals_eager(tokenizer, compile, chunk, attention, gemv):
     ps = prompts(tokenizer)
     ids, pixel_values = image_batch(make_model().config)
     ps.append(ids[0].tolist())
@@ -232,7 +282,8 @@ def test_cuda_graph_decode_equals_eager(tokenizer, compile, chunk, attention):
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     eager = Engine(make_model(), tokenizer, max_batch_size=8, max_seq_len=512, device="cuda", cuda_graphs=False)
     graphs = Engine(make_model(), tokenizer, max_batch_size=8, max_seq_len=512, device="cuda", compile=compile,
-                    decode_chunk=chunk, decode_attention=attention)
+                    decode_chunk=chunk, decode_attention=attention, compile_options=GEMV_OPTIONS if gemv else None)
+    assert ("gemv" in graphs.decode_mode) == gemv
     want = [c[0].token_ids for c in eager.generate(ps, params, pvs)]
     assert [c[0].token_ids for c in graphs.generate(ps, params, pvs)] == want
     assert graphs.stats["graph_captures"] >= 1 and "cuda_graph" in graphs.stats["decode_mode"]

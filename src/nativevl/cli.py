@@ -88,8 +88,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     engine = Engine(model, tokenizer, max_batch_size=1,
                     max_seq_len=min(args.max_seq_len, model.config.text.max_position_embeddings),
-                    decode_chunk=args.decode_chunk, decode_attention=args.decode_attention,
-                    vision_cache_mb=args.vision_cache_mb)
+                    **_engine_options(args))
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     conversation = Conversation(engine, tokenizer, params, system_message=DEFAULT_SYSTEM_MESSAGE if args.system is None
@@ -110,8 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = _serving_model(args)
     engine = Engine(model, load_tokenizer(args.model), max_batch_size=args.max_batch_size,
                     max_seq_len=min(args.max_seq_len, model.config.text.max_position_embeddings),
-                    max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs, decode_chunk=args.decode_chunk,
-                    decode_attention=args.decode_attention, vision_cache_mb=args.vision_cache_mb)
+                    max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs, **_engine_options(args))
     if args.allowed_local_media is not None and not Path(args.allowed_local_media).is_dir():
         raise ValueError(f"--allowed-local-media {args.allowed_local_media} is not a folder")
     cfg = ServerConfig(
@@ -277,11 +275,23 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "text arrives in bursts)")
     p.add_argument("--decode-attention", "--decode_attention", dest="decode_attention", choices=DECODE_BACKENDS,
                    default="sdpa", help="the decode step's attention kernel: sdpa, or split (Triton split-key, CUDA)")
+    p.add_argument("--decode-gemv", "--decode_gemv", dest="decode_gemv", action="store_true",
+                   help="compile the decode step with Inductor's coordinate-descent tuning (CUDA): batch-1 matrix "
+                        "products become Triton reductions fused with the norms and activations around them; "
+                        "slower to compile")
     p.add_argument("--vision-cache-mb", "--vision_cache_mb", dest="vision_cache_mb", type=float, default=256,
                    help="MiB of image features kept on the device, so that an image asked about again (a later "
                         "turn, another request with the same bytes or file) skips the ViT; 0: none")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", type=parse_dtype, default=None)
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    """Engine keyword arguments from _engine_args' options."""
+    from nativevl.infer.slot_decoder import GEMV_OPTIONS
+
+    return {"decode_chunk": args.decode_chunk, "decode_attention": args.decode_attention,
+            "vision_cache_mb": args.vision_cache_mb, "compile_options": GEMV_OPTIONS if args.decode_gemv else None}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,6 +77,7 @@ class Engine:
         fused_decode: bool = True,
         decode_chunk: int = 1,
         compile_mode: str | None = None,
+        compile_options: dict | None = None,
         decode_attention: str = "sdpa",
         vision_cache_mb: float = 256,
         suppress_token_ids: tuple[int, ...] = (),
@@ -97,7 +98,10 @@ class Engine:
         longest remaining budget (max_tokens); tokens past a sample's stop are discarded, so outputs are
         those of single steps. Streaming then arrives in bursts of up to this many tokens, and a request
         arriving meanwhile waits for the chunk to end. `compile_mode` is torch.compile's mode for the
-        decode step (e.g. "max-autotune-no-cudagraphs"; this engine captures its own graphs).
+        decode step (e.g. "max-autotune-no-cudagraphs"; this engine captures its own graphs);
+        `compile_options` its Inductor options instead (torch.compile takes one or the other), e.g.
+        `slot_decoder.GEMV_OPTIONS`: batch-1 matrix products as Triton reductions fused with the ops
+        around them (`nativevl serve/chat --decode-gemv`). Both apply on CUDA only, where the step is compiled.
         `decode_attention`: the fused step's attention kernel, "sdpa" or "split" (the Triton split-key
         kernel, CUDA only: see `model/decode_kernel.py`). `vision_cache_mb`: the budget of the image
         features kept for requests that name their images (`submit(image_keys=...)`; 0: none kept).
@@ -109,6 +113,9 @@ class Engine:
             raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
         if decode_attention not in DECODE_BACKENDS:
             raise ValueError(f"unknown decode_attention {decode_attention!r}; known: {', '.join(DECODE_BACKENDS)}")
+        if compile_mode is not None and compile_options:
+            raise ValueError(f"give compile_mode ({compile_mode!r}) or compile_options ({compile_options}), not both: "
+                             "torch.compile takes one or the other")
         if decode_attention != "sdpa" and not fused_decode:
             raise ValueError(f"decode_attention={decode_attention!r} needs fused_decode (the reference path "
                              "runs the model's own layers)")
@@ -161,7 +168,7 @@ class Engine:
             model, self.rope, max_batch_size=max_batch_size, cache_len=-(-max_seq_len // 16) * 16,
             fused=fused_decode, attention=decode_attention, graphs=bool(cuda_graphs and on_cuda),
             compile=bool(cuda_graphs and on_cuda) if compile is None else bool(compile and on_cuda),
-            compile_mode=compile_mode, length_quantum=self.length_quantum, chunk=self.decode_chunk,
+            compile_mode=compile_mode, compile_options=compile_options, length_quantum=self.length_quantum, chunk=self.decode_chunk,
             suppress=suppress, stats=self.stats)
         self.stats["decode_mode"] = self.decode_mode
 

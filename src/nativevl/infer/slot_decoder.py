@@ -28,6 +28,13 @@ from nativevl.model.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 
+# Inductor's option that, for a matrix product with one row (batch-1 decoding), replaces cuBLAS's gemv
+# with a Triton reduction it tunes by coordinate descent and can fuse with the ops around it (the
+# RMSNorm before, the SiLU * up and the residual add after): gpt-fast's setting. CUDA only (Inductor
+# keeps CPU matmuls as they are); compile time grows with the tuning.
+GEMV_OPTION = "coordinate_descent_tuning"
+GEMV_OPTIONS = {GEMV_OPTION: True}
+
 
 class SlotDecoder:
     def __init__(
@@ -42,6 +49,7 @@ class SlotDecoder:
         graphs: bool,
         compile: bool,
         compile_mode: str | None,
+        compile_options: dict | None,
         length_quantum: int,
         chunk: int,
         suppress: torch.Tensor | None,
@@ -72,6 +80,7 @@ class SlotDecoder:
         # one decode step (compiled on CUDA); a call runs it `steps` times, all captured in one graph
         self._eager_body = self._fused_step if self.fused else self._layer_step
         self._body = self._eager_body
+        self.compile_options = dict(compile_options or {})
         if self.use_compile:
             # one compiled graph per (batch, window) bucket: allow them all rather than fall back to
             # eager past dynamo's default limit of 8 recompiles
@@ -79,14 +88,15 @@ class SlotDecoder:
             for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
                 if hasattr(torch._dynamo.config, name):
                     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), n_buckets))
-            self._body = torch.compile(self._eager_body, dynamic=False, mode=compile_mode)
+            self._body = torch.compile(self._eager_body, dynamic=False, mode=compile_mode, options=compile_options)
 
     @property
     def mode(self) -> str:
         return (("fused+" if self.fused else "") + ("compile+" if self.use_compile else "")
                 + ("cuda_graph" if self.use_graphs else "eager")
                 + (f"+chunk{self.chunk}" if self.chunk > 1 else "")
-                + (f"+{self.decode_attention}" if self.decode_attention != "sdpa" else ""))
+                + (f"+{self.decode_attention}" if self.decode_attention != "sdpa" else "")
+                + ("+gemv" if self.use_compile and self.compile_options.get(GEMV_OPTION) else ""))
 
     @torch.no_grad()
     def refresh_weights(self) -> None:
@@ -208,7 +218,10 @@ class SlotDecoder:
         for i, layer in enumerate(lm.layers):
             w_qkv, b_qkv, w_gate_up = self._fused[i]
             attn, mlp = layer.self_attn, layer.mlp
-            q, k, v = F.linear(layer.input_layernorm(x), w_qkv, b_qkv).split(split, dim=-1)
+            # a matmul and an add rather than F.linear's addmm: Inductor's gemv decomposition (GEMV_OPTIONS)
+            # takes aten.mm only
+            qkv = layer.input_layernorm(x) @ w_qkv.t()
+            q, k, v = (qkv if b_qkv is None else qkv + b_qkv).split(split, dim=-1)
             q, k, v = q.view(batch, n_q, hd), k.view(batch, n_kv, hd), v.view(batch, n_kv, hd)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
