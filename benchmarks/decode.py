@@ -14,7 +14,8 @@ the decode step with mode "max-autotune-no-cudagraphs" (Inductor tries Triton ke
 cuBLAS for every matmul shape; slow to compile); `split` runs the decode step's attention with the
 Triton split-key kernel (decode_attention="split"); `gemv` compiles it with Inductor's
 coordinate-descent tuning (slot_decoder.GEMV_OPTIONS, `--decode-gemv`: batch-1 matrix products as
-Triton reductions fused with the ops around them; not with `autotune`). --profile VARIANTS adds a torch.profiler breakdown
+Triton reductions fused with the ops around them; not with `autotune`); `cprefill` compiles the
+prefill's decoder layer (compile_prefill, `--compile-prefill`). --profile VARIANTS adds a torch.profiler breakdown
 of one more batch-1 request per variant: GPU kernel time and kernels run against wall time.
 One side failing (an exception) is reported and does not lose the other side's numbers.
 """
@@ -40,7 +41,8 @@ from nativevl.io.hf_config import config_to_hf
 
 
 def variant_options(name: str) -> dict:
-    """Engine keyword arguments of a variant name: base, chunkN, autotune, split, gemv, joined by '+'."""
+    """Engine keyword arguments of a variant name: base, chunkN, autotune, split, gemv, cprefill, joined
+    by '+'."""
     opts: dict = {}
     for part in name.split("+"):
         if part == "base":
@@ -53,8 +55,10 @@ def variant_options(name: str) -> dict:
             opts["decode_attention"] = "split"
         elif part == "gemv":
             opts["compile_options"] = GEMV_OPTIONS
+        elif part == "cprefill":
+            opts["compile_prefill"] = True
         else:
-            raise SystemExit(f"unknown variant part {part!r} in {name!r} (base, chunkN, autotune, split, gemv, joined by '+')")
+            raise SystemExit(f"unknown variant part {part!r} in {name!r} (base, chunkN, autotune, split, gemv, cprefill, joined by '+')")
     return opts
 
 

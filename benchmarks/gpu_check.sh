@@ -14,7 +14,7 @@ set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 OUT=${OUT:-/tmp/nativevl-gpu}
 PARTS=${PARTS:-tests decode train followup evalcirc}
-DECODE_VARIANTS=${DECODE_VARIANTS:-base,chunk8+split,chunk8+gemv,chunk8+split+gemv}
+DECODE_VARIANTS=${DECODE_VARIANTS:-base,chunk8+split,chunk8+gemv,chunk8+split+gemv+cprefill}
 for part in $PARTS; do
   case "$part" in tests|decode|train|followup|evalcirc) ;; *) echo "PARTS: unknown part '$part' (tests, decode, train, followup, evalcirc; space-separated)"; exit 2 ;; esac
 done

@@ -237,8 +237,8 @@ def _decode_step_matmuls(model, batch: int, options: dict) -> Counter:
         return (torch.ones(*positions.shape, hd, device="meta", dtype=dtype),) * 2
 
     decoder = SlotDecoder(meta, rope, max_batch_size=4, cache_len=64, fused=True, attention="sdpa", graphs=False,
-                          compile=False, compile_mode=None, compile_options=None, length_quantum=16, chunk=1,
-                          suppress=None, stats={})
+                          compile=False, compile_mode=None, compile_options=None, compile_prefill=False, length_quantum=16,
+                          chunk=1, suppress=None, stats={})
     inputs = (torch.zeros(batch, dtype=torch.long, device="meta"), torch.zeros(batch, device="meta"),
               torch.zeros(batch, dtype=torch.long, device="meta"))
     with inductor_config.patch(options):
@@ -269,12 +269,43 @@ def test_decode_gemv_turns_batch_one_matrix_products_into_fusable_reductions(mod
     assert engine.generate([p], params)[0][0].token_ids == reference(model, engine, p, 8)
 
 
+def test_compiled_prefill_gives_plain_generates_tokens_with_one_graph_for_all_lengths(model, tokenizer):
+    """`compile_prefill`: the prefill's decoder layer compiled once for the 4 layers and every prompt
+    length (a graph for one row, one for several), the greedy tokens those of plain generate: prompts
+    of several lengths, a prompt with an image, n samples of one prompt, and two prompts of one length
+    prefilled together."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=256, compile_prefill=True)
+    assert "compiled_prefill" in engine.decode_mode
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    before = counters["stats"]["unique_graphs"]
+    ids, pixel_values = image_batch(model.config)
+    image_prompt = ids[0].tolist()
+    got = engine.generate([image_prompt], params, [pixel_values[:1]])[0][0].token_ids
+    assert got == reference(model, engine, image_prompt, 6, pixel_values[:1])
+    for p in prompts(tokenizer):
+        assert engine.generate([p], params)[0][0].token_ids == reference(model, engine, p, 6)
+    two = engine.generate([prompts(tokenizer)[0]], SamplingParams(max_tokens=6, ignore_eos=True, n=2))[0]
+    assert [c.token_ids for c in two] == [reference(model, engine, prompts(tokenizer)[0], 6)] * 2
+    p = prompts(tokenizer)[2]
+    q = [(t + 7) % 100 + 3 for t in p]  # another prompt of the same length: one prefill of 2 rows
+    together = engine.generate([p, q], params)
+    assert [c[0].token_ids for c in together] == [reference(model, engine, p, 6), reference(model, engine, q, 6)]
+    assert engine.stats["prefill_batches"] == 7
+    assert counters["stats"]["unique_graphs"] - before <= 2
+    with pytest.raises(ValueError, match="compile_prefill needs fused_decode"):
+        Engine(model, tokenizer, compile_prefill=True, fused_decode=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compile,chunk,attention,gemv", [
-    (False, 1, "sdpa", False), (True, 1, "sdpa", False), (True, 8, "sdpa", False), (False, 1, "split", False),
-    (True, 8, "split", False), (True, 1, "sdpa", True), (True, 8, "split", True)])
-def test_cuda_graph_decode_equals_eager(tokenizer, compile, chunk, attention, gemv):
+@pytest.mark.parametrize("compile,chunk,attention,gemv,cprefill", [
+    (False, 1, "sdpa", False, False), (True, 1, "sdpa", False, False), (True, 8, "sdpa", False, False),
+    (False, 1, "split", False, False), (True, 8, "split", False, False), (True, 1, "sdpa", True, False),
+    (True, 8, "split", True, True)])
+def test_cuda_graph_decode_equals_eager(tokenizer, compile, chunk, attention, gemv, cprefill):
     ps = prompts(tokenizer)
     ids, pixel_values = image_batch(make_model().config)
     ps.append(ids[0].tolist())
@@ -282,7 +313,8 @@ def test_cuda_graph_decode_equals_eager(tokenizer, compile, chunk, attention, ge
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     eager = Engine(make_model(), tokenizer, max_batch_size=8, max_seq_len=512, device="cuda", cuda_graphs=False)
     graphs = Engine(make_model(), tokenizer, max_batch_size=8, max_seq_len=512, device="cuda", compile=compile,
-                    decode_chunk=chunk, decode_attention=attention, compile_options=GEMV_OPTIONS if gemv else None)
+                    decode_chunk=chunk, decode_attention=attention, compile_options=GEMV_OPTIONS if gemv else None,
+                    compile_prefill=cprefill)
     assert ("gemv" in graphs.decode_mode) == gemv
     want = [c[0].token_ids for c in eager.generate(ps, params, pvs)]
     assert [c[0].token_ids for c in graphs.generate(ps, params, pvs)] == want

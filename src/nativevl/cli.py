@@ -279,6 +279,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="compile the decode step with Inductor's coordinate-descent tuning (CUDA): batch-1 matrix "
                         "products become Triton reductions fused with the norms and activations around them; "
                         "slower to compile")
+    p.add_argument("--compile-prefill", "--compile_prefill", dest="compile_prefill", action="store_true",
+                   help="compile the prefill's decoder layer (one graph for every prompt length; the first "
+                        "prompts wait for it): faster time to first token")
     p.add_argument("--vision-cache-mb", "--vision_cache_mb", dest="vision_cache_mb", type=float, default=256,
                    help="MiB of image features kept on the device, so that an image asked about again (a later "
                         "turn, another request with the same bytes or file) skips the ViT; 0: none")
@@ -291,7 +294,8 @@ def _engine_options(args: argparse.Namespace) -> dict:
     from nativevl.infer.slot_decoder import GEMV_OPTIONS
 
     return {"decode_chunk": args.decode_chunk, "decode_attention": args.decode_attention,
-            "vision_cache_mb": args.vision_cache_mb, "compile_options": GEMV_OPTIONS if args.decode_gemv else None}
+            "vision_cache_mb": args.vision_cache_mb, "compile_options": GEMV_OPTIONS if args.decode_gemv else None,
+            "compile_prefill": args.compile_prefill}
 
 
 def build_parser() -> argparse.ArgumentParser:

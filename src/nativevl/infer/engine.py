@@ -78,6 +78,7 @@ class Engine:
         decode_chunk: int = 1,
         compile_mode: str | None = None,
         compile_options: dict | None = None,
+        compile_prefill: bool = False,
         decode_attention: str = "sdpa",
         vision_cache_mb: float = 256,
         suppress_token_ids: tuple[int, ...] = (),
@@ -102,6 +103,10 @@ class Engine:
         `compile_options` its Inductor options instead (torch.compile takes one or the other), e.g.
         `slot_decoder.GEMV_OPTIONS`: batch-1 matrix products as Triton reductions fused with the ops
         around them (`nativevl serve/chat --decode-gemv`). Both apply on CUDA only, where the step is compiled.
+        `compile_prefill` compiles the prefill's decoder layer (on any device; one graph for all layers and
+        prompt lengths, made at the first prompts): fewer kernels and no per-operation launch cost for
+        prompts admitted together at one length (one prompt, or n samples of one); prompts of different
+        lengths admitted together run the model's padded forward uncompiled.
         `decode_attention`: the fused step's attention kernel, "sdpa" or "split" (the Triton split-key
         kernel, CUDA only: see `model/decode_kernel.py`). `vision_cache_mb`: the budget of the image
         features kept for requests that name their images (`submit(image_keys=...)`; 0: none kept).
@@ -116,6 +121,8 @@ class Engine:
         if compile_mode is not None and compile_options:
             raise ValueError(f"give compile_mode ({compile_mode!r}) or compile_options ({compile_options}), not both: "
                              "torch.compile takes one or the other")
+        if compile_prefill and not fused_decode:
+            raise ValueError("compile_prefill needs fused_decode (the reference path runs the model's own forward)")
         if decode_attention != "sdpa" and not fused_decode:
             raise ValueError(f"decode_attention={decode_attention!r} needs fused_decode (the reference path "
                              "runs the model's own layers)")
@@ -168,7 +175,8 @@ class Engine:
             model, self.rope, max_batch_size=max_batch_size, cache_len=-(-max_seq_len // 16) * 16,
             fused=fused_decode, attention=decode_attention, graphs=bool(cuda_graphs and on_cuda),
             compile=bool(cuda_graphs and on_cuda) if compile is None else bool(compile and on_cuda),
-            compile_mode=compile_mode, compile_options=compile_options, length_quantum=self.length_quantum, chunk=self.decode_chunk,
+            compile_mode=compile_mode, compile_options=compile_options,
+            compile_prefill=compile_prefill, length_quantum=self.length_quantum, chunk=self.decode_chunk,
             suppress=suppress, stats=self.stats)
         self.stats["decode_mode"] = self.decode_mode
 

@@ -50,6 +50,7 @@ class SlotDecoder:
         compile: bool,
         compile_mode: str | None,
         compile_options: dict | None,
+        compile_prefill: bool,
         length_quantum: int,
         chunk: int,
         suppress: torch.Tensor | None,
@@ -79,6 +80,9 @@ class SlotDecoder:
         self._graph_pool = None
         # one decode step (compiled on CUDA); a call runs it `steps` times, all captured in one graph
         self._eager_body = self._fused_step if self.fused else self._layer_step
+        self.compile_prefill = bool(compile_prefill and fused)
+        self._prefill_layer = (torch.compile(self._prefill_layer_eager, dynamic=None) if self.compile_prefill
+                               else self._prefill_layer_eager)
         self._body = self._eager_body
         self.compile_options = dict(compile_options or {})
         if self.use_compile:
@@ -96,7 +100,8 @@ class SlotDecoder:
                 + ("cuda_graph" if self.use_graphs else "eager")
                 + (f"+chunk{self.chunk}" if self.chunk > 1 else "")
                 + (f"+{self.decode_attention}" if self.decode_attention != "sdpa" else "")
-                + ("+gemv" if self.use_compile and self.compile_options.get(GEMV_OPTION) else ""))
+                + ("+gemv" if self.use_compile and self.compile_options.get(GEMV_OPTION) else "")
+                + ("+compiled_prefill" if self.compile_prefill else ""))
 
     @torch.no_grad()
     def refresh_weights(self) -> None:
@@ -141,30 +146,43 @@ class SlotDecoder:
         each layer's keys/values written straight into the slots of their row; the last position's
         logits (R, V). The same computation as the model's forward without a mask (causal sdpa)."""
         lm = self.model.language_model
-        cfg = self.model.config.text
-        n_q, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         rows, t = x.shape[:2]
         positions = torch.arange(t, device=self.device, dtype=torch.float32)[None].expand(rows, t)
         cos, sin = self.rope(positions, self.dtype)
         cos, sin = cos[:, None], sin[:, None]  # (R, 1, T, hd)
+        if self.compile_prefill:  # one compiled graph for every prompt length (and row count past 1)
+            for tensor, dims in ((x, (0, 1)), (cos, (0, 2)), (sin, (0, 2))):
+                for dim in dims:
+                    torch._dynamo.maybe_mark_dynamic(tensor, dim)
         for i, layer in enumerate(lm.layers):
             w_qkv, b_qkv, w_gate_up = self._fused[i]
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv = F.linear(layer.input_layernorm(x), w_qkv, b_qkv).view(rows, t, n_q + 2 * n_kv, hd).transpose(1, 2)
-            q, k, v = qkv.split((n_q, n_kv, n_kv), dim=1)  # (R, H, T, hd)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            x, k, v = self._prefill_layer(layer, x, w_qkv, b_qkv, w_gate_up, cos, sin)
             for row, row_slots in enumerate(slots):
                 for slot in row_slots:
                     self.k[i][slot, :, :t] = k[row]
                     self.v[i][slot, :, :t] = v[row]
-            if n_q != n_kv:  # expanded once here (flash kernels); the decode step reads the cache unexpanded
-                k, v = k.repeat_interleave(n_q // n_kv, dim=1), v.repeat_interleave(n_q // n_kv, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(rows, t, n_q * hd))
-            gate, up = F.linear(layer.post_attention_layernorm(x), w_gate_up).chunk(2, dim=-1)
-            x = x + mlp.down_proj(mlp.act(gate) * up)
         return self.model.lm_head(lm.norm(x[:, -1]))
+
+    def _prefill_layer_eager(self, layer, x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None,
+                             w_gate_up: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """One decoder layer of the prefill, x (R, T, C) -> (x, keys, values), keys/values (R, Hkv, T, hd)
+        after RoPE. Compiled with `compile_prefill` (one graph shared by the layers: the weights are
+        arguments)."""
+        cfg = self.model.config.text
+        n_q, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        rows, t = x.shape[:2]
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = F.linear(layer.input_layernorm(x), w_qkv, b_qkv).view(rows, t, n_q + 2 * n_kv, hd).transpose(1, 2)
+        q, k, v = qkv.split((n_q, n_kv, n_kv), dim=1)  # (R, H, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        keys, values = k, v
+        if n_q != n_kv:  # expanded here (flash kernels); the decode step reads the cache unexpanded
+            keys, values = k.repeat_interleave(n_q // n_kv, dim=1), v.repeat_interleave(n_q // n_kv, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(rows, t, n_q * hd))
+        gate, up = F.linear(layer.post_attention_layernorm(x), w_gate_up).chunk(2, dim=-1)
+        return x + mlp.down_proj(mlp.act(gate) * up), k, v
 
     def suppressed(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (R, V) with the suppressed tokens at -inf (inside the decode step's graph too)."""
