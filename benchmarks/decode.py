@@ -17,7 +17,9 @@ coordinate-descent tuning (slot_decoder.GEMV_OPTIONS, `--decode-gemv`: batch-1 m
 Triton reductions fused with the ops around them; not with `autotune`); `cprefill` compiles the
 prefill's decoder layer (compile_prefill, `--compile-prefill`). --profile VARIANTS adds a torch.profiler breakdown
 of one more batch-1 request per variant: GPU kernel time and kernels run against wall time.
-One side failing (an exception) is reported and does not lose the other side's numbers.
+One side failing (an exception) is reported and does not lose the other side's numbers. The engine's
+prefix reuse is off (the timed request repeats the warm-up's prompt, whose keys it would otherwise
+find kept: transformers prefills it whole).
 """
 
 from __future__ import annotations
@@ -145,7 +147,7 @@ def main() -> None:
                 if v not in engines:
                     engines[v] = Engine(ours, None, max_batch_size=max(batches), max_seq_len=args.prompt_len + new + 8,
                                         cuda_graphs=not args.no_cuda_graphs, compile=False if args.no_compile else None,
-                                        fused_decode=not args.no_fused_decode, **options[v])
+                                        fused_decode=not args.no_fused_decode, prefix_cache=False, **options[v])
                 engine = engines[v]
                 lists = ids.tolist()
                 t0 = time.perf_counter()

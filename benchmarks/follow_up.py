@@ -1,13 +1,15 @@
-"""Time to first token of a conversation's turns about one image: nativevl's Engine with its vision cache,
-the same engine without it (vision_cache_mb=0), and transformers' generate, same random weights, same
-prompts, one run.
+"""Time to first token of a conversation's turns about one image: nativevl's Engine with prefix reuse and
+its vision cache (the default), with the vision cache only (prefix_cache=False), with neither, and
+transformers' generate, same random weights, same prompts, one run.
 
 Turn 1 asks about an image of --tiles tiles; every later turn carries the conversation so far (the image,
-the questions, the answers) and asks one more question, as a chat client sends it. Without a cache every
-turn runs the ViT on the image again; with it, only the first. TTFT = prefill and first token (the tiles
-are made beforehand, so preprocessing is in neither side); transformers' is the wall time of
-generate(max_new_tokens=1). Each turn's answer is the cached engine's greedy answer (--answer-tokens),
-so all three sides prefill the same tokens.
+the questions, the answers) and asks one more question, as a chat client sends it. With neither cache
+every turn runs the ViT on the image again and prefills the whole conversation; with the vision cache
+only the first turn runs the ViT; with prefix reuse a later turn prefills only its new tokens (the last
+answer's final token and the new question) on the keys the previous turn left. TTFT = prefill and first
+token (the tiles are made beforehand, so preprocessing is in no side); transformers' is the wall time of
+generate(max_new_tokens=1). Each turn's answer is the default engine's greedy answer (--answer-tokens),
+so all sides prefill the same tokens.
     PYTHONPATH=src python3 benchmarks/follow_up.py [--shape internvl3_1b] [--device cpu|cuda] [--tiles 1]
         [--turns 3] [--json OUT]
 """
@@ -55,8 +57,8 @@ def main() -> None:
     image = [cfg.image_token_id] * (tiles * cfg.image_seq_length)
     max_len = len(image) + args.turns * (args.question_tokens + args.answer_tokens) + 16
     kw = {"max_batch_size": 1, "max_seq_len": max_len, "cuda_graphs": cuda, "compile": False}  # TTFT: no decode compile
-    cached = Engine(ours, None, **kw)
-    plain = Engine(ours, None, vision_cache_mb=0, **kw)
+    sides = {"prefix": Engine(ours, None, **kw), "vision": Engine(ours, None, prefix_cache=False, **kw),
+             "neither": Engine(ours, None, vision_cache_mb=0, prefix_cache=False, **kw)}
     params = SamplingParams(max_tokens=args.answer_tokens, ignore_eos=True)
 
     def ask(engine: Engine, ids: list[int], key: str | None):
@@ -78,31 +80,37 @@ def main() -> None:
         return time.perf_counter() - t0, int(out[0, -1])
 
     warm = text(8) + image + text(8)  # first-call costs (allocations, kernels) on every side, another image key
-    ask(cached, warm, "warm-up")
-    ask(plain, warm, None)
+    for name, engine in sides.items():
+        ask(engine, warm, None if name == "neither" else "warm-up")
     theirs_ttft(warm)
     rows, ids = [], text(4) + image
+    names = [*sides, "transformers"]
     for turn in range(1, args.turns + 1):
         ids = ids + text(args.question_tokens)
-        t_cached, answer = ask(cached, ids, "the image")
-        t_plain, plain_answer = ask(plain, ids, None)
+        row: dict = {"turn": turn, "prompt_tokens": len(ids)}
+        answers = {}
+        for name, engine in sides.items():
+            hits = engine.stats["prefix_tokens"]
+            t, answers[name] = ask(engine, ids, None if name == "neither" else "the image")
+            row[f"{name}_ms"] = 1e3 * t
+            row[f"{name}_reused_tokens"] = engine.stats["prefix_tokens"] - hits
         t_theirs, first = theirs_ttft(ids)
-        rows.append({"turn": turn, "prompt_tokens": len(ids), "cached_ms": 1e3 * t_cached, "uncached_ms": 1e3 * t_plain,
-                     "transformers_ms": 1e3 * t_theirs, "same_answer": answer == plain_answer,
-                     "same_first_token": answer[0] == first})
-        r = rows[-1]
-        print(f"turn {turn}: {len(ids)} prompt tokens; TTFT with the vision cache {r['cached_ms']:.1f} ms, without "
-              f"{r['uncached_ms']:.1f} ms ({r['uncached_ms'] / r['cached_ms']:.2f}x), transformers "
-              f"{r['transformers_ms']:.1f} ms ({r['transformers_ms'] / r['cached_ms']:.2f}x); same answer with and "
-              f"without: {r['same_answer']}, same first token as transformers: {r['same_first_token']}")
+        row["transformers_ms"] = 1e3 * t_theirs
+        answer = answers["prefix"]
+        row["same_answers"] = all(a == answer for a in answers.values())
+        row["same_first_token"] = answer[0] == first
+        rows.append(row)
+        print(f"turn {turn}: {len(ids)} prompt tokens ({row['prefix_reused_tokens']} reused); TTFT "
+              + ", ".join(f"{n} {row[n + '_ms']:.1f} ms ({row[n + '_ms'] / row['prefix_ms']:.2f}x)" for n in names)
+              + f"; the same answers on our sides: {row['same_answers']}, the same first token as transformers: "
+              f"{row['same_first_token']}")
         ids = ids + answer
     later = rows[1:]
     summary = {}
     if later:
-        summary = {key: statistics.mean(r[f"{key}_ms"] for r in later) for key in ("cached", "uncached", "transformers")}
-        print(f"turns 2-{args.turns}, mean TTFT: with the cache {summary['cached']:.1f} ms, without "
-              f"{summary['uncached']:.1f} ms ({summary['uncached'] / summary['cached']:.2f}x), transformers "
-              f"{summary['transformers']:.1f} ms ({summary['transformers'] / summary['cached']:.2f}x)")
+        summary = {n: statistics.mean(r[f"{n}_ms"] for r in later) for n in names}
+        print(f"turns 2-{args.turns}, mean TTFT: "
+              + ", ".join(f"{n} {summary[n]:.1f} ms ({summary[n] / summary['prefix']:.2f}x)" for n in names))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "device": args.device, "dtype": str(dtype).removeprefix("torch."),

@@ -41,6 +41,7 @@ from nativevl.infer.sampling import (  # re-exported: callers import the engine'
     streamable,
     token_logprobs,
 )
+from nativevl.infer.prefix_cache import PrefixCache, image_spans
 from nativevl.infer.slot_decoder import SlotDecoder
 from nativevl.infer.vision_cache import VisionCache
 from nativevl.model import decode_kernel
@@ -82,6 +83,8 @@ class Engine:
         decode_attention: str = "sdpa",
         vision_cache_mb: float = 256,
         suppress_token_ids: tuple[int, ...] = (),
+        prefix_cache: bool = True,
+        prefix_min_tokens: int = 64,
     ) -> None:
         """`dtype`/`device` move the model (in place) when given. `compile` (default: with CUDA graphs
         on CUDA) compiles the decode step before capture. `length_quantum`: the key window grows in
@@ -111,7 +114,11 @@ class Engine:
         kernel, CUDA only: see `model/decode_kernel.py`). `vision_cache_mb`: the budget of the image
         features kept for requests that name their images (`submit(image_keys=...)`; 0: none kept).
         `suppress_token_ids`: tokens never generated, greedy or sampled (as `generate`'s suppress_tokens:
-        evaluation suppresses the image placeholder, which a small or badly trained model may emit)."""
+        evaluation suppresses the image placeholder, which a small or badly trained model may emit).
+        `prefix_cache` (with `fused_decode`): a finished sequence's slot keeps its keys and values, and a
+        prompt that starts with at least `prefix_min_tokens` of its tokens (images included when they carry
+        the same `image_keys`) is prefilled from there on in that slot (`infer/prefix_cache.py`): the next
+        turn of a conversation runs its new tokens only."""
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
         if decode_chunk < 1:
@@ -163,12 +170,13 @@ class Engine:
         self._prefill_error: BaseException | None = None
         self.decode_chunk = int(decode_chunk)
         self.vision_cache = VisionCache(int(vision_cache_mb * 2**20)) if vision_cache_mb > 0 else None
+        self.prefixes = PrefixCache(max_batch_size, prefix_min_tokens) if prefix_cache and fused_decode else None
         vocab = model.config.text.vocab_size
         if any(not 0 <= t < vocab for t in suppress_token_ids):
             raise ValueError(f"suppress_token_ids must be in [0, {vocab}), got {sorted(suppress_token_ids)}")
         suppress = (torch.tensor(sorted(set(suppress_token_ids)), device=self.device) if suppress_token_ids else None)
         self.stats: dict = {"prefills": 0, "prefill_batches": 0, "decode_steps": 0, "decode_calls": 0,
-                            "decode_tokens": 0, "graph_captures": 0}
+                            "decode_tokens": 0, "graph_captures": 0, "prefix_hits": 0, "prefix_tokens": 0}
         # the cache is a multiple of 16 positions long, so that every key window is too (sdpa's
         # memory-efficient kernel pads a mask whose length is not aligned, an extra copy per layer)
         self.decoder = SlotDecoder(
@@ -189,6 +197,8 @@ class Engine:
         graphs stay valid). The vision cache's features, made by the old weights, are dropped."""
         if self.vision_cache is not None:
             self.vision_cache.clear()
+        if self.prefixes is not None:
+            self.prefixes.clear()
         self.decoder.refresh_weights()
 
     # ------------------------------------------------------------------ public API
@@ -356,6 +366,8 @@ class Engine:
                 seq.req._finish(error)
         self.slots = [None] * self.max_batch_size
         self.lengths = [0] * self.max_batch_size
+        if self.prefixes is not None:  # what a failed step left in the cache is not to be trusted
+            self.prefixes.clear()
 
     # ------------------------------------------------------------------ scheduling
 
@@ -419,24 +431,89 @@ class Engine:
 
     @torch.no_grad()
     def _prefill(self, reqs: list[Request]) -> None:
-        model = self.model
+        """Prefill the admitted requests: those whose prompt starts with a prefix a free slot holds
+        (prefix reuse) one by one on top of it, the others in one (left-padded) batch."""
         t0 = time.perf_counter()
-        embeds, ok = [], []
+        rest = []
+        cfg = self.model.config
         for req in reqs:
             req.timings["admitted"] = t0
+            if self.prefixes is None:
+                rest.append(req)
+                continue
+            req.image_spans = image_spans(req.prompt, cfg.image_token_id, cfg.image_seq_length, req.tiles_per_image,
+                                          req.image_keys)
+            hit = self.prefixes.match(req.prompt, req.image_spans, [i for i, s in enumerate(self.slots) if s is None])
+            if hit is None:
+                rest.append(req)
+                continue
+            slot, reused = hit
             try:
-                ids = torch.tensor(req.prompt, device=self.device)
-                pv = req.pixel_values.to(self.device) if req.pixel_values is not None else None
-                tv = time.perf_counter()
-                if pv is not None and req.image_keys and self.vision_cache is not None:
-                    feats, req.timings["images_cached"] = self.vision_cache.features(
-                        req.image_keys, req.tiles_per_image, pv, model.encode_images)
-                    embeds.append(model.embed(ids, None, image_features=feats))  # the ViT runs on the others
-                else:
-                    embeds.append(model.embed(ids, pv))  # (T, C); the ViT runs here
-                if pv is not None:
-                    self._sync()
-                req.timings["vision_s"] = time.perf_counter() - tv if pv is not None else 0.0
+                x = self._embed(req, reused)
+            except ValueError as e:  # e.g. image tokens that do not match the tiles: this request only
+                req._finish(e)
+                continue
+            slots = [slot, *self._take_slots(req.params.n - 1, claimed={slot})]
+            logits = self.decoder.extend(x[None], slot, reused).float()  # (1, V)
+            for other in slots[1:]:  # n samples: the prompt's keys copied into every sample's slot
+                self.decoder.copy_slot(slot, other, len(req.prompt))
+            self.stats["prefix_hits"] += 1
+            self.stats["prefix_tokens"] += reused
+            req.timings["prefix_reused"] = reused
+            self._start([req], [slots], logits, [float(len(req.prompt))])
+        if rest:
+            self._prefill_batch(rest)
+
+    def _embed(self, req: Request, start: int = 0) -> torch.Tensor:
+        """The prompt's input embeddings from position `start` on (T - start, C), image features in place
+        (from the vision cache for images with keys; the ViT runs on the others). Images before `start`
+        are not encoded (a reused prefix holds them); one that `start` falls inside is."""
+        model, prompt, pv = self.model, req.prompt, req.pixel_values
+        keys, tiles = req.image_keys, req.tiles_per_image
+        first = start
+        if start and pv is not None:  # prefix reuse: only the images from the one `start` falls in or precedes
+            spans = req.image_spans
+            k = next((i for i, span in enumerate(spans) if span.end > start), len(spans))
+            if k and spans[k - 1].key is None:
+                raise RuntimeError("a reused prefix covers an unnamed image")  # prefix_cache.reusable cuts before it
+            if k < len(spans):
+                first = min(start, spans[k].start)
+            tile0 = sum(tiles[:k]) if k else 0
+            pv = pv[tile0:] if k < len(spans) else None
+            keys, tiles = (keys[k:], tiles[k:]) if keys is not None and k < len(spans) else (None, None)
+        ids = torch.tensor(prompt[first:], device=self.device)
+        pv = pv.to(self.device) if pv is not None else None
+        tv = time.perf_counter()
+        if pv is not None and keys and self.vision_cache is not None:
+            feats, req.timings["images_cached"] = self.vision_cache.features(keys, tiles, pv, model.encode_images)
+            embeds = model.embed(ids, None, image_features=feats)  # the ViT runs on the others
+        else:
+            embeds = model.embed(ids, pv)  # (T, C); the ViT runs here
+        if pv is not None:
+            self._sync()
+        req.timings["vision_s"] = time.perf_counter() - tv if pv is not None else 0.0
+        return embeds[start - first:]
+
+    def _take_slots(self, count: int, claimed: set[int] = frozenset()) -> list[int]:
+        """`count` free slots (none of `claimed`), the lowest first; with prefix reuse, slots holding a
+        reusable prefix are taken last while that does not widen the running batch."""
+        out: list[int] = []
+        for _ in range(count):
+            free = [i for i, s in enumerate(self.slots) if s is None and i not in claimed and i not in out]
+            if self.prefixes is None:
+                out.append(free[0])
+                continue
+            busy = [i for i, s in enumerate(self.slots) if s is not None] + [*claimed, *out]
+            out.append(self.prefixes.take(free, _bucket_batch(max(busy) + 1, self.max_batch_size) if busy else 1))
+        return out
+
+    def _prefill_batch(self, reqs: list[Request]) -> None:
+        """One prefill of whole prompts: left-padded, or unpadded with the fused layers when the lengths agree."""
+        model = self.model
+        embeds, ok = [], []
+        for req in reqs:
+            try:
+                embeds.append(self._embed(req))
                 ok.append(req)
             except ValueError as e:  # e.g. image tokens that do not match the tiles: this request only
                 req._finish(e)
@@ -448,8 +525,9 @@ class Engine:
         batch = torch.zeros(len(ok), width, embeds[0].shape[-1], device=self.device, dtype=embeds[0].dtype)
         for row, e in enumerate(embeds):
             batch[row, width - e.shape[0]:] = e  # left padding
-        free = iter([i for i, s in enumerate(self.slots) if s is None])
-        slots = [[next(free) for _ in range(req.params.n)] for req in ok]  # one prefill per request, n slots
+        slots: list[list[int]] = []
+        for req in ok:  # one prefill per request, n slots
+            slots.append(self._take_slots(req.params.n, claimed={s for row in slots for s in row}))
         if self.decoder.fused and min(lengths) == width:
             # no padding (one prompt, or equal lengths): the trimmed forward writes straight into the slots
             logits = self.decoder.prefill(batch, slots).float()  # (R, V)
@@ -461,12 +539,17 @@ class Engine:
             next_pos = cache.next_position.tolist()
             logits = out.logits[:, -1].float()  # (R, V)
             self.decoder.write_prefill(cache, lengths, width, slots)  # one prefill, copied into every sample's slot
+        self._start(ok, slots, logits, next_pos)
+
+    def _start(self, ok: list[Request], slots: list[list[int]], logits: torch.Tensor, next_pos: list[float]) -> None:
+        """Prefilled requests start running: their samples take their slots, and each its first token
+        from the logits (R, V) of its request's row."""
         seqs, rows = [], []
         for row, req in enumerate(ok):
             for j, slot in enumerate(slots[row]):
                 stop_ids = frozenset(req.params.stop_token_ids) | (frozenset() if req.params.ignore_eos else self.eos_ids)
                 seq = Sequence(req, j, slot, stop_ids)
-                self.slots[slot], self.lengths[slot], self.positions[slot] = seq, lengths[row], next_pos[row]
+                self.slots[slot], self.lengths[slot], self.positions[slot] = seq, len(req.prompt), next_pos[row]
                 seqs.append(seq)
                 rows.append(row)
         self.stats["prefills"] += len(ok)
@@ -503,7 +586,9 @@ class Engine:
         longest = max(self.lengths[s.slot] for s in active)
         q = self.length_quantum
         window = min(-(-(longest + steps) // q) * q, self.decoder.cache_len)
-        logits, greedy = self.decoder.run([self.next_tokens, self.positions, self.lengths], batch, window, steps)
+        # a free slot in the batch writes its garbage key at the scratch positions, not over a kept prefix
+        lengths = [n if seq is not None else self.decoder.scratch for seq, n in zip(self.slots, self.lengths)]
+        logits, greedy = self.decoder.run([self.next_tokens, self.positions, lengths], batch, window, steps)
         if steps == 1 and any(s.generator is not None or s.seen is not None for s in active):
             tokens = sample_tokens(logits[[s.slot for s in active]].float(), active)
             picked = [[0] * batch]  # one row indexed by slot, as the greedy path's
@@ -568,6 +653,8 @@ class Engine:
                           logprobs=list(seq.logprobs) if seq.logprobs is not None else None)
         req.completions[seq.index] = done
         req._emit("finish", seq.index, done)
+        if self.prefixes is not None:  # the slot holds the keys of the prompt and of the tokens fed back
+            self.prefixes.record(seq.slot, (req.prompt + seq.tokens)[: self.lengths[seq.slot]], req.image_spans)
         self._release(seq)
         if all(c is not None for c in req.completions):
             req.log_timings()

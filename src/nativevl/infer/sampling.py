@@ -84,6 +84,7 @@ class Request:
         # the vision cache's keys of the prompt's images and their tile counts (Engine.submit), or None
         self.image_keys: list | None = None
         self.tiles_per_image: list[int] | None = None
+        self.image_spans: list = []  # prefix_cache.ImageSpan of each image, set at admission (prefix reuse)
         self._done = threading.Event()
 
     @property

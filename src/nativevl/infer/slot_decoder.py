@@ -62,7 +62,10 @@ class SlotDecoder:
         self.device, self.dtype = model.device, model.dtype
         cfg = model.config.text
         self.cache_len = cache_len
-        shape = (max_batch_size, cfg.num_key_value_heads, cache_len, cfg.head_dim)
+        # past cache_len, `chunk` scratch positions: a free slot inside a decode call's batch writes its
+        # garbage keys there (its `lengths` entry is `scratch`), not over keys kept for prefix reuse
+        self.scratch = cache_len
+        shape = (max_batch_size, cfg.num_key_value_heads, cache_len + chunk, cfg.head_dim)
         self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.num_hidden_layers)]
         # static input of the decode step (a CUDA graph reads it in place): rows tokens, positions,
@@ -168,21 +171,60 @@ class SlotDecoder:
         """One decoder layer of the prefill, x (R, T, C) -> (x, keys, values), keys/values (R, Hkv, T, hd)
         after RoPE. Compiled with `compile_prefill` (one graph shared by the layers: the weights are
         arguments)."""
+        q, k, v = self._project(layer, x, w_qkv, b_qkv, cos, sin)
+        keys, values = self._expand(k), self._expand(v)  # expanded here (flash kernels); the decode step reads the cache unexpanded
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        return self._feed_forward(layer, x, out, w_gate_up), k, v
+
+    def _project(self, layer, x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (R, T, C) -> q (R, H, T, hd), k and v (R, Hkv, T, hd), q and k rotated."""
         cfg = self.model.config.text
         n_q, n_kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         rows, t = x.shape[:2]
-        attn, mlp = layer.self_attn, layer.mlp
         qkv = F.linear(layer.input_layernorm(x), w_qkv, b_qkv).view(rows, t, n_q + 2 * n_kv, hd).transpose(1, 2)
-        q, k, v = qkv.split((n_q, n_kv, n_kv), dim=1)  # (R, H, T, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        keys, values = k, v
-        if n_q != n_kv:  # expanded here (flash kernels); the decode step reads the cache unexpanded
-            keys, values = k.repeat_interleave(n_q // n_kv, dim=1), v.repeat_interleave(n_q // n_kv, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
-        x = x + attn.o_proj(out.transpose(1, 2).reshape(rows, t, n_q * hd))
+        q, k, v = qkv.split((n_q, n_kv, n_kv), dim=1)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def _expand(self, kv: torch.Tensor) -> torch.Tensor:
+        """(R, Hkv, T, hd) -> (R, H, T, hd): each key/value head repeated for its query heads."""
+        cfg = self.model.config.text
+        groups = cfg.num_attention_heads // cfg.num_key_value_heads
+        return kv if groups == 1 else kv.repeat_interleave(groups, dim=1)
+
+    def _feed_forward(self, layer, x: torch.Tensor, out: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
+        """The layer after attention: x + o_proj(out), then x + MLP(norm(x)); out (R, H, T, hd)."""
+        rows, t = x.shape[:2]
+        x = x + layer.self_attn.o_proj(out.transpose(1, 2).reshape(rows, t, -1))
         gate, up = F.linear(layer.post_attention_layernorm(x), w_gate_up).chunk(2, dim=-1)
-        return x + mlp.down_proj(mlp.act(gate) * up), k, v
+        return x + layer.mlp.down_proj(layer.mlp.act(gate) * up)
+
+    def extend(self, x: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        """The prompt's tokens from position `start` on, x (1, S, C), on top of the keys/values slot `slot`
+        holds for positions [0, start) (a reused prefix): each layer's new keys/values written into the
+        slot at [start, start + S), attention over [0, start + S) (causal for the new tokens); the last
+        position's logits (1, V)."""
+        lm = self.model.language_model
+        end = start + x.shape[1]
+        positions = torch.arange(start, end, device=self.device, dtype=torch.float32)[None]
+        cos, sin = self.rope(positions, self.dtype)
+        cos, sin = cos[:, None], sin[:, None]  # (1, 1, S, hd)
+        visible = self._key_index[:end][None] <= torch.arange(start, end, device=self.device)[:, None]  # (S, end)
+        for i, layer in enumerate(lm.layers):
+            w_qkv, b_qkv, w_gate_up = self._fused[i]
+            q, k, v = self._project(layer, x, w_qkv, b_qkv, cos, sin)
+            self.k[i][slot, :, start:end] = k[0]
+            self.v[i][slot, :, start:end] = v[0]
+            keys, values = self._expand(self.k[i][slot:slot + 1, :, :end]), self._expand(self.v[i][slot:slot + 1, :, :end])
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+            x = self._feed_forward(layer, x, out, w_gate_up)
+        return self.model.lm_head(lm.norm(x[:, -1]))
+
+    def copy_slot(self, source: int, target: int, length: int) -> None:
+        """Slot `target` gets slot `source`'s keys/values for positions [0, length) (n samples of a prompt)."""
+        for layer in range(len(self.k)):
+            self.k[layer][target, :, :length] = self.k[layer][source, :, :length]
+            self.v[layer][target, :, :length] = self.v[layer][source, :, :length]
 
     def suppressed(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (R, V) with the suppressed tokens at -inf (inside the decode step's graph too)."""
