@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from nativevl.data.processor import pad_batch
+from nativevl.infer.prefix_cache import PrefixCache, choose_slots, image_spans
 from nativevl.infer.sampling import (  # re-exported: callers import the engine's types from here
     MAX_LOGPROBS,
     MIN_TEMPERATURE,
@@ -41,11 +42,9 @@ from nativevl.infer.sampling import (  # re-exported: callers import the engine'
     streamable,
     token_logprobs,
 )
-from nativevl.infer.prefix_cache import PrefixCache, image_spans
 from nativevl.infer.slot_decoder import SlotDecoder
-from nativevl.infer.vision_cache import VisionCache
+from nativevl.infer.vision_cache import VisionCache, prompt_embeddings
 from nativevl.model import decode_kernel
-from nativevl.model.attention import DECODE_BACKENDS
 from nativevl.model.text import KVCache, RotaryEmbedding
 from nativevl.model.vlm import VisionLanguageModel
 
@@ -123,16 +122,8 @@ class Engine:
             raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
         if decode_chunk < 1:
             raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
-        if decode_attention not in DECODE_BACKENDS:
-            raise ValueError(f"unknown decode_attention {decode_attention!r}; known: {', '.join(DECODE_BACKENDS)}")
-        if compile_mode is not None and compile_options:
-            raise ValueError(f"give compile_mode ({compile_mode!r}) or compile_options ({compile_options}), not both: "
-                             "torch.compile takes one or the other")
-        if compile_prefill and not fused_decode:
-            raise ValueError("compile_prefill needs fused_decode (the reference path runs the model's own forward)")
-        if decode_attention != "sdpa" and not fused_decode:
-            raise ValueError(f"decode_attention={decode_attention!r} needs fused_decode (the reference path "
-                             "runs the model's own layers)")
+        SlotDecoder.check(fused=fused_decode, attention=decode_attention, compile_mode=compile_mode,
+                          compile_options=compile_options, compile_prefill=compile_prefill)
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -449,7 +440,7 @@ class Engine:
                 continue
             slot, reused = hit
             try:
-                x = self._embed(req, reused)
+                x = prompt_embeddings(self.model, self.vision_cache, req, reused)
             except ValueError as e:  # e.g. image tokens that do not match the tiles: this request only
                 req._finish(e)
                 continue
@@ -464,48 +455,9 @@ class Engine:
         if rest:
             self._prefill_batch(rest)
 
-    def _embed(self, req: Request, start: int = 0) -> torch.Tensor:
-        """The prompt's input embeddings from position `start` on (T - start, C), image features in place
-        (from the vision cache for images with keys; the ViT runs on the others). Images before `start`
-        are not encoded (a reused prefix holds them); one that `start` falls inside is."""
-        model, prompt, pv = self.model, req.prompt, req.pixel_values
-        keys, tiles = req.image_keys, req.tiles_per_image
-        first = start
-        if start and pv is not None:  # prefix reuse: only the images from the one `start` falls in or precedes
-            spans = req.image_spans
-            k = next((i for i, span in enumerate(spans) if span.end > start), len(spans))
-            if k and spans[k - 1].key is None:
-                raise RuntimeError("a reused prefix covers an unnamed image")  # prefix_cache.reusable cuts before it
-            if k < len(spans):
-                first = min(start, spans[k].start)
-            tile0 = sum(tiles[:k]) if k else 0
-            pv = pv[tile0:] if k < len(spans) else None
-            keys, tiles = (keys[k:], tiles[k:]) if keys is not None and k < len(spans) else (None, None)
-        ids = torch.tensor(prompt[first:], device=self.device)
-        pv = pv.to(self.device) if pv is not None else None
-        tv = time.perf_counter()
-        if pv is not None and keys and self.vision_cache is not None:
-            feats, req.timings["images_cached"] = self.vision_cache.features(keys, tiles, pv, model.encode_images)
-            embeds = model.embed(ids, None, image_features=feats)  # the ViT runs on the others
-        else:
-            embeds = model.embed(ids, pv)  # (T, C); the ViT runs here
-        if pv is not None:
-            self._sync()
-        req.timings["vision_s"] = time.perf_counter() - tv if pv is not None else 0.0
-        return embeds[start - first:]
-
     def _take_slots(self, count: int, claimed: set[int] = frozenset()) -> list[int]:
-        """`count` free slots (none of `claimed`), the lowest first; with prefix reuse, slots holding a
-        reusable prefix are taken last while that does not widen the running batch."""
-        out: list[int] = []
-        for _ in range(count):
-            free = [i for i, s in enumerate(self.slots) if s is None and i not in claimed and i not in out]
-            if self.prefixes is None:
-                out.append(free[0])
-                continue
-            busy = [i for i, s in enumerate(self.slots) if s is not None] + [*claimed, *out]
-            out.append(self.prefixes.take(free, _bucket_batch(max(busy) + 1, self.max_batch_size) if busy else 1))
-        return out
+        """`count` free slots, none of `claimed` (prefix_cache.choose_slots)."""
+        return choose_slots(self.slots, count, claimed, self.prefixes, lambda n: _bucket_batch(n, self.max_batch_size))
 
     def _prefill_batch(self, reqs: list[Request]) -> None:
         """One prefill of whole prompts: left-padded, or unpadded with the fused layers when the lengths agree."""
@@ -513,7 +465,7 @@ class Engine:
         embeds, ok = [], []
         for req in reqs:
             try:
-                embeds.append(self._embed(req))
+                embeds.append(prompt_embeddings(self.model, self.vision_cache, req))
                 ok.append(req)
             except ValueError as e:  # e.g. image tokens that do not match the tiles: this request only
                 req._finish(e)

@@ -17,7 +17,7 @@ decode step's batch).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +110,9 @@ class PrefixCache:
         best = None
         for slot in free:
             record = self._records[slot]
-            if record is not None and (n := self.reusable(prompt, spans, record)) >= self.min_tokens:
-                if best is None or n > best[1]:
-                    best = (slot, n)
+            n = self.reusable(prompt, spans, record) if record is not None else 0
+            if n >= self.min_tokens and (best is None or n > best[1]):
+                best = (slot, n)
         if best is not None:
             self.drop(best[0])
         return best
@@ -129,3 +129,19 @@ class PrefixCache:
             slot = min(free)
         self.drop(slot)
         return slot
+
+
+def choose_slots(slots: list, count: int, claimed: set[int], prefixes: PrefixCache | None,
+                 bucket: Callable[[int], int]) -> list[int]:
+    """`count` free slots (entries None in `slots`, none of `claimed`) for a prompt that reuses nothing: the
+    lowest first; with `prefixes`, slots holding a record are taken last while that does not widen the
+    running batch (`bucket(n)`: the decode call's width for slots [0, n))."""
+    out: list[int] = []
+    for _ in range(count):
+        free = [i for i, s in enumerate(slots) if s is None and i not in claimed and i not in out]
+        if prefixes is None:
+            out.append(free[0])
+            continue
+        busy = [i for i, s in enumerate(slots) if s is not None] + [*claimed, *out]
+        out.append(prefixes.take(free, bucket(max(busy) + 1) if busy else 1))
+    return out

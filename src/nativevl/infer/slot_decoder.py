@@ -22,7 +22,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from nativevl.model.attention import decode_attention
+from nativevl.model.attention import DECODE_BACKENDS, decode_attention
 from nativevl.model.text import KVCache, RotaryEmbedding, rotate_half
 from nativevl.model.vlm import VisionLanguageModel
 
@@ -96,6 +96,21 @@ class SlotDecoder:
                 if hasattr(torch._dynamo.config, name):
                     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), n_buckets))
             self._body = torch.compile(self._eager_body, dynamic=False, mode=compile_mode, options=compile_options)
+
+    @staticmethod
+    def check(*, fused: bool, attention: str, compile_mode: str | None, compile_options: dict | None,
+              compile_prefill: bool) -> None:
+        """Refuse settings that do not go together (before the engine moves the model)."""
+        if attention not in DECODE_BACKENDS:
+            raise ValueError(f"unknown decode_attention {attention!r}; known: {', '.join(DECODE_BACKENDS)}")
+        if compile_mode is not None and compile_options:
+            raise ValueError(f"give compile_mode ({compile_mode!r}) or compile_options ({compile_options}), not both: "
+                             "torch.compile takes one or the other")
+        if compile_prefill and not fused:
+            raise ValueError("compile_prefill needs fused_decode (the reference path runs the model's own forward)")
+        if attention != "sdpa" and not fused:
+            raise ValueError(f"decode_attention={attention!r} needs fused_decode (the reference path "
+                             "runs the model's own layers)")
 
     @property
     def mode(self) -> str:

@@ -11,6 +11,7 @@ device, least recently used first out, within a byte budget; changing the model'
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -99,3 +100,34 @@ class VisionCache:
         while self.bytes > self.max_bytes:
             _, (gone, _) = self._entries.popitem(last=False)
             self.bytes -= gone.numel() * gone.element_size()
+
+
+def prompt_embeddings(model, cache: VisionCache | None, req, start: int = 0) -> torch.Tensor:
+    """The prompt's input embeddings from position `start` on (T - start, C), image features in place
+    (from the vision cache for images with keys; the ViT runs on the others). Images before `start`
+    are not encoded (a reused prefix holds them); one that `start` falls inside is."""
+    prompt, pv = req.prompt, req.pixel_values
+    keys, tiles = req.image_keys, req.tiles_per_image
+    first = start
+    if start and pv is not None:  # prefix reuse: only the images from the one `start` falls in or precedes
+        spans = req.image_spans
+        k = next((i for i, span in enumerate(spans) if span.end > start), len(spans))
+        if k and spans[k - 1].key is None:
+            raise RuntimeError("a reused prefix covers an unnamed image")  # prefix_cache.reusable cuts before it
+        if k < len(spans):
+            first = min(start, spans[k].start)
+        tile0 = sum(tiles[:k]) if k else 0
+        pv = pv[tile0:] if k < len(spans) else None
+        keys, tiles = (keys[k:], tiles[k:]) if keys is not None and k < len(spans) else (None, None)
+    ids = torch.tensor(prompt[first:], device=model.device)
+    pv = pv.to(model.device) if pv is not None else None
+    tv = time.perf_counter()
+    if pv is not None and keys and cache is not None:
+        feats, req.timings["images_cached"] = cache.features(keys, tiles, pv, model.encode_images)
+        embeds = model.embed(ids, None, image_features=feats)  # the ViT runs on the others
+    else:
+        embeds = model.embed(ids, pv)  # (T, C); the ViT runs here
+    if pv is not None and pv.device.type == "cuda":
+        torch.cuda.synchronize(pv.device)  # the ViT's time, for the timing log
+    req.timings["vision_s"] = time.perf_counter() - tv if pv is not None else 0.0
+    return embeds[start - first:]
