@@ -36,11 +36,13 @@ def test_serve_and_chat_pass_the_decode_options_to_the_engine():
     for command in ("serve", "chat"):
         args = build_parser().parse_args([command, "--model", "m", "--decode-gemv", "--decode-chunk", "8",
                                           "--decode-attention", "split", "--vision-cache-mb", "0",
-                                          "--compile-prefill"])
+                                          "--compile-prefill", "--no-prefix-cache", "--prefix-min-tokens", "16"])
         assert _engine_options(args) == {"decode_chunk": 8, "decode_attention": "split", "vision_cache_mb": 0,
-                                         "compile_options": GEMV_OPTIONS, "compile_prefill": True}
+                                         "compile_options": GEMV_OPTIONS, "compile_prefill": True,
+                                         "prefix_cache": False, "prefix_min_tokens": 16}
         plain = _engine_options(build_parser().parse_args([command, "--model", "m"]))
         assert plain["compile_options"] is None and plain["decode_chunk"] == 1 and not plain["compile_prefill"]
+        assert plain["prefix_cache"] and plain["prefix_min_tokens"] == 64
 
 
 def test_chat_reports_a_missing_image(tmp_path, tokenizer, capsys):

@@ -282,6 +282,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-prefill", "--compile_prefill", dest="compile_prefill", action="store_true",
                    help="compile the prefill's decoder layer (one graph for every prompt length; the first "
                         "prompts wait for it): faster time to first token")
+    p.add_argument("--no-prefix-cache", "--no_prefix_cache", dest="prefix_cache", action="store_false",
+                   help="prefill every prompt whole (default: a prompt starting with the tokens a finished "
+                        "sequence's slot still holds, images under the same bytes included, prefills the rest only)")
+    p.add_argument("--prefix-min-tokens", "--prefix_min_tokens", dest="prefix_min_tokens", type=int, default=64,
+                   help="the fewest kept tokens worth reusing (fewer: the prompt is prefilled with the others)")
     p.add_argument("--vision-cache-mb", "--vision_cache_mb", dest="vision_cache_mb", type=float, default=256,
                    help="MiB of image features kept on the device, so that an image asked about again (a later "
                         "turn, another request with the same bytes or file) skips the ViT; 0: none")
@@ -295,7 +300,8 @@ def _engine_options(args: argparse.Namespace) -> dict:
 
     return {"decode_chunk": args.decode_chunk, "decode_attention": args.decode_attention,
             "vision_cache_mb": args.vision_cache_mb, "compile_options": GEMV_OPTIONS if args.decode_gemv else None,
-            "compile_prefill": args.compile_prefill}
+            "compile_prefill": args.compile_prefill, "prefix_cache": args.prefix_cache,
+            "prefix_min_tokens": args.prefix_min_tokens}
 
 
 def build_parser() -> argparse.ArgumentParser:
