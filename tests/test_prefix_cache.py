@@ -4,6 +4,7 @@ sequence left in its slot, and gives the tokens a full prefill gives."""
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import image_batch
 from test_engine import prompts, reference
 from test_model import make_model
@@ -137,3 +138,31 @@ def test_a_failed_step_forgets_every_kept_prefix(model, tokenizer, monkeypatch):
     finally:
         engine.shutdown()
     assert len(engine.prefixes) == 0  # what the failed step left in the cache is not trusted
+
+
+def test_waves_of_requests_sharing_a_long_prefix_give_plain_generates_tokens(model, tokenizer):
+    """Hits and whole prefills admitted together, n samples, queueing past the slots and requests joining
+    a running batch: every sample is plain generate's greedy continuation of its own prompt."""
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randint(10, 200, (80,), generator=g).tolist()
+    engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=256)  # reuse from 64 tokens on
+    reqs = []
+    for wave in range(3):
+        for _ in range(4):
+            suffix = torch.randint(10, 200, (int(torch.randint(3, 10, (), generator=g)),), generator=g).tolist()
+            # every third prompt shares only 40 tokens with the others: too few to reuse, prefilled whole
+            prompt = (shared if len(reqs) % 3 else shared[:40]) + suffix
+            params = SamplingParams(max_tokens=int(torch.randint(4, 12, (), generator=g)), ignore_eos=True,
+                                    n=1 + len(reqs) % 2)
+            reqs.append((prompt, params, engine.submit(prompt, params)))
+        for _ in range(3 + wave):
+            engine.step()
+    for _ in range(200):  # 12 requests of at most 11 tokens on 4 slots: far fewer steps when all is well
+        if all(r.done for _, _, r in reqs):
+            break
+        engine.step()
+    assert all(r.done for _, _, r in reqs), "requests left unfinished (two samples given one slot?)"
+    for prompt, params, req in reqs:
+        want = reference(model, engine, prompt, params.max_tokens)
+        assert [c.token_ids for c in req.result()] == [want] * params.n
+    assert engine.stats["prefix_hits"] >= 4

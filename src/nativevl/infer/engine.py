@@ -497,6 +497,9 @@ class Engine:
         """Prefilled requests start running: their samples take their slots, and each its first token
         from the logits (R, V) of its request's row."""
         seqs, rows = [], []
+        taken = [slot for row in slots for slot in row]
+        if len(set(taken)) != len(taken) or any(self.slots[slot] is not None for slot in taken):
+            raise RuntimeError(f"slots {taken} given to new samples are not all free and distinct")  # a scheduler bug
         for row, req in enumerate(ok):
             for j, slot in enumerate(slots[row]):
                 stop_ids = frozenset(req.params.stop_token_ids) | (frozenset() if req.params.ignore_eos else self.eos_ids)
