@@ -22,7 +22,8 @@ def engine_of(model, tokenizer, **kw) -> Engine:
     return Engine(model, tokenizer, max_batch_size=4, max_seq_len=512, prefix_min_tokens=4, **kw)
 
 
-def test_a_follow_up_turn_prefills_only_its_new_tokens(model, tokenizer):
+def test_a_follow_up_turn_prefills_only_its_new_tokens(model, tokenizer, caplog):
+    caplog.set_level("INFO", logger="nativevl.infer.sampling")
     engine = engine_of(model, tokenizer)
     first = prompts(tokenizer)[1]
     params = SamplingParams(max_tokens=10, ignore_eos=True)
@@ -33,6 +34,7 @@ def test_a_follow_up_turn_prefills_only_its_new_tokens(model, tokenizer):
     assert got == reference(model, engine, follow, 10)
     # the slot held the prompt and the 9 answer tokens fed back (the 10th was never fed)
     assert engine.stats["prefix_hits"] == 1 and engine.stats["prefix_tokens"] == len(first) + 9
+    assert f"{len(follow)} prompt ({len(first) + 9} reused) + 10 output tokens" in caplog.text  # the timing log
     # the same prompt again: all but its last token reused (its logits give the first new token)
     again = engine.generate([follow], params)[0][0].token_ids
     assert again == got and engine.stats["prefix_tokens"] == len(first) + 9 + len(follow) - 1

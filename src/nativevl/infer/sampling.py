@@ -128,11 +128,12 @@ class Request:
         t["tpot_s"] = t["decode_s"] / steps
         keys = self.image_keys
         cached = f" ({t.get('images_cached', 0)} of {len(keys)} images from the vision cache)" if keys else ""
+        reused = f" ({t['prefix_reused']} reused)" if t.get("prefix_reused") else ""
         log.info(
             "request %d: preprocess %.1f ms, queue %.1f ms, vision %.1f ms%s, prefill %.1f ms (ttft %.1f ms), "
-            "decode %.2f ms/token, %d prompt + %d output tokens",
+            "decode %.2f ms/token, %d prompt%s + %d output tokens",
             self.id, 1e3 * t.get("preprocess_s", 0.0), 1e3 * t["queue_s"], 1e3 * t.get("vision_s", 0.0), cached,
-            1e3 * t["prefill_s"], 1e3 * t["ttft_s"], 1e3 * t["tpot_s"], len(self.prompt), n_out,
+            1e3 * t["prefill_s"], 1e3 * t["ttft_s"], 1e3 * t["tpot_s"], len(self.prompt), reused, n_out,
         )
 
 
