@@ -23,7 +23,7 @@ def engine_of(model, tokenizer, **kw) -> Engine:
 
 
 def test_a_follow_up_turn_prefills_only_its_new_tokens(model, tokenizer, caplog):
-    caplog.set_level("INFO", logger="nativevl.infer.sampling")
+    caplog.set_level("INFO", logger="nativevl.infer.engine")
     engine = engine_of(model, tokenizer)
     first = prompts(tokenizer)[1]
     params = SamplingParams(max_tokens=10, ignore_eos=True)
