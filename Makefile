@@ -37,7 +37,7 @@ COMPAT_VENV ?= .venv-compat
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 COMPAT_TESTS := tests/test_parity.py tests/test_checkpoint.py tests/test_model.py tests/test_generate.py \
 	tests/test_data.py tests/test_pipeline.py tests/test_config.py tests/test_engine.py tests/test_server.py \
-	tests/test_adapter.py tests/test_cli.py tests/test_train.py tests/test_review_images.py
+	tests/test_adapter.py tests/test_cli.py tests/test_train.py tests/test_review_images.py tests/test_prefix_cache.py
 COMPAT_STAMP := $(COMPAT_VENV)/.installed-transformers-$(COMPAT_TRANSFORMERS)
 
 $(COMPAT_STAMP): pyproject.toml Makefile
