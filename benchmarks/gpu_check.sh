@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/card.txt"
 case " $PARTS " in *" tests "*)
   timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine.py tests/test_attention_kernels.py tests/test_decode_kernel.py \
-    tests/test_qlora.py tests/test_train_eval.py tests/test_train.py 2>&1 \
+    tests/test_qlora.py tests/test_train_eval.py tests/test_train.py tests/test_prefix_cache.py 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -25 ;;
 esac
 case " $PARTS " in *" decode "*)

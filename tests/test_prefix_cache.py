@@ -168,3 +168,24 @@ def test_waves_of_requests_sharing_a_long_prefix_give_plain_generates_tokens(mod
         want = reference(model, engine, prompt, params.max_tokens)
         assert [c.token_ids for c in req.result()] == [want] * params.n
     assert engine.stats["prefix_hits"] >= 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_prefix_reuse_under_cuda_graphs_equals_whole_prefills(tokenizer):
+    """Compiled decode steps replayed as CUDA graphs (chunks of 8, the split-key kernel), whose free rows
+    write at the scratch positions: follow-up prompts on kept prefixes give the tokens of an eager engine
+    that prefills every prompt whole."""
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(10, 200, (90,), generator=g).tolist()
+    kw = {"max_batch_size": 4, "max_seq_len": 256, "device": "cuda"}
+    graphs = Engine(make_model(), tokenizer, decode_chunk=8, decode_attention="split", **kw)
+    eager = Engine(make_model(), tokenizer, cuda_graphs=False, prefix_cache=False, **kw)
+    prompts_ = [shared + torch.randint(10, 200, (4 + i,), generator=g).tolist() for i in range(6)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    first = graphs.generate(prompts_[:3], params)  # three rows decode together; kept in slots 0-2
+    follow = [p + c[0].token_ids + [7, 8, 9] for p, c in zip(prompts_[:3], first)]
+    later = graphs.generate(follow + prompts_[3:], params)
+    assert graphs.stats["prefix_hits"] >= 3 and "cuda_graph" in graphs.decode_mode
+    want = eager.generate(prompts_[:3] + follow + prompts_[3:], params)
+    assert [c[0].token_ids for c in first + later] == [c[0].token_ids for c in want]
