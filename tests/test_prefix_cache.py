@@ -42,6 +42,11 @@ def test_a_follow_up_turn_prefills_only_its_new_tokens(model, tokenizer, caplog)
     other = engine.generate([follow[:3] + [t + 1 for t in follow[3:]]], params)[0][0].token_ids
     assert engine.stats["prefix_hits"] == 2
     assert other == reference(model, engine, follow[:3] + [t + 1 for t in follow[3:]], 10)
+    # an unrelated prompt on the idle engine takes a bare slot: the conversation's prefix stays kept
+    engine.generate([prompts(tokenizer)[2]], params)
+    hits, reused = engine.stats["prefix_hits"], engine.stats["prefix_tokens"]
+    assert engine.generate([follow], params)[0][0].token_ids == got
+    assert engine.stats["prefix_hits"] == hits + 1 and engine.stats["prefix_tokens"] == reused + len(follow) - 1
     off = engine_of(model, tokenizer, prefix_cache=False)
     off.generate([first], params)
     assert off.generate([follow], params)[0][0].token_ids == got and off.stats["prefix_hits"] == 0
@@ -119,6 +124,8 @@ def test_spans_prefixes_and_the_choice_of_slots():
     assert cache.take([0, 1, 2, 3], bucket=4) == 2
     assert cache.take([0, 1, 3], bucket=2) == 1 and len(cache) == 1  # slot 1's record is the older
     assert cache.take([0, 3], bucket=0) == 0 and len(cache) == 0
+    with pytest.raises(ValueError, match="prefix_min_tokens"):
+        Engine(make_model(), None, prefix_cache=False, prefix_min_tokens=0)
     with pytest.raises(ValueError, match="prefix_min_tokens"):
         PrefixCache(2, min_tokens=0)
 

@@ -122,6 +122,8 @@ class Engine:
             raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
         if decode_chunk < 1:
             raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
+        if prefix_min_tokens < 1:
+            raise ValueError(f"prefix_min_tokens must be >= 1, got {prefix_min_tokens}")
         SlotDecoder.check(fused=fused_decode, attention=decode_attention, compile_mode=compile_mode,
                           compile_options=compile_options, compile_prefill=compile_prefill)
         if device is not None or dtype is not None:
@@ -184,8 +186,9 @@ class Engine:
         return self.decoder.mode
 
     def refresh_weights(self) -> None:
-        """Rebuild the fused decode weights from the model's (call it after changing them; captured CUDA
-        graphs stay valid). The vision cache's features, made by the old weights, are dropped."""
+        """Rebuild the fused decode weights from the model's (call it after changing them, while no request
+        runs; captured CUDA graphs stay valid). The vision cache's features and the kept prefixes, made by
+        the old weights, are dropped."""
         if self.vision_cache is not None:
             self.vision_cache.clear()
         if self.prefixes is not None:

@@ -11,7 +11,7 @@ one token before the prompt's end (its logits give the first new token). A match
 
 A slot given to another request loses its record; slots with records are taken last when a free
 slot without one is within the running batch's bucket (so that keeping records does not widen the
-decode step's batch).
+running requests' decode steps), or anywhere when nothing runs.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ def choose_slots(slots: list, count: int, claimed: set[int], prefixes: PrefixCac
                  bucket: Callable[[int], int]) -> list[int]:
     """`count` free slots (entries None in `slots`, none of `claimed`) for a prompt that reuses nothing: the
     lowest first; with `prefixes`, slots holding a record are taken last while that does not widen the
-    running batch (`bucket(n)`: the decode call's width for slots [0, n))."""
+    running batch (`bucket(n)`: the decode call's width for slots [0, n)), and on an idle engine last
+    of all."""
     out: list[int] = []
     for _ in range(count):
         free = [i for i, s in enumerate(slots) if s is None and i not in claimed and i not in out]
@@ -143,5 +144,6 @@ def choose_slots(slots: list, count: int, claimed: set[int], prefixes: PrefixCac
             out.append(free[0])
             continue
         busy = [i for i, s in enumerate(slots) if s is not None] + [*claimed, *out]
-        out.append(prefixes.take(free, bucket(max(busy) + 1) if busy else 1))
+        # idle: any bare slot before a record goes (only the new prompt's own steps are wider)
+        out.append(prefixes.take(free, bucket(max(busy) + 1) if busy else len(slots)))
     return out
