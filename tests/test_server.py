@@ -332,7 +332,10 @@ def test_logprobs_through_the_openai_client(served):
     chunks = list(c.chat.completions.create(model="tiny", messages=hi, max_tokens=8, temperature=0, logprobs=True,
                                             top_logprobs=3, stream=True))
     streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
-    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    # the same tokens and log-probabilities (up to float rounding: the repeated prompt runs on the keys the
+    # first request left, prefix reuse, whose attention rounds differently from a whole prefill's)
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], rel=1e-5, abs=1e-6)
     plain = c.chat.completions.create(model="tiny", messages=hi, max_tokens=8, temperature=0, logprobs=True)
     assert [t.top_logprobs for t in plain.choices[0].logprobs.content] == [[]] * len(content)
     assert c.chat.completions.create(model="tiny", messages=hi, max_tokens=2).choices[0].logprobs is None
