@@ -1,12 +1,14 @@
 """The inference engine: continuous batching over a static KV cache in slots.
 
 Each running sequence owns one slot of a static cache (`slot_decoder.SlotDecoder`, which also runs
-the decode step). A `step()` admits waiting requests (one left-padded prefill for all of them; a
-request for n samples is prefilled once and its cache rows copied into n slots), then runs one decode
+the decode step). A `step()` admits waiting requests (a prompt that starts with a prefix a free slot
+kept is prefilled from there on in that slot, `infer/prefix_cache.py`; one left-padded prefill for
+the others; a request for n samples is prefilled once and its cache rows copied into n slots), then runs one decode
 call over slots [0, B) with B a power of two, attending to a key window [0, L) with L rounded up to
 `length_quantum`: the call's shapes depend on (B, L, steps) only, so on CUDA each such bucket is
 captured once as a CUDA graph (after torch.compile when available) and replayed. Free slots inside
-the bucket compute garbage that no one reads. The CPU runs the same static-shape step eagerly.
+the bucket compute garbage that no one reads, writing it at scratch positions past the cache. The
+CPU runs the same static-shape step eagerly.
 
 A decode call reads the tokens back once (one device->host sync per step; with decode_chunk N, up
 to N greedy steps per call and one sync per call); this module then samples (when a request asks

@@ -1,6 +1,7 @@
 """The engine's device side: a static KV cache in slots, and the static-shape decode step over it.
 
-Each running sequence owns one slot of the cache (slots, kv_heads, cache_len, head_dim) per layer. A
+Each running sequence owns one slot of the cache (slots, kv_heads, cache_len + chunk, head_dim) per
+layer; the last `chunk` positions are scratch, where a decode call's free rows write. A
 decode call runs over slots [0, B) and keys [0, L): its shapes depend on (B, L, steps) only, so on
 CUDA it is compiled (when asked) and captured once per such bucket as a CUDA graph, then replayed; the
 CPU runs the same step eagerly. The step reads its inputs (each slot's token, position and length)
@@ -10,7 +11,9 @@ The default step (`fused`) is trimmed for one token per row: q/k/v and gate/up m
 concatenated once), the new key/value written into the cache and attention read from the cache window
 in place with GQA heads unexpanded (`decode_attention`), the mask and RoPE computed once per step, the
 greedy argmax inside the step. The reference step runs the model's own decoder layers over a
-`_SlotView` of the cache. An unpadded prefill runs the fused layers and writes the slots directly.
+`_SlotView` of the cache. An unpadded prefill runs the fused layers and writes the slots directly
+(compiled per layer with `compile_prefill`); `extend` prefills a prompt's rest on top of the prefix a
+slot kept (`infer/prefix_cache.py`).
 
 The scheduler that decides which slots run, and what their tokens mean, is `infer/engine.py`.
 """
