@@ -421,10 +421,6 @@ class Engine:
         self.slots[seq.slot] = None
         self.lengths[seq.slot] = 0
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     @torch.no_grad()
     def _prefill(self, reqs: list[Request]) -> None:
         """Prefill the admitted requests: those whose prompt starts with a prefix a free slot holds

@@ -25,7 +25,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from nativevl.model.attention import DECODE_BACKENDS, decode_attention
+from nativevl.model.attention import DECODE_BACKENDS, attention, decode_attention
 from nativevl.model.text import KVCache, RotaryEmbedding, rotate_half
 from nativevl.model.vlm import VisionLanguageModel
 
@@ -190,7 +190,8 @@ class SlotDecoder:
         after RoPE. Compiled with `compile_prefill` (one graph shared by the layers: the weights are
         arguments)."""
         q, k, v = self._project(layer, x, w_qkv, b_qkv, cos, sin)
-        keys, values = self._expand(k), self._expand(v)  # expanded here (flash kernels); the decode step reads the cache unexpanded
+        groups = q.shape[1] // k.shape[1]  # GQA expanded here (flash kernels); the decode step reads the cache unexpanded
+        keys, values = (k, v) if groups == 1 else (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1))
         out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
         return self._feed_forward(layer, x, out, w_gate_up), k, v
 
@@ -203,12 +204,6 @@ class SlotDecoder:
         qkv = F.linear(layer.input_layernorm(x), w_qkv, b_qkv).view(rows, t, n_q + 2 * n_kv, hd).transpose(1, 2)
         q, k, v = qkv.split((n_q, n_kv, n_kv), dim=1)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
-
-    def _expand(self, kv: torch.Tensor) -> torch.Tensor:
-        """(R, Hkv, T, hd) -> (R, H, T, hd): each key/value head repeated for its query heads."""
-        cfg = self.model.config.text
-        groups = cfg.num_attention_heads // cfg.num_key_value_heads
-        return kv if groups == 1 else kv.repeat_interleave(groups, dim=1)
 
     def _feed_forward(self, layer, x: torch.Tensor, out: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
         """The layer after attention: x + o_proj(out), then x + MLP(norm(x)); out (R, H, T, hd)."""
@@ -227,14 +222,13 @@ class SlotDecoder:
         positions = torch.arange(start, end, device=self.device, dtype=torch.float32)[None]
         cos, sin = self.rope(positions, self.dtype)
         cos, sin = cos[:, None], sin[:, None]  # (1, 1, S, hd)
-        visible = self._key_index[:end][None] <= torch.arange(start, end, device=self.device)[:, None]  # (S, end)
         for i, layer in enumerate(lm.layers):
             w_qkv, b_qkv, w_gate_up = self._fused[i]
             q, k, v = self._project(layer, x, w_qkv, b_qkv, cos, sin)
             self.k[i][slot, :, start:end] = k[0]
             self.v[i][slot, :, start:end] = v[0]
-            keys, values = self._expand(self.k[i][slot:slot + 1, :, :end]), self._expand(self.v[i][slot:slot + 1, :, :end])
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+            # the model's attention: GQA, and the causal mask of S queries at the end of `end` keys
+            out = attention(q, self.k[i][slot:slot + 1, :, :end], self.v[i][slot:slot + 1, :, :end], causal=True)
             x = self._feed_forward(layer, x, out, w_gate_up)
         return self.model.lm_head(lm.norm(x[:, -1]))
 
