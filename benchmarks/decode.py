@@ -16,7 +16,9 @@ Triton split-key kernel (decode_attention="split"); `gemv` compiles it with Indu
 coordinate-descent tuning (slot_decoder.GEMV_OPTIONS, `--decode-gemv`: batch-1 matrix products as
 Triton reductions fused with the ops around them; not with `autotune`); `cprefill` compiles the
 prefill's decoder layer (compile_prefill, `--compile-prefill`). --profile VARIANTS adds a torch.profiler breakdown
-of one more batch-1 request per variant: GPU kernel time and kernels run against wall time.
+of one more batch-1 request per variant: GPU kernel time and kernels run against wall time, and where
+the GPU sat idle (inside CUDA-graph replays, after host syncs, waiting for launches: profiling.idle_gaps);
+--trace-dir DIR keeps those requests' traces.
 One side failing (an exception) is reported and does not lose the other side's numbers. The engine's
 prefix reuse is off (the timed request repeats the warm-up's prompt, whose keys it would otherwise
 find kept: transformers prefills it whole).
@@ -103,6 +105,7 @@ def main() -> None:
     ap.add_argument("--no-fused-decode", action="store_true", help="the engine's reference step (the model's layers)")
     ap.add_argument("--variants", default="base", help="comma-separated engine configurations (see above)")
     ap.add_argument("--profile", default="", help="comma-separated variants to profile on one batch-1 request")
+    ap.add_argument("--trace-dir", default=None, help="keep each profiled request's trace here (gzipped Chrome trace)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",") if v]
@@ -214,8 +217,9 @@ def main() -> None:
         engine, one = engines[v], prompts[:1].tolist()
         stats = dict(engine.stats)
         try:
+            trace = f"{args.trace_dir}/decode-{v}.json.gz" if args.trace_dir else None
             prof = profile_call(lambda engine=engine, one=one: engine.generate(one, params), torch.device(args.device),
-                                label=f"{v}, one batch-1 request of {new} tokens")
+                                label=f"{v}, one batch-1 request of {new} tokens", trace=trace)
         except Exception as e:  # noqa: BLE001 - the other variants' profiles still count
             traceback.print_exc()
             results.setdefault("profiles", {})[v] = {"error": f"{type(e).__name__}: {e}"}

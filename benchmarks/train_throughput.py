@@ -21,7 +21,9 @@ run shows before and after (losses must agree within bf16 noise):
 - fsdp: fast, plus FSDP2 on one GPU (train/parallel.py, as under torchrun): bf16 compute copies of the
   fp32 master weights, so activations and the residual stream are bf16, gradients reduced in fp32.
 Per variant it prints recompilations inside the timed steps, allocator retries and reserved memory;
---profile VARIANT adds a one-step CUDA kernel breakdown (matmul / attention / elementwise / optimizer).
+--profile VARIANT adds a one-step CUDA kernel breakdown (matmul / attention / elementwise / optimizer)
+and where the GPU sat idle in that step: after which host sync, or while the host launched what
+(profiling.idle_gaps, with this project's Python lines); --trace-dir DIR keeps that step's trace.
 
     PYTHONPATH=src python3 benchmarks/train_throughput.py --shape internvl3_2b --device cuda --steps 8  # fast only
     PYTHONPATH=src python3 benchmarks/train_throughput.py --shape internvl3_2b --device cuda --steps 8 \
@@ -173,7 +175,8 @@ def run_ours(cfg, sd, steps, args, device, variant: str = "base") -> dict:
     out = timed_run(one_step, steps, cfg, module_sizes(model), args, device)
     out["variant"] = variant
     if variant in (args.profile or "").split(","):
-        out["profile"] = profile_call(lambda: one_step(len(steps) - 1, steps[-1]), device)
+        trace = f"{args.trace_dir}/train-{variant}.json.gz" if args.trace_dir else None
+        out["profile"] = profile_call(lambda: one_step(len(steps) - 1, steps[-1]), device, trace=trace, stack=True)
     return out
 
 
@@ -278,6 +281,7 @@ def main() -> None:
     ap.add_argument("--variants", default="fast",
                     help=f"comma-separated configurations of ours, each timed on a fresh model: {', '.join(VARIANTS)}")
     ap.add_argument("--profile", default=None, help="comma-separated variants to profile for one extra step")
+    ap.add_argument("--trace-dir", default=None, help="keep each profiled step's trace here (gzipped Chrome trace)")
     ap.add_argument("--only", choices=["ours", "transformers"], default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results here")
@@ -308,6 +312,9 @@ def main() -> None:
           f"torch {torch.__version__}; {args.steps} timed steps of <= {step_tokens} tokens: {n_samples} samples, {tiles} tiles; "
           f"ours: {args.attn}, compile={args.compile}, variants {','.join(variants)}; "
           f"transformers: sdpa, padded batches of {args.hf_batch}")
+    run_info = {"shape": args.shape, "device": args.device, "step_tokens": step_tokens, "steps": args.steps,
+                "attn": args.attn, "compile": args.compile, "torch": torch.__version__, "variants": variants,
+                "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     results: dict[str, dict] = {}
     sides = {f"ours[{v}]": (lambda *a, v=v: run_ours(*a, variant=v)) for v in variants}
     sides["transformers"] = run_theirs
@@ -326,7 +333,10 @@ def main() -> None:
             torch.cuda.empty_cache()
         r = results[name]
         if "error" not in r:
-            print(f"  {name}: {r['tokens_per_s']:.0f} tokens/s, {r['step_s']:.3f} s/step", flush=True)
+            mfu = f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""
+            mem = f", peak {r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else ""
+            print(f"  {name}: {r['tokens_per_s']:.0f} tokens/s, {r['step_s']:.3f} s/step{mfu}{mem}", flush=True)
+        write_json(args.json, {**run_info, "results": results, "partial": True})  # a run cut short keeps its sides
     print(f"{'':16s} {'tokens/s':>10s} {'step s':>8s} {'MFU':>7s} {'peak GiB':>9s} {'resv GiB':>9s} {'retries':>7s} "
           f"{'recomp':>6s}  first losses")
     for name, r in results.items():
@@ -354,13 +364,14 @@ def main() -> None:
     for n, x in speedups.items():
         print(f"speed-up (tokens/s, {n} / transformers): {x:.2f}x")
     ratio = speedups.get(ours_ok[-1]) if ours_ok else None  # the last (fastest-intended) variant
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"shape": args.shape, "device": args.device, "step_tokens": step_tokens, "steps": args.steps,
-                       "attn": args.attn, "compile": args.compile, "torch": torch.__version__,
-                       "results": {**results, **({"ours": results[ours_ok[-1]]} if ours_ok else {})},
-                       "speedup": ratio, "speedups": speedups, "variants": variants,
-                       "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, f, indent=2)
+    write_json(args.json, {**run_info, "results": {**results, **({"ours": results[ours_ok[-1]]} if ours_ok else {})},
+                           "speedup": ratio, "speedups": speedups})
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
 
 
 if __name__ == "__main__":
