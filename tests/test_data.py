@@ -183,7 +183,7 @@ def test_raw_uint8_tiles_give_the_same_logits():
 
 @pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
                     reason="transformers 4 converts RGBA and EXIF-rotated images otherwise; nativevl follows 5")
-def test_processor_treats_alpha_and_exif_like_transformers(tokenizer):
+def test_processor_treats_alpha_and_exif_like_transformers(tokenizer, tmp_path):
     rgba = np.random.default_rng(3).integers(0, 255, (90, 160, 4), dtype=np.uint8)
     rgba[..., 3] = np.where(np.arange(160) < 80, 0, 255)[None, :]  # left half transparent
     buf = io.BytesIO()
@@ -197,6 +197,15 @@ def test_processor_treats_alpha_and_exif_like_transformers(tokenizer):
     got = Processor(tokenizer, image_seq_length=4)(text=text, images=[pics])
     assert torch.equal(got["input_ids"], ref["input_ids"])
     assert (got["pixel_values"] - ref["pixel_values"]).abs().max().item() < 1e-4
+    # given as a file, transformers loads the photo upright (EXIF applied): a portrait shot from a phone
+    path = tmp_path / "portrait.jpg"
+    path.write_bytes(buf.getvalue())
+    ref = internvl_processor(tokenizer, image_seq_length=4)(text=text[0][:15], images=[[str(path)]], return_tensors="pt")
+    got = Processor(tokenizer, image_seq_length=4)(text=text[0][:15], images=[[str(path)]])
+    assert got["pixel_values"].shape == ref["pixel_values"].shape
+    assert (got["pixel_values"] - ref["pixel_values"]).abs().max().item() < 1e-4
+    assert (got["pixel_values"] - Processor(tokenizer, image_seq_length=4)(text=text[0][:15], images=[[pics[1]]])[
+        "pixel_values"]).abs().max().item() > 0.1  # the same file opened by the caller stays as stored
 
 
 def test_processor_refuses_an_empty_or_non_string_text_by_name(tokenizer):
@@ -222,6 +231,25 @@ def test_validate_checks_preference_records_as_training_does(tmp_path, tokenizer
                      system_message=None, training=False)
     report = validate([DatasetSpec("pref", tmp_path / "pref.jsonl", tmp_path)], tokenizer, cfg)
     assert report.records == 2 and report.counts == {"over_length": 1}
+
+
+def test_validate_without_a_tokenizer_decodes_videos_too(tmp_path):
+    """Without a tokenizer `data validate` decoded images only: a corrupt video passed as good, and
+    training then rejected it."""
+    import json
+
+    from nativevl.data.records import load_meta
+    from nativevl.data.validate import validate
+
+    (tmp_path / "broken.mp4").write_bytes(b"this is not a video" * 100)
+    turns = [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "a cat"}]
+    lines = [{"video": "broken.mp4", "conversations": turns},
+             {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]
+    (tmp_path / "ann.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "meta.json").write_text(json.dumps({"v": {"root": "", "annotation": "ann.jsonl"}}))
+    report = validate(load_meta(tmp_path / "meta.json"))
+    assert report.records == 2 and report.counts == {"unreadable_image": 1}
+    assert "broken.mp4" in report.examples["unreadable_image"][0]
 
 
 def test_meta_and_json_annotation_with_a_utf8_bom(tmp_path):

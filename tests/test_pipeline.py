@@ -11,7 +11,7 @@ from PIL import Image
 from test_model import make_model
 
 from nativevl.cli import main as cli_main
-from nativevl.data.mixture import Mixture, mixture_weights
+from nativevl.data.mixture import Enumeration, Mixture, mixture_weights
 from nativevl.data.packing import collate, document_weight
 from nativevl.data.pipeline import DataConfig, PackedDataset, StreamTracker, build_sample, iterate_batches, make_loader
 from nativevl.data.records import PreferenceRecord, RecordError, load_meta, parse_record
@@ -220,6 +220,39 @@ def test_mixture_is_deterministic_weighted_and_random_access():
     assert np.isclose(w[0], 0.25) and np.isclose(w[1] + w[2], 0.75) and np.isclose(w[2] / w[1], 2)
     with pytest.raises(ValueError, match="every dataset is multimodal"):
         mixture_weights([1, 2], [1, 1], is_text=[False, False], text_ratio=0.25)
+
+
+def test_enumeration_reads_every_record_once_in_a_seeded_order():
+    e = Enumeration([5, 50, 1], seed=3)
+    first = [e.locate(i) for i in range(56)]
+    assert sorted(first) == [(d, r) for d, n in enumerate([5, 50, 1]) for r in range(n)]
+    assert first != sorted(first) and [Enumeration([5, 50, 1], seed=3).locate(i) for i in range(56)] == first
+    assert sorted(e.locate(i) for i in range(56, 112)) == sorted(first)  # a second pass, another order
+    assert [e.locate(i) for i in range(56, 112)] != first
+    with pytest.raises(ValueError, match="at least one record"):
+        Enumeration([3, 0])
+
+
+def test_a_finite_set_read_once_is_every_record_once_on_every_world_size(tmp_path, tokenizer):
+    """A validation / calibration set (read_once): the weighted mixture used to draw each item's dataset
+    independently, so reading as many items as records repeated some records and skipped others."""
+    specs = load_meta(make_dataset(tmp_path / "small", n_bad=0, n=5)) + load_meta(make_dataset(tmp_path / "big", n_bad=0, n=30))
+    everything = [(d, r) for d, n in enumerate([5, 30]) for r in range(n)]
+
+    def read(cfg, world=1):
+        got = []
+        for rank in range(world):
+            ds = PackedDataset(specs, tokenizer, cfg, rank=rank, world_size=world)
+            got += [ds.mixture.locate(i) for b in make_loader(ds, num_workers=0) for i in b.indices]
+        return got
+
+    for world in (1, 2):
+        assert sorted(read(data_config(max_records=None, read_once=True), world)) == everything
+    assert sorted(read(data_config(max_records=1000, read_once=True))) == everything  # no more than the set holds
+    part = read(data_config(max_records=12, read_once=True))
+    assert len(part) == len(set(part)) == 12
+    with pytest.raises(ValueError, match="read_once reads every record once"):
+        PackedDataset(specs, tokenizer, data_config(read_once=True, text_ratio=0.25))
 
 
 def test_explicit_weights_and_text_ratio_conflict(meta, tokenizer):

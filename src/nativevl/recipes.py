@@ -320,10 +320,10 @@ def launch(run: Run, out_dir: str | Path) -> dict:
 
 
 def build_val_dataset(run: Run, tokenizer, out_dir: str | Path):
-    """The validation stream of `run.val_meta` (None without one): the first train.val_records records of
-    its mixture (at most the set's size), each dataset weighted by its size x repeat_time (text_ratio
-    shapes training only), packed as the training data (the data config `build` aligned with the
-    model), for this rank."""
+    """The validation stream of `run.val_meta` (None without one): all its records, each once (or a
+    seeded sample of train.val_records of them, without repeats, when it holds more; repeat_time and
+    text_ratio shape training only), packed as the training data (the data config `build` aligned with
+    the model), for this rank."""
     if run.val_meta is None:
         return None
     import logging
@@ -340,5 +340,5 @@ def build_val_dataset(run: Run, tokenizer, out_dir: str | Path):
                                             run.train.val_records, total, run.val_meta, total)
     # as at test time: no augmentation, V2PE's fixed stride, evenly spaced video frames
     data = dataclasses.replace(run.data, max_records=min(run.train.val_records, total), text_ratio=None,
-                               training=False)
+                               training=False, read_once=True)  # each record once: the set named, not a sample of it
     return PackedDataset(sources, tokenizer, data, rank=rank, world_size=world, rejects_dir=Path(out_dir) / "rejects-val")

@@ -4,6 +4,9 @@ Item i of the stream is a pure function of (seed, sizes, weights, i): block b of
 its dataset choices from rng(seed, b), and dataset d's records are visited in a fresh permutation
 rng(seed, d, epoch) every epoch. So any rank / worker can start anywhere (resume) without replaying
 what came before, and all of them agree on the stream whatever their number.
+
+A finite set (validation, calibration) is read with `Enumeration` instead: every record of every
+dataset once, in one seeded order, so that the set measured is the set named.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 _PERM_SALT = 1_000_003
+_ENUM_SALT = 2_000_003
 
 
 def mixture_weights(
@@ -53,12 +57,40 @@ def sample_share_for_token_share(token_share: float, text_tokens: float, multimo
     return text / (text + mm)
 
 
+def _check_sizes(sizes: list[int]) -> None:
+    if not sizes:
+        raise ValueError("no datasets given")
+    if any(n <= 0 for n in sizes):
+        raise ValueError(f"every dataset needs at least one record, got sizes {sizes}")
+
+
+class Enumeration:
+    """Every record of every dataset once, in one order drawn from `seed` (no weights): its first
+    `total` items are all the records, and its first k < total a uniform sample without replacement.
+    Item total + j starts another pass, in a fresh order."""
+
+    def __init__(self, sizes: list[int], seed: int = 0) -> None:
+        _check_sizes(sizes)
+        self.sizes, self.seed = list(sizes), seed
+        self.starts = np.cumsum([0, *sizes])
+        self.total = int(self.starts[-1])
+        self._order: dict[int, np.ndarray] = {}
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(dataset, record index) of stream item i."""
+        rounds, j = divmod(i, self.total)
+        if rounds not in self._order:
+            self._order = {rounds: np.random.default_rng([self.seed, _ENUM_SALT, rounds]).permutation(self.total)}
+        k = int(self._order[rounds][j])
+        d = int(np.searchsorted(self.starts, k, side="right")) - 1
+        return d, k - int(self.starts[d])
+
+
 class Mixture:
     def __init__(self, sizes: list[int], weights: list[float], seed: int = 0, block: int = 4096) -> None:
         if len(sizes) != len(weights) or not sizes:
             raise ValueError(f"need one weight per dataset, got {len(sizes)} sizes and {len(weights)} weights")
-        if any(n <= 0 for n in sizes):
-            raise ValueError(f"every dataset needs at least one record, got sizes {sizes}")
+        _check_sizes(sizes)
         w = np.asarray(weights, dtype=np.float64)
         if (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
@@ -97,11 +129,3 @@ class Mixture:
         d = int(choices[j])
         position = int(self._counts_before(b)[d] + (choices[:j] == d).sum())
         return d, self._record(d, position)
-
-    def iterate(self, start: int = 0, stop: int | None = None, step: int = 1):
-        """Yield (i, dataset, record index) for i = start, start + step, ... < stop (endless without stop)."""
-        i = start
-        while stop is None or i < stop:
-            d, r = self.locate(i)
-            yield i, d, r
-            i += step

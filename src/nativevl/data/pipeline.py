@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nativevl.data import images as img
-from nativevl.data.mixture import Mixture, mixture_weights, sample_share_for_token_share
+from nativevl.data.mixture import Enumeration, Mixture, mixture_weights, sample_share_for_token_share
 from nativevl.data.packing import LOSS_REDUCTIONS, Batch, Packer, Sample, collate
 from nativevl.data.positions import document_positions
 from nativevl.data.records import PROBLEMS, Annotation, DatasetSpec, PreferenceRecord, Record, RecordError, parse_record
@@ -68,6 +68,9 @@ class DataConfig:
     uint8_pixels: bool = False  # raw tiles; the model normalises them on its device (4x less to move)
     seed: int = 0
     max_records: int | None = None  # stop the stream after this many records (None: endless)
+    # a finite set (validation, calibration): every record of the datasets once, in a seeded order
+    # (mixture.Enumeration: no weights, no text_ratio), the stream ending after all (or max_records) of them
+    read_once: bool = False
     # PRM training: each assistant turn's label token ('+' / '-') is shown in the input as this token,
     # as at scoring time (every slot '+'), while the target keeps the true label. Otherwise the model
     # learns to copy the previous turn's label instead of reading the step.
@@ -382,28 +385,37 @@ class PackedDataset(IterableDataset):
         if weights is not None and cfg.text_ratio is not None:
             raise ValueError(f"explicit mixture weights would override DataConfig.text_ratio={cfg.text_ratio}; "
                              "give one of the two")
-        if weights is None:
-            repeats = [src.repeat_time for src in self.sources]
-            is_text = [src.is_text_only() for src in self.sources] if cfg.text_ratio is not None else None
-            share = cfg.text_ratio
-            if share is not None and cfg.text_ratio_unit == "tokens" and 0 < share < 1 and all(
-                    is_text.count(v) for v in (True, False)):
-                # within each group the datasets keep their default (size x repeat) sample shares
-                base = mixture_weights(sizes, repeats)
-                means = [mean_tokens(src, tokenizer, cfg) for src in self.sources]
-
-                def group(text: bool) -> float:  # mean tokens per sample of one group, as it is sampled
-                    pairs = [(w, m) for w, m, t in zip(base, means, is_text) if t == text]
-                    return sum(w * m for w, m in pairs) / sum(w for w, _ in pairs)
-
-                text_tokens, mm_tokens = group(True), group(False)
-                share = sample_share_for_token_share(cfg.text_ratio, text_tokens, mm_tokens)
-                log.info("text_ratio %.3f of the tokens: %.1f tokens per text-only sample, %.1f per multimodal one "
-                         "-> %.3f of the samples", cfg.text_ratio, text_tokens, mm_tokens, share)
-            weights = mixture_weights(sizes, repeats, is_text, share)
-        self.mixture = Mixture(sizes, weights, seed=cfg.seed)
+        if cfg.read_once and (weights is not None or cfg.text_ratio is not None):
+            raise ValueError("DataConfig.read_once reads every record once: mixture weights and text_ratio do not apply")
+        if cfg.read_once:
+            self.mixture = Enumeration(sizes, seed=cfg.seed)
+        else:
+            self.mixture = Mixture(sizes, weights if weights is not None else self._default_weights(sizes), seed=cfg.seed)
         self.resume_states: dict[int, dict] = {}
         self.rotation = 0
+
+    def _default_weights(self, sizes: list[int]) -> list[float]:
+        """InternVL's size x repeat_time sample shares, with DataConfig.text_ratio (of the samples, or of
+        the tokens) given to the text-only datasets."""
+        cfg, tokenizer = self.cfg, self.tokenizer
+        repeats = [src.repeat_time for src in self.sources]
+        is_text = [src.is_text_only() for src in self.sources] if cfg.text_ratio is not None else None
+        share = cfg.text_ratio
+        if share is not None and cfg.text_ratio_unit == "tokens" and 0 < share < 1 and all(
+                is_text.count(v) for v in (True, False)):
+            # within each group the datasets keep their default (size x repeat) sample shares
+            base = mixture_weights(sizes, repeats)
+            means = [mean_tokens(src, tokenizer, cfg) for src in self.sources]
+
+            def group(text: bool) -> float:  # mean tokens per sample of one group, as it is sampled
+                pairs = [(w, m) for w, m, t in zip(base, means, is_text) if t == text]
+                return sum(w * m for w, m in pairs) / sum(w for w, _ in pairs)
+
+            text_tokens, mm_tokens = group(True), group(False)
+            share = sample_share_for_token_share(cfg.text_ratio, text_tokens, mm_tokens)
+            log.info("text_ratio %.3f of the tokens: %.1f tokens per text-only sample, %.1f per multimodal one "
+                     "-> %.3f of the samples", cfg.text_ratio, text_tokens, mm_tokens, share)
+        return mixture_weights(sizes, repeats, is_text, share)
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from `StreamTracker.state_dict()`: per-shard states and which shard comes next."""
@@ -451,6 +463,8 @@ class PackedDataset(IterableDataset):
                 written = _written_rejects(self.rejects_dir)
             rejects = open(self.rejects_dir / f"rejects-rank{self.rank}-worker{worker}.jsonl", "a", encoding="utf-8")
         stop = self.cfg.max_records
+        if self.cfg.read_once:
+            stop = self.mixture.total if stop is None else min(stop, self.mixture.total)
         since_batch = 0  # records read since this shard last made a batch
         try:
             i = state["next"]

@@ -127,9 +127,11 @@ class Processor:
         return cls(tokenizer, **kwargs)
 
     def tile(self, image) -> torch.Tensor:
-        # as transformers' processor: no EXIF rotation, transparency composited onto white
+        # as transformers' processor: a file's EXIF orientation applied (its load_image does), an image
+        # object taken as it is; transparency composited onto white
+        from_file = isinstance(image, (str, Path, bytes))
         tiles = img.tile_array(
-            img.load_image(image, exif=False, alpha_background=(255, 255, 255)),
+            img.load_image(image, exif=from_file, alpha_background=(255, 255, 255)),
             image_size=self.image_size,
             min_num=self.min_patches,
             max_num=self.max_patches,

@@ -58,10 +58,16 @@ def validate(specs: list[DatasetSpec], tokenizer=None, cfg: DataConfig | None = 
                 record = parse_record(raw, spec, f"{spec.name}:{spec.annotation.name}:{lineno}")
                 if tokenizer is not None:  # preference records too: their pair must fit a pack
                     build_sample(record, tokenizer, cfg, index=i)
-                else:
-                    for path in record.images:
+                else:  # every file decoded as the pipeline will (a video's frames at test-time spacing)
+                    loads = [lambda p=path: img.load_image(p) for path in record.images]
+                    if record.video is not None:
+                        loads.append(lambda v=record.video: img.load_video_frames(v, min_frames=cfg.min_frames,
+                                                                                  max_frames=cfg.max_frames))
+                    for load in loads:
                         try:
-                            img.load_image(path)
+                            load()
+                        except FileNotFoundError as e:
+                            raise RecordError("missing_file", f"{record.source}: {e}") from None
                         except ValueError as e:
                             raise RecordError("unreadable_image", f"{record.source}: {e}") from None
             except RecordError as e:

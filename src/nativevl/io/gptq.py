@@ -198,14 +198,15 @@ def gptq_model_weights(model, batches: list, weights: dict[str, torch.Tensor], b
 
 
 def calibration_batches(model, tokenizer, meta: str, records: int, max_tokens: int = 4096) -> list:
-    """The first `records` records of an InternVL meta json, packed as at test time (no augmentation),
-    with the model's image settings; bad records counted and skipped as in training."""
+    """`records` records of an InternVL meta json, each at most once (all of them when it holds no more;
+    a seeded sample otherwise), packed as at test time (no augmentation), with the model's image
+    settings; bad records counted and skipped as in training."""
     from nativevl.data.pipeline import DataConfig, PackedDataset, read_all
     from nativevl.data.records import load_meta
 
     cfg = model.config
     data = DataConfig(max_tokens=max_tokens, image_size=cfg.vision.image_size, image_seq_length=cfg.image_seq_length,
-                      image_token_id=cfg.image_token_id, training=False, max_records=records)
+                      image_token_id=cfg.image_token_id, training=False, max_records=records, read_once=True)
     batches = read_all(PackedDataset(load_meta(meta), tokenizer, data), "calibration")
     if not batches:
         raise ValueError(f"{meta}: no calibration record could be read")
