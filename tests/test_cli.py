@@ -171,6 +171,11 @@ def test_train_refuses_non_finite_or_negative_settings(tmp_path, capsys):
     assert code == 2 and "lr must be a finite number >= 0, got nan" in capsys.readouterr().err
     code = main(["train", "debug_tiny", "--out", str(tmp_path / "b"), "--warmup_steps=-1"])
     assert code == 2 and "warmup_steps must be >= 0" in capsys.readouterr().err
+    for bad, message in (("--loss_chunk=0", "loss_chunk must be >= 1, got 0"),  # was range()'s 'arg 3 must not be zero'
+                         ("--mpo_quality_weight=nan", "mpo_quality_weight must be a finite number >= 0, got nan"),
+                         ("--min_lr_ratio=2", "min_lr_ratio is the floor of the schedule as a share of lr: at most 1")):
+        code = main(["train", "debug_tiny", "--out", str(tmp_path / "c"), bad])
+        assert code == 2 and message in capsys.readouterr().err, bad
 
 
 def test_every_help_text_prints(capsys):

@@ -91,6 +91,31 @@ def test_seeds_reproduce_whatever_the_batch(model, tokenizer):
     assert top1[0][0].token_ids == engine.generate([ps[0]], SamplingParams(max_tokens=12, ignore_eos=True))[0][0].token_ids
 
 
+def test_top_p_applies_to_what_top_k_leaves_as_generate_does():
+    """top_k then top_p: the cut on the distribution renormalised over the top k (generate, transformers,
+    vLLM). The engine used the full distribution's sums, keeping tokens the others drop; a top_k past the
+    64-bit range failed every request admitted with it."""
+    from nativevl.infer.generate import sample_next
+    from nativevl.infer.sampling import Request, Sequence, sample_tokens
+
+    logits = torch.tensor([[0.5, 0.25, 0.15, 0.1]]).log()
+
+    def engine_picks(**kw) -> set[int]:
+        reqs = [Request([1, 2], SamplingParams(temperature=1.0, seed=seed, **kw), None, None) for seed in range(200)]
+        return {t for r in reqs for t in sample_tokens(logits.clone(), [Sequence(r, 0, 0, frozenset())])}
+
+    for bad in ({"temperature": float("nan")}, {"temperature": float("inf")}, {"repetition_penalty": float("nan")},
+                {"repetition_penalty": float("inf")}, {"top_p": float("nan")}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
+            SamplingParams(**bad)
+    g = torch.Generator().manual_seed(0)
+    for kw, picks in [({"top_k": 2, "top_p": 0.6}, {0}), ({"top_p": 0.6}, {0, 1}), ({"top_k": 3, "top_p": 0.8}, {0, 1}),
+                      ({"top_k": 10**30, "top_p": 0.6}, {0, 1}), ({"top_k": 3}, {0, 1, 2})]:
+        assert engine_picks(**kw) == picks, kw
+        ref = {int(sample_next(logits, do_sample=True, generator=g, **kw)) for _ in range(200)}
+        assert ref == picks, kw
+
+
 def test_stop_tokens_stop_strings_and_max_tokens(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch_size=4, max_seq_len=256)
     p = prompts(tokenizer)[1]

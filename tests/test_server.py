@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import threading
 import time
 
@@ -126,6 +127,10 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(served, tmp_path
         ({"content": b"[1, 2]"}, 400, "invalid_json"),
         ({"messages": []}, 400, "invalid_value"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_value"),
+        ({"messages": [{"role": ["user"], "content": "hi"}]}, 400, "invalid_value"),  # these three were 500s
+        ({"messages": [{"role": {"x": 1}, "content": "hi"}]}, 400, "invalid_value"),
+        ({"content": json.dumps({"messages": [{"role": "user", "content": "\ud800 lone surrogate"}]}).encode()}, 400,
+         "invalid_value"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "invalid_value"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "invalid_value"),
         ({"messages": [{"role": "user", "content": "hi"}], "n": 1000}, 400, "invalid_value"),
@@ -133,6 +138,9 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(served, tmp_path
         ({"messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": [1]}, 400, "invalid_type"),
         ({"messages": [img("https://example.com/cat.png")]}, 400, "invalid_image_url"),
         ({"messages": [img(f"file://{tmp_path / 'outside.png'}")]}, 400, "invalid_image_url"),
+        ({"messages": [img("/tmp/a\x00b.png")]}, 400, "invalid_image_url"),  # these three were 500s
+        ({"messages": [img("file://[::1/x.png")]}, 400, "invalid_image_url"),
+        ({"messages": [img("/tmp/" + "a" * 5000 + ".png")]}, 400, "invalid_image_url"),
         ({"messages": [img("data:image/png;base64,@@@")]}, 400, "invalid_image_url"),
         ({"messages": [img(data_url(b"not an image"))]}, 400, "invalid_image"),
         ({"messages": [img(data_url(png_bytes(500, 400, solid=True)))]}, 400, "image_too_large"),
@@ -151,6 +159,9 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(served, tmp_path
     r = client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a red circle"}],
                                             max_tokens=4, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length")
+    # a top_k past any vocabulary is no top_k (it overflowed, failing every request admitted with it)
+    r = post({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 1.0, "top_k": 10**30})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_fifty_concurrent_requests(served):

@@ -400,8 +400,9 @@ def test_resume_is_exact_with_drop_path_and_logs_each_step_once(tmp_path, monkey
 def test_resume_refuses_settings_that_change_the_checkpoints_meaning(tmp_path):
     base = ["--global_batch=2", "--tensorboard=false", "--max_tokens=256", "--export=false", "--save_every=1"]
     launch(apply_overrides(recipe("debug_tiny"), base + ["--max_steps=2"]), tmp_path)
+    # a change of the parameters' names (LoRA) is named too, not a missing key of the checkpoint's shards
     for change, key in ((["--global_batch=4"], "train.global_batch"), (["--data.seed=3"], "data.seed"),
-                        (["--stage.llm.mode=frozen"], "stage.llm.mode")):
+                        (["--stage.llm.mode=frozen"], "stage.llm.mode"), (["--stage.llm.mode=lora"], "stage.llm.mode")):
         run = apply_overrides(recipe("debug_tiny"), [a for a in base if not a.startswith(change[0].split("=")[0])]
                               + change + ["--max_steps=3"])
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):

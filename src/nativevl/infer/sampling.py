@@ -38,14 +38,14 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # NaN compares False
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if any(not s for s in self.stop):
@@ -171,9 +171,13 @@ def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         temp = torch.tensor([p.temperature for p in params], device=sub.device)[:, None]
         probs, order = (sub / temp).softmax(-1).sort(dim=-1, descending=True)  # (S, V)
         rank = torch.arange(sub.shape[-1], device=sub.device)[None]
-        top_k = torch.tensor([p.top_k or sub.shape[-1] for p in params], device=sub.device)[:, None]
+        vocab = sub.shape[-1]
+        top_k = torch.tensor([min(p.top_k, vocab) or vocab for p in params], device=sub.device)[:, None]
         top_p = torch.tensor([p.top_p for p in params], device=sub.device)[:, None]
-        keep = (rank < top_k) & (probs.cumsum(-1) - probs < top_p)  # smallest set reaching top_p
+        # top-p on the distribution left by top-k (as generate, transformers and vLLM): the smallest set reaching it
+        in_k = probs * (rank < top_k)
+        in_k = torch.where(top_k < vocab, in_k / in_k.sum(-1, keepdim=True), probs)
+        keep = (rank < top_k) & (in_k.cumsum(-1) - in_k < top_p)
         cdf = (probs * keep).cumsum(-1)
         # one uniform per row from that row's own CPU generator: reproducible whatever the batch
         u = torch.cat([torch.rand(1, generator=seqs[i].generator, dtype=torch.float64) for i in sampled])

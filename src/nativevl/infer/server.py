@@ -90,15 +90,18 @@ def media_source(url: str, cfg: ServerConfig, kind: str = "image") -> bytes | st
     if cfg.allowed_local_media is None:
         raise _bad(f"local {kind} files are disabled (start the server with --allowed-local-media DIR)", code,
                    "messages")
-    if url.lower().startswith("file:"):  # file:///a%20b.png, file://localhost/...
-        parsed = urllib.parse.urlparse(url)
-        if parsed.netloc not in ("", "localhost"):
-            raise _bad(f"{kind} file URL {url!r} names another host", code, "messages")
-        url = urllib.parse.unquote(parsed.path)
-    path = Path(url).resolve()
-    root = Path(cfg.allowed_local_media).resolve()
-    if not path.is_relative_to(root) or not path.is_file():
-        raise _bad(f"{kind} file {url!r} is not a file under the allowed folder", code, "messages")
+    try:  # a NUL byte, a broken IPv6 host or an over-long name is the client's mistake, not ours
+        if url.lower().startswith("file:"):  # file:///a%20b.png, file://localhost/...
+            parsed = urllib.parse.urlparse(url)
+            if parsed.netloc not in ("", "localhost"):
+                raise _bad(f"{kind} file URL {url[:200]!r} names another host", code, "messages")
+            url = urllib.parse.unquote(parsed.path)
+        path = Path(url).resolve()
+        found = path.is_relative_to(Path(cfg.allowed_local_media).resolve()) and path.is_file()
+    except (ValueError, OSError):
+        found = False
+    if not found:
+        raise _bad(f"{kind} file {url[:200]!r} is not a file under the allowed folder", code, "messages")
     return str(path)
 
 
@@ -134,7 +137,8 @@ def parse_messages(messages, cfg: ServerConfig) -> tuple[list[dict], list[bytes 
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise _bad(f"messages[{i}] must be an object", param="messages")
-        role = {"developer": "system"}.get(m.get("role"), m.get("role"))
+        role = m.get("role")
+        role = {"developer": "system"}.get(role, role) if isinstance(role, str) else None
         if role not in ("system", "user", "assistant"):
             raise _bad(f"messages[{i}].role {m.get('role')!r} is not system, user or assistant", param="messages")
         content = m.get("content")
@@ -173,6 +177,9 @@ def parse_messages(messages, cfg: ServerConfig) -> tuple[list[dict], list[bytes 
             content = pieces
         else:
             raise _bad(f"messages[{i}].content must be a string or a list of parts", param="messages")
+        if not all(_encodable(p) for p in content if isinstance(p, str)):
+            raise _bad(f"messages[{i}] holds text that is not valid Unicode (a lone surrogate such as \\ud800)",
+                       param="messages")
         n_videos = sum(isinstance(s, Video) for s in sources)
         if len(sources) - n_videos > cfg.max_images:
             raise _bad(f"a request may hold at most {cfg.max_images} images", "too_many_images", "messages")
@@ -180,6 +187,14 @@ def parse_messages(messages, cfg: ServerConfig) -> tuple[list[dict], list[bytes 
             raise _bad(f"a request may hold at most {cfg.max_videos} video(s)", "too_many_videos", "messages")
         turns.append({"role": role, "content": content})
     return turns, sources
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _value(body: dict, names: tuple[str, ...], default, kind, lo=None, hi=None):

@@ -104,7 +104,12 @@ def checkpoints(folder: Path) -> list[Path]:
             found.append(p)
         elif _NAME.match(p.name) and (p / "state.pt").is_file():
             raise ValueError(f"{p} holds an older single-file checkpoint (state.pt); this version resumes only DCP ones")
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted(found, key=step_of)
+
+
+def step_of(path: Path) -> int:
+    """The step a checkpoint folder (step-00000042) was written at."""
+    return int(_NAME.match(Path(path).name).group(1))
 
 
 def latest(folder: Path) -> Path | None:

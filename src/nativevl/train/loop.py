@@ -101,15 +101,18 @@ class TrainConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.max_steps < 1 or self.global_batch < 1:
             raise ValueError(f"max_steps and global_batch must be >= 1, got {self.max_steps}, {self.global_batch}")
-        for name in ("lr", "min_lr_ratio", "weight_decay", "eps", "grad_clip", "mpo_beta"):
+        for name in ("lr", "min_lr_ratio", "weight_decay", "eps", "grad_clip", "mpo_beta", "mpo_preference_weight",
+                     "mpo_quality_weight", "mpo_generation_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:  # NaN passes every comparison; a NaN lr trains NaN weights
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.min_lr_ratio > 1:
+            raise ValueError(f"min_lr_ratio is the floor of the schedule as a share of lr: at most 1, got {self.min_lr_ratio}")
         if not math.isfinite(self.hang_timeout) or self.hang_timeout < 0:
             raise ValueError(f"hang_timeout must be a finite number of seconds >= 0, got {self.hang_timeout}")
         if self.memory_check not in ("error", "warn", "off"):
             raise ValueError(f"memory_check must be error, warn or off, got {self.memory_check!r}")
-        for name in ("val_records", "eval_n", "eval_batch_size"):
+        for name in ("val_records", "eval_n", "eval_batch_size", "loss_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "save_every", "num_workers", "keep_checkpoints", "val_every", "eval_every"):
@@ -258,6 +261,10 @@ def train(
     step, tokens_total = 0, 0
     found = ckpt.latest(out_dir / "checkpoints")
     rank_state = None
+    if found is not None and run_config is not None:  # before loading: a changed setting is named, not a missing key
+        check_resume_config(out_dir, run_config, ckpt.step_of(found), main)
+        if world > 1:  # every rank has read config.json before rank 0 moves it and writes the new one
+            torch.distributed.barrier()
     if found is not None:
         meta, rank_state = load_train_state(found, model, optimizer, rank, world, max(cfg.num_workers, 1))
         step, tokens_total = meta["step"], meta["tokens"]
@@ -267,10 +274,6 @@ def train(
             ckpt.set_rng_state(rank_state["rng"])
         if main:
             log.info("resumed from step %d (%s, written by %d process(es))", step, found, meta["world"])
-    if found is not None and run_config is not None:
-        check_resume_config(out_dir, run_config, step, main)
-        if world > 1:  # every rank has read config.json before rank 0 moves it and writes the new one
-            torch.distributed.barrier()
     if main and run_config is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")

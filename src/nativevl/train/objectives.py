@@ -147,6 +147,9 @@ class MPOObjective:
         return {"reward_shift": self.shift.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        if "reward_shift" not in state:
+            raise ValueError("the checkpoint holds no MPO reward shift: another objective wrote it; resume it with "
+                             "that objective, or start a new --out (--init_from its final/ for its weights)")
         self.shift.load_state_dict(state["reward_shift"])
 
 
