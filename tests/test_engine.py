@@ -432,6 +432,31 @@ def test_a_cancelled_waiting_request_leaves_the_queue_at_once(model, tokenizer):
     assert len(kept.result()[0].token_ids) <= 4
 
 
+def test_an_interrupted_generate_leaves_no_request_behind(model, tokenizer, monkeypatch):
+    """generate() running the steps itself, stopped by ^C (or a failing step): its requests used to stay
+    queued and running, decoding for no one in the next call's steps."""
+    engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=256)
+    ps = prompts(tokenizer)
+    real_step, calls = engine.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", step)
+    params = SamplingParams(max_tokens=50, ignore_eos=True)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(ps, params)  # 4 prompts, 2 slots: two running, two waiting
+    monkeypatch.setattr(engine, "step", real_step)
+    assert engine.num_waiting == 0
+    decoded = engine.stats["decode_steps"]
+    again = engine.generate([ps[0]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert engine.num_running == 0 and engine.stats["decode_steps"] - decoded <= 3
+    assert again[0][0].token_ids == reference(model, engine, ps[0], 3)
+
+
 def test_closing_a_stream_early_frees_its_slot(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch_size=2, max_seq_len=256)
     deltas = engine.stream(prompts(tokenizer)[1], SamplingParams(max_tokens=200, ignore_eos=True))

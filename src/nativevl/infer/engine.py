@@ -281,13 +281,12 @@ class Engine:
         try:
             for ids, p, pv, k, c in zip(input_ids, plist, pvs, keys, counts):
                 reqs.append(self.submit(ids, p, pv, image_keys=k, tiles_per_image=c))
-        except BaseException:  # a bad prompt or a full queue: no one would read the others' results
+            while self._thread is None and not all(r.done for r in reqs):
+                self.step()
+        except BaseException:  # a bad prompt, a full queue, a failed step or ^C: no one would read the others' results
             for r in reqs:
                 self.cancel(r)
             raise
-        if self._thread is None:
-            while not all(r.done for r in reqs):
-                self.step()
         return [r.result() for r in reqs]
 
     def stream(self, input_ids: list[int], params: SamplingParams = SamplingParams(),
