@@ -452,6 +452,9 @@ def test_majority_vote_groups_answers_as_the_verifier_reads_them():
     texts = ["Final answer: circle", "circle", "circle", "square", "square"]
     pick = Candidates(texts).pick("majority")
     assert pick == 1 and verify("shapes", texts[pick], "circle")
+    # empty or unread samples have no vote (three empty ones out-voted two B's)
+    assert Candidates(["", "B", " ", "B", "A", ""]).pick("majority") == 1
+    assert Candidates(["", " "]).pick("majority") == 0
 
 
 def test_alignment_summary_refuses_an_mpo_best_of_n_report_on_other_questions():
@@ -620,6 +623,12 @@ def test_prm_data_dedupes_solutions_writes_atomically_and_names_images_by_file(t
     image = np.zeros((8, 8, 3), dtype=np.uint8)
     q = Question("<image>\nwhat is 1 + 2?", [image], "3")  # a bare reference answer
     assert q.is_correct("1 + 2 = 3\n\nFinal answer: 3") and not q.is_correct("Final answer: 4")
+    # as `nativevl eval` reads answers (the pipelines labelled '(B)' and 'The answer is B.' wrong, and a
+    # bare '25' above its working too: every rollout of such a solution scored 0)
+    mc = Question("<image>\nWhat animal is shown?\nA. cat\nB. dog\nC. cow", [image], "B")
+    assert [mc.is_correct(r) for r in ("B", "(B)", "B) dog", "The answer is B.", "dog", "Final answer: B", "A", "cat")] \
+        == [True] * 6 + [False] * 2
+    assert Question("<image>\nHow many?", [image], "25").is_correct("25\n\n8 + 9 + 8 = 25")
     out = tmp_path / "prm.jsonl"
     stats = prm_labels.build_prm_data(None, None, [q], prm_labels.PRMDataConfig(solutions=3, rollouts=2), out)
     records = [json.loads(x) for x in out.read_text().splitlines()]

@@ -80,6 +80,36 @@ def test_majority_vote_groups_option_answers_by_their_letter():
     texts = ["A", "B.", "(B)", "The answer is B"]
     assert Candidates(texts).pick("majority") == 0  # as text, four different answers: the first wins
     assert Candidates(texts, vote_key=lambda t: task.vote_key(t, item)).pick("majority") == 1
+    # unread samples have no vote: three empty ones do not out-vote two B's
+    texts = ["", "B", "", "B", "A", ""]
+    assert Candidates(texts, vote_key=lambda t: task.vote_key(t, item)).pick("majority") == 1
+
+
+def test_benchmark_tsv_rows_refused_by_name(tmp_path):
+    """A circular file read with --n checked no columns (a bare KeyError for MMBench's TEST files, which
+    have no answers); a question holding its own <image> marks for another number of images failed only
+    when asked; an answer list whose first entry is punctuation was refused whole."""
+    rows, _ = mmbench_rows()
+    write_tsv(tmp_path / "MMBench_TEST_EN.tsv", [{k: v for k, v in r.items() if k != "answer"} for r in rows])
+    for n in (None, 2):
+        with pytest.raises(ValueError, match="needs the columns question and answer; missing \\['answer'\\]"):
+            get_task(str(tmp_path / "MMBench_TEST_EN.tsv")).load(n, seed=0)
+    img, _ = png_b64(1)
+    write_tsv(tmp_path / "two.tsv", [{"index": 0, "question": "<image> and <image>: same?", "answer": "yes",
+                                      "image": img}])
+    with pytest.raises(ValueError, match="two.tsv:2: the question holds 2 <image> mark\\(s\\) but the row has 1"):
+        get_task(str(tmp_path / "two.tsv")).load(None, seed=0)
+    answers = str(["?"] + ["stop"] * 9)
+    write_tsv(tmp_path / "TextVQA_VAL.tsv", [{"index": 0, "question": "What does the sign say?", "answer": answers,
+                                             "image": img}])
+    (item,) = get_task(str(tmp_path / "TextVQA_VAL.tsv")).load(None, seed=0)
+    assert get_task(str(tmp_path / "TextVQA_VAL.tsv")).score("stop", item) == 1.0
+    write_tsv(tmp_path / "OCRBench.tsv", [{"index": 0, "question": "Read it", "answer": "['+']", "image": img,
+                                          "category": "Digit String Recognition"}])
+    (item,) = get_task(str(tmp_path / "OCRBench.tsv")).load(None, seed=0)  # its rule keeps punctuation
+    write_tsv(tmp_path / "plain.tsv", [{"index": 0, "question": "Sign?", "answer": "?", "image": img}])
+    with pytest.raises(ValueError, match="is empty once normalised"):
+        get_task(str(tmp_path / "plain.tsv")).load(None, seed=0)
 
 
 def test_option_letters_and_open_answers_are_read_as_a_reader_would():
@@ -98,6 +128,16 @@ def test_option_letters_and_open_answers_are_read_as_a_reader_would():
     for prediction, want in [("B. A red car", "B"), ("(B) A red car", "B"), ("The answer is B. A red car", "B"),
                              ("A red car", "B"), ("Vitamin C", "C"), ("C. Vitamin C", "C"), ("A", "A")]:
         assert option_letter(prediction, cars) == want, prediction
+    assert option_letter("The answer is Vitamin C", cars) == "C"  # an option's text named, no letter
+    # a leading letter is a choice even when the options' texts are letters (AI2D's diagram labels), and
+    # a sentence's opening article is not option A
+    labels = {"A": "D", "B": "C", "C": "A", "D": "B"}
+    for prediction in ("C", "C.", "(C)", "C. A"):
+        assert option_letter(prediction, labels) == "C", prediction
+    animals = {"A": "dog", "B": "cat", "C": "cow"}
+    for prediction, want in [("A. cat", "A"), ("A cat is sitting on the mat.", "B"), ("A is right", "A"),
+                             ("The answer is A because it barks", "A"), ("A dog or a cat", None)]:
+        assert option_letter(prediction, animals) == want, prediction
     assert open_answer_correct("The Eiffel Tower.", "eiffel tower")
     assert open_answer_correct("paris", "['Paris', 'Paris, France']") and open_answer_correct("Paris, France", '["x", "paris, france"]')
     assert open_answer_correct("1,000", "1000") and not open_answer_correct("1985", "1990")  # exact, as TextVQA

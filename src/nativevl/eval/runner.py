@@ -114,7 +114,8 @@ def _task_settings(name: str, settings: dict, max_num: int | None, num_frames: i
 
     # how it is scored: a report scored another way (before circular scoring, say) is not reused
     task = FileTask(name, max_num, num_frames)
-    scoring = task.metric + ("/circular" if task.circular else "") + "; prompts v2"  # v2: InternVL's VLMEvalKit prompts
+    # v2: InternVL's VLMEvalKit prompts; reader v2: a leading letter first, the article A, named option texts
+    scoring = task.metric + ("/circular" if task.circular else "") + "; prompts v2; reader v2"
     tiles = max_num if max_num is not None else f"vlmevalkit ({task.vlmevalkit_max_num} per image)"
     # only a jsonl set can hold video questions: a benchmark TSV's report does not depend on the frames
     frames = {"num_frames": num_frames} if num_frames != DEFAULT_FRAMES and path.suffix == ".jsonl" else {}

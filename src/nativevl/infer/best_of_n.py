@@ -27,23 +27,29 @@ class Candidates:
     step_scores: list[list[float]] | None = None  # from the PRM, when one was given
     vote_key: Callable[[str], Hashable] | None = None  # what the vote groups by (a task's reading of an answer)
 
-    def answer(self, i: int) -> Hashable:
+    def answer(self, i: int) -> Hashable | None:
         """The candidate's answer for voting: `vote_key` of its text when given (e.g. the option letter of
         a multiple-choice answer), else its final answer, else its whole normalised text, kept apart (as
-        the toy verifier does: 'Final answer: 4' and a bare '4' are not the same answer)."""
+        the toy verifier does: 'Final answer: 4' and a bare '4' are not the same answer); None for none."""
         if self.vote_key is not None:
             return self.vote_key(self.texts[i])
         found = final_answer(self.texts[i])
-        return (True, found) if found is not None else (False, normalize(self.texts[i]))
+        if found is not None:
+            return True, found
+        return (False, normalize(self.texts[i])) if normalize(self.texts[i]) else None
 
     def pick(self, scorer: str) -> int:
-        """Index of the chosen candidate (ties: the earliest)."""
+        """Index of the chosen candidate (ties: the earliest). The majority vote counts readable answers
+        only (`answer` None: an empty or unread sample has no vote), unless no sample has one."""
         if scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
         if scorer == "majority":
-            votes = Counter(self.answer(i) for i in range(len(self.texts)))
+            answers = [self.answer(i) for i in range(len(self.texts))]
+            votes = Counter(a for a in answers if a is not None)
+            if not votes:
+                return 0
             top = max(votes.values())
-            return next(i for i in range(len(self.texts)) if votes[self.answer(i)] == top)
+            return next(i for i, a in enumerate(answers) if a is not None and votes[a] == top)
         if self.step_scores is None:
             raise ValueError(f"the {scorer!r} scorer needs a PRM")
         score = [sum(s) / len(s) if scorer == "prm" else s[-1] for s in self.step_scores]

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,17 +43,29 @@ class Question:
     video: str | None = None  # a video record's file (jsonl_questions with videos=True); its frames are read when asked
 
     def is_correct(self, response: str) -> bool:
-        """Toy verifier, else the final answer (or the whole text) after normalisation."""
+        """Toy verifier; else, for a question listing its options (`A. ...` lines) with a letter for answer,
+        the option `nativevl eval` reads in the response's final answer (or the whole response); else the
+        final answer after normalisation, or for a bare reference answer the whole response or its first
+        line (as `nativevl eval` scores it: "25" above its working counts)."""
+        from nativevl.eval.tasks.files import open_answer_correct, option_letter, options_in_text
+
         if self.answer is None:
             raise ValueError("this question has no ground truth to verify against")
         if self.family:
             return verify(self.family, response, self.answer)
+        options = options_in_text(self.question)
+        letter = re.fullmatch(r"\(?([A-Z])\)?\.?", final_answer(self.answer) or self.answer.strip(), flags=re.IGNORECASE)
+        if options and letter and letter.group(1).upper() in options:
+            said = re.findall(r"final answer:\s*([^\n]*)", response, flags=re.IGNORECASE)
+            return option_letter(said[-1] if said else response, options) == letter.group(1).upper()
         want = final_answer(self.answer) or normalize(self.answer)
         if final_answer(self.answer) is not None:
             got = final_answer(response)
-        else:  # a bare reference answer: a worked response's final answer, else its whole text
-            got = final_answer(response) or normalize(response)
-        return got is not None and got == want
+            return got is not None and got == want
+        got = final_answer(response)  # a bare reference answer: a worked response's final answer, else its text
+        if got is not None:
+            return got == want
+        return normalize(response) == want or open_answer_correct(response, self.answer)
 
 
 def toyworld_questions(family: str, seed: int, n: int, size: int = 96) -> list[Question]:

@@ -141,34 +141,51 @@ def open_answer_correct(prediction: str, answer: str, relaxed: bool = False) -> 
     return False
 
 
+# words that follow the letter A, never the article a ("A or B", "A is right")
+_NOT_AFTER_ARTICLE = "or|and|nor|is|are|was|were|seems|looks|because|since|then|would|should|could|might|must|will|can|fits"
+
+
 def option_letter(prediction: str, options: dict[str, str]) -> str | None:
     """The one option a prediction picks, or None when it picks none or several.
 
-    In order: the whole prediction is one option's text; it starts with a letter ("B", "(B)", "B. A red
-    car", "B) ..."); once the options' own texts are taken out (an option may say "A red car" or
-    "Vitamin C"), exactly one capital option letter stands alone in what is left; with several ("B is
-    wrong, the answer is C"), an explicit "answer is X" / "option X" that no other option letter follows
-    ("The answer is A or B" picks none)."""
+    In order: it starts with a letter ("B", "(B)", "B. A red car", "B) ...": an explicit choice, even
+    when an option's text is itself a letter, as AI2D's diagram labels are); the whole first line is one
+    option's text; once the options' own texts are taken out (an option may say "A red car" or
+    "Vitamin C"), exactly one capital option letter stands alone in what is left (an "A" before a
+    lower-case word is the article: "A cat sits"); with several ("B is wrong, the answer is C"), an
+    explicit "answer is X" / "option X" that no other option letter follows ("The answer is A or B"
+    picks none); with no letter at all, the one option whose text the prediction names."""
     text = prediction.strip()
     letters = "".join(options)
+    lead = re.match(rf"\(?([{letters}])(?:[.):]|\s*$)", text)
+    if lead:
+        return lead.group(1)
     got = _first_line(text)
     named = [k for k, v in options.items() if normalize_answer(v) == got]
     if got and len(named) == 1:
         return named[0]
-    lead = re.match(rf"\(?([{letters}])(?:[.):]|\s*$)", text)
-    if lead:
-        return lead.group(1)
-    rest = text
+    said = r"(?i:answer|option)(?:\s+(?i:is))?\s*:?\s*\(?"
+    # an A before a lower-case word is the article ("A cat sits"), unless it is what the answer is said to be
+    rest = re.sub(rf"(?<![A-Za-z])A(?=\s+(?!(?:{_NOT_AFTER_ARTICLE})\b)[a-z])",
+                  lambda m: m.group(0) if re.search(said + "$", text[: m.start()]) else "a", text)
     for value in sorted(options.values(), key=len, reverse=True):
         if len(value) > 1:
             rest = re.sub(re.escape(value), " ", rest, flags=re.IGNORECASE)
-    alone = rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])"
-    found = re.findall(alone, rest)
+    words = f" {normalize_answer(text)} "
+    mentioned = {k for k, v in options.items() if len(v) > 1 and normalize_answer(v)
+                 and f" {normalize_answer(v)} " in words}
+
+    def alone(s: str) -> list[str]:
+        return re.findall(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", s)
+
+    found = alone(rest)
     if len(set(found)) == 1:
         return found[0]
-    stated = list(re.finditer(rf"(?i:answer|option)(?:\s+(?i:is))?\s*:?\s*\(?([{letters}])(?![A-Za-z])", rest))
-    if found and stated and not re.findall(alone, rest[stated[-1].end():]):
+    stated = list(re.finditer(rf"{said}([{letters}])(?![A-Za-z])", rest))
+    if found and stated and not alone(rest[stated[-1].end():]):
         return stated[-1].group(1)
+    if not found and len(mentioned) == 1:
+        return mentioned.pop()
     return None
 
 
@@ -227,7 +244,7 @@ def anls(prediction: str, answers: list[str], threshold: float = 0.5) -> float:
     return best
 
 
-def _options_in_text(question: str) -> dict[str, str]:
+def options_in_text(question: str) -> dict[str, str]:
     """`A. text` lines of a question that lists its options."""
     found = dict(re.findall(r"^\(?([A-Z])[.)]\s+(.+)$", question, flags=re.MULTILINE))
     return found if len(found) >= 2 and "A" in found else {}
@@ -294,12 +311,7 @@ def read_tsv(path: Path, limit: int | None, circular: bool = False) -> list[File
     shared: dict[str, str] = {}  # index -> image of every row read so far or needed later
     wanted: set[str] = set()
     with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        columns = set(reader.fieldnames or ())
-        missing = {"question", "answer"} - columns
-        if missing:
-            raise ValueError(f"{path}: a benchmark TSV needs the columns question and answer; missing "
-                             f"{sorted(missing)} (has {sorted(columns)})")
+        reader = _tsv_reader(f, path)
         for lineno, row in enumerate(reader, 2):
             index, image = str(row.get("index")), row.get("image")
             if limit is None or len(kept) < limit:
@@ -317,6 +329,34 @@ def read_tsv(path: Path, limit: int | None, circular: bool = False) -> list[File
     return [_tsv_item(path, lineno, row, shared) for lineno, row in kept]
 
 
+def file_metric(path: Path) -> str:
+    """How open answers are scored, by VLMEvalKit's file names: "anls" (DocVQA, InfoVQA), "vqa"
+    (TextVQA, VQAv2, OK-VQA: partial credit from the annotators' answers), "relaxed" (ChartQA: numbers
+    within 5%), "ocrbench" (OCRBench.tsv: an answer found in the prediction, see `ocrbench_correct`),
+    "mmmu" (MMMU files' questions without options: `mmmu_open_correct`),
+    else "exact" (normalised match with any listed answer). Multiple choice: right/wrong."""
+    name = path.name.lower()
+    if path.stem.lower() == "ocrbench":
+        return "ocrbench"
+    if "mmmu" in name:
+        return "mmmu"
+    for prefix, metric in (("docvqa", "anls"), ("infovqa", "anls"), ("textvqa", "vqa"), ("vqav2", "vqa"),
+                           ("okvqa", "vqa"), ("ok-vqa", "vqa"), ("chartqa", "relaxed")):
+        if name.startswith(prefix):
+            return metric
+    return "exact"
+
+
+def _tsv_reader(f, path: Path) -> csv.DictReader:
+    reader = csv.DictReader(f, delimiter="\t")
+    columns = set(reader.fieldnames or ())
+    missing = {"question", "answer"} - columns
+    if missing:  # e.g. MMBench's TEST files, which keep their answers to themselves
+        raise ValueError(f"{path}: a benchmark TSV needs the columns question and answer; missing "
+                         f"{sorted(missing)} (has {sorted(columns)})")
+    return reader
+
+
 def _read_circular(path: Path, limit: int) -> list[FileItem]:
     mains: set[int] = set()
     kept: list[tuple[int, dict]] = []
@@ -324,7 +364,7 @@ def _read_circular(path: Path, limit: int) -> list[FileItem]:
     shared: dict[str, str] = {}
     wanted: set[str] = set()
     with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
+        reader = _tsv_reader(f, path)
         for lineno, row in enumerate(reader, 2):
             index, image = str(row.get("index")), row.get("image")
             group = _group(index, f"{path}:{lineno}")
@@ -391,10 +431,13 @@ def _tsv_item(path: Path, lineno: int, row: dict, shared: dict[str, str]) -> Fil
         else:
             question += "\n" + OPEN_INSTRUCTION
         answer = str(row["answer"]).strip()
-        if not normalize_answer(reference_answers(answer)[0]):
-            raise ValueError(f"{where}: the answer {row['answer']!r} is empty once normalised")
+        if not any(normalize_answer(ref) for ref in reference_answers(answer)) and file_metric(path) not in ("anls", "ocrbench"):
+            raise ValueError(f"{where}: the answer {row['answer']!r} is empty once normalised (punctuation only)")
     if IMAGE_PLACEHOLDER not in question:
         question = internvl_prompt(question, len(sources))
+    elif question.count(IMAGE_PLACEHOLDER) != len(sources):
+        raise ValueError(f"{where}: the question holds {question.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} "
+                         f"mark(s) but the row has {len(sources)} image(s)")
     kind = next((str(row[c]) for c in ("category", "l2-category", "split") if _present(row.get(c))), "")
     return FileItem(question, answer, sources, kind, options, str(row.get("index", lineno - 2)), where)
 
@@ -459,7 +502,7 @@ def read_jsonl(path: Path, limit: int | None) -> list[FileItem]:
     for i, q in enumerate(jsonl_questions(path, limit=limit, max_bad_images=0, videos=True)):
         if q.answer is None or not q.answer.strip():
             raise ValueError(f"{path}: question {i + 1} has no answer (a gpt turn after the human turn) to score against")
-        options = _options_in_text(q.question)
+        options = options_in_text(q.question)
         answer = q.answer.strip()
         letter = re.fullmatch(r"\(?([A-Z])\)?\.?", answer)
         if options and letter and letter.group(1) in options:
@@ -536,21 +579,7 @@ class FileTask(EvalTask):
 
     @property
     def metric(self) -> str:
-        """How open answers are scored, by VLMEvalKit's file names: "anls" (DocVQA, InfoVQA), "vqa"
-        (TextVQA, VQAv2, OK-VQA: partial credit from the annotators' answers), "relaxed" (ChartQA: numbers
-        within 5%), "ocrbench" (OCRBench.tsv: an answer found in the prediction, see `ocrbench_correct`),
-        "mmmu" (MMMU files' questions without options: `mmmu_open_correct`),
-        else "exact" (normalised match with any listed answer). Multiple choice: right/wrong."""
-        name = self.path.name.lower()
-        if self.path.stem.lower() == "ocrbench":
-            return "ocrbench"
-        if "mmmu" in name:
-            return "mmmu"
-        for prefix, metric in (("docvqa", "anls"), ("infovqa", "anls"), ("textvqa", "vqa"), ("vqav2", "vqa"),
-                               ("okvqa", "vqa"), ("ok-vqa", "vqa"), ("chartqa", "relaxed")):
-            if name.startswith(prefix):
-                return metric
-        return "exact"
+        return file_metric(self.path)
 
     @property
     def circular(self) -> bool:
@@ -600,11 +629,13 @@ class FileTask(EvalTask):
         return open_answer_correct(prediction, item.answer, self.metric == "relaxed")
 
     def vote_key(self, prediction: str, item: FileItem):
-        """What Best-of-N's majority vote groups by: the option picked, or the normalised first line."""
+        """What Best-of-N's majority vote groups by: the option picked, or the normalised first line; None
+        (no vote) when no option is read or the line is empty."""
         if item.options:
             letter = option_letter(prediction, item.options)
-            return ("option", letter) if letter is not None else ("unread", normalize_answer(prediction))
-        return ("text", _first_line(prediction))
+            return ("option", letter) if letter is not None else None
+        line = _first_line(prediction)
+        return ("text", line) if line else None
 
     def chance(self, items: list[FileItem], seed: int = 0) -> float:  # a file is its own questions: no seed
         """A uniform guess among the options for multiple choice; for open answers the most frequent
