@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -278,6 +279,49 @@ def test_resave_in_place_keeps_tokenizer_and_permissions(hf_folder, tmp_path, to
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "ck").stat().st_mode) == 0o777 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_conversion_keeps_what_the_source_folder_says(hf_folder, tmp_path, tokenizer):
+    """A convert or re-save rebuilt every config from defaults and kept only tokenizer / processor files:
+    in place it deleted the model card, licence and examples; generation_config's extra stop ids and
+    sampling defaults, the original layout's auto_map / template and tiling (max_dynamic_patch) and a
+    transformers 5 tokenizer's additional special tokens were lost; a tokenizer's remote code was left
+    behind in an -hf folder."""
+    import dataclasses
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<tool_call>"]}, replace_extra_special_tokens=False)
+    VisionLanguageModel.from_pretrained(hf_folder).save_pretrained(tmp_path / "orig", layout="internvl", tokenizer=tok)
+    orig = tmp_path / "orig"
+    config = json.loads((orig / "config.json").read_text())
+    config.update(auto_map={"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"}, max_dynamic_patch=6)
+    (orig / "config.json").write_text(json.dumps(config))
+    (orig / "configuration_internvl_chat.py").write_text("# remote code\n")
+    gen = json.loads((orig / "generation_config.json").read_text())
+    eos = gen["eos_token_id"]
+    gen.update(eos_token_id=[eos, 0], do_sample=True, temperature=0.7, top_p=0.8)
+    (orig / "generation_config.json").write_text(json.dumps(gen))
+    (orig / "README.md").write_text("model card\n")
+    (orig / "examples").mkdir()
+    (orig / "examples" / "image1.jpg").write_bytes(b"x")
+    assert cli_main(["convert", str(orig), str(orig), "--to", "internvl", "--dtype", "bf16"]) == 0  # in place
+    assert (orig / "README.md").read_text() == "model card\n" and (orig / "examples" / "image1.jpg").is_file()
+    config = json.loads((orig / "config.json").read_text())
+    assert config["auto_map"]["AutoConfig"].startswith("configuration_internvl_chat") and config["max_dynamic_patch"] == 6
+    assert (orig / "configuration_internvl_chat.py").is_file()
+    gen = json.loads((orig / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [eos, 0] and (gen["do_sample"], gen["temperature"], gen["top_p"]) == (True, 0.7, 0.8)
+    assert cli_main(["convert", str(orig), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    hf = tmp_path / "hf"
+    assert json.loads((hf / "preprocessor_config.json").read_text())["max_patches"] == 6
+    assert json.loads((hf / "generation_config.json").read_text())["temperature"] == 0.7
+    assert not (hf / "configuration_internvl_chat.py").exists() and (hf / "README.md").is_file()
+    assert "<tool_call>" in load_tokenizer(hf).all_special_tokens
+    # q/k/v biases without an o_proj bias have no llama config: refused by name, not exported wrong
+    cfg = tiny_config()
+    llama = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, model_type="llama", attention_bias=True))
+    with pytest.raises(ValueError, match="have no llama config"):
+        VisionLanguageModel(llama).save_pretrained(tmp_path / "llama")
 
 
 def test_original_tokenizer_gains_internvl_fields_when_converted_to_hf(hf_folder, tmp_path, tokenizer):

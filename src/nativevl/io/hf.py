@@ -34,21 +34,6 @@ LAYOUTS = ("hf", "internvl")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-# Files that travel with the weights when a checkpoint is converted or re-saved.
-AUX_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "video_preprocessor_config.json",
-)
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 # ---------------------------------------------------------------- safetensors
@@ -210,7 +195,53 @@ def load_model(
     return model.eval()
 
 
-def _processor_files(cfg: ModelConfig) -> dict[str, dict[str, Any]]:
+def _json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _source_tiling(source: Path) -> dict[str, Any]:
+    """The source checkpoint's tiling settings, in the original layout's keys (empty when unknown)."""
+    layout = _folder_layout(source)
+    if layout == "internvl":
+        d = _json(source / "config.json")
+        return {k: d[k] for k in ("dynamic_image_size", "use_thumbnail", "min_dynamic_patch", "max_dynamic_patch") if k in d}
+    if layout == "hf":
+        d = _json(source / "preprocessor_config.json")
+        return {k: d[h] for h, k in (("min_patches", "min_dynamic_patch"), ("max_patches", "max_dynamic_patch")) if h in d}
+    return {}
+
+
+def _copy_source_files(source: Path, dst: Path, layout: str) -> None:
+    """What a converted or re-saved checkpoint keeps of its source folder: tokenizer and processor files,
+    remote code (the original layout's; a tokenizer's own in either), the model card, licence, examples
+    and whatever else is not weights or a config written anew."""
+    # An original repo's preprocessor_config.json is a CLIP center crop; in an -hf folder transformers
+    # would load it in place of InternVL's tiling processor, so only an -hf source's processor files go
+    # into an -hf folder (ours are written otherwise).
+    foreign = layout == "hf" and _folder_layout(source) != "hf"
+    auto_map = _json(source / "tokenizer_config.json").get("auto_map") or {}
+    refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+    tokenizer_code = {r.rsplit("--", 1)[-1].split(".")[0] + ".py" for r in refs}
+    weights = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+    for f in source.iterdir():
+        name = f.name
+        if (name in ("config.json", "generation_config.json") or name.endswith(".index.json") or f.suffix in weights
+                or (name.startswith(".") and name != ".gitattributes")
+                or (foreign and name in PROCESSOR_FILES)
+                or (f.suffix == ".py" and layout != "internvl" and name not in tokenizer_code)):
+            continue
+        if f.is_dir():  # examples/ and the like; not a folder of other weights (a hub repo's original/)
+            if not any(g.suffix in weights for g in f.rglob("*")):
+                shutil.copytree(f, dst / name)
+        elif f.is_file():
+            shutil.copy2(f, dst / name)
+
+
+def _processor_files(cfg: ModelConfig, tiling: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     pixels = {  # 448 px, bicubic, ImageNet statistics: what InternVL was trained with
         "processor_class": "InternVLProcessor",
         "size": {"height": cfg.vision.image_size, "width": cfg.vision.image_size},
@@ -227,8 +258,8 @@ def _processor_files(cfg: ModelConfig) -> dict[str, dict[str, Any]]:
         "image_processor_type": "GotOcr2ImageProcessor",
         **pixels,
         "crop_to_patches": False,  # InternVLProcessor turns it on per call
-        "min_patches": 1,
-        "max_patches": 12,
+        "min_patches": int((tiling or {}).get("min_dynamic_patch", 1)),
+        "max_patches": int((tiling or {}).get("max_dynamic_patch", 12)),
     }
     video = {"video_processor_type": "InternVLVideoProcessor", **pixels, "initial_shift": True, "do_sample_frames": False}
     processor = {"image_seq_length": cfg.image_seq_length, "processor_class": "InternVLProcessor"}
@@ -259,31 +290,32 @@ def save_model(
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight")  # shared with the embeddings; transformers re-ties on load
     tensors = keymap.to_hf(sd) if layout == "hf" else keymap.to_internvl(sd)
+    source = getattr(model, "source_path", None)
+    source = Path(source) if source is not None and Path(source).is_dir() else None
+    tiling = _source_tiling(source) if source is not None else {}
     config = config_to_hf(cfg) if layout == "hf" else config_to_internvl(cfg)
+    if layout == "internvl":
+        config.update(tiling)
+        if source is not None and _folder_layout(source) == "internvl":  # its remote code's classes
+            config.update({k: v for k, v in _json(source / "config.json").items() if k in ("auto_map", "template")})
     config["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
     with staged_folder(path) as tmp:
         write_tensors(tensors, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        generation = {"eos_token_id": cfg.text.eos_token_id, "pad_token_id": cfg.text.pad_token_id}
+        generation = _json(source / "generation_config.json") if source is not None else {}  # sampling defaults kept
+        eos = generation.get("eos_token_id")
+        eos = [cfg.text.eos_token_id] + [e for e in (eos if isinstance(eos, list) else [eos]) if e not in (None, cfg.text.eos_token_id)]
+        generation.update(eos_token_id=eos if len(eos) > 1 else eos[0], pad_token_id=cfg.text.pad_token_id)
         if cfg.text.bos_token_id is not None:
             generation["bos_token_id"] = cfg.text.bos_token_id
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        source = getattr(model, "source_path", None)
         if source is not None:  # also when re-saving in place: the old folder is still there
-            # An original repo's preprocessor_config.json is a CLIP center crop; in an -hf folder
-            # transformers would load it in place of InternVL's tiling processor, so only an -hf
-            # source's processor files go into an -hf folder (ours are written below otherwise).
-            foreign = layout == "hf" and _folder_layout(Path(source)) != "hf"
-            for f in Path(source).iterdir():
-                if not f.is_file() or (foreign and f.name in PROCESSOR_FILES):
-                    continue
-                if f.name in AUX_FILES or (layout == "internvl" and f.suffix == ".py"):
-                    shutil.copy2(f, tmp / f.name)
+            _copy_source_files(source, tmp, layout)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if layout == "hf":
             _add_internvl_tokenizer_fields(tmp)
-            for name, content in _processor_files(cfg).items():
+            for name, content in _processor_files(cfg, tiling).items():
                 if not (tmp / name).exists():
                     (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
@@ -330,15 +362,20 @@ def _add_internvl_tokenizer_fields(folder: Path) -> None:
         return
     d = json.loads(config_file.read_text())
     extra = d.get("extra_special_tokens")
-    if not isinstance(extra, dict) or "context_image_token" not in extra:
-        extra = dict(extra) if isinstance(extra, dict) else {}
-        extra.update(start_image_token=IMG_START, end_image_token=IMG_END, context_image_token=IMG_CONTEXT)
-        extra.setdefault("video_token", VIDEO)
-        d["extra_special_tokens"] = extra
+    named = {"start_image_token": IMG_START, "end_image_token": IMG_END, "context_image_token": IMG_CONTEXT}
+    # (transformers 5 saves the named tokens at the top level: such a tokenizer is an -hf one)
+    if "context_image_token" not in d and not (isinstance(extra, dict) and "context_image_token" in extra):
+        if isinstance(extra, list):  # transformers 5's additional special tokens: kept, the named ones beside them
+            d.update(named)
+            d.setdefault("video_token", VIDEO)
+        else:
+            extra = dict(extra) if isinstance(extra, dict) else {}
+            extra.update(named)
+            extra.setdefault("video_token", VIDEO)
+            d["extra_special_tokens"] = extra
         # An original tokenizer's template (if any) joins message['content'] as a string, with InternVL's
         # system prompt; the processor passes image parts, so it gets the -hf template, as the converter does.
-        # (transformers 5 saves the named tokens at the top level: such a tokenizer is an -hf one)
-        original_template = "context_image_token" not in d and d.pop("chat_template", None) is not None
+        original_template = d.pop("chat_template", None) is not None
         config_file.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
         if original_template:
             (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
@@ -348,6 +385,9 @@ def _add_internvl_tokenizer_fields(folder: Path) -> None:
 
 def _fsync_tree(folder: Path) -> None:
     for f in folder.iterdir():
+        if f.is_dir():
+            _fsync_tree(f)
+            continue
         with open(f, "rb") as h:
             os.fsync(h.fileno())
     fd = os.open(folder, os.O_RDONLY)

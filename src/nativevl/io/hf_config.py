@@ -47,8 +47,11 @@ def _text_to_dict(t: TextConfig, *, architecture: str | None = None) -> dict[str
         if not t.attention_bias:
             raise ValueError("a qwen2 decoder always has q/k/v biases; use model_type 'llama' for none")
         d.update(use_sliding_window=False, sliding_window=None, max_window_layers=t.num_hidden_layers)
+    elif t.attention_bias:  # transformers' llama attention_bias adds an o_proj bias too, which this model has not
+        raise ValueError("q/k/v biases without an o_proj bias have no llama config (its attention_bias biases o_proj "
+                         "too); use model_type 'qwen2'")
     else:
-        d.update(attention_bias=t.attention_bias, mlp_bias=False)
+        d.update(attention_bias=False, mlp_bias=False)
     if architecture:
         d["architectures"] = [architecture]
     return d
@@ -83,6 +86,8 @@ def text_from_dict(d: dict[str, Any], *, source: str) -> TextConfig:
         raise ValueError(f"{source}: unsupported language model type {model_type!r} (qwen2, llama, internlm3)")
     if model_type in ("internlm3", "llama"):
         arch, bias = "llama", bool(d.get("attention_bias", d.get("qkv_bias", False)))
+        if model_type == "llama" and bias:
+            raise ValueError(f"{source}: a llama decoder with attention_bias has an o_proj bias, which is not supported")
     else:
         arch, bias = "qwen2", True
     rope = d.get("rope_scaling") or d.get("rope_parameters") or {}  # transformers 5.x: the legacy key first
