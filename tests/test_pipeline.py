@@ -300,6 +300,12 @@ def test_formats_llava_preference_and_meta_errors(tmp_path):
     spec = load_meta(tmp_path / "meta.json")[0]
     ann = Annotation(spec)
     assert len(ann) == 2 and not ann.is_text_only()
+    # a file that begins with many text-only records is still multimodal (only its first 64 were looked at)
+    text = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    pic = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "yo"}]}
+    (tmp_path / "late.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [text] * 200 + [pic] * 20))
+    (tmp_path / "late.json").write_text(json.dumps({"l": {"annotation": "late.jsonl"}}))
+    assert not Annotation(load_meta(tmp_path / "late.json")[0]).is_text_only()
     rec = parse_record(ann[0][1], spec, "l:1")
     assert rec.images == [tmp_path / "a.png"] and rec.is_multimodal
     pref = parse_record(ann[1][1], spec, "l:2")

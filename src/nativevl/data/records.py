@@ -253,8 +253,12 @@ class Annotation:
         return state
 
     def is_text_only(self, probe: int = 64) -> bool:
-        """Whether the first records carry no image or video (decides the text:multimodal group)."""
-        for i in range(min(probe, len(self))):
+        """Whether `probe` records spread evenly over the file (the first and the last among them) carry no
+        image or video (decides the text:multimodal group; a file that begins with text-only records is
+        not taken for a text-only one)."""
+        n = len(self)
+        picks = sorted({round(k * (n - 1) / max(probe - 1, 1)) for k in range(min(probe, n))})
+        for i in picks:
             raw = self[i][1]
             if isinstance(raw, dict) and any(raw.get(k) for k in ("image", "images", "video")):
                 return False
