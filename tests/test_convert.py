@@ -80,7 +80,7 @@ def test_each_format_converts_to_the_internvl_record_it_means(tmp_path, media, t
         {"id": "x1", "image": "../src/imgs/a.png", "conversations": [human("<image>\nWhat colour?"), gpt("red")]},
         {"image": ["../src/imgs/a.png", "../src/imgs/b.jpg"],
          "conversations": [{"from": "system", "value": "Be brief."}, human("<image>\n<image>\nSame?"), gpt("no")]},
-        {"image": f"train_images/{green_file}", "conversations": [human("<image>And this?"), gpt("green")]},
+        {"image": f"train_images/{green_file}", "conversations": [human("<image>\nAnd this?"), gpt("green")]},  # as -hf renders parts
         {"conversations": [{"from": "system", "value": "math"}, human("hi"), gpt("hello"), human("Add.\n2+2"), gpt("4")]},
         {"image": f"train_images/{other}", "conversations": [human("start"), gpt("ok"), human("<image>Which?"),
                                                              gpt("the green one")]},
@@ -287,7 +287,7 @@ def test_inputs_found_in_the_wild(tmp_path, media):
     assert stats.counts == {"malformed": 3, "unsupported": 1}, stats.format()
     records = read_jsonl(out)
     assert records[0] == {"image": "../other/imgs/w.png", "conversations": [
-        {"from": "human", "value": "<image>what?"}, {"from": "gpt", "value": "white"}]}
+        {"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": "white"}]}
     assert Image.open(out.parent / records[1]["image"]).size == (40, 40)
     assert records[2]["image"] == "../other/imgs/link.png"
     assert records[3] == {"question": "q", "chosen": "x", "rejected": "y", "system": "S"}
@@ -396,5 +396,5 @@ def test_bare_image_parts_take_the_column_images_where_they_stand(tmp_path, medi
     stats = convert([media / "mix.jsonl"], out, max_reject_fraction=0.9)
     (record,) = read_jsonl(out)
     assert record["image"][0] == "../src/imgs/a.png" and record["image"][1].startswith("mix_images/")
-    assert record["conversations"][0]["value"] == "<image>and<image>"
+    assert record["conversations"][0]["value"] == "<image>\nand<image>\n"
     assert stats.counts == {"placeholder_mismatch": 1}

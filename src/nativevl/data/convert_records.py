@@ -178,7 +178,8 @@ def _message(m: Any, layout: Layout, i: int) -> list[tuple[str, Any]]:
 
 
 def _content(content: Any, role: str, images: list, i: int) -> str:
-    """A message's content as text; OpenAI-style image parts become `<image>` (user turns only)."""
+    """A message's content as text; OpenAI-style image parts become `<image>\n` (user turns only), as the
+    InternVL -hf chat template renders them (and the server's prompts hold them)."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -192,7 +193,7 @@ def _content(content: Any, role: str, images: list, i: int) -> str:
             value = part.get(kind)
             # {"type": "image"} alone (transformers, TRL): a slot the images column fills, in order
             images.append(value.get("url") if kind == "image_url" and isinstance(value, dict) else value)
-            text.append(IMAGE_PLACEHOLDER)
+            text.append(IMAGE_PLACEHOLDER + "\n")
         elif kind in ("image", "image_url", "video", "video_url", "input_audio", "audio"):
             raise ConvertError("unsupported", f"message {i}: a {kind} part in a {role} turn")
         else:
