@@ -98,6 +98,38 @@ def test_attention_backends_agree(case):
     assert (sdpa - eager).abs().max().item() < 1e-5
 
 
+@torch.no_grad()
+def test_packed_documents_past_the_trained_length_take_their_own_dynamic_rope_base():
+    """Dynamic RoPE's base came from the pack's longest position: a document next to one past
+    max_position_embeddings was rotated with the other's rescaled base."""
+    import dataclasses
+
+    cfg = tiny_config()
+    assert cfg.text.rope_type == "dynamic"
+    model = VisionLanguageModel(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, max_position_embeddings=16)))
+    torch.manual_seed(0)
+    model.init_weights(std=0.1)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    short, long = torch.randint(10, 500, (8,), generator=g), torch.randint(10, 500, (40,), generator=g)
+    packed = model(input_ids=torch.cat([short, long, short]), cu_seqlens=torch.tensor([0, 8, 48, 56])).logits
+    alone = [model(input_ids=d[None]).logits[0] for d in (short, long)]
+    assert close(packed, torch.cat([alone[0], alone[1], alone[0]]))
+
+
+def test_misshaped_inputs_are_named():
+    model = make_model()
+    ids = torch.randint(10, 200, (2, 12))
+    with pytest.raises(ValueError, match="one row of documents"):
+        model(input_ids=ids, cu_seqlens=torch.tensor([0, 6, 12]))
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        model(input_ids=ids[0], attention_mask=torch.ones(12, dtype=torch.long))
+    size = model.config.vision.image_size
+    ids = torch.full((1, model.config.image_seq_length), model.config.image_token_id)
+    with pytest.raises(ValueError, match=f"tiles must be {size} x {size} pixels, got \\({2 * size}, {2 * size}\\)"):
+        model(input_ids=ids, pixel_values=torch.zeros(1, 3, 2 * size, 2 * size))
+
+
 def test_packed_attention_never_crosses_documents():
     q = torch.randn(1, 1, 6, 4)
     v = torch.zeros(1, 1, 6, 4)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nativevl.config import TextConfig
-from nativevl.model.attention import attention, documents
+from nativevl.model.attention import attention, document_ids, documents
 from nativevl.model.layers import RMSNorm, activation
 
 
@@ -52,18 +52,33 @@ class RotaryEmbedding(nn.Module):
         dim = self.config.head_dim
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _base(self, seq_len: float) -> float:
+        """The RoPE base for a sequence of seq_len positions (dynamic NTK past the trained length)."""
+        cfg = self.config
+        if cfg.rope_type != "dynamic" or seq_len <= cfg.max_position_embeddings:
+            return cfg.rope_theta
+        dim, factor = cfg.head_dim, cfg.rope_factor
+        return cfg.rope_theta * ((factor * seq_len / cfg.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+
+    def forward(
+        self, position_ids: torch.Tensor, dtype: torch.dtype, cu_seqlens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cu_seqlens (a packed row): each document's dynamic base from its own length, as if alone."""
         cfg = self.config
         base = cfg.rope_theta
         if cfg.rope_type == "dynamic":
             seq_len = float(position_ids.max()) + 1
-            if seq_len > cfg.max_position_embeddings:
-                dim = cfg.head_dim
-                factor = cfg.rope_factor
-                base = cfg.rope_theta * (
-                    (factor * seq_len / cfg.max_position_embeddings) - (factor - 1)
-                ) ** (dim / (dim - 2))
-        inv_freq = self._inv_freq(base, position_ids.device)
+            if seq_len > cfg.max_position_embeddings and cu_seqlens is not None and position_ids.shape[0] == 1:
+                doc = documents(cu_seqlens, position_ids.shape[1], "sdpa")
+                ids = document_ids(doc.cu_seqlens.to(position_ids.device), position_ids.shape[1])
+                longest = torch.full((doc.cu_seqlens.numel() - 1,), -1.0, device=position_ids.device).scatter_reduce(
+                    0, ids, position_ids[0].float(), "amax")
+                inv_freq = torch.stack([self._inv_freq(self._base(m + 1), position_ids.device)
+                                        for m in longest.tolist()])[ids][None]  # (1, T, hd/2)
+            else:
+                inv_freq = self._inv_freq(self._base(seq_len), position_ids.device)
+        else:
+            inv_freq = self._inv_freq(base, position_ids.device)
         with torch.autocast(device_type=position_ids.device.type, enabled=False):
             freqs = position_ids.float()[..., None] * inv_freq.float()  # (B, T, hd/2)
             emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
@@ -165,9 +180,9 @@ class TextModel(nn.Module):
         cache: KVCache | None = None,
         backend: str = "sdpa",
     ) -> torch.Tensor:
-        cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         if cu_seqlens is not None:  # once per forward: longest document, flex BlockMask
             cu_seqlens = documents(cu_seqlens, inputs_embeds.shape[1], backend)
+        cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype, cu_seqlens)
         x = inputs_embeds
         for layer in self.layers:
             x = layer(

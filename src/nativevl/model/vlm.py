@@ -141,9 +141,12 @@ class VisionLanguageModel(nn.Module):
             per_tile = feats.reshape(pixel_values.shape[0], -1, feats.shape[-1])  # (N, L, C)
             feats = per_tile[tile_index].reshape(-1, feats.shape[-1])  # (K * L, C)
         if n_slots != feats.shape[0]:
+            size = self.config.vision.image_size
+            odd = f"; tiles must be {size} x {size} pixels, got {tuple(pixel_values.shape[-2:])}" if tuple(
+                pixel_values.shape[-2:]) != (size, size) else ""
             raise ValueError(
                 f"input_ids hold {n_slots} image tokens but pixel_values give {feats.shape[0]} image features "
-                f"({pixel_values.shape[0]} tiles x {self.config.image_seq_length})"
+                f"({pixel_values.shape[0]} tiles x {feats.shape[0] // max(1, pixel_values.shape[0])}){odd}"
             )
         return embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
 
@@ -182,6 +185,13 @@ class VisionLanguageModel(nn.Module):
                 position_ids = position_ids[None]
         if cu_seqlens is not None and attention_mask is not None:
             raise ValueError("a packed batch (cu_seqlens) takes no attention_mask")
+        if cu_seqlens is not None and inputs_embeds.shape[0] != 1:
+            raise ValueError(f"a packed batch (cu_seqlens) is one row of documents: input_ids (T,) or (1, T), got "
+                             f"{inputs_embeds.shape[0]} rows")
+        if cu_seqlens is not None and isinstance(cu_seqlens, torch.Tensor):
+            cu_seqlens = cu_seqlens.to(inputs_embeds.device)  # once, for every layer and the flex block mask
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be (batch, past + length), got shape {tuple(attention_mask.shape)}")
         if cu_seqlens is not None and (use_cache or cache is not None):
             raise ValueError("a packed batch (cu_seqlens) cannot use a KV cache: later steps would see every document")
         b, t, _ = inputs_embeds.shape
