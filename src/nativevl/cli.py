@@ -511,8 +511,11 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    finished = False
     try:
-        return args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)
+        code = args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)
+        finished = True
+        return code
     except (ValueError, FileNotFoundError) as e:
         print(f"nativevl {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -529,14 +532,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nativevl {args.command}: stopped: {msg}", file=sys.stderr)
         return 1
     finally:
-        end_process_group()
+        end_process_group(together=finished)
 
 
-def end_process_group() -> None:
+def end_process_group(together: bool = False) -> None:
     """Under torchrun: the process group ends with the command. A process that exits with the group's
-    threads (gloo, NCCL) still running can abort at exit and turn a finished run into a failed one."""
+    threads (gloo, NCCL) still running can abort at exit and turn a finished run into a failed one.
+    `together` (every rank finished): they wait for each other first, so that no rank tears its
+    connections down while another still reads from them (a rank that failed does not wait: torchrun
+    stops the others)."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
