@@ -163,6 +163,72 @@ def test_train_names_the_inputs_a_recipe_needs(tmp_path, capsys):
     code = main(["train", "mpo", "--out", str(tmp_path / "b"), "--meta", str(tmp_path / "meta.json")])
     err = capsys.readouterr().err
     assert code == 2 and "recipe mpo needs --init_from" in err and "--meta" not in err
+    # pre-training with nothing to start from trained the tiny preset and a toy tokenizer on the user's data
+    code = main(["train", "pretrain", "--out", str(tmp_path / "c"), "--meta", str(tmp_path / "meta.json")])
+    assert code == 2 and "recipe pretrain needs --vit_from and --llm_from" in capsys.readouterr().err
+
+
+def test_user_mistakes_are_errors_not_tracebacks_or_lost_files(tmp_path, tokenizer, capsys):
+    """convert into a folder of other things replaced it whole (and hid a file in its way); eval with a
+    batch size < 1 wrote a false report, divided by zero or hung; a path through a file and a device this
+    torch lacks printed tracebacks."""
+    make_model().save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    (tmp_path / "models" / "other").mkdir(parents=True)
+    (tmp_path / "models" / "README.txt").write_text("mine")
+    (tmp_path / "notes.json").write_text("{}")
+    for dst, said in ((tmp_path / "models", "holding other things than a checkpoint"), (tmp_path / "notes.json", "is a file")):
+        assert main(["convert", str(tmp_path / "m"), str(dst), "--to", "internvl"]) == 2
+        assert said in capsys.readouterr().err
+    assert (tmp_path / "models" / "README.txt").read_text() == "mine" and (tmp_path / "notes.json").read_text() == "{}"
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "m"), "--to", "internvl"]) == 0  # its own folder
+    for bad in ("0", "-1"):
+        assert main(["eval", "--model", str(tmp_path / "m"), "--tasks", "shapes", "--n", "2", "--batch_size", bad,
+                     "--out", str(tmp_path / "e.json")]) == 2
+        assert "--batch_size must be >= 1" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "m"), "--tasks", "shapes", "--out", str(tmp_path / "notes.json" / "e.json")]) == 2
+    assert "its folder must be a folder" in capsys.readouterr().err
+    assert main(["train", "debug_tiny", "--out", str(tmp_path / "notes.json" / "run")]) == 2
+    assert "error:" in capsys.readouterr().err
+    for device in ("gpu", "cuda:0" if not torch.cuda.is_available() else "gpu"):
+        assert main(["chat", "--model", str(tmp_path / "m"), "--prompt", "hi", "--device", device]) == 2
+        assert f"--device {device}" in capsys.readouterr().err
+
+
+def test_chat_session_commands(tmp_path, tokenizer, monkeypatch, capsys):
+    """A bare or mistyped /command went to the model as a message; ~ and quotes in a path failed; piped
+    answers ran together on one line; ^C ended the chat with a traceback."""
+    import io
+
+    from nativevl.infer import chat
+
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "x.png")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    asked = []
+
+    class Conv:
+        def reset(self):
+            asked.append("reset")
+
+    def answer(conv, text, images, video):
+        asked.append((text, list(images)))
+        if text == "slow":
+            raise KeyboardInterrupt
+        sys.stdout.write("an answer\n")
+
+    monkeypatch.setattr(chat, "answer", answer)
+    lines = ["/image", "/imge x.png", "/image '~/x.png'", "what?", "slow", "//image is a word", "/reset", ""]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines)))
+    assert chat.session(Conv()) == 0
+    assert asked == [("what?", [str(tmp_path / "x.png")]), ("slow", []), ("/image is a word", []), "reset"]
+    err = capsys.readouterr().err
+    assert "usage: /image PATH" in err and "unknown command /imge" in err and "[interrupted]" in err
+
+    class Interrupted(io.StringIO):
+        def readline(self, *a):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "stdin", Interrupted())
+    assert chat.session(Conv()) == 0
 
 
 def test_train_refuses_non_finite_or_negative_settings(tmp_path, capsys):

@@ -398,3 +398,38 @@ def test_bare_image_parts_take_the_column_images_where_they_stand(tmp_path, medi
     assert record["image"][0] == "../src/imgs/a.png" and record["image"][1].startswith("mix_images/")
     assert record["conversations"][0]["value"] == "<image>\nand<image>\n"
     assert stats.counts == {"placeholder_mismatch": 1}
+
+
+def test_records_review_found_lost_or_refused(tmp_path):
+    """Each of these was refused, or converted into something else: an --out through a symlinked folder
+    (its images named relative to the unresolved path), a .json file of one record (read as columns),
+    instruction + response (Dolly), an empty alias beside the question, a grounding box on an
+    EXIF-rotated photo (scaled by the stored size, past 1000)."""
+    import os
+    import re
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (20, 10), "red").save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "elsewhere" / "out").mkdir(parents=True)
+    os.symlink(tmp_path / "elsewhere" / "out", tmp_path / "out")
+    record = {"messages": [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "red"}],
+              "images": ["imgs/a.png"]}
+    (tmp_path / "one.json").write_text(json.dumps(record))
+    write_jsonl(tmp_path / "qa.jsonl", [{"instruction": "Say hi.", "response": "hi"},
+                                        {"query": "", "question": "What is 2+2?", "response": "4"}])
+    stats = convert([tmp_path / "one.json", tmp_path / "qa.jsonl"], tmp_path / "out" / "train.jsonl")
+    assert stats.bad == 0, stats.format()
+    records = read_jsonl(tmp_path / "out" / "train.jsonl")
+    assert (tmp_path / "out" / records[0]["image"]).is_file()
+    assert [r["conversations"][0]["value"] for r in records[1:]] == ["Say hi.", "What is 2+2?"]
+    assert [r["conversations"][1]["value"] for r in records[1:]] == ["hi", "4"]
+    im = Image.new("RGB", (400, 100), "red")  # stored 400 x 100, shown 100 x 400
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "rot.jpg", exif=exif.tobytes())
+    write_jsonl(tmp_path / "ground.jsonl", [{
+        "messages": [{"role": "user", "content": "<image>find <ref-object>"}, {"role": "assistant", "content": "<bbox>"}],
+        "images": ["rot.jpg"], "objects": {"ref": ["bar"], "bbox": [[0, 0, 100, 400]]}}])
+    convert([tmp_path / "ground.jsonl"], tmp_path / "g" / "train.jsonl")
+    answer = read_jsonl(tmp_path / "g" / "train.jsonl")[0]["conversations"][-1]["value"]
+    assert [int(x) for x in re.findall(r"\d+", answer)] == [0, 0, 1000, 1000]

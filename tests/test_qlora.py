@@ -227,7 +227,7 @@ def test_plan_counts_the_4_bit_base(capsys):
     t = cfg.text
     q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
     llm_linear = t.num_hidden_layers * (2 * t.hidden_size * q + 2 * t.hidden_size * kv + 3 * t.hidden_size * t.intermediate_size)
-    trainable, quantized, nf4_bytes = stage_counts(cfg, recipe("sft_qlora").stage)
+    trainable, quantized, nf4_bytes, _ = stage_counts(cfg, recipe("sft_qlora").stage)
     assert quantized == llm_linear and nf4_bytes == nf4_bytes_per_weight()
     assert trainable["vit"] == 0 and trainable["mlp"] == param_counts(cfg)["mlp"]
     assert trainable == stage_counts(cfg, recipe("sft_lora").stage)[0]  # the same adapters, over 4 bits
@@ -272,7 +272,7 @@ def test_on_a_gpu_the_4_bit_base_takes_what_plan_counts_and_compiles():
     quantize_base(model, stage, "cuda")
     model.to("cuda")
     used = torch.cuda.memory_allocated() - before
-    _, quantized, nf4_bytes = stage_counts(cfg, stage)
+    _, quantized, nf4_bytes, _ = stage_counts(cfg, stage)
     assert used == pytest.approx((sum(param_counts(cfg).values()) - quantized) * 4 + quantized * nf4_bytes, rel=0.02)
     apply_policy(model, stage)
     layer = model.language_model.layers[0].mlp.down_proj

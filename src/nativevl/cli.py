@@ -64,6 +64,12 @@ def _serving_model(args: argparse.Namespace):
     from nativevl.io.hf import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise ValueError(f"--device {device}: {e}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch sees no CUDA device ({torch.__version__})")
     dtype = args.dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     return load_model(args.model, dtype=dtype, device=device, adapter=args.adapter)
 
@@ -151,6 +157,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from nativevl.io.tokenizer import load_tokenizer
     from nativevl.train.parallel import init_distributed
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    out = Path(args.out)
+    if out.is_dir() or any(p.exists() and not p.is_dir() for p in out.parents):
+        raise ValueError(f"--out {out}: the report is a file, and its folder must be a folder")
     rank, world, device = init_distributed()
     model = load_model(args.model, dtype=torch.float32, device=device, adapter=args.adapter)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -516,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)
         finished = True
         return code
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # a bad value, a missing file, a path through a file, ...
         print(f"nativevl {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # a run that stopped itself (non-finite loss, too many bad records): its message

@@ -152,6 +152,10 @@ def check_inputs(name: str, run: Run) -> None:
     """ValueError naming what recipe `name` needs and `run` lacks (instead of a run on generated toy data)."""
     given = {"meta": run.meta is not None, "init_from": run.model.init_from is not None}
     missing = [_NEED_HELP[k] for k in NEEDS.get(name, ()) if not given[k]]
+    src = run.model
+    if name == "pretrain" and not (src.init_from or src.vit_from or src.llm_from or src.tokenizer):
+        # else a tiny model and a tokenizer fitted on the toy corpus would train on the user's data
+        missing.append("--vit_from and --llm_from (or --init_from; or --tokenizer for a model built from --preset)")
     if missing:
         raise ValueError(f"recipe {name} needs {' and '.join(missing)}")
 

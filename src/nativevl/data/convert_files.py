@@ -95,6 +95,9 @@ def read_records(path: Path) -> Iterator[tuple[str, Any]]:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if isinstance(data, dict) and any(isinstance(data.get(k), list) and data[k] and isinstance(data[k][0], dict)
+                                          for k in ("messages", "conversations", "conversation")):
+            data = [data]  # one record, not columns
         if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
             lengths = {len(v) for v in data.values()}
             if len(lengths) != 1:

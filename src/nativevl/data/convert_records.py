@@ -260,10 +260,14 @@ def _record_turns(raw: dict, layout: Layout) -> _Turns:
             parts = [_text(raw, layout.prompt, "the instruction"), _text(raw, layout.query, "the input", required=False)]
             question = "\n".join(p for p in parts if p)
             answer_key = layout.response
-        else:
-            question_key = next(k for k in QUESTION_KEYS if k in raw)
+            if answer_key not in raw and layout.formatting == "auto":  # Dolly's instruction + response, say
+                answer_key = next((k for k in ANSWER_KEYS if raw.get(k) not in (None, "")), answer_key)
+        else:  # the first of the aliases that holds something (an empty 'query' beside the 'question')
+            question_key = next((k for k in QUESTION_KEYS if raw.get(k) not in (None, "")),
+                                next(k for k in QUESTION_KEYS if k in raw))
             question = _text(raw, question_key, "the question")
-            answer_key = next((k for k in ANSWER_KEYS if k in raw), ANSWER_KEYS[0])
+            answer_key = next((k for k in ANSWER_KEYS if raw.get(k) not in (None, "", [])),
+                              next((k for k in ANSWER_KEYS if k in raw), ANSWER_KEYS[0]))
         out.turns = _history(raw.get(layout.history)) if layout.history else []
         out.turns.append((USER, question))
         is_pair = layout.chosen in raw or layout.rejected in raw
@@ -371,10 +375,13 @@ def _grounded(turns: list[tuple[str, str]], objects: Any, images: list[Path]) ->
             if not isinstance(image_id, int) or not 0 <= image_id < len(images):
                 raise ConvertError("malformed", f"bbox image_id {image_id!r} but the record has {len(images)} image(s)")
             if image_id not in sizes:
-                with Image.open(images[image_id]) as im:
-                    sizes[image_id] = im.size
+                with Image.open(images[image_id]) as im:  # the size the loader shows: EXIF orientation applied
+                    turned = (im.getexif().get(0x0112) or 1) in (5, 6, 7, 8)
+                    sizes[image_id] = im.size[::-1] if turned else im.size
             width, height = sizes[image_id]
         scaled.append([round(v / (width if i % 2 == 0 else height) * 1000) for i, v in enumerate(box)])
+        if not all(0 <= v <= 1000 for v in scaled[-1]):
+            raise ConvertError("malformed", f"bbox {box!r} lies outside its image ({width} x {height})")
     names = iter(refs)
     coords = iter(scaled)
     out = []
@@ -462,7 +469,10 @@ def convert_record(raw: Any, layout: Layout, media: Media, out_dir: Path) -> dic
     if prefix:
         turns = list(turns)
         turns[first_user] = (USER, prefix + turns[first_user][1])
-    rel = lambda p: os.path.relpath(p, out_dir)
+    # between resolved folders: through a symlinked folder, out/../imgs is not where the unresolved text says
+    # (the file's own name kept: a hub cache's links name blobs by hash)
+    rel = lambda p: os.path.relpath(os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p)),
+                                    os.path.realpath(out_dir))
     out: dict[str, Any] = {}
     if isinstance(raw.get("id"), (str, int)) and not isinstance(raw.get("id"), bool):
         out["id"] = raw["id"]

@@ -8,6 +8,7 @@ conversation past the engine's length) leaves the conversation as it was before 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -80,6 +81,7 @@ class Conversation:
         n_tiles = len(self.tiles)
         self.tiles.extend(new)
         self.keys.extend(keys)
+        req = None
         try:
             prompt = render_chat(self.history, tiles_per_image=[t.shape[0] for t in self.tiles],
                                  image_seq_length=cfg.image_seq_length, system_message=self.system_message)
@@ -91,7 +93,9 @@ class Conversation:
             while not req.done:
                 self.engine.step()
             done = req.result()[0]
-        except BaseException:  # e.g. a conversation past the engine's length: as if never asked
+        except BaseException:  # e.g. a conversation past the engine's length, or ^C: as if never asked
+            if req is not None:
+                self.engine.cancel(req)
             self.history.pop()
             del self.tiles[n_tiles:], self.keys[n_tiles:]
             raise
@@ -111,7 +115,9 @@ def _write(stream: TextIO) -> Callable[[str], None]:
 def answer(conversation: Conversation, text: str, images: list[str] = (), video: str | None = None) -> None:
     """Ask, the answer streamed to stdout, its figures to stderr."""
     done, took = conversation.ask(text, images, video, on_delta=_write(sys.stdout))
-    print(f"\n[{len(done.token_ids)} tokens in {took['seconds']:.2f}s, {took['tiles']} tile(s), "
+    sys.stdout.write("\n")  # each answer on its own lines, also when stdout is a file or a pipe
+    sys.stdout.flush()
+    print(f"[{len(done.token_ids)} tokens in {took['seconds']:.2f}s, {took['tiles']} tile(s), "
           f"prompt {took['prompt_tokens']} tokens]", file=sys.stderr)
 
 
@@ -127,26 +133,39 @@ def session(conversation: Conversation, images: list[str] = (), video: str | Non
         if interactive:
             sys.stderr.write("> ")
             sys.stderr.flush()
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:  # ^C at the prompt ends the chat
+            sys.stderr.write("\n")
+            return 0
         if not line:
             return 0
         line = line.strip()
+        command, _, arg = line.partition(" ")
+        arg = os.path.expanduser(arg.strip().strip("'\""))  # a dragged-in file arrives quoted
         if line in ("/quit", "/exit"):
             return 0
         if line == "/reset":
             conversation.reset()
             pending, pending_video = [], None
-        elif line.startswith(("/image ", "/video ")):
-            kind, path = line[1:6], line[len("/image "):].strip()
-            if not Path(path).is_file():
-                print(f"no such {kind} file: {path}", file=sys.stderr)
+        elif command in ("/image", "/video"):
+            kind = command[1:]
+            if not arg:
+                print(f"usage: /{kind} PATH", file=sys.stderr)
+            elif not Path(arg).is_file():
+                print(f"no such {kind} file: {arg}", file=sys.stderr)
             elif kind == "image":
-                pending.append(path)
+                pending.append(arg)
             else:
-                pending_video = path  # one video a message: a later /video replaces it
+                pending_video = arg  # one video a message: a later /video replaces it
+        elif line.startswith("/") and not line.startswith("//"):
+            print(f"unknown command {command}: /image PATH, /video PATH, /reset, /quit (start a message with // "
+                  "to send it as text)", file=sys.stderr)
         elif line:
             try:
-                answer(conversation, line, pending, pending_video)
+                answer(conversation, line[1:] if line.startswith("//") else line, pending, pending_video)
+            except KeyboardInterrupt:  # ^C while it answers: that answer stops, the chat goes on
+                print("\n[interrupted]", file=sys.stderr)
             except (ValueError, OSError) as e:  # a bad or vanished file, an over-long conversation: keep chatting
                 print(f"error: {e}", file=sys.stderr)
             pending, pending_video = [], None

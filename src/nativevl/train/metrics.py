@@ -15,7 +15,9 @@ from nativevl.config import ModelConfig
 from nativevl.train.qlora import NF4Linear
 
 # dense bf16 peak FLOP/s by device name (users_and_performance.md B1)
-PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+# (the more specific names first: an "H100 PCIe" is not an SXM H100)
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12,
+              "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:

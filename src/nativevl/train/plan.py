@@ -124,12 +124,16 @@ def plan(
     nf4_bytes: float = 0.5,
     frozen_bf16: dict[str, int] | None = None,
     reference_bf16: int = 0,
+    adapters: int = 0,
+    trainable_roots: dict[str, int] | None = None,
 ) -> Plan:
     """trainable: trainable parameters per module ("vit", "mlp", "llm"), e.g. 0 for a frozen one.
     reference: MPO's frozen copy of the initial model, sharded like the policy (no gradients).
     quantized: weights stored in NF4 (QLoRA's base layers), `nf4_bytes` each, on every GPU.
     frozen_bf16: parameters per module kept in bf16 (frozen linear layers), reference_bf16: the
-    reference's; the others are fp32."""
+    reference's; the others are fp32. adapters: trainable LoRA parameters (fp32, beside the base model's);
+    trainable_roots: trainable parameters outside each module's blocks (default: a module's trainable
+    parameters fill its root first, as in full training)."""
     if gpus < 1 or tokens < 1 or tiles < 0:
         raise ValueError(f"gpus and tokens must be >= 1 and tiles >= 0, got {gpus}, {tokens}, {tiles}")
     if loss_chunk < 1:
@@ -151,7 +155,10 @@ def plan(
         frozen_vit = param_counts(cfg)["vit"] - frozen_bf16.get("vit", 0) if trainable.get("vit", 0) == 0 else 0
         bf16_copies = 2 * (total - quantized - half - frozen_vit)
     nf4 = math.ceil(nf4_bytes * quantized)
-    parameters = math.ceil((4 * (total - quantized - half) + 2 * half) / gpus) + nf4 + bf16_copies
+    # LoRA's fp32 weights, and their bf16 copies: autocast's on one GPU, a gathered block's on several
+    layers = cfg.text.num_hidden_layers + cfg.vision.num_hidden_layers
+    bf16_copies += 2 * adapters if gpus == 1 else 2 * 2 * math.ceil(adapters / max(layers, 1))
+    parameters = math.ceil((4 * (total - quantized - half + adapters) + 2 * half) / gpus) + nf4 + bf16_copies
     if reference:
         parameters += math.ceil((4 * (total - quantized - reference_bf16) + 2 * reference_bf16) / gpus) + nf4
     gradients = math.ceil(4 * n_train / gpus)
@@ -160,8 +167,11 @@ def plan(
         # the whole block (2 + 4 B per parameter); the root stays gathered, so its bf16 gradients (lm_head
         # first) live through the whole backward. Trainable parameters beyond a module's root are in blocks.
         roots = {"vit": vit["root"], "mlp": mlp_params(cfg), "llm": llm["root"]}
-        train_root = {m: min(trainable.get(m, 0), r) for m, r in roots.items()}
-        block_trains = [b["block"] for m, b in (("vit", vit), ("llm", llm)) if trainable.get(m, 0) > train_root[m]]
+        train_root = trainable_roots if trainable_roots is not None else {
+            m: min(trainable.get(m, 0), r) for m, r in roots.items()}
+        n_layers = {"vit": cfg.vision.num_hidden_layers, "llm": cfg.text.num_hidden_layers}
+        block_trains = [math.ceil((trainable.get(m, 0) - train_root.get(m, 0)) / n_layers[m]) for m in n_layers
+                        if trainable.get(m, 0) > train_root.get(m, 0)]  # one block's trainable parameters
         gradients += 2 * sum(train_root.values()) + 6 * max(block_trains, default=0)
     optimizer = math.ceil(8 * n_train / gpus)
 
@@ -187,10 +197,11 @@ def plan(
 def advice(cfg: ModelConfig, trainable: dict[str, int], *, gpus: int, tokens: int, tiles: int,
            activation_checkpointing: bool, loss_chunk: int, gpu_bytes: int, reference: bool = False,
            quantized: int = 0, nf4_bytes: float = 0.5, frozen_bf16: dict[str, int] | None = None,
-           reference_bf16: int = 0) -> list[str]:
+           reference_bf16: int = 0, adapters: int = 0, trainable_roots: dict[str, int] | None = None) -> list[str]:
     """What to change, cheapest first, when the plan does not fit; [] when it does."""
     kw = {"tiles": tiles, "loss_chunk": loss_chunk, "gpu_bytes": gpu_bytes, "reference": reference,
-          "quantized": quantized, "nf4_bytes": nf4_bytes, "frozen_bf16": frozen_bf16, "reference_bf16": reference_bf16}
+          "quantized": quantized, "nf4_bytes": nf4_bytes, "frozen_bf16": frozen_bf16, "reference_bf16": reference_bf16,
+          "adapters": adapters, "trainable_roots": trainable_roots}
     if plan(cfg, trainable, gpus=gpus, tokens=tokens, activation_checkpointing=activation_checkpointing, **kw).fits:
         return []
     out = []
@@ -230,16 +241,21 @@ def format_plan(p: Plan, title: str) -> str:
 
 
 def stage_counts(cfg: ModelConfig, stage) -> tuple[dict[str, int], int, float]:
-    """(trainable parameters per module, weights stored in NF4, bytes per NF4 weight) of a model of `cfg`
-    under a StagePolicy, from a model built on the meta device (shapes only, no memory)."""
+    """(trainable parameters per module, weights stored in NF4, bytes per NF4 weight, {"adapters": LoRA
+    parameters (not in the base model), "trainable_roots": trainable parameters outside the blocks, per
+    module}) of a model of `cfg` under a StagePolicy, from a model built on the meta device (shapes only)."""
     with torch.device("meta"):
         model = VisionLanguageModel(cfg)
         apply_policy(model, stage)
         trainable = {m: sum(p.numel() for p in ps) for m, ps in trainable_by_module(model).items()}
         nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]  # QLoRA's base layers
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        adapters = sum(p.numel() for n, p in named if "lora_" in n)
+        in_blocks = {id(p) for n, p in named if ".layers." in n}
+        roots = {m: sum(p.numel() for p in ps if id(p) not in in_blocks) for m, ps in trainable_by_module(model).items()}
     quantized = sum(m.weight_numel() for m in nf4)
     nf4_bytes = sum(nf4_bytes_per_weight(m.block, m.double_quant) * m.weight_numel() for m in nf4) / max(quantized, 1)
-    return trainable, quantized, nf4_bytes
+    return trainable, quantized, nf4_bytes, {"adapters": adapters, "trainable_roots": roots}
 
 
 def bf16_counts(cfg: ModelConfig, stage) -> tuple[dict[str, int], int]:
@@ -281,11 +297,11 @@ def run_inputs(cfg: ModelConfig, stage, *, tokens: int, tiles: int, loss_chunk: 
     """(trainable parameters per module, the keyword arguments of plan() and advice() but gpus and
     checkpointing) of a run: its module policies, packs, loss chunk, GPU memory, MPO's reference, and
     whether its frozen linear layers are kept in bf16."""
-    trainable, quantized, nf4_bytes = stage_counts(cfg, stage)
+    trainable, quantized, nf4_bytes, layout = stage_counts(cfg, stage)
     half, ref_half = bf16_counts(cfg, stage) if frozen_bf16 else ({}, 0)
     return trainable, {"tokens": tokens, "tiles": tiles, "loss_chunk": loss_chunk, "gpu_bytes": gpu_bytes,
                        "reference": reference, "quantized": quantized, "nf4_bytes": nf4_bytes,
-                       "frozen_bf16": half, "reference_bf16": ref_half if reference else 0}
+                       "frozen_bf16": half, "reference_bf16": ref_half if reference else 0, **layout}
 
 
 def preflight(cfg: ModelConfig, stage, *, gpus: int, tokens: int, tiles: int, activation_checkpointing: bool,
