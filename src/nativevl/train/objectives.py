@@ -123,6 +123,8 @@ class MPOObjective:
             ref_hidden = self.reference(**inputs, compute_logits=False).hidden_states
             ref_logps = sequence_logps(ref_hidden, self.reference.lm_head.weight, batch.labels, batch.cu_seqlens,
                                        self.loss_chunk)
+        if hasattr(self.reference, "reshard"):  # FSDP2: its root, gathered for lm_head, has no backward to reshard it
+            self.reference.reshard()
         ratios = logps - ref_logps  # (S,)
         chosen, rejected = ratios[batch.pairs[:, 0]], ratios[batch.pairs[:, 1]]  # (P,)
         nll = labelled_lm_loss(hidden, model.lm_head.weight, batch.labels, batch.loss_weights, norms[0], self.loss_chunk)
