@@ -465,7 +465,7 @@ def test_a_save_removes_what_a_killed_save_left_and_keeps_the_old_folder_if_the_
     (tmp_path / ".ckpt.tmp-deadbeef").mkdir()
     (tmp_path / ".ckpt.old-cafe").mkdir()
     with hf.staged_folder(target) as tmp:
-        (tmp / "a.txt").write_text("1")
+        (tmp / "config.json").write_text("1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     real = os.replace
 
@@ -476,5 +476,5 @@ def test_a_save_removes_what_a_killed_save_left_and_keeps_the_old_folder_if_the_
 
     monkeypatch.setattr(hf.os, "replace", failing)
     with pytest.raises(OSError, match="disk gone"), hf.staged_folder(target) as tmp:
-        (tmp / "a.txt").write_text("2")
-    assert (target / "a.txt").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+        (tmp / "config.json").write_text("2")
+    assert (target / "config.json").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
