@@ -290,7 +290,10 @@ def test_conversion_keeps_what_the_source_folder_says(hf_folder, tmp_path, token
     import dataclasses
 
     tok = copy.deepcopy(tokenizer)
-    tok.add_special_tokens({"additional_special_tokens": ["<tool_call>"]}, replace_extra_special_tokens=False)
+    try:  # transformers 5 / 4 name the keep-the-others flag differently
+        tok.add_special_tokens({"additional_special_tokens": ["<tool_call>"]}, replace_extra_special_tokens=False)
+    except TypeError:
+        tok.add_special_tokens({"additional_special_tokens": ["<tool_call>"]}, replace_additional_special_tokens=False)
     VisionLanguageModel.from_pretrained(hf_folder).save_pretrained(tmp_path / "orig", layout="internvl", tokenizer=tok)
     orig = tmp_path / "orig"
     config = json.loads((orig / "config.json").read_text())

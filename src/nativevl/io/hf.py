@@ -368,19 +368,23 @@ def _add_internvl_tokenizer_fields(folder: Path) -> None:
     d = json.loads(config_file.read_text())
     extra = d.get("extra_special_tokens")
     named = {"start_image_token": IMG_START, "end_image_token": IMG_END, "context_image_token": IMG_CONTEXT}
-    # (transformers 5 saves the named tokens at the top level: such a tokenizer is an -hf one)
-    if "context_image_token" not in d and not (isinstance(extra, dict) and "context_image_token" in extra):
-        if isinstance(extra, list):  # transformers 5's additional special tokens: kept, the named ones beside them
+    on_top = "context_image_token" in d  # (transformers 5 saves the named tokens at the top level)
+    if isinstance(extra, list):  # transformers 5's additional special tokens: kept, the named ones beside them
+        missing = not on_top
+        if missing:
             d.update(named)
             d.setdefault("video_token", VIDEO)
-        else:
+    else:  # transformers 4 reads them from the extra_special_tokens dict only
+        missing = not (isinstance(extra, dict) and "context_image_token" in extra)
+        if missing:
             extra = dict(extra) if isinstance(extra, dict) else {}
             extra.update(named)
             extra.setdefault("video_token", VIDEO)
             d["extra_special_tokens"] = extra
+    if missing:
         # An original tokenizer's template (if any) joins message['content'] as a string, with InternVL's
         # system prompt; the processor passes image parts, so it gets the -hf template, as the converter does.
-        original_template = d.pop("chat_template", None) is not None
+        original_template = not on_top and d.pop("chat_template", None) is not None
         config_file.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
         if original_template:
             (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
