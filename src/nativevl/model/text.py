@@ -64,21 +64,16 @@ class RotaryEmbedding(nn.Module):
         self, position_ids: torch.Tensor, dtype: torch.dtype, cu_seqlens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cu_seqlens (a packed row): each document's dynamic base from its own length, as if alone."""
-        cfg = self.config
-        base = cfg.rope_theta
-        if cfg.rope_type == "dynamic":
-            seq_len = float(position_ids.max()) + 1
-            if seq_len > cfg.max_position_embeddings and cu_seqlens is not None and position_ids.shape[0] == 1:
-                doc = documents(cu_seqlens, position_ids.shape[1], "sdpa")
-                ids = document_ids(doc.cu_seqlens.to(position_ids.device), position_ids.shape[1])
-                longest = torch.full((doc.cu_seqlens.numel() - 1,), -1.0, device=position_ids.device).scatter_reduce(
-                    0, ids, position_ids[0].float(), "amax")
-                inv_freq = torch.stack([self._inv_freq(self._base(m + 1), position_ids.device)
-                                        for m in longest.tolist()])[ids][None]  # (1, T, hd/2)
-            else:
-                inv_freq = self._inv_freq(self._base(seq_len), position_ids.device)
-        else:
-            inv_freq = self._inv_freq(base, position_ids.device)
+        cfg, device = self.config, position_ids.device
+        seq_len = float(position_ids.max()) + 1 if cfg.rope_type == "dynamic" else 0.0
+        if seq_len > cfg.max_position_embeddings and cu_seqlens is not None and position_ids.shape[0] == 1:
+            doc = documents(cu_seqlens, position_ids.shape[1], "sdpa")
+            ids = document_ids(doc.cu_seqlens.to(device), position_ids.shape[1])
+            longest = torch.full((doc.cu_seqlens.numel() - 1,), -1.0, device=device).scatter_reduce(
+                0, ids, position_ids[0].float(), "amax")
+            inv_freq = torch.stack([self._inv_freq(self._base(m + 1), device) for m in longest.tolist()])[ids][None]
+        else:  # (1, T, hd/2) above, (hd/2,) here
+            inv_freq = self._inv_freq(self._base(seq_len), device)
         with torch.autocast(device_type=position_ids.device.type, enabled=False):
             freqs = position_ids.float()[..., None] * inv_freq.float()  # (B, T, hd/2)
             emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)

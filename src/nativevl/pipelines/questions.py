@@ -27,7 +27,7 @@ from nativevl.data.template import (  # noqa: F401 (has_image_markup: re-exporte
     video_prefix,
     with_video,
 )
-from nativevl.data.toyworld.tasks import example, final_answer, normalize, verify
+from nativevl.data.toyworld.tasks import example, final_answer, final_answer_text, normalize, verify
 from nativevl.infer.generate import generate_texts
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,8 @@ class Question:
         options = options_in_text(self.question)
         letter = re.fullmatch(r"\(?([A-Z])\)?\.?", final_answer(self.answer) or self.answer.strip(), flags=re.IGNORECASE)
         if options and letter and letter.group(1).upper() in options:
-            said = re.findall(r"final answer:\s*([^\n]*)", response, flags=re.IGNORECASE)
-            return option_letter(said[-1] if said else response, options) == letter.group(1).upper()
+            said = final_answer_text(response)
+            return option_letter(said if said is not None else response, options) == letter.group(1).upper()
         want = final_answer(self.answer) or normalize(self.answer)
         if final_answer(self.answer) is not None:
             got = final_answer(response)

@@ -240,19 +240,20 @@ def format_plan(p: Plan, title: str) -> str:
     return "\n".join(lines)
 
 
-def stage_counts(cfg: ModelConfig, stage) -> tuple[dict[str, int], int, float]:
+def stage_counts(cfg: ModelConfig, stage) -> tuple[dict[str, int], int, float, dict]:
     """(trainable parameters per module, weights stored in NF4, bytes per NF4 weight, {"adapters": LoRA
     parameters (not in the base model), "trainable_roots": trainable parameters outside the blocks, per
     module}) of a model of `cfg` under a StagePolicy, from a model built on the meta device (shapes only)."""
     with torch.device("meta"):
         model = VisionLanguageModel(cfg)
         apply_policy(model, stage)
-        trainable = {m: sum(p.numel() for p in ps) for m, ps in trainable_by_module(model).items()}
+        by_module = trainable_by_module(model)
+        trainable = {m: sum(p.numel() for p in ps) for m, ps in by_module.items()}
         nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]  # QLoRA's base layers
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         adapters = sum(p.numel() for n, p in named if "lora_" in n)
         in_blocks = {id(p) for n, p in named if ".layers." in n}
-        roots = {m: sum(p.numel() for p in ps if id(p) not in in_blocks) for m, ps in trainable_by_module(model).items()}
+        roots = {m: sum(p.numel() for p in ps if id(p) not in in_blocks) for m, ps in by_module.items()}
     quantized = sum(m.weight_numel() for m in nf4)
     nf4_bytes = sum(nf4_bytes_per_weight(m.block, m.double_quant) * m.weight_numel() for m in nf4) / max(quantized, 1)
     return trainable, quantized, nf4_bytes, {"adapters": adapters, "trainable_roots": roots}

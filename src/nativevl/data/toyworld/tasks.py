@@ -216,10 +216,16 @@ def normalize(text: str) -> str:
     return text.strip(" .!,;:")
 
 
-def final_answer(text: str) -> str | None:
-    """The value after the last `Final answer:`, or None when there is none."""
+def final_answer_text(text: str) -> str | None:
+    """The text after the last `Final answer:` as written, or None when there is none."""
     found = re.findall(r"final answer:\s*([^\n]*)", text, flags=re.IGNORECASE)
-    return normalize(found[-1]) if found else None
+    return found[-1] if found else None
+
+
+def final_answer(text: str) -> str | None:
+    """The value after the last `Final answer:`, normalised, or None when there is none."""
+    found = final_answer_text(text)
+    return normalize(found) if found is not None else None
 
 
 def verify(family: str, prediction: str, reference: str) -> bool:
