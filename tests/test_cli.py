@@ -258,3 +258,52 @@ def test_every_help_text_prints(capsys):
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, sub in subparsers.choices.items():
         assert sub.format_help(), name
+
+
+def test_sizes_pipes_home_folders_and_serving_options_before_the_model(tmp_path, monkeypatch, capsys):
+    """`--max_shard_size 5G` was refused (only '5GB'); `nativevl ... | head` ended in a Broken pipe error
+    and an 'Exception ignored' at exit; `--meta=~/x` kept its '~' (the shell does not expand it after
+    '='); serve checked --allowed-local-media and --num_frames only after loading the model, and took
+    --vision-cache-mb -1 as 'no cache'."""
+    import argparse
+
+    from nativevl.cli import parse_size
+    from nativevl.recipes import apply_overrides, recipe
+
+    assert parse_size("5G") == parse_size("5GB") == parse_size("5gib") == parse_size("5 GiB") == 5 * 1024**3
+    assert parse_size("500M") == 500 * 1024**2 and parse_size("1024") == parse_size("1024B") == 1024
+    for bad in ("5X", "GB", "-1GB", "5GBB"):
+        with pytest.raises(argparse.ArgumentTypeError, match="cannot read size"):
+            parse_size(bad)
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run = apply_overrides(recipe("sft"), ["--meta=~/data/meta.json", "--init_from", "~/ckpt", "--tokenizer=a~b"])
+    assert run.meta == str(tmp_path / "data" / "meta.json") and run.model.init_from == str(tmp_path / "ckpt")
+    assert run.model.tokenizer == "a~b"
+
+    loaded = []
+    monkeypatch.setattr("nativevl.cli._serving_model", lambda args: loaded.append(args) or 1 / 0)
+    for option, said in ((["--allowed-local-media", str(tmp_path / "nope")], "is not a folder"),
+                         (["--num_frames", "64"], "--num_frames 64 must be in [1, --max-video-frames 32]"),
+                         (["--vision-cache-mb", "-1"], "--vision-cache-mb must be >= 0"),
+                         (["--vision-cache-mb", "nan"], "--vision-cache-mb must be >= 0"),
+                         (["--decode-chunk", "0"], "--decode-chunk must be >= 1")):
+        assert main(["serve", "--model", str(tmp_path), *option]) == 2
+        assert said in capsys.readouterr().err
+    assert main(["chat", "--model", str(tmp_path), "--prompt", "hi", "--prefix-min-tokens", "0"]) == 2
+    assert "--prefix-min-tokens must be >= 1" in capsys.readouterr().err
+    assert not loaded
+
+    # a reader that leaves early: quiet, status 141 as a shell reports SIGPIPE, and a clean exit
+    script = ("import sys\nfrom nativevl.cli import main\n"
+              "sys.exit(main(['plan', 'debug_tiny'] + ['--max_tokens=512'] * 1))\n")
+    import os
+
+    r, w = os.pipe()
+    os.close(r)  # nobody reads: the first flush fails
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], stdout=w, stderr=subprocess.PIPE, text=True, env=env,
+                          timeout=120)
+    os.close(w)
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr and "error" not in done.stderr

@@ -19,9 +19,9 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from nativevl.infer.engine import Engine
+from nativevl.infer.engine import Engine, SamplingParams
 from nativevl.infer.generate import generate
-from nativevl.infer.server import ServerConfig, create_app, prepare, start_in_thread
+from nativevl.infer.server import APIError, ServerConfig, create_app, prepare, start_in_thread
 
 LIMITS = {"model_name": "tiny", "max_body_bytes": 300_000, "max_images": 2, "max_image_pixels": 400 * 400,
           "max_prompt_tokens": 400, "system_message": ""}
@@ -146,6 +146,8 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(served, tmp_path
         ({"messages": [img(data_url(png_bytes(500, 400, solid=True)))]}, 400, "image_too_large"),
         ({"messages": [img(data_url(png_bytes(8, 8)))] * 3}, 400, "too_many_images"),
         ({"messages": [{"role": "user", "content": "one two three " * 200}]}, 400, "context_length_exceeded"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}, 400, "context_length_exceeded"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**6}, 400, "context_length_exceeded"),
         ({"messages": [{"role": "user", "content": "x" * 400_000}]}, 413, "request_too_large"),
     ]
     for kwargs, status, code in cases:
@@ -350,3 +352,30 @@ def test_logprobs_through_the_openai_client(served):
     plain = c.chat.completions.create(model="tiny", messages=hi, max_tokens=8, temperature=0, logprobs=True)
     assert [t.top_logprobs for t in plain.choices[0].logprobs.content] == [[]] * len(content)
     assert c.chat.completions.create(model="tiny", messages=hi, max_tokens=2).choices[0].logprobs is None
+
+
+def test_the_context_holds_prompt_and_completion_and_usage_counts_the_stop_token(served, tokenizer):
+    """A prompt + max_tokens past the context was accepted and cut short with finish_reason 'length'
+    (vLLM and OpenAI answer 400); without max_tokens the default is what the context leaves. A sample
+    ended by its stop token counts that token in usage, as vLLM's."""
+    from nativevl.infer.server import _usage
+
+    engine, cfg, _, _ = served
+    long = {"messages": [{"role": "user", "content": "one two " * 100}]}
+    ids, _, params = prepare(long, engine, cfg)[:3]
+    assert len(ids) + cfg.default_max_tokens > engine.max_seq_len and params.max_tokens == engine.max_seq_len - len(ids)
+    assert prepare({**long, "max_tokens": engine.max_seq_len - len(ids)}, engine, cfg)[2].max_tokens == engine.max_seq_len - len(ids)
+    with pytest.raises(APIError) as e:
+        prepare({**long, "max_tokens": engine.max_seq_len - len(ids) + 1}, engine, cfg)
+    assert e.value.status == 400 and e.value.param == "max_tokens" and f"{len(ids)} in the messages" in str(e.value)
+    import dataclasses
+
+    short = prepare({"messages": [{"role": "user", "content": "hi"}]}, engine, dataclasses.replace(cfg, default_max_tokens=100))
+    assert short[2].max_tokens == 100 and len(short[0]) + 100 < engine.max_seq_len
+
+    greedy = Engine(make_model(), tokenizer, max_batch_size=2, max_seq_len=64)
+    first = greedy.generate([[1, 2, 3]], SamplingParams(max_tokens=4))[0][0]
+    stopped = greedy.generate([[1, 2, 3]], SamplingParams(max_tokens=4, stop_token_ids=(first.token_ids[1],)))[0][0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == first.token_ids[:1]
+    assert stopped.stop_token_id == first.token_ids[1] and first.stop_token_id is None
+    assert _usage(3, [first, stopped]) == {"prompt_tokens": 3, "completion_tokens": 4 + 2, "total_tokens": 9}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -18,12 +19,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def parse_size(text: str) -> int:
-    """'5GB', '500MB', '1024' -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, flags=re.IGNORECASE)
+    """'5GB', '5G', '5GiB', '500MB', '1024' -> bytes (binary units, as transformers' max_shard_size)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(?:i?B)?|B)?\s*", text, flags=re.IGNORECASE)
     if not m:
-        raise argparse.ArgumentTypeError(f"cannot read size {text!r} (e.g. 5GB, 500MB, 1048576)")
-    unit = (m.group(2) or "B").upper().replace("I", "")
-    scale = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}[unit]
+        raise argparse.ArgumentTypeError(f"cannot read size {text!r} (e.g. 5GB, 5G, 500MB, 1048576)")
+    scale = {None: 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[m.group(2) and m.group(2).upper()]
     return int(float(m.group(1)) * scale)
 
 
@@ -90,6 +90,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     if args.num_frames < 1:  # before loading the model
         raise ValueError(f"--num_frames must be >= 1, got {args.num_frames}")
+    _check_engine_args(args)
     model = _serving_model(args)
     tokenizer = load_tokenizer(args.model)
     engine = Engine(model, tokenizer, max_batch_size=1,
@@ -111,13 +112,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from nativevl.infer.server import ServerConfig, run
     from nativevl.io.tokenizer import load_tokenizer
 
+    # the options' own checks come before the model is loaded (minutes for a large one)
+    if args.allowed_local_media is not None and not Path(args.allowed_local_media).expanduser().is_dir():
+        raise ValueError(f"--allowed-local-media {args.allowed_local_media} is not a folder")
+    if not 1 <= args.num_frames <= args.max_video_frames:
+        raise ValueError(f"--num_frames {args.num_frames} must be in [1, --max-video-frames {args.max_video_frames}]")
+    _check_engine_args(args)
     _log_info()
     model = _serving_model(args)
     engine = Engine(model, load_tokenizer(args.model), max_batch_size=args.max_batch_size,
                     max_seq_len=min(args.max_seq_len, model.config.text.max_position_embeddings),
                     max_queue=args.max_queue, cuda_graphs=not args.no_cuda_graphs, **_engine_options(args))
-    if args.allowed_local_media is not None and not Path(args.allowed_local_media).is_dir():
-        raise ValueError(f"--allowed-local-media {args.allowed_local_media} is not a folder")
     cfg = ServerConfig(
         model_name=args.name or Path(args.model).resolve().name,
         max_body_bytes=args.max_body_bytes,
@@ -125,14 +130,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_image_pixels=args.max_image_pixels,
         max_tiles=args.max_num,
         max_prompt_tokens=args.max_prompt_tokens,
-        allowed_local_media=args.allowed_local_media,
+        allowed_local_media=args.allowed_local_media and str(Path(args.allowed_local_media).expanduser()),
         max_videos=args.max_videos,
         video_frames=args.num_frames,
         max_video_frames=args.max_video_frames,
         system_message=DEFAULT_SYSTEM_MESSAGE if args.system is None else (args.system or None),
     )
-    if not 1 <= cfg.video_frames <= cfg.max_video_frames:
-        raise ValueError(f"--num_frames {cfg.video_frames} must be in [1, --max-video-frames {cfg.max_video_frames}]")
     run(engine, cfg, host=args.host, port=args.port)
     return 0
 
@@ -303,6 +306,18 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "turn, another request with the same bytes or file) skips the ViT; 0: none")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", type=parse_dtype, default=None)
+
+
+def _check_engine_args(args: argparse.Namespace) -> None:
+    """_engine_args' numbers, named before a model is loaded for them."""
+    import math
+
+    if args.decode_chunk < 1:
+        raise ValueError(f"--decode-chunk must be >= 1, got {args.decode_chunk}")
+    if args.prefix_min_tokens < 1:
+        raise ValueError(f"--prefix-min-tokens must be >= 1, got {args.prefix_min_tokens}")
+    if not (math.isfinite(args.vision_cache_mb) and args.vision_cache_mb >= 0):
+        raise ValueError(f"--vision-cache-mb must be >= 0 (0: no cache), got {args.vision_cache_mb}")
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
@@ -527,6 +542,13 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)
         finished = True
         return code
+    except BrokenPipeError as e:
+        if _stdout_reader_gone():  # `nativevl ... | head`: the rest of the output goes nowhere
+            finished = True
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor does the flush at exit complain
+            return 141  # as a shell's pipeline reports a writer stopped by SIGPIPE
+        print(f"nativevl {args.command}: error: {e}", file=sys.stderr)  # another pipe than stdout broke
+        return 2
     except (ValueError, OSError) as e:  # a bad value, a missing file, a path through a file, ...
         print(f"nativevl {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -544,6 +566,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         end_process_group(together=finished)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, ValueError, OSError):  # no poll (Windows), no file descriptor (a captured stdout)
+        return False
 
 
 def end_process_group(together: bool = False) -> None:

@@ -188,6 +188,8 @@ def _parse(text: str, annotation: Any, key: str) -> Any:
             if text.lower() in ("false", "0", "no"):
                 return False
             raise ValueError(f"--{key} takes true or false, got {text!r}")
+        if kind is str and (text == "~" or text.startswith("~/")):
+            return str(Path(text).expanduser())  # --meta=~/data/meta.json: the shell leaves a '~' after '=' alone
         if kind in (int, float, str):
             try:
                 return kind(text)

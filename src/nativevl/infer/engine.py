@@ -126,6 +126,8 @@ class Engine:
             raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
         if prefix_min_tokens < 1:
             raise ValueError(f"prefix_min_tokens must be >= 1, got {prefix_min_tokens}")
+        if not vision_cache_mb >= 0 or vision_cache_mb == float("inf"):  # NaN fails the first test
+            raise ValueError(f"vision_cache_mb must be a finite number >= 0 (0: no cache), got {vision_cache_mb}")
         SlotDecoder.check(fused=fused_decode, attention=decode_attention, compile_mode=compile_mode,
                           compile_options=compile_options, compile_prefill=compile_prefill)
         if device is not None or dtype is not None:
@@ -576,7 +578,7 @@ class Engine:
     def _append(self, seq: Sequence, token: int, logprob: dict | None = None) -> None:
         p = seq.req.params
         if token in seq.stop_ids:
-            return self._finish(seq, "stop")
+            return self._finish(seq, "stop", stop_token=token)
         seq.tokens.append(token)
         if seq.logprobs is not None:
             seq.logprobs.append(logprob)
@@ -599,13 +601,13 @@ class Engine:
                 seq.req._emit("delta", seq.index, text[seq.sent:end])
                 seq.sent = end
 
-    def _finish(self, seq: Sequence, reason: str, text: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, text: str | None = None, stop_token: int | None = None) -> None:
         req = seq.req
         text = self._text(seq.tokens) if text is None else text
         if len(text) > seq.sent:
             req._emit("delta", seq.index, text[seq.sent:])
         done = Completion(token_ids=list(seq.tokens), text=text, finish_reason=reason,
-                          logprobs=list(seq.logprobs) if seq.logprobs is not None else None)
+                          logprobs=list(seq.logprobs) if seq.logprobs is not None else None, stop_token_id=stop_token)
         req.completions[seq.index] = done
         req._emit("finish", seq.index, done)
         if self.prefixes is not None:  # the slot holds the keys of the prompt and of the tokens fed back

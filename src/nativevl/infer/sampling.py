@@ -62,6 +62,7 @@ class Completion:
     # with SamplingParams.logprobs: per token {"token_id", "logprob", "top": [(token id, logprob), ...]},
     # log-probabilities of the model's distribution (before temperature, top-k/p and penalties)
     logprobs: list[dict] | None = None
+    stop_token_id: int | None = None  # the stop token that ended it (generated, so counted in a server's usage)
 
 
 class QueueFull(RuntimeError):

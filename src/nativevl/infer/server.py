@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import NamedTuple
@@ -298,6 +298,13 @@ def prepare(body: dict, engine: Engine, cfg: ServerConfig) -> Prepared:
     limit = min(cfg.max_prompt_tokens, engine.max_seq_len - 1)
     if len(ids) > limit:
         raise _bad(f"the prompt has {len(ids)} tokens, over the limit of {limit}", "context_length_exceeded", "messages")
+    room = engine.max_seq_len - len(ids)  # prompt + completion fit the context, as vLLM's max_model_len
+    if params.max_tokens > room:
+        if any(body.get(name) is not None for name in ("max_completion_tokens", "max_tokens")):
+            raise _bad(f"this model's context is {engine.max_seq_len} tokens, but {len(ids) + params.max_tokens} were "
+                       f"asked ({len(ids)} in the messages, {params.max_tokens} for the completion); reduce the length "
+                       "of the messages or the completion", "context_length_exceeded", "max_tokens")
+        params = replace(params, max_tokens=room)  # the default: what the context leaves
     return Prepared(ids, torch.cat(tiles) if tiles else None, params, keys, per_image)
 
 
@@ -452,7 +459,7 @@ def _logprob_json(tokenizer, entry: dict) -> dict:
 
 
 def _usage(prompt_tokens: int, completions: list[Completion]) -> dict:
-    out = sum(len(c.token_ids) for c in completions)
+    out = sum(len(c.token_ids) + (c.stop_token_id is not None) for c in completions)  # as vLLM: the EOS counts
     return {"prompt_tokens": prompt_tokens, "completion_tokens": out, "total_tokens": prompt_tokens + out}
 
 
