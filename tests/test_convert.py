@@ -433,3 +433,69 @@ def test_records_review_found_lost_or_refused(tmp_path):
     convert([tmp_path / "ground.jsonl"], tmp_path / "g" / "train.jsonl")
     answer = read_jsonl(tmp_path / "g" / "train.jsonl")[0]["conversations"][-1]["value"]
     assert [int(x) for x in re.findall(r"\d+", answer)] == [0, 0, 1000, 1000]
+
+
+def test_reconverting_keeps_the_meta_entry_and_never_reads_its_own_output(tmp_path, media, capsys):
+    """A reconversion (--overwrite) rebuilt its meta entry, losing the user's repeat_time and tile cap,
+    and added a second entry when the user had renamed it (trained twice); a dataset of another file
+    under the output's name was replaced without --overwrite; a folder holding --out, converted again,
+    read the earlier output, its held-out and rejects files (and its meta.json) as input records."""
+    ok = lambda i: {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "in.jsonl", [ok(i) for i in range(20)] + [{"messages": [{"role": "user", "content": "x"}]}])
+    out = data / "conv.jsonl"
+    args = ["data", "convert", str(data), "--out", str(out), "--val_fraction", "0.2", "--max_reject_fraction", "0.1"]
+    assert main(args) == 0
+    meta = json.loads((data / "meta.json").read_text())
+    meta["my_sft"] = {**meta.pop("conv"), "repeat_time": 3, "max_dynamic_patch": 6, "length": 16}
+    (data / "meta.json").write_text(json.dumps(meta))
+    first = (out.read_text(), (data / "conv_val.jsonl").read_text())
+    for _ in range(2):  # the folder now holds conv.jsonl, conv_val.jsonl, conv.rejects.jsonl and two meta files
+        assert main([*args, "--overwrite"]) == 0
+        assert "(dataset 'my_sft')" in capsys.readouterr().out
+        assert (out.read_text(), (data / "conv_val.jsonl").read_text()) == first  # the same 20 records, split alike
+    assert json.loads((data / "meta.json").read_text()) == {"my_sft": {
+        "root": "", "annotation": "conv.jsonl", "max_dynamic_patch": 6, "data_augment": False, "repeat_time": 3}}
+    assert main([*args, "--overwrite", "--max_dynamic_patch", "4"]) == 0  # a setting given is a setting changed
+    assert json.loads((data / "meta.json").read_text())["my_sft"]["max_dynamic_patch"] == 4
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="is one of this conversion's outputs"):
+        convert([out], out, overwrite=True)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    write_jsonl(other / "train.jsonl", [ok(0)])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "meta.json").write_text(json.dumps({"train": {"annotation": "../other/train.jsonl"}}))
+    with pytest.raises(ValueError, match="already lists a dataset 'train' reading '../other/train.jsonl'"):
+        convert([data / "in.jsonl"], tmp_path / "mine" / "train.jsonl", max_reject_fraction=0.1)
+    assert not (tmp_path / "mine" / "train.jsonl").exists()
+    convert([data / "in.jsonl"], tmp_path / "mine" / "train.jsonl", max_reject_fraction=0.1, overwrite=True)
+    assert json.loads((tmp_path / "mine" / "meta.json").read_text())["train"]["annotation"] == "train.jsonl"
+
+
+def test_training_marks_and_two_image_keys_are_refused_not_dropped(tmp_path, media):
+    """A message marked not to be trained on (ms-swift's loss, axolotl's weight / train / training /
+    train_detail) was kept and trained on unless it was `"loss": false` exactly; a record with both
+    `images` and `image` kept one and dropped the other without a word."""
+    q, a = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+    marked = [{**a, "loss": 0}, {**a, "loss": "false"}, {**a, "weight": 0}, {**a, "train": False},
+              {**a, "training": "no"}, {**a, "train_detail": [{"begin_offset": 0, "end_offset": 1, "train": True}]}]
+    kept = [{**a, "loss": True}, {**a, "weight": 1}, {**a, "weight": None}]
+    records = ([{"messages": [q, m]} for m in marked] + [{"messages": [{**q, "loss": True}, a]},
+                                                         {"messages": [q, {**a, "weight": 0.5}]}]
+               + [{"messages": [q, m]} for m in kept] + [{"messages": [{**q, "weight": 0}, a]}]
+               + [{"images": ["imgs/a.png"], "image": "imgs/b.jpg", "messages": [q, a]},
+                  {"images": ["imgs/a.png"], "image": "imgs/a.png", "messages": [q, a]}])
+    write_jsonl(media / "marks.jsonl", records)
+    out = tmp_path / "o" / "marks.jsonl"
+    stats = convert([media / "marks.jsonl"], out, max_reject_fraction=1)
+    assert stats.written == 5 and stats.counts == {"unsupported": 7, "malformed": 2}
+    rejects = read_jsonl(out.with_name("marks.rejects.jsonl"))
+    assert [r["where"] for r in rejects] == [f"marks.jsonl:{i}" for i in (1, 2, 3, 4, 5, 6, 7, 8, 13)]
+    errors = {r["where"].split(":")[1]: r["error"] for r in rejects}
+    assert "not to be trained on" in errors["1"] and "train_detail" in errors["6"]
+    assert "user turn marked to be trained on" in errors["7"] and "cannot read the training mark" in errors["8"]
+    assert "both 'images' and 'image' are given, and differ" in errors["13"]
+    assert read_jsonl(out)[-1]["image"] == "../src/imgs/a.png"  # the same image under both keys is one image

@@ -492,8 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "folder with --dataset_info); then the current folder")
     dc.add_argument("--max_reject_fraction", type=float, default=0.05,
                     help="stop (writing nothing but the rejects) when more records than this are refused")
-    dc.add_argument("--max_dynamic_patch", type=int, default=12, help="the meta entry's tile cap per sample")
-    dc.add_argument("--data_augment", action="store_true", help="the meta entry's JPEG re-encoding in training")
+    dc.add_argument("--max_dynamic_patch", type=int, default=None,
+                    help="the meta entry's tile cap per sample (default: 12, or what an existing entry for --out says)")
+    dc.add_argument("--data_augment", action="store_true", default=None,
+                    help="the meta entry's JPEG re-encoding in training (default: off, or what an existing entry says)")
     dc.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     dc.add_argument("--examples", type=int, default=3, help="examples shown per refused kind")
     dc.add_argument("--val_fraction", type=float, default=0.0,

@@ -38,6 +38,7 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
     from nativevl.data.convert import Layout, convert
+    from nativevl.data.records import meta_entry_reading, read_meta_entries
 
     layout, inputs = Layout(), [Path(p) for p in args.input]
     image_root = Path(args.image_root) if args.image_root else None
@@ -56,7 +57,8 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
                     examples=args.examples, val_fraction=args.val_fraction, seed=args.seed)
     print(stats.format())
     out = Path(args.out)
-    print(f"written: {out} and {out.parent / 'meta.json'} (dataset {out.stem!r})"
+    name = meta_entry_reading(read_meta_entries(out.parent / "meta.json"), out.parent / "meta.json", out)
+    print(f"written: {out} and {out.parent / 'meta.json'} (dataset {name!r})"
           + (f"; refused records: {out.with_name(out.stem + '.rejects.jsonl')}" if stats.bad else ""))
     if stats.held_out:
         print(f"held out: {out.with_name(out.stem + '_val.jsonl')} in {out.parent / 'meta_val.json'} "

@@ -26,6 +26,7 @@ from nativevl.data.convert_records import Layout, convert_record
 from nativevl.data.records import (
     DatasetSpec,
     RecordError,
+    meta_entry_reading,
     parse_record,
     read_meta_entries,
     write_meta_entries,
@@ -76,8 +77,8 @@ def convert(
     image_root: Path | None = None,
     max_reject_fraction: float = 0.05,
     min_records_before_abort: int = 200,
-    max_dynamic_patch: int = 12,
-    data_augment: bool = False,
+    max_dynamic_patch: int | None = None,
+    data_augment: bool | None = None,
     overwrite: bool = False,
     examples: int = 3,
     val_fraction: float = 0.0,
@@ -90,6 +91,8 @@ def convert(
     out = Path(out)
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if max_dynamic_patch is not None and max_dynamic_patch < 1:
+        raise ValueError(f"max_dynamic_patch must be >= 1, got {max_dynamic_patch}")
     val_out = out.with_name(out.stem + "_val.jsonl")
     if val_fraction and val_out.exists() and not overwrite:
         raise ValueError(f"{val_out} exists; pass --overwrite to replace it")
@@ -99,15 +102,23 @@ def convert(
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
     if not 0 <= max_reject_fraction <= 1:
         raise ValueError(f"max_reject_fraction must be in [0, 1], got {max_reject_fraction}")
-    files = [f for p in inputs for f in input_files(Path(p))]
+    rejects_path = out.with_name(out.stem + ".rejects.jsonl")
+    # this conversion's own files, never its input (a folder holding --out, converted again)
+    own = {os.path.realpath(f) for f in (out, val_out, rejects_path, out.with_name(out.stem + ".stopped.rejects.jsonl"))}
+    files = [f for p in inputs for f in input_files(Path(p), skip=own)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    for meta_name in ("meta.json", "meta_val.json"):  # a damaged meta file beside --out: now, not after the work
-        read_meta_entries(out.parent / meta_name)
+    for meta_name, target in (("meta.json", out), ("meta_val.json", val_out if val_fraction else None)):
+        meta_path = out.parent / meta_name
+        meta = read_meta_entries(meta_path)  # a damaged meta file beside --out: now, not after the work
+        other = meta.get(target.stem) if target else None  # the name this output's entry would take ...
+        if other is not None and meta_entry_reading(meta, meta_path, target) is None and not overwrite:
+            raise ValueError(f"{meta_path} already lists a dataset {target.stem!r} reading "
+                             f"{other.get('annotation') if isinstance(other, dict) else other!r}; pass --overwrite to "
+                             f"replace that entry, or name --out otherwise")
     replacing = out.exists()  # an earlier output (--overwrite), whose held-out file may have to go
     out_dir = Path(os.path.abspath(out.parent))
     media = Media(Path("."), out.parent / f"{out.stem}_images")
     spec = DatasetSpec(name=out.stem, annotation=out, root=out_dir)
-    rejects_path = out.with_name(out.stem + ".rejects.jsonl")
     # a run that stops leaves an earlier output as it was, and so its rejects: its own go beside them
     stopped_path = out.with_name(out.stem + ".stopped.rejects.jsonl") if out.exists() else rejects_path
     tmp = out.with_name(out.name + ".tmp")

@@ -34,18 +34,48 @@ class ConvertError(ValueError):
 # ---------------------------------------------------------------- reading input files
 
 
-def input_files(path: Path) -> list[Path]:
-    """A data file, or a folder of them (LLaMA-Factory's file_name may be a folder)."""
+def input_files(path: Path, skip: frozenset[str] | set[str] = frozenset()) -> list[Path]:
+    """A data file, or a folder of them (LLaMA-Factory's file_name may be a folder). A folder's listing
+    leaves out what conversions and trainers keep beside their data: the files its meta files list (an
+    earlier conversion's output) with their rejects, the meta files, dataset_info.json, and `skip`
+    (real paths: this conversion's own outputs); a file named on its own must not be one of `skip`."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in INPUT_SUFFIXES and p.is_file())
+        written = _conversion_outputs(path)
+        listed = sorted(p for p in path.iterdir() if p.suffix in INPUT_SUFFIXES and p.is_file())
+        files = [p for p in listed if p.name not in written and os.path.realpath(p) not in skip]
         if not files:
-            raise ValueError(f"{path}: a folder with no {', '.join(INPUT_SUFFIXES)} file")
+            raise ValueError(f"{path}: a folder with no {', '.join(INPUT_SUFFIXES)} data file"
+                             + (f" (left out: {', '.join(p.name for p in listed)})" if listed else ""))
         return files
     if not path.is_file():
         raise FileNotFoundError(f"input {path} does not exist")
     if path.suffix not in INPUT_SUFFIXES:
         raise ValueError(f"{path}: unsupported input type {path.suffix!r} (reads {', '.join(INPUT_SUFFIXES)})")
+    if os.path.realpath(path) in skip:
+        raise ValueError(f"input {path} is one of this conversion's outputs (--out, its _val or rejects file)")
     return [path]
+
+
+def _conversion_outputs(folder: Path) -> set[str]:
+    """Names in `folder` that are not data to convert: meta files (an object of datasets, each with an
+    annotation), the files they list in this folder with their rejects files, and dataset_info.json."""
+    names = {"dataset_info.json"}
+    here = os.path.realpath(folder)
+    for meta in folder.glob("meta*.json"):
+        try:
+            entries = json.loads(meta.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if not (isinstance(entries, dict) and entries and all(
+                isinstance(d, dict) and isinstance(d.get("annotation"), str) for d in entries.values())):
+            continue  # not a meta file: data that happens to be called meta*.json
+        names.add(meta.name)
+        for d in entries.values():
+            annotation = os.path.realpath(folder / d["annotation"])
+            if os.path.dirname(annotation) == here:
+                stem = Path(annotation).stem
+                names |= {Path(annotation).name, f"{stem}.rejects.jsonl", f"{stem}.stopped.rejects.jsonl"}
+    return names
 
 
 def count_records(path: Path) -> int | None:

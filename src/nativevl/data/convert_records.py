@@ -131,6 +131,29 @@ def _get(raw: dict, keys: tuple[str, ...]) -> Any:
     return next((raw[k] for k in keys if raw.get(k) not in (None, "", [])), None)
 
 
+TRAIN_MARKS = ("loss", "weight", "train", "training", "train_detail")
+
+
+def _flag(value: Any) -> bool | None:
+    """A training mark as True / False (1, 0, "false", 0.0, ...); None when it reads as neither."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    return None
+
+
+def _media(raw: dict, keys: tuple[str, ...]) -> list:
+    """The images (or videos) of a record from the first of `keys` it fills; two keys filled
+    differently (`images` and `image`) are an error, not one of them dropped."""
+    filled = [(k, _media_list(raw[k])) for k in keys if raw.get(k) not in (None, "", [])]
+    if any(media != filled[0][1] for _, media in filled[1:]):
+        raise ConvertError("malformed", f"both {' and '.join(repr(k) for k, _ in filled)} are given, and differ")
+    return filled[0][1] if filled else []
+
+
 def _media_list(value: Any) -> list:
     if value is None or value == "" or value == []:
         return []
@@ -169,8 +192,20 @@ def _message(m: Any, layout: Layout, i: int) -> list[tuple[str, Any]]:
         what = f"role {m[role_key]!r}" if role == TOOL else "tool_calls"
         raise ConvertError("unsupported", f"message {i} is a tool call or result ({what}): the internvl2_5 template "
                                           "has no tool format")
-    if role == ASSISTANT and m.get("loss") is False:
-        raise ConvertError("unsupported", f"message {i}: an answer marked loss false (nativevl learns every answer)")
+    # per-message training marks (ms-swift's loss, axolotl's weight / train / training / train_detail):
+    # InternVL's format trains every answer and no question, so any other choice is refused
+    marks = {k: m[k] for k in TRAIN_MARKS if not _is_null(m.get(k))}
+    if "train_detail" in marks:
+        raise ConvertError("unsupported", f"message {i}: train_detail (training on part of a message)")
+    wanted = {k: _flag(v) for k, v in marks.items()}
+    if role == ASSISTANT and any(w is False for w in wanted.values()):
+        raise ConvertError("unsupported", f"message {i}: an answer marked not to be trained on ({marks}); nativevl "
+                                          "learns every answer")
+    if role != ASSISTANT and any(w is True for w in wanted.values()):
+        raise ConvertError("unsupported", f"message {i}: a {role} turn marked to be trained on ({marks}); nativevl "
+                                          "learns answers only")
+    if None in wanted.values():
+        raise ConvertError("malformed", f"message {i}: cannot read the training mark {marks} as true or false")
     content = next((m[k] for k in content_keys if k in m), None)
     if content is None:
         raise ConvertError("malformed", f"message {i} has no content ({'/'.join(content_keys)})")
@@ -426,8 +461,8 @@ def convert_record(raw: Any, layout: Layout, media: Media, out_dir: Path) -> dic
         raise ConvertError("malformed", f"the system message ({layout.system!r}) must be a string")
     conv = _record_turns(raw, layout)
     pair = _pair(raw, layout, conv)
-    images = _fill_slots(conv.content_images, _media_list(_get(raw, layout.images) if layout.images else None))
-    videos = _media_list(_get(raw, layout.videos) if layout.videos else None)
+    images = _fill_slots(conv.content_images, _media(raw, layout.images) if layout.images else [])
+    videos = _media(raw, layout.videos) if layout.videos else []
     turns = conv.turns
     texts = [t for _, t in turns] + list(pair or ())
     if any("<audio>" in t for t in texts):

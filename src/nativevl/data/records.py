@@ -9,6 +9,7 @@ Records are parsed into `Record` (conversation) or `PreferenceRecord`; anything 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from nativevl.data.template import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, has_image_markup, normalize_turns
+
+log = logging.getLogger(__name__)
 
 PROBLEMS = (
     "malformed",  # not JSON, wrong types, unknown roles
@@ -151,14 +154,35 @@ def read_meta_entries(path: Path) -> dict:
     return meta
 
 
-def write_meta_entry(jsonl: Path, max_dynamic_patch: int = 12, data_augment: bool = False,
+def meta_entry_reading(meta: dict, meta_path: Path, jsonl: Path) -> str | None:
+    """The name of the dataset of a meta file that reads `jsonl` (annotation paths taken from the meta
+    file's folder), whatever the user named it; None when none does."""
+    target = os.path.realpath(jsonl)
+    return next((name for name, d in meta.items() if isinstance(d, dict) and isinstance(d.get("annotation"), str)
+                 and os.path.realpath(meta_path.parent / d["annotation"]) == target), None)
+
+
+def write_meta_entry(jsonl: Path, max_dynamic_patch: int | None = None, data_augment: bool | None = None,
                      meta_name: str = "meta.json") -> Path:
-    """Add (or replace) the dataset of `jsonl` in the meta file beside it (`meta_name`), named by its
-    stem, with paths relative to that folder; the other datasets listed there stay. Returns its path."""
+    """Add the dataset of `jsonl` to the meta file beside it (`meta_name`), named by its stem, with paths
+    relative to that folder; or update the entry that already reads it, under whatever name: its other
+    settings (repeat_time, ...) stay, max_dynamic_patch and data_augment change only when given, and a
+    stale 'length' goes. The other datasets listed there stay. Returns its path."""
     path = jsonl.parent / meta_name
     meta = read_meta_entries(path)
-    meta[jsonl.stem] = {"root": "", "annotation": jsonl.name, "max_dynamic_patch": max_dynamic_patch,
-                        "data_augment": data_augment}
+    name = meta_entry_reading(meta, path, jsonl)
+    entry = {"root": "", "annotation": jsonl.name, "max_dynamic_patch": 12, "data_augment": False}
+    if name is not None:
+        entry |= {k: v for k, v in meta[name].items() if k != "length"}  # the record count may have changed
+        if entry.get("root", "") != "":
+            log.warning("%s: dataset %r's root %r set back to '' (the converted records' paths start at their "
+                        "file's folder)", path, name, entry["root"])
+    entry |= {"root": "", "annotation": jsonl.name}
+    if max_dynamic_patch is not None:
+        entry["max_dynamic_patch"] = max_dynamic_patch
+    if data_augment is not None:
+        entry["data_augment"] = data_augment
+    meta[name or jsonl.stem] = entry
     write_meta_entries(path, meta)
     return path
 
