@@ -821,3 +821,27 @@ def test_mpo_keeps_its_reference_in_bf16_and_starts_from_log_ratios_of_0(tmp_pat
         steps[frozen] = [{k: m[k] for k in ("loss", "dpo", "bco", "nll")} for m in metrics(tmp_path / frozen) if "loss" in m]
     assert steps["bfloat16"] == steps["float32"] and len(steps["bfloat16"]) == 2
     assert steps["bfloat16"][0]["dpo"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_mpo_mfu_counts_the_reference_forward(tmp_path, monkeypatch):
+    """MPO's step runs the frozen reference's forward over every batch as well as the policy's forward
+    and backward; the MFU left it out and so understated the GPU's work by about a third."""
+    from nativevl.train import loop, metrics
+
+    calls = []
+
+    def counting(cfg, sizes, factors, lengths, tiles):
+        calls.append(dict(factors))
+        return metrics.batch_flops(cfg, sizes, factors, lengths, tiles)
+
+    monkeypatch.setattr(loop, "batch_flops", counting)
+    meta = preference_meta(tmp_path)
+    launch(apply_overrides(recipe("debug_tiny"), [*MPO_ARGS, f"--meta={meta}", "--max_steps=1", "--save_every=0"]),
+           tmp_path / "run")
+    policy = [c for c in calls if c != dict.fromkeys(c, 2)]
+    assert policy and len(calls) == 2 * len(policy)  # a reference forward for each policy step's batch
+    assert calls.count({"vit": 2, "mlp": 2, "llm": 2}) == len(policy)
+    calls.clear()
+    launch(apply_overrides(recipe("debug_tiny"), ["--max_steps=1", "--tensorboard=false", "--export=false",
+                                                  "--save_every=0"]), tmp_path / "sft")
+    assert calls and all(c != dict.fromkeys(c, 2) for c in calls)  # no reference, no second count

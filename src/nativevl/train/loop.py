@@ -291,6 +291,8 @@ def train(
     last_val: dict = {}
     last_eval: dict = {}
     factors = pass_factors({m: policy.get(m).mode for m in MODULES})
+    # MPO's frozen reference runs a forward pass of the whole model over every batch: work the step does
+    reference_factors = dict.fromkeys(factors, 2) if hasattr(objective, "reference") else None
     peak = peak_flops(device, cfg.peak_tflops)
     logger = MetricsLogger(out_dir, cfg.max_steps, step, enabled=main, tensorboard=cfg.tensorboard)
     model.train()
@@ -374,6 +376,8 @@ def train(
                     parts[k] = parts.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=device)
                 lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
                 flops += batch_flops(model.config, sizes, factors, lengths, batch.num_tiles)
+                if reference_factors:
+                    flops += batch_flops(model.config, sizes, reference_factors, lengths, batch.num_tiles)
                 n_tokens += batch.num_tokens
             # FSDP summed the gradients over ranks during backward
             parallel.fill_missing_grads(trainable)

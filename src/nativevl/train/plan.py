@@ -31,6 +31,7 @@ import torch
 
 from nativevl.config import ModelConfig
 from nativevl.model.vlm import VisionLanguageModel
+from nativevl.train.lora import LoRALinear
 from nativevl.train.parallel import trainable_by_module
 from nativevl.train.qlora import NF4Linear, nf4_bytes_per_weight
 from nativevl.train.stages import MODULE_ATTRS, apply_policy, frozen_linear_params, quantize_base
@@ -126,6 +127,7 @@ def plan(
     reference_bf16: int = 0,
     adapters: int = 0,
     trainable_roots: dict[str, int] | None = None,
+    dropout: dict[str, int] | None = None,
 ) -> Plan:
     """trainable: trainable parameters per module ("vit", "mlp", "llm"), e.g. 0 for a frozen one.
     reference: MPO's frozen copy of the initial model, sharded like the policy (no gradients).
@@ -133,7 +135,9 @@ def plan(
     frozen_bf16: parameters per module kept in bf16 (frozen linear layers), reference_bf16: the
     reference's; the others are fp32. adapters: trainable LoRA parameters (fp32, beside the base model's);
     trainable_roots: trainable parameters outside each module's blocks (default: a module's trainable
-    parameters fill its root first, as in full training)."""
+    parameters fill its root first, as in full training). dropout: bytes LoRA dropout keeps for backward
+    (each adapted layer's dropped bf16 input and its mask) per token per block of "vit" and "llm", per
+    image token of "mlp" (stage_counts)."""
     if gpus < 1 or tokens < 1 or tiles < 0:
         raise ValueError(f"gpus and tokens must be >= 1 and tiles >= 0, got {gpus}, {tokens}, {tiles}")
     if loss_chunk < 1:
@@ -179,6 +183,9 @@ def plan(
     vit_tokens = tiles * v.num_positions
     per_llm = _llm_act_per_token_layer(cfg) * tokens
     per_vit = _vit_act_per_token_layer(cfg) * vit_tokens
+    dropout = dropout or {}
+    per_llm += dropout.get("llm", 0) * tokens  # a checkpointed block keeps them while it is recomputed
+    per_vit += dropout.get("vit", 0) * vit_tokens
     if trainable.get("vit", 0) == 0:
         # a frozen ViT needs no backward (nothing upstream trains), so it keeps nothing, checkpointed or not
         per_vit, vit_tokens = 0, 0
@@ -188,6 +195,7 @@ def plan(
     else:
         activations = per_llm * t.num_hidden_layers + per_vit * v.num_hidden_layers
     activations += 2 * 2 * t.hidden_size * tokens  # embeddings in, final hidden states out
+    activations += dropout.get("mlp", 0) * tiles * cfg.image_seq_length
     loss = min(loss_chunk, tokens) * t.vocab_size * (2 + 4 + 4)
     subtotal = parameters + gradients + optimizer + activations + loss
     overhead = 3 * GiB + subtotal // 20
@@ -197,11 +205,12 @@ def plan(
 def advice(cfg: ModelConfig, trainable: dict[str, int], *, gpus: int, tokens: int, tiles: int,
            activation_checkpointing: bool, loss_chunk: int, gpu_bytes: int, reference: bool = False,
            quantized: int = 0, nf4_bytes: float = 0.5, frozen_bf16: dict[str, int] | None = None,
-           reference_bf16: int = 0, adapters: int = 0, trainable_roots: dict[str, int] | None = None) -> list[str]:
+           reference_bf16: int = 0, adapters: int = 0, trainable_roots: dict[str, int] | None = None,
+           dropout: dict[str, int] | None = None) -> list[str]:
     """What to change, cheapest first, when the plan does not fit; [] when it does."""
     kw = {"tiles": tiles, "loss_chunk": loss_chunk, "gpu_bytes": gpu_bytes, "reference": reference,
           "quantized": quantized, "nf4_bytes": nf4_bytes, "frozen_bf16": frozen_bf16, "reference_bf16": reference_bf16,
-          "adapters": adapters, "trainable_roots": trainable_roots}
+          "adapters": adapters, "trainable_roots": trainable_roots, "dropout": dropout}
     if plan(cfg, trainable, gpus=gpus, tokens=tokens, activation_checkpointing=activation_checkpointing, **kw).fits:
         return []
     out = []
@@ -243,7 +252,7 @@ def format_plan(p: Plan, title: str) -> str:
 def stage_counts(cfg: ModelConfig, stage) -> tuple[dict[str, int], int, float, dict]:
     """(trainable parameters per module, weights stored in NF4, bytes per NF4 weight, {"adapters": LoRA
     parameters (not in the base model), "trainable_roots": trainable parameters outside the blocks, per
-    module}) of a model of `cfg` under a StagePolicy, from a model built on the meta device (shapes only)."""
+    module, "dropout": plan()'s LoRA dropout bytes}) of a model of `cfg` under a StagePolicy, from a model built on the meta device (shapes only)."""
     with torch.device("meta"):
         model = VisionLanguageModel(cfg)
         apply_policy(model, stage)
@@ -254,9 +263,15 @@ def stage_counts(cfg: ModelConfig, stage) -> tuple[dict[str, int], int, float, d
         adapters = sum(p.numel() for n, p in named if "lora_" in n)
         in_blocks = {id(p) for n, p in named if ".layers." in n}
         roots = {m: sum(p.numel() for p in ps if id(p) not in in_blocks) for m, ps in by_module.items()}
+        # LoRA dropout's output (bf16) and mask (1 B) per input feature of each adapted layer, kept for backward
+        dropout = {m: 3 * sum(layer.base.in_features for layer in getattr(model, attr).modules()
+                              if isinstance(layer, LoRALinear) and isinstance(layer.dropout, torch.nn.Dropout))
+                   for m, attr in MODULE_ATTRS.items()}
+        dropout["vit"] //= max(cfg.vision.num_hidden_layers, 1)
+        dropout["llm"] //= max(cfg.text.num_hidden_layers, 1)
     quantized = sum(m.weight_numel() for m in nf4)
     nf4_bytes = sum(nf4_bytes_per_weight(m.block, m.double_quant) * m.weight_numel() for m in nf4) / max(quantized, 1)
-    return trainable, quantized, nf4_bytes, {"adapters": adapters, "trainable_roots": roots}
+    return trainable, quantized, nf4_bytes, {"adapters": adapters, "trainable_roots": roots, "dropout": dropout}
 
 
 def bf16_counts(cfg: ModelConfig, stage) -> tuple[dict[str, int], int]:
