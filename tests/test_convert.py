@@ -355,6 +355,27 @@ def test_a_held_out_share_for_validation(tmp_path):
     assert (tmp_path / "u" / "train_val.jsonl").read_text() == "mine\n"
 
 
+def test_a_held_out_split_keeps_a_pictures_questions_together(tmp_path):
+    """The split was drawn by record: the questions about one picture fell on both sides, so the
+    validation loss measured pictures the model had trained on."""
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i in range(40):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(pics / f"{i}.png")
+    records = [{"image": f"pics/{i % 40}.png", "conversations": [{"from": "human", "value": f"q{j}"},
+                                                                 {"from": "gpt", "value": "a"}]}
+               for j, i in enumerate(range(200))]
+    records += [{"conversations": [{"from": "human", "value": f"t{i}"}, {"from": "gpt", "value": "a"}]} for i in range(100)]
+    write_jsonl(tmp_path / "in.jsonl", records)
+    stats = convert([tmp_path / "in.jsonl"], tmp_path / "d" / "train.jsonl", val_fraction=0.25, seed=1)
+    train, val = read_jsonl(tmp_path / "d" / "train.jsonl"), read_jsonl(tmp_path / "d" / "train_val.jsonl")
+    assert len(train) + len(val) == 300 and stats.held_out == len(val)
+    seen, held = {r["image"] for r in train if "image" in r}, {r["image"] for r in val if "image" in r}
+    assert held and not seen & held and len(seen | held) == 40
+    assert all(sum(r.get("image") == image for r in val) == 5 for image in held)  # each with all its questions
+    assert 0 < sum("image" not in r for r in val) < 100  # text-only records are drawn one by one
+
+
 def test_ms_swift_grounding_becomes_internvls_ref_and_box(tmp_path, media):
     """ms-swift's <ref-object> / <bbox> tags with `objects` become InternVL's <ref>name</ref> and
     <box>[[x1, y1, x2, y2]]</box> on a 0-1000 grid of the box's image, from pixels or from 0-1, in order

@@ -86,8 +86,8 @@ def convert(
 ) -> ConvertStats:
     """Convert every record of `inputs` into `out` (InternVL jsonl) and add it to out's meta.json.
     Rejected records go to out.rejects.jsonl (whole, with kind and reason). With `val_fraction`, that
-    share of the written records (drawn by a hash of `seed` and the record's place in the input, so the
-    same every run) goes to OUT_val.jsonl instead, listed in meta_val.json beside it (`--val_meta`)."""
+    share of the written records (drawn by a hash of `seed` and the record's first image or video, so that
+    records about one picture stay together, else its place in the input; the same every run) goes to OUT_val.jsonl instead, listed in meta_val.json beside it (`--val_meta`)."""
     out = Path(out)
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -134,8 +134,9 @@ def convert(
         seen = stats.records
         return (final or seen >= min_records_before_abort) and stats.bad > max_reject_fraction * seen
 
-    def one(where: str, raw: Any) -> str:
-        """The output line of a record, or ConvertError (the images it embedded removed again)."""
+    def one(where: str, raw: Any) -> tuple[str, str | None]:
+        """(The output line of a record, its first image or video as written), or ConvertError (the images
+        it embedded removed again)."""
         if isinstance(raw, ConvertError):
             raise raw
         created = len(media.created)
@@ -147,7 +148,7 @@ def convert(
             del media.created[created:]
             raise
 
-    def checked(where: str, raw: Any) -> str:
+    def checked(where: str, raw: Any) -> tuple[str, str | None]:
         try:
             record = convert_record(raw, layout, media, out_dir)
             parse_record(record, spec, where)  # what nativevl's loader will read: its checks, now, by record
@@ -163,7 +164,8 @@ def convert(
             log.debug("%s: %s", where, e, exc_info=True)
             raise ConvertError("malformed", f"unreadable record ({type(e).__name__}: {e})") from None
         stats.pairs += "chosen" in record
-        return line
+        first = next((m for k in ("image", "video") for m in _media_of(record.get(k))), None)
+        return line, first
 
     def rejected(where: str, raw: Any, error: ConvertError) -> str:
         entry = {"where": where, "kind": error.kind, "error": str(error)}
@@ -182,7 +184,7 @@ def convert(
                 for where, raw in tqdm(read_records(path), total=count_records(path), desc=path.name, unit="rec"):
                     stats.records += 1
                     try:
-                        line = one(where, raw)
+                        line, first = one(where, raw)
                     except ConvertError as e:
                         stats.add(ConvertError(e.kind, f"{where}: {e}"), examples)
                         rejects.write(rejected(where, raw, e) + "\n")
@@ -190,7 +192,8 @@ def convert(
                             raise ConversionAborted(too_many()) from None
                         continue
                     stats.written += 1
-                    if val_fraction and held_out(seed, stats.records, val_fraction):
+                    # records showing the same picture (or video) fall on the same side of the split
+                    if val_fraction and held_out(seed, f"media {first}" if first else stats.records, val_fraction):
                         stats.held_out += 1
                         fv.write(line + "\n")
                     else:
@@ -232,6 +235,10 @@ def convert(
     return stats
 
 
+def _media_of(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
 def _drop_held_out(val_out: Path) -> None:
     """Remove the held-out file an earlier run wrote beside this output (listed in its meta_val.json)."""
     meta_path = val_out.parent / "meta_val.json"
@@ -243,8 +250,9 @@ def _drop_held_out(val_out: Path) -> None:
         write_meta_entries(meta_path, meta)
 
 
-def held_out(seed: int, position: int, fraction: float) -> bool:
-    """Whether the record at `position` of the input goes to the validation set: a hash of (seed,
-    position) below `fraction`, so the split is the same every run and on every machine."""
-    digest = hashlib.sha256(f"{seed}:{position}".encode()).digest()
+def held_out(seed: int, key: int | str, fraction: float) -> bool:
+    """Whether a record goes to the validation set: a hash of (seed, key) below `fraction`, so the split is
+    the same every run and on every machine. The key: the record's first image or video as written
+    (records about one picture together), else its position in the input."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
