@@ -698,10 +698,10 @@ def test_sampling_resumes_exactly_and_refuses_mismatched_progress(tmp_path, monk
     uninterrupted run returns (each group has its own seed). A line cut mid-write is sampled again;
     progress made with other settings or for other prompts is refused, not mixed in."""
     import numpy as np
+    from test_model import make_model
 
     from nativevl.pipelines import questions as qmod
     from nativevl.pipelines.questions import Progress, sample_responses
-    from test_model import make_model
 
     model = make_model().eval()
     image = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
@@ -752,10 +752,10 @@ def test_samples_and_step_prefixes_of_a_question_share_its_vit_run(monkeypatch, 
     of its images: the ViT runs on it once per batch, not once per row, and the samples are those of rows
     that each carry their own copy of the tiles."""
     import numpy as np
+    from test_model import make_model
 
     from nativevl.pipelines import questions as qmod
     from nativevl.pipelines.questions import sample_responses
-    from test_model import make_model
 
     model = make_model().eval()
     images = [np.random.default_rng(1).integers(0, 255, (40, 64, 3), dtype=np.uint8)]
@@ -775,12 +775,12 @@ def test_samples_and_step_prefixes_of_a_question_share_its_vit_run(monkeypatch, 
 
 
 def test_data_preference_cli_resumes_to_the_uninterrupted_output(tmp_path, monkeypatch, tokenizer, capsys):
-    from nativevl.cli import main
-    from nativevl.pipelines import questions as qmod
-    from test_model import make_model
-
     import numpy as np
     from PIL import Image
+    from test_model import make_model
+
+    from nativevl.cli import main
+    from nativevl.pipelines import questions as qmod
 
     make_model().save_pretrained(tmp_path / "m", tokenizer=tokenizer)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "x.png")
