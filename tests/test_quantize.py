@@ -75,6 +75,26 @@ def test_quantize_refuses_what_it_cannot_write_or_read(tmp_path, capsys):
     assert main(["quantize", str(tmp_path / "base"), str(tmp_path / "q"), "--group_size", "48"]) == 2
     assert "group_size 48 does not divide" in capsys.readouterr().err
     assert main(["quantize", str(tmp_path / "base"), str(tmp_path / "q"), "--group_size", "32"]) == 0
+    # a traceback (-5 passed the divisibility check); a second rounding of rounded weights; the source
+    # replaced by its quantized copy; a file as destination found only after the calibration's hours
+    for args, said in ((["--group_size", "-5"], "group_size must be > 0, or 0 / -1"),
+                       (["--scheme", "w8a16", "--group_size", "64"], "w8a16 is written with one scale per output"),
+                       (["--calib", str(tmp_path / "meta.json"), "--calib_records", "0"], "calib_records and"),
+                       ):
+        assert main(["quantize", str(tmp_path / "base"), str(tmp_path / "x"), *args]) == 2
+        assert said in capsys.readouterr().err, args
+    assert main(["quantize", str(tmp_path / "q"), str(tmp_path / "qq")]) == 2
+    assert "is already quantized (compressed-tensors)" in capsys.readouterr().err and not (tmp_path / "qq").exists()
+    assert main(["quantize", str(tmp_path / "base"), str(tmp_path / "base")]) == 2
+    assert "is the source folder" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("mine")
+    assert main(["quantize", str(tmp_path / "base"), str(tmp_path / "afile"), "--calib", str(tmp_path / "nometa.json"),
+                 "--group_size", "-1"]) == 2
+    assert "afile is a file" in capsys.readouterr().err  # not the missing calibration data, read later
+    assert main(["quantize", str(tmp_path / "base"), str(tmp_path / "pc"), "--group_size", "-1"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "pc" / "config.json").read_text())["quantization_config"]["config_groups"][
+        "group_0"]["weights"]["strategy"] == "channel"
     path = tmp_path / "q" / "config.json"
     config = json.loads(path.read_text())
     config["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = False

@@ -48,7 +48,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from nativevl.io.quantize import quantize_model
 
     _log_info()
-    stats = quantize_model(args.src, args.dst, args.scheme, group_size=args.group_size or None,
+    stats = quantize_model(args.src, args.dst, args.scheme, group_size=args.group_size,
                            max_shard_bytes=args.max_shard_size, calib=args.calib, calib_records=args.calib_records,
                            calib_max_tokens=args.calib_max_tokens, device=args.device)
     group = f"groups of {stats['group_size']}" if stats["group_size"] else "one scale per output channel"
@@ -447,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dst", help="output folder (-hf layout)")
     q.add_argument("--scheme", choices=["w4a16", "w8a16"], default="w4a16",
                    help="w4a16: 4-bit weights in groups; w8a16: 8-bit, one scale per output channel")
-    q.add_argument("--group_size", type=int, default=128, help="input columns per scale for w4a16")
+    q.add_argument("--group_size", type=int, default=None,
+                   help="input columns per scale for w4a16 (default 128; 0 or -1: one scale per output channel); "
+                        "w8a16 is always per channel")
     q.add_argument("--calib", default=None,
                    help="InternVL meta json of calibration data: GPTQ on its records (default: round to nearest)")
     q.add_argument("--calib_records", type=int, default=128, help="calibration records read from --calib")

@@ -322,17 +322,24 @@ def save_model(
             (tmp / name).write_text(text)
 
 
-@contextlib.contextmanager
-def staged_folder(path: str | Path):
-    """A temporary folder beside `path` to write a checkpoint (or adapter) into: when the block ends
-    it is fsynced and renamed onto `path` (an old folder there removed only after the move); if the
-    block fails it is removed, and `path` is left as it was."""
+def check_destination(path: str | Path) -> Path:
+    """A folder a checkpoint may be written to (staged_folder's checks, for a command to make before its
+    long work): not a file, nor a folder holding other things than a checkpoint."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} is a file: a checkpoint is a folder (give another destination)")
     if path.is_dir() and any(path.iterdir()) and not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
         raise ValueError(f"{path} is a folder holding other things than a checkpoint: it would be replaced whole "
                          "(give a new or empty folder, or the checkpoint's own folder)")
+    return path
+
+
+@contextlib.contextmanager
+def staged_folder(path: str | Path):
+    """A temporary folder beside `path` to write a checkpoint (or adapter) into: when the block ends
+    it is fsynced and renamed onto `path` (an old folder there removed only after the move); if the
+    block fails it is removed, and `path` is left as it was."""
+    path = check_destination(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in (*path.parent.glob(glob.escape(f".{path.name}.tmp-") + "*"),
                   *path.parent.glob(glob.escape(f".{path.name}.old-") + "*")):

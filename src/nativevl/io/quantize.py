@@ -15,13 +15,17 @@ to the load dtype, so `nativevl eval` measures what quantization costs.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import re
 from pathlib import Path
 
 import torch
 
 from nativevl.io import keymap
+
+log = logging.getLogger(__name__)
 
 SCHEMES = {"w4a16": 4, "w8a16": 8}
 LLM_LINEAR = re.compile(r"^language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
@@ -105,22 +109,43 @@ def quantization_config(bits: int, group_size: int | None) -> dict:
     }
 
 
-def quantize_model(src: str | Path, dst: str | Path, scheme: str = "w4a16", group_size: int | None = 128,
+def quantize_model(src: str | Path, dst: str | Path, scheme: str = "w4a16", group_size: int | None = None,
                    max_shard_bytes: int = 5 * 2**30, calib: str | None = None, calib_records: int = 128,
                    calib_max_tokens: int = 4096, device=None) -> dict:
     """Write `src` with its LLM linear weights quantized to `dst` (-hf layout, compressed-tensors): by
     GPTQ on the first `calib_records` records of the InternVL meta json `calib` (io/gptq.py), else by
-    rounding to nearest. Returns {"layers", "bits", "group_size", "method", "rel_error"} (the weights'
-    relative Frobenius error)."""
-    from nativevl.io.hf import load_model, read_tensors, staged_folder, write_tensors
+    rounding to nearest. `group_size`: input columns per scale (w4a16 only; None: 128 for w4a16, and
+    w8a16's one scale per output channel; 0 or -1: per channel). Returns {"layers", "bits",
+    "group_size", "method", "rel_error"} (the weights' relative Frobenius error)."""
+    from nativevl.io.hf import check_destination, load_model, read_config, read_tensors, staged_folder, write_tensors
 
     if scheme not in SCHEMES:
         raise ValueError(f"scheme {scheme!r}: one of {sorted(SCHEMES)}")
     bits = SCHEMES[scheme]
-    group = group_size if scheme == "w4a16" else None  # w8a16: one scale per output channel
-    from nativevl.io.hf import read_config
-
-    widths = {int(x) for x in _llm_input_widths(read_config(src)[0])}
+    if group_size is not None and group_size < -1:
+        raise ValueError(f"group_size must be > 0, or 0 / -1 for one scale per output channel; got {group_size}")
+    if scheme == "w8a16" and group_size is not None and group_size > 0:
+        raise ValueError("w8a16 is written with one scale per output channel (as vLLM serves it); group_size is "
+                         "for w4a16")
+    group = (128 if scheme == "w4a16" else None) if group_size is None else (group_size if group_size > 0 else None)
+    if group not in (None, 32, 64, 128):
+        log.warning("group_size %d: vLLM's Marlin kernels serve W4A16 in groups of 32, 64 or 128 (or per channel)",
+                    group)
+    if calib is not None and (calib_records < 1 or calib_max_tokens < 1):
+        raise ValueError(f"calib_records and calib_max_tokens must be >= 1, got {calib_records}, {calib_max_tokens}")
+    config = read_config(src)[0]
+    try:
+        stored = json.loads((Path(src) / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        stored = None
+    if stored:
+        raise ValueError(f"{src} is already quantized ({stored.get('quant_method', 'quantization_config')}): "
+                         "quantizing its rounded weights again adds error; quantize the full-precision checkpoint")
+    if Path(dst).exists() and os.path.realpath(dst) == os.path.realpath(src):
+        raise ValueError(f"{dst} is the source folder: the full-precision checkpoint would be replaced; give another "
+                         "destination")
+    check_destination(dst)  # before the calibration, which may take hours
+    widths = {int(x) for x in _llm_input_widths(config)}
     if group is not None and any(w % group for w in widths):
         raise ValueError(f"group_size {group} does not divide the LLM layers' input widths {sorted(widths)}")
     picked = {}  # GPTQ's choice, by -hf name: computed first, its model freed before the checkpoint is
