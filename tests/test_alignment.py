@@ -455,6 +455,18 @@ def test_majority_vote_groups_answers_as_the_verifier_reads_them():
     # empty or unread samples have no vote (three empty ones out-voted two B's)
     assert Candidates(["", "B", " ", "B", "A", ""]).pick("majority") == 1
     assert Candidates(["", " "]).pick("majority") == 0
+    # the evaluation's toy tasks vote by what their verifier compares: two identical samples cut short
+    # (no final answer, always scored wrong) out-voted the readable answers 12 and 13
+    from nativevl.eval.tasks.toyworld import ToyWorldTask
+
+    cut = "3 + 4 = 7\n\n7 + 4 = 7 + 4 = 7 + 4"
+    texts = [cut, cut, "3 + 4 = 7\n\n7 + 5 = 12\n\nFinal answer: 12", "7 + 5 = 13\n\nFinal answer: 13"]
+    task = ToyWorldTask("arithmetic")
+    assert Candidates(texts).pick("majority") == 0  # a task-less vote cannot tell a cut sample from an answer
+    assert Candidates(texts, vote_key=lambda t: task.vote_key(t, None)).pick("majority") == 2
+    shapes = ToyWorldTask("shapes")
+    votes = ["Final answer: circle", "circle", " Circle ", "square", ""]
+    assert Candidates(votes, vote_key=lambda t: shapes.vote_key(t, None)).pick("majority") == 1
 
 
 def test_alignment_summary_refuses_an_mpo_best_of_n_report_on_other_questions():

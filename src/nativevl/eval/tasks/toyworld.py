@@ -27,6 +27,11 @@ class ToyWorldTask(EvalTask):
     def score(self, prediction: str, item: Example) -> bool:
         return verify(self.name, prediction, item.answer)
 
+    def vote_key(self, prediction: str, item: Example) -> str | None:
+        """Best-of-N's vote: what `verify` compares. Arithmetic's final answer (a sample with none, cut
+        short or rambling, has no vote: two such out-voted the readable answers), else the whole text."""
+        return final_answer(prediction) if self.name == "arithmetic" else (normalize(prediction) or None)
+
     def answer_key(self, item: Example) -> str:
         """What chance is measured on: the answer a constant guesser would have to hit. For multi-image
         that is the picture's number (the colour before it only restates the question)."""
