@@ -81,7 +81,10 @@ def test_frames_are_the_segment_centres_transformers_picks(tmp_path):
     assert frame_indices(40, 8, rng=None) == [2, 7, 12, 17, 22, 27, 32, 37]
     assert frame_indices(10, 4, rng=None) == [1, 3, 6, 8]
     assert frame_indices(30, 11, rng=None) == [1, 4, 6, 9, 12, 15, 17, 20, 23, 25, 28]  # 15.0 in exact arithmetic
-    assert frame_indices(3, 8, rng=None) == [0, 1, 2]  # a clip shorter than asked: every frame once
+    # a clip shorter than asked: the count asked, frames repeated (as InternVL's load_video; it was every
+    # frame once, a prompt of another length than asked)
+    assert frame_indices(3, 8, rng=None) == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert sorted(frame_indices(3, 8, rng=np.random.default_rng(0))) == [0, 0, 0, 1, 1, 1, 2, 2]
     # training: one random frame inside each segment
     picks = frame_indices(40, 8, rng=np.random.default_rng(0))
     assert all(5 * k <= i < 5 * (k + 1) for k, i in enumerate(picks))
@@ -442,3 +445,68 @@ def test_best_of_n_scores_a_video_questions_samples_with_its_frames(tmp_path, to
     assert torch.allclose(pixels.cpu(), want, atol=1e-5)
     entry = report[str(tmp_path / "set.jsonl")]
     assert entry["prm_best3"]["n"] == 1 and len(entry["records"]) == 1
+
+
+def _encode(path, n: int, fmt: str | None = None, codec: str = "mpeg4", options=None, pts=None, rotate90=False) -> None:
+    """Frame k: grey level 4k with a white band at x < 4, in another container or timing."""
+    import fractions
+    import struct
+
+    tb = fractions.Fraction(1, 1000)
+    with av.open(str(path), "w", format=fmt, options=options or {}) as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.bit_rate = 2_000_000  # each frame decodes to a picture of its own
+        if pts:
+            stream.codec_context.time_base = tb
+        for k in range(n):
+            pixels = np.full((48, 64, 3), 4 * k, np.uint8)
+            pixels[:, :4] = 255
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            if pts:
+                frame.pts, frame.time_base = pts[k], tb
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    if rotate90:  # a phone's portrait video: stored landscape, its track matrix turning it 90 degrees clockwise
+        data = bytearray(path.read_bytes())
+        at = data.find(b"tkhd") + 4 + 4 + 4 * 5 + 8 + 8  # version 0: the matrix
+        struct.pack_into(">9i", data, at, 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+        path.write_bytes(bytes(data))
+
+
+def test_frames_are_chosen_among_those_the_file_holds_and_shown_upright(tmp_path):
+    """The frame count was taken from the file's header (or duration x rate): a fragmented MP4 (8 of 60
+    said), a file cut short (its frames padded with the last one kept), a variable frame rate (only
+    its first half sampled) put the segment centres elsewhere; a raw stream (.m4v) could not seek back
+    after its packets were counted; a phone's rotation was ignored; a clip shorter than asked gave fewer
+    frames than asked."""
+    def ids(frames, path):  # where each frame stands among all the file's frames
+        every = [np.asarray(f) for f in every_frame(path)]
+        return [next(k for k, e in enumerate(every) if np.array_equal(e, np.asarray(f))) for f in frames]
+
+    cases = {"frag.mp4": {"options": {"movflags": "frag_keyframe+empty_moov"}},
+             "vfr.ts": {"fmt": "mpegts",
+                        "pts": [k * 100 for k in range(30)] + [3000 + k * 10 for k in range(30)]},
+             "raw.m4v": {"fmt": "m4v"},
+             "full.mp4": {"options": {"movflags": "faststart"}}}
+    for name, kw in cases.items():
+        _encode(tmp_path / name, 60, **kw)
+        every = every_frame(tmp_path / name)
+        assert len(every) == 60 and len({f.tobytes() for f in every}) == 60, name
+        got = ids(load_video_frames(tmp_path / name, num_frames=8), tmp_path / name)
+        assert got == frame_indices(60, 8, rng=None), name
+    data = (tmp_path / "full.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) * 55 // 100])  # its header still says 60
+    n = len(every_frame(tmp_path / "cut.mp4"))
+    assert 10 < n < 60
+    assert ids(load_video_frames(tmp_path / "cut.mp4", num_frames=8), tmp_path / "cut.mp4") == frame_indices(n, 8, rng=None)
+    assert len(load_video_frames(tmp_path / "cut.mp4", rng=np.random.default_rng(0), min_frames=6, max_frames=6)) == 6
+
+    _encode(tmp_path / "short.mp4", 3)
+    assert ids(load_video_frames(tmp_path / "short.mp4", num_frames=8), tmp_path / "short.mp4") == [0, 0, 0, 1, 1, 2, 2, 2]
+    _encode(tmp_path / "turned.mp4", 4, fmt="mp4", rotate90=True)
+    frame = np.asarray(load_video_frames(tmp_path / "turned.mp4", num_frames=1)[0].convert("L"), dtype=float)
+    assert frame.shape == (64, 48)  # shown portrait, as players show it
+    assert frame[:3].mean() > 200 and frame[8:].mean() < 50  # the band stored on the left is on top

@@ -214,14 +214,34 @@ def frame_indices(n_total: int, n_frames: int, *, rng: np.random.Generator | Non
     """One frame per equal segment: a random one in training (rng given); otherwise each segment's centre,
     floor(n_total / n_frames * (k + 1/2)) for k < n_frames, computed as transformers' InternVLVideoProcessor
     computes it (sample_frames with initial_shift=True: a float32 arange, so that a centre that falls
-    on a whole number rounds the same way and the frames are the same)."""
-    n_frames = max(1, min(n_frames, n_total))
+    on a whole number rounds the same way and the frames are the same). A clip shorter than asked gives
+    the count asked all the same, its frames repeated (as InternVL's load_video; transformers refuses it)."""
+    n_frames = max(1, n_frames)
     if rng is None:
         step = n_total / n_frames
         centres = torch.arange(step / 2, n_total, step).int().tolist()[:n_frames]
         return [min(i, n_total - 1) for i in centres]
     edges = np.linspace(0, n_total, n_frames + 1).astype(int)
     return [int(rng.integers(a, max(a + 1, b))) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _video_stream(container):
+    """The container's video: its first video stream that is not a cover picture (an MP3's or MKV's art)."""
+    import av
+
+    streams = [s for s in container.streams.video
+               if not (s.disposition & av.stream.Disposition.attached_pic)] or list(container.streams.video)
+    if not streams:
+        raise ValueError("it has no video stream")
+    return streams[0]
+
+
+def _upright(frame) -> Image.Image:
+    """A decoded frame as it is shown: turned by its display matrix (a phone's portrait video is stored
+    landscape with a rotation), as ffmpeg and players turn it."""
+    image = frame.to_image()
+    rotation = int(round(getattr(frame, "rotation", 0) or 0)) % 360
+    return image.rotate(rotation, expand=True) if rotation else image  # both counterclockwise, in degrees
 
 
 def load_video_frames(
@@ -237,53 +257,57 @@ def load_video_frames(
 
     Training (rng given): the frame count is uniform in [min_frames, max_frames] and each segment
     contributes a random frame. Inference: `num_frames` (default max_frames) segment centres. `path` may
-    also be the file's bytes (a video sent in a request). ValueError for what does not decode.
+    also be the file's bytes (a video sent in a request). The frames are counted by reading the file's
+    packets, not taken from its header (often wrong: fragmented or cut files, variable frame rates), and
+    decoded in order, only the chosen ones kept (a long video never sits in memory); when fewer frames
+    decode than there are packets (a damaged file), the segments are drawn again over those that do.
+    Frames are turned upright by their rotation. ValueError for what does not decode.
     """
     try:
         import av
     except ImportError as e:  # pragma: no cover - av is a declared dependency
         raise ImportError("video records need PyAV: pip install av") from e
     if isinstance(path, bytes):
-        name, path = "in the request", io.BytesIO(path)
+        name, data = "in the request", path
     else:
-        name = str(existing_file(path, "video"))
-    if rng is not None:
-        count = int(rng.integers(min_frames, max_frames + 1))
-    else:
-        count = num_frames or max_frames
+        name, data = str(existing_file(path, "video")), None
+    count = int(rng.integers(min_frames, max_frames + 1)) if rng is not None else (num_frames or max_frames)
+
+    def opened():  # a fresh container for each pass: raw streams (.h264) cannot seek back
+        return av.open(io.BytesIO(data) if data is not None else name)
+
+    def decode(wanted: list[int]) -> tuple[dict[int, Image.Image], int]:
+        """The frames at `wanted` (sorted), and how many frames were decoded to reach them."""
+        keep, decoded, last = {}, 0, wanted[-1]
+        with opened() as container:
+            for decoded, frame in enumerate(container.decode(_video_stream(container)), start=1):
+                if decoded - 1 in wanted:
+                    keep[decoded - 1] = _upright(frame)
+                if decoded - 1 >= last:
+                    break
+        return keep, decoded
+
     try:
-        with av.open(path if isinstance(path, io.BytesIO) else str(path)) as container:
-            stream = container.streams.video[0]
+        with opened() as container:
+            stream = _video_stream(container)
             width, height = stream.codec_context.width, stream.codec_context.height
             if width * height > max_pixels:
                 raise FramesTooLarge(f"the video {name}'s frames are {width}x{height}, over the limit of "
                                      f"{max_pixels} pixels")
-            n_total = stream.frames  # 0 when the container does not say (MKV, WebM)
-            if n_total <= 0 and stream.duration and stream.average_rate:
-                n_total = int(float(stream.duration * stream.time_base) * float(stream.average_rate))
-            if n_total <= 0:  # count packets without decoding them
-                n_total = sum(1 for packet in container.demux(stream) if packet.size)
-                container.seek(0)
-            if n_total > 0:  # decode in order, keep only the chosen frames: long videos never sit in memory
-                wanted = frame_indices(n_total, count, rng=rng)
-                keep = {}
-                for i, frame in enumerate(container.decode(video=0)):
-                    if i in wanted:
-                        keep[i] = frame.to_image()
-                    if i >= wanted[-1]:
-                        break
-                frames = [keep[i] for i in wanted if i in keep]
-                if len(frames) < len(wanted) and keep:  # the estimate ran past the end: reuse the last frames
-                    frames += [keep[max(keep)]] * (len(wanted) - len(frames))
-            else:
-                every = [f.to_image() for f in container.decode(video=0)]
-                frames = [every[i] for i in frame_indices(len(every), count, rng=rng)] if every else []
+            n_total = sum(1 for packet in container.demux(stream) if packet.size)  # no decoding
+        wanted = frame_indices(max(n_total, 1), count, rng=rng)
+        keep, decoded = decode(sorted(set(wanted)))
+        if any(i not in keep for i in wanted) and decoded:  # fewer frames decode than packets: over those that do
+            wanted = frame_indices(decoded, count, rng=rng)
+            keep, _ = decode(sorted(set(wanted)))
+        frames = [keep[i] for i in wanted if i in keep]
     except FramesTooLarge:
         raise
-    except (av.error.FFmpegError, ValueError, IndexError) as e:
+    except (av.error.FFmpegError, ValueError, IndexError, OSError) as e:
         raise ValueError(f"cannot decode the video {name}: {e}") from None
-    if not frames:
-        raise ValueError(f"the video {name} has no decodable frames")
+    if len(frames) < len(wanted) or not frames:
+        raise ValueError(f"the video {name} has no decodable frames" if not frames else
+                         f"the video {name}: {len(frames)} of the {len(wanted)} frames chosen decode")
     return [f.convert("RGB") for f in frames]
 
 
