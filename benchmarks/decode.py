@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import tempfile
 import time
 import traceback
 
 import torch
-from profiling import profile_call  # benchmarks/profiling.py, beside this script
+from profiling import profile_call, trace_name, write_json  # benchmarks/profiling.py, beside this script
 
 from nativevl import VisionLanguageModel
 from nativevl.config import preset
@@ -135,8 +134,27 @@ def main() -> None:
 
     def save() -> None:  # after every batch size and profile: a run cut short keeps what it measured
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+            write_json(args.json, results)
+
+    profiled = [v for v in args.profile.split(",") if v]
+
+    def profile(v: str) -> None:
+        """One batch-1 request of variant v under the profiler (its kernels, and where the GPU waits)."""
+        engine, one = engines[v], prompts[:1].tolist()
+        stats = dict(engine.stats)
+        try:
+            trace = trace_name(args.trace_dir, f"decode-{v}") if args.trace_dir else None
+            prof = profile_call(lambda engine=engine, one=one: engine.generate(one, params), torch.device(args.device),
+                                label=f"{v}, one batch-1 request of {new} tokens", trace=trace)
+        except Exception as e:  # noqa: BLE001 - the other variants' profiles still count
+            traceback.print_exc()
+            results.setdefault("profiles", {})[v] = {"error": f"{type(e).__name__}: {e}"}
+            save()
+            return
+        prof["decode_calls"] = engine.stats["decode_calls"] - stats["decode_calls"]
+        print(f"    {prof['decode_calls']} decode calls, {prof['kernels'] / max(new, 1):.0f} kernels run per token")
+        results.setdefault("profiles", {})[v] = prof
+        save()
 
     for b in batches:
         row: dict = {}
@@ -170,6 +188,9 @@ def main() -> None:
                 row[f"{key}ours_prefill_ms"] = 1e3 * (first - t0)
                 row[f"{key}ours_tokens"] = reqs[0].result()[0].token_ids
                 row[f"{key}decode_mode"] = engine.stats["decode_mode"]
+                if b == 1 and v in profiled:  # now, while it is warm: a run cut short by its limit keeps it
+                    print(f"batch 1 {v}: {row[f'{key}ours_tok_s']:.1f} tok/s")
+                    profile(v)
             except Exception as e:  # noqa: BLE001 - one side failing must not lose the other's figures
                 traceback.print_exc()
                 row[f"{key}ours_error"] = f"{type(e).__name__}: {e}"
@@ -210,25 +231,13 @@ def main() -> None:
             row.pop(k)
         results["batches"][str(b)] = row
         save()
-    for v in [v for v in args.profile.split(",") if v]:
+    for v in profiled:  # those not profiled at batch 1 (no batch 1 asked, or it failed)
+        if v in results.get("profiles", {}):
+            continue
         if v not in engines:
             print(f"  profile: {v} is not among the variants that ran")
             continue
-        engine, one = engines[v], prompts[:1].tolist()
-        stats = dict(engine.stats)
-        try:
-            trace = f"{args.trace_dir}/decode-{v}.json.gz" if args.trace_dir else None
-            prof = profile_call(lambda engine=engine, one=one: engine.generate(one, params), torch.device(args.device),
-                                label=f"{v}, one batch-1 request of {new} tokens", trace=trace)
-        except Exception as e:  # noqa: BLE001 - the other variants' profiles still count
-            traceback.print_exc()
-            results.setdefault("profiles", {})[v] = {"error": f"{type(e).__name__}: {e}"}
-            save()
-            continue
-        prof["decode_calls"] = engine.stats["decode_calls"] - stats["decode_calls"]
-        print(f"    {prof['decode_calls']} decode calls, {prof['kernels'] / max(new, 1):.0f} kernels run per token")
-        results.setdefault("profiles", {})[v] = prof
-        save()
+        profile(v)
     results["engine_stats"] = {v: dict(e.stats) for v, e in engines.items()}
     save()
     if args.json:

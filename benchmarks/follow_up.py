@@ -17,13 +17,13 @@ so all sides prefill the same tokens.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 
 import torch
 from decode import build  # benchmarks/decode.py, beside this script
+from profiling import write_json
 
 from nativevl.infer.engine import Engine, SamplingParams
 
@@ -85,6 +85,12 @@ def main() -> None:
     theirs_ttft(warm)
     rows, ids = [], text(4) + image
     names = [*sides, "transformers"]
+
+    def save(summary: dict) -> None:  # after every turn: a run cut short keeps what it measured
+        if args.json:
+            write_json(args.json, {"shape": args.shape, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
+                                   "tiles": tiles, "torch": torch.__version__, "transformers": transformers.__version__,
+                                   "turns": rows, "later_turns_mean_ms": summary})
     for turn in range(1, args.turns + 1):
         ids = ids + text(args.question_tokens)
         row: dict = {"turn": turn, "prompt_tokens": len(ids)}
@@ -105,18 +111,14 @@ def main() -> None:
               + f"; the same answers on our sides: {row['same_answers']}, the same first token as transformers: "
               f"{row['same_first_token']}")
         ids = ids + answer
+        save({})
     later = rows[1:]
     summary = {}
     if later:
         summary = {n: statistics.mean(r[f"{n}_ms"] for r in later) for n in names}
         print(f"turns 2-{args.turns}, mean TTFT: "
               + ", ".join(f"{n} {summary[n]:.1f} ms ({summary[n] / summary['prefix']:.2f}x)" for n in names))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"shape": args.shape, "device": args.device, "dtype": str(dtype).removeprefix("torch."),
-                       "tiles": tiles, "torch": torch.__version__, "transformers": transformers.__version__,
-                       "turns": rows, "later_turns_mean_ms": summary}, f, indent=2)
-
+    save(summary)
 
 if __name__ == "__main__":
     main()

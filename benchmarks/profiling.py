@@ -8,6 +8,7 @@ import gzip
 import itertools
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -223,7 +224,8 @@ def print_idle(idle: dict) -> None:
 
 
 def trace_idle(prof, save_as: str | None = None) -> dict:
-    """idle_gaps of a finished profile (through its Chrome trace); save_as keeps the trace, gzipped."""
+    """idle_gaps of a finished profile (through its Chrome trace); save_as keeps the trace, gzipped
+    (written before it is read, so that a trace this code cannot parse is still kept)."""
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     try:
@@ -232,7 +234,7 @@ def trace_idle(prof, save_as: str | None = None) -> dict:
             raw = f.read()
     finally:
         os.unlink(path)
-    idle = idle_gaps(json.loads(raw)["traceEvents"])
+    kept = None
     if save_as:
         with gzip.open(save_as, "wb", compresslevel=6) as f:
             f.write(raw)
@@ -241,6 +243,22 @@ def trace_idle(prof, save_as: str | None = None) -> dict:
             os.unlink(save_as)
             print(f"    trace not kept: {mib:.1f} MiB gzipped, over {MAX_TRACE_MIB} MiB")
         else:
-            idle["trace"] = save_as
+            kept = save_as
             print(f"    trace written to {save_as} ({mib:.1f} MiB; chrome://tracing or perfetto)")
+    idle = idle_gaps(json.loads(raw)["traceEvents"])
+    if kept:
+        idle["trace"] = kept
     return idle
+
+
+def trace_name(folder: str, stem: str) -> str:
+    """A trace's path: letters, digits, '.', '_' and '-' only (what a device run returns)."""
+    return os.path.join(folder, re.sub(r"[^A-Za-z0-9._-]", "_", stem) + ".json.gz")
+
+
+def write_json(path: str, payload) -> None:
+    """Written whole through a temporary file: a run killed while writing leaves the last complete one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)

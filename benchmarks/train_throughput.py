@@ -35,15 +35,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import time
 import traceback
 from dataclasses import dataclass
 
+import profiling  # benchmarks/profiling.py, beside this script
 import torch
 import torch.nn.functional as F
-from profiling import profile_call  # benchmarks/profiling.py, beside this script
+from profiling import profile_call
 
 from nativevl.config import preset
 from nativevl.io.hf_config import config_to_hf
@@ -143,7 +143,8 @@ def run_ours(cfg, sd, steps, args, device, variant: str = "base") -> dict:
     torch._dynamo.reset()  # each variant compiles afresh (inductor's on-disk cache still helps) and gets its own limits
     set_expandable_segments(device, knobs["expandable_segments"])
     cuda = device.type == "cuda"
-    model = VisionLanguageModel(cfg).to(device)
+    with torch.device(device):  # built where it trains (a 2B model's init on the host took ~15 s)
+        model = VisionLanguageModel(cfg)
     model.load_state_dict(sd)
     model.attn_backend = args.attn
     if knobs["fsdp"]:
@@ -175,7 +176,7 @@ def run_ours(cfg, sd, steps, args, device, variant: str = "base") -> dict:
     out = timed_run(one_step, steps, cfg, module_sizes(model), args, device)
     out["variant"] = variant
     if variant in (args.profile or "").split(","):
-        trace = f"{args.trace_dir}/train-{variant}.json.gz" if args.trace_dir else None
+        trace = profiling.trace_name(args.trace_dir, f"train-{variant}") if args.trace_dir else None
         out["profile"] = profile_call(lambda: one_step(len(steps) - 1, steps[-1]), device, trace=trace, stack=True)
     return out
 
@@ -370,8 +371,7 @@ def main() -> None:
 
 def write_json(path: str | None, payload: dict) -> None:
     if path:
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2)
+        profiling.write_json(path, payload)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ over all ranks and micro-batches, so a sum is the gradient of the global loss.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -116,6 +117,11 @@ def parallelize(
     if shard:
         # The root stays gathered after forward: the loss reads lm_head.weight outside the forward.
         fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+        # A packed forward returns its (1, T, D) hidden states' row 0, a view; torch >= 2.12 warns that an
+        # in-place op on it would skip the pre-backward hook. Nothing here modifies a forward's output in
+        # place (the losses read them; test_parallel checks 2 ranks' losses and gradients against 1).
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w*VisionLanguageModel\) returned a view",
+                                category=UserWarning)
         model.vision_every_forward = True
         for module in model.modules():
             if is_sharded(module):
