@@ -412,12 +412,20 @@ def test_bare_image_parts_take_the_column_images_where_they_stand(tmp_path, medi
          "images": ["imgs/a.png"]},
         {"messages": [{"role": "user", "content": parts[:1] * 2}, {"role": "assistant", "content": "x"}],
          "images": ["imgs/a.png"]},  # two bare parts, one image
+        # an <image> typed in a text part is the column's image where it stands (the parts' went first)
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "<image>\nand"}, parts[2]]},
+                      {"role": "assistant", "content": "red, blue"}], "images": ["imgs/a.png"]},
+        {"messages": [{"role": "user", "content": [parts[2], {"type": "text", "text": "and <image>"}]},
+                      {"role": "assistant", "content": "blue, red"}], "images": ["imgs/a.png"]},
     ])
     out = tmp_path / "o" / "mix.jsonl"
     stats = convert([media / "mix.jsonl"], out, max_reject_fraction=0.9)
-    (record,) = read_jsonl(out)
+    record, typed_first, typed_last = read_jsonl(out)
     assert record["image"][0] == "../src/imgs/a.png" and record["image"][1].startswith("mix_images/")
     assert record["conversations"][0]["value"] == "<image>\nand<image>\n"
+    assert typed_first["image"] == record["image"] and typed_first["conversations"][0]["value"] == "<image>\nand<image>\n"
+    assert typed_last["image"] == record["image"][::-1]
+    assert typed_last["conversations"][0]["value"] == "<image>\nand <image>"
     assert stats.counts == {"placeholder_mismatch": 1}
 
 

@@ -224,6 +224,8 @@ def _content(content: Any, role: str, images: list, i: int) -> str:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             text.append(part["text"])
+            if role == USER:  # an <image> typed in the text: a slot the images column fills, in order
+                images.extend([None] * part["text"].count(IMAGE_PLACEHOLDER))
         elif kind in ("image", "image_url") and role == USER:
             value = part.get(kind)
             # {"type": "image"} alone (transformers, TRL): a slot the images column fills, in order
@@ -430,12 +432,13 @@ def _grounded(turns: list[tuple[str, str]], objects: Any, images: list[Path]) ->
 
 def _fill_slots(parts: list, column: list) -> list:
     """The images of a record, in the order its placeholders stand: content parts with their image in
-    place, bare image parts (None) filled from the images column in order, the column's remaining
-    images after them."""
+    place, bare image parts and `<image>` typed in text parts (None) filled from the images column in
+    order, the column's remaining images after them."""
     column = iter(column)
     filled = [next(column, None) if p is None else p for p in parts]
     if any(p is None for p in filled):
-        raise ConvertError("placeholder_mismatch", "more bare image parts than images in the images column")
+        raise ConvertError("placeholder_mismatch", "more bare image parts and <image> in text parts than images in "
+                                                   "the images column")
     return filled + list(column)
 
 
