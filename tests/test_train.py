@@ -6,12 +6,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import write_vit_folder
 import torch
+from conftest import write_vit_folder
 
 from nativevl import VisionLanguageModel
 from nativevl.config import preset
@@ -64,6 +65,51 @@ def test_resume_after_a_stop_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
     got = losses(tmp_path)
     assert sorted(got) == list(range(1, 7))
     assert all(got[s] == ref[s] for s in range(1, 7)), (got, ref)
+
+
+def test_a_stopping_signal_saves_after_its_step_and_a_fresh_start_logs_afresh(uninterrupted, tmp_path, monkeypatch):
+    """SIGTERM (a preempted job), SIGUSR1 or ^C killed the run where it stood: every step since the last
+    checkpoint was lost, and with the default save_every (then 0) every step. Now the step in progress
+    ends, its checkpoint is written and the run stops with a message; the same command resumes it
+    exactly. A run started again from step 0 (killed before any checkpoint) appended its metrics to the
+    old run's (steps 1..8, 1, 2, 3)."""
+    import os
+    import signal
+
+    from nativevl.cli import main
+    from nativevl.train.metrics import MetricsLogger
+    from nativevl.train.signals import Interrupted
+
+    _, ref = uninterrupted
+    run = apply_overrides(recipe("debug_tiny"), [*SMALL, "--export=false", "--save_every=0"])
+    log = MetricsLogger.log
+
+    def log_then_signal(self, record):
+        log(self, record)
+        if record.get("step") == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2's logging: step 3 is the next to end
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_signal)
+    with pytest.raises(Interrupted, match="asked to stop \\(SIGTERM\\) at step 3 of 6: its checkpoint is saved"):
+        launch(run, tmp_path)
+    monkeypatch.setattr(MetricsLogger, "log", log)
+    assert [c.name for c in (tmp_path / "checkpoints").iterdir()] == ["step-00000003"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are the process's again
+    launch(run, tmp_path)
+    got = losses(tmp_path)
+    assert sorted(got) == list(range(1, 7)) and all(got[s] == ref[s] for s in range(1, 7))
+
+    # a run stopped before its first checkpoint, started again: its log starts again too
+    fresh = tmp_path / "fresh"
+    assert main(["train", "debug_tiny", "--out", str(fresh), *SMALL[1:], "--max_steps=3", "--export=false"]) == 0
+    (fresh / "rejects").mkdir(exist_ok=True)
+    (fresh / "rejects" / "rejects-rank0-worker0.jsonl").write_text('{"old": 1}\n')
+    for c in (fresh / "checkpoints").iterdir():
+        shutil.rmtree(c)
+    assert main(["train", "debug_tiny", "--out", str(fresh), *SMALL[1:], "--max_steps=2", "--export=false"]) == 0
+    steps = [json.loads(x)["step"] for x in (fresh / "metrics.jsonl").read_text().splitlines()]
+    kept = fresh / "rejects" / "rejects-rank0-worker0.jsonl"
+    assert steps == [1, 2] and (not kept.exists() or '"old"' not in kept.read_text())
 
 
 def test_resume_after_sigkill_during_a_save(uninterrupted, tmp_path):
@@ -440,10 +486,9 @@ def test_attention_counts_its_backward_in_frozen_and_lora_modules():
 def test_pretraining_from_parts_without_an_internvl_tokenizer_says_to_pass_one(tmp_path):
     """With --vit_from/--llm_from and no --tokenizer the LLM folder's own tokenizer is tried, which lacks
     InternVL's tokens: the error now says which tokenizer to pass."""
+    from conftest import CORPUS
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    from conftest import CORPUS
 
     base = Tokenizer(models.BPE())
     base.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

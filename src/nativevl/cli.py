@@ -560,8 +560,9 @@ def main(argv: list[str] | None = None) -> int:
         from nativevl.data.convert import ConversionAborted
         from nativevl.data.pipeline import TooManyBadRecords
         from nativevl.train.loop import NonFiniteLoss
+        from nativevl.train.signals import Interrupted
 
-        if not isinstance(e, (NonFiniteLoss, TooManyBadRecords, ConversionAborted)):
+        if not isinstance(e, (NonFiniteLoss, TooManyBadRecords, ConversionAborted, Interrupted)):
             raise
         msg = str(e)
         if "Original Traceback" in msg:  # raised in a DataLoader worker: the original message is the last line

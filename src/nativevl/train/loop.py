@@ -32,6 +32,7 @@ from nativevl.train.objectives import OBJECTIVES, make_objective
 from nativevl.train.optim import build_optimizer, lr_factor, set_lr
 from nativevl.train.parallel import all_reduce_max, all_reduce_sum, broadcast_object, init_distributed
 from nativevl.train.plan import keeps_frozen_bf16, preflight
+from nativevl.train.signals import Interrupted, StopRequests
 from nativevl.train.stages import MODULES, StagePolicy, apply_policy, bf16_base, quantize_base, store_frozen
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class TrainConfig:
     global_batch: int = 8  # packs per optimiser step over all ranks (gradient accumulation fills the rest)
     num_workers: int = 0
     loss_chunk: int = 4096  # labelled positions per logits chunk
-    save_every: int = 0  # steps; 0 = only at the end
+    save_every: int = 500  # steps between checkpoints (0: only at the end; a stopping signal saves too)
     keep_checkpoints: int = 2
     seed: int = 0
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
@@ -274,6 +275,10 @@ def train(
             ckpt.set_rng_state(rank_state["rng"])
         if main:
             log.info("resumed from step %d (%s, written by %d process(es))", step, found, meta["world"])
+    if found is None:  # from step 0: an earlier start's rejected records (no checkpoint kept them) are read again
+        for d in {getattr(x, "rejects_dir", None) for x in (dataset, val_dataset)} - {None}:
+            for f in d.glob(f"rejects-rank{rank}-worker*.jsonl"):
+                f.unlink()
     if main and run_config is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
@@ -297,6 +302,7 @@ def train(
     logger = MetricsLogger(out_dir, cfg.max_steps, step, enabled=main, tensorboard=cfg.tensorboard)
     model.train()
     watchdog = HangWatchdog(out_dir / f"hang-rank{rank}-{time.strftime('%Y%m%d-%H%M%S')}.txt", cfg.hang_timeout)
+    stops = StopRequests().__enter__()  # SIGTERM, SIGUSR1, ^C: save after the step, then stop (signals.py)
     started_at = step  # the step this session began from (a checkpoint's, on resume)
     last_loss = float("nan")
     saved_step = step  # a resumed run's checkpoint holds its step already
@@ -403,7 +409,9 @@ def train(
             elapsed = time.perf_counter() - started
             # the slowest rank's data wait (everyone waits for it in the collectives) and the largest peak memory
             memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            data_wait, memory = all_reduce_max(torch.tensor([data_wait, memory], device=device, dtype=torch.float64)).tolist()
+            # ... and whether any rank was asked to stop (the ranks stop together, after the same step)
+            data_wait, memory, stop = all_reduce_max(torch.tensor([data_wait, memory, stops.signal is not None],
+                                                                  device=device, dtype=torch.float64)).tolist()
             last_loss = loss_value
             logger.log({
                 "step": step,
@@ -423,10 +431,13 @@ def train(
                 "rejected_records": tracker.total_rejected,
                 **part_values,
             })
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stop:
                 save_train_state(out_dir, model, optimizer, step, tokens_total, tracker, cfg, rank, world,
                                  objective.state_dict())
                 saved_step = step
+            if stop and step < cfg.max_steps:
+                raise Interrupted(f"asked to stop ({stops.signal or 'by another rank'}) at step {step} of "
+                                  f"{cfg.max_steps}: its checkpoint is saved; the same command resumes the run")
             if val_due():
                 last_val = validate_now()
             if evaluator is not None and evaluator.due(step, cfg.max_steps):
@@ -439,6 +450,7 @@ def train(
             save_train_state(out_dir, model, optimizer, step, tokens_total, tracker, cfg, rank, world,
                              objective.state_dict())
     finally:
+        stops.__exit__()
         watchdog.close()
         logger.close()
     summary = {"step": step, "tokens": tokens_total, "loss": last_loss, "rejected": tracker.by_kind, "records": tracker.seen}

@@ -116,12 +116,13 @@ class MetricsLogger:
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             self.logged_at_start = {key for line in kept if _step_of(line) == start_step
                                     for key in _keys_of(line)}
-        self.file = open(path, "a", encoding="utf-8")
+        # a run from step 0 (the first, or one stopped before its first checkpoint, started again) logs afresh
+        self.file = open(path, "a" if start_step > 0 else "w", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: tensorboard drops the old run's events from that step on
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
         self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self.started = time.perf_counter()
 

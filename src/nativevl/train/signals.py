@@ -1,0 +1,44 @@
+"""Stopping a training run cleanly: a signal asks the loop to save a checkpoint after the step it is in.
+
+SIGTERM (a scheduler preempting or ending the job; torchrun passes it to its workers), SIGUSR1 (what
+SLURM's `--signal=USR1@120` sends ahead of the time limit) and a first ^C set a flag; the loop reads it
+after each optimiser step (the ranks agree through the step's own all-reduce), saves, and stops with
+`Interrupted`. A second ^C interrupts at once, as Python's default does. Outside the main thread (where
+handlers cannot be set) nothing is installed and the run behaves as before.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None), signal.SIGINT)
+                if s is not None)
+
+
+class Interrupted(RuntimeError):
+    """A run stopped by a signal after saving its checkpoint: the same command resumes it."""
+
+
+class StopRequests:
+    """Context manager: `.signal` is the name of the first stopping signal received, None before."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt  # asked twice: now
+        self.signal = self.signal or signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
