@@ -718,3 +718,26 @@ def test_on_a_gpu_frozen_layers_in_bf16_train_as_fp32_ones_with_compiled_blocks(
     (want, full), (got, half) = runs["float32"], runs["auto"]
     assert got[1] == want[1] and got == pytest.approx(want, rel=1e-3)
     assert half < 0.7 * full
+
+
+def test_a_resume_runs_the_optimizer_as_this_machine_does(tmp_path, monkeypatch):
+    """The optimiser's groups came back from the checkpoint whole: a run saved on the CPU (no fused
+    AdamW) and resumed on a GPU stayed unfused. The moments come from the checkpoint, fused / foreach
+    from the optimiser built for this machine."""
+    from nativevl.train import optim
+
+    run = apply_overrides(recipe("debug_tiny"), [*SMALL, "--export=false", "--max_steps=2"])
+    launch(run, tmp_path)
+    built = []
+
+    def fused_build(*args, **kwargs):
+        opt = optim.build_optimizer(*args, **kwargs)
+        for group in opt.param_groups:
+            group["fused"] = True  # as built on CUDA (AdamW's fused step also runs on the CPU)
+        built.append(opt)
+        return opt
+
+    monkeypatch.setattr(loop, "build_optimizer", fused_build)
+    launch(apply_overrides(recipe("debug_tiny"), [*SMALL, "--export=false", "--max_steps=3"]), tmp_path)
+    assert built and all(g["fused"] for g in built[0].param_groups)
+    assert sorted(losses(tmp_path)) == [1, 2, 3]

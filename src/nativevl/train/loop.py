@@ -585,7 +585,9 @@ def load_train_state(path: Path, model, optimizer, rank: int, world: int, worker
     meta, rank_state = ckpt.load_checkpoint(path, app, rank, world, workers)
     # the moments and step counts come from the checkpoint, the hyper-parameters from this run's config
     # (the same ones on an exact resume; the new ones when the command changed --lr, --weight_decay, ...)
-    hyper = [{k: g[k] for k in ("base_lr", "weight_decay", "betas", "eps")} for g in optimizer.param_groups]
+    # ... and how this machine runs it (fused on CUDA: a checkpoint from the CPU would turn it off)
+    hyper = [{k: g[k] for k in ("base_lr", "weight_decay", "betas", "eps", "fused", "foreach") if k in g}
+             for g in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=app["model"], optim_state_dict=app["optimizer"])
     for group, values in zip(optimizer.param_groups, hyper):
         group.update(values)
