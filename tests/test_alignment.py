@@ -147,6 +147,15 @@ def test_pair_shares_tiles_and_equals_separate_documents():
         repeated = model(batch.input_ids, batch.pixel_values[batch.tile_index], cu_seqlens=batch.cu_seqlens,
                          position_ids=batch.position_ids).logits
     torch.testing.assert_close(shared, repeated)
+    # preference records met by the plain objective are named: the pairs' own records, not the batch's first
+    from dataclasses import replace
+
+    from nativevl.train.objectives import make_objective
+
+    named = collate([replace(plain, source="plain:1"), replace(pair_sample(cfg, g, 1), source="pref:7"),
+                     replace(plain, source="plain:2"), replace(pair_sample(cfg, g, 1), source="pref:9")], "token")
+    with pytest.raises(ValueError, match=r"preference records \(\['pref:7', 'pref:9'\]\) need --objective=mpo"):
+        make_objective("lm", model, 64).local_normalizers([named])
 
 
 def preference_meta(folder: Path, n: int = 12) -> Path:

@@ -307,3 +307,22 @@ def test_sizes_pipes_home_folders_and_serving_options_before_the_model(tmp_path,
     os.close(w)
     assert done.returncode == 141, done.stderr
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr and "error" not in done.stderr
+
+
+def test_chat_refuses_an_unreadable_picture_when_it_is_named(tmp_path, monkeypatch, capsys):
+    """A file that is not a picture was found only at the next question, which failed with it, taking
+    the pictures attached before it too, with PIL's message naming a BytesIO object."""
+    import io
+
+    from nativevl.infer import chat
+
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"GIF89a" + b"\x00" * 10)
+    asked = []
+    monkeypatch.setattr(chat, "answer", lambda conv, text, images, video: asked.append((text, list(images))))
+    lines = [f"/image {tmp_path / 'good.png'}", f"/image {tmp_path / 'bad.png'}", "what?"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert chat.session(object()) == 0
+    assert asked == [("what?", [str(tmp_path / "good.png")])]
+    err = capsys.readouterr().err
+    assert "bad.png" in err and "(not attached)" in err and "BytesIO" not in err

@@ -321,6 +321,7 @@ def test_a_run_whose_data_runs_out_keeps_its_steps(tmp_path):
     assert VisionLanguageModel.from_pretrained(out / "final").config.image_seq_length == 4
     again = launch(run, out)
     assert again["step"] == summary["step"] and sorted(losses(out)) == list(range(1, summary["step"] + 1))
+    assert again["loss"] is None and json.loads(json.dumps(again, allow_nan=False))  # no NaN in its JSON line
     # validated once where the data ended: the second launch, which trains nothing, validates nothing
     val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
     assert [v["step"] for v in val] == [summary["step"]] and "val_loss" not in again

@@ -215,8 +215,9 @@ def test_chat_answers_about_a_video_as_transformers_would_ask(tmp_path, tokenize
     assert main(base + ["--video", str(tmp_path / "clip.mp4"), "--prompt", "what happens?"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == want.strip() and "4 tile(s)" in err
-    # a session: a file that is not a video is an error that loses nothing: the conversation goes on as
-    # one in which it was never typed
+    # a session: a file that is not a video is refused when named, and loses nothing: the conversation
+    # goes on as one in which it was never typed (it was found only at the next question, which it took
+    # with it, and the pictures attached before it)
     (tmp_path / "bad.mp4").write_bytes(b"\x00" * 300)
     clip = f"/video {tmp_path / 'clip.mp4'}\nwhat happens?\n"
     outs, engines = [], []
@@ -224,11 +225,12 @@ def test_chat_answers_about_a_video_as_transformers_would_ask(tmp_path, tokenize
 
     real = engine_module.Engine
     monkeypatch.setattr(engine_module, "Engine", lambda *a, **k: engines.append(real(*a, **k)) or engines[-1])
-    for session in (clip + f"/video {tmp_path / 'bad.mp4'}\nwhat now?\nand then?\n", clip + "and then?\n"):
+    for session in (clip + f"/video {tmp_path / 'bad.mp4'}\nand then?\n", clip + "and then?\n"):
         monkeypatch.setattr(sys, "stdin", io.StringIO(session))
         assert main(base) == 0
         outs.append(capsys.readouterr())
-    assert "error: cannot decode the video" in outs[0].err and outs[0].err.count("tile(s)") == 2
+    assert "cannot decode the video" in outs[0].err and "(not attached)" in outs[0].err
+    assert outs[0].err.count("tile(s)") == 2
     assert outs[0].out == outs[1].out and outs[0].out.startswith(want.strip())
     # the second question about the clip runs on the keys its first turn left (the frames included):
     # the ViT ran once, on the first turn's 4 frames

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -63,6 +63,8 @@ def load_image(
                     f"over the limit of {max_pixels} (possible decompression bomb)"
                 )
             image.load()
+        except UnidentifiedImageError:  # PIL's message names a BytesIO object
+            raise ValueError(f"cannot read image {name}: not in an image format PIL reads") from None
         except (OSError, Image.DecompressionBombError, SyntaxError) as e:
             raise ValueError(f"cannot read image {name}: {e}") from None
     if image.width == 0 or image.height == 0:

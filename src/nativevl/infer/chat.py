@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from nativevl.data.images import (
     existing_file,
@@ -121,6 +122,21 @@ def answer(conversation: Conversation, text: str, images: list[str] = (), video:
           f"prompt {took['prompt_tokens']} tokens]", file=sys.stderr)
 
 
+def _unreadable(kind: str, path: str) -> str | None:
+    """Why an image (its header) or a video (its first frame) cannot be read; None when it can."""
+    try:
+        if kind == "image":
+            with Image.open(path) as im:
+                im.verify()
+        else:
+            load_video_frames(path, num_frames=1)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        if isinstance(e, UnidentifiedImageError):
+            return f"{path}: not in an image format PIL reads"
+        return f"{path}: {e}"
+    return None
+
+
 def session(conversation: Conversation, images: list[str] = (), video: str | None = None) -> int:
     """Multi-turn on stdin: /image PATH and /video PATH attach to the next message, /reset, /quit.
     `images` / `video` attach to the first message."""
@@ -154,6 +170,8 @@ def session(conversation: Conversation, images: list[str] = (), video: str | Non
                 print(f"usage: /{kind} PATH", file=sys.stderr)
             elif not Path(arg).is_file():
                 print(f"no such {kind} file: {arg}", file=sys.stderr)
+            elif (problem := _unreadable(kind, arg)) is not None:  # now, not when the next question is asked
+                print(f"error: {problem} (not attached)", file=sys.stderr)
             elif kind == "image":
                 pending.append(arg)
             else:

@@ -453,7 +453,11 @@ def train(
         stops.__exit__()
         watchdog.close()
         logger.close()
-    summary = {"step": step, "tokens": tokens_total, "loss": last_loss, "rejected": tracker.by_kind, "records": tracker.seen}
+    if step == started_at and main:
+        log.info("the run is at step %d of %d already: nothing to train", step, cfg.max_steps)
+    # the loss of this session's last step (null when it trained none: JSON has no NaN)
+    summary = {"step": step, "tokens": tokens_total, "loss": last_loss if math.isfinite(last_loss) else None,
+               "rejected": tracker.by_kind, "records": tracker.seen}
     if last_val:
         summary["val_loss"] = last_val["val_loss"]
     if last_eval:

@@ -29,7 +29,11 @@ class LMObjective:
     def local_normalizers(self, micro: list[Batch]) -> torch.Tensor:
         for b in micro:
             if b.pairs is not None:
-                raise ValueError(f"preference records ({b.sources[:3]}) need --objective=mpo (the mpo recipe)")
+                # a pair's documents follow each other, every other sample one document: the pair's sample
+                # is its chosen document's index less the pairs before it
+                named = [b.sources[chosen - i] for i, (chosen, _) in enumerate(b.pairs.tolist())]
+                raise ValueError(f"preference records ({named[:3]}{' ...' if len(named) > 3 else ''}) need "
+                                 "--objective=mpo (the mpo recipe)")
         return torch.stack([b.loss_weights.sum() for b in micro]).sum()[None]  # (1,)
 
     def __call__(self, model: VisionLanguageModel, batch: Batch, norms: torch.Tensor,
