@@ -345,6 +345,13 @@ def test_logprobs_through_the_openai_client(served):
     chunks = list(c.chat.completions.create(model="tiny", messages=hi, max_tokens=8, temperature=0, logprobs=True,
                                             top_logprobs=3, stream=True))
     streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    # each chunk's entries are those of the text it carries (they came ahead of it in chunks of their own)
+    for ch in chunks:
+        if ch.choices and ch.choices[0].logprobs and ch.choices[0].delta.content:
+            text = b"".join(bytes(t.bytes) for t in ch.choices[0].logprobs.content).decode("utf-8", errors="replace")
+            assert text == ch.choices[0].delta.content
+    assert all(ch.choices[0].delta.content or ch.choices[0].finish_reason for ch in chunks
+               if ch.choices and ch.choices[0].logprobs)
     # the same tokens and log-probabilities (up to float rounding: the repeated prompt runs on the keys the
     # first request left, prefix reuse, whose attention rounds differently from a whole prefill's)
     assert [t.token for t in streamed] == [t.token for t in content]

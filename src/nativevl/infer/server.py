@@ -470,18 +470,27 @@ async def _sse(engine, req, events, rid, created, model, prompt_tokens, include_
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
+    # a token's log-probabilities wait for the text they belong to and go in its chunk, as OpenAI's and
+    # vLLM's streams carry them (the text of a token may be held back: part of a character, of a stop string)
+    pending: dict[int, list[dict]] = {}
+
+    def choice(index: int, delta: dict, finish_reason=None) -> dict:
+        out = {"index": index, "delta": delta, "finish_reason": finish_reason}
+        if pending.get(index):
+            out["logprobs"] = {"content": pending.pop(index), "refusal": None}
+        return out
+
     try:
         for i in range(req.params.n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         while True:
             kind, index, payload = await events.get()
             if kind == "delta":
-                yield chunk([{"index": index, "delta": {"content": payload}, "finish_reason": None}])
-            elif kind == "logprobs":  # a token's log-probabilities, ahead of the text it belongs to
-                yield chunk([{"index": index, "delta": {}, "finish_reason": None,
-                              "logprobs": {"content": [_logprob_json(engine.tokenizer, payload)], "refusal": None}}])
-            elif kind == "finish":
-                yield chunk([{"index": index, "delta": {}, "finish_reason": payload.finish_reason}])
+                yield chunk([choice(index, {"content": payload})])
+            elif kind == "logprobs":
+                pending.setdefault(index, []).append(_logprob_json(engine.tokenizer, payload))
+            elif kind == "finish":  # with the entries of tokens whose text never came (a stop string's)
+                yield chunk([choice(index, {}, payload.finish_reason)])
             elif kind == "error":
                 err = {"message": str(payload), "type": "server_error", "code": "generation_failed"}
                 yield f"data: {json.dumps({'error': err})}\n\n"
