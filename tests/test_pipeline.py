@@ -436,3 +436,26 @@ def test_a_preference_pair_loads_its_images_once_and_each_side_as_a_record_of_it
         assert torch.equal(alone.pixel_values, sample.pixel_values)
     strides = np.diff(np.asarray(sample.position_ids))
     assert len(np.unique(strides)) > 1  # V2PE drew a stride below 1 for the image tokens
+
+
+def test_a_config_made_for_another_model_is_named_and_for_model_fits_one(tmp_path, tokenizer):
+    """With DataConfig's defaults (448-px tiles of 256 tokens) and a smaller model's data, text_ratio's
+    probe said only that no record could be read; `data validate` found nothing wrong. The error now
+    shows the first record's problem and names DataConfig.for_model."""
+    from nativevl.config import tiny
+
+    make_dataset(tmp_path / "a", n_bad=0, n=6)
+    (tmp_path / "a" / "train.jsonl").write_text("".join(
+        line + "\n" for line in (tmp_path / "a" / "train.jsonl").read_text().splitlines() if '"image"' in line))
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "text.jsonl").write_text(json.dumps({"text": "plain words " * 20}) + "\n")
+    (tmp_path / "t" / "meta.json").write_text(json.dumps({"text": {"root": "", "annotation": "text.jsonl"}}))
+    sources = load_meta(tmp_path / "a" / "meta.json") + load_meta(tmp_path / "t" / "meta.json")
+    wrong = DataConfig(max_tokens=160, max_tiles=12, text_ratio=0.5, system_message=None)
+    with pytest.raises(ValueError, match=r"the first: record \d+: .*DataConfig.for_model"):
+        PackedDataset(sources, tokenizer, wrong)
+    cfg = tiny()
+    right = wrong.for_model(cfg)
+    assert (right.image_size, right.image_seq_length, right.image_token_id) == (
+        cfg.vision.image_size, cfg.image_seq_length, cfg.image_token_id)
+    PackedDataset(sources, tokenizer, right)

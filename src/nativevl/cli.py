@@ -228,13 +228,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     tasks = [t for t in (args.tasks.split(",") if args.tasks else a) if t in a and t in b]
     if not tasks:
         raise ValueError(f"the two reports share no task ({sorted(a)} / {sorted(b)})")
-    print(f"| task | {args.a} | {args.b} | difference | only the first right | only the second right | p (exact McNemar) |")
-    print("|---|---|---|---|---|---|---|")
+    rows = []  # every comparison first: a task that cannot be compared is an error, not half a table
     for task in tasks:
         t = compare(a, b, task, ma, mb)
         first = sum(bool(r[ma or "correct"]) for r in a[task]["records"]) / t["n"]
-        print(f"| {task} | {first:.3f} | {first + t['difference']:.3f} | {t['difference']:+.3f} | {t['a_only']} | "
-              f"{t['b_only']} | {t['p_value']:.3g} |")
+        rows.append(f"| {task} | {first:.3f} | {first + t['difference']:.3f} | {t['difference']:+.3f} | {t['a_only']} | "
+                    f"{t['b_only']} | {t['p_value']:.3g} |")
+    print(f"| task | {args.a} | {args.b} | difference | only the first right | only the second right | p (exact McNemar) |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
     return 0
 
 

@@ -310,8 +310,7 @@ def build(run: Run, out_dir: str | Path):
         raise ValueError(f"<IMG_CONTEXT> is token {image_token} in the tokenizer but {mcfg.image_token_id} in the model "
                          f"(model {src.init_from or src.llm_from or src.preset}, tokenizer {tok_path or 'generated'}); "
                          f"give the model's own tokenizer (--tokenizer)")
-    data = dataclasses.replace(run.data, image_size=mcfg.vision.image_size, image_seq_length=mcfg.image_seq_length,
-                               image_token_id=mcfg.image_token_id)
+    data = run.data.for_model(mcfg)
     run = dataclasses.replace(run, data=data, meta=meta)
     dataset = PackedDataset(load_meta(meta), tokenizer, data, rank=rank, world_size=world, rejects_dir=out_dir / "rejects")
     return model, tokenizer, dataset, run

@@ -11,6 +11,7 @@ to OUT_val.jsonl, listed in meta_val.json.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -207,6 +208,8 @@ def convert(
         val_tmp.unlink(missing_ok=True)
         for image in media.created:  # embedded images of a run that wrote nothing
             image.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # and their folder, when it made it (an earlier run's stays)
+            media.embed_dir.rmdir()
         if stats.bad:
             os.replace(rejects_tmp, stopped_path)
         else:

@@ -97,6 +97,13 @@ class DataConfig:
         if not 0 <= self.max_reject_fraction <= 1:
             raise ValueError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
 
+    def for_model(self, model_config) -> DataConfig:
+        """This config with a model's tile size, visual tokens per tile and <IMG_CONTEXT> id (a ModelConfig,
+        as `load_model(...).config` or `io.hf.read_config(folder)[0]` give it)."""
+        return dataclasses.replace(self, image_size=model_config.vision.image_size,
+                                   image_seq_length=model_config.image_seq_length,
+                                   image_token_id=model_config.image_token_id)
+
 
 def record_rng(seed: int, index: int) -> np.random.Generator:
     """The randomness of stream item `index` (any int; -1 for a record outside a stream)."""
@@ -340,15 +347,19 @@ def mean_tokens(source: Source, tokenizer, cfg: DataConfig, probes: int = 32) ->
     n = len(source)
     picks = sorted({int(i) for i in np.linspace(0, n - 1, num=min(probes, n))})
     probe_cfg = dataclasses.replace(cfg, training=False)
-    counts = []
+    counts, first_error = [], None
     for i in picks:
         try:
             counts.append(build_sample(source.get(i), tokenizer, probe_cfg, index=i).num_tokens)
-        except (RecordError, OSError, RecursionError, TypeError, KeyError, AttributeError):
+        except (RecordError, OSError, RecursionError, TypeError, KeyError, AttributeError) as e:
+            first_error = first_error or f"record {i}: {e}"
             continue
     if not counts:
         raise ValueError(f"dataset {source.name!r}: none of the {len(picks)} records probed for their token count "
-                         "could be read (text_ratio in tokens needs them; see `nativevl data validate`)")
+                         f"could be read (text_ratio in tokens needs them), the first: {first_error}. Records the "
+                         "loader reads but this config cannot (a model's tile size or visual tokens per tile other "
+                         "than the config's: DataConfig.for_model) are told apart by `nativevl data validate "
+                         "--tokenizer`")
     return float(np.mean(counts))
 
 
