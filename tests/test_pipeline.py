@@ -459,3 +459,21 @@ def test_a_config_made_for_another_model_is_named_and_for_model_fits_one(tmp_pat
     assert (right.image_size, right.image_seq_length, right.image_token_id) == (
         cfg.vision.image_size, cfg.image_seq_length, cfg.image_token_id)
     PackedDataset(sources, tokenizer, right)
+
+
+def test_a_text_document_longer_than_a_pack_is_cut_and_said_once(tokenizer, caplog, monkeypatch):
+    """Its tail was dropped without a word: pre-training on long documents lost most of their tokens."""
+    import logging
+
+    from nativevl.data import pipeline
+    from nativevl.data.records import Record
+
+    monkeypatch.setattr(pipeline, "_TRUNCATION_TOLD", [])
+    cfg = data_config(max_tokens=16)
+    with caplog.at_level(logging.WARNING, logger="nativevl.data.pipeline"):
+        for i in range(3):
+            sample = build_sample(Record([], text="one two three four five six " * 10), tokenizer, cfg, index=i)
+            assert sample.num_tokens == 16
+        assert len(build_sample(Record([], text="short"), tokenizer, cfg, index=3).input_ids) < 16
+    warned = [r for r in caplog.records if "longer than a pack" in r.getMessage()]
+    assert len(warned) == 1 and "record 0" in warned[0].getMessage()

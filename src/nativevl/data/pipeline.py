@@ -150,6 +150,9 @@ def _pixels(tiles: np.ndarray, cfg: DataConfig) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(tiles)) if cfg.uint8_pixels else img.normalize(tiles)
 
 
+_TRUNCATION_TOLD: list[int] = []  # the record whose cut was told (a process tells it once)
+
+
 def build_sample(record: Record | PreferenceRecord, tokenizer, cfg: DataConfig, index: int = -1,
                  visuals: tuple | None = None) -> Sample:
     """One record -> one Sample (document; a preference record gives a chosen/rejected pair), or RecordError.
@@ -162,7 +165,13 @@ def build_sample(record: Record | PreferenceRecord, tokenizer, cfg: DataConfig, 
         rng = record_rng(cfg.seed, index)
     if record.text is not None:
         # a plain document longer than a pack keeps its first max_tokens tokens (text only: no image is cut)
-        ids = (tokenizer(record.text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])[: cfg.max_tokens]
+        ids = tokenizer(record.text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        if len(ids) > cfg.max_tokens and not _TRUNCATION_TOLD:
+            _TRUNCATION_TOLD.append(index)  # once per process (each DataLoader worker tells once)
+            log.warning("a text document (record %d, %d tokens) is longer than a pack: its first %d tokens are "
+                        "trained, the rest dropped, as for any such document; split long documents beforehand "
+                        "to train on all of them", index, len(ids), cfg.max_tokens)
+        ids = ids[: cfg.max_tokens]
         input_ids, labels, pixel_values = ids, list(ids), None
     else:
         if visuals is None:
