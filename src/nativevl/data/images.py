@@ -280,10 +280,10 @@ def load_video_frames(
 
     def decode(wanted: list[int]) -> tuple[dict[int, Image.Image], int]:
         """The frames at `wanted` (sorted), and how many frames were decoded to reach them."""
-        keep, decoded, last = {}, 0, wanted[-1]
+        keep, decoded, last, chosen = {}, 0, wanted[-1], set(wanted)
         with opened() as container:
             for decoded, frame in enumerate(container.decode(_video_stream(container)), start=1):
-                if decoded - 1 in wanted:
+                if decoded - 1 in chosen:
                     keep[decoded - 1] = _upright(frame)
                 if decoded - 1 >= last:
                     break
@@ -297,6 +297,8 @@ def load_video_frames(
                 raise FramesTooLarge(f"the video {name}'s frames are {width}x{height}, over the limit of "
                                      f"{max_pixels} pixels")
             n_total = sum(1 for packet in container.demux(stream) if packet.size)  # no decoding
+        if n_total == 0:  # packets that say nothing of their size: count the frames by decoding them
+            n_total = decode([2**62])[1]
         wanted = frame_indices(max(n_total, 1), count, rng=rng)
         keep, decoded = decode(sorted(set(wanted)))
         if any(i not in keep for i in wanted) and decoded:  # fewer frames decode than packets: over those that do
