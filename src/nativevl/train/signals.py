@@ -10,6 +10,7 @@ handlers cannot be set) nothing is installed and the run behaves as before.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None), signal.SIGINT)
@@ -30,6 +31,9 @@ class StopRequests:
     def _handle(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.signal is not None:
             raise KeyboardInterrupt  # asked twice: now
+        if self.signal is None:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, once its checkpoint is saved"
+                  + (" (^C again: at once, unsaved)" if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
         self.signal = self.signal or signal.Signals(signum).name
 
     def __enter__(self) -> StopRequests:
