@@ -78,7 +78,7 @@ def test_a_stopping_signal_saves_after_its_step_and_a_fresh_start_logs_afresh(un
 
     from nativevl.cli import main
     from nativevl.train.metrics import MetricsLogger
-    from nativevl.train.signals import Interrupted
+    from nativevl.train.watch import Interrupted
 
     _, ref = uninterrupted
     run = apply_overrides(recipe("debug_tiny"), [*SMALL, "--export=false", "--save_every=0"])

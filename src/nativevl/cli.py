@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         from nativevl.data.convert import ConversionAborted
         from nativevl.data.pipeline import TooManyBadRecords
         from nativevl.train.loop import NonFiniteLoss
-        from nativevl.train.signals import Interrupted
+        from nativevl.train.watch import Interrupted
 
         if not isinstance(e, (NonFiniteLoss, TooManyBadRecords, ConversionAborted, Interrupted)):
             raise

@@ -7,7 +7,6 @@ warmup + cosine. Resumes exactly from DIR/checkpoints; exports the -hf layout to
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import logging
 import math
@@ -32,8 +31,8 @@ from nativevl.train.objectives import OBJECTIVES, make_objective
 from nativevl.train.optim import build_optimizer, lr_factor, set_lr
 from nativevl.train.parallel import all_reduce_max, all_reduce_sum, broadcast_object, init_distributed
 from nativevl.train.plan import keeps_frozen_bf16, preflight
-from nativevl.train.signals import Interrupted, StopRequests
 from nativevl.train.stages import MODULES, StagePolicy, apply_policy, bf16_base, quantize_base, store_frozen
+from nativevl.train.watch import HangWatchdog, Interrupted, StopRequests
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +301,7 @@ def train(
     logger = MetricsLogger(out_dir, cfg.max_steps, step, enabled=main, tensorboard=cfg.tensorboard)
     model.train()
     watchdog = HangWatchdog(out_dir / f"hang-rank{rank}-{time.strftime('%Y%m%d-%H%M%S')}.txt", cfg.hang_timeout)
-    stops = StopRequests().__enter__()  # SIGTERM, SIGUSR1, ^C: save after the step, then stop (signals.py)
+    stops = StopRequests().__enter__()  # SIGTERM, SIGUSR1, ^C: save after the step, then stop (watch.py)
     started_at = step  # the step this session began from (a checkpoint's, on resume)
     last_loss = float("nan")
     saved_step = step  # a resumed run's checkpoint holds its step already
@@ -467,38 +466,6 @@ def train(
     if cfg.export and (step >= cfg.max_steps or (ran_out and step > 0)):  # the data's end is the run's end too
         export_final(model, tokenizer, out_dir / "final", main, policy)
     return summary
-
-
-class HangWatchdog:
-    """A step that takes longer than `timeout` seconds (a collective waiting for a rank that died or
-    diverged, a stuck data worker, a hung filesystem) gets every thread's Python stack written to `path`,
-    again every `timeout` seconds while it lasts (faulthandler: it works while the interpreter is stuck in
-    C code). The run is not stopped: compare the ranks' files to see who waits where. `path` is this
-    run's own file (named with its start time); it is removed at the end if nothing was written.
-    faulthandler has one timer per process: while training, this one replaces any other's (pytest's
-    faulthandler_timeout, say), and closing cancels it. A legitimately slow step (the first one, which
-    compiles; a large checkpoint) can also write a dump."""
-
-    def __init__(self, path: Path, timeout: float) -> None:
-        self.path, self.timeout, self.file = path, timeout, None
-        if timeout > 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a", encoding="utf-8")
-
-    def arm(self) -> None:
-        if self.file is not None:
-            faulthandler.dump_traceback_later(self.timeout, repeat=True, file=self.file)
-
-    def close(self) -> None:
-        if self.file is None:
-            return
-        faulthandler.cancel_dump_traceback_later()
-        self.file.close()
-        self.file = None
-        if self.path.stat().st_size == 0:
-            self.path.unlink()
-        else:
-            log.warning("a step took longer than hang_timeout=%gs: the stacks are in %s", self.timeout, self.path)
 
 
 def read_val_batches(dataset: PackedDataset, objective, device: torch.device) -> list:
