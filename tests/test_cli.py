@@ -326,3 +326,10 @@ def test_chat_refuses_an_unreadable_picture_when_it_is_named(tmp_path, monkeypat
     assert asked == [("what?", [str(tmp_path / "good.png")])]
     err = capsys.readouterr().err
     assert "bad.png" in err and "(not attached)" in err and "BytesIO" not in err
+
+
+def test_serve_without_its_extra_says_what_to_install(tmp_path, monkeypatch, capsys):
+    """A plain `pip install nativevl` has no FastAPI: serve printed a ModuleNotFoundError traceback."""
+    monkeypatch.setitem(sys.modules, "nativevl.infer.server", None)  # as if fastapi could not be imported
+    assert main(["serve", "--model", str(tmp_path)]) == 2
+    assert "pip install 'nativevl[serve]'" in capsys.readouterr().err

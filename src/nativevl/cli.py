@@ -109,8 +109,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE
     from nativevl.infer.engine import Engine
-    from nativevl.infer.server import ServerConfig, run
     from nativevl.io.tokenizer import load_tokenizer
+
+    try:
+        from nativevl.infer.server import ServerConfig, run
+    except ImportError as e:  # the serve extra is not installed
+        raise ValueError(f"the server needs FastAPI and uvicorn ({e}): pip install 'nativevl[serve]'") from None
 
     # the options' own checks come before the model is loaded (minutes for a large one)
     if args.allowed_local_media is not None and not Path(args.allowed_local_media).expanduser().is_dir():

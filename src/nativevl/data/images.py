@@ -231,8 +231,9 @@ def _video_stream(container):
     """The container's video: its first video stream that is not a cover picture (an MP3's or MKV's art)."""
     import av
 
+    cover = getattr(getattr(av.stream, "Disposition", None), "attached_pic", 0)
     streams = [s for s in container.streams.video
-               if not (s.disposition & av.stream.Disposition.attached_pic)] or list(container.streams.video)
+               if not (getattr(s, "disposition", 0) & cover)] or list(container.streams.video)
     if not streams:
         raise ValueError("it has no video stream")
     return streams[0]
