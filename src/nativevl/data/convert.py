@@ -88,7 +88,8 @@ def convert(
     """Convert every record of `inputs` into `out` (InternVL jsonl) and add it to out's meta.json.
     Rejected records go to out.rejects.jsonl (whole, with kind and reason). With `val_fraction`, that
     share of the written records (drawn by a hash of `seed` and the record's first image or video, so that
-    records about one picture stay together, else its place in the input; the same every run) goes to OUT_val.jsonl instead, listed in meta_val.json beside it (`--val_meta`)."""
+    records about one picture stay together, else its place in the input; the same every run) goes to
+    OUT_val.jsonl instead, listed in meta_val.json beside it (`--val_meta`)."""
     out = Path(out)
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -105,7 +106,8 @@ def convert(
         raise ValueError(f"max_reject_fraction must be in [0, 1], got {max_reject_fraction}")
     rejects_path = out.with_name(out.stem + ".rejects.jsonl")
     # this conversion's own files, never its input (a folder holding --out, converted again)
-    own = {os.path.realpath(f) for f in (out, val_out, rejects_path, out.with_name(out.stem + ".stopped.rejects.jsonl"))}
+    own = {os.path.realpath(f)
+           for f in (out, val_out, rejects_path, out.with_name(out.stem + ".stopped.rejects.jsonl"))}
     files = [f for p in inputs for f in input_files(Path(p), skip=own)]
     out.parent.mkdir(parents=True, exist_ok=True)
     for meta_name, target in (("meta.json", out), ("meta_val.json", val_out if val_fraction else None)):
@@ -239,7 +241,10 @@ def convert(
 
 
 def _media_of(value: Any) -> list[str]:
-    return [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+    """The paths of a written record's `image` / `video` field (a path or a list of them)."""
+    if isinstance(value, str):
+        return [value]
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
 def _drop_held_out(val_out: Path) -> None:

@@ -252,7 +252,8 @@ def format_plan(p: Plan, title: str) -> str:
 def stage_counts(cfg: ModelConfig, stage) -> tuple[dict[str, int], int, float, dict]:
     """(trainable parameters per module, weights stored in NF4, bytes per NF4 weight, {"adapters": LoRA
     parameters (not in the base model), "trainable_roots": trainable parameters outside the blocks, per
-    module, "dropout": plan()'s LoRA dropout bytes}) of a model of `cfg` under a StagePolicy, from a model built on the meta device (shapes only)."""
+    module, "dropout": plan()'s LoRA dropout bytes})
+    of a model of `cfg` under a StagePolicy, from a model built on the meta device (shapes only)."""
     with torch.device("meta"):
         model = VisionLanguageModel(cfg)
         apply_policy(model, stage)
