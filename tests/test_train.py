@@ -742,3 +742,23 @@ def test_a_resume_runs_the_optimizer_as_this_machine_does(tmp_path, monkeypatch)
     launch(apply_overrides(recipe("debug_tiny"), [*SMALL, "--export=false", "--max_steps=3"]), tmp_path)
     assert built and all(g["fused"] for g in built[0].param_groups)
     assert sorted(losses(tmp_path)) == [1, 2, 3]
+
+
+def test_a_resume_says_when_a_datasets_records_changed(tmp_path, caplog):
+    """Lines added to or removed from an annotation file between launches moved the saved data position
+    (the mixture is laid over the records' count) without a word: the resume check read the meta file only."""
+    import logging
+
+    base = ["--global_batch=2", "--tensorboard=false", "--max_tokens=256", "--export=false", "--save_every=1"]
+    launch(apply_overrides(recipe("debug_tiny"), [*base, "--max_steps=2"]), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["data_records"]
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    name, entry = next(iter(meta.items()))
+    annotation = tmp_path / "data" / entry["annotation"]
+    lines = annotation.read_text().splitlines()
+    annotation.write_text("\n".join(lines[:-1]) + "\n")  # a bad line removed, say
+    with caplog.at_level(logging.WARNING, logger="nativevl.train.loop"):
+        launch(apply_overrides(recipe("debug_tiny"), [*base, "--max_steps=3"]), tmp_path)
+    said = [r.getMessage() for r in caplog.records if "no longer points at the same records" in r.getMessage()]
+    assert said and f"dataset {name!r} held {len(lines)} records" in said[0] and f"holds {len(lines) - 1} now" in said[0]
+    assert sorted(losses(tmp_path)) == [1, 2, 3]

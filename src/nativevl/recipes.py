@@ -320,7 +320,9 @@ def launch(run: Run, out_dir: str | Path) -> dict:
     from nativevl.train.loop import train
 
     model, tokenizer, dataset, run = build(run, out_dir)
-    return train(model, tokenizer, dataset, run.stage, run.train, out_dir, run_config=dataclasses.asdict(run),
+    # the records each dataset holds: a resume after its files changed is told that its position moved
+    records = {"data_records": {src.name: len(src) for src in dataset.sources}}
+    return train(model, tokenizer, dataset, run.stage, run.train, out_dir, run_config=dataclasses.asdict(run) | records,
                  val_dataset=build_val_dataset(run, tokenizer, out_dir))
 
 

@@ -166,8 +166,8 @@ def check_resume_config(out_dir: Path, run_config: dict, step: int, main: bool) 
     # a setting the older file does not know (added since) is not a change: it kept its default then
     changed = {k: (old[k], new[k]) for k in sorted(set(old) & set(new))
                if old[k] != new[k] and not _same_file(old[k], new[k])}
-    refused = {k: v for k, v in changed.items()
-               if k not in RESUMABLE_CHANGES and not (k.startswith("stage.") and k.endswith(".lr"))}
+    refused = {k: v for k, v in changed.items() if k not in RESUMABLE_CHANGES and not k.startswith("data_records.")
+               and not (k.startswith("stage.") and k.endswith(".lr"))}
     if "qlora_base" in refused:
         base = (run_config.get("model") or {}).get("init_from") or "its base"
         raise ValueError(f"{out_dir} holds a QLoRA run at step {step} whose 4-bit base quantized otherwise than {base} "
@@ -178,6 +178,11 @@ def check_resume_config(out_dir: Path, run_config: dict, step: int, main: bool) 
         raise ValueError(f"{out_dir} holds a run at step {step} made with other settings ({listed}). Resuming with "
                          "them would change what its weights or data position mean: run it with its own settings "
                          f"(its config.json), or start a new --out (--init_from={out_dir / 'final'} for its weights)")
+    for k, (a, b) in changed.items():
+        if k.startswith("data_records.") and main:  # a file edited (a bad line removed, say): allowed, but said
+            log.warning("dataset %r held %s records when this run started and holds %s now: the saved data position "
+                        "no longer points at the same records (some will be trained twice or skipped)",
+                        k.removeprefix("data_records."), a, b)
     if changed and main:
         log.warning("resuming at step %d with changed settings: %s (the previous config.json is kept as %s)", step,
                     "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()), f"config-step{step}.json")
