@@ -363,6 +363,36 @@ def test_non_finite_gradient_stops_before_the_update(tmp_path):
     assert len(dumped) == 2 and all(b.num_tokens > 0 for b in dumped)
 
 
+def test_max_skipped_steps_lets_a_long_run_pass_a_few_bad_steps(tmp_path):
+    """A batch whose loss or gradient is not finite stopped the run, and every resume met it again.
+    With --max_skipped_steps=N the step is skipped (no update, its batch dumped, logged) up to N times."""
+    run = apply_overrides(recipe("debug_tiny"), ["--max_steps=4", "--global_batch=2", "--tensorboard=false",
+                                                 "--save_every=0", "--export=false", "--max_skipped_steps=2"])
+    model, tokenizer, dataset, run = build(run, tmp_path)
+    weight = model.language_model.layers[0].mlp.up_proj.weight
+    before = weight.detach().clone()
+    calls = []
+
+    def blow_up_step_one(g):  # two micro-batches a step: the first step's gradients overflow
+        calls.append(1)
+        return g * float("inf") if len(calls) <= 2 else g
+
+    weight.register_hook(blow_up_step_one)
+    summary = loop.train(model, tokenizer, dataset, run.stage, run.train, tmp_path)
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert summary["step"] == 4 and [m["skipped_steps"] for m in logged] == [1, 1, 1, 1]
+    assert logged[0]["loss"] is None and all(m["loss"] > 0 for m in logged[1:])
+    assert not torch.equal(weight.detach(), before)  # steps 2-4 trained
+
+    calls.clear()  # three bad steps with two allowed: the third stops the run, as one did before
+    run = apply_overrides(recipe("debug_tiny"), ["--max_steps=4", "--global_batch=2", "--tensorboard=false",
+                                                 "--save_every=0", "--export=false", "--max_skipped_steps=2"])
+    model, tokenizer, dataset, run = build(run, tmp_path / "b")
+    model.language_model.layers[0].mlp.up_proj.weight.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(loop.NonFiniteLoss, match="non-finite gradient norm .* at step 3"):
+        loop.train(model, tokenizer, dataset, run.stage, run.train, tmp_path / "b")
+
+
 def test_resume_takes_the_learning_rate_of_the_command(tmp_path):
     """Resuming with another --lr (e.g. lower after a spike): the optimiser state comes from the
     checkpoint but the learning rate from the command; before, the checkpoint's base learning rate

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import platform
 import shutil
 import time
@@ -137,7 +138,7 @@ def plot_losses(curves: dict[str, list[dict]], path: Path, val: dict[str, list[d
     offset = 0
     for name, curve in curves.items():
         steps = [offset + r["step"] for r in curve]
-        line, = ax.plot(steps, [r["loss"] for r in curve], label=name, linewidth=1, alpha=0.8)
+        line, = ax.plot(steps, [math.nan if r["loss"] is None else r["loss"] for r in curve], label=name, linewidth=1, alpha=0.8)
         points = (val or {}).get(name) or []
         if points:
             ax.plot([offset + r["step"] for r in points], [r["val_loss"] for r in points], "o-", markersize=4,

@@ -53,6 +53,9 @@ class TrainConfig:
     loss_chunk: int = 4096  # labelled positions per logits chunk
     save_every: int = 500  # steps between checkpoints (0: only at the end; a stopping signal saves too)
     keep_checkpoints: int = 2
+    # steps whose loss or gradient is not finite skipped (no update; their batches dumped, logged) before the run
+    # stops, in one session; 0: the first stops it
+    max_skipped_steps: int = 0
     seed: int = 0
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
     # the frozen linear layers' weights (a LoRA base, a frozen ViT, MPO's reference) when the run computes in
@@ -115,7 +118,8 @@ class TrainConfig:
         for name in ("val_records", "eval_n", "eval_batch_size", "loss_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_every", "num_workers", "keep_checkpoints", "val_every", "eval_every"):
+        for name in ("warmup_steps", "save_every", "num_workers", "keep_checkpoints", "val_every", "eval_every",
+                     "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -135,7 +139,7 @@ RESUMABLE_CHANGES = {
                            "peak_tflops", "tensorboard", "export", "attn_implementation",
                            "activation_checkpointing", "compile", "dtype", "frozen_dtype", "val_every", "val_records", "hang_timeout",
                            "memory_check", "eval_tasks", "eval_every", "eval_n", "eval_batch_size", "eval_seed",
-                           "best_metric")
+                           "best_metric", "max_skipped_steps")
 } | {"data.max_reject_fraction", "data.min_records_before_abort", "val_meta"}
 
 
@@ -308,6 +312,7 @@ def train(
     watchdog = HangWatchdog(out_dir / f"hang-rank{rank}-{time.strftime('%Y%m%d-%H%M%S')}.txt", cfg.hang_timeout)
     stops = StopRequests().__enter__()  # SIGTERM, SIGUSR1, ^C: save after the step, then stop (watch.py)
     started_at = step  # the step this session began from (a checkpoint's, on resume)
+    skipped = 0  # steps skipped for a non-finite loss or gradient (--max_skipped_steps)
     last_loss = float("nan")
     saved_step = step  # a resumed run's checkpoint holds its step already
     ran_out = False
@@ -373,17 +378,22 @@ def train(
                 b = batch.to(device, dtype=torch.bfloat16 if use_bf16 else None)
                 with autocast():
                     loss, logs = objective(model, b, norms)
-                if not torch.isfinite(loss):
+                finite = bool(torch.isfinite(loss))
+                if not finite:
                     dump = out_dir / f"nonfinite-step{step + 1}-rank{rank}.pt"
                     torch.save(batch, dump)
-                    raise NonFiniteLoss(
-                        f"non-finite loss {loss.item()} at step {step + 1} (rank {rank}); batch dumped to {dump} "
-                        f"(documents: {batch.sources})"
-                    )
+                    said = (f"non-finite loss {loss.item()} at step {step + 1} (rank {rank}); batch dumped to {dump} "
+                            f"(documents: {batch.sources})")
+                    if skipped >= cfg.max_skipped_steps:
+                        raise NonFiniteLoss(said)
+                    log.warning("%s: the step is skipped", said)
+                # backward all the same: the ranks' collectives stay in step, and the NaN gradient norm they
+                # reduce together skips the update on every rank
                 loss.backward()
-                loss_sum += loss.detach()
-                for k, v in logs.items():
+                for k, v in logs.items() if finite else ():
                     parts[k] = parts.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=device)
+                if finite:
+                    loss_sum += loss.detach()
                 lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
                 flops += batch_flops(model.config, sizes, factors, lengths, batch.num_tiles)
                 if reference_factors:
@@ -392,7 +402,13 @@ def train(
             # FSDP summed the gradients over ranks during backward
             parallel.fill_missing_grads(trainable)
             grad_norm = parallel.clip_grad_norm(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if not math.isfinite(grad_norm):  # the global norm: every rank stops here, before any weight changes
+            skipping = not math.isfinite(grad_norm) and skipped < cfg.max_skipped_steps
+            if skipping:  # the global norm: every rank skips together, before any weight changes
+                skipped += 1
+                log.warning("non-finite gradient norm at step %d: no update (%d of --max_skipped_steps=%d skipped)",
+                            step + 1, skipped, cfg.max_skipped_steps)
+                optimizer.zero_grad(set_to_none=True)
+            elif not math.isfinite(grad_norm):  # the global norm: every rank stops here, before any weight changes
                 dump = out_dir / f"nonfinite-step{step + 1}-rank{rank}.pt"
                 torch.save(micro, dump)
                 raise NonFiniteLoss(
@@ -400,8 +416,9 @@ def train(
                     f"the step's {len(micro)} batch(es) dumped to {dump} "
                     f"(documents: {[s for b in micro for s in b.sources]})"
                 )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             loss_value = all_reduce_sum(loss_sum).item()
             part_values = {k: all_reduce_sum(v).item() for k, v in sorted(parts.items())}
@@ -419,7 +436,7 @@ def train(
             last_loss = loss_value
             logger.log({
                 "step": step,
-                "loss": loss_value,
+                "loss": None if skipping else loss_value,
                 "lr": cfg.lr * factor,  # the run's; a module with its own learning rate also logs lr_<module>
                 **{f"lr_{m}": lrs[m] * factor for m in MODULES if policy.get(m).lr is not None and params[m]},
                 "grad_norm": float(grad_norm),
@@ -433,6 +450,7 @@ def train(
                 "data_wait_frac": min(data_wait / elapsed, 1.0),
                 "peak_memory_gib": memory if device.type == "cuda" else None,
                 "rejected_records": tracker.total_rejected,
+                **({"skipped_steps": skipped} if cfg.max_skipped_steps else {}),
                 **part_values,
             })
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or stop:

@@ -146,7 +146,8 @@ class MetricsLogger:
         extra = {"mfu": f"{record['mfu']:.1%}"} if record.get("mfu") is not None else {}
         if record.get("peak_memory_gib") is not None:
             extra["mem"] = f"{record['peak_memory_gib']:.1f}G"
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", **extra,
+        loss = "skipped" if record["loss"] is None else f"{record['loss']:.4f}"
+        self.bar.set_postfix(loss=loss, tok_s=f"{record['tokens_per_s']:.0f}", **extra,
                              data=f"{record.get('data_wait_frac', 0.0):.0%}", eta=format_eta(eta))
         self.bar.update(1)
 
