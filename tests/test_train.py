@@ -787,7 +787,7 @@ def test_a_resume_says_when_a_datasets_records_changed(tmp_path, caplog):
     annotation = tmp_path / "data" / entry["annotation"]
     lines = annotation.read_text().splitlines()
     annotation.write_text("\n".join(lines[:-1]) + "\n")  # a bad line removed, say
-    with caplog.at_level(logging.WARNING, logger="nativevl.train.loop"):
+    with caplog.at_level(logging.WARNING, logger="nativevl.train.checkpoint"):
         launch(apply_overrides(recipe("debug_tiny"), [*base, "--max_steps=3"]), tmp_path)
     said = [r.getMessage() for r in caplog.records if "no longer points at the same records" in r.getMessage()]
     assert said and f"dataset {name!r} held {len(lines)} records" in said[0] and f"holds {len(lines) - 1} now" in said[0]

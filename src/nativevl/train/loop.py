@@ -23,6 +23,7 @@ from nativevl.model.attention import resolve_backend
 from nativevl.model.vlm import VisionLanguageModel
 from nativevl.train import checkpoint as ckpt
 from nativevl.train import parallel, qlora
+from nativevl.train.checkpoint import check_resume_config
 from nativevl.train.evaluation import TrainingEval, metric_key
 from nativevl.train.export import BestModel, export_final
 from nativevl.train.losses import MPOWeights
@@ -128,69 +129,6 @@ class TrainConfig:
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-# settings a resumed run may change: how fast and how long it trains, how it runs and logs. Any other
-# change (model, data, stream seed, batch, objective, module modes) would give the checkpoint's weights
-# or data position another meaning.
-RESUMABLE_CHANGES = {
-    "train." + k for k in ("max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2",
-                           "eps", "grad_clip", "num_workers", "loss_chunk", "save_every", "keep_checkpoints",
-                           "peak_tflops", "tensorboard", "export", "attn_implementation",
-                           "activation_checkpointing", "compile", "dtype", "frozen_dtype", "val_every", "val_records", "hang_timeout",
-                           "memory_check", "eval_tasks", "eval_every", "eval_n", "eval_batch_size", "eval_seed",
-                           "best_metric", "max_skipped_steps")
-} | {"data.max_reject_fraction", "data.min_records_before_abort", "val_meta"}
-
-
-def _flat(d, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def _same_file(a, b) -> bool:
-    """Two paths to files of the same content (a run folder moved with its data, say)."""
-    try:
-        return isinstance(a, str) and isinstance(b, str) and Path(a).read_bytes() == Path(b).read_bytes()
-    except OSError:
-        return False
-
-
-def check_resume_config(out_dir: Path, run_config: dict, step: int, main: bool) -> None:
-    """Refuse to resume `out_dir` with settings that change what its checkpoint means; keep the old
-    config.json as config-step{step}.json when allowed settings (lr, max_steps, ...) changed."""
-    path = out_dir / "config.json"
-    if not path.is_file():
-        return
-    old = _flat(json.loads(path.read_text()))
-    new = _flat(json.loads(json.dumps(run_config, default=str)))
-    # a setting the older file does not know (added since) is not a change: it kept its default then
-    changed = {k: (old[k], new[k]) for k in sorted(set(old) & set(new))
-               if old[k] != new[k] and not _same_file(old[k], new[k])}
-    refused = {k: v for k, v in changed.items() if k not in RESUMABLE_CHANGES and not k.startswith("data_records.")
-               and not (k.startswith("stage.") and k.endswith(".lr"))}
-    if "qlora_base" in refused:
-        base = (run_config.get("model") or {}).get("init_from") or "its base"
-        raise ValueError(f"{out_dir} holds a QLoRA run at step {step} whose 4-bit base quantized otherwise than {base} "
-                         "does now (the folder was re-written since, or the quantization changed): its adapters belong "
-                         "to the other base. Resume with that base, or start a new --out")
-    if refused:
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
-        raise ValueError(f"{out_dir} holds a run at step {step} made with other settings ({listed}). Resuming with "
-                         "them would change what its weights or data position mean: run it with its own settings "
-                         f"(its config.json), or start a new --out (--init_from={out_dir / 'final'} for its weights)")
-    for k, (a, b) in changed.items():
-        if k.startswith("data_records.") and main:  # a file edited (a bad line removed, say): allowed, but said
-            log.warning("dataset %r held %s records when this run started and holds %s now: the saved data position "
-                        "no longer points at the same records (some will be trained twice or skipped)",
-                        k.removeprefix("data_records."), a, b)
-    if changed and main:
-        log.warning("resuming at step %d with changed settings: %s (the previous config.json is kept as %s)", step,
-                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()), f"config-step{step}.json")
-        path.replace(out_dir / f"config-step{step}.json")
 
 
 def train(
