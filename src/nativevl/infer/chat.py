@@ -129,7 +129,13 @@ def _unreadable(kind: str, path: str) -> str | None:
             with Image.open(path) as im:
                 im.verify()
         else:
-            load_video_frames(path, num_frames=1)
+            import av
+
+            try:
+                with av.open(path) as container:  # the first frame only: a long video is not read through
+                    next(container.decode(video=0))
+            except (av.error.FFmpegError, StopIteration, IndexError) as e:
+                return f"{path}: cannot decode the video: {str(e) or 'it has no frames'}"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         if isinstance(e, UnidentifiedImageError):
             return f"{path}: not in an image format PIL reads"
