@@ -315,15 +315,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_engine_args(args: argparse.Namespace) -> None:
-    """_engine_args' numbers, named before a model is loaded for them."""
-    import math
+    """_engine_args' numbers, named by their flags before a model is loaded for them."""
+    from nativevl.infer.engine import check_options
 
-    if args.decode_chunk < 1:
-        raise ValueError(f"--decode-chunk must be >= 1, got {args.decode_chunk}")
-    if args.prefix_min_tokens < 1:
-        raise ValueError(f"--prefix-min-tokens must be >= 1, got {args.prefix_min_tokens}")
-    if not (math.isfinite(args.vision_cache_mb) and args.vision_cache_mb >= 0):
-        raise ValueError(f"--vision-cache-mb must be >= 0 (0: no cache), got {args.vision_cache_mb}")
+    check_options(args.decode_chunk, args.prefix_min_tokens, args.vision_cache_mb,
+                  name=lambda key: "--" + key.replace("_", "-"))
 
 
 def _engine_options(args: argparse.Namespace) -> dict:

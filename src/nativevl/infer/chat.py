@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from nativevl.data.images import (
     existing_file,
     frame_tiles,
     image_to_tiles,
+    load_image,
     load_video_frames,
     normalize,
     read_file,
@@ -126,8 +126,7 @@ def _unreadable(kind: str, path: str) -> str | None:
     """Why an image (its header) or a video (its first frame) cannot be read; None when it can."""
     try:
         if kind == "image":
-            with Image.open(path) as im:
-                im.verify()
+            load_image(path)  # its own checks and messages (format, pixel limit, truncated data)
         else:
             import av
 
@@ -136,9 +135,7 @@ def _unreadable(kind: str, path: str) -> str | None:
                     next(container.decode(video=0))
             except (av.error.FFmpegError, StopIteration, IndexError) as e:
                 return f"{path}: cannot decode the video: {str(e) or 'it has no frames'}"
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        if isinstance(e, UnidentifiedImageError):
-            return f"{path}: not in an image format PIL reads"
+    except (OSError, ValueError) as e:
         return f"{path}: {e}"
     return None
 

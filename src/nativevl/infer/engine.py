@@ -61,6 +61,17 @@ def _bucket_batch(n: int, cap: int) -> int:
     return min(b, cap)
 
 
+def check_options(decode_chunk: int, prefix_min_tokens: int, vision_cache_mb: float, name=lambda key: key) -> None:
+    """The engine's numeric options, ValueError naming the bad one as `name(key)` (the command line checks
+    its flags with them before loading a model)."""
+    if decode_chunk < 1:
+        raise ValueError(f"{name('decode_chunk')} must be >= 1, got {decode_chunk}")
+    if prefix_min_tokens < 1:
+        raise ValueError(f"{name('prefix_min_tokens')} must be >= 1, got {prefix_min_tokens}")
+    if not vision_cache_mb >= 0 or vision_cache_mb == float("inf"):  # NaN fails the first test
+        raise ValueError(f"{name('vision_cache_mb')} must be >= 0 (a finite number; 0: no cache), got {vision_cache_mb}")
+
+
 class Engine:
     def __init__(
         self,
@@ -122,12 +133,7 @@ class Engine:
         turn of a conversation runs its new tokens only."""
         if max_batch_size < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
-        if decode_chunk < 1:
-            raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
-        if prefix_min_tokens < 1:
-            raise ValueError(f"prefix_min_tokens must be >= 1, got {prefix_min_tokens}")
-        if not vision_cache_mb >= 0 or vision_cache_mb == float("inf"):  # NaN fails the first test
-            raise ValueError(f"vision_cache_mb must be a finite number >= 0 (0: no cache), got {vision_cache_mb}")
+        check_options(decode_chunk, prefix_min_tokens, vision_cache_mb)
         SlotDecoder.check(fused=fused_decode, attention=decode_attention, compile_mode=compile_mode,
                           compile_options=compile_options, compile_prefill=compile_prefill)
         if device is not None or dtype is not None:
