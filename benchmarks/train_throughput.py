@@ -43,7 +43,6 @@ from dataclasses import dataclass
 import profiling  # benchmarks/profiling.py, beside this script
 import torch
 import torch.nn.functional as F
-from profiling import profile_call
 
 from nativevl.config import preset
 from nativevl.io.hf_config import config_to_hf
@@ -177,7 +176,7 @@ def run_ours(cfg, sd, steps, args, device, variant: str = "base") -> dict:
     out["variant"] = variant
     if variant in (args.profile or "").split(","):
         trace = profiling.trace_name(args.trace_dir, f"train-{variant}") if args.trace_dir else None
-        out["profile"] = profile_call(lambda: one_step(len(steps) - 1, steps[-1]), device, trace=trace, stack=True)
+        out["profile"] = profiling.profile_call(lambda: one_step(len(steps) - 1, steps[-1]), device, trace=trace, stack=True)
     return out
 
 
