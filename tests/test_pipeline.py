@@ -72,7 +72,7 @@ def test_packed_loss_equals_weighted_per_document_losses(meta, tokenizer, reduct
     samples = []
     for i in range(N_RECORDS):
         try:
-            samples.append(ds.sample(i))
+            samples.append(ds.samples(i)[0])
         except RecordError:
             continue
         if len(samples) == 8:
@@ -402,7 +402,7 @@ def test_text_ratio_is_a_share_of_tokens_by_default(tmp_path, tokenizer):
             d, _ = ds.mixture.locate(i)
             name = ds.sources[d].name
             samples[name] += 1
-            tokens[name] += ds.sample(i).num_tokens
+            tokens[name] += sum(s.num_tokens for s in ds.samples(i))
         shares[unit] = (tokens["text"] / sum(tokens.values()), samples["text"] / 2000)
     assert shares["tokens"][0] == pytest.approx(0.25, abs=0.03)  # text's share of the tokens
     assert shares["samples"][1] == pytest.approx(0.25, abs=0.03) and shares["samples"][0] > 0.5
@@ -461,19 +461,91 @@ def test_a_config_made_for_another_model_is_named_and_for_model_fits_one(tmp_pat
     PackedDataset(sources, tokenizer, right)
 
 
-def test_a_text_document_longer_than_a_pack_is_cut_and_said_once(tokenizer, caplog, monkeypatch):
-    """Its tail was dropped without a word: pre-training on long documents lost most of their tokens."""
+def test_a_text_document_longer_than_a_pack_is_split_into_parts_that_train_every_token(tokenizer):
+    """Its tail was dropped: pre-training on long documents lost most of their tokens."""
+    from nativevl.data.pipeline import build_samples
+    from nativevl.data.records import Record
+
+    text = " ".join(f"word{k % 37} and {k % 11}" for k in range(60))
+    ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    cfg = data_config(max_tokens=16)
+    assert len(ids) > 4 * 16
+    parts = build_samples(Record([], text=text, source="doc"), tokenizer, cfg, index=9)
+    assert [p.part for p in parts] == list(range(len(parts))) and {p.index for p in parts} == {9}
+    assert all(p.num_tokens <= 16 for p in parts) and all(p.num_tokens == 16 for p in parts[:-1])
+    for p in parts:  # each part is its own document: positions from 0, every token of it learnt
+        assert p.position_ids.tolist() == list(range(p.num_tokens)) and (p.labels == p.input_ids).all()
+    # consecutive parts share one token, so every token after the document's first is predicted exactly once
+    predicted = [int(t) for p in parts for t in p.labels[1:]]
+    assert predicted == ids[1:]
+    assert [int(t) for t in parts[0].input_ids] + [int(t) for p in parts[1:] for t in p.input_ids[1:]] == ids
+    # a document that fits is one part, as before; the first part is what build_sample gives
+    assert len(build_samples(Record([], text="short"), tokenizer, cfg)) == 1
+    assert build_sample(Record([], text=text), tokenizer, cfg, index=9).input_ids.tolist() == parts[0].input_ids.tolist()
+    # <IMG_CONTEXT> in any part refuses the record, as for a document that fits
+    with pytest.raises(RecordError, match="IMG_CONTEXT"):
+        build_samples(Record([], text=text), tokenizer, data_config(max_tokens=16, image_token_id=ids[-20]))
+    with pytest.raises(ValueError, match="long_text"):
+        data_config(long_text="drop")
+
+
+def test_with_long_text_cut_a_long_document_keeps_its_first_tokens_and_is_said_once(tokenizer, caplog, monkeypatch):
     import logging
 
     from nativevl.data import pipeline
+    from nativevl.data.pipeline import build_samples
     from nativevl.data.records import Record
 
     monkeypatch.setattr(pipeline, "_TRUNCATION_TOLD", [])
-    cfg = data_config(max_tokens=16)
+    cfg = data_config(max_tokens=16, long_text="cut")
     with caplog.at_level(logging.WARNING, logger="nativevl.data.pipeline"):
         for i in range(3):
-            sample = build_sample(Record([], text="one two three four five six " * 10), tokenizer, cfg, index=i)
+            (sample,) = build_samples(Record([], text="one two three four five six " * 10), tokenizer, cfg, index=i)
             assert sample.num_tokens == 16
         assert len(build_sample(Record([], text="short"), tokenizer, cfg, index=3).input_ids) < 16
     warned = [r for r in caplog.records if "longer than a pack" in r.getMessage()]
-    assert len(warned) == 1 and "record 0" in warned[0].getMessage()
+    assert len(warned) == 1 and "record 0" in warned[0].getMessage() and "long_text=cut" in warned[0].getMessage()
+
+
+def test_the_parts_of_long_documents_stream_once_each_and_resume_exactly_mid_document(tokenizer, tmp_path):
+    from nativevl.data.pipeline import mean_tokens
+    from nativevl.data.validate import validate
+
+    rng = np.random.default_rng(1)
+    lines = []
+    for k in range(12):  # short and long documents: up to ~6 parts of a 24-token pack
+        words = int(rng.integers(3, 60))
+        lines.append({"text": " ".join(f"w{int(x)}" for x in rng.integers(0, 50, words)) + f" doc{k}"})
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "meta.json").write_text(json.dumps({"docs": {"root": "", "annotation": "docs.jsonl", "repeat_time": 1}}))
+    specs = load_meta(tmp_path / "meta.json")
+    cfg = data_config(max_tokens=24, max_records=12, read_once=True)
+    lengths = [len(tokenizer(r["text"], add_special_tokens=False).input_ids) + 1 for r in lines]
+    assert max(lengths) > 3 * 24
+
+    def parts_of(batches):  # (record, tokens) of each document of each batch
+        return [list(zip(b.indices, np.diff(b.cu_seqlens.numpy()).tolist(), strict=True)) for b in batches]
+
+    ds = PackedDataset(specs, tokenizer, cfg)
+    full = parts_of(make_loader(ds))
+    flat = [x for b in full for x in b]
+    for i in range(12):  # every record's parts, all of them: its tokens plus one shared per extra part
+        sizes = [d for j, d in flat if j == i]
+        assert sum(sizes) - (len(sizes) - 1) == lengths[ds.mixture.locate(i)[1]]
+    saved_parts = 0
+    for stop in range(1, len(full)):
+        tracker = StreamTracker(1.0)
+        first = []
+        for k, batch in enumerate(iterate_batches(make_loader(PackedDataset(specs, tokenizer, cfg)), tracker)):
+            first.append(batch)
+            if k + 1 == stop:
+                break
+        state = json.loads(json.dumps(tracker.state_dict()))
+        saved_parts += sum(isinstance(e, list) for s in state["shards"].values() for buf in s["buffers"] for e in buf)
+        resumed = PackedDataset(specs, tokenizer, cfg)
+        resumed.load_state_dict(state)
+        assert parts_of(first) + parts_of(make_loader(resumed)) == full
+    assert saved_parts  # some checkpoint held a later part waiting in a buffer ([index, part])
+    # text_ratio in tokens measures whole documents (the tokens of all their parts); validation reads every part
+    assert mean_tokens(resumed.sources[0], tokenizer, cfg, probes=12) == pytest.approx(sum(d for _, d in flat) / 12)
+    assert validate(specs, tokenizer, cfg).counts == {}

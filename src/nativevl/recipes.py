@@ -53,7 +53,8 @@ def debug_tiny() -> Run:
 def pretrain() -> Run:
     """Native multimodal pre-training: every module trains from step 0 on text + multimodal data,
     square averaging, text : multimodal 1 : 3 in tokens, as InternVL3's ~50B + 150B (the datasets' mean
-    tokens per sample measured on a few records each; --text_ratio_unit=samples for a share of samples).
+    tokens per sample measured on a few records each; --text_ratio_unit=samples for a share of samples);
+    text documents longer than a pack split into pack-sized parts (--long_text=cut keeps the first).
     Needs --meta and --vit_from/--llm_from (or --init_from). V2PE with --v2pe=random."""
     return Run(
         data=DataConfig(loss_reduction="square", text_ratio=0.25, v2pe="off", max_tokens=16384, max_tiles=48),

@@ -35,6 +35,8 @@ class Sample:
     # a PRM's label tokens ('+' / '-'): their indices in labels (None: not a PRM conversation); the
     # `prm` objective learns them as a choice between the two label tokens
     label_slots: np.ndarray | None = None
+    # which pack-sized part of its record this is (a long text document split: DataConfig.long_text)
+    part: int = 0
 
     def __post_init__(self) -> None:
         if self.label_slots is not None and len(self.label_slots) and (

@@ -28,10 +28,10 @@ from nativevl.data import images as img
 from nativevl.data.mixture import Enumeration, Mixture, mixture_weights, sample_share_for_token_share
 from nativevl.data.packing import LOSS_REDUCTIONS, Batch, Packer, Sample, collate
 from nativevl.data.positions import document_positions
+from nativevl.data.prm_targets import prm_placeholders, prm_step_targets
 from nativevl.data.records import PROBLEMS, Annotation, DatasetSpec, PreferenceRecord, Record, RecordError, parse_record
 from nativevl.data.template import (
     DEFAULT_SYSTEM_MESSAGE,
-    IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
     ROLES,
     VIDEO_PLACEHOLDER,
@@ -59,6 +59,10 @@ class DataConfig:
     # sample of every dataset are measured on a few of its records when the stream is built
     text_ratio: float | None = None
     text_ratio_unit: str = "tokens"  # tokens | samples
+    # a text-only document longer than a pack: "split" into pack-sized parts, each its own document
+    # (positions from 0; consecutive parts share one token, so every token but the first is a target
+    # once), or "cut" to its first max_tokens tokens (the rest dropped)
+    long_text: str = "split"
     max_reject_fraction: float = 0.05
     min_records_before_abort: int = 200
     system_message: str | None = DEFAULT_SYSTEM_MESSAGE
@@ -90,6 +94,8 @@ class DataConfig:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         if self.v2pe not in ("off", "random", "fixed"):
             raise ValueError(f"v2pe must be off, random or fixed, got {self.v2pe!r}")
+        if self.long_text not in ("split", "cut"):
+            raise ValueError(f"long_text must be split or cut, got {self.long_text!r}")
         if self.text_ratio_unit not in ("tokens", "samples"):
             raise ValueError(f"text_ratio_unit must be tokens or samples, got {self.text_ratio_unit!r}")
         if not (math.isfinite(self.v2pe_delta) and 0 < self.v2pe_delta <= 1):
@@ -153,9 +159,40 @@ def _pixels(tiles: np.ndarray, cfg: DataConfig) -> torch.Tensor:
 _TRUNCATION_TOLD: list[int] = []  # the record whose cut was told (a process tells it once)
 
 
+def build_samples(record: Record | PreferenceRecord, tokenizer, cfg: DataConfig, index: int = -1) -> list[Sample]:
+    """One record -> its Samples: one, or for a text document longer than a pack (DataConfig.long_text
+    "split") its pack-sized parts in order (Sample.part 0, 1, ...); RecordError for a bad record."""
+    if isinstance(record, PreferenceRecord) or record.text is None or cfg.long_text == "cut":
+        return [build_sample(record, tokenizer, cfg, index)]
+    ids = _text_ids(record, tokenizer)
+    return [_text_sample(record, ids, cfg, index, part) for part in range(_text_parts(len(ids), cfg.max_tokens))]
+
+
+def _text_ids(record: Record, tokenizer) -> list[int]:
+    return tokenizer(record.text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+
+def _text_parts(n: int, max_tokens: int) -> int:
+    """Parts of an n-token document: part k starts at k * (max_tokens - 1) (one token shared with the
+    part before, which it predicts from) and holds up to max_tokens tokens."""
+    return 1 if n <= max_tokens else 1 + math.ceil((n - max_tokens) / (max_tokens - 1))
+
+
+def _text_sample(record: Record, ids: list[int], cfg: DataConfig, index: int, part: int) -> Sample:
+    start = part * (cfg.max_tokens - 1)
+    chunk = np.asarray(ids[start: start + cfg.max_tokens], dtype=np.int64)
+    positions = document_positions(chunk, cfg.image_token_id, v2pe="off")
+    if (chunk == cfg.image_token_id).any():
+        raise RecordError("placeholder_mismatch", f"{record.source}: a text document holds <IMG_CONTEXT> (the "
+                          "image token id), which only images may fill")
+    return _checked(Sample(chunk, chunk.copy(), positions, None, record.source, index, part=part), cfg)
+
+
 def build_sample(record: Record | PreferenceRecord, tokenizer, cfg: DataConfig, index: int = -1,
                  visuals: tuple | None = None) -> Sample:
     """One record -> one Sample (document; a preference record gives a chosen/rejected pair), or RecordError.
+    A text document longer than a pack gives its first max_tokens tokens (said once per process where
+    DataConfig.long_text is "cut"; build_samples gives every part).
     visuals: (load_visuals' result, the record's rng after it), when already loaded (a pair's second side)."""
     if isinstance(record, PreferenceRecord):
         return _preference_sample(record, tokenizer, cfg, index)
@@ -164,46 +201,43 @@ def build_sample(record: Record | PreferenceRecord, tokenizer, cfg: DataConfig, 
     else:
         rng = record_rng(cfg.seed, index)
     if record.text is not None:
-        # a plain document longer than a pack keeps its first max_tokens tokens (text only: no image is cut)
-        ids = tokenizer(record.text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        if len(ids) > cfg.max_tokens and not _TRUNCATION_TOLD:
+        ids = _text_ids(record, tokenizer)
+        if len(ids) > cfg.max_tokens and cfg.long_text == "cut" and not _TRUNCATION_TOLD:
             _TRUNCATION_TOLD.append(index)  # once per process (each DataLoader worker tells once)
             log.warning("a text document (record %d, %d tokens) is longer than a pack: its first %d tokens are "
-                        "trained, the rest dropped, as for any such document; split long documents beforehand "
-                        "to train on all of them", index, len(ids), cfg.max_tokens)
-        ids = ids[: cfg.max_tokens]
-        input_ids, labels, pixel_values = ids, list(ids), None
-    else:
-        if visuals is None:
-            pixel_values, counts, prefix = load_visuals(record, cfg, rng)
-        conversations = record.conversations
-        if prefix is not None:  # video: the frames replace <video> in a user turn (or lead the first one)
-            conversations = [dict(t) for t in conversations]
-            for turn in conversations:
-                key = "value" if "value" in turn else "content"
-                if ROLES.get(turn.get("from", turn.get("role"))) == "user" and VIDEO_PLACEHOLDER in turn[key]:
-                    turn[key] = turn[key].replace(VIDEO_PLACEHOLDER + "\n", prefix).replace(VIDEO_PLACEHOLDER, prefix)
-                    prefix = None
-                    break
-        try:
-            input_ids, labels = encode_conversation(
-                tokenizer,
-                conversations,
-                tiles_per_image=counts,
-                image_seq_length=cfg.image_seq_length,
-                system_message=cfg.system_message,
-                image_prefix=prefix,
-            )
-        except ValueError as e:
-            kind = "placeholder_mismatch" if "placeholder" in str(e) else "malformed"
-            raise RecordError(kind, f"{record.source}: {e}") from None
+                        "trained, the rest dropped, as for any such document (data.long_text=cut; split, the "
+                        "default, trains every part)", index, len(ids), cfg.max_tokens)
+        return _text_sample(record, ids, cfg, index, 0)
+    if visuals is None:
+        pixel_values, counts, prefix = load_visuals(record, cfg, rng)
+    conversations = record.conversations
+    if prefix is not None:  # video: the frames replace <video> in a user turn (or lead the first one)
+        conversations = [dict(t) for t in conversations]
+        for turn in conversations:
+            key = "value" if "value" in turn else "content"
+            if ROLES.get(turn.get("from", turn.get("role"))) == "user" and VIDEO_PLACEHOLDER in turn[key]:
+                turn[key] = turn[key].replace(VIDEO_PLACEHOLDER + "\n", prefix).replace(VIDEO_PLACEHOLDER, prefix)
+                prefix = None
+                break
+    try:
+        input_ids, labels = encode_conversation(
+            tokenizer,
+            conversations,
+            tiles_per_image=counts,
+            image_seq_length=cfg.image_seq_length,
+            system_message=cfg.system_message,
+            image_prefix=prefix,
+        )
+    except ValueError as e:
+        kind = "placeholder_mismatch" if "placeholder" in str(e) else "malformed"
+        raise RecordError(kind, f"{record.source}: {e}") from None
     input_ids = np.asarray(input_ids, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
     label_weights = slots = None
-    if cfg.prm_placeholder is not None and record.text is None:
-        input_ids, slots = _prm_placeholders(input_ids, labels, tokenizer, cfg.prm_placeholder)
+    if cfg.prm_placeholder is not None:
+        input_ids, slots = prm_placeholders(input_ids, labels, tokenizer, cfg.prm_placeholder)
         if cfg.prm_step_lm:
-            labels, label_weights = _prm_step_targets(input_ids, labels, tokenizer, cfg)
+            labels, label_weights = prm_step_targets(input_ids, labels, tokenizer, cfg)
     n_slots = int((input_ids == cfg.image_token_id).sum())
     n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
     if n_slots != n_tiles * cfg.image_seq_length:
@@ -221,47 +255,6 @@ def build_sample(record: Record | PreferenceRecord, tokenizer, cfg: DataConfig, 
     sample = Sample(input_ids, labels, positions, pixel_values, record.source, index, label_weights=label_weights,
                     label_slots=slots)
     return _checked(sample, cfg)
-
-
-def _prm_placeholders(input_ids: np.ndarray, labels: np.ndarray, tokenizer, placeholder: str) -> tuple[np.ndarray, np.ndarray]:
-    """The first labelled token of every assistant turn (a PRM's '+' / '-') replaced by `placeholder`,
-    and the indices of those tokens."""
-    ids = tokenizer(placeholder, add_special_tokens=False).input_ids
-    if len(ids) != 1:
-        raise ValueError(f"prm_placeholder {placeholder!r} must be one token, got {ids}")
-    starts = np.flatnonzero((labels != IGNORE_INDEX) & (np.concatenate([[IGNORE_INDEX], labels[:-1]]) == IGNORE_INDEX))
-    out = input_ids.copy()
-    out[starts] = ids[0]
-    return out, starts
-
-
-def _prm_step_targets(input_ids: np.ndarray, labels: np.ndarray, tokenizer, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and per-token weights with the user turns of the steps that are right so far learnt too.
-
-    Turns are found at `<|im_start|>`; a user turn followed by an assistant turn is a step, right so
-    far while every label up to its own is '+'. Its tokens after its last image token become targets
-    at weight cfg.prm_step_lm; the labels keep weight 1."""
-    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    good = tokenizer("+", add_special_tokens=False).input_ids
-    image_ids = [cfg.image_token_id] + [t for t in tokenizer.convert_tokens_to_ids(["<img>", "</img>"])
-                                        if t is not None and t != tokenizer.unk_token_id]
-    starts = np.flatnonzero(input_ids == im_start).tolist()
-    turns = list(zip(starts, starts[1:] + [len(input_ids)], strict=True))
-    answered = [bool((labels[a:b] != IGNORE_INDEX).any()) for a, b in turns]
-    out = labels.copy()
-    weights = np.where(labels != IGNORE_INDEX, 1.0, 0.0).astype(np.float32)
-    for k, (a, b) in enumerate(turns[:-1]):
-        if answered[k] or not answered[k + 1]:
-            continue
-        na, nb = turns[k + 1]
-        label = labels[na + int(np.flatnonzero(labels[na:nb] != IGNORE_INDEX)[0])]
-        if [int(label)] != good:
-            break  # this step and every later one follow an error
-        images = np.flatnonzero(np.isin(input_ids[a:b], image_ids))
-        lo = a + (int(images[-1]) + 1 if len(images) else 0)
-        out[lo:b] = input_ids[lo:b]
-        weights[lo:b] = cfg.prm_step_lm
-    return out, weights
 
 
 def _checked(sample: Sample, cfg: DataConfig) -> Sample:
@@ -359,7 +352,7 @@ def mean_tokens(source: Source, tokenizer, cfg: DataConfig, probes: int = 32) ->
     counts, first_error = [], None
     for i in picks:
         try:
-            counts.append(build_sample(source.get(i), tokenizer, probe_cfg, index=i).num_tokens)
+            counts.append(sum(s.num_tokens for s in build_samples(source.get(i), tokenizer, probe_cfg, index=i)))
         except (RecordError, OSError, RecursionError, TypeError, KeyError, AttributeError) as e:
             first_error = first_error or f"record {i}: {e}"
             continue
@@ -446,10 +439,10 @@ class PackedDataset(IterableDataset):
         d, r = self.mixture.locate(i)
         return self.sources[d].get(r)
 
-    def sample(self, i: int) -> Sample:
-        """Stream item i as a Sample; anything wrong with the record becomes a RecordError."""
+    def samples(self, i: int) -> list[Sample]:
+        """Stream item i as its Samples (build_samples); anything wrong with the record becomes a RecordError."""
         try:
-            return build_sample(self.record(i), self.tokenizer, self.cfg, index=i)
+            return build_samples(self.record(i), self.tokenizer, self.cfg, index=i)
         except RecordError:
             raise
         except (OSError, RecursionError, TypeError, KeyError, AttributeError) as e:
@@ -468,12 +461,18 @@ class PackedDataset(IterableDataset):
         seen, rejected = state["seen"], dict(state["rejected"])
         for buf in state["buffers"]:  # records waiting at the checkpoint; one that went bad since is counted
             rebuilt = []
-            for i in buf:
+            for entry in buf:
+                i, part = (entry, 0) if isinstance(entry, int) else entry  # [index, part] for a long text's part
                 try:
-                    rebuilt.append(self.sample(i))
+                    parts = self.samples(i)
                 except RecordError as e:
                     rejected[e.kind] = rejected.get(e.kind, 0) + 1
                     log.warning("record %d waiting in a pack at the checkpoint is now bad (%s): %s", i, e.kind, e)
+                    continue
+                if part < len(parts):
+                    rebuilt.append(parts[part])
+                else:  # the record changed since (an annotation line edited): its part is gone
+                    log.warning("record %d waiting in a pack at the checkpoint has no part %d now", i, part)
             if rebuilt:
                 packer.buffers.append(rebuilt)
         rejects, written = None, set()
@@ -492,7 +491,7 @@ class PackedDataset(IterableDataset):
                 seen += 1
                 since_batch += 1
                 try:
-                    done = packer.add(self.sample(i))
+                    done = [pack for sample in self.samples(i) for pack in packer.add(sample)]
                 except RecordError as e:
                     rejected[e.kind] = rejected.get(e.kind, 0) + 1
                     log.debug("skipped record %d (%s): %s", i, e.kind, e)
@@ -537,7 +536,7 @@ class PackedDataset(IterableDataset):
             "rejected": dict(rejected),
             "state": {
                 "next": nxt,
-                "buffers": [[s.index for s in buf] for buf in pending],
+                "buffers": [[s.index if not s.part else [s.index, s.part] for s in buf] for buf in pending],
                 "seen": seen,
                 "rejected": dict(rejected),
             },

@@ -8,7 +8,7 @@ from typing import ClassVar
 from tqdm import tqdm
 
 from nativevl.data import images as img
-from nativevl.data.pipeline import DataConfig, build_sample
+from nativevl.data.pipeline import DataConfig, build_samples
 from nativevl.data.records import PROBLEMS, Annotation, DatasetSpec, RecordError, parse_record
 
 
@@ -57,7 +57,7 @@ def validate(specs: list[DatasetSpec], tokenizer=None, cfg: DataConfig | None = 
             try:
                 record = parse_record(raw, spec, f"{spec.name}:{spec.annotation.name}:{lineno}")
                 if tokenizer is not None:  # preference records too: their pair must fit a pack
-                    build_sample(record, tokenizer, cfg, index=i)
+                    build_samples(record, tokenizer, cfg, index=i)
                 else:  # every file decoded as the pipeline will (a video's frames at test-time spacing)
                     loads = [lambda p=path: img.load_image(p) for path in record.images]
                     if record.video is not None:
