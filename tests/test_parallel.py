@@ -224,3 +224,19 @@ def test_a_sharded_bf16_run_keeps_its_frozen_layers_in_bf16_and_trains_as_with_f
         lines = [json.loads(x) for x in (tmp_path / frozen / "metrics.jsonl").read_text().splitlines()]
         seen[frozen] = [(m["loss"], m["grad_norm"]) for m in lines if "loss" in m]
     assert seen["bfloat16"] == seen["float32"] and len(seen["bfloat16"]) == 3
+
+
+def test_ranks_skip_a_step_marked_out_of_memory_together(tmp_path):
+    """A resumed run skips the step whose batches ran out of memory on every rank, though only rank 1's
+    batch is marked (its rank ran out; rank 0 skips by agreement, or its collectives would wait forever);
+    2 processes then give the losses of 1 process that skips the same records."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, rank, indices in [(one, 0, [[2], [3]]), (two, 1, [[3]])]:  # step 2 reads stream items 2 and 3
+        out.mkdir()
+        (out / f"oom-step2-rank{rank}.json").write_text(json.dumps({"step": 2, "rank": rank, "indices": indices}))
+    a, b = one_and_two_processes(ARGS + ["--max_skipped_steps=1", "--export=false"], one, two)
+    assert [r["loss"] is None for r in a] == [r["loss"] is None for r in b] == [False, True, False]
+    assert b[1]["skipped_steps"] == 1
+    for x, y in zip(a, b, strict=True):
+        if x["loss"] is not None:
+            assert abs(x["loss"] - y["loss"]) / abs(x["loss"]) < 1e-5

@@ -393,6 +393,62 @@ def test_max_skipped_steps_lets_a_long_run_pass_a_few_bad_steps(tmp_path):
         loop.train(model, tokenizer, dataset, run.stage, run.train, tmp_path / "b")
 
 
+def test_a_batch_that_runs_out_of_memory_is_marked_and_skipped_in_place_or_on_the_resume(tmp_path, caplog):
+    """A batch that ran out of memory was met again on every resume (the stream is deterministic), so a
+    long run could not pass it. Now its step is marked (oom-step*.json, naming its records) and, with
+    --max_skipped_steps, skipped: in place in one process, on the resume otherwise, with the same result."""
+    from nativevl.train.watch import OutOfMemory
+
+    def runner(out, *extra, oom_at=None):
+        run = apply_overrides(recipe("debug_tiny"), ["--max_steps=4", "--global_batch=2", "--tensorboard=false",
+                                                     "--save_every=1", "--export=false", *extra])
+        model, tokenizer, dataset, run = build(run, out)
+        calls = []
+
+        def out_of_memory(module, args):  # the second batch of step 2: the first one's gradients are in
+            calls.append(1)
+            if len(calls) == oom_at:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+        model.register_forward_pre_hook(out_of_memory)
+        return model, lambda: loop.train(model, tokenizer, dataset, run.stage, run.train, out, run_config=dataclasses.asdict(run))
+
+    def logged(out):
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    model_a, train_a = runner(tmp_path / "a", "--max_skipped_steps=1", oom_at=4)
+    assert train_a()["step"] == 4
+    marks = list((tmp_path / "a").glob("oom-step*-rank*.json"))
+    assert [m.name for m in marks] == ["oom-step2-rank0.json"]
+    mark = json.loads(marks[0].read_text())
+    assert mark["step"] == 2 and len(mark["indices"]) == 2 and "Tried to allocate" in mark["error"]
+    assert [m["loss"] is None for m in logged(tmp_path / "a")] == [False, True, False, False]
+    assert logged(tmp_path / "a")[1]["skipped_steps"] == 1 and logged(tmp_path / "a")[1]["grad_norm"] is None
+
+    _, train_b = runner(tmp_path / "b", oom_at=4)  # no step may be skipped: the run stops, naming the way on
+    with pytest.raises(OutOfMemory, match=r"step 2 ran out of device memory .* --max_skipped_steps=1 .* resumes"):
+        train_b()
+    assert (tmp_path / "b" / "oom-step2-rank0.json").is_file()
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    model_b, train_b = runner(tmp_path / "b", "--max_skipped_steps=1")  # the resume skips the marked step
+    train_b()
+    assert [m["loss"] is None for m in logged(tmp_path / "b")] == [False, True, False, False]
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # the same weights as the run that skipped it in place
+
+    mark_c = tmp_path / "c" / "oom-step2-rank0.json"  # allowed no skip, the resume tries the batches again
+    with caplog.at_level("WARNING", logger="nativevl.train.loop"):
+        runner(tmp_path / "c")[1]()
+    assert "step 2's batches ran out of memory before" in caplog.text
+    assert [m["loss"] is None for m in logged(tmp_path / "c")] == [False, False, False, False]
+    shutil.rmtree(tmp_path / "c" / "checkpoints")  # from step 0 again, with a mark of other records
+    for f in tmp_path.glob("c/metrics.jsonl"):
+        f.unlink()
+    (mark_c).write_text(json.dumps({**json.loads(mark_c.read_text()), "indices": [[99999], [99998]]}))
+    runner(tmp_path / "c", "--max_skipped_steps=1")[1]()
+    assert [m["loss"] is None for m in logged(tmp_path / "c")] == [False, False, False, False]
+
+
 def test_resume_takes_the_learning_rate_of_the_command(tmp_path):
     """Resuming with another --lr (e.g. lower after a spike): the optimiser state comes from the
     checkpoint but the learning rate from the command; before, the checkpoint's base learning rate

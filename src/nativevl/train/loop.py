@@ -7,6 +7,7 @@ warmup + cosine. Resumes exactly from DIR/checkpoints; exports the -hf layout to
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from nativevl.train.optim import build_optimizer, lr_factor, set_lr
 from nativevl.train.parallel import all_reduce_max, all_reduce_sum, broadcast_object, init_distributed
 from nativevl.train.plan import keeps_frozen_bf16, preflight
 from nativevl.train.stages import MODULES, StagePolicy, apply_policy, bf16_base, quantize_base, store_frozen
-from nativevl.train.watch import HangWatchdog, Interrupted, StopRequests
+from nativevl.train.watch import HangWatchdog, Interrupted, MemoryMarks, OutOfMemory, StopRequests
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,9 @@ class TrainConfig:
     loss_chunk: int = 4096  # labelled positions per logits chunk
     save_every: int = 500  # steps between checkpoints (0: only at the end; a stopping signal saves too)
     keep_checkpoints: int = 2
-    # steps whose loss or gradient is not finite skipped (no update; their batches dumped, logged) before the run
-    # stops, in one session; 0: the first stops it
+    # steps whose loss or gradient is not finite, or whose batches ran out of device memory (several processes:
+    # on the resume), skipped (no update; their batches dumped / marked, logged) before the run stops, in one
+    # session; 0: the first stops it
     max_skipped_steps: int = 0
     seed: int = 0
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
@@ -250,7 +252,9 @@ def train(
     watchdog = HangWatchdog(out_dir / f"hang-rank{rank}-{time.strftime('%Y%m%d-%H%M%S')}.txt", cfg.hang_timeout)
     stops = StopRequests().__enter__()  # SIGTERM, SIGUSR1, ^C: save after the step, then stop (watch.py)
     started_at = step  # the step this session began from (a checkpoint's, on resume)
-    skipped = 0  # steps skipped for a non-finite loss or gradient (--max_skipped_steps)
+    skipped = 0  # steps skipped for a non-finite loss or gradient, or out of memory (--max_skipped_steps)
+    oom = MemoryMarks(out_dir)  # steps whose batches ran out of memory before (rank 0's files, on every rank)
+    oom.share(broadcast_object)
     last_loss = float("nan")
     saved_step = step  # a resumed run's checkpoint holds its step already
     ran_out = False
@@ -277,6 +281,38 @@ def train(
 
     def val_due() -> bool:
         return val_batches is not None and ((cfg.val_every and step % cfg.val_every == 0) or step == cfg.max_steps)
+
+    def forward_backward(micro: list, norms: torch.Tensor) -> tuple:
+        """Forward and backward over a step's batches: (loss sum, logged parts, flops, tokens)."""
+        loss_sum = torch.zeros((), device=device)
+        parts: dict[str, torch.Tensor] = {}
+        flops, n_tokens = 0.0, 0
+        for batch in micro:
+            b = batch.to(device, dtype=torch.bfloat16 if use_bf16 else None)
+            with autocast():
+                loss, logs = objective(model, b, norms)
+            finite = bool(torch.isfinite(loss))
+            if not finite:
+                dump = out_dir / f"nonfinite-step{step + 1}-rank{rank}.pt"
+                torch.save(batch, dump)
+                said = (f"non-finite loss {loss.item()} at step {step + 1} (rank {rank}); batch dumped to {dump} "
+                        f"(documents: {batch.sources})")
+                if skipped >= cfg.max_skipped_steps:
+                    raise NonFiniteLoss(said)
+                log.warning("%s: the step is skipped", said)
+            # backward all the same: the ranks' collectives stay in step, and the NaN gradient norm they
+            # reduce together skips the update on every rank
+            loss.backward()
+            for k, v in logs.items() if finite else ():
+                parts[k] = parts.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=device)
+            if finite:
+                loss_sum += loss.detach()
+            lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+            flops += batch_flops(model.config, sizes, factors, lengths, batch.num_tiles)
+            if reference_factors:
+                flops += batch_flops(model.config, sizes, reference_factors, lengths, batch.num_tiles)
+            n_tokens += batch.num_tokens
+        return loss_sum, parts, flops, n_tokens
 
     try:
         # stopped after this step's checkpoint, before its validation or evaluation ended: they run first
@@ -309,54 +345,59 @@ def train(
             norms = all_reduce_sum(objective.local_normalizers(micro).to(device))
             factor = lr_factor(step, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps, min_ratio=cfg.min_lr_ratio)
             set_lr(optimizer, factor)
-            loss_sum = torch.zeros((), device=device)
-            parts: dict[str, torch.Tensor] = {}
-            flops, n_tokens = 0.0, 0
-            for batch in micro:
-                b = batch.to(device, dtype=torch.bfloat16 if use_bf16 else None)
-                with autocast():
-                    loss, logs = objective(model, b, norms)
-                finite = bool(torch.isfinite(loss))
-                if not finite:
-                    dump = out_dir / f"nonfinite-step{step + 1}-rank{rank}.pt"
-                    torch.save(batch, dump)
-                    said = (f"non-finite loss {loss.item()} at step {step + 1} (rank {rank}); batch dumped to {dump} "
-                            f"(documents: {batch.sources})")
-                    if skipped >= cfg.max_skipped_steps:
-                        raise NonFiniteLoss(said)
-                    log.warning("%s: the step is skipped", said)
-                # backward all the same: the ranks' collectives stay in step, and the NaN gradient norm they
-                # reduce together skips the update on every rank
-                loss.backward()
-                for k, v in logs.items() if finite else ():
-                    parts[k] = parts.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=device)
-                if finite:
-                    loss_sum += loss.detach()
-                lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
-                flops += batch_flops(model.config, sizes, factors, lengths, batch.num_tiles)
-                if reference_factors:
-                    flops += batch_flops(model.config, sizes, reference_factors, lengths, batch.num_tiles)
-                n_tokens += batch.num_tokens
-            # FSDP summed the gradients over ranks during backward
-            parallel.fill_missing_grads(trainable)
-            grad_norm = parallel.clip_grad_norm(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            skipping = not math.isfinite(grad_norm) and skipped < cfg.max_skipped_steps
-            if skipping:  # the global norm: every rank skips together, before any weight changes
+            skip = None  # why this step makes no update (its batches ran out of memory)
+            if step + 1 in oom.steps:  # every rank knows the marked steps: they agree on whether to skip
+                again = all_reduce_max(torch.tensor([float(oom.holds(step + 1, micro))], device=device)).item() > 0
+                if again and skipped < cfg.max_skipped_steps:
+                    skip = "its batches ran out of memory before (oom-step*.json): skipped"
+                elif again and main:
+                    log.warning("step %d's batches ran out of memory before (oom-step%d-rank*.json); with "
+                                "--max_skipped_steps=%d they are tried again", step + 1, step + 1, cfg.max_skipped_steps)
+            if skip is None:
+                try:
+                    loss_sum, parts, flops, n_tokens = forward_backward(micro, norms)
+                except torch.OutOfMemoryError as e:
+                    mark = oom.record(step + 1, rank, micro, e)
+                    said = (f"step {step + 1} ran out of device memory (rank {rank}; its batches: "
+                            f"{[b.num_tokens for b in micro]} tokens, {[b.num_tiles for b in micro]} tiles; marked in "
+                            f"{mark})")
+                    if world > 1 or skipped >= cfg.max_skipped_steps:
+                        raise OutOfMemory(
+                            f"{said}. The same command with --max_skipped_steps=1 (or more) resumes past these "
+                            "batches; or make room: --activation_checkpointing=true, a smaller --max_tokens / "
+                            "--max_tiles, more GPUs (`nativevl plan` estimates each)") from e
+                    skip = f"{said}: skipped"
+            if skip is not None:  # no update (one process: in place; several: on the resume, every rank together)
+                gc.collect()  # what the failed step held
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                loss_sum, parts, flops, n_tokens = torch.zeros((), device=device), {}, 0.0, 0
                 skipped += 1
-                log.warning("non-finite gradient norm at step %d: no update (%d of --max_skipped_steps=%d skipped)",
-                            step + 1, skipped, cfg.max_skipped_steps)
+                skipping, grad_norm = True, None
+                log.warning("step %d: %s (%d of --max_skipped_steps=%d)", step + 1, skip, skipped,
+                            cfg.max_skipped_steps)
                 optimizer.zero_grad(set_to_none=True)
-            elif not math.isfinite(grad_norm):  # the global norm: every rank stops here, before any weight changes
-                dump = out_dir / f"nonfinite-step{step + 1}-rank{rank}.pt"
-                torch.save(micro, dump)
-                raise NonFiniteLoss(
-                    f"non-finite gradient norm {grad_norm} at step {step + 1} (rank {rank}) with a finite loss; "
-                    f"the step's {len(micro)} batch(es) dumped to {dump} "
-                    f"(documents: {[s for b in micro for s in b.sources]})"
-                )
             else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                # FSDP summed the gradients over ranks during backward
+                parallel.fill_missing_grads(trainable)
+                grad_norm = parallel.clip_grad_norm(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                skipping = not math.isfinite(grad_norm) and skipped < cfg.max_skipped_steps
+                if skipping:  # the global norm: every rank skips together, before any weight changes
+                    skipped += 1
+                    log.warning("non-finite gradient norm at step %d: no update (%d of --max_skipped_steps=%d skipped)",
+                                step + 1, skipped, cfg.max_skipped_steps)
+                    optimizer.zero_grad(set_to_none=True)
+                elif not math.isfinite(grad_norm):  # the global norm: every rank stops here, before any weight changes
+                    dump = out_dir / f"nonfinite-step{step + 1}-rank{rank}.pt"
+                    torch.save(micro, dump)
+                    raise NonFiniteLoss(
+                        f"non-finite gradient norm {grad_norm} at step {step + 1} (rank {rank}) with a finite loss; "
+                        f"the step's {len(micro)} batch(es) dumped to {dump} "
+                        f"(documents: {[s for b in micro for s in b.sources]})"
+                    )
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             step += 1
             loss_value = all_reduce_sum(loss_sum).item()
             part_values = {k: all_reduce_sum(v).item() for k, v in sorted(parts.items())}
@@ -371,13 +412,13 @@ def train(
             # ... and whether any rank was asked to stop (the ranks stop together, after the same step)
             data_wait, memory, stop = all_reduce_max(torch.tensor([data_wait, memory, stops.signal is not None],
                                                                   device=device, dtype=torch.float64)).tolist()
-            last_loss = loss_value
+            last_loss = last_loss if skipping else loss_value
             logger.log({
                 "step": step,
                 "loss": None if skipping else loss_value,
                 "lr": cfg.lr * factor,  # the run's; a module with its own learning rate also logs lr_<module>
                 **{f"lr_{m}": lrs[m] * factor for m in MODULES if policy.get(m).lr is not None and params[m]},
-                "grad_norm": float(grad_norm),
+                "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens": n_tokens,
                 "tokens_total": tokens_total,
                 "tokens_per_s": n_tokens / elapsed,

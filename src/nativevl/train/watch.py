@@ -1,4 +1,5 @@
-"""Watching a training run: a signal asks the loop to stop cleanly, a step that hangs leaves its stacks.
+"""Watching a training run: a signal asks the loop to stop cleanly, a step that hangs leaves its stacks,
+a step that runs out of device memory is marked so that a resume can pass it.
 
 Stopping: a signal asks the loop to save a checkpoint after the step it is in.
 
@@ -12,6 +13,7 @@ handlers cannot be set) nothing is installed and the run behaves as before.
 from __future__ import annotations
 
 import faulthandler
+import json
 import logging
 import signal
 import sys
@@ -85,3 +87,49 @@ class HangWatchdog:
             self.path.unlink()
         else:
             log.warning("a step took longer than hang_timeout=%gs: the stacks are in %s", self.timeout, self.path)
+
+
+class OutOfMemory(RuntimeError):
+    """A step's batches ran out of device memory; they are marked (MemoryMarks) for a resume to skip."""
+
+
+class MemoryMarks:
+    """Steps whose batches ran out of device memory: `oom-step{N}-rank{r}.json` files in the run folder,
+    each naming the records of that rank's batches (their stream indices, sources, tokens and tiles).
+
+    The stream is deterministic, so a run resumed before step N meets the same batches at step N and
+    runs out of memory again; with --max_skipped_steps it skips them instead (every rank together, as for
+    a non-finite step). A step is skipped only while its batches hold the marked records: a run whose data
+    changed since trains them. `steps` is read by rank 0 and sent to every rank (`share`), so the ranks
+    agree even without a shared folder."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.steps: dict[int, list[list[list[int]]]] = {}  # step -> each marking rank's batches' record indices
+        for path in sorted(out_dir.glob("oom-step*-rank*.json")):
+            try:
+                mark = json.loads(path.read_text(encoding="utf-8"))
+                self.steps.setdefault(int(mark["step"]), []).append(mark["indices"])
+            except (OSError, ValueError, KeyError, TypeError):  # cut short by the crash it records
+                log.warning("%s is unreadable: ignored", path)
+
+    def share(self, broadcast) -> None:
+        """Rank 0's marks on every rank (`broadcast`: parallel.broadcast_object)."""
+        self.steps = {int(k): v for k, v in broadcast(self.steps).items()}
+
+    def holds(self, step: int, micro: list) -> bool:
+        """Whether this rank's batches for `step` are the records some rank's batches were when it ran out."""
+        return [list(b.indices) for b in micro] in self.steps.get(step, [])
+
+    def record(self, step: int, rank: int, micro: list, error: BaseException) -> Path:
+        """Write the mark of this rank's batches at `step`; returns its path."""
+        path = self.out_dir / f"oom-step{step}-rank{rank}.json"
+        mark = {"step": step, "rank": rank, "indices": [list(b.indices) for b in micro],
+                "sources": [list(b.sources) for b in micro], "tokens": [b.num_tokens for b in micro],
+                "tiles": [b.num_tiles for b in micro], "error": str(error)[:2000]}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(mark) + "\n", encoding="utf-8")
+        tmp.replace(path)
+        self.steps.setdefault(step, []).append(mark["indices"])
+        return path
