@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,6 +140,87 @@ launch(apply_overrides(recipe("debug_tiny"), {SMALL + ["--export=false"]!r}), {s
     got = losses(tmp_path)
     assert all(got[s] == ref[s] for s in range(1, 7)), (got, ref)
     assert not list((tmp_path / "checkpoints").glob(".step-*"))  # the stale temporary folder is cleaned up
+
+
+def test_a_full_disk_while_saving_stops_the_run_saying_so_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
+                                                                                        capsys, caplog):
+    """A full disk ended the run with a bare OSError traceback; a rank whose file failed alone left the others
+    waiting in the barrier. Now every rank stops with what happened, how much room there is, and which
+    checkpoint the same command resumes from; nothing half-written stays."""
+    import errno
+
+    from nativevl.cli import main as cli_main
+    from nativevl.train import checkpoint
+
+    original = checkpoint._save_file
+
+    def full_at_step_2(obj, path):
+        if ".step-00000002" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        original(obj, path)
+
+    monkeypatch.setattr(checkpoint, "_save_file", full_at_step_2)
+    args = ["train", "debug_tiny", "--out", str(tmp_path), "--max_steps=3", "--global_batch=2", "--save_every=1",
+            "--tensorboard=false", "--export=false"]
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert "stopped: the checkpoint of step 2 could not be written" in err and "No space left on device" in err
+    assert "The checkpoint of step 1 is intact: make room (or lower --keep_checkpoints)" in err and "GiB free" in err
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]
+    monkeypatch.setattr(checkpoint, "_save_file", original)
+    # room made: the same command resumes from step 1; a disk that would not hold another checkpoint is said
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: __import__("shutil")._ntuple_diskusage(1, 1, 1))
+    with caplog.at_level("WARNING", logger="nativevl.train.checkpoint"):
+        assert cli_main(args) == 0
+    assert "GiB free under" in caplog.text and "the next one (step 3 + --save_every) may not fit" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+
+
+def _save_with_rank_1_full(rank: int, port: int, folder: str) -> None:
+    import errno
+
+    import torch.distributed as dist
+
+    from nativevl.train import checkpoint
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        state = lambda: {"app": {"model": {"w": torch.ones(4)}}, "meta": {"step": 1}, "rank_state": {"r": rank},
+                         "rank": rank}
+        checkpoint.save_checkpoint(Path(folder), 1, state())
+        original = checkpoint._save_file
+
+        def full_on_rank_1(obj, path):
+            if rank == 1:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            original(obj, path)
+
+        checkpoint._save_file = full_on_rank_1
+        try:
+            checkpoint.save_checkpoint(Path(folder), 2, state())
+            said = "saved"
+        except checkpoint.CheckpointNotSaved as e:
+            said = str(e)
+        Path(folder, f"said-{rank}.txt").write_text(said)
+        dist.barrier()  # both ranks got here: no one waits in the save's collectives
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_save_with_rank_1_full, args=(port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        said = (tmp_path / f"said-{rank}.txt").read_text()
+        assert said.startswith("the checkpoint of step 2 could not be written") and "rank 1: OSError" in said
+        assert "The checkpoint of step 1 is intact" in said
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step-00000001"]
 
 
 def test_frozen_module_and_per_module_learning_rates(tmp_path):

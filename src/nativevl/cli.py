@@ -561,10 +561,12 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # a run that stopped itself (non-finite loss, too many bad records): its message
         from nativevl.data.convert import ConversionAborted
         from nativevl.data.pipeline import TooManyBadRecords
+        from nativevl.train.checkpoint import CheckpointNotSaved
         from nativevl.train.loop import NonFiniteLoss
-        from nativevl.train.watch import Interrupted
+        from nativevl.train.watch import Interrupted, OutOfMemory
 
-        if not isinstance(e, (NonFiniteLoss, TooManyBadRecords, ConversionAborted, Interrupted)):
+        if not isinstance(e, (NonFiniteLoss, TooManyBadRecords, ConversionAborted, Interrupted, OutOfMemory,
+                              CheckpointNotSaved)):
             raise
         msg = str(e)
         if "Original Traceback" in msg:  # raised in a DataLoader worker: the original message is the last line

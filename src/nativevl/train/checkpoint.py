@@ -63,37 +63,89 @@ def _save_file(obj, path: Path) -> None:
         os.fsync(f.fileno())
 
 
+class CheckpointNotSaved(RuntimeError):
+    """A checkpoint could not be written (a full disk, say); the ones before it are intact."""
+
+
+def _any_failed(error: BaseException | None) -> str | None:
+    """Collective: the first failing rank's error as text (None when every rank succeeded)."""
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    if not is_distributed():
+        return mine
+    import torch.distributed as dist
+
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return next((f"rank {r}: {e}" for r, e in enumerate(every) if e is not None), None)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
 def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 2) -> Path:
     """Collective. state: {"app": {"model": sd, "optimizer": sd} (DCP), "meta": {...} (rank 0's),
-    "rank_state": {...} (this rank's), "rank": int}."""
+    "rank_state": {...} (this rank's), "rank": int}. A write that fails on any rank (a full disk) raises
+    CheckpointNotSaved on every rank, its partial files removed and the earlier checkpoints untouched;
+    a save that leaves less free space than another checkpoint needs is warned about."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     folder = Path(folder)
     rank = state["rank"]
     final = folder / f"step-{step:08d}"
-    tmp = None
+    tmp, error = None, None
     if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".step-{step:08d}.tmp-", dir=folder)
-    tmp = Path(broadcast_object(tmp))
-    try:
-        dcp.save(state["app"], checkpoint_id=str(tmp), no_dist=not is_distributed())
-        _save_file(state["rank_state"], tmp / f"rank-{rank:05d}.pt")
-        barrier()  # every rank's files are on disk before rank 0 marks the checkpoint complete
-        if rank == 0:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".step-{step:08d}.tmp-", dir=folder)
+        except OSError as e:
+            error = e
+    tmp = broadcast_object(tmp)
+    if tmp is not None:
+        tmp = Path(tmp)
+        try:  # DCP agrees over the ranks on its own failures; this rank's file may fail alone
+            dcp.save(state["app"], checkpoint_id=str(tmp), no_dist=not is_distributed())
+            _save_file(state["rank_state"], tmp / f"rank-{rank:05d}.pt")
+        except (OSError, CheckpointException) as e:
+            error = e
+        except BaseException:  # interrupted: nothing half-written stays
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    failed = _any_failed(error)  # every rank's files are on disk (or one failed) before rank 0 goes on
+    if failed is None and rank == 0:
+        try:
             _save_file(state["meta"], tmp / META)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-    except BaseException:
-        if rank == 0:
+        except OSError as e:
+            error = e
+    failed = failed or _any_failed(error if rank == 0 else None)
+    if failed is not None:
+        if rank == 0 and tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        earlier = latest(folder)
+        free = shutil.disk_usage(folder).free if folder.is_dir() else 0
+        size = f"; the last one took {_folder_bytes(earlier) / 2**30:.2f} GiB" if earlier is not None else ""
+        full = any(x in failed for x in ("No space left", "Disk quota", "ENOSPC", "EDQUOT"))
+        fix = "make room (or lower --keep_checkpoints), then" if full else "once that is fixed,"
+        raise CheckpointNotSaved(
+            f"the checkpoint of step {step} could not be written under {folder} ({failed}); {free / 2**30:.2f} GiB "
+            f"free there{size}. " + (f"The checkpoint of step {step_of(earlier)} is intact: {fix} the same command "
+                                     "resumes from it" if earlier is not None else
+                                     f"No earlier checkpoint: {fix} the same command starts again"))
     if rank == 0:
         for old in checkpoints(folder)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for stale in folder.glob(".step-*.tmp-*"):  # left by a killed save
             shutil.rmtree(stale, ignore_errors=True)
+        size, free = _folder_bytes(final), shutil.disk_usage(folder).free
+        if free < 1.1 * size:  # the next save writes a whole checkpoint before it removes the oldest
+            log.warning("%.2f GiB free under %s, and a checkpoint takes %.2f GiB: the next one (step %d + "
+                        "--save_every) may not fit. Make room, or lower --keep_checkpoints (%d)", free / 2**30,
+                        folder, size / 2**30, step, keep)
     barrier()
     return final
 

@@ -358,9 +358,9 @@ def train(
                     loss_sum, parts, flops, n_tokens = forward_backward(micro, norms)
                 except torch.OutOfMemoryError as e:
                     mark = oom.record(step + 1, rank, micro, e)
-                    said = (f"step {step + 1} ran out of device memory (rank {rank}; its batches: "
-                            f"{[b.num_tokens for b in micro]} tokens, {[b.num_tiles for b in micro]} tiles; marked in "
-                            f"{mark})")
+                    said = (f"step {step + 1} ran out of device memory (rank {rank}: {str(e).splitlines()[0][:200]}; "
+                            f"its batches: {[b.num_tokens for b in micro]} tokens, {[b.num_tiles for b in micro]} "
+                            f"tiles; marked in {mark})")
                     if world > 1 or skipped >= cfg.max_skipped_steps:
                         raise OutOfMemory(
                             f"{said}. The same command with --max_skipped_steps=1 (or more) resumes past these "
