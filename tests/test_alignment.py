@@ -295,8 +295,9 @@ def test_best_of_n_prefills_once_and_picks_by_score(tokenizer):
 
 
 def test_prm_step_lm_learns_the_steps_that_are_right_so_far(tokenizer):
-    from nativevl.data.pipeline import DataConfig, build_sample
+    from nativevl.data.pipeline import DataConfig
     from nativevl.data.records import Record
+    from nativevl.data.samples import build_sample
 
     conv = prm_conversation("what is shown?", ["one", "two", "three"], ["+", "+", "-"])
     record = Record(conversations=conv, source="prm")
@@ -326,8 +327,9 @@ def test_prm_step_lm_learns_the_steps_that_are_right_so_far(tokenizer):
 
 
 def test_prm_training_shows_placeholders_and_learns_true_labels(tokenizer):
-    from nativevl.data.pipeline import DataConfig, build_sample
+    from nativevl.data.pipeline import DataConfig
     from nativevl.data.records import Record
+    from nativevl.data.samples import build_sample
 
     conv = prm_conversation("what is shown?", ["one", "two", "three"], ["+", "-", "-"])
     record = Record(conversations=conv, source="prm")
@@ -503,8 +505,9 @@ def test_prm_objective_is_a_two_way_choice_at_the_label_slots_only(tokenizer):
     """--objective=prm: at each label slot the cross-entropy between '+' and '-' only (what scoring reads);
     the other labelled tokens (`<|im_end|>`, step text) keep the full-vocabulary loss; one normaliser.
     A '+' inside step text is not a slot."""
-    from nativevl.data.pipeline import DataConfig, build_sample
+    from nativevl.data.pipeline import DataConfig
     from nativevl.data.records import Record
+    from nativevl.data.samples import build_sample
     from nativevl.train.objectives import make_objective
 
     good, bad = label_token_ids(tokenizer)

@@ -94,8 +94,9 @@ def test_each_format_converts_to_the_internvl_record_it_means(tmp_path, media, t
     assert meta == {"train": {"root": "", "annotation": "train.jsonl", "max_dynamic_patch": 12, "data_augment": False}}
     assert not (tmp_path / "out" / "train.rejects.jsonl").exists()
 
-    from nativevl.data.pipeline import DataConfig, build_sample
+    from nativevl.data.pipeline import DataConfig
     from nativevl.data.records import Annotation, load_meta, parse_record
+    from nativevl.data.samples import build_sample
     from nativevl.data.validate import validate
 
     cfg = DataConfig(max_tokens=4096, image_seq_length=2, image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),

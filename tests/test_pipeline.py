@@ -13,8 +13,9 @@ from test_model import make_model
 from nativevl.cli import main as cli_main
 from nativevl.data.mixture import Enumeration, Mixture, mixture_weights
 from nativevl.data.packing import collate, document_weight
-from nativevl.data.pipeline import DataConfig, PackedDataset, StreamTracker, build_sample, iterate_batches, make_loader
+from nativevl.data.pipeline import DataConfig, PackedDataset, StreamTracker, iterate_batches, make_loader
 from nativevl.data.records import PreferenceRecord, RecordError, load_meta, parse_record
+from nativevl.data.samples import build_sample, build_samples
 from nativevl.train.losses import weighted_cross_entropy
 
 N_RECORDS = 40
@@ -414,7 +415,7 @@ def test_a_preference_pair_loads_its_images_once_and_each_side_as_a_record_of_it
                                                                                      monkeypatch):
     """A pair's image is decoded, tiled and JPEG-augmented once for both sides; each side is what the
     conversation record of that side alone gives at the same index (tiles, V2PE strides drawn after them)."""
-    from nativevl.data import pipeline
+    from nativevl.data import samples
     from nativevl.data.records import Record
 
     rng = np.random.default_rng(3)
@@ -422,8 +423,8 @@ def test_a_preference_pair_loads_its_images_once_and_each_side_as_a_record_of_it
     pair = PreferenceRecord("<image>\nwhat is shown?", "a red circle", "a blue square", [tmp_path / "a.png"],
                             "p:1", max_dynamic_patch=4, data_augment=True)
     cfg = data_config(max_tokens=400, max_tiles=12, v2pe="random")
-    real, calls = pipeline.load_visuals, []
-    monkeypatch.setattr(pipeline, "load_visuals", lambda *a: calls.append(1) or real(*a))
+    real, calls = samples.load_visuals, []
+    monkeypatch.setattr(samples, "load_visuals", lambda *a: calls.append(1) or real(*a))
     sample = build_sample(pair, tokenizer, cfg, index=2)
     assert len(calls) == 1 and sample.num_tiles > 1
     for side, (ids, labels, positions) in ((pair.chosen, (sample.input_ids, sample.labels, sample.position_ids)),
@@ -463,7 +464,6 @@ def test_a_config_made_for_another_model_is_named_and_for_model_fits_one(tmp_pat
 
 def test_a_text_document_longer_than_a_pack_is_split_into_parts_that_train_every_token(tokenizer):
     """Its tail was dropped: pre-training on long documents lost most of their tokens."""
-    from nativevl.data.pipeline import build_samples
     from nativevl.data.records import Record
 
     text = " ".join(f"word{k % 37} and {k % 11}" for k in range(60))
@@ -492,13 +492,12 @@ def test_a_text_document_longer_than_a_pack_is_split_into_parts_that_train_every
 def test_with_long_text_cut_a_long_document_keeps_its_first_tokens_and_is_said_once(tokenizer, caplog, monkeypatch):
     import logging
 
-    from nativevl.data import pipeline
-    from nativevl.data.pipeline import build_samples
+    from nativevl.data import samples
     from nativevl.data.records import Record
 
-    monkeypatch.setattr(pipeline, "_TRUNCATION_TOLD", [])
+    monkeypatch.setattr(samples, "_TRUNCATION_TOLD", [])
     cfg = data_config(max_tokens=16, long_text="cut")
-    with caplog.at_level(logging.WARNING, logger="nativevl.data.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="nativevl.data.samples"):
         for i in range(3):
             (sample,) = build_samples(Record([], text="one two three four five six " * 10), tokenizer, cfg, index=i)
             assert sample.num_tokens == 16

@@ -280,8 +280,9 @@ def test_preference_pairs_about_a_video_ask_it_as_eval_does_and_train_on_its_fra
     video, and the MPO loader makes both sides of a pair from the same frames."""
     import json
 
-    from nativevl.data.pipeline import DataConfig, build_sample
+    from nativevl.data.pipeline import DataConfig
     from nativevl.data.records import DatasetSpec, parse_record
+    from nativevl.data.samples import build_sample
     from nativevl.pipelines import questions as qmod
 
     model = make_model()
@@ -350,8 +351,9 @@ def test_a_preference_pair_on_a_video_converts_and_loads(tmp_path, tokenizer):
     import json
 
     from nativevl.data.convert import convert
-    from nativevl.data.pipeline import DataConfig, build_sample
+    from nativevl.data.pipeline import DataConfig
     from nativevl.data.records import load_meta, parse_record
+    from nativevl.data.samples import build_sample
 
     write_clip(tmp_path / "clip.mp4")
     raw = {"messages": [{"role": "user", "content": "what happens?"}, {"role": "assistant", "content": "a bar moves"}],
@@ -378,8 +380,9 @@ def test_prm_labels_for_a_video_question_ask_it_with_its_frames(tmp_path, tokeni
     `<video>` of its question when it trains."""
     import json
 
-    from nativevl.data.pipeline import DataConfig, build_sample
+    from nativevl.data.pipeline import DataConfig
     from nativevl.data.records import DatasetSpec, parse_record
+    from nativevl.data.samples import build_sample
     from nativevl.pipelines import questions as qmod
 
     model = make_model()

@@ -8,8 +8,9 @@ from typing import ClassVar
 from tqdm import tqdm
 
 from nativevl.data import images as img
-from nativevl.data.pipeline import DataConfig, build_samples
+from nativevl.data.pipeline import DataConfig
 from nativevl.data.records import PROBLEMS, Annotation, DatasetSpec, RecordError, parse_record
+from nativevl.data.samples import build_samples
 
 
 @dataclass
