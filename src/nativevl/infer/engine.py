@@ -40,6 +40,7 @@ from nativevl.infer.sampling import (  # re-exported: callers import the engine'
     Request,
     SamplingParams,
     Sequence,
+    grow_text,
     sample_tokens,
     streamable,
     token_logprobs,
@@ -592,16 +593,18 @@ class Engine:
         if seq.seen is not None:
             seq.seen.add(token)
         self.next_tokens[seq.slot] = token
-        text = None
-        if p.stop:
-            text = self._text(seq.tokens)
-            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                return self._finish(seq, "stop", text[:cut])
+        if p.stop and self.tokenizer is not None:
+            grown = len(seq.text)
+            text = grow_text(self.tokenizer, seq)
+            if len(text) > grown:  # a stop string ending in the new text starts at most this far back
+                frm = max(0, grown - max(len(s) for s in p.stop) + 1)
+                cut = min((i for i in (text.find(s, frm) for s in p.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    return self._finish(seq, "stop", text[:cut])
         if len(seq.tokens) >= p.max_tokens or len(seq.req.prompt) + len(seq.tokens) > self.max_seq_len:
-            return self._finish(seq, "length", text)
-        if seq.req.on_event is not None:
-            text = self._text(seq.tokens) if text is None else text
+            return self._finish(seq, "length")
+        if seq.req.on_event is not None and self.tokenizer is not None:
+            text = seq.text if p.stop else grow_text(self.tokenizer, seq)
             end = streamable(text, p.stop)
             if end > seq.sent:
                 seq.req._emit("delta", seq.index, text[seq.sent:end])
