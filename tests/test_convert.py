@@ -377,6 +377,33 @@ def test_a_held_out_split_keeps_a_pictures_questions_together(tmp_path):
     assert 0 < sum("image" not in r for r in val) < 100  # text-only records are drawn one by one
 
 
+
+def test_a_held_out_split_keeps_records_joined_by_a_later_picture_together(tmp_path):
+    """Only a record's first picture chose its side: a record about pictures 1 and 2 could be held out
+    while the questions about picture 2 alone were trained on. Records sharing any picture now form one
+    group, whatever the order they come in."""
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i in range(120):
+        Image.new("RGB", (8, 8), (i, 1, 0)).save(pics / f"{i}.png")
+    groups = {}
+    records = []
+    for g in range(40):  # a, b, c: b alone first, then a with b, c alone, then c with a (joined last)
+        a, b, c = (f"pics/{3 * g + k}.png" for k in range(3))
+        for image in (b, [a, b], c, [c, a], a):
+            records.append({"image": image, "conversations": [{"from": "human", "value": "<image>" * (
+                len(image) if isinstance(image, list) else 1) + f" q{len(records)}"}, {"from": "gpt", "value": "x"}]})
+            groups[f"q{len(records) - 1}"] = g
+    write_jsonl(tmp_path / "in.jsonl", records)
+    stats = convert([tmp_path / "in.jsonl"], tmp_path / "d" / "train.jsonl", val_fraction=0.3, seed=2)
+    train, val = read_jsonl(tmp_path / "d" / "train.jsonl"), read_jsonl(tmp_path / "d" / "train_val.jsonl")
+    assert len(train) + len(val) == 200 and stats.held_out == len(val)
+    side = lambda rows: {groups[r["conversations"][0]["value"].split()[-1]] for r in rows}
+    assert side(val) and side(train) and not side(val) & side(train)  # every group on one side, whole
+    assert [r["conversations"][0]["value"] for r in train] == [r["conversations"][0]["value"] for r in records
+                                                               if groups[r["conversations"][0]["value"].split()[-1]]
+                                                               in side(train)]  # in the input's order
+
 def test_ms_swift_grounding_becomes_internvls_ref_and_box(tmp_path, media):
     """ms-swift's <ref-object> / <bbox> tags with `objects` become InternVL's <ref>name</ref> and
     <box>[[x1, y1, x2, y2]]</box> on a 0-1000 grid of the box's image, from pixels or from 0-1, in order

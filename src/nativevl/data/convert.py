@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -87,8 +88,9 @@ def convert(
 ) -> ConvertStats:
     """Convert every record of `inputs` into `out` (InternVL jsonl) and add it to out's meta.json.
     Rejected records go to out.rejects.jsonl (whole, with kind and reason). With `val_fraction`, that
-    share of the written records (drawn by a hash of `seed` and the record's first image or video, so that
-    records about one picture stay together, else its place in the input; the same every run) goes to
+    share of the written records (drawn by a hash of `seed` and the record's picture group, so that the
+    records sharing any image or video stay together (PictureGroups), else its place in the input; the
+    same every run) goes to
     OUT_val.jsonl instead, listed in meta_val.json beside it (`--val_meta`)."""
     out = Path(out)
     if not 0 <= val_fraction < 1:
@@ -128,6 +130,7 @@ def convert(
     val_tmp = val_out.with_name(val_out.name + ".tmp")
     rejects_tmp = out.with_name(f".{out.stem}.rejects.jsonl.tmp")
     stats = ConvertStats()
+    groups = PictureGroups(lambda key: held_out(seed, key, val_fraction))
 
     def too_many() -> str:
         return (f"{stats.bad} of {stats.records} records rejected, over --max_reject_fraction {max_reject_fraction:.1%}; "
@@ -137,9 +140,9 @@ def convert(
         seen = stats.records
         return (final or seen >= min_records_before_abort) and stats.bad > max_reject_fraction * seen
 
-    def one(where: str, raw: Any) -> tuple[str, str | None]:
-        """(The output line of a record, its first image or video as written), or ConvertError (the images
-        it embedded removed again)."""
+    def one(where: str, raw: Any) -> tuple[str, list[str]]:
+        """(The output line of a record, its images or video as written), or ConvertError (the images it
+        embedded removed again)."""
         if isinstance(raw, ConvertError):
             raise raw
         created = len(media.created)
@@ -151,7 +154,7 @@ def convert(
             del media.created[created:]
             raise
 
-    def checked(where: str, raw: Any) -> tuple[str, str | None]:
+    def checked(where: str, raw: Any) -> tuple[str, list[str]]:
         try:
             record = convert_record(raw, layout, media, out_dir)
             parse_record(record, spec, where)  # what nativevl's loader will read: its checks, now, by record
@@ -167,8 +170,7 @@ def convert(
             log.debug("%s: %s", where, e, exc_info=True)
             raise ConvertError("malformed", f"unreadable record ({type(e).__name__}: {e})") from None
         stats.pairs += "chosen" in record
-        first = next((m for k in ("image", "video") for m in _media_of(record.get(k))), None)
-        return line, first
+        return line, [m for k in ("image", "video") for m in _media_of(record.get(k))]
 
     def rejected(where: str, raw: Any, error: ConvertError) -> str:
         entry = {"where": where, "kind": error.kind, "error": str(error)}
@@ -180,14 +182,13 @@ def convert(
             return json.dumps(entry)
 
     try:
-        with open(tmp, "w", encoding="utf-8") as f, open(rejects_tmp, "w", encoding="utf-8") as rejects, \
-                open(val_tmp, "w", encoding="utf-8") as fv:
+        with open(tmp, "w", encoding="utf-8") as f, open(rejects_tmp, "w", encoding="utf-8") as rejects:
             for path in files:
                 media.root = Path(image_root) if image_root is not None else path.parent  # each file's own folder
                 for where, raw in tqdm(read_records(path), total=count_records(path), desc=path.name, unit="rec"):
                     stats.records += 1
                     try:
-                        line, first = one(where, raw)
+                        line, pictures = one(where, raw)
                     except ConvertError as e:
                         stats.add(ConvertError(e.kind, f"{where}: {e}"), examples)
                         rejects.write(rejected(where, raw, e) + "\n")
@@ -195,16 +196,15 @@ def convert(
                             raise ConversionAborted(too_many()) from None
                         continue
                     stats.written += 1
-                    # records showing the same picture (or video) fall on the same side of the split
-                    if val_fraction and held_out(seed, f"media {first}" if first else stats.records, val_fraction):
-                        stats.held_out += 1
-                        fv.write(line + "\n")
-                    else:
-                        f.write(line + "\n")
+                    f.write(line + "\n")
+                    if val_fraction:
+                        groups.add(pictures, stats.records)
         if stats.records == 0:
             raise ConversionAborted(f"{', '.join(map(str, files))}: no records")
         if over_limit(final=True):
             raise ConversionAborted(too_many())
+        if val_fraction:  # records sharing a picture (or video) fall on the same side of the split
+            stats.held_out = groups.split(tmp, val_tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         val_tmp.unlink(missing_ok=True)
@@ -231,13 +231,67 @@ def convert(
         if stats.held_out == stats.written:
             log.warning("every record went to %s: %s holds none to train on", val_out, out)
     else:
-        val_tmp.unlink()
+        val_tmp.unlink(missing_ok=True)
         if val_fraction:
             log.warning("--val_fraction %s held out none of %d records: no validation set written", val_fraction,
                         stats.written)
         if replacing:
             _drop_held_out(val_out)  # the earlier run's, which would now share records with `out`
     return stats
+
+
+class PictureGroups:
+    """The held-out split's groups: records joined by any picture or video they share (a record about
+    pictures 1 and 2 joins the records about either). A record whose pictures no record shows with
+    another is keyed by its picture ("media PATH"); one of a group joined so, by the group's first
+    picture in path order; a record without any, by its place in the input (decided at once).
+
+    The records are written first and split after (`split`), a group being known only at the end;
+    memory: a byte per record, and the pictures of the records that show several."""
+
+    def __init__(self, is_held: Callable[[str | int], bool]) -> None:
+        self.is_held = is_held
+        self.parent: dict[str, str] = {}  # union-find over the pictures of records showing several
+        self.marks = bytearray()  # per written record: 0 / 1 its side, decided; 2 keyed by its pictures, later
+
+    def _root(self, m: str) -> str:
+        while self.parent[m] != m:
+            self.parent[m] = self.parent[self.parent[m]]
+            m = self.parent[m]
+        return m
+
+    def add(self, pictures: list[str], position: int) -> None:
+        """The next written record: its pictures (as written), its place in the input."""
+        if not pictures:
+            self.marks.append(int(self.is_held(position)))
+            return
+        self.marks.append(2)
+        if len(pictures) > 1:
+            for m in pictures:
+                self.parent.setdefault(m, m)
+            for m in pictures[1:]:
+                a, b = self._root(pictures[0]), self._root(m)
+                if a != b:
+                    self.parent[max(a, b)] = min(a, b)  # a root is its group's first picture in path order
+
+    def split(self, path: Path, held_path: Path) -> int:
+        """Move the held-out records of the written file `path` (one line each, in `add`'s order) to
+        `held_path`; returns how many."""
+        kept, n = path.with_name(path.name + ".kept"), 0
+        try:
+            with open(path, encoding="utf-8") as lines, open(kept, "w", encoding="utf-8") as train, \
+                    open(held_path, "w", encoding="utf-8") as held:
+                for k, line in enumerate(lines):
+                    side = self.marks[k]
+                    if side == 2:
+                        first = next(m for f in ("image", "video") for m in _media_of(json.loads(line).get(f)))
+                        side = self.is_held(f"media {self._root(first) if first in self.parent else first}")
+                    n += side
+                    (held if side else train).write(line)
+            os.replace(kept, path)
+        finally:
+            kept.unlink(missing_ok=True)
+        return n
 
 
 def _media_of(value: Any) -> list[str]:
@@ -260,7 +314,7 @@ def _drop_held_out(val_out: Path) -> None:
 
 def held_out(seed: int, key: int | str, fraction: float) -> bool:
     """Whether a record goes to the validation set: a hash of (seed, key) below `fraction`, so the split is
-    the same every run and on every machine. The key: the record's first image or video as written
-    (records about one picture together), else its position in the input."""
+    the same every run and on every machine. The key: the record's picture group (PictureGroups), else
+    its position in the input."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
