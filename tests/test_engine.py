@@ -686,3 +686,56 @@ def test_incremental_text_is_the_whole_decode_at_every_token(tokenizer, kind):
         assert held  # some character did arrive over two tokens
     else:  # every word keeps its space (one decoded first drops it, as in the whole decode)
         assert seq.text.startswith("Hello wörld, naïve café ")
+
+
+def _bytes_tokenizer(extra: list[bytes]):
+    """A byte-level BPE tokenizer (Qwen2's kind) whose vocabulary is the 256 bytes, then `extra`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # GPT-2's byte -> printable character table: printable bytes stand for themselves, the rest from 256 on
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    hidden = [b for b in range(256) if b not in shown]
+    table = {**{b: chr(b) for b in shown}, **{b: chr(256 + k) for k, b in enumerate(hidden)}}
+    vocab = {table[b]: b for b in range(256)}
+    for token in extra:
+        vocab["".join(table[b] for b in token)] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.add_special_tokens(["<|im_end|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>")
+
+
+def test_a_stop_string_in_a_token_that_ends_inside_a_character_stops_there():
+    """A token holding 'STOP' and the first bytes of '—' (byte-level vocabularies have such tokens): the
+    text grown so far waits for the character's last byte, and the stop string was not seen; the sample
+    ran on (its tokens counted) or, ended by EOS or max_tokens, returned and streamed 'STOP'."""
+    from nativevl.infer.sampling import Request, Sequence
+
+    tok = _bytes_tokenizer([b"STOP\xe2\x80", b"\x94\xe2\x80"])
+    stop_token, still_split = 256, 257
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def run(tokens, max_tokens=50):
+        engine = object.__new__(Engine)  # its text and stop handling alone, driven token by token
+        engine.tokenizer, engine.max_seq_len, engine.prefixes = tok, 1000, None
+        engine.next_tokens, engine.lengths = [0], [0]
+        deltas = []
+        req = Request([1, 2], SamplingParams(stop=("STOP",), max_tokens=max_tokens), None,
+                      lambda kind, i, x: deltas.append(x) if kind == "delta" else None)
+        req.timings.update(admitted=0.0, first_token=0.0)
+        seq = Sequence(req, 0, 0, frozenset({eos}))
+        engine.slots = [seq]
+        for t in tokens:
+            if engine.slots[0] is seq:
+                engine._append(seq, t)
+        return req.completions[0], "".join(deltas)
+
+    hi = [ord("h"), ord("i")]
+    for tokens, max_tokens in [(hi + [stop_token, eos], 50), (hi + [stop_token], 3),
+                               (hi + [stop_token] + [still_split] * 6 + [0x94], 50)]:
+        done, streamed = run(tokens, max_tokens)
+        assert (done.text, done.finish_reason, streamed) == ("hi", "stop", "hi")
+        assert done.token_ids == hi + [stop_token]  # nothing after the token that holds the stop string
+    done, streamed = run(hi + [0xE2, 0x80, 0x94, ord("x")], 6)  # no stop string: the character arrives whole
+    assert (done.text, done.finish_reason, streamed) == ("hi\u2014x", "length", "hi\u2014x")

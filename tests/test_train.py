@@ -165,7 +165,7 @@ def test_a_full_disk_while_saving_stops_the_run_saying_so_and_keeps_the_last_che
     assert cli_main(args) == 1
     err = capsys.readouterr().err
     assert "stopped: the checkpoint of step 2 could not be written" in err and "No space left on device" in err
-    assert "The checkpoint of step 1 is intact: make room (or lower --keep_checkpoints)" in err and "GiB free" in err
+    assert "The checkpoint of step 1 is intact: make room, then the same command resumes" in err and "GiB free" in err
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]
     monkeypatch.setattr(checkpoint, "_save_file", original)
     # room made: the same command resumes from step 1; a disk that would not hold another checkpoint is said
@@ -174,6 +174,36 @@ def test_a_full_disk_while_saving_stops_the_run_saying_so_and_keeps_the_last_che
         assert cli_main(args) == 0
     assert "GiB free under" in caplog.text and "the next one (step 3 + --save_every) may not fit" in caplog.text
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+
+
+def test_a_save_failing_inside_dcp_is_told_in_one_line_and_a_second_ctrl_c_there_interrupts(tmp_path, monkeypatch):
+    """DCP wraps each rank's error, traceback included, in a CheckpointException: the message printed
+    15 lines of traceback, and a second ^C during the save (the first asked for it) read as a failed write."""
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as dcp_files
+
+    from nativevl.train import checkpoint
+
+    def state(step):
+        return {"app": {"model": {"w": torch.zeros(8)}}, "meta": {"step": step}, "rank_state": {}, "rank": 0}
+
+    folder = tmp_path / "checkpoints"
+    for step in (1, 2):
+        checkpoint.save_checkpoint(folder, step, state(step))
+    for error in (OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()):
+        def fail(self, *args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(dcp_files.FileSystemWriter, "write_data", fail)
+        with pytest.raises(type(error) if isinstance(error, KeyboardInterrupt) else checkpoint.CheckpointNotSaved) as got:
+            checkpoint.save_checkpoint(folder, 3, state(3))
+        said = str(got.value)
+        if not isinstance(error, KeyboardInterrupt):
+            assert "\n" not in said and "Traceback" not in said and "(OSError: [Errno 28] No space left" in said
+            assert f"make room (deleting {folder / 'step-00000001'}, the oldest kept, frees" in said
+            assert "The checkpoint of step 2 is intact" in said
+        assert sorted(p.name for p in folder.iterdir()) == ["step-00000001", "step-00000002"]  # nothing half-written
 
 
 def _save_with_rank_1_full(rank: int, port: int, folder: str) -> None:
@@ -475,28 +505,62 @@ def test_max_skipped_steps_lets_a_long_run_pass_a_few_bad_steps(tmp_path):
         loop.train(model, tokenizer, dataset, run.stage, run.train, tmp_path / "b")
 
 
+def metric_lines(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+def oom_runner(args: list[str]):
+    """runner(out, *more_args, oom_at=k): (model, start) for debug_tiny with `args`, the policy's k-th forward
+    raising torch.OutOfMemoryError (two batches a step: k = 4 is step 2's second)."""
+
+    def runner(out, *extra, oom_at=None):
+        run = apply_overrides(recipe("debug_tiny"), [*args, *extra])
+        model, tokenizer, dataset, run = build(run, out)
+        calls = []
+
+        def out_of_memory(module, inputs):
+            if module is model:  # not MPO's reference, a copy that carries the hook too
+                calls.append(1)
+                if len(calls) == oom_at:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+        model.register_forward_pre_hook(out_of_memory)
+        return model, lambda: loop.train(model, tokenizer, dataset, run.stage, run.train, out,
+                                         run_config=dataclasses.asdict(run))
+
+    return runner
+
+
+def test_an_mpo_step_skipped_in_place_for_memory_equals_one_skipped_on_the_resume(tmp_path):
+    """MPO updates its reward shift in each batch's forward: a step whose second batch ran out of memory
+    kept the first one's update when skipped in place, not when skipped on the resume (and the random
+    draws of the batches that ran were spent). Both now give the same run."""
+    from test_alignment import MPO_ARGS, preference_meta
+
+    from nativevl.train.watch import OutOfMemory
+
+    runner = oom_runner([*MPO_ARGS, f"--meta={preference_meta(tmp_path)}", "--max_steps=3"])
+    model_a, train_a = runner(tmp_path / "a", "--max_skipped_steps=1", oom_at=4)
+    train_a()
+    with pytest.raises(OutOfMemory):
+        runner(tmp_path / "b", oom_at=4)[1]()
+    model_b, train_b = runner(tmp_path / "b", "--max_skipped_steps=1")
+    train_b()
+    a, b = metric_lines(tmp_path / "a"), metric_lines(tmp_path / "b")
+    assert [m["loss"] is None for m in a] == [False, True, False]
+    assert [(m["loss"], m.get("reward_shift")) for m in a] == [(m["loss"], m.get("reward_shift")) for m in b]
+    for (name, x), y in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
 def test_a_batch_that_runs_out_of_memory_is_marked_and_skipped_in_place_or_on_the_resume(tmp_path, caplog):
     """A batch that ran out of memory was met again on every resume (the stream is deterministic), so a
     long run could not pass it. Now its step is marked (oom-step*.json, naming its records) and, with
     --max_skipped_steps, skipped: in place in one process, on the resume otherwise, with the same result."""
     from nativevl.train.watch import OutOfMemory
 
-    def runner(out, *extra, oom_at=None):
-        run = apply_overrides(recipe("debug_tiny"), ["--max_steps=4", "--global_batch=2", "--tensorboard=false",
-                                                     "--save_every=1", "--export=false", *extra])
-        model, tokenizer, dataset, run = build(run, out)
-        calls = []
-
-        def out_of_memory(module, args):  # the second batch of step 2: the first one's gradients are in
-            calls.append(1)
-            if len(calls) == oom_at:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-        model.register_forward_pre_hook(out_of_memory)
-        return model, lambda: loop.train(model, tokenizer, dataset, run.stage, run.train, out, run_config=dataclasses.asdict(run))
-
-    def logged(out):
-        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    runner = oom_runner(["--max_steps=4", "--global_batch=2", "--tensorboard=false", "--save_every=1",
+                         "--export=false"])
 
     model_a, train_a = runner(tmp_path / "a", "--max_skipped_steps=1", oom_at=4)
     assert train_a()["step"] == 4
@@ -504,8 +568,8 @@ def test_a_batch_that_runs_out_of_memory_is_marked_and_skipped_in_place_or_on_th
     assert [m.name for m in marks] == ["oom-step2-rank0.json"]
     mark = json.loads(marks[0].read_text())
     assert mark["step"] == 2 and len(mark["indices"]) == 2 and "Tried to allocate" in mark["error"]
-    assert [m["loss"] is None for m in logged(tmp_path / "a")] == [False, True, False, False]
-    assert logged(tmp_path / "a")[1]["skipped_steps"] == 1 and logged(tmp_path / "a")[1]["grad_norm"] is None
+    assert [m["loss"] is None for m in metric_lines(tmp_path / "a")] == [False, True, False, False]
+    assert metric_lines(tmp_path / "a")[1]["skipped_steps"] == 1 and metric_lines(tmp_path / "a")[1]["grad_norm"] is None
 
     _, train_b = runner(tmp_path / "b", oom_at=4)  # no step may be skipped: the run stops, naming the way on
     with pytest.raises(OutOfMemory, match=r"step 2 ran out of device memory .* --max_skipped_steps=1 .* resumes"):
@@ -514,7 +578,7 @@ def test_a_batch_that_runs_out_of_memory_is_marked_and_skipped_in_place_or_on_th
     shutil.copytree(tmp_path / "b", tmp_path / "c")
     model_b, train_b = runner(tmp_path / "b", "--max_skipped_steps=1")  # the resume skips the marked step
     train_b()
-    assert [m["loss"] is None for m in logged(tmp_path / "b")] == [False, True, False, False]
+    assert [m["loss"] is None for m in metric_lines(tmp_path / "b")] == [False, True, False, False]
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # the same weights as the run that skipped it in place
 
@@ -522,13 +586,13 @@ def test_a_batch_that_runs_out_of_memory_is_marked_and_skipped_in_place_or_on_th
     with caplog.at_level("WARNING", logger="nativevl.train.loop"):
         runner(tmp_path / "c")[1]()
     assert "step 2's batches ran out of memory before" in caplog.text
-    assert [m["loss"] is None for m in logged(tmp_path / "c")] == [False, False, False, False]
+    assert [m["loss"] is None for m in metric_lines(tmp_path / "c")] == [False, False, False, False]
     shutil.rmtree(tmp_path / "c" / "checkpoints")  # from step 0 again, with a mark of other records
     for f in tmp_path.glob("c/metrics.jsonl"):
         f.unlink()
     (mark_c).write_text(json.dumps({**json.loads(mark_c.read_text()), "indices": [[99999], [99998]]}))
     runner(tmp_path / "c", "--max_skipped_steps=1")[1]()
-    assert [m["loss"] is None for m in logged(tmp_path / "c")] == [False, False, False, False]
+    assert [m["loss"] is None for m in metric_lines(tmp_path / "c")] == [False, False, False, False]
 
 
 def test_resume_takes_the_learning_rate_of_the_command(tmp_path):

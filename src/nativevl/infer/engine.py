@@ -62,6 +62,11 @@ def _bucket_batch(n: int, cap: int) -> int:
     return min(b, cap)
 
 
+def _first_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int:
+    """Where the first of the stop strings begins in text[start:] (-1: none)."""
+    return min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
+
+
 def check_options(decode_chunk: int, prefix_min_tokens: int, vision_cache_mb: float, name=lambda key: key) -> None:
     """The engine's numeric options, ValueError naming the bad one as `name(key)` (the command line checks
     its flags with them before loading a model)."""
@@ -594,11 +599,10 @@ class Engine:
             seq.seen.add(token)
         self.next_tokens[seq.slot] = token
         if p.stop and self.tokenizer is not None:
-            grown = len(seq.text)
-            text = grow_text(self.tokenizer, seq)
-            if len(text) > grown:  # a stop string ending in the new text starts at most this far back
-                frm = max(0, grown - max(len(s) for s in p.stop) + 1)
-                cut = min((i for i in (text.find(s, frm) for s in p.stop) if i >= 0), default=-1)
+            searched = len(seq.text) + len(seq.pending)
+            text = grow_text(self.tokenizer, seq) + seq.pending  # what the tokens say so far
+            if len(text) > searched:  # a stop string ending in the new text starts at most this far back
+                cut = _first_stop(text, p.stop, max(0, searched - max(len(s) for s in p.stop) + 1))
                 if cut >= 0:
                     return self._finish(seq, "stop", text[:cut])
         if len(seq.tokens) >= p.max_tokens or len(seq.req.prompt) + len(seq.tokens) > self.max_seq_len:
@@ -612,7 +616,11 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, text: str | None = None, stop_token: int | None = None) -> None:
         req = seq.req
-        text = self._text(seq.tokens) if text is None else text
+        if text is None:
+            text = self._text(seq.tokens)
+            cut = _first_stop(text, req.params.stop) if req.params.stop else -1
+            if cut >= 0:  # a stop string that only a character still incomplete would have shown
+                text, reason = text[:cut], "stop"
         if len(text) > seq.sent:
             req._emit("delta", seq.index, text[seq.sent:])
         done = Completion(token_ids=list(seq.tokens), text=text, finish_reason=reason,

@@ -149,6 +149,7 @@ class Sequence:
         # incremental detokenization (grow_text): the text of the tokens decoded so far, and the window
         # of tokens [start, read) it was last decoded from
         self.text = ""
+        self.pending = ""  # the text of tokens after `read` while it ends inside a character, its whole ones
         self.start = self.read = 0
         self.generator = None
         if p.temperature >= MIN_TEMPERATURE:  # below it, dividing the logits overflows: greedy, as vLLM
@@ -224,6 +225,9 @@ def grow_text(tokenizer, seq: Sequence) -> str:
     if len(after) > len(before) and not after.endswith("\ufffd"):
         seq.text += after[len(before):]
         seq.start, seq.read = seq.read, len(seq.tokens)
+        seq.pending = ""
+    else:  # what the held-back tokens already say (a stop string before the split character, say)
+        seq.pending = after[len(before):].rstrip("\ufffd")
     return seq.text
 
 

@@ -67,9 +67,25 @@ class CheckpointNotSaved(RuntimeError):
     """A checkpoint could not be written (a full disk, say); the ones before it are intact."""
 
 
+def _described(error: BaseException) -> str:
+    """An error as one line of text; DCP's CheckpointException (which holds each rank's error with its
+    traceback) by the errors it wraps."""
+    wrapped = getattr(error, "failures", None)
+    if isinstance(wrapped, dict) and wrapped:
+        return "; ".join(f"{type(e).__name__}: {e}" for e, _ in wrapped.values())
+    return f"{type(error).__name__}: {error}"
+
+
+def _interrupt_in(error: BaseException) -> BaseException | None:
+    """A KeyboardInterrupt (a second ^C) or SystemExit that DCP wrapped as a failed write."""
+    wrapped = getattr(error, "failures", None)
+    inner = [e for e, _ in wrapped.values()] if isinstance(wrapped, dict) else []
+    return next((e for e in inner if not isinstance(e, Exception)), None)
+
+
 def _any_failed(error: BaseException | None) -> str | None:
     """Collective: the first failing rank's error as text (None when every rank succeeded)."""
-    mine = None if error is None else f"{type(error).__name__}: {error}"
+    mine = None if error is None else _described(error)
     if not is_distributed():
         return mine
     import torch.distributed as dist
@@ -109,6 +125,10 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 2) -> Path
             _save_file(state["rank_state"], tmp / f"rank-{rank:05d}.pt")
         except (OSError, CheckpointException) as e:
             error = e
+            if (interrupt := _interrupt_in(e)) is not None:  # ^C during DCP's writes (on every rank)
+                if rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise interrupt from None
         except BaseException:  # interrupted: nothing half-written stays
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -126,11 +146,16 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 2) -> Path
     if failed is not None:
         if rank == 0 and tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        earlier = latest(folder)
-        free = shutil.disk_usage(folder).free if folder.is_dir() else 0
+        found = checkpoints(folder)
+        earlier = found[-1] if found else None
+        existing = next(p for p in (folder, *folder.parents) if p.is_dir())
+        free = shutil.disk_usage(existing).free
         size = f"; the last one took {_folder_bytes(earlier) / 2**30:.2f} GiB" if earlier is not None else ""
         full = any(x in failed for x in ("No space left", "Disk quota", "ENOSPC", "EDQUOT"))
-        fix = "make room (or lower --keep_checkpoints), then" if full else "once that is fixed,"
+        fix = "once that is fixed,"
+        if full:  # a save writes a whole checkpoint before it removes the oldest: room for one more is needed
+            fix = (f"make room (deleting {found[0]}, the oldest kept, frees {_folder_bytes(found[0]) / 2**30:.2f} "
+                   "GiB), then" if len(found) > 1 else "make room, then")
         raise CheckpointNotSaved(
             f"the checkpoint of step {step} could not be written under {folder} ({failed}); {free / 2**30:.2f} GiB "
             f"free there{size}. " + (f"The checkpoint of step {step_of(earlier)} is intact: {fix} the same command "
@@ -144,8 +169,8 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 2) -> Path
         size, free = _folder_bytes(final), shutil.disk_usage(folder).free
         if free < 1.1 * size:  # the next save writes a whole checkpoint before it removes the oldest
             log.warning("%.2f GiB free under %s, and a checkpoint takes %.2f GiB: the next one (step %d + "
-                        "--save_every) may not fit. Make room, or lower --keep_checkpoints (%d)", free / 2**30,
-                        folder, size / 2**30, step, keep)
+                        "--save_every) may not fit (it is written whole before the oldest of the %d kept goes). "
+                        "Make room", free / 2**30, folder, size / 2**30, step, keep)
     barrier()
     return final
 

@@ -354,19 +354,25 @@ def train(
                     log.warning("step %d's batches ran out of memory before (oom-step%d-rank*.json); with "
                                 "--max_skipped_steps=%d they are tried again", step + 1, step + 1, cfg.max_skipped_steps)
             if skip is None:
+                # what a skip in place undoes: the objective's running state (MPO's reward shift) and the
+                # random draws (dropout) of the batches that ran, so that it equals a skip on the resume
+                undo = (objective.state_dict(), ckpt.rng_state()) if world == 1 and cfg.max_skipped_steps else None
                 try:
                     loss_sum, parts, flops, n_tokens = forward_backward(micro, norms)
                 except torch.OutOfMemoryError as e:
                     mark = oom.record(step + 1, rank, micro, e)
-                    said = (f"step {step + 1} ran out of device memory (rank {rank}: {str(e).splitlines()[0][:200]}; "
-                            f"its batches: {[b.num_tokens for b in micro]} tokens, {[b.num_tiles for b in micro]} "
-                            f"tiles; marked in {mark})")
-                    if world > 1 or skipped >= cfg.max_skipped_steps:
+                    said = (f"step {step + 1} ran out of device memory (rank {rank}: "
+                            f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}; its batches: "
+                            f"{[b.num_tokens for b in micro]} tokens, {[b.num_tiles for b in micro]} tiles; marked "
+                            f"in {mark})")
+                    if undo is None or skipped >= cfg.max_skipped_steps:
                         raise OutOfMemory(
                             f"{said}. The same command with --max_skipped_steps=1 (or more) resumes past these "
                             "batches; or make room: --activation_checkpointing=true, a smaller --max_tokens / "
                             "--max_tiles, more GPUs (`nativevl plan` estimates each)") from e
                     skip = f"{said}: skipped"
+                    objective.load_state_dict(undo[0])
+                    ckpt.set_rng_state(undo[1])
             if skip is not None:  # no update (one process: in place; several: on the resume, every rank together)
                 gc.collect()  # what the failed step held
                 if device.type == "cuda":
