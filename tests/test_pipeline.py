@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -512,8 +513,8 @@ def test_the_parts_of_long_documents_stream_once_each_and_resume_exactly_mid_doc
 
     rng = np.random.default_rng(1)
     lines = []
-    for k in range(12):  # short and long documents: up to ~6 parts of a 24-token pack
-        words = int(rng.integers(3, 60))
+    for k in range(12):  # long documents (~6 parts of a 24-token pack) between short ones that fill open packs
+        words = 60 if k % 3 == 0 else int(rng.integers(2, 8))
         lines.append({"text": " ".join(f"w{int(x)}" for x in rng.integers(0, 50, words)) + f" doc{k}"})
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (tmp_path / "meta.json").write_text(json.dumps({"docs": {"root": "", "annotation": "docs.jsonl", "repeat_time": 1}}))
@@ -540,7 +541,8 @@ def test_the_parts_of_long_documents_stream_once_each_and_resume_exactly_mid_doc
             if k + 1 == stop:
                 break
         state = json.loads(json.dumps(tracker.state_dict()))
-        saved_parts += sum(isinstance(e, list) for s in state["shards"].values() for buf in s["buffers"] for e in buf)
+        saved_parts += sum(isinstance(e, list) for s in state["shards"].values() for buf in s["buffers"] + s.get("ready", [])
+                           for e in buf)
         resumed = PackedDataset(specs, tokenizer, cfg)
         resumed.load_state_dict(state)
         assert parts_of(first) + parts_of(make_loader(resumed)) == full
@@ -548,3 +550,86 @@ def test_the_parts_of_long_documents_stream_once_each_and_resume_exactly_mid_doc
     # text_ratio in tokens measures whole documents (the tokens of all their parts); validation reads every part
     assert mean_tokens(resumed.sources[0], tokenizer, cfg, probes=12) == pytest.approx(sum(d for _, d in flat) / 12)
     assert validate(specs, tokenizer, cfg).counts == {}
+
+
+def _text_of(tokenizer, n: int) -> str:
+    """A text whose encoding (with the end token) is exactly n tokens."""
+    words, out = "one two three four five six seven eight nine ten".split(), []
+    size = lambda ws: len(tokenizer(" ".join(ws), add_special_tokens=False).input_ids) + 1
+    while size(out) < n:
+        out.append(next(w for w in words if size([*out, w]) <= n))
+    assert size(out) == n
+    return " ".join(out)
+
+
+def test_a_resume_between_the_packs_one_document_completed_keeps_their_order(tokenizer, tmp_path, monkeypatch):
+    """A 45-token document fills two 20-token packs at once; the state after the first kept the second among
+    the open packs, so a resume there gave it after the pack the next document completed. A resume also
+    rebuilt (tokenised) a waiting document once per waiting part, and counted it bad once per part."""
+    texts = [_text_of(tokenizer, 13), _text_of(tokenizer, 45), _text_of(tokenizer, 5)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "meta.json").write_text(json.dumps({"docs": {"root": "", "annotation": "docs.jsonl"}}))
+    specs = load_meta(tmp_path / "meta.json")
+    cfg = data_config(max_tokens=20, read_once=True)
+    sizes = lambda batches: [np.diff(b.cu_seqlens.numpy()).tolist() for b in batches]
+    full = sizes(make_loader(PackedDataset(specs, tokenizer, cfg)))
+    assert sorted(map(sum, full)) == [5, 20, 20, 20]  # three parts (20, 20, 7), the 7 and the 13 together
+    for stop in range(1, len(full)):
+        tracker = StreamTracker(1.0)
+        first = list(itertools.islice(iterate_batches(make_loader(PackedDataset(specs, tokenizer, cfg)), tracker), stop))
+        resumed = PackedDataset(specs, tokenizer, cfg)
+        resumed.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+        calls = []
+        real = PackedDataset.samples
+        monkeypatch.setattr(PackedDataset, "samples", lambda self, i: calls.append(i) or real(self, i))
+        assert sizes(first) + sizes(make_loader(resumed)) == full, stop
+        monkeypatch.setattr(PackedDataset, "samples", real)
+        assert len(calls) == len(set(calls))  # each waiting document rebuilt once
+    # a waiting document gone bad since the checkpoint is one bad record, however many of its parts wait
+    tracker = StreamTracker(1.0)
+    next(iterate_batches(make_loader(PackedDataset(specs, tokenizer, cfg)), tracker))
+    state = json.loads(json.dumps(tracker.state_dict()))
+    waiting = {e[0] for s in state["shards"].values() for pack in s["ready"] + s["buffers"] for e in pack
+               if isinstance(e, list)}
+    assert len(waiting) == 1
+    resumed = PackedDataset(specs, tokenizer, cfg)
+    resumed.load_state_dict(state)
+
+    def gone_bad(self, i):
+        if i in waiting:
+            raise RecordError("malformed", "edited since")
+        return real(self, i)
+
+    monkeypatch.setattr(PackedDataset, "samples", gone_bad)
+    assert [b.stats["rejected"] for b in make_loader(resumed)][-1] == {"malformed": 1}
+
+
+def test_a_resume_at_another_world_size_deals_out_the_waiting_packs(tokenizer, tmp_path):
+    """The waiting packs were dropped when the number of ranks or workers changed: a few records once, but
+    a long document waits as many packs (a 2M-token one: ~120 of 16k tokens). They are now dealt out over
+    the new shards, each pack to one, and trained there first."""
+    from nativevl.train.checkpoint import reshard_data_state
+
+    texts = [_text_of(tokenizer, 95), _text_of(tokenizer, 6), _text_of(tokenizer, 7)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "meta.json").write_text(json.dumps({"docs": {"root": "", "annotation": "docs.jsonl"}}))
+    specs = load_meta(tmp_path / "meta.json")
+    cfg = data_config(max_tokens=20, read_once=True)
+    tracker = StreamTracker(1.0)
+    for batch in iterate_batches(make_loader(PackedDataset(specs, tokenizer, cfg)), tracker):
+        if any(part for part in np.diff(batch.cu_seqlens.numpy()) if part == 20):
+            break  # the long document's first part: the others wait
+    old = [tracker.state_dict()]
+    waiting = sorted(json.dumps(p) for s in old[0]["shards"].values() for p in s["ready"] + s["buffers"])
+    assert len(waiting) >= 3
+    for world, workers in ((2, 1), (1, 2), (3, 2)):
+        states = [reshard_data_state(old, rank, world, workers) for rank in range(world)]
+        dealt = sorted(json.dumps(p) for st in states for s in st["shards"].values() for p in s["ready"] + s["buffers"])
+        assert dealt == waiting  # every waiting pack, on one new shard each
+        shards = [s for st in states for s in st["shards"].values()]
+        assert sum(bool(s["ready"] or s["buffers"]) for s in shards) > 1  # spread, not all on one
+    # a new rank trains what it was dealt
+    ds = PackedDataset(specs, tokenizer, cfg, rank=0, world_size=2)
+    ds.load_state_dict(reshard_data_state(old, 0, 2, 1))
+    got = [[int(x) for x in np.diff(b.cu_seqlens.numpy())] for b in make_loader(ds)]
+    assert got[0] == [20]

@@ -693,6 +693,13 @@ def test_resume_refuses_settings_that_change_the_checkpoints_meaning(tmp_path):
     del old["data"]["text_ratio_unit"]
     (tmp_path / "config.json").write_text(json.dumps(old))
     launch(apply_overrides(recipe("debug_tiny"), base + ["--max_steps=4", "--lr=1e-4"]), tmp_path)
+    # ... unless its default is not what runs did before it: long text documents were cut, now split
+    old = json.loads((tmp_path / "config.json").read_text())
+    del old["data"]["long_text"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="data.long_text: 'cut' -> 'split'"):
+        launch(apply_overrides(recipe("debug_tiny"), base + ["--max_steps=5", "--lr=1e-4"]), tmp_path)
+    launch(apply_overrides(recipe("debug_tiny"), base + ["--max_steps=5", "--lr=1e-4", "--long_text=cut"]), tmp_path)
 
 
 def test_a_damaged_checkpoint_is_a_named_error_and_the_eta_counts_days(tmp_path):

@@ -84,6 +84,8 @@ class DataConfig:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         if self.v2pe not in ("off", "random", "fixed"):
             raise ValueError(f"v2pe must be off, random or fixed, got {self.v2pe!r}")
+        if self.max_tokens < 2:
+            raise ValueError(f"max_tokens (a pack's tokens) must be >= 2, got {self.max_tokens}")
         if self.long_text not in ("split", "cut"):
             raise ValueError(f"long_text must be split or cut, got {self.long_text!r}")
         if self.text_ratio_unit not in ("tokens", "samples"):
@@ -175,8 +177,9 @@ class PackedDataset(IterableDataset):
     """Endless (or `max_records`-long) stream of packed Batches for one data-parallel rank.
 
     Stream item i goes to shard i % (world_size * workers); each shard packs its own records.
-    `state_dict()` / `load_state_dict()` hold, per shard, the next stream index and the indices of
-    the records waiting in open buffers; every Batch carries its shard's state after it was made.
+    `state_dict()` / `load_state_dict()` hold, per shard, the next stream index and the records of the
+    packs made but not yet given (`ready`: one record can complete several) and of the open ones
+    (`buffers`); every Batch carries its shard's state after it was made.
     """
 
     def __init__(
@@ -265,22 +268,8 @@ class PackedDataset(IterableDataset):
         state = self.resume_states.get(shard, {"next": shard, "buffers": [], "seen": 0, "rejected": {}})
         packer = Packer(self.cfg.max_tokens, self.cfg.max_tiles, self.cfg.max_buffers)
         seen, rejected = state["seen"], dict(state["rejected"])
-        for buf in state["buffers"]:  # records waiting at the checkpoint; one that went bad since is counted
-            rebuilt = []
-            for entry in buf:
-                i, part = (entry, 0) if isinstance(entry, int) else entry  # [index, part] for a long text's part
-                try:
-                    parts = self.samples(i)
-                except RecordError as e:
-                    rejected[e.kind] = rejected.get(e.kind, 0) + 1
-                    log.warning("record %d waiting in a pack at the checkpoint is now bad (%s): %s", i, e.kind, e)
-                    continue
-                if part < len(parts):
-                    rebuilt.append(parts[part])
-                else:  # the record changed since (an annotation line edited): its part is gone
-                    log.warning("record %d waiting in a pack at the checkpoint has no part %d now", i, part)
-            if rebuilt:
-                packer.buffers.append(rebuilt)
+        # the packs complete at the checkpoint but not yet consumed (due first) and the open ones
+        ready, packer.buffers = self._rebuild(state.get("ready", []), state["buffers"], rejected)
         rejects, written = None, set()
         if self.rejects_dir is not None:
             self.rejects_dir.mkdir(parents=True, exist_ok=True)
@@ -293,6 +282,8 @@ class PackedDataset(IterableDataset):
         since_batch = 0  # records read since this shard last made a batch
         try:
             i = state["next"]
+            for j, pack in enumerate(ready):
+                yield self._batch(pack, shard, (local, n_workers), i, packer.buffers, ready[j + 1:], seen, rejected)
             while stop is None or i < stop:
                 seen += 1
                 since_batch += 1
@@ -319,20 +310,42 @@ class PackedDataset(IterableDataset):
                 i += n_shards
                 if done:
                     since_batch = 0
-                for j, pack in enumerate(done):
-                    yield self._batch(pack, shard, (local, n_workers), i, packer.buffers + done[j + 1 :], seen, rejected)
+                for j, pack in enumerate(done):  # one record may complete several packs (a long text's parts)
+                    yield self._batch(pack, shard, (local, n_workers), i, packer.buffers, done[j + 1:], seen, rejected)
             rest = packer.flush()
             for j, pack in enumerate(rest):
-                yield self._batch(pack, shard, (local, n_workers), i, rest[j + 1 :], seen, rejected)
+                yield self._batch(pack, shard, (local, n_workers), i, [], rest[j + 1:], seen, rejected)
         finally:
             if rejects is not None:
                 rejects.close()
 
+    def _rebuild(self, ready: list, buffers: list, rejected: dict) -> tuple[list[list[Sample]], list[list[Sample]]]:
+        """The packs of a checkpoint's shard state (entries: a stream index, or [index, part] for a long text's
+        part), each waiting record built once; one that went bad since is counted once and left out."""
+        built: dict[int, list[Sample] | None] = {}
+
+        def sample(entry) -> Sample | None:
+            i, part = (entry, 0) if isinstance(entry, int) else entry
+            if i not in built:
+                try:
+                    built[i] = self.samples(i)
+                except RecordError as e:
+                    built[i] = None
+                    rejected[e.kind] = rejected.get(e.kind, 0) + 1
+                    log.warning("record %d waiting in a pack at the checkpoint is now bad (%s): %s", i, e.kind, e)
+            if built[i] is not None and part >= len(built[i]):  # the record changed since (a line edited)
+                log.warning("record %d waiting in a pack at the checkpoint has no part %d now", i, part)
+            return built[i][part] if built[i] is not None and part < len(built[i]) else None
+
+        packs = [[[x for x in map(sample, buf) if x is not None] for buf in group] for group in (ready, buffers)]
+        return [[buf for buf in group if buf] for group in packs]
+
     def _batch(
-        self, pack: list[Sample], shard: int, slot: tuple[int, int], nxt: int, pending: list[list[Sample]], seen: int,
-        rejected: dict,
+        self, pack: list[Sample], shard: int, slot: tuple[int, int], nxt: int, open_packs: list[list[Sample]],
+        ready: list[list[Sample]], seen: int, rejected: dict,
     ) -> Batch:
-        """A Batch carrying its shard's state as it is once this batch has been consumed."""
+        """A Batch carrying its shard's state as it is once this batch has been consumed: the next stream
+        index, the packs complete but not yet given (`ready`, due first) and the open ones."""
         batch = collate(pack, self.cfg.loss_reduction)
         batch.stats = {
             "shard": shard,
@@ -342,12 +355,18 @@ class PackedDataset(IterableDataset):
             "rejected": dict(rejected),
             "state": {
                 "next": nxt,
-                "buffers": [[s.index if not s.part else [s.index, s.part] for s in buf] for buf in pending],
+                "buffers": _entries(open_packs),
+                "ready": _entries(ready),
                 "seen": seen,
                 "rejected": dict(rejected),
             },
         }
         return batch
+
+
+def _entries(packs: list[list[Sample]]) -> list[list]:
+    """Packs as a checkpoint keeps them: each sample's stream index, [index, part] for a long text's part."""
+    return [[s.index if not s.part else [s.index, s.part] for s in pack] for pack in packs]
 
 
 class StreamTracker:

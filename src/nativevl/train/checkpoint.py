@@ -14,9 +14,9 @@ Resuming at another world size: model and optimiser are resharded by DCP. Rank r
 RNG state when there was one (else its seed). The data stream cannot keep its per-shard positions
 (stream item i belongs to shard i % shards, and the shard count changed; so also when only
 `num_workers` changed), so every new shard starts
-after the furthest position any old shard had reached: no record is seen twice, and the records that
-waited in open pack buffers or lay between the old shards' positions (fewer than a few packs' worth)
-are skipped.
+after the furthest position any old shard had reached: no record is seen twice, the packs that waited
+in the old shards (made or open) are dealt out over the new ones, and the records that lay between the
+old shards' positions (fewer than a few packs' worth) are skipped.
 """
 
 from __future__ import annotations
@@ -231,13 +231,20 @@ def load_checkpoint(path: Path, app: dict, rank: int, world: int, workers: int) 
 def reshard_data_state(old: list[dict], rank: int, world: int, workers: int) -> dict:
     """StreamTracker states of the old ranks -> rank's state for `world` ranks of `workers` shards.
 
-    Each shard state (data/pipeline.py) holds the next stream index `next`, the records waiting in
-    open buffers, and counts. New shard s starts at base + s, base being the furthest `next`."""
+    Each shard state (data/pipeline.py) holds the next stream index `next`, the packs waiting (`ready`,
+    `buffers`), and counts. New shard s starts at base + s, base being the furthest `next`, with its share
+    of the old shards' waiting packs."""
     shards = [s for state in old for s in state["shards"].values()]
     base = max((int(s["next"]) for s in shards), default=0)
+    # the packs waiting in the old shards (made but not given, then open; a long document's parts can be
+    # many) are dealt out over the new shards, each to one (its records are rebuilt from their indices)
+    waiting = [(kind, pack) for kind in ("ready", "buffers") for s in shards for pack in s.get(kind, [])]
+    count = world * workers
     new = {}
     for shard in range(rank * workers, (rank + 1) * workers):
-        new[shard] = {"next": base + shard, "buffers": [], "seen": 0, "rejected": {}}
+        mine = [(kind, pack) for k, (kind, pack) in enumerate(waiting) if k % count == shard]
+        new[shard] = {"next": base + shard, "ready": [p for kind, p in mine if kind == "ready"],
+                      "buffers": [p for kind, p in mine if kind == "buffers"], "seen": 0, "rejected": {}}
     if rank == 0:  # the counts that the reject limit needs, carried once
         rejected: dict[str, int] = {}
         for s in shards:
@@ -258,6 +265,11 @@ RESUMABLE_CHANGES = {
                            "memory_check", "eval_tasks", "eval_every", "eval_n", "eval_batch_size", "eval_seed",
                            "best_metric", "max_skipped_steps")
 } | {"data.max_reject_fraction", "data.min_records_before_abort", "val_meta"}
+
+
+# settings added since runs began whose default is not what those runs did: such a run resumed without
+# them is named as changed (data.long_text: a long text document was cut before parts were trained)
+ADDED_SINCE = {"data.long_text": "cut"}
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -284,7 +296,9 @@ def check_resume_config(out_dir: Path, run_config: dict, step: int, main: bool) 
         return
     old = _flat(json.loads(path.read_text()))
     new = _flat(json.loads(json.dumps(run_config, default=str)))
-    # a setting the older file does not know (added since) is not a change: it kept its default then
+    if "data.max_tokens" in old:  # a setting added since with another default than the behaviour before it
+        old = {**ADDED_SINCE, **old}
+    # any other setting the older file does not know (added since) is not a change: it kept its default then
     changed = {k: (old[k], new[k]) for k in sorted(set(old) & set(new))
                if old[k] != new[k] and not _same_file(old[k], new[k])}
     refused = {k: v for k, v in changed.items() if k not in RESUMABLE_CHANGES and not k.startswith("data_records.")
