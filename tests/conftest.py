@@ -79,3 +79,26 @@ def write_vit_folder(folder):
     save_file(sd, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config_to_internvl(preset("tiny"))["vision_config"]))
     return model
+
+
+def run_two_ranks(fn, *args) -> None:
+    """fn(rank, *args) in 2 spawned processes joined in a gloo process group (on a free local port), which
+    fn's processes are inside and which is ended when fn returns or raises."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_in_group, args=(port, fn, args), nprocs=2)
+
+
+def _in_group(rank: int, port: int, fn, args) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()

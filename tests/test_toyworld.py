@@ -130,29 +130,18 @@ def test_runner_refuses_an_empty_evaluation():
         evaluate_best_of_n(None, None, ["shapes"], n=0)
 
 
-def _sharded_eval(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
+def _sharded_eval(rank: int, out: str) -> None:
+    def answer(task, items):  # rank 0 answers its items right, rank 1 wrong: the report counts both ranks' items
+        return [it.answer if rank == 0 else "zzz" for it in items]
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:  # rank 0 answers its items right, rank 1 wrong: the report counts both ranks' items
-        def answer(task, items):
-            return [it.answer if rank == 0 else "zzz" for it in items]
-
-        report = evaluate(None, None, ["shapes", "text"], n=9, seed=1, rank=rank, world_size=2, predictor=answer)
-        Path(out, f"rank{rank}.json").write_text(json.dumps(report))
-    finally:
-        dist.destroy_process_group()
+    report = evaluate(None, None, ["shapes", "text"], n=9, seed=1, rank=rank, world_size=2, predictor=answer)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
 
 
 def test_runner_sums_the_ranks_of_a_sharded_evaluation(tmp_path):
-    import socket
+    from conftest import run_two_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_sharded_eval, args=(port, str(tmp_path)), nprocs=2)
+    run_two_ranks(_sharded_eval, str(tmp_path))
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for task in ("shapes", "text"):
         assert [r[task]["correct"] for r in reports] == [5, 5]  # items 0, 2, 4, 6, 8 of 9, on both ranks

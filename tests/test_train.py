@@ -206,46 +206,37 @@ def test_a_save_failing_inside_dcp_is_told_in_one_line_and_a_second_ctrl_c_there
         assert sorted(p.name for p in folder.iterdir()) == ["step-00000001", "step-00000002"]  # nothing half-written
 
 
-def _save_with_rank_1_full(rank: int, port: int, folder: str) -> None:
+def _save_with_rank_1_full(rank: int, folder: str) -> None:
     import errno
 
     import torch.distributed as dist
 
     from nativevl.train import checkpoint
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    state = lambda: {"app": {"model": {"w": torch.ones(4)}}, "meta": {"step": 1}, "rank_state": {"r": rank},
+                     "rank": rank}
+    checkpoint.save_checkpoint(Path(folder), 1, state())
+    original = checkpoint._save_file
+
+    def full_on_rank_1(obj, path):
+        if rank == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        original(obj, path)
+
+    checkpoint._save_file = full_on_rank_1
     try:
-        state = lambda: {"app": {"model": {"w": torch.ones(4)}}, "meta": {"step": 1}, "rank_state": {"r": rank},
-                         "rank": rank}
-        checkpoint.save_checkpoint(Path(folder), 1, state())
-        original = checkpoint._save_file
-
-        def full_on_rank_1(obj, path):
-            if rank == 1:
-                raise OSError(errno.ENOSPC, "No space left on device", str(path))
-            original(obj, path)
-
-        checkpoint._save_file = full_on_rank_1
-        try:
-            checkpoint.save_checkpoint(Path(folder), 2, state())
-            said = "saved"
-        except checkpoint.CheckpointNotSaved as e:
-            said = str(e)
-        Path(folder, f"said-{rank}.txt").write_text(said)
-        dist.barrier()  # both ranks got here: no one waits in the save's collectives
-    finally:
-        dist.destroy_process_group()
+        checkpoint.save_checkpoint(Path(folder), 2, state())
+        said = "saved"
+    except checkpoint.CheckpointNotSaved as e:
+        said = str(e)
+    Path(folder, f"said-{rank}.txt").write_text(said)
+    dist.barrier()  # both ranks got here: no one waits in the save's collectives
 
 
 def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank(tmp_path):
-    import socket
+    from conftest import run_two_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_save_with_rank_1_full, args=(port, str(tmp_path)), nprocs=2)
+    run_two_ranks(_save_with_rank_1_full, str(tmp_path))
     for rank in (0, 1):
         said = (tmp_path / f"said-{rank}.txt").read_text()
         assert said.startswith("the checkpoint of step 2 could not be written") and "rank 1: OSError" in said
