@@ -688,7 +688,8 @@ def test_resume_refuses_settings_that_change_the_checkpoints_meaning(tmp_path):
     old = json.loads((tmp_path / "config.json").read_text())
     del old["data"]["long_text"]
     (tmp_path / "config.json").write_text(json.dumps(old))
-    with pytest.raises(ValueError, match="data.long_text: 'cut' -> 'split'"):
+    with pytest.raises(ValueError, match=r"data.long_text: 'cut' -> 'split' \(not in its config.json: .* "
+                                         r"--long_text=cut resumes it\)"):
         launch(apply_overrides(recipe("debug_tiny"), base + ["--max_steps=5", "--lr=1e-4"]), tmp_path)
     launch(apply_overrides(recipe("debug_tiny"), base + ["--max_steps=5", "--lr=1e-4", "--long_text=cut"]), tmp_path)
 

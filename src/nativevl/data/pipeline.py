@@ -268,17 +268,22 @@ class PackedDataset(IterableDataset):
         state = self.resume_states.get(shard, {"next": shard, "buffers": [], "seen": 0, "rejected": {}})
         packer = Packer(self.cfg.max_tokens, self.cfg.max_tiles, self.cfg.max_buffers)
         seen, rejected = state["seen"], dict(state["rejected"])
+        stop = self.cfg.max_records
+        if self.cfg.read_once:
+            stop = self.mixture.total if stop is None else min(stop, self.mixture.total)
         # the packs complete at the checkpoint but not yet consumed (due first) and the open ones
         ready, packer.buffers = self._rebuild(state.get("ready", []), state["buffers"], rejected)
+        if "ready" not in state and packer.buffers:  # an older checkpoint's: its open packs, then its made ones
+            made = min([k for k, buf in enumerate(packer.buffers) if packer._full(buf)] + [self.cfg.max_buffers])
+            if stop is not None and state["next"] >= stop:
+                made = 0  # the stream had ended: every pack was made (flushed)
+            ready, packer.buffers = packer.buffers[made:], packer.buffers[:made]
         rejects, written = None, set()
         if self.rejects_dir is not None:
             self.rejects_dir.mkdir(parents=True, exist_ok=True)
             if self.resume_states:  # records read ahead of the checkpoint were written before: once is enough
                 written = _written_rejects(self.rejects_dir)
             rejects = open(self.rejects_dir / f"rejects-rank{self.rank}-worker{worker}.jsonl", "a", encoding="utf-8")
-        stop = self.cfg.max_records
-        if self.cfg.read_once:
-            stop = self.mixture.total if stop is None else min(stop, self.mixture.total)
         since_batch = 0  # records read since this shard last made a batch
         try:
             i = state["next"]

@@ -237,12 +237,21 @@ def reshard_data_state(old: list[dict], rank: int, world: int, workers: int) -> 
     shards = [s for state in old for s in state["shards"].values()]
     base = max((int(s["next"]) for s in shards), default=0)
     # the packs waiting in the old shards (made but not given, then open; a long document's parts can be
-    # many) are dealt out over the new shards, each to one (its records are rebuilt from their indices)
+    # many) are dealt out over the new shards, the packs of one record's parts together (it is rebuilt,
+    # and counted if it went bad, on one shard), in their order
     waiting = [(kind, pack) for kind in ("ready", "buffers") for s in shards for pack in s.get(kind, [])]
+    group: dict[int, int] = {}  # record -> the group (first pack) it was dealt with
+    deal: list[int] = []  # each pack's group
+    for k, (_, pack) in enumerate(waiting):
+        records = [e if isinstance(e, int) else e[0] for e in pack]
+        deal.append(min([group[r] for r in records if r in group] + [k]))
+        for r in records:
+            group.setdefault(r, deal[-1])
+    order = list(dict.fromkeys(deal))  # the groups in order of appearance, dealt round-robin
     count = world * workers
     new = {}
     for shard in range(rank * workers, (rank + 1) * workers):
-        mine = [(kind, pack) for k, (kind, pack) in enumerate(waiting) if k % count == shard]
+        mine = [(kind, pack) for (kind, pack), g in zip(waiting, deal) if order.index(g) % count == shard]
         new[shard] = {"next": base + shard, "ready": [p for kind, p in mine if kind == "ready"],
                       "buffers": [p for kind, p in mine if kind == "buffers"], "seen": 0, "rejected": {}}
     if rank == 0:  # the counts that the reject limit needs, carried once
@@ -294,7 +303,7 @@ def check_resume_config(out_dir: Path, run_config: dict, step: int, main: bool) 
     path = out_dir / "config.json"
     if not path.is_file():
         return
-    old = _flat(json.loads(path.read_text()))
+    old = raw = _flat(json.loads(path.read_text()))
     new = _flat(json.loads(json.dumps(run_config, default=str)))
     if "data.max_tokens" in old:  # a setting added since with another default than the behaviour before it
         old = {**ADDED_SINCE, **old}
@@ -309,7 +318,10 @@ def check_resume_config(out_dir: Path, run_config: dict, step: int, main: bool) 
                          "does now (the folder was re-written since, or the quantization changed): its adapters belong "
                          "to the other base. Resume with that base, or start a new --out")
     if refused:
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" + (f" (not in its config.json: it ran so before the setting "
+                                                      f"existed; --{k.split('.')[-1]}={a} resumes it)"
+                                                      if k in ADDED_SINCE and k not in raw else "")
+                           for k, (a, b) in refused.items())
         raise ValueError(f"{out_dir} holds a run at step {step} made with other settings ({listed}). Resuming with "
                          "them would change what its weights or data position mean: run it with its own settings "
                          f"(its config.json), or start a new --out (--init_from={out_dir / 'final'} for its weights)")
