@@ -522,6 +522,30 @@ def oom_runner(args: list[str]):
     return runner
 
 
+
+def test_an_optimiser_update_out_of_memory_is_told_as_such(tmp_path, monkeypatch, capsys):
+    """AdamW makes its state at the first update: running out of memory there is no batch's fault (skipping
+    it would meet it again at the next step); it printed a bare traceback."""
+    from nativevl.cli import main as cli_main
+
+    real = loop.build_optimizer
+
+    def short_of_memory(*args, **kwargs):
+        optimizer = real(*args, **kwargs)
+
+        def step(*a, **k):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+        optimizer.step = step
+        return optimizer
+
+    monkeypatch.setattr(loop, "build_optimizer", short_of_memory)
+    assert cli_main(["train", "debug_tiny", "--out", str(tmp_path), "--max_steps=2", "--global_batch=1",
+                     "--tensorboard=false", "--export=false", "--max_skipped_steps=3"]) == 1
+    err = capsys.readouterr().err
+    assert "stopped: the optimiser's update at step 1 ran out of device memory" in err and "nativevl plan" in err
+    assert not list(tmp_path.glob("oom-step*"))  # no batch marked
+
 def test_an_mpo_step_skipped_in_place_for_memory_equals_one_skipped_on_the_resume(tmp_path):
     """MPO updates its reward shift in each batch's forward: a step whose second batch ran out of memory
     kept the first one's update when skipped in place, not when skipped on the resume (and the random

@@ -360,16 +360,9 @@ def train(
                 try:
                     loss_sum, parts, flops, n_tokens = forward_backward(micro, norms)
                 except torch.OutOfMemoryError as e:
-                    mark = oom.record(step + 1, rank, micro, e)
-                    said = (f"step {step + 1} ran out of device memory (rank {rank}: "
-                            f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}; its batches: "
-                            f"{[b.num_tokens for b in micro]} tokens, {[b.num_tiles for b in micro]} tiles; marked "
-                            f"in {mark})")
+                    said = oom.record(step + 1, rank, micro, e)
                     if undo is None or skipped >= cfg.max_skipped_steps:
-                        raise OutOfMemory(
-                            f"{said}. The same command with --max_skipped_steps=1 (or more) resumes past these "
-                            "batches; or make room: --activation_checkpointing=true, a smaller --max_tokens / "
-                            "--max_tiles, more GPUs (`nativevl plan` estimates each)") from e
+                        raise OutOfMemory(f"{said}. {OutOfMemory.BATCH_ADVICE}") from e
                     skip = f"{said}: skipped"
                     objective.load_state_dict(undo[0])
                     ckpt.set_rng_state(undo[1])
@@ -402,7 +395,11 @@ def train(
                         f"(documents: {[s for b in micro for s in b.sources]})"
                     )
                 else:
-                    optimizer.step()
+                    try:
+                        optimizer.step()
+                    except torch.OutOfMemoryError as e:  # not a batch's: every step would (its state is made once)
+                        raise OutOfMemory(f"the optimiser's update at step {step + 1} ran out of device memory (rank "
+                                          f"{rank}). {OutOfMemory.OPTIMISER_ADVICE}") from e
                     optimizer.zero_grad(set_to_none=True)
             step += 1
             loss_value = all_reduce_sum(loss_sum).item()

@@ -90,7 +90,15 @@ class HangWatchdog:
 
 
 class OutOfMemory(RuntimeError):
-    """A step's batches ran out of device memory; they are marked (MemoryMarks) for a resume to skip."""
+    """A step's batches ran out of device memory (they are marked, MemoryMarks, for a resume to skip), or
+    the optimiser's update did."""
+
+    BATCH_ADVICE = ("The same command with --max_skipped_steps=1 (or more) resumes past these batches; or make "
+                    "room: --activation_checkpointing=true, a smaller --max_tokens / --max_tiles, more GPUs "
+                    "(`nativevl plan` estimates each)")
+    OPTIMISER_ADVICE = ("AdamW keeps 2 float32 values per trainable parameter, made at its first step. `nativevl "
+                        "plan` counts each part; train fewer parameters (--stage.*.mode=lora or frozen), or shard "
+                        "them over more GPUs")
 
 
 class MemoryMarks:
@@ -121,8 +129,9 @@ class MemoryMarks:
         """Whether this rank's batches for `step` are the records some rank's batches were when it ran out."""
         return [list(b.indices) for b in micro] in self.steps.get(step, [])
 
-    def record(self, step: int, rank: int, micro: list, error: BaseException) -> Path:
-        """Write the mark of this rank's batches at `step`; returns its path."""
+    def record(self, step: int, rank: int, micro: list, error: BaseException) -> str:
+        """Write the mark of this rank's batches at `step`; returns what to tell (the step, the error, the
+        batches' sizes, the mark's path)."""
         path = self.out_dir / f"oom-step{step}-rank{rank}.json"
         mark = {"step": step, "rank": rank, "indices": [list(b.indices) for b in micro],
                 "sources": [list(b.sources) for b in micro], "tokens": [b.num_tokens for b in micro],
@@ -132,4 +141,6 @@ class MemoryMarks:
         tmp.write_text(json.dumps(mark) + "\n", encoding="utf-8")
         tmp.replace(path)
         self.steps.setdefault(step, []).append(mark["indices"])
-        return path
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        return (f"step {step} ran out of device memory (rank {rank}: {first}; its batches: {mark['tokens']} tokens, "
+                f"{mark['tiles']} tiles; marked in {path})")
