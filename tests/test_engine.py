@@ -732,6 +732,8 @@ def test_a_stop_string_in_a_token_that_ends_inside_a_character_stops_there():
         return req.completions[0], "".join(deltas)
 
     hi = [ord("h"), ord("i")]
+    done, _ = run(hi + [stop_token, eos], 50)
+    assert done.stop_token_id is None  # a string ended it, not the end token after it
     for tokens, max_tokens in [(hi + [stop_token, eos], 50), (hi + [stop_token], 3),
                                (hi + [stop_token] + [still_split] * 6 + [0x94], 50)]:
         done, streamed = run(tokens, max_tokens)

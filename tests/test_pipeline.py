@@ -528,6 +528,10 @@ def test_the_parts_of_long_documents_stream_once_each_and_resume_exactly_mid_doc
 
     ds = PackedDataset(specs, tokenizer, cfg)
     full = parts_of(make_loader(ds))
+    from nativevl.data import pipeline  # where these lived before samples.py: still importable there
+
+    assert pipeline.build_sample is build_sample and pipeline.build_samples is build_samples
+    assert ds.sample(0).input_ids.tolist() == ds.samples(0)[0].input_ids.tolist()
     flat = [x for b in full for x in b]
     for i in range(12):  # every record's parts, all of them: its tokens plus one shared per extra part
         sizes = [d for j, d in flat if j == i]

@@ -191,7 +191,7 @@ def test_a_save_failing_inside_dcp_is_told_in_one_line_and_a_second_ctrl_c_there
     folder = tmp_path / "checkpoints"
     for step in (1, 2):
         checkpoint.save_checkpoint(folder, step, state(step))
-    for error in (OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()):
+    for error in (OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt(), RuntimeError("odd")):
         def fail(self, *args, error=error, **kwargs):
             raise error
 
@@ -199,11 +199,21 @@ def test_a_save_failing_inside_dcp_is_told_in_one_line_and_a_second_ctrl_c_there
         with pytest.raises(type(error) if isinstance(error, KeyboardInterrupt) else checkpoint.CheckpointNotSaved) as got:
             checkpoint.save_checkpoint(folder, 3, state(3))
         said = str(got.value)
-        if not isinstance(error, KeyboardInterrupt):
+        if isinstance(error, RuntimeError):  # any other failure is told (to every rank) too, with no disk advice
+            assert "(RuntimeError: odd)" in said and "once that is fixed, the same command resumes" in said
+        elif not isinstance(error, KeyboardInterrupt):
             assert "\n" not in said and "Traceback" not in said and "(OSError: [Errno 28] No space left" in said
             assert f"make room (deleting {folder / 'step-00000001'}, the oldest kept, frees" in said
             assert "The checkpoint of step 2 is intact" in said
         assert sorted(p.name for p in folder.iterdir()) == ["step-00000001", "step-00000002"]  # nothing half-written
+    monkeypatch.undo()
+
+    def unpicklable(obj, path):  # a rank's own file failing otherwise than on disk: every rank must hear of it too
+        raise TypeError("cannot pickle")
+
+    monkeypatch.setattr(checkpoint, "_save_file", unpicklable)
+    with pytest.raises(checkpoint.CheckpointNotSaved, match=r"\(TypeError: cannot pickle\)"):
+        checkpoint.save_checkpoint(folder, 3, state(3))
 
 
 def _save_with_rank_1_full(rank: int, folder: str) -> None:

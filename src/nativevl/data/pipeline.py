@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from nativevl.data.mixture import Enumeration, Mixture, mixture_weights, sample_share_for_token_share
 from nativevl.data.packing import LOSS_REDUCTIONS, Batch, Packer, Sample, collate
 from nativevl.data.records import PROBLEMS, Annotation, DatasetSpec, PreferenceRecord, Record, RecordError, parse_record
-from nativevl.data.samples import build_samples
+from nativevl.data.samples import build_sample, build_samples, load_visuals, record_rng  # noqa: F401 (re-exported)
 from nativevl.data.template import DEFAULT_SYSTEM_MESSAGE
 
 log = logging.getLogger(__name__)
@@ -247,6 +247,10 @@ class PackedDataset(IterableDataset):
     def record(self, i: int) -> Record | PreferenceRecord:
         d, r = self.mixture.locate(i)
         return self.sources[d].get(r)
+
+    def sample(self, i: int) -> Sample:
+        """Stream item i's first Sample (a long text's first part; `samples` gives every part)."""
+        return self.samples(i)[0]
 
     def samples(self, i: int) -> list[Sample]:
         """Stream item i as its Samples (build_samples); anything wrong with the record becomes a RecordError."""

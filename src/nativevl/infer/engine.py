@@ -620,7 +620,7 @@ class Engine:
             text = self._text(seq.tokens)
             cut = _first_stop(text, req.params.stop) if req.params.stop else -1
             if cut >= 0:  # a stop string that only a character still incomplete would have shown
-                text, reason = text[:cut], "stop"
+                text, reason, stop_token = text[:cut], "stop", None
         if len(text) > seq.sent:
             req._emit("delta", seq.index, text[seq.sent:])
         done = Completion(token_ids=list(seq.tokens), text=text, finish_reason=reason,

@@ -123,7 +123,7 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 2) -> Path
         try:  # DCP agrees over the ranks on its own failures; this rank's file may fail alone
             dcp.save(state["app"], checkpoint_id=str(tmp), no_dist=not is_distributed())
             _save_file(state["rank_state"], tmp / f"rank-{rank:05d}.pt")
-        except (OSError, CheckpointException) as e:
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - told to every rank, which all stop
             error = e
             if (interrupt := _interrupt_in(e)) is not None:  # ^C during DCP's writes (on every rank)
                 if rank == 0:
@@ -140,7 +140,7 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 2) -> Path
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
             error = e
     failed = failed or _any_failed(error if rank == 0 else None)
     if failed is not None:
@@ -169,8 +169,9 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 2) -> Path
         size, free = _folder_bytes(final), shutil.disk_usage(folder).free
         if free < 1.1 * size:  # the next save writes a whole checkpoint before it removes the oldest
             log.warning("%.2f GiB free under %s, and a checkpoint takes %.2f GiB: the next one (step %d + "
-                        "--save_every) may not fit (it is written whole before the oldest of the %d kept goes). "
-                        "Make room", free / 2**30, folder, size / 2**30, step, keep)
+                        "--save_every) may not fit (%s). Make room", free / 2**30, folder, size / 2**30, step,
+                        f"it is written whole before the oldest of the {keep} kept goes" if keep > 0 else
+                        "--keep_checkpoints=0 keeps every one")
     barrier()
     return final
 
@@ -247,11 +248,11 @@ def reshard_data_state(old: list[dict], rank: int, world: int, workers: int) -> 
         deal.append(min([group[r] for r in records if r in group] + [k]))
         for r in records:
             group.setdefault(r, deal[-1])
-    order = list(dict.fromkeys(deal))  # the groups in order of appearance, dealt round-robin
+    order = {g: n for n, g in enumerate(dict.fromkeys(deal))}  # the groups in order of appearance, dealt round-robin
     count = world * workers
     new = {}
     for shard in range(rank * workers, (rank + 1) * workers):
-        mine = [(kind, pack) for (kind, pack), g in zip(waiting, deal) if order.index(g) % count == shard]
+        mine = [(kind, pack) for (kind, pack), g in zip(waiting, deal) if order[g] % count == shard]
         new[shard] = {"next": base + shard, "ready": [p for kind, p in mine if kind == "ready"],
                       "buffers": [p for kind, p in mine if kind == "buffers"], "seen": 0, "rejected": {}}
     if rank == 0:  # the counts that the reject limit needs, carried once

@@ -109,7 +109,8 @@ class MemoryMarks:
     runs out of memory again; with --max_skipped_steps it skips them instead (every rank together, as for
     a non-finite step). A step is skipped only while its batches hold the marked records: a run whose data
     changed since trains them. `steps` is read by rank 0 and sent to every rank (`share`), so the ranks
-    agree even without a shared folder."""
+    agree; a mark written by a rank on another node counts only where the run folder is shared (as the
+    checkpoints need it to be)."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
