@@ -170,7 +170,7 @@ def convert(
             log.debug("%s: %s", where, e, exc_info=True)
             raise ConvertError("malformed", f"unreadable record ({type(e).__name__}: {e})") from None
         stats.pairs += "chosen" in record
-        return line, [m for k in ("image", "video") for m in _media_of(record.get(k))]
+        return line, _pictures_of(record)
 
     def rejected(where: str, raw: Any, error: ConvertError) -> str:
         entry = {"where": where, "kind": error.kind, "error": str(error)}
@@ -284,7 +284,7 @@ class PictureGroups:
                 for k, line in enumerate(lines):
                     side = self.marks[k]
                     if side == 2:
-                        first = next(m for f in ("image", "video") for m in _media_of(json.loads(line).get(f)))
+                        first = _pictures_of(json.loads(line))[0]
                         side = self.is_held(f"media {self._root(first) if first in self.parent else first}")
                     n += side
                     (held if side else train).write(line)
@@ -292,6 +292,11 @@ class PictureGroups:
         finally:
             kept.unlink(missing_ok=True)
         return n
+
+
+def _pictures_of(record: dict) -> list[str]:
+    """A written record's images, then its video, as written."""
+    return [m for k in ("image", "video") for m in _media_of(record.get(k))]
 
 
 def _media_of(value: Any) -> list[str]:

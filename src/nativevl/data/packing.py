@@ -213,14 +213,15 @@ class Packer:
                 break
         else:
             self.buffers.append([sample])
-        done = [b for b in self.buffers if self._full(b)]
-        self.buffers = [b for b in self.buffers if not self._full(b)]
+        done = [b for b in self.buffers if self.is_full(b)]
+        self.buffers = [b for b in self.buffers if not self.is_full(b)]
         while len(self.buffers) > self.max_buffers:
             fullest = max(range(len(self.buffers)), key=lambda i: sum(s.num_tokens for s in self.buffers[i]))
             done.append(self.buffers.pop(fullest))
         return done
 
-    def _full(self, buf: list[Sample]) -> bool:
+    def is_full(self, buf: list[Sample]) -> bool:
+        """Whether a pack is done: its tokens at min_fill of the budget, or its tiles at the budget."""
         tokens = sum(s.num_tokens for s in buf)
         tiles = sum(s.num_tiles for s in buf)
         return tokens >= self.min_fill * self.max_tokens or (self.max_tiles > 0 and tiles >= self.max_tiles)

@@ -278,7 +278,7 @@ class PackedDataset(IterableDataset):
         # the packs complete at the checkpoint but not yet consumed (due first) and the open ones
         ready, packer.buffers = self._rebuild(state.get("ready", []), state["buffers"], rejected)
         if "ready" not in state and packer.buffers:  # an older checkpoint's: its open packs, then its made ones
-            made = min([k for k, buf in enumerate(packer.buffers) if packer._full(buf)] + [self.cfg.max_buffers])
+            made = min([k for k, buf in enumerate(packer.buffers) if packer.is_full(buf)] + [self.cfg.max_buffers])
             if stop is not None and state["next"] >= stop:
                 made = 0  # the stream had ended: every pack was made (flushed)
             ready, packer.buffers = packer.buffers[made:], packer.buffers[:made]

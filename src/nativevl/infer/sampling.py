@@ -217,7 +217,8 @@ def grow_text(tokenizer, seq: Sequence) -> str:
     `start` being where the previous window's new tokens began: a tokenizer that drops a leading space at
     the start of what it decodes (SentencePiece's), or merges bytes across tokens, then gives the new
     tokens the text they have in the whole. A window ending inside a character (U+FFFD) waits for the
-    next token. The first window starts at the sample's first token, as the whole decode does (the final
+    next token, the whole characters it already holds kept in `seq.pending` (a stop string may end
+    there). The first window starts at the sample's first token, as the whole decode does (the final
     text, Engine._finish, is that whole decode)."""
     window = seq.tokens[seq.start:]
     before = tokenizer.decode(window[: seq.read - seq.start], skip_special_tokens=True)
